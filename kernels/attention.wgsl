@@ -1,0 +1,152 @@
+// Causal self-attention with grouped-query heads, flash-attention style.
+// Shapes (HS a multiple of 4, at most 128; NH a multiple of NKV):
+//   q, o, dq, do   [B, T, NH, HS]    (the layout a q_proj output already has)
+//   k, v, dk, dv   [B, T, NKV, HS]
+//   seg            [B, T] u32: a key s is visible to query t when s <= t and
+//                  seg[s] == seg[t] (packed examples never see each other)
+//   lse            [B, NH, T]: log-sum-exp of the scaled scores, saved for backward
+//   stats          [2, B, NH, T]: lse, then dsum = do·o per row (built by the
+//                  backward launcher; keeps the backward within 8 storage bindings)
+// The forward keeps a running max and sum (online softmax) and never writes a T×T
+// matrix; the backward recomputes probabilities from lse. Backward adds into dq, dk, dv.
+
+struct Params {
+    b: u32, t: u32, nh: u32, nkv: u32,
+    hs: u32, scale: f32, _p0: u32, _p1: u32,
+}
+
+const MAX_HS4: u32 = 32u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// ---- forward ---------------------------------------------------------------
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> seg: array<u32>;
+@group(0) @binding(5) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+
+fn q_base(bi: u32, t: u32, h: u32) -> u32 { return ((bi * p.t + t) * p.nh + h) * (p.hs / 4u); }
+fn kv_base(bi: u32, s: u32, g: u32) -> u32 { return ((bi * p.t + s) * p.nkv + g) * (p.hs / 4u); }
+
+// One invocation per query row. Grid: (ceil(T/64), NH, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x; let h = gid.y; let bi = gid.z;
+    if (t >= p.t) { return; }
+    let g = h / (p.nh / p.nkv);
+    let hs4 = p.hs / 4u;
+    let qb = q_base(bi, t, h);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; }
+    let st = seg[bi * p.t + t];
+    var mx = -3.0e38;
+    var l = 0.0;
+    for (var s = 0u; s <= t; s++) {
+        if (seg[bi * p.t + s] != st) { continue; }
+        let kb = kv_base(bi, s, g);
+        var score = 0.0;
+        for (var i = 0u; i < hs4; i++) { score += dot(qr[i], k[kb + i]); }
+        let m_new = max(mx, score);
+        let corr = exp(mx - m_new);
+        let e = exp(score - m_new);
+        l = l * corr + e;
+        for (var i = 0u; i < hs4; i++) { acc[i] = acc[i] * corr + e * v[kb + i]; }
+        mx = m_new;
+    }
+    let inv = 1.0 / l;
+    for (var i = 0u; i < hs4; i++) { o[qb + i] = acc[i] * inv; }
+    lse[(bi * p.nh + h) * p.t + t] = mx + log(l);
+}
+
+// ---- backward --------------------------------------------------------------
+// Bindings 1-4 are q, k, v, seg as above.
+@group(0) @binding(7) var<storage, read> o_in: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> stats: array<f32>;
+@group(0) @binding(9) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> stats_rw: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> dv: array<vec4<f32>>;
+
+fn n_rows() -> u32 { return p.b * p.nh * p.t; }
+
+// stats[1, b, h, t] = do_t · o_t. Grid: (ceil(T/64), NH, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x; let h = gid.y; let bi = gid.z;
+    if (t >= p.t) { return; }
+    let qb = q_base(bi, t, h);
+    var d = 0.0;
+    for (var i = 0u; i < p.hs / 4u; i++) { d += dot(dout[qb + i], o_in[qb + i]); }
+    stats_rw[n_rows() + (bi * p.nh + h) * p.t + t] = d;
+}
+
+// dq_t += scale · Σ_s P_ts (do_t·v_s − dsum_t) k_s. Grid: (ceil(T/64), NH, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_backward_dq(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x; let h = gid.y; let bi = gid.z;
+    if (t >= p.t) { return; }
+    let g = h / (p.nh / p.nkv);
+    let hs4 = p.hs / 4u;
+    let qb = q_base(bi, t, h);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var dor: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; dor[i] = dout[qb + i]; }
+    let row = (bi * p.nh + h) * p.t + t;
+    let l = stats[row];
+    let d = stats[n_rows() + row];
+    let st = seg[bi * p.t + t];
+    for (var s = 0u; s <= t; s++) {
+        if (seg[bi * p.t + s] != st) { continue; }
+        let kb = kv_base(bi, s, g);
+        var score = 0.0;
+        var dp = 0.0;
+        for (var i = 0u; i < hs4; i++) { score += dot(qr[i], k[kb + i]); dp += dot(dor[i], v[kb + i]); }
+        let ds = exp(score - l) * (dp - d);
+        for (var i = 0u; i < hs4; i++) { acc[i] += ds * k[kb + i]; }
+    }
+    for (var i = 0u; i < hs4; i++) { dq[qb + i] += acc[i] * p.scale; }
+}
+
+// For key s of kv head g, summed over the NH/NKV query heads that share it:
+//   dv_s += Σ_t P_ts do_t,   dk_s += scale · Σ_t P_ts (do_t·v_s − dsum_t) q_t.
+// Grid: (ceil(T/64), NKV, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let s = gid.x; let g = gid.y; let bi = gid.z;
+    if (s >= p.t) { return; }
+    let group = p.nh / p.nkv;
+    let hs4 = p.hs / 4u;
+    let kb = kv_base(bi, s, g);
+    var kr: array<vec4<f32>, MAX_HS4>;
+    var vr: array<vec4<f32>, MAX_HS4>;
+    var dk_acc: array<vec4<f32>, MAX_HS4>;
+    var dv_acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { kr[i] = k[kb + i] * p.scale; vr[i] = v[kb + i]; }
+    let ss = seg[bi * p.t + s];
+    for (var hh = 0u; hh < group; hh++) {
+        let h = g * group + hh;
+        for (var t = s; t < p.t; t++) {
+            if (seg[bi * p.t + t] != ss) { continue; }
+            let qb = q_base(bi, t, h);
+            let row = (bi * p.nh + h) * p.t + t;
+            var score = 0.0;
+            var dp = 0.0;
+            for (var i = 0u; i < hs4; i++) { score += dot(kr[i], q[qb + i]); dp += dot(vr[i], dout[qb + i]); }
+            let pr = exp(score - stats[row]);
+            let ds = pr * (dp - stats[n_rows() + row]);
+            for (var i = 0u; i < hs4; i++) {
+                dv_acc[i] += pr * dout[qb + i];
+                dk_acc[i] += ds * q[qb + i];
+            }
+        }
+    }
+    for (var i = 0u; i < hs4; i++) {
+        dk[kb + i] += dk_acc[i] * p.scale;
+        dv[kb + i] += dv_acc[i];
+    }
+}

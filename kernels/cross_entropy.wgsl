@@ -1,0 +1,78 @@
+// Fused softmax cross-entropy over the vocabulary, with ignored positions.
+//   logits  [N, V]     (bound a chunk of rows at a time when N·V exceeds one binding;
+//                       `row0` is the first row of the chunk in the other arrays)
+//   targets [N] i32    −100 (any negative) = ignored
+//   losses  [N]        lse − logit[target], 0 when ignored
+//   lse     [N]        saved for the backward
+//   loss    [1]        Σ losses · scale, scale = 1 / (tokens counted by the caller)
+// The backward overwrites the logits in place with dlogits = (softmax − onehot) · scale
+// (zeros on ignored rows), as llm.c does: the logits are not needed afterwards.
+
+struct Params {
+    rows: u32, v: u32, row0: u32, _p0: u32,
+    scale: f32, _p1: u32, _p2: u32, _p3: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<i32>;
+@group(0) @binding(3) var<storage, read_write> losses: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(6) var<storage, read> lse_in: array<f32>;
+@group(0) @binding(7) var<storage, read> losses_in: array<f32>;
+@group(0) @binding(8) var<storage, read_write> loss: array<f32>;
+
+// One invocation per row of the chunk, online max and sum in one pass.
+// Grid: (ceil(rows/64), 1, 1).
+@compute @workgroup_size(64, 1, 1)
+fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r >= p.rows) { return; }
+    let base = r * p.v;
+    var mx = -3.0e38;
+    var sum = 0.0;
+    for (var j = 0u; j < p.v; j++) {
+        let z = logits[base + j];
+        if (z > mx) { sum = sum * exp(mx - z); mx = z; }
+        sum += exp(z - mx);
+    }
+    let l = mx + log(sum);
+    let row = p.row0 + r;
+    lse[row] = l;
+    let tgt = targets[row];
+    if (tgt < 0 || u32(tgt) >= p.v) {
+        losses[row] = 0.0;
+    } else {
+        losses[row] = l - logits[base + u32(tgt)];
+    }
+}
+
+// Grid: (ceil(V/256), rows, 1).
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x; let r = gid.y;
+    if (j >= p.v || r >= p.rows) { return; }
+    let row = p.row0 + r;
+    let idx = r * p.v + j;
+    let tgt = targets[row];
+    if (tgt < 0 || u32(tgt) >= p.v) { dlogits[idx] = 0.0; return; }
+    var g = exp(dlogits[idx] - lse_in[row]);
+    if (u32(tgt) == j) { g -= 1.0; }
+    dlogits[idx] = g * p.scale;
+}
+
+// loss[0] = scale · Σ losses, one workgroup (tree reduction in workgroup memory).
+var<workgroup> part: array<f32, 256>;
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_sum(@builtin(local_invocation_id) lid: vec3<u32>) {
+    var acc = 0.0;
+    for (var i = lid.x; i < p.rows; i += 256u) { acc += losses_in[i]; }
+    part[lid.x] = acc;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid.x < s) { part[lid.x] += part[lid.x + s]; }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) { loss[0] = part[0] * p.scale; }
+}

@@ -1,0 +1,42 @@
+// Token embedding gather and its scatter-add backward.
+//   ids     [N] u32      token ids (N = B·T)
+//   w, dw   [V, C]
+//   out, dout [N, C]
+// The backward needs no atomics: the launcher groups positions by token on the host
+// (order: positions sorted by id; starts[u]..starts[u+1] are the positions of the u-th
+// distinct id uniq[u]), so each (distinct id, column) is summed by one invocation.
+
+struct Params {
+    n: u32, c: u32, v: u32, n_uniq: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> order: array<u32>;
+@group(0) @binding(5) var<storage, read> starts: array<u32>;
+@group(0) @binding(6) var<storage, read> uniq: array<u32>;
+@group(0) @binding(7) var<storage, read> dout: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dw: array<f32>;
+
+// out[t, c] = w[ids[t], c]; an id past the vocabulary gives zeros. Grid: (ceil(C/64), N, 1).
+@compute @workgroup_size(64, 1, 1)
+fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x; let t = gid.y;
+    if (c >= p.c || t >= p.n) { return; }
+    let id = ids[t];
+    var val = 0.0;
+    if (id < p.v) { val = w[id * p.c + c]; }
+    out[t * p.c + c] = val;
+}
+
+// dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1).
+@compute @workgroup_size(64, 1, 1)
+fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x; let u = gid.y;
+    if (c >= p.c || u >= p.n_uniq) { return; }
+    var acc = 0.0;
+    for (var j = starts[u]; j < starts[u + 1u]; j++) { acc += dout[order[j] * p.c + c]; }
+    dw[uniq[u] * p.c + c] += acc;
+}

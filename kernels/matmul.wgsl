@@ -1,0 +1,127 @@
+// Batched matrix multiply with optional transposes and accumulation:
+//   C[b] = alpha * op(A[b]) · op(B[b]) + beta * C[b]
+// op(A) is [M, K]: A is stored [M, K], or [K, M] when TRANS_A.
+// op(B) is [K, N]: B is stored [K, N], or [N, K] when TRANS_B.
+// C is [M, N]. Batch b starts at `*_off + b * *_stride` (a stride of 0 broadcasts).
+// Linear layer y = x·Wᵀ: A = x [BT, in], B = W [out, in], TRANS_B.
+//   dx += dy·W: A = dy [BT, out], B = W [out, in].  dW += dyᵀ·x: A = dy, TRANS_A, B = x.
+
+struct Params {
+    m: u32, n: u32, k: u32, batch: u32,
+    a_off: u32, b_off: u32, c_off: u32, _p0: u32,
+    a_stride: u32, b_stride: u32, c_stride: u32, _p1: u32,
+    alpha: f32, beta: f32, _p2: u32, _p3: u32,
+}
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;       // op(A) [M, K] per batch
+@group(0) @binding(2) var<storage, read> b: array<f32>;       // op(B) [K, N] per batch
+@group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
+
+fn a_at(base: u32, m: u32, k: u32) -> f32 {
+    if (TRANS_A) { return a[base + k * p.m + m]; }
+    return a[base + m * p.k + k];
+}
+
+fn b_at(base: u32, k: u32, n: u32) -> f32 {
+    if (TRANS_B) { return b[base + n * p.k + k]; }
+    return b[base + k * p.n + n];
+}
+
+// Write a 4×4 block at (m0, n0); rows and columns past the edge are dropped.
+fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>) {
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + i;
+        if (m >= p.m) { return; }
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + j;
+            if (n < p.n) {
+                let idx = base + m * p.n + n;
+                var v = p.alpha * acc[i][j];
+                if (p.beta != 0.0) { v += p.beta * c[idx]; }
+                c[idx] = v;
+            }
+        }
+    }
+}
+
+// Register-blocked variant for CPU drivers: each invocation owns a 4×4 block of C and
+// reads A and B straight from memory; no workgroup memory, no barriers.
+// Grid: (ceil(N/32), ceil(M/32), batch); a workgroup covers 32×32 of C.
+@compute @workgroup_size(8, 8, 1)
+fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n0 = gid.x * 4u;
+    let m0 = gid.y * 4u;
+    let bi = gid.z;
+    if (m0 >= p.m || n0 >= p.n || bi >= p.batch) { return; }
+    let ab = p.a_off + bi * p.a_stride;
+    let bb = p.b_off + bi * p.b_stride;
+    // Clamp edge rows/columns so every load stays in bounds; their results are dropped.
+    let ms = vec4<u32>(m0, min(m0 + 1u, p.m - 1u), min(m0 + 2u, p.m - 1u), min(m0 + 3u, p.m - 1u));
+    let ns = vec4<u32>(n0, min(n0 + 1u, p.n - 1u), min(n0 + 2u, p.n - 1u), min(n0 + 3u, p.n - 1u));
+    var acc: array<vec4<f32>, 4>;
+    for (var k = 0u; k < p.k; k++) {
+        let av = vec4<f32>(a_at(ab, ms.x, k), a_at(ab, ms.y, k), a_at(ab, ms.z, k), a_at(ab, ms.w, k));
+        let bv = vec4<f32>(b_at(bb, k, ns.x), b_at(bb, k, ns.y), b_at(bb, k, ns.z), b_at(bb, k, ns.w));
+        acc[0] += av.x * bv;
+        acc[1] += av.y * bv;
+        acc[2] += av.z * bv;
+        acc[3] += av.w * bv;
+    }
+    store_block(p.c_off + bi * p.c_stride, m0, n0, acc);
+}
+
+// Tiled variant for GPUs: a 16×16 workgroup computes a 64×64 tile of C, staging
+// 64×16 slabs of op(A) and op(B) in workgroup memory; each invocation owns 4×4.
+// Grid: (ceil(N/64), ceil(M/64), batch).
+const TS: u32 = 64u;
+const BK: u32 = 16u;
+var<workgroup> tile_a: array<f32, 1024>; // [BK][TS]: tile_a[k * TS + m]
+var<workgroup> tile_b: array<f32, 1024>; // [BK][TS]: tile_b[k * TS + n]
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let tm = wid.y * TS;
+    let tn = wid.x * TS;
+    let bi = wid.z;
+    let ab = p.a_off + bi * p.a_stride;
+    let bb = p.b_off + bi * p.b_stride;
+    let tid = lid.y * 16u + lid.x;
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var r = 0u; r < 4u; r++) {
+            let e = tid + r * 256u;
+            // Walk k fastest when the stored operand is contiguous in k, else m/n.
+            var kk: u32; var mm: u32;
+            if (TRANS_A) { kk = e / TS; mm = e % TS; } else { kk = e % BK; mm = e / BK; }
+            let gm = tm + mm;
+            let gk = k0 + kk;
+            let va = a_at(ab, min(gm, p.m - 1u), min(gk, p.k - 1u));
+            tile_a[kk * TS + mm] = select(0.0, va, gm < p.m && gk < p.k);
+            var kb: u32; var nn: u32;
+            if (TRANS_B) { kb = e % BK; nn = e / BK; } else { kb = e / TS; nn = e % TS; }
+            let gn = tn + nn;
+            let gkb = k0 + kb;
+            let vb = b_at(bb, min(gkb, p.k - 1u), min(gn, p.n - 1u));
+            tile_b[kb * TS + nn] = select(0.0, vb, gn < p.n && gkb < p.k);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let ao = kk * TS + lid.y * 4u;
+            let bo = kk * TS + lid.x * 4u;
+            let av = vec4<f32>(tile_a[ao], tile_a[ao + 1u], tile_a[ao + 2u], tile_a[ao + 3u]);
+            let bv = vec4<f32>(tile_b[bo], tile_b[bo + 1u], tile_b[bo + 2u], tile_b[bo + 3u]);
+            acc[0] += av.x * bv;
+            acc[1] += av.y * bv;
+            acc[2] += av.z * bv;
+            acc[3] += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+    if (bi < p.batch) {
+        store_block(p.c_off + bi * p.c_stride, tm + lid.y * 4u, tn + lid.x * 4u, acc);
+    }
+}

@@ -1,0 +1,151 @@
+//! `webtune bench kernels`: GFLOP/s for matmul at the shapes of SmolLM2-135M training,
+//! attention at T = 512, and GB/s for the memory-bound ops.
+//!
+//! Timing is wall-clock around whole submissions (warm pipelines, repeated until at
+//! least `min_secs` have passed), so it includes dispatch overhead, as training does.
+
+use std::time::Instant;
+
+use crate::check::Rng;
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::kernels::{self, Attention, Matmul};
+
+/// One measured kernel: `work` is FLOPs (compute-bound) or bytes moved (memory-bound).
+pub struct Row {
+    pub name: String,
+    pub secs: f64,
+    pub work: f64,
+    pub unit: &'static str,
+}
+
+impl Row {
+    pub fn rate(&self) -> f64 {
+        self.work / self.secs / 1e9
+    }
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Seconds per run of `record`, after one warm-up run.
+async fn time<F>(gpu: &Gpu, min_secs: f64, mut record: F) -> Result<f64>
+where
+    F: FnMut(&Gpu, &mut Recorder) -> Result<()>,
+{
+    let mut rec = gpu.recorder("bench warm-up");
+    record(gpu, &mut rec)?;
+    gpu.submit(rec);
+    gpu.wait()?;
+    let start = now();
+    let mut runs = 0u32;
+    loop {
+        let mut rec = gpu.recorder("bench");
+        record(gpu, &mut rec)?;
+        gpu.submit(rec);
+        gpu.wait()?;
+        runs += 1;
+        let secs = start.elapsed().as_secs_f64();
+        if secs >= min_secs {
+            return Ok(secs / runs as f64);
+        }
+    }
+}
+
+fn random(gpu: &Gpu, label: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
+    let data = Rng::new(seed).vec(shape.iter().product(), 0.5);
+    gpu.upload(label, &data, shape)
+}
+
+/// Run every benchmark, calling `report` as each row is measured.
+pub async fn kernels(gpu: &Gpu, min_secs: f64, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let t = 512;
+    let mut push = |row: Row, rows: &mut Vec<Row>| {
+        report(&row);
+        rows.push(row);
+    };
+    for (din, dout) in [(576, 576), (576, 1536), (1536, 576), (576, 49152)] {
+        let x = random(gpu, "x", &[t, din], 1)?;
+        let w = random(gpu, "w", &[dout, din], 2)?;
+        let y = random(gpu, "y", &[t, dout], 3)?;
+        let dx = gpu.zeros("dx", DType::F32, &[t, din])?;
+        let dw = gpu.zeros("dw", DType::F32, &[dout, din])?;
+        let cases = [
+            ("forward  y = x·Wᵀ", Matmul::linear(t, din, dout), &x, &w, &y),
+            ("grad x  dx = dy·W", Matmul::new(t, din, dout), &y, &w, &dx),
+            ("grad W  dW = dyᵀ·x", Matmul::new(dout, din, t).trans_a(), &y, &x, &dw),
+        ];
+        for (what, mm, a, b, c) in cases {
+            let secs = time(gpu, min_secs, |g, r| kernels::matmul(g, r, &mm, a, b, c)).await?;
+            push(Row { name: format!("matmul {t}×{din}→{dout} {what}"), secs, work: mm.flops(), unit: "GFLOP/s" }, &mut rows);
+        }
+    }
+
+    let at = Attention::new(1, t, 9, 3, 64);
+    let q = random(gpu, "q", &[t, 9, 64], 4)?;
+    let k = random(gpu, "k", &[t, 3, 64], 5)?;
+    let v = random(gpu, "v", &[t, 3, 64], 6)?;
+    let seg = gpu.zeros("seg", DType::U32, &[t])?;
+    let o = gpu.zeros("o", DType::F32, &[t, 9, 64])?;
+    let lse = gpu.zeros("lse", DType::F32, &[9, t])?;
+    let dq = gpu.zeros("dq", DType::F32, &[t, 9, 64])?;
+    let dk = gpu.zeros("dk", DType::F32, &[t, 3, 64])?;
+    let dv = gpu.zeros("dv", DType::F32, &[t, 3, 64])?;
+    // Causal: half of QKᵀ and of P·V; the backward has twice the forward's products.
+    let fwd_flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * 64.0 * 9.0;
+    let secs = time(gpu, min_secs, |g, r| kernels::attention_forward(g, r, &at, &q, &k, &v, &seg, &o, &lse)).await?;
+    push(Row { name: "attention forward T=512 9×64 heads, 3 kv".into(), secs, work: fwd_flops, unit: "GFLOP/s" }, &mut rows);
+    let secs = time(gpu, min_secs, |g, r| {
+        kernels::attention_backward(g, r, &at, &q, &k, &v, &seg, &o, &lse, &q, &dq, &dk, &dv)
+    })
+    .await?;
+    push(Row { name: "attention backward T=512 9×64 heads, 3 kv".into(), secs, work: 2.0 * fwd_flops, unit: "GFLOP/s" }, &mut rows);
+
+    let c = 576;
+    let x = random(gpu, "x", &[t, c], 7)?;
+    let w = random(gpu, "w", &[c], 8)?;
+    let y = gpu.zeros("y", DType::F32, &[t, c])?;
+    let rstd = gpu.zeros("rstd", DType::F32, &[t])?;
+    let secs = time(gpu, min_secs, |g, r| kernels::rmsnorm_forward(g, r, t, c, 1e-5, &x, &w, &y, &rstd)).await?;
+    push(Row { name: format!("rmsnorm forward {t}×{c}"), secs, work: (2 * t * c * 4) as f64, unit: "GB/s" }, &mut rows);
+
+    let n = t * 1536;
+    let gate = random(gpu, "gate", &[n], 9)?;
+    let up = random(gpu, "up", &[n], 10)?;
+    let h = gpu.zeros("h", DType::F32, &[n])?;
+    let secs = time(gpu, min_secs, |g, r| kernels::swiglu_forward(g, r, n, &gate, &up, &h)).await?;
+    push(Row { name: format!("swiglu forward {t}×1536"), secs, work: (3 * n * 4) as f64, unit: "GB/s" }, &mut rows);
+    let secs = time(gpu, min_secs, |g, r| kernels::add(g, r, n, &gate, &up, &h)).await?;
+    push(Row { name: format!("add {t}×1536"), secs, work: (3 * n * 4) as f64, unit: "GB/s" }, &mut rows);
+
+    let vocab = 49152;
+    let logits = random(gpu, "logits", &[t, vocab], 11)?;
+    let targets: Vec<i32> = (0..t as i32).map(|i| i * 97 % vocab as i32).collect();
+    let targets = gpu.upload("targets", &targets, &[t])?;
+    let losses = gpu.zeros("losses", DType::F32, &[t])?;
+    let lse = gpu.zeros("lse", DType::F32, &[t])?;
+    let loss = gpu.zeros("loss", DType::F32, &[1])?;
+    let secs = time(gpu, min_secs, |g, r| {
+        kernels::cross_entropy_forward(g, r, t, vocab, 1.0 / t as f32, &logits, &targets, &losses, &lse, &loss)
+    })
+    .await?;
+    push(Row { name: format!("cross-entropy forward {t}×{vocab}"), secs, work: (t * vocab * 4) as f64, unit: "GB/s" }, &mut rows);
+
+    // LoRA r=16 on all seven projections of SmolLM2-135M's 30 layers: about 4.9M parameters.
+    let n = 4_884_480;
+    let param = random(gpu, "param", &[n], 12)?;
+    let grad = random(gpu, "grad", &[n], 13)?;
+    let m = gpu.zeros("m", DType::F32, &[n])?;
+    let v2 = gpu.zeros("v", DType::F32, &[n])?;
+    let norm = gpu.zeros("norm", DType::F32, &[2])?;
+    let opt = kernels::AdamW::default();
+    let secs = time(gpu, min_secs, |g, r| {
+        kernels::grad_norm(g, r, &[&grad], 1.0, &norm)?;
+        kernels::adamw_step(g, r, &opt, 1, &param, &grad, &m, &v2, &norm)
+    })
+    .await?;
+    push(Row { name: format!("grad norm + AdamW step, {n} params"), secs, work: (8 * n * 4) as f64, unit: "GB/s" }, &mut rows);
+    Ok(rows)
+}

@@ -1,0 +1,22 @@
+//! One error type for the crate. Messages say what to do where we know it.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no GPU adapter found ({0}). On Linux without a GPU install Mesa's CPU Vulkan driver: \
+         `apt-get install -y mesa-vulkan-drivers`; in a browser enable WebGPU"
+    )]
+    NoAdapter(String),
+    #[error("the GPU adapter refused the device request: {0}")]
+    RequestDevice(String),
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("tensor too large: {0}")]
+    TooLarge(String),
+    #[error("cannot launch kernel: {0}")]
+    Launch(String),
+    #[error("GPU readback failed: {0}")]
+    Map(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

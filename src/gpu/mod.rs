@@ -1,0 +1,313 @@
+//! The GPU context: adapter, device, queue and limits behind one async path that
+//! serves native and wasm; the pipeline cache; uploads and readback.
+//!
+//! Every launcher in `crate::kernels` records into a [`Recorder`] (one command
+//! encoder); [`Gpu::submit`] sends it. Reading back is async (`map_async` + await):
+//! natively the device is polled once with a blocking wait, in the browser the
+//! event loop resolves the map, so no code ever spins.
+
+mod tensor;
+
+pub use tensor::{DType, Tensor};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+
+/// Which matmul (and other tile-shaped) kernel variants suit this adapter.
+///
+/// CPU drivers (lavapipe, SwiftShader) pay dearly for workgroup barriers, so they get
+/// barrier-free register-blocked kernels; real GPUs get workgroup-memory tiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Register,
+    Tiled,
+}
+
+/// What the device granted, recorded so callers can choose kernels.
+#[derive(Clone, Debug)]
+pub struct Caps {
+    pub adapter: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    /// Largest storage binding a launcher may use, in bytes (the device limit, or a
+    /// smaller cap set by [`GpuOptions::max_binding`] to exercise the split paths).
+    pub max_binding: u64,
+    pub variant: Variant,
+}
+
+/// Options for [`Gpu::new_with`].
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Cap the storage binding size below the device limit (tests of the chunked paths).
+    pub max_binding: Option<u64>,
+    /// Force a kernel variant instead of choosing by `device_type`.
+    pub variant: Option<Variant>,
+}
+
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub caps: Caps,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+/// One storage binding of a dispatch: a whole tensor or a byte range of its buffer.
+pub struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: Option<u64>,
+}
+
+impl<'a> From<&'a Tensor> for Bind<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Bind { buffer: &t.buffer, offset: 0, size: None }
+    }
+}
+
+/// A command encoder that launchers record dispatches into.
+pub struct Recorder {
+    pub encoder: wgpu::CommandEncoder,
+}
+
+impl Gpu {
+    /// The adapter wgpu prefers (a discrete GPU when present), with its own maximum
+    /// buffer and binding sizes and the optional features it offers.
+    pub async fn new() -> Result<Gpu> {
+        Self::new_with(GpuOptions::default()).await
+    }
+
+    pub async fn new_with(opts: GpuOptions) -> Result<Gpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        let offered = adapter.features();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = offered & wanted;
+        // The adapter's own maxima (buffer and binding sizes above all), not the defaults.
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("webtune device"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let device_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let max_binding = opts.max_binding.map_or(device_max, |m| m.min(device_max));
+        let variant = opts.variant.unwrap_or(match info.device_type {
+            wgpu::DeviceType::Cpu => Variant::Register,
+            _ => Variant::Tiled,
+        });
+        let caps = Caps {
+            adapter: info,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            limits,
+            features,
+            max_binding,
+            variant,
+        };
+        Ok(Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default() })
+    }
+
+    /// One line naming the adapter, its driver and what was granted.
+    pub fn describe(&self) -> String {
+        let a = &self.caps.adapter;
+        format!(
+            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}",
+            a.name,
+            a.device_type,
+            a.backend,
+            a.driver,
+            a.driver_info,
+            self.caps.max_binding >> 20,
+            self.caps.limits.max_buffer_size >> 20,
+            self.caps.shader_f16,
+            self.caps.subgroups,
+            self.caps.timestamps,
+            self.caps.variant
+        )
+    }
+
+    /// The compute pipeline for `entry` of `kernel` with the given override constants,
+    /// compiled once and cached by (kernel, entry point, constants).
+    pub fn pipeline(
+        &self,
+        kernel: &Kernel,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Arc<wgpu::ComputePipeline> {
+        let key: PipelineKey = (kernel.name, entry, constants.iter().map(|(k, v)| (*k, v.to_bits())).collect());
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return p.clone();
+        }
+        let module = self
+            .modules
+            .lock()
+            .unwrap()
+            .entry(kernel.name)
+            .or_insert_with(|| {
+                Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.name),
+                    source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                }))
+            })
+            .clone();
+        let label = format!("{}::{}", kernel.name, entry);
+        let pipeline = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: true },
+            cache: None,
+        }));
+        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        pipeline
+    }
+
+    pub fn recorder(&self, label: &str) -> Recorder {
+        Recorder { encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }) }
+    }
+
+    pub fn submit(&self, rec: Recorder) {
+        self.queue.submit([rec.encoder.finish()]);
+    }
+
+    /// Record one dispatch: `params` go to binding 0 as a uniform buffer, each
+    /// `(binding, tensor)` of `binds` to its binding number.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &self,
+        rec: &mut Recorder,
+        pipeline: &wgpu::ComputePipeline,
+        label: &str,
+        params: &P,
+        binds: &[(u32, Bind<'_>)],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.caps.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::Launch(format!("{label}: dispatch {workgroups:?} exceeds {max} workgroups per dimension")));
+        }
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let mut bytes = bytemuck::bytes_of(params).to_vec();
+        bytes.resize(bytes.len().div_ceil(16) * 16, 0);
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (binding, b) in binds {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: b.size.and_then(wgpu::BufferSize::new),
+                }),
+            });
+        }
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = rec
+            .encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        Ok(())
+    }
+
+    /// A new storage tensor holding `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let t = Tensor::new(self, label, DType::of::<T>(), shape)?;
+        if t.numel() != data.len() {
+            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+        }
+        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// A new zero-filled storage tensor.
+    pub fn zeros(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        Tensor::new(self, label, dtype, shape)
+    }
+
+    /// Overwrite a tensor's contents from the host.
+    pub fn write<T: bytemuck::Pod>(&self, t: &Tensor, data: &[T]) -> Result<()> {
+        if t.numel() != data.len() || t.dtype != DType::of::<T>() {
+            return Err(Error::Shape(format!("{}: writing {} values into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
+        }
+        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Copy a tensor back to the host. Async: awaits the buffer map.
+    pub async fn read<T: bytemuck::Pod>(&self, t: &Tensor) -> Result<Vec<T>> {
+        if t.dtype != DType::of::<T>() {
+            return Err(Error::Shape(format!("{}: reading {:?} as {:?}", t.label, t.dtype, DType::of::<T>())));
+        }
+        let bytes = self.read_bytes(&t.buffer, 0, t.bytes()).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+
+    /// Copy `size` bytes at `offset` of `buffer` back to the host.
+    pub async fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut rec = self.recorder("readback");
+        rec.encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        self.submit(rec);
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.await.map_err(|_| Error::Map("map callback dropped".into()))?.map_err(|e| Error::Map(e.to_string()))?;
+        let data = staging.get_mapped_range(..).map_err(|e| Error::Map(format!("{e:?}")))?.to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+
+    /// Natively, block until submitted work is done (callbacks fire). In the browser
+    /// this is a no-op: the event loop drives completion.
+    pub fn wait(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Map(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! Launchers for `kernels/attention.wgsl`.
+
+use super::{check, check_binding, groups, ATTENTION};
+use crate::error::Result;
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
+
+/// Causal grouped-query attention over `[B, T, NH, HS]` queries and `[B, T, NKV, HS]`
+/// keys and values, scores scaled by `scale` (usually 1/√HS).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Attention {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+    pub scale: f32,
+}
+
+impl Attention {
+    pub fn new(b: usize, t: usize, nh: usize, nkv: usize, hs: usize) -> Attention {
+        Attention { b, t, nh, nkv, hs, scale: 1.0 / (hs as f32).sqrt() }
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape {self:?}"))?;
+        check(self.nh % self.nkv == 0, op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
+        check(self.hs % 4 == 0 && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
+    }
+
+    pub fn q_len(&self) -> usize {
+        self.b * self.t * self.nh * self.hs
+    }
+
+    pub fn kv_len(&self) -> usize {
+        self.b * self.t * self.nkv * self.hs
+    }
+
+    /// Rows of the softmax statistics: `[B, NH, T]`.
+    pub fn rows(&self) -> usize {
+        self.b * self.nh * self.t
+    }
+
+    fn params(&self) -> Params {
+        Params {
+            b: self.b as u32,
+            t: self.t as u32,
+            nh: self.nh as u32,
+            nkv: self.nkv as u32,
+            hs: self.hs as u32,
+            scale: self.scale,
+            _p0: 0,
+            _p1: 0,
+        }
+    }
+
+    fn grid(&self, heads: usize) -> [u32; 3] {
+        [groups(self.t, 64), heads as u32, self.b as u32]
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    b: u32,
+    t: u32,
+    nh: u32,
+    nkv: u32,
+    hs: u32,
+    scale: f32,
+    _p0: u32,
+    _p1: u32,
+}
+
+/// `o = softmax(scale · q·kᵀ + causal/segment mask) · v`, saving `lse` `[B, NH, T]`.
+/// `seg` `[B, T]` u32: keys in another segment (packed example) are masked.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    at: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
+    let op = "attention_forward";
+    at.check(op)?;
+    q.expect(op, "q", DType::F32, at.q_len())?;
+    k.expect(op, "k", DType::F32, at.kv_len())?;
+    v.expect(op, "v", DType::F32, at.kv_len())?;
+    seg.expect(op, "seg", DType::U32, at.b * at.t)?;
+    o.expect(op, "o", DType::F32, at.q_len())?;
+    lse.expect(op, "lse", DType::F32, at.rows())?;
+    check_binding(gpu, op, &[q, k, v, o])?;
+    let pipeline = gpu.pipeline(&ATTENTION, op, &[]);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        op,
+        &at.params(),
+        &[(1, q.into()), (2, k.into()), (3, v.into()), (4, seg.into()), (5, o.into()), (6, Bind::from(lse))],
+        at.grid(at.nh),
+    )
+}
+
+/// Adds the gradients of `attention_forward` into `dq`, `dk`, `dv`, given its
+/// inputs, its output `o`, the saved `lse` and the output gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    at: &Attention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+) -> Result<()> {
+    let op = "attention_backward";
+    at.check(op)?;
+    for (t, name) in [(q, "q"), (o, "o"), (dout, "dout"), (dq, "dq")] {
+        t.expect(op, name, DType::F32, at.q_len())?;
+    }
+    for (t, name) in [(k, "k"), (v, "v"), (dk, "dk"), (dv, "dv")] {
+        t.expect(op, name, DType::F32, at.kv_len())?;
+    }
+    seg.expect(op, "seg", DType::U32, at.b * at.t)?;
+    lse.expect(op, "lse", DType::F32, at.rows())?;
+    check_binding(gpu, op, &[q, k, v, o, dout, dq, dk, dv])?;
+    // stats = [lse, dsum]: one binding for both keeps the dk/dv kernel at 8 storage buffers.
+    let stats = Tensor::new(gpu, "attention stats", DType::F32, &[2, at.rows()])?;
+    rec.encoder.copy_buffer_to_buffer(&lse.buffer, 0, &stats.buffer, 0, lse.bytes());
+    let params = at.params();
+    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dsum", &[]);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        "attention_backward_dsum",
+        &params,
+        &[(7, o.into()), (9, dout.into()), (10, Bind::from(&stats))],
+        at.grid(at.nh),
+    )?;
+    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dq", &[]);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        "attention_backward_dq",
+        &params,
+        &[
+            (1, q.into()),
+            (2, k.into()),
+            (3, v.into()),
+            (4, seg.into()),
+            (8, Bind::from(&stats)),
+            (9, dout.into()),
+            (11, dq.into()),
+        ],
+        at.grid(at.nh),
+    )?;
+    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dkv", &[]);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        "attention_backward_dkv",
+        &params,
+        &[
+            (1, q.into()),
+            (2, k.into()),
+            (3, v.into()),
+            (4, seg.into()),
+            (8, Bind::from(&stats)),
+            (9, dout.into()),
+            (12, dk.into()),
+            (13, dv.into()),
+        ],
+        at.grid(at.nkv),
+    )
+}

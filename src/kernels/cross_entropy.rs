@@ -1,0 +1,112 @@
+//! Launchers for `kernels/cross_entropy.wgsl`, chunked over tokens so that logits
+//! larger than one storage binding still work.
+
+use super::{check, groups, CROSS_ENTROPY};
+use crate::error::{Error, Result};
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    v: u32,
+    row0: u32,
+    _p0: u32,
+    scale: f32,
+    _p1: u32,
+    _p2: u32,
+    _p3: u32,
+}
+
+/// Row ranges of `[n, v]` logits that each fit one binding and start at an offset
+/// the device can bind.
+pub fn chunks(gpu: &Gpu, n: usize, v: usize) -> Result<Vec<(usize, usize)>> {
+    let row_bytes = (v * 4) as u64;
+    let align_rows = (gpu.caps.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let fit = (gpu.caps.max_binding / row_bytes) as usize;
+    let per = if fit >= n { n } else { fit / align_rows * align_rows };
+    if per == 0 {
+        return Err(Error::TooLarge(format!(
+            "cross_entropy: {align_rows} rows of {v} logits exceed the largest storage binding ({} bytes)",
+            gpu.caps.max_binding
+        )));
+    }
+    Ok((0..n).step_by(per).map(|r0| (r0, per.min(n - r0))).collect())
+}
+
+fn check_args(op: &str, n: usize, v: usize, logits: &Tensor, targets: &Tensor, lse: &Tensor) -> Result<()> {
+    check(n > 0 && v > 0, op, || format!("empty shape [{n}, {v}]"))?;
+    logits.expect(op, "logits", DType::F32, n * v)?;
+    targets.expect(op, "targets", DType::I32, n)?;
+    lse.expect(op, "lse", DType::F32, n)
+}
+
+fn chunk_bind(logits: &Tensor, r0: usize, rows: usize, v: usize) -> Bind<'_> {
+    Bind { buffer: &logits.buffer, offset: (r0 * v * 4) as u64, size: Some((rows * v * 4) as u64) }
+}
+
+/// Per-row losses `[n]` (0 where the target is negative, e.g. −100), the saved
+/// log-sum-exp `[n]`, and `loss[0] = scale · Σ losses` (scale = 1 / tokens counted).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_forward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    n: usize,
+    v: usize,
+    scale: f32,
+    logits: &Tensor,
+    targets: &Tensor,
+    losses: &Tensor,
+    lse: &Tensor,
+    loss: &Tensor,
+) -> Result<()> {
+    let op = "cross_entropy_forward";
+    check_args(op, n, v, logits, targets, lse)?;
+    losses.expect(op, "losses", DType::F32, n)?;
+    loss.expect(op, "loss", DType::F32, 1)?;
+    let pipeline = gpu.pipeline(&CROSS_ENTROPY, op, &[]);
+    for (r0, rows) in chunks(gpu, n, v)? {
+        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, _p0: 0, scale, _p1: 0, _p2: 0, _p3: 0 };
+        gpu.dispatch(
+            rec,
+            &pipeline,
+            op,
+            &p,
+            &[(1, chunk_bind(logits, r0, rows, v)), (2, targets.into()), (3, losses.into()), (4, lse.into())],
+            [groups(rows, 64), 1, 1],
+        )?;
+    }
+    let p = Params { rows: n as u32, v: v as u32, row0: 0, _p0: 0, scale, _p1: 0, _p2: 0, _p3: 0 };
+    let pipeline = gpu.pipeline(&CROSS_ENTROPY, "cross_entropy_sum", &[]);
+    gpu.dispatch(rec, &pipeline, "cross_entropy_sum", &p, &[(7, losses.into()), (8, loss.into())], [1, 1, 1])
+}
+
+/// Overwrites `logits` `[n, v]` in place with `(softmax − onehot(target)) · scale`,
+/// zero on ignored rows, using the `lse` saved by the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_backward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    n: usize,
+    v: usize,
+    scale: f32,
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
+    let op = "cross_entropy_backward";
+    check_args(op, n, v, logits, targets, lse)?;
+    let pipeline = gpu.pipeline(&CROSS_ENTROPY, op, &[]);
+    for (r0, rows) in chunks(gpu, n, v)? {
+        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, _p0: 0, scale, _p1: 0, _p2: 0, _p3: 0 };
+        gpu.dispatch(
+            rec,
+            &pipeline,
+            op,
+            &p,
+            &[(2, targets.into()), (5, chunk_bind(logits, r0, rows, v)), (6, lse.into())],
+            [groups(v, 256), rows as u32, 1],
+        )?;
+    }
+    Ok(())
+}

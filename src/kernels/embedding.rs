@@ -1,0 +1,88 @@
+//! Launchers for `kernels/embedding.wgsl`.
+
+use super::{check, check_binding, groups, EMBEDDING};
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    v: u32,
+    n_uniq: u32,
+}
+
+/// `out[t] = w[ids[t]]`; ids `[n]` u32, w `[v, c]`, out `[n, c]`.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    n: usize,
+    c: usize,
+    v: usize,
+    ids: &Tensor,
+    w: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "embedding_forward";
+    check(n > 0 && c > 0 && v > 0, op, || format!("empty shape n {n} c {c} v {v}"))?;
+    ids.expect(op, "ids", DType::U32, n)?;
+    w.expect(op, "w", DType::F32, v * c)?;
+    out.expect(op, "out", DType::F32, n * c)?;
+    check_binding(gpu, op, &[w, out])?;
+    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: 0 };
+    let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
+    gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, w.into()), (3, out.into())], [groups(c, 64), n as u32, 1])
+}
+
+/// Adds `dout` `[n, c]` into the rows `ids` of `dw` `[v, c]`. The ids are the host's
+/// copy (the batch came from the host): positions are grouped by id here so the
+/// kernel needs no atomics and sums in a fixed order.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_backward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    n: usize,
+    c: usize,
+    v: usize,
+    ids: &[u32],
+    dout: &Tensor,
+    dw: &Tensor,
+) -> Result<()> {
+    let op = "embedding_backward";
+    check(n > 0 && c > 0 && v > 0 && ids.len() == n, op, || format!("{} ids for n {n}", ids.len()))?;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= v) {
+        return check(false, op, || format!("token id {bad} is outside the vocabulary of {v}"));
+    }
+    dout.expect(op, "dout", DType::F32, n * c)?;
+    dw.expect(op, "dw", DType::F32, v * c)?;
+    check_binding(gpu, op, &[dout, dw])?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_by_key(|&t| (ids[t as usize], t));
+    let mut starts = vec![0u32];
+    let mut uniq = Vec::new();
+    for (j, &t) in order.iter().enumerate() {
+        let id = ids[t as usize];
+        if uniq.last() != Some(&id) {
+            if j > 0 {
+                starts.push(j as u32);
+            }
+            uniq.push(id);
+        }
+    }
+    starts.push(n as u32);
+    let order_t = gpu.upload("embedding order", &order, &[n])?;
+    let starts_t = gpu.upload("embedding starts", &starts, &[starts.len()])?;
+    let uniq_t = gpu.upload("embedding uniq", &uniq, &[uniq.len()])?;
+    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: uniq.len() as u32 };
+    let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        op,
+        &p,
+        &[(4, (&order_t).into()), (5, (&starts_t).into()), (6, (&uniq_t).into()), (7, dout.into()), (8, dw.into())],
+        [groups(c, 64), uniq.len() as u32, 1],
+    )
+}

@@ -1,0 +1,171 @@
+//! Launcher for `kernels/matmul.wgsl`.
+
+use super::{check, check_binding, groups, MATMUL};
+use crate::error::Result;
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
+
+/// `C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b]` for b in 0..batch.
+///
+/// - op(A) `[M, K]`: A stored `[M, K]`, or `[K, M]` when `trans_a`
+/// - op(B) `[K, N]`: B stored `[K, N]`, or `[N, K]` when `trans_b`
+/// - C `[M, N]`
+///
+/// Offsets and batch strides are in elements; a stride of 0 broadcasts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a_off: usize,
+    pub b_off: usize,
+    pub c_off: usize,
+    pub a_stride: usize,
+    pub b_stride: usize,
+    pub c_stride: usize,
+}
+
+impl Matmul {
+    /// A single `[M, K]·[K, N]` product that overwrites C.
+    pub fn new(m: usize, n: usize, k: usize) -> Matmul {
+        Matmul {
+            m,
+            n,
+            k,
+            batch: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+            a_off: 0,
+            b_off: 0,
+            c_off: 0,
+            a_stride: 0,
+            b_stride: 0,
+            c_stride: 0,
+        }
+    }
+
+    /// `y = x·Wᵀ` for x `[rows, din]` and W `[dout, din]` (a linear layer).
+    pub fn linear(rows: usize, din: usize, dout: usize) -> Matmul {
+        Matmul { trans_b: true, ..Matmul::new(rows, dout, din) }
+    }
+
+    pub fn trans_a(mut self) -> Self {
+        self.trans_a = true;
+        self
+    }
+
+    pub fn trans_b(mut self) -> Self {
+        self.trans_b = true;
+        self
+    }
+
+    /// Add into C instead of overwriting it (beta = 1).
+    pub fn accumulate(mut self) -> Self {
+        self.beta = 1.0;
+        self
+    }
+
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// `batch` products; the strides step from one to the next (0 broadcasts).
+    pub fn batched(mut self, batch: usize, a_stride: usize, b_stride: usize, c_stride: usize) -> Self {
+        self.batch = batch;
+        self.a_stride = a_stride;
+        self.b_stride = b_stride;
+        self.c_stride = c_stride;
+        self
+    }
+
+    /// Elements each operand must hold.
+    pub fn extents(&self) -> (usize, usize, usize) {
+        let last = self.batch.saturating_sub(1);
+        (
+            self.a_off + last * self.a_stride + self.m * self.k,
+            self.b_off + last * self.b_stride + self.k * self.n,
+            self.c_off + last * self.c_stride + self.m * self.n,
+        )
+    }
+
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k * self.batch) as f64
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    _p0: u32,
+    a_stride: u32,
+    b_stride: u32,
+    c_stride: u32,
+    _p1: u32,
+    alpha: f32,
+    beta: f32,
+    _p2: u32,
+    _p3: u32,
+}
+
+/// Record `C = alpha·op(A)·op(B) + beta·C`; the variant (register-blocked or tiled)
+/// follows the adapter.
+pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
+    let op = "matmul";
+    check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm:?}"))?;
+    let (ea, eb, ec) = mm.extents();
+    for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
+        check(t.dtype == DType::F32 && t.numel() >= need, op, || {
+            format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
+        })?;
+    }
+    check(ec <= u32::MAX as usize && ea <= u32::MAX as usize && eb <= u32::MAX as usize, op, || {
+        "operands exceed 2^32 elements".into()
+    })?;
+    check_binding(gpu, op, &[a, b, c])?;
+    let params = Params {
+        m: mm.m as u32,
+        n: mm.n as u32,
+        k: mm.k as u32,
+        batch: mm.batch as u32,
+        a_off: mm.a_off as u32,
+        b_off: mm.b_off as u32,
+        c_off: mm.c_off as u32,
+        _p0: 0,
+        a_stride: mm.a_stride as u32,
+        b_stride: mm.b_stride as u32,
+        c_stride: mm.c_stride as u32,
+        _p1: 0,
+        alpha: mm.alpha,
+        beta: mm.beta,
+        _p2: 0,
+        _p3: 0,
+    };
+    let constants = [("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
+    let (entry, tile) = match gpu.caps.variant {
+        Variant::Register => ("matmul_reg", 32),
+        Variant::Tiled => ("matmul_tiled", 64),
+    };
+    let pipeline = gpu.pipeline(&MATMUL, entry, &constants);
+    gpu.dispatch(
+        rec,
+        &pipeline,
+        entry,
+        &params,
+        &[(1, a.into()), (2, b.into()), (3, Bind::from(c))],
+        [groups(mm.n, tile), groups(mm.m, tile), mm.batch as u32],
+    )
+}

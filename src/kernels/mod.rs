@@ -1,0 +1,97 @@
+//! The kernel registry: every WGSL file in `kernels/` embedded once, and a typed
+//! launcher per op that checks shapes before it records a dispatch.
+//!
+//! Letters used in shapes (see docs/ARCHITECTURE.md): B batch, T tokens, C hidden,
+//! NH / NKV heads, HS head size, V vocabulary, R LoRA rank, N a flat count.
+//! Each launcher has a CPU twin of the same name and argument order in
+//! `crate::reference`.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+pub use adamw::{adamw_step, grad_norm, AdamW};
+pub use attention::{attention_backward, attention_forward, Attention};
+pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+pub use elementwise::{add, add_bias, axpy, bias_backward, scale};
+pub use embedding::{embedding_backward, embedding_forward};
+pub use lora::{lora_backward, lora_forward, Lora};
+pub use matmul::{matmul, Matmul};
+pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+pub use rope::{rope_backward, rope_forward};
+pub use swiglu::{swiglu_backward, swiglu_forward};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+
+/// One WGSL source file.
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+macro_rules! kernel {
+    ($id:ident, $file:literal) => {
+        pub const $id: Kernel = Kernel { name: $file, source: include_str!(concat!("../../kernels/", $file)) };
+    };
+}
+
+kernel!(ADAMW, "adamw.wgsl");
+kernel!(ATTENTION, "attention.wgsl");
+kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
+kernel!(ELEMENTWISE, "elementwise.wgsl");
+kernel!(EMBEDDING, "embedding.wgsl");
+kernel!(LORA, "lora.wgsl");
+kernel!(MATMUL, "matmul.wgsl");
+kernel!(RMSNORM, "rmsnorm.wgsl");
+kernel!(ROPE, "rope.wgsl");
+kernel!(SWIGLU, "swiglu.wgsl");
+
+/// Every kernel file, for validation and pipeline warm-up.
+pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, LORA, MATMUL, RMSNORM, ROPE, SWIGLU];
+
+/// Workgroups covering `n` items of `per` each.
+pub(crate) fn groups(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}
+
+/// A 1-D grid of 256-wide workgroups over `n` elements that spills past the
+/// 65,535-workgroup dimension limit into y (kernels index `y·65535·256 + x`).
+pub(crate) fn grid_1d(n: usize) -> [u32; 3] {
+    let wg = n.div_ceil(256);
+    if wg <= 65535 {
+        [wg as u32, 1, 1]
+    } else {
+        [65535, wg.div_ceil(65535) as u32, 1]
+    }
+}
+
+/// Every tensor must fit one storage binding of this device.
+pub(crate) fn check_binding(gpu: &Gpu, op: &str, tensors: &[&Tensor]) -> Result<()> {
+    for t in tensors {
+        if t.bytes() > gpu.caps.max_binding {
+            return Err(Error::TooLarge(format!(
+                "{op}: `{}` is {} bytes, more than this adapter's largest storage binding ({} bytes); split it",
+                t.label,
+                t.bytes(),
+                gpu.caps.max_binding
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check(cond: bool, op: &str, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!("{op}: {}", msg())))
+    }
+}

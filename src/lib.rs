@@ -1,0 +1,16 @@
+//! webtune: fine-tune small language models with hand-written WGSL kernels.
+//!
+//! Map of the crate (see docs/ARCHITECTURE.md):
+//! - [`gpu`]: device, limits, pipeline cache, uploads and readback
+//! - [`kernels`]: the WGSL registry and a typed launcher per op
+//! - [`reference`]: the CPU twin of every launcher
+//! - [`bench`]: the kernel benchmark behind `webtune bench kernels`
+
+pub mod bench;
+pub mod check;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod reference;
+
+pub use error::{Error, Result};

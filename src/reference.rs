@@ -1,0 +1,368 @@
+//! Plain-loop CPU versions of every kernel launcher in `crate::kernels`: same names,
+//! same argument order (less the GPU and recorder), slices for tensors. Sums are
+//! accumulated in f64, so these are the ground truth the GPU is checked against.
+
+use crate::kernels::{AdamW, Attention, Lora, Matmul};
+
+fn sigmoid(g: f64) -> f64 {
+    1.0 / (1.0 + (-g).exp())
+}
+
+pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
+    for bi in 0..mm.batch {
+        let (ab, bb, cb) = (mm.a_off + bi * mm.a_stride, mm.b_off + bi * mm.b_stride, mm.c_off + bi * mm.c_stride);
+        for i in 0..mm.m {
+            for j in 0..mm.n {
+                let mut acc = 0.0f64;
+                for k in 0..mm.k {
+                    let av = if mm.trans_a { a[ab + k * mm.m + i] } else { a[ab + i * mm.k + k] };
+                    let bv = if mm.trans_b { b[bb + j * mm.k + k] } else { b[bb + k * mm.n + j] };
+                    acc += av as f64 * bv as f64;
+                }
+                let idx = cb + i * mm.n + j;
+                let mut out = mm.alpha as f64 * acc;
+                if mm.beta != 0.0 {
+                    out += mm.beta as f64 * c[idx] as f64;
+                }
+                c[idx] = out as f32;
+            }
+        }
+    }
+}
+
+fn visible(at: &Attention, seg: &[u32], bi: usize, t: usize) -> Vec<usize> {
+    (0..=t).filter(|&s| seg[bi * at.t + s] == seg[bi * at.t + t]).collect()
+}
+
+fn head(x: &[f32], row: usize, hs: usize) -> &[f32] {
+    &x[row * hs..(row + 1) * hs]
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// Scaled scores of query (bi, t, h) against the visible keys, and their log-sum-exp.
+fn scores(at: &Attention, q: &[f32], k: &[f32], seg: &[u32], bi: usize, t: usize, h: usize) -> (Vec<usize>, Vec<f64>, f64) {
+    let g = h / (at.nh / at.nkv);
+    let keys = visible(at, seg, bi, t);
+    let qh = head(q, (bi * at.t + t) * at.nh + h, at.hs);
+    let sc: Vec<f64> =
+        keys.iter().map(|&s| at.scale as f64 * dot(qh, head(k, (bi * at.t + s) * at.nkv + g, at.hs))).collect();
+    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = mx + sc.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+    (keys, sc, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    at: &Attention,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seg: &[u32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    for bi in 0..at.b {
+        for h in 0..at.nh {
+            let g = h / (at.nh / at.nkv);
+            for t in 0..at.t {
+                let (keys, sc, l) = scores(at, q, k, seg, bi, t, h);
+                let orow = (bi * at.t + t) * at.nh + h;
+                for d in 0..at.hs {
+                    let mut acc = 0.0f64;
+                    for (&s, &x) in keys.iter().zip(&sc) {
+                        acc += (x - l).exp() * v[((bi * at.t + s) * at.nkv + g) * at.hs + d] as f64;
+                    }
+                    o[orow * at.hs + d] = acc as f32;
+                }
+                lse[(bi * at.nh + h) * at.t + t] = l as f32;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    at: &Attention,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seg: &[u32],
+    _o: &[f32],
+    _lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let hs = at.hs;
+    let mut dq64 = vec![0f64; dq.len()];
+    let mut dk64 = vec![0f64; dk.len()];
+    let mut dv64 = vec![0f64; dv.len()];
+    for bi in 0..at.b {
+        for h in 0..at.nh {
+            let g = h / (at.nh / at.nkv);
+            for t in 0..at.t {
+                let (keys, sc, l) = scores(at, q, k, seg, bi, t, h);
+                let qrow = (bi * at.t + t) * at.nh + h;
+                let dor = head(dout, qrow, hs);
+                let p: Vec<f64> = sc.iter().map(|x| (x - l).exp()).collect();
+                let dp: Vec<f64> = keys.iter().map(|&s| dot(dor, head(v, (bi * at.t + s) * at.nkv + g, hs))).collect();
+                let dsum: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (j, &s) in keys.iter().enumerate() {
+                    let krow = (bi * at.t + s) * at.nkv + g;
+                    let ds = p[j] * (dp[j] - dsum) * at.scale as f64;
+                    for d in 0..hs {
+                        dq64[qrow * hs + d] += ds * k[krow * hs + d] as f64;
+                        dk64[krow * hs + d] += ds * q[qrow * hs + d] as f64;
+                        dv64[krow * hs + d] += p[j] * dor[d] as f64;
+                    }
+                }
+            }
+        }
+    }
+    for (d, x) in dq.iter_mut().zip(dq64) {
+        *d += x as f32;
+    }
+    for (d, x) in dk.iter_mut().zip(dk64) {
+        *d += x as f32;
+    }
+    for (d, x) in dv.iter_mut().zip(dv64) {
+        *d += x as f32;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward(rows: usize, c: usize, eps: f32, x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32]) {
+    for r in 0..rows {
+        let xr = &x[r * c..(r + 1) * c];
+        let rs = 1.0 / (xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / c as f64 + eps as f64).sqrt();
+        for i in 0..c {
+            y[r * c + i] = (w[i] as f64 * xr[i] as f64 * rs) as f32;
+        }
+        rstd[r] = rs as f32;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    let mut dw64 = vec![0f64; c];
+    for r in 0..rows {
+        let rs = rstd[r] as f64;
+        let n: Vec<f64> = (0..c).map(|i| x[r * c + i] as f64 * rs).collect();
+        let g: Vec<f64> = (0..c).map(|i| dy[r * c + i] as f64 * w[i] as f64).collect();
+        let mean_gn = g.iter().zip(&n).map(|(a, b)| a * b).sum::<f64>() / c as f64;
+        for i in 0..c {
+            dx[r * c + i] += (rs * (g[i] - n[i] * mean_gn)) as f32;
+            dw64[i] += dy[r * c + i] as f64 * n[i];
+        }
+    }
+    for (d, x) in dw.iter_mut().zip(dw64) {
+        *d += x as f32;
+    }
+}
+
+fn rotate(n: usize, h: usize, hs: usize, x: &mut [f32], pos: &[u32], inv_freq: &[f32], sign: f64) {
+    let half = hs / 2;
+    for t in 0..n {
+        for hd in 0..h {
+            let base = (t * h + hd) * hs;
+            for i in 0..half {
+                // The angle is formed in f32, as HF does (inv_freq · position in float32).
+                let angle = (pos[t] as f32 * inv_freq[i]) as f64;
+                let (s, c) = (angle.sin() * sign, angle.cos());
+                let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
+                x[base + i] = (x1 * c - x2 * s) as f32;
+                x[base + i + half] = (x2 * c + x1 * s) as f32;
+            }
+        }
+    }
+}
+
+pub fn rope_forward(n: usize, h: usize, hs: usize, x: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
+    rotate(n, h, hs, x, pos, inv_freq, 1.0)
+}
+
+pub fn rope_backward(n: usize, h: usize, hs: usize, dx: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
+    rotate(n, h, hs, dx, pos, inv_freq, -1.0)
+}
+
+pub fn swiglu_forward(n: usize, gate: &[f32], up: &[f32], h: &mut [f32]) {
+    for i in 0..n {
+        let g = gate[i] as f64;
+        h[i] = (g * sigmoid(g) * up[i] as f64) as f32;
+    }
+}
+
+pub fn swiglu_backward(n: usize, gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    for i in 0..n {
+        let g = gate[i] as f64;
+        let sg = sigmoid(g);
+        dgate[i] += (dh[i] as f64 * up[i] as f64 * sg * (1.0 + g * (1.0 - sg))) as f32;
+        dup[i] += (dh[i] as f64 * g * sg) as f32;
+    }
+}
+
+pub fn embedding_forward(n: usize, c: usize, v: usize, ids: &[u32], w: &[f32], out: &mut [f32]) {
+    for t in 0..n {
+        let id = ids[t] as usize;
+        for i in 0..c {
+            out[t * c + i] = if id < v { w[id * c + i] } else { 0.0 };
+        }
+    }
+}
+
+pub fn embedding_backward(n: usize, c: usize, _v: usize, ids: &[u32], dout: &[f32], dw: &mut [f32]) {
+    let mut acc = std::collections::BTreeMap::<usize, Vec<f64>>::new();
+    for t in 0..n {
+        let row = acc.entry(ids[t] as usize).or_insert_with(|| vec![0.0; c]);
+        for i in 0..c {
+            row[i] += dout[t * c + i] as f64;
+        }
+    }
+    for (id, row) in acc {
+        for i in 0..c {
+            dw[id * c + i] += row[i] as f32;
+        }
+    }
+}
+
+pub fn add(n: usize, a: &[f32], b: &[f32], out: &mut [f32]) {
+    for i in 0..n {
+        out[i] = a[i] + b[i];
+    }
+}
+
+pub fn axpy(n: usize, alpha: f32, x: &[f32], y: &mut [f32]) {
+    for i in 0..n {
+        y[i] += alpha * x[i];
+    }
+}
+
+pub fn scale(n: usize, alpha: f32, y: &mut [f32]) {
+    for v in &mut y[..n] {
+        *v *= alpha;
+    }
+}
+
+pub fn add_bias(rows: usize, c: usize, bias: &[f32], y: &mut [f32]) {
+    for i in 0..rows * c {
+        y[i] += bias[i % c];
+    }
+}
+
+pub fn bias_backward(rows: usize, c: usize, dy: &[f32], dbias: &mut [f32]) {
+    for j in 0..c {
+        dbias[j] += (0..rows).map(|r| dy[r * c + j] as f64).sum::<f64>() as f32;
+    }
+}
+
+fn ignored(target: i32, v: usize) -> bool {
+    target < 0 || target as usize >= v
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_forward(
+    n: usize,
+    v: usize,
+    scale: f32,
+    logits: &[f32],
+    targets: &[i32],
+    losses: &mut [f32],
+    lse: &mut [f32],
+    loss: &mut [f32],
+) {
+    let mut total = 0.0f64;
+    for r in 0..n {
+        let row = &logits[r * v..(r + 1) * v];
+        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let l = mx + row.iter().map(|z| (*z as f64 - mx).exp()).sum::<f64>().ln();
+        lse[r] = l as f32;
+        let t = targets[r];
+        let lr = if ignored(t, v) { 0.0 } else { l - row[t as usize] as f64 };
+        losses[r] = lr as f32;
+        total += lr;
+    }
+    loss[0] = (total * scale as f64) as f32;
+}
+
+pub fn cross_entropy_backward(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], lse: &[f32]) {
+    for r in 0..n {
+        let t = targets[r];
+        for j in 0..v {
+            let idx = r * v + j;
+            logits[idx] = if ignored(t, v) {
+                0.0
+            } else {
+                let p = (logits[idx] as f64 - lse[r] as f64).exp();
+                ((p - if t as usize == j { 1.0 } else { 0.0 }) * scale as f64) as f32
+            };
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward(l: &Lora, x: &[f32], a: &[f32], b: &[f32], h: &mut [f32], y: &mut [f32]) {
+    let down = Matmul::linear(l.n, l.din, l.r);
+    matmul(&down, x, a, h);
+    let up = Matmul::linear(l.n, l.r, l.dout).alpha(l.s).accumulate();
+    matmul(&up, h, b, y);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    l: &Lora,
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    h: &[f32],
+    dy: &[f32],
+    dh: &mut [f32],
+    da: &mut [f32],
+    db: &mut [f32],
+    dx: &mut [f32],
+) {
+    // dh = s·dy·B;  dB += s·dyᵀ·h;  dA += dhᵀ·x;  dx += dh·A
+    matmul(&Matmul::new(l.n, l.r, l.dout).alpha(l.s), dy, b, dh);
+    matmul(&Matmul::new(l.dout, l.r, l.n).trans_a().alpha(l.s).accumulate(), dy, h, db);
+    matmul(&Matmul::new(l.r, l.din, l.n).trans_a().accumulate(), dh, x, da);
+    matmul(&Matmul::new(l.n, l.din, l.r).accumulate(), dh, a, dx);
+}
+
+pub fn grad_norm(grads: &[&[f32]], max_norm: f32, norm: &mut [f32]) {
+    let total: f64 = grads.iter().flat_map(|g| g.iter()).map(|g| (*g as f64).powi(2)).sum();
+    let nrm = total.sqrt();
+    let max_norm = if max_norm > 0.0 && max_norm.is_finite() { max_norm as f64 } else { f32::MAX as f64 };
+    norm[0] = nrm as f32;
+    norm[1] = (max_norm / (nrm + 1e-6)).min(1.0) as f32;
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    opt: &AdamW,
+    step: u64,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    norm: &[f32],
+) {
+    let (step_size, bc2_sqrt, decay) = opt.factors(step);
+    for i in 0..param.len() {
+        let g = grad[i] * norm[1];
+        m[i] += (1.0 - opt.beta1) * (g - m[i]);
+        v[i] = opt.beta2 * v[i] + (1.0 - opt.beta2) * g * g;
+        param[i] = param[i] * decay - step_size * m[i] / (v[i].sqrt() / bc2_sqrt + opt.eps);
+    }
+}

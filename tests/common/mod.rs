@@ -1,0 +1,59 @@
+//! Shared GPU contexts for the GPU tests. With no adapter they fail, saying what to
+//! install; they are never skipped.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use webtune::gpu::{DType, Gpu, GpuOptions, Tensor, Variant};
+
+fn make(opts: GpuOptions) -> Gpu {
+    match futures::executor::block_on(Gpu::new_with(opts)) {
+        Ok(g) => g,
+        Err(e) => panic!("GPU tests need a GPU adapter: {e}"),
+    }
+}
+
+/// The adapter's own choice of kernels.
+pub fn gpu() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions::default()))
+}
+
+/// Each kernel variant in turn, whatever the adapter prefers.
+pub fn variant(v: Variant) -> &'static Gpu {
+    static R: OnceLock<Gpu> = OnceLock::new();
+    static T: OnceLock<Gpu> = OnceLock::new();
+    let cell = if v == Variant::Register { &R } else { &T };
+    cell.get_or_init(|| make(GpuOptions { variant: Some(v), ..Default::default() }))
+}
+
+/// A context whose storage bindings are capped at 64 KiB, to run the split paths.
+pub fn small_bindings() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { max_binding: Some(64 << 10), ..Default::default() }))
+}
+
+pub fn up<T: bytemuck::Pod>(g: &Gpu, data: &[T]) -> Tensor {
+    g.upload("test input", data, &[data.len()]).unwrap()
+}
+
+pub fn zeros(g: &Gpu, n: usize) -> Tensor {
+    g.zeros("test output", DType::F32, &[n]).unwrap()
+}
+
+pub fn read(g: &Gpu, t: &Tensor) -> Vec<f32> {
+    futures::executor::block_on(g.read::<f32>(t)).unwrap()
+}
+
+/// Record with `f`, submit, and wait.
+pub fn run(g: &Gpu, f: impl FnOnce(&mut webtune::gpu::Recorder) -> webtune::Result<()>) {
+    let mut rec = g.recorder("test");
+    f(&mut rec).unwrap();
+    g.submit(rec);
+}
+
+pub fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    let err = webtune::check::compare(what, got, want, atol, rtol).unwrap_or_else(|m| panic!("{m}"));
+    eprintln!("{what}: max abs error {err:e}");
+}

@@ -1,0 +1,319 @@
+//! Every GPU kernel against its CPU reference (`webtune::reference`) on seeded random
+//! inputs, at odd shapes and with large magnitudes (±30).
+
+mod common;
+
+use common::*;
+use webtune::check::Rng;
+use webtune::gpu::Variant;
+use webtune::kernels::{self as k, AdamW, Attention, Lora, Matmul};
+use webtune::reference as cpu;
+
+fn matmul_case(g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, mag: f32) {
+    let mut rng = Rng::new(seed);
+    let (ea, eb, ec) = mm.extents();
+    let a = rng.vec(ea, mag);
+    let b = rng.vec(eb, mag);
+    let c0 = rng.vec(ec, 1.0);
+    let (ta, tb, tc) = (up(g, &a), up(g, &b), up(g, &c0));
+    run(g, |r| k::matmul(g, r, mm, &ta, &tb, &tc));
+    let mut want = c0.clone();
+    cpu::matmul(mm, &a, &b, &mut want);
+    let scale = mag * mag * (mm.k as f32).sqrt();
+    close(&format!("matmul {mm:?} on {:?}", g.caps.variant), &read(g, &tc), &want, 1e-5 * scale, 1e-4);
+}
+
+#[test]
+fn matmul_matches_reference_for_both_variants_and_all_transposes() {
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        let mut seed = 1;
+        for (m, n, kk) in [(1, 1, 1), (7, 13, 5), (33, 65, 17), (64, 64, 64), (100, 37, 129), (5, 70, 300)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut mm = Matmul::new(m, n, kk);
+                mm.trans_a = ta;
+                mm.trans_b = tb;
+                matmul_case(g, &mm, seed, 1.0);
+                seed += 1;
+            }
+        }
+        // Large magnitudes, accumulate with alpha, and a batch that broadcasts B.
+        matmul_case(g, &Matmul::linear(19, 23, 31).accumulate().alpha(0.5), 100, 30.0);
+        matmul_case(g, &Matmul::new(9, 11, 13).trans_a().batched(3, 9 * 13, 0, 9 * 11), 101, 1.0);
+        let mut mm = Matmul::new(4, 6, 8).batched(2, 40, 50, 30);
+        mm.a_off = 3;
+        mm.b_off = 5;
+        mm.c_off = 7;
+        matmul_case(g, &mm, 102, 2.0);
+    }
+}
+
+#[test]
+fn matmul_rejects_bad_shapes() {
+    let g = gpu();
+    let a = zeros(g, 6);
+    let b = zeros(g, 6);
+    let c = zeros(g, 3);
+    let mut rec = g.recorder("bad");
+    let err = k::matmul(g, &mut rec, &Matmul::new(2, 2, 3), &a, &b, &c).unwrap_err().to_string();
+    assert!(err.contains("`c`") && err.contains("needs 4"), "{err}");
+}
+
+fn attention_case(at: &Attention, seg: &[u32], seed: u64, mag: f32) {
+    let g = gpu();
+    let mut rng = Rng::new(seed);
+    let (q, kk, v) = (rng.vec(at.q_len(), mag), rng.vec(at.kv_len(), mag), rng.vec(at.kv_len(), mag));
+    let dout = rng.vec(at.q_len(), 1.0);
+    let (dq0, dk0, dv0) = (rng.vec(at.q_len(), 0.1), rng.vec(at.kv_len(), 0.1), rng.vec(at.kv_len(), 0.1));
+    let (tq, tk, tv, ts, tdo) = (up(g, &q), up(g, &kk), up(g, &v), up(g, seg), up(g, &dout));
+    let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
+    let (tdq, tdk, tdv) = (up(g, &dq0), up(g, &dk0), up(g, &dv0));
+    run(g, |r| {
+        k::attention_forward(g, r, at, &tq, &tk, &tv, &ts, &to, &tl)?;
+        k::attention_backward(g, r, at, &tq, &tk, &tv, &ts, &to, &tl, &tdo, &tdq, &tdk, &tdv)
+    });
+    let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
+    cpu::attention_forward(at, &q, &kk, &v, seg, &mut o, &mut lse);
+    let (mut dq, mut dk, mut dv) = (dq0, dk0, dv0);
+    cpu::attention_backward(at, &q, &kk, &v, seg, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
+    let tol = 1e-4 * mag.max(1.0);
+    close(&format!("attention o {at:?}"), &read(g, &to), &o, tol, 1e-4);
+    close("attention lse", &read(g, &tl), &lse, tol * mag.max(1.0), 1e-4);
+    // Scores of ±30² saturate the softmax; gradients then scale with mag².
+    let gtol = 1e-4 * mag.max(1.0).powi(3);
+    close("attention dq", &read(g, &tdq), &dq, gtol, 1e-3);
+    close("attention dk", &read(g, &tdk), &dk, gtol, 1e-3);
+    close("attention dv", &read(g, &tdv), &dv, gtol, 1e-3);
+}
+
+#[test]
+fn attention_matches_reference() {
+    let at = Attention::new(2, 13, 4, 2, 8);
+    attention_case(&at, &vec![0; 26], 1, 1.0);
+    // Two packed examples in the first sequence: no attention across the boundary.
+    let seg: Vec<u32> = (0..26).map(|i| if i < 5 { 0 } else if i < 13 { 1 } else { 0 }).collect();
+    attention_case(&at, &seg, 2, 1.0);
+    attention_case(&Attention::new(1, 37, 3, 1, 64), &vec![0; 37], 3, 1.0);
+    attention_case(&Attention::new(1, 9, 2, 2, 12), &vec![0; 9], 4, 30.0);
+    attention_case(&Attention::new(1, 5, 2, 1, 128), &vec![0; 5], 5, 0.5);
+}
+
+#[test]
+fn attention_rejects_bad_heads() {
+    let g = gpu();
+    let t = zeros(g, 64);
+    let mut rec = g.recorder("bad");
+    let at = Attention::new(1, 2, 3, 2, 8);
+    let err = k::attention_forward(g, &mut rec, &at, &t, &t, &t, &t, &t, &t).unwrap_err().to_string();
+    assert!(err.contains("must divide"), "{err}");
+}
+
+#[test]
+fn rmsnorm_matches_reference() {
+    let g = gpu();
+    for (rows, c, mag, seed) in [(7, 33, 1.0, 1), (64, 576, 30.0, 2), (3, 5, 0.01, 3)] {
+        let mut rng = Rng::new(seed);
+        let (x, w, dy) = (rng.vec(rows * c, mag), rng.vec(c, 2.0), rng.vec(rows * c, 1.0));
+        let (dx0, dw0) = (rng.vec(rows * c, 0.1), rng.vec(c, 0.1));
+        let (tx, tw, tdy, tdx, tdw) = (up(g, &x), up(g, &w), up(g, &dy), up(g, &dx0), up(g, &dw0));
+        let (ty, trs) = (zeros(g, rows * c), zeros(g, rows));
+        run(g, |r| {
+            k::rmsnorm_forward(g, r, rows, c, 1e-5, &tx, &tw, &ty, &trs)?;
+            k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trs, &tdy, &tdx, &tdw)
+        });
+        let (mut y, mut rs, mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; rows], dx0, dw0);
+        cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rs);
+        cpu::rmsnorm_backward(rows, c, &x, &w, &rs, &dy, &mut dx, &mut dw);
+        close("rmsnorm y", &read(g, &ty), &y, 1e-5, 1e-4);
+        close("rmsnorm rstd", &read(g, &trs), &rs, 0.0, 1e-4);
+        close("rmsnorm dx", &read(g, &tdx), &dx, 1e-4 / mag, 1e-3);
+        close("rmsnorm dw", &read(g, &tdw), &dw, 1e-4, 1e-3);
+    }
+}
+
+#[test]
+fn rope_matches_reference_and_backward_inverts_forward() {
+    let g = gpu();
+    let (n, h, hs) = (11, 3, 64);
+    let mut rng = Rng::new(7);
+    let x = rng.vec(n * h * hs, 30.0);
+    let pos: Vec<u32> = (0..n as u32).map(|i| (i * 37) % 2000).collect();
+    let inv = k::rope::inv_freq(hs, 10000.0);
+    let (tx, tp, ti) = (up(g, &x), up(g, &pos), up(g, &inv));
+    run(g, |r| k::rope_forward(g, r, n, h, hs, &tx, &tp, &ti));
+    let mut want = x.clone();
+    cpu::rope_forward(n, h, hs, &mut want, &pos, &inv);
+    close("rope forward", &read(g, &tx), &want, 1e-3, 1e-4);
+    run(g, |r| k::rope_backward(g, r, n, h, hs, &tx, &tp, &ti));
+    let mut back = want.clone();
+    cpu::rope_backward(n, h, hs, &mut back, &pos, &inv);
+    close("rope backward", &read(g, &tx), &back, 1e-3, 1e-4);
+    close("rope round trip", &read(g, &tx), &x, 1e-3, 1e-4);
+}
+
+#[test]
+fn swiglu_matches_reference_at_large_magnitudes() {
+    let g = gpu();
+    for (n, mag) in [(1000, 3.0), (517, 30.0), (64, 100.0)] {
+        let mut rng = Rng::new(n as u64);
+        let (gate, upv, dh) = (rng.vec(n, mag), rng.vec(n, 2.0), rng.vec(n, 1.0));
+        let (dg0, du0) = (rng.vec(n, 0.1), rng.vec(n, 0.1));
+        let (tg, tu, tdh, tdg, tdu, th) = (up(g, &gate), up(g, &upv), up(g, &dh), up(g, &dg0), up(g, &du0), zeros(g, n));
+        run(g, |r| {
+            k::swiglu_forward(g, r, n, &tg, &tu, &th)?;
+            k::swiglu_backward(g, r, n, &tg, &tu, &tdh, &tdg, &tdu)
+        });
+        let (mut h, mut dg, mut du) = (vec![0.0; n], dg0, du0);
+        cpu::swiglu_forward(n, &gate, &upv, &mut h);
+        cpu::swiglu_backward(n, &gate, &upv, &dh, &mut dg, &mut du);
+        close("swiglu h", &read(g, &th), &h, 1e-5, 1e-5);
+        close("swiglu dgate", &read(g, &tdg), &dg, 1e-5, 1e-4);
+        close("swiglu dup", &read(g, &tdu), &du, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn embedding_matches_reference_with_repeated_ids() {
+    let g = gpu();
+    let (n, c, v) = (41, 19, 23);
+    let mut rng = Rng::new(3);
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(7) as u32 * 3).collect();
+    let (w, dout, dw0) = (rng.vec(v * c, 30.0), rng.vec(n * c, 1.0), rng.vec(v * c, 0.1));
+    let (tids, tw, tdo, tdw, tout) = (up(g, &ids), up(g, &w), up(g, &dout), up(g, &dw0), zeros(g, n * c));
+    run(g, |r| {
+        k::embedding_forward(g, r, n, c, v, &tids, &tw, &tout)?;
+        k::embedding_backward(g, r, n, c, v, &ids, &tdo, &tdw)
+    });
+    let (mut out, mut dw) = (vec![0.0; n * c], dw0);
+    cpu::embedding_forward(n, c, v, &ids, &w, &mut out);
+    cpu::embedding_backward(n, c, v, &ids, &dout, &mut dw);
+    close("embedding out", &read(g, &tout), &out, 0.0, 0.0);
+    close("embedding dw", &read(g, &tdw), &dw, 1e-5, 1e-5);
+    let mut rec = g.recorder("bad");
+    let err = k::embedding_backward(g, &mut rec, 1, c, v, &[99], &tdo, &tdw).unwrap_err().to_string();
+    assert!(err.contains("token id 99"), "{err}");
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    let g = gpu();
+    let (rows, c) = (13, 37);
+    let n = rows * c;
+    let mut rng = Rng::new(11);
+    let (a, b, bias) = (rng.vec(n, 30.0), rng.vec(n, 30.0), rng.vec(c, 1.0));
+    let (ta, tb, tbias, tout, tdb) = (up(g, &a), up(g, &b), up(g, &bias), zeros(g, n), up(g, &bias));
+    run(g, |r| {
+        k::add(g, r, n, &ta, &tb, &tout)?;
+        k::axpy(g, r, n, -0.25, &ta, &tb)?;
+        k::scale(g, r, n, 3.0, &ta)?;
+        k::add_bias(g, r, rows, c, &tbias, &tout)?;
+        k::bias_backward(g, r, rows, c, &tb, &tdb)
+    });
+    let (mut out, mut bb, mut aa, mut db) = (vec![0.0; n], b.clone(), a.clone(), bias.clone());
+    cpu::add(n, &a, &b, &mut out);
+    cpu::axpy(n, -0.25, &a, &mut bb);
+    cpu::scale(n, 3.0, &mut aa);
+    cpu::add_bias(rows, c, &bias, &mut out);
+    cpu::bias_backward(rows, c, &bb, &mut db);
+    close("add + add_bias", &read(g, &tout), &out, 1e-5, 1e-6);
+    close("axpy", &read(g, &tb), &bb, 1e-5, 1e-6);
+    close("scale", &read(g, &ta), &aa, 1e-5, 1e-6);
+    close("bias_backward", &read(g, &tdb), &db, 1e-3, 1e-5);
+}
+
+fn cross_entropy_case(g: &webtune::gpu::Gpu, n: usize, v: usize, mag: f32, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let logits = rng.vec(n * v, mag);
+    let targets: Vec<i32> = (0..n).map(|i| if i % 4 == 1 { -100 } else { rng.below(v as u64) as i32 }).collect();
+    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let scale = 1.0 / count as f32;
+    let (tl, tt, tlosses, tlse, tloss) = (up(g, &logits), up(g, &targets), zeros(g, n), zeros(g, n), zeros(g, 1));
+    run(g, |r| k::cross_entropy_forward(g, r, n, v, scale, &tl, &tt, &tlosses, &tlse, &tloss));
+    let (mut losses, mut lse, mut loss) = (vec![0.0; n], vec![0.0; n], vec![0.0; 1]);
+    cpu::cross_entropy_forward(n, v, scale, &logits, &targets, &mut losses, &mut lse, &mut loss);
+    close("ce losses", &read(g, &tlosses), &losses, 1e-4 * mag, 1e-5);
+    close("ce lse", &read(g, &tlse), &lse, 1e-4 * mag, 1e-5);
+    close("ce loss", &read(g, &tloss), &loss, 1e-4 * mag, 1e-5);
+    run(g, |r| k::cross_entropy_backward(g, r, n, v, scale, &tl, &tt, &tlse));
+    let mut dl = logits.clone();
+    cpu::cross_entropy_backward(n, v, scale, &mut dl, &targets, &lse);
+    close("ce dlogits", &read(g, &tl), &dl, 1e-6, 1e-3);
+}
+
+#[test]
+fn cross_entropy_matches_reference() {
+    cross_entropy_case(gpu(), 13, 1001, 1.0, 1);
+    cross_entropy_case(gpu(), 7, 50, 30.0, 2);
+}
+
+#[test]
+fn cross_entropy_chunks_logits_larger_than_one_binding() {
+    // 300 rows × 257 logits × 4 bytes = 308 KB against a 64 KiB binding cap.
+    let g = small_bindings();
+    let chunks = k::cross_entropy::chunks(g, 300, 257).unwrap();
+    assert!(chunks.len() > 1, "{chunks:?}");
+    assert_eq!(chunks.iter().map(|c| c.1).sum::<usize>(), 300);
+    cross_entropy_case(g, 300, 257, 5.0, 3);
+}
+
+#[test]
+fn lora_matches_reference() {
+    let g = gpu();
+    for (n, din, dout, r, seed) in [(13, 20, 24, 4, 1), (64, 96, 64, 16, 2), (5, 7, 3, 1, 3)] {
+        let l = Lora { n, din, dout, r, s: 2.0 };
+        let mut rng = Rng::new(seed);
+        let (x, a, b, dy) = (rng.vec(n * din, 3.0), rng.vec(r * din, 0.5), rng.vec(dout * r, 0.5), rng.vec(n * dout, 1.0));
+        let (y0, da0, db0, dx0) = (rng.vec(n * dout, 1.0), rng.vec(r * din, 0.1), rng.vec(dout * r, 0.1), rng.vec(n * din, 0.1));
+        let (tx, ta, tb, tdy) = (up(g, &x), up(g, &a), up(g, &b), up(g, &dy));
+        let (ty, tda, tdb, tdx, th, tdh) = (up(g, &y0), up(g, &da0), up(g, &db0), up(g, &dx0), zeros(g, n * r), zeros(g, n * r));
+        run(g, |rec| {
+            k::lora_forward(g, rec, &l, &tx, &ta, &tb, &th, &ty)?;
+            k::lora_backward(g, rec, &l, &tx, &ta, &tb, &th, &tdy, &tdh, &tda, &tdb, &tdx)
+        });
+        let (mut y, mut h, mut dh, mut da, mut db, mut dx) = (y0, vec![0.0; n * r], vec![0.0; n * r], da0, db0, dx0);
+        cpu::lora_forward(&l, &x, &a, &b, &mut h, &mut y);
+        cpu::lora_backward(&l, &x, &a, &b, &h, &dy, &mut dh, &mut da, &mut db, &mut dx);
+        close("lora h", &read(g, &th), &h, 1e-4, 1e-4);
+        close("lora y", &read(g, &ty), &y, 1e-4, 1e-4);
+        close("lora dh", &read(g, &tdh), &dh, 1e-4, 1e-4);
+        close("lora dA", &read(g, &tda), &da, 1e-3, 1e-4);
+        close("lora dB", &read(g, &tdb), &db, 1e-3, 1e-4);
+        close("lora dx", &read(g, &tdx), &dx, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn grad_norm_and_adamw_match_reference_over_steps() {
+    let g = gpu();
+    let sizes = [1, 300, 70_001];
+    let mut rng = Rng::new(5);
+    let opt = AdamW { lr: 1e-2, weight_decay: 0.1, ..AdamW::default() };
+    let mut params: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let mut ms: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut vs = ms.clone();
+    let tp: Vec<_> = params.iter().map(|p| up(g, p)).collect();
+    let tm: Vec<_> = ms.iter().map(|m| up(g, m)).collect();
+    let tv: Vec<_> = vs.iter().map(|v| up(g, v)).collect();
+    let tnorm = zeros(g, 2);
+    for step in 1..=4u64 {
+        // Large gradients in early steps so clipping engages, small later so it does not.
+        let mag = if step <= 2 { 30.0 } else { 1e-4 };
+        let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, mag)).collect();
+        let tg: Vec<_> = grads.iter().map(|gr| up(g, gr)).collect();
+        run(g, |r| {
+            k::grad_norm(g, r, &tg.iter().collect::<Vec<_>>(), 1.0, &tnorm)?;
+            for i in 0..sizes.len() {
+                k::adamw_step(g, r, &opt, step, &tp[i], &tg[i], &tm[i], &tv[i], &tnorm)?;
+            }
+            Ok(())
+        });
+        let mut norm = [0.0f32; 2];
+        cpu::grad_norm(&grads.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), 1.0, &mut norm);
+        close(&format!("grad norm step {step}"), &read(g, &tnorm), &norm, 0.0, 1e-5);
+        for i in 0..sizes.len() {
+            cpu::adamw_step(&opt, step, &mut params[i], &grads[i], &mut ms[i], &mut vs[i], &norm);
+            close(&format!("adamw param {i} step {step}"), &read(g, &tp[i]), &params[i], 1e-6, 1e-5);
+            close(&format!("adamw m {i} step {step}"), &read(g, &tm[i]), &ms[i], 1e-7, 1e-4);
+        }
+    }
+}
