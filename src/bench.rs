@@ -58,15 +58,27 @@ fn random(gpu: &Gpu, label: &str, shape: &[usize], seed: u64) -> Result<Tensor> 
     gpu.upload(label, &data, shape)
 }
 
-/// Run every benchmark, calling `report` as each row is measured.
-pub async fn kernels(gpu: &Gpu, min_secs: f64, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> {
+/// Run the benchmarks whose names contain `only` (all when empty), calling `report`
+/// as each row is measured.
+pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMut(&Row)) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let t = 512;
-    let mut push = |row: Row, rows: &mut Vec<Row>| {
-        report(&row);
-        rows.push(row);
-    };
+    // Runs and reports one case when its name contains `only`.
+    macro_rules! case {
+        ($name:expr, $work:expr, $unit:expr, $record:expr) => {{
+            let name: String = $name;
+            if name.contains(only) {
+                let secs = time(gpu, min_secs, $record).await?;
+                let row = Row { name, secs, work: $work, unit: $unit };
+                report(&row);
+                rows.push(row);
+            }
+        }};
+    }
     for (din, dout) in [(576, 576), (576, 1536), (1536, 576), (576, 49152)] {
+        if !format!("matmul {t}×{din}→{dout}").contains(only) && !only.contains("matmul") {
+            continue;
+        }
         let x = random(gpu, "x", &[t, din], 1)?;
         let w = random(gpu, "w", &[dout, din], 2)?;
         let y = random(gpu, "y", &[t, dout], 3)?;
@@ -78,8 +90,7 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, mut report: impl FnMut(&Row)) -> 
             ("grad W  dW = dyᵀ·x", Matmul::new(dout, din, t).trans_a(), &y, &x, &dw),
         ];
         for (what, mm, a, b, c) in cases {
-            let secs = time(gpu, min_secs, |g, r| kernels::matmul(g, r, &mm, a, b, c)).await?;
-            push(Row { name: format!("matmul {t}×{din}→{dout} {what}"), secs, work: mm.flops(), unit: "GFLOP/s" }, &mut rows);
+            case!(format!("matmul {t}×{din}→{dout} {what}"), mm.flops(), "GFLOP/s", |g, r| kernels::matmul(g, r, &mm, a, b, c));
         }
     }
 
@@ -95,43 +106,43 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, mut report: impl FnMut(&Row)) -> 
     let dv = gpu.zeros("dv", DType::F32, &[t, 3, 64])?;
     // Causal: half of QKᵀ and of P·V; the backward has twice the forward's products.
     let fwd_flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * 64.0 * 9.0;
-    let secs = time(gpu, min_secs, |g, r| kernels::attention_forward(g, r, &at, &q, &k, &v, &seg, &o, &lse)).await?;
-    push(Row { name: "attention forward T=512 9×64 heads, 3 kv".into(), secs, work: fwd_flops, unit: "GFLOP/s" }, &mut rows);
-    let secs = time(gpu, min_secs, |g, r| {
+    case!(format!("attention forward T={t} 9×64 heads, 3 kv"), fwd_flops, "GFLOP/s", |g, r| {
+        kernels::attention_forward(g, r, &at, &q, &k, &v, &seg, &o, &lse)
+    });
+    case!(format!("attention backward T={t} 9×64 heads, 3 kv"), 2.0 * fwd_flops, "GFLOP/s", |g, r| {
         kernels::attention_backward(g, r, &at, &q, &k, &v, &seg, &o, &lse, &q, &dq, &dk, &dv)
-    })
-    .await?;
-    push(Row { name: "attention backward T=512 9×64 heads, 3 kv".into(), secs, work: 2.0 * fwd_flops, unit: "GFLOP/s" }, &mut rows);
+    });
 
     let c = 576;
     let x = random(gpu, "x", &[t, c], 7)?;
     let w = random(gpu, "w", &[c], 8)?;
     let y = gpu.zeros("y", DType::F32, &[t, c])?;
     let rstd = gpu.zeros("rstd", DType::F32, &[t])?;
-    let secs = time(gpu, min_secs, |g, r| kernels::rmsnorm_forward(g, r, t, c, 1e-5, &x, &w, &y, &rstd)).await?;
-    push(Row { name: format!("rmsnorm forward {t}×{c}"), secs, work: (2 * t * c * 4) as f64, unit: "GB/s" }, &mut rows);
+    case!(format!("rmsnorm forward {t}×{c}"), (2 * t * c * 4) as f64, "GB/s", |g, r| {
+        kernels::rmsnorm_forward(g, r, t, c, 1e-5, &x, &w, &y, &rstd)
+    });
 
     let n = t * 1536;
     let gate = random(gpu, "gate", &[n], 9)?;
     let up = random(gpu, "up", &[n], 10)?;
     let h = gpu.zeros("h", DType::F32, &[n])?;
-    let secs = time(gpu, min_secs, |g, r| kernels::swiglu_forward(g, r, n, &gate, &up, &h)).await?;
-    push(Row { name: format!("swiglu forward {t}×1536"), secs, work: (3 * n * 4) as f64, unit: "GB/s" }, &mut rows);
-    let secs = time(gpu, min_secs, |g, r| kernels::add(g, r, n, &gate, &up, &h)).await?;
-    push(Row { name: format!("add {t}×1536"), secs, work: (3 * n * 4) as f64, unit: "GB/s" }, &mut rows);
+    case!(format!("swiglu forward {t}×1536"), (3 * n * 4) as f64, "GB/s", |g, r| {
+        kernels::swiglu_forward(g, r, n, &gate, &up, &h)
+    });
+    case!(format!("add {t}×1536"), (3 * n * 4) as f64, "GB/s", |g, r| kernels::add(g, r, n, &gate, &up, &h));
 
     let vocab = 49152;
-    let logits = random(gpu, "logits", &[t, vocab], 11)?;
-    let targets: Vec<i32> = (0..t as i32).map(|i| i * 97 % vocab as i32).collect();
-    let targets = gpu.upload("targets", &targets, &[t])?;
-    let losses = gpu.zeros("losses", DType::F32, &[t])?;
-    let lse = gpu.zeros("lse", DType::F32, &[t])?;
-    let loss = gpu.zeros("loss", DType::F32, &[1])?;
-    let secs = time(gpu, min_secs, |g, r| {
-        kernels::cross_entropy_forward(g, r, t, vocab, 1.0 / t as f32, &logits, &targets, &losses, &lse, &loss)
-    })
-    .await?;
-    push(Row { name: format!("cross-entropy forward {t}×{vocab}"), secs, work: (t * vocab * 4) as f64, unit: "GB/s" }, &mut rows);
+    if "cross-entropy".contains(only) || only.contains("cross") {
+        let logits = random(gpu, "logits", &[t, vocab], 11)?;
+        let targets: Vec<i32> = (0..t as i32).map(|i| i * 97 % vocab as i32).collect();
+        let targets = gpu.upload("targets", &targets, &[t])?;
+        let losses = gpu.zeros("losses", DType::F32, &[t])?;
+        let lse = gpu.zeros("lse", DType::F32, &[t])?;
+        let loss = gpu.zeros("loss", DType::F32, &[1])?;
+        case!(format!("cross-entropy forward {t}×{vocab}"), (t * vocab * 4) as f64, "GB/s", |g, r| {
+            kernels::cross_entropy_forward(g, r, t, vocab, 1.0 / t as f32, &logits, &targets, &losses, &lse, &loss)
+        });
+    }
 
     // LoRA r=16 on all seven projections of SmolLM2-135M's 30 layers: about 4.9M parameters.
     let n = 4_884_480;
@@ -141,11 +152,10 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, mut report: impl FnMut(&Row)) -> 
     let v2 = gpu.zeros("v", DType::F32, &[n])?;
     let norm = gpu.zeros("norm", DType::F32, &[2])?;
     let opt = kernels::AdamW::default();
-    let secs = time(gpu, min_secs, |g, r| {
+    // Reads grad twice (norm, step), param, m, v; writes param, m, v.
+    case!(format!("grad norm + AdamW step, {n} params"), (8 * n * 4) as f64, "GB/s", |g, r| {
         kernels::grad_norm(g, r, &[&grad], 1.0, &norm)?;
         kernels::adamw_step(g, r, &opt, 1, &param, &grad, &m, &v2, &norm)
-    })
-    .await?;
-    push(Row { name: format!("grad norm + AdamW step, {n} params"), secs, work: (8 * n * 4) as f64, unit: "GB/s" }, &mut rows);
+    });
     Ok(rows)
 }

@@ -28,6 +28,9 @@ enum BenchWhat {
         /// Minimum seconds to time each kernel.
         #[arg(long, default_value_t = 1.0)]
         min_secs: f64,
+        /// Only the cases whose name contains this text (e.g. `matmul`, `attention`).
+        #[arg(long, default_value = "")]
+        only: String,
     },
 }
 
@@ -46,11 +49,11 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("{}", gpu.describe());
             println!("{:#?}", gpu.caps.limits);
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs } } => {
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only } } => {
             let gpu = Gpu::new().await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
-            webtune::bench::kernels(&gpu, min_secs, |r| {
+            webtune::bench::kernels(&gpu, min_secs, &only, |r| {
                 println!("{:<52} {:>10.2} {:>8.2} {}", r.name, r.secs * 1e3, r.rate(), r.unit);
             })
             .await?;
