@@ -1,9 +1,10 @@
 // Causal self-attention with grouped-query heads, flash-attention style.
 // Shapes (HS a multiple of 4, at most 128; NH a multiple of NKV):
 //   q, o, dq, do   [B, T, NH, HS]    (the layout a q_proj output already has)
-//   k, v, dk, dv   [B, T, NKV, HS]
-//   seg            [B, T] u32: a key s is visible to query t when s <= t and
-//                  seg[s] == seg[t] (packed examples never see each other)
+//   k, v, dk, dv   [B, TK, NKV, HS]  (TK = T in training; in decoding the KV cache,
+//                  whose last T positions are the queries' own: query t sits at t + TK − T)
+//   seg            [B, TK] u32: a key s is visible to query t when s <= t + TK − T and
+//                  seg[s] == seg[t + TK − T] (packed examples never see each other)
 //   lse            [B, NH, T]: log-sum-exp of the scaled scores, saved for backward
 //   stats          [2, B, NH, T]: lse, then dsum = do·o per row (built by the
 //                  backward launcher; keeps the backward within 8 storage bindings)
@@ -12,7 +13,7 @@
 
 struct Params {
     b: u32, t: u32, nh: u32, nkv: u32,
-    hs: u32, scale: f32, _p0: u32, _p1: u32,
+    hs: u32, scale: f32, tk: u32, _p0: u32,
 }
 
 const MAX_HS4: u32 = 32u;
@@ -28,7 +29,7 @@ const MAX_HS4: u32 = 32u;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 
 fn q_base(bi: u32, t: u32, h: u32) -> u32 { return ((bi * p.t + t) * p.nh + h) * (p.hs / 4u); }
-fn kv_base(bi: u32, s: u32, g: u32) -> u32 { return ((bi * p.t + s) * p.nkv + g) * (p.hs / 4u); }
+fn kv_base(bi: u32, s: u32, g: u32) -> u32 { return ((bi * p.tk + s) * p.nkv + g) * (p.hs / 4u); }
 
 // One invocation per query row. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
@@ -41,11 +42,12 @@ fn attention_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     var qr: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
     for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; }
-    let st = seg[bi * p.t + t];
+    let tpos = t + p.tk - p.t;
+    let st = seg[bi * p.tk + tpos];
     var mx = -3.0e38;
     var l = 0.0;
-    for (var s = 0u; s <= t; s++) {
-        if (seg[bi * p.t + s] != st) { continue; }
+    for (var s = 0u; s <= tpos; s++) {
+        if (seg[bi * p.tk + s] != st) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
         for (var i = 0u; i < hs4; i++) { score += dot(qr[i], k[kb + i]); }

@@ -1,6 +1,8 @@
 // Token embedding gather and its scatter-add backward.
 //   ids     [N] u32      token ids (N = B·T)
-//   w, dw   [V, C]
+//   w       [VP, C]      one row-part of the table: token ids v0 .. v0 + VP (a table
+//                        larger than one binding is split by rows)
+//   dw      [V, C]
 //   out, dout [N, C]
 // The backward needs no atomics: the launcher groups positions by token on the host
 // (order: positions sorted by id; starts[u]..starts[u+1] are the positions of the u-th
@@ -8,6 +10,7 @@
 
 struct Params {
     n: u32, c: u32, v: u32, n_uniq: u32,
+    v0: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,15 +23,14 @@ struct Params {
 @group(0) @binding(7) var<storage, read> dout: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dw: array<f32>;
 
-// out[t, c] = w[ids[t], c]; an id past the vocabulary gives zeros. Grid: (ceil(C/64), N, 1).
+// out[t, c] = w[ids[t] − v0, c] for the ids this part holds; other rows are left as
+// they are (the launcher zeroes out first). Grid: (ceil(C/64), N, 1).
 @compute @workgroup_size(64, 1, 1)
 fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x; let t = gid.y;
     if (c >= p.c || t >= p.n) { return; }
     let id = ids[t];
-    var val = 0.0;
-    if (id < p.v) { val = w[id * p.c + c]; }
-    out[t * p.c + c] = val;
+    if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = w[(id - p.v0) * p.c + c]; }
 }
 
 // dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1).

@@ -3,14 +3,16 @@
 // op(A) is [M, K]: A is stored [M, K], or [K, M] when TRANS_A.
 // op(B) is [K, N]: B is stored [K, N], or [N, K] when TRANS_B.
 // C is [M, N]. Batch b starts at `*_off + b * *_stride` (a stride of 0 broadcasts).
+// lda, ldb, ldc are the row strides of A, B, C as stored (a column block of a wider
+// matrix has ld > its width: the parts of a weight split by rows, a logits chunk).
 // Linear layer y = x·Wᵀ: A = x [BT, in], B = W [out, in], TRANS_B.
 //   dx += dy·W: A = dy [BT, out], B = W [out, in].  dW += dyᵀ·x: A = dy, TRANS_A, B = x.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
-    a_off: u32, b_off: u32, c_off: u32, _p0: u32,
-    a_stride: u32, b_stride: u32, c_stride: u32, _p1: u32,
-    alpha: f32, beta: f32, _p2: u32, _p3: u32,
+    a_off: u32, b_off: u32, c_off: u32, lda: u32,
+    a_stride: u32, b_stride: u32, c_stride: u32, ldb: u32,
+    alpha: f32, beta: f32, ldc: u32, _p0: u32,
 }
 
 override TRANS_A: bool = false;
@@ -22,13 +24,13 @@ override TRANS_B: bool = false;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
 
 fn a_at(base: u32, m: u32, k: u32) -> f32 {
-    if (TRANS_A) { return a[base + k * p.m + m]; }
-    return a[base + m * p.k + k];
+    if (TRANS_A) { return a[base + k * p.lda + m]; }
+    return a[base + m * p.lda + k];
 }
 
 fn b_at(base: u32, k: u32, n: u32) -> f32 {
-    if (TRANS_B) { return b[base + n * p.k + k]; }
-    return b[base + k * p.n + n];
+    if (TRANS_B) { return b[base + n * p.ldb + k]; }
+    return b[base + k * p.ldb + n];
 }
 
 // Write a 4×4 block at (m0, n0); rows and columns past the edge are dropped.
@@ -39,7 +41,7 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>) {
         for (var j = 0u; j < 4u; j++) {
             let n = n0 + j;
             if (n < p.n) {
-                let idx = base + m * p.n + n;
+                let idx = base + m * p.ldc + n;
                 var v = p.alpha * acc[i][j];
                 if (p.beta != 0.0) { v += p.beta * c[idx]; }
                 c[idx] = v;

@@ -9,17 +9,18 @@ fn sigmoid(g: f64) -> f64 {
 }
 
 pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let (lda, ldb, ldc) = mm.strides();
     for bi in 0..mm.batch {
         let (ab, bb, cb) = (mm.a_off + bi * mm.a_stride, mm.b_off + bi * mm.b_stride, mm.c_off + bi * mm.c_stride);
         for i in 0..mm.m {
             for j in 0..mm.n {
                 let mut acc = 0.0f64;
                 for k in 0..mm.k {
-                    let av = if mm.trans_a { a[ab + k * mm.m + i] } else { a[ab + i * mm.k + k] };
-                    let bv = if mm.trans_b { b[bb + j * mm.k + k] } else { b[bb + k * mm.n + j] };
+                    let av = if mm.trans_a { a[ab + k * lda + i] } else { a[ab + i * lda + k] };
+                    let bv = if mm.trans_b { b[bb + j * ldb + k] } else { b[bb + k * ldb + j] };
                     acc += av as f64 * bv as f64;
                 }
-                let idx = cb + i * mm.n + j;
+                let idx = cb + i * ldc + j;
                 let mut out = mm.alpha as f64 * acc;
                 if mm.beta != 0.0 {
                     out += mm.beta as f64 * c[idx] as f64;
@@ -30,8 +31,10 @@ pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
+/// Keys visible to query t: causal (query t sits at t + TK − T) and in its segment.
 fn visible(at: &Attention, seg: &[u32], bi: usize, t: usize) -> Vec<usize> {
-    (0..=t).filter(|&s| seg[bi * at.t + s] == seg[bi * at.t + t]).collect()
+    let tpos = t + at.tk - at.t;
+    (0..=tpos).filter(|&s| seg[bi * at.tk + s] == seg[bi * at.tk + tpos]).collect()
 }
 
 fn head(x: &[f32], row: usize, hs: usize) -> &[f32] {
@@ -48,7 +51,7 @@ fn scores(at: &Attention, q: &[f32], k: &[f32], seg: &[u32], bi: usize, t: usize
     let keys = visible(at, seg, bi, t);
     let qh = head(q, (bi * at.t + t) * at.nh + h, at.hs);
     let sc: Vec<f64> =
-        keys.iter().map(|&s| at.scale as f64 * dot(qh, head(k, (bi * at.t + s) * at.nkv + g, at.hs))).collect();
+        keys.iter().map(|&s| at.scale as f64 * dot(qh, head(k, (bi * at.tk + s) * at.nkv + g, at.hs))).collect();
     let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lse = mx + sc.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
     (keys, sc, lse)
@@ -73,7 +76,7 @@ pub fn attention_forward(
                 for d in 0..at.hs {
                     let mut acc = 0.0f64;
                     for (&s, &x) in keys.iter().zip(&sc) {
-                        acc += (x - l).exp() * v[((bi * at.t + s) * at.nkv + g) * at.hs + d] as f64;
+                        acc += (x - l).exp() * v[((bi * at.tk + s) * at.nkv + g) * at.hs + d] as f64;
                     }
                     o[orow * at.hs + d] = acc as f32;
                 }

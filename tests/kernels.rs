@@ -45,6 +45,13 @@ fn matmul_matches_reference_for_both_variants_and_all_transposes() {
         mm.b_off = 5;
         mm.c_off = 7;
         matmul_case(g, &mm, 102, 2.0);
+        // Column blocks of wider matrices (row strides): a weight part, a logits chunk.
+        let mut mm = Matmul::linear(6, 10, 7);
+        (mm.lda, mm.ldb, mm.ldc, mm.c_off) = (12, 11, 20, 9);
+        matmul_case(g, &mm, 103, 1.0);
+        let mut mm = Matmul::new(5, 9, 7).trans_a();
+        (mm.lda, mm.ldb, mm.ldc) = (8, 13, 9);
+        matmul_case(g, &mm, 104, 1.0);
     }
 }
 
@@ -96,6 +103,23 @@ fn attention_matches_reference() {
     attention_case(&Attention::new(1, 37, 3, 1, 64), &vec![0; 37], 3, 1.0);
     attention_case(&Attention::new(1, 9, 2, 2, 12), &vec![0; 9], 4, 30.0);
     attention_case(&Attention::new(1, 5, 2, 1, 128), &vec![0; 5], 5, 0.5);
+}
+
+#[test]
+fn cached_attention_matches_reference() {
+    // Decoding: 3 new queries against 11 cached positions, one of 2 batches.
+    let g = gpu();
+    let at = Attention::new(2, 3, 4, 2, 8).cached(11);
+    let mut rng = Rng::new(9);
+    let (q, kk, v) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0));
+    let seg = vec![0u32; at.b * at.tk];
+    let (tq, tk, tv, ts) = (up(g, &q), up(g, &kk), up(g, &v), up(g, &seg));
+    let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
+    run(g, |r| k::attention_forward(g, r, &at, &tq, &tk, &tv, &ts, &to, &tl));
+    let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
+    cpu::attention_forward(&at, &q, &kk, &v, &seg, &mut o, &mut lse);
+    close("cached attention o", &read(g, &to), &o, 1e-5, 1e-4);
+    close("cached attention lse", &read(g, &tl), &lse, 1e-5, 1e-4);
 }
 
 #[test]
@@ -181,13 +205,17 @@ fn embedding_matches_reference_with_repeated_ids() {
     let (w, dout, dw0) = (rng.vec(v * c, 30.0), rng.vec(n * c, 1.0), rng.vec(v * c, 0.1));
     let (tids, tw, tdo, tdw, tout) = (up(g, &ids), up(g, &w), up(g, &dout), up(g, &dw0), zeros(g, n * c));
     run(g, |r| {
-        k::embedding_forward(g, r, n, c, v, &tids, &tw, &tout)?;
+        k::embedding_forward(g, r, n, c, v, &tids, &[&tw], &tout)?;
         k::embedding_backward(g, r, n, c, v, &ids, &tdo, &tdw)
     });
     let (mut out, mut dw) = (vec![0.0; n * c], dw0);
     cpu::embedding_forward(n, c, v, &ids, &w, &mut out);
     cpu::embedding_backward(n, c, v, &ids, &dout, &mut dw);
     close("embedding out", &read(g, &tout), &out, 0.0, 0.0);
+    // The same table split into row-parts of 10 + 13 rows.
+    let (p1, p2) = (up(g, &w[..10 * c]), up(g, &w[10 * c..]));
+    run(g, |r| k::embedding_forward(g, r, n, c, v, &tids, &[&p1, &p2], &tout));
+    close("embedding out from parts", &read(g, &tout), &out, 0.0, 0.0);
     close("embedding dw", &read(g, &tdw), &dw, 1e-5, 1e-5);
     let mut rec = g.recorder("bad");
     let err = k::embedding_backward(g, &mut rec, 1, c, v, &[99], &tdo, &tdw).unwrap_err().to_string();

@@ -76,4 +76,12 @@ impl Tensor {
         }
         Ok(())
     }
+
+    /// Like [`Tensor::expect`], but the tensor may hold more (a cache filled up to `numel`).
+    pub fn expect_min(&self, op: &str, arg: &str, dtype: DType, numel: usize) -> Result<()> {
+        if self.numel() > numel && self.dtype == dtype {
+            return Ok(());
+        }
+        self.expect(op, arg, dtype, numel)
+    }
 }

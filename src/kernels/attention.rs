@@ -4,12 +4,14 @@ use super::{check, check_binding, groups, ATTENTION};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
 
-/// Causal grouped-query attention over `[B, T, NH, HS]` queries and `[B, T, NKV, HS]`
-/// keys and values, scores scaled by `scale` (usually 1/√HS).
+/// Causal grouped-query attention over `[B, T, NH, HS]` queries and `[B, TK, NKV, HS]`
+/// keys and values, scores scaled by `scale` (usually 1/√HS). In training TK = T; in
+/// cached decoding the queries are the last T of TK positions.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Attention {
     pub b: usize,
     pub t: usize,
+    pub tk: usize,
     pub nh: usize,
     pub nkv: usize,
     pub hs: usize,
@@ -18,11 +20,18 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(b: usize, t: usize, nh: usize, nkv: usize, hs: usize) -> Attention {
-        Attention { b, t, nh, nkv, hs, scale: 1.0 / (hs as f32).sqrt() }
+        Attention { b, t, tk: t, nh, nkv, hs, scale: 1.0 / (hs as f32).sqrt() }
+    }
+
+    /// The last `t` of `tk` positions attend to all earlier ones (KV-cached decoding).
+    pub fn cached(mut self, tk: usize) -> Attention {
+        self.tk = tk;
+        self
     }
 
     fn check(&self, op: &str) -> Result<()> {
         check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape {self:?}"))?;
+        check(self.tk >= self.t, op, || format!("{} queries but only {} keys", self.t, self.tk))?;
         check(self.nh % self.nkv == 0, op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
         check(self.hs % 4 == 0 && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
     }
@@ -32,7 +41,7 @@ impl Attention {
     }
 
     pub fn kv_len(&self) -> usize {
-        self.b * self.t * self.nkv * self.hs
+        self.b * self.tk * self.nkv * self.hs
     }
 
     /// Rows of the softmax statistics: `[B, NH, T]`.
@@ -48,8 +57,8 @@ impl Attention {
             nkv: self.nkv as u32,
             hs: self.hs as u32,
             scale: self.scale,
+            tk: self.tk as u32,
             _p0: 0,
-            _p1: 0,
         }
     }
 
@@ -67,8 +76,8 @@ struct Params {
     nkv: u32,
     hs: u32,
     scale: f32,
+    tk: u32,
     _p0: u32,
-    _p1: u32,
 }
 
 /// `o = softmax(scale · q·kᵀ + causal/segment mask) · v`, saving `lse` `[B, NH, T]`.
@@ -88,9 +97,11 @@ pub fn attention_forward(
     let op = "attention_forward";
     at.check(op)?;
     q.expect(op, "q", DType::F32, at.q_len())?;
-    k.expect(op, "k", DType::F32, at.kv_len())?;
-    v.expect(op, "v", DType::F32, at.kv_len())?;
-    seg.expect(op, "seg", DType::U32, at.b * at.t)?;
+    // With one sequence, k, v and seg may be a longer KV cache filled to TK.
+    let kv_expect = if at.b == 1 { Tensor::expect_min } else { Tensor::expect };
+    kv_expect(k, op, "k", DType::F32, at.kv_len())?;
+    kv_expect(v, op, "v", DType::F32, at.kv_len())?;
+    kv_expect(seg, op, "seg", DType::U32, at.b * at.tk)?;
     o.expect(op, "o", DType::F32, at.q_len())?;
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o])?;
@@ -125,6 +136,7 @@ pub fn attention_backward(
 ) -> Result<()> {
     let op = "attention_backward";
     at.check(op)?;
+    check(at.tk == at.t, op, || "the backward is for training, where keys = queries".into())?;
     for (t, name) in [(q, "q"), (o, "o"), (dout, "dout"), (dq, "dq")] {
         t.expect(op, name, DType::F32, at.q_len())?;
     }

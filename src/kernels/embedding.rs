@@ -11,9 +11,13 @@ struct Params {
     c: u32,
     v: u32,
     n_uniq: u32,
+    v0: u32,
+    _p: [u32; 3],
 }
 
-/// `out[t] = w[ids[t]]`; ids `[n]` u32, w `[v, c]`, out `[n, c]`.
+/// `out[t] = w[ids[t]]`; ids `[n]` u32, out `[n, c]`, and the table `[v, c]` given as
+/// row-parts (one part unless it exceeds a binding), each `[rows, c]`. Ids outside
+/// the table give zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_forward(
     gpu: &Gpu,
@@ -22,18 +26,27 @@ pub fn embedding_forward(
     c: usize,
     v: usize,
     ids: &Tensor,
-    w: &Tensor,
+    parts: &[&Tensor],
     out: &Tensor,
 ) -> Result<()> {
     let op = "embedding_forward";
     check(n > 0 && c > 0 && v > 0, op, || format!("empty shape n {n} c {c} v {v}"))?;
     ids.expect(op, "ids", DType::U32, n)?;
-    w.expect(op, "w", DType::F32, v * c)?;
     out.expect(op, "out", DType::F32, n * c)?;
-    check_binding(gpu, op, &[w, out])?;
-    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: 0 };
+    let rows: usize = parts.iter().map(|w| w.numel() / c).sum();
+    check(rows == v && parts.iter().all(|w| w.numel() % c == 0), op, || format!("table parts hold {rows} rows of {c}, expected {v}"))?;
+    check_binding(gpu, op, &[out])?;
+    check_binding(gpu, op, parts)?;
+    rec.encoder.clear_buffer(&out.buffer, 0, None);
     let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
-    gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, w.into()), (3, out.into())], [groups(c, 64), n as u32, 1])
+    let mut v0 = 0;
+    for w in parts {
+        let rows = w.numel() / c;
+        let p = Params { n: n as u32, c: c as u32, v: rows as u32, n_uniq: 0, v0: v0 as u32, _p: [0; 3] };
+        gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, (*w).into()), (3, out.into())], [groups(c, 64), n as u32, 1])?;
+        v0 += rows;
+    }
+    Ok(())
 }
 
 /// Adds `dout` `[n, c]` into the rows `ids` of `dw` `[v, c]`. The ids are the host's
@@ -75,7 +88,7 @@ pub fn embedding_backward(
     let order_t = gpu.upload("embedding order", &order, &[n])?;
     let starts_t = gpu.upload("embedding starts", &starts, &[starts.len()])?;
     let uniq_t = gpu.upload("embedding uniq", &uniq, &[uniq.len()])?;
-    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: uniq.len() as u32 };
+    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: uniq.len() as u32, v0: 0, _p: [0; 3] };
     let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
     gpu.dispatch(
         rec,

@@ -10,7 +10,8 @@ use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 /// - op(B) `[K, N]`: B stored `[K, N]`, or `[N, K]` when `trans_b`
 /// - C `[M, N]`
 ///
-/// Offsets and batch strides are in elements; a stride of 0 broadcasts.
+/// Offsets, batch strides and row strides (`lda`, `ldb`, `ldc`; 0 = packed) are in
+/// elements; a batch stride of 0 broadcasts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Matmul {
     pub m: usize,
@@ -27,6 +28,9 @@ pub struct Matmul {
     pub a_stride: usize,
     pub b_stride: usize,
     pub c_stride: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
 }
 
 impl Matmul {
@@ -47,7 +51,18 @@ impl Matmul {
             a_stride: 0,
             b_stride: 0,
             c_stride: 0,
+            lda: 0,
+            ldb: 0,
+            ldc: 0,
         }
+    }
+
+    /// Row strides as stored, with 0 meaning packed.
+    pub fn strides(&self) -> (usize, usize, usize) {
+        let lda = if self.lda > 0 { self.lda } else if self.trans_a { self.m } else { self.k };
+        let ldb = if self.ldb > 0 { self.ldb } else if self.trans_b { self.k } else { self.n };
+        let ldc = if self.ldc > 0 { self.ldc } else { self.n };
+        (lda, ldb, ldc)
     }
 
     /// `y = x·Wᵀ` for x `[rows, din]` and W `[dout, din]` (a linear layer).
@@ -88,10 +103,13 @@ impl Matmul {
     /// Elements each operand must hold.
     pub fn extents(&self) -> (usize, usize, usize) {
         let last = self.batch.saturating_sub(1);
+        let (lda, ldb, ldc) = self.strides();
+        let (ra, ca) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
+        let (rb, cb) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
         (
-            self.a_off + last * self.a_stride + self.m * self.k,
-            self.b_off + last * self.b_stride + self.k * self.n,
-            self.c_off + last * self.c_stride + self.m * self.n,
+            self.a_off + last * self.a_stride + (ra - 1) * lda + ca,
+            self.b_off + last * self.b_stride + (rb - 1) * ldb + cb,
+            self.c_off + last * self.c_stride + (self.m - 1) * ldc + self.n,
         )
     }
 
@@ -110,15 +128,15 @@ struct Params {
     a_off: u32,
     b_off: u32,
     c_off: u32,
-    _p0: u32,
+    lda: u32,
     a_stride: u32,
     b_stride: u32,
     c_stride: u32,
-    _p1: u32,
+    ldb: u32,
     alpha: f32,
     beta: f32,
-    _p2: u32,
-    _p3: u32,
+    ldc: u32,
+    _p0: u32,
 }
 
 /// Record `C = alpha·op(A)·op(B) + beta·C`; the variant (register-blocked or tiled)
@@ -126,6 +144,9 @@ struct Params {
 pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
     let op = "matmul";
     check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm:?}"))?;
+    let (lda, ldb, ldc) = mm.strides();
+    let (ca, cb) = (if mm.trans_a { mm.m } else { mm.k }, if mm.trans_b { mm.k } else { mm.n });
+    check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm:?}"))?;
     let (ea, eb, ec) = mm.extents();
     for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
         check(t.dtype == DType::F32 && t.numel() >= need, op, || {
@@ -144,15 +165,15 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
         a_off: mm.a_off as u32,
         b_off: mm.b_off as u32,
         c_off: mm.c_off as u32,
-        _p0: 0,
+        lda: lda as u32,
         a_stride: mm.a_stride as u32,
         b_stride: mm.b_stride as u32,
         c_stride: mm.c_stride as u32,
-        _p1: 0,
+        ldb: ldb as u32,
         alpha: mm.alpha,
         beta: mm.beta,
-        _p2: 0,
-        _p3: 0,
+        ldc: ldc as u32,
+        _p0: 0,
     };
     let constants = [("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
     let (entry, tile) = match gpu.caps.variant {
