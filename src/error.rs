@@ -15,6 +15,12 @@ pub enum Error {
     TooLarge(String),
     #[error("cannot launch kernel: {0}")]
     Launch(String),
+    #[error("bad model config: {0}")]
+    Config(String),
+    #[error("bad weights: {0}")]
+    Weights(String),
+    #[error("{0}")]
+    Io(String),
     #[error("GPU readback failed: {0}")]
     Map(String),
 }

@@ -11,6 +11,8 @@ pub mod check;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
+pub mod peft;
 pub mod reference;
 
 pub use error::{Error, Result};

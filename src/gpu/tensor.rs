@@ -24,7 +24,8 @@ impl DType {
     }
 }
 
-/// Row-major tensor on the GPU; every element is 4 bytes.
+/// Row-major tensor on the GPU; every element is 4 bytes. `clone` shares the buffer.
+#[derive(Clone)]
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
     pub shape: Vec<usize>,
