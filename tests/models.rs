@@ -137,3 +137,69 @@ fn qwen3_matches_pytorch() {
     parity("qwen3", gpu());
 }
 
+
+/// Storage bindings capped at 16 KiB: the embedding, lm_head and MLP weights are split
+/// into row-parts and the logits computed in chunks, with the same results.
+#[test]
+fn split_weights_match_pytorch() {
+    use std::sync::OnceLock;
+    static G: OnceLock<Gpu> = OnceLock::new();
+    let g = G.get_or_init(|| {
+        futures::executor::block_on(Gpu::new_with(webtune::gpu::GpuOptions { max_binding: Some(16 << 10), ..Default::default() }))
+            .unwrap()
+    });
+    let f = fixture("llama");
+    let m = model(g, &f, true);
+    assert!(m.embed.parts.len() > 1 && m.lm_head.as_ref().unwrap().parts.len() > 1);
+    assert!(m.layers[0].linears[4].w.parts.len() > 1, "gate_proj is split");
+    parity("llama", g);
+    parity("qwen2", g);
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let g = gpu();
+    let f = fixture("qwen3");
+    let (inp, targets, _) = batch(g, &f);
+    let mut results = Vec::new();
+    for ckpt in [false, true] {
+        let mut m = model(g, &f, true);
+        m.grad_checkpoint = ckpt;
+        let loss = read(g, &m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap());
+        let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, &p.grad)).collect();
+        results.push((loss, grads));
+    }
+    assert_eq!(results[0].0, results[1].0);
+    for (a, b) in results[0].1.iter().zip(&results[1].1) {
+        close("checkpointed grad", b, a, 0.0, 0.0);
+    }
+}
+
+#[test]
+fn unsupported_configs_are_named() {
+    let err = Config::parse(r#"{"architectures": ["GPT2LMHeadModel"]}"#, "x/config.json", None).unwrap_err().to_string();
+    assert!(err.contains("x/config.json") && err.contains("GPT2LMHeadModel"), "{err}");
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["rope_scaling"]["rope_type"] = "yarn".into();
+    let err = Config::parse(&v.to_string(), "config.json", None).unwrap_err().to_string();
+    assert!(err.contains("rope_scaling.rope_type") && err.contains("yarn"), "{err}");
+    v.as_object_mut().unwrap().remove("hidden_size");
+    let err = Config::parse(&v.to_string(), "config.json", None).unwrap_err().to_string();
+    assert!(err.contains("`hidden_size` is missing"), "{err}");
+    let f = fixture("llama");
+    let mut w = f.weights.clone();
+    w.remove("model.layers.1.mlp.up_proj.weight");
+    let err = Model::load(gpu(), f.cfg.clone(), &w, None, 0).err().unwrap().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn rope_frequencies_match_transformers() {
+    // Llama's fixture has llama3 rope scaling; the Qwen ones the default.
+    for name in ["llama", "qwen2", "qwen3"] {
+        let f = fixture(name);
+        let want: Vec<f32> = f.json["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        close(&format!("{name} inv_freq"), &f.cfg.inv_freq(), &want, 0.0, 1e-6);
+    }
+}

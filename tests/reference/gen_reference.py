@@ -19,7 +19,8 @@ import shutil
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -144,7 +145,16 @@ def main():
         lora_tokens = model.generate(
             input_ids=prompt, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0
         )
+        saved_cfg = AutoConfig.from_pretrained(os.path.join(root, "model"))
+        rope_type = (getattr(saved_cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type == "default":
+            hd = getattr(saved_cfg, "head_dim", None) or saved_cfg.hidden_size // saved_cfg.num_attention_heads
+            inv_freq = 1.0 / (saved_cfg.rope_parameters["rope_theta"] ** (
+                torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        else:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](saved_cfg, "cpu")
         expected = {
+            "inv_freq": inv_freq.tolist(),
             "input_ids": ids.tolist(),
             "attention_mask": mask.tolist(),
             "labels": labels.tolist(),
