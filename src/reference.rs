@@ -226,10 +226,10 @@ pub fn embedding_forward(n: usize, c: usize, v: usize, ids: &[u32], w: &[f32], o
     }
 }
 
-pub fn embedding_backward(n: usize, c: usize, _v: usize, ids: &[u32], dout: &[f32], dw: &mut [f32]) {
+pub fn embedding_backward(n: usize, c: usize, v0: usize, v: usize, ids: &[u32], dout: &[f32], dw: &mut [f32]) {
     let mut acc = std::collections::BTreeMap::<usize, Vec<f64>>::new();
-    for t in 0..n {
-        let row = acc.entry(ids[t] as usize).or_insert_with(|| vec![0.0; c]);
+    for t in (0..n).filter(|&t| (v0..v0 + v).contains(&(ids[t] as usize))) {
+        let row = acc.entry(ids[t] as usize - v0).or_insert_with(|| vec![0.0; c]);
         for i in 0..c {
             row[i] += dout[t * c + i] as f64;
         }
@@ -268,6 +268,27 @@ pub fn add_bias(rows: usize, c: usize, bias: &[f32], y: &mut [f32]) {
 pub fn bias_backward(rows: usize, c: usize, dy: &[f32], dbias: &mut [f32]) {
     for j in 0..c {
         dbias[j] += (0..rows).map(|r| dy[r * c + j] as f64).sum::<f64>() as f32;
+    }
+}
+
+/// lowbias32, as in `kernels/elementwise.wgsl`.
+pub fn hash(v: u32) -> u32 {
+    let mut h = v;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846ca68b);
+    h ^= h >> 16;
+    h
+}
+
+pub fn dropout(n: usize, p: f32, seed: u32, x: &[f32], y: &mut [f32]) {
+    let hs = hash(seed);
+    for i in 0..n {
+        let u = hash(i as u32 ^ hs) as f32 / 4294967296.0;
+        if u >= p {
+            y[i] += x[i] / (1.0 - p);
+        }
     }
 }
 

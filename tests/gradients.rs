@@ -126,7 +126,7 @@ fn embedding_and_bias_gradients_match_finite_differences() {
     let ids = [0u32, 4, 4, 1, 0, 4, 2, 2, 0];
     let (w, r) = (rng.vec(v * c, 1.0), rng.vec(n * c, 1.0));
     let mut dw = vec![0.0; v * c];
-    cpu::embedding_backward(n, c, v, &ids, &r, &mut dw);
+    cpu::embedding_backward(n, c, 0, v, &ids, &r, &mut dw);
     fd("embedding dw", &dw, &w, |w| {
         let mut out = vec![0.0; n * c];
         cpu::embedding_forward(n, c, v, &ids, w, &mut out);

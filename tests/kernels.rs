@@ -206,20 +206,25 @@ fn embedding_matches_reference_with_repeated_ids() {
     let (tids, tw, tdo, tdw, tout) = (up(g, &ids), up(g, &w), up(g, &dout), up(g, &dw0), zeros(g, n * c));
     run(g, |r| {
         k::embedding_forward(g, r, n, c, v, &tids, &[&tw], &tout)?;
-        k::embedding_backward(g, r, n, c, v, &ids, &tdo, &tdw)
+        k::embedding_backward(g, r, n, c, 0, v, &ids, &tdo, &tdw)
     });
     let (mut out, mut dw) = (vec![0.0; n * c], dw0);
     cpu::embedding_forward(n, c, v, &ids, &w, &mut out);
-    cpu::embedding_backward(n, c, v, &ids, &dout, &mut dw);
+    cpu::embedding_backward(n, c, 0, v, &ids, &dout, &mut dw);
     close("embedding out", &read(g, &tout), &out, 0.0, 0.0);
     // The same table split into row-parts of 10 + 13 rows.
     let (p1, p2) = (up(g, &w[..10 * c]), up(g, &w[10 * c..]));
     run(g, |r| k::embedding_forward(g, r, n, c, v, &tids, &[&p1, &p2], &tout));
     close("embedding out from parts", &read(g, &tout), &out, 0.0, 0.0);
     close("embedding dw", &read(g, &tdw), &dw, 1e-5, 1e-5);
-    let mut rec = g.recorder("bad");
-    let err = k::embedding_backward(g, &mut rec, 1, c, v, &[99], &tdo, &tdw).unwrap_err().to_string();
-    assert!(err.contains("token id 99"), "{err}");
+    // The backward into the second part only (rows 10..23).
+    let dw2 = rng.vec(13 * c, 0.1);
+    let tdw2 = up(g, &dw2);
+    run(g, |r| k::embedding_backward(g, r, n, c, 10, 13, &ids, &tdo, &tdw2));
+    let mut want2 = dw2.clone();
+    cpu::embedding_backward(n, c, 10, 13, &ids, &dout, &mut want2);
+    close("embedding dw part", &read(g, &tdw2), &want2, 1e-5, 1e-5);
+    assert_ne!(want2, dw2);
 }
 
 #[test]
@@ -343,5 +348,22 @@ fn grad_norm_and_adamw_match_reference_over_steps() {
             close(&format!("adamw param {i} step {step}"), &read(g, &tp[i]), &params[i], 1e-6, 1e-5);
             close(&format!("adamw m {i} step {step}"), &read(g, &tm[i]), &ms[i], 1e-7, 1e-4);
         }
+    }
+}
+
+#[test]
+fn dropout_matches_reference_and_keeps_the_right_fraction() {
+    let g = gpu();
+    let n = 20_000;
+    let mut rng = Rng::new(12);
+    let (x, y0) = (rng.vec(n, 2.0), rng.vec(n, 1.0));
+    for (p, seed) in [(0.1f32, 7u32), (0.5, 8)] {
+        let (tx, ty) = (up(g, &x), up(g, &y0));
+        run(g, |r| k::dropout(g, r, n, p, seed, &tx, &ty));
+        let mut want = y0.clone();
+        cpu::dropout(n, p, seed, &x, &mut want);
+        close("dropout", &read(g, &ty), &want, 1e-6, 1e-6);
+        let kept = want.iter().zip(&y0).filter(|(a, b)| a != b).count() as f32 / n as f32;
+        assert!((kept - (1.0 - p)).abs() < 0.02, "kept {kept} at p {p}");
     }
 }

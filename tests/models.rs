@@ -10,7 +10,7 @@ use common::*;
 use webtune::gpu::Gpu;
 use webtune::kernels::AdamW;
 use webtune::model::generate::Sampling;
-use webtune::model::{weights, Config, Inputs, Model, Shape, TensorMap};
+use webtune::model::{weights, Config, Inputs, Model, Shape, TensorMap, Tuning};
 
 struct Fixture {
     cfg: Config,
@@ -55,7 +55,8 @@ fn batch(g: &Gpu, f: &Fixture) -> (Inputs, Vec<i32>, Vec<i64>) {
 }
 
 fn model(g: &Gpu, f: &Fixture, lora: bool) -> Model {
-    let m = Model::load(g, f.cfg.clone(), &f.weights, lora.then(|| f.lora.clone()), 0).unwrap();
+    let tuning = if lora { Tuning::Lora(f.lora.clone()) } else { Tuning::Frozen };
+    let m = Model::load(g, f.cfg.clone(), &f.weights, tuning, 0).unwrap();
     if lora {
         m.set_params(g, &f.adapter).unwrap();
     }
@@ -89,7 +90,7 @@ fn parity(name: &str, g: &Gpu) {
         let key = format!("grad.{}", p.name.replace(".weight", ".default.weight"));
         let want = &f.expected[&key].data;
         let mag = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-        close(&format!("{name} {key}"), &read(g, &p.grad), want, 1e-4 * mag, 1e-3);
+        close(&format!("{name} {key}"), &read(g, p.grad().unwrap()), want, 1e-4 * mag, 1e-3);
     }
 
     // Five AdamW steps from the adapter, clipped at norm 1.0.
@@ -154,6 +155,8 @@ fn split_weights_match_pytorch() {
     assert!(m.layers[0].linears[4].w.parts.len() > 1, "gate_proj is split");
     parity("llama", g);
     parity("qwen2", g);
+    full_parity("llama", g);
+    full_parity("qwen2", g);
 }
 
 #[test]
@@ -166,7 +169,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let mut m = model(g, &f, true);
         m.grad_checkpoint = ckpt;
         let loss = read(g, &m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap());
-        let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, &p.grad)).collect();
+        let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, p.grad().unwrap())).collect();
         results.push((loss, grads));
     }
     assert_eq!(results[0].0, results[1].0);
@@ -190,7 +193,7 @@ fn unsupported_configs_are_named() {
     let f = fixture("llama");
     let mut w = f.weights.clone();
     w.remove("model.layers.1.mlp.up_proj.weight");
-    let err = Model::load(gpu(), f.cfg.clone(), &w, None, 0).err().unwrap().to_string();
+    let err = Model::load(gpu(), f.cfg.clone(), &w, Tuning::Frozen, 0).err().unwrap().to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
 }
 
@@ -202,4 +205,71 @@ fn rope_frequencies_match_transformers() {
         let want: Vec<f32> = f.json["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
         close(&format!("{name} inv_freq"), &f.cfg.inv_freq(), &want, 0.0, 1e-6);
     }
+}
+
+/// Full fine-tuning: the gradient of every weight (row-parts compared slice by slice).
+fn full_parity(name: &str, g: &Gpu) {
+    let f = fixture(name);
+    let m = Model::load(g, f.cfg.clone(), &f.weights, Tuning::Full, 0).unwrap();
+    let (inp, targets, _) = batch(g, &f);
+    let loss = m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
+    close(&format!("{name} full loss"), &read(g, &loss), &f.expected["full_loss"].data, 0.0, 1e-4);
+    let mut seen = 0;
+    for p in m.params() {
+        let (base, rows) = match p.name.split_once('[') {
+            Some((b, r)) => {
+                let (r0, r1) = r.trim_end_matches(']').split_once("..").unwrap();
+                (b, Some((r0.parse::<usize>().unwrap(), r1.parse::<usize>().unwrap())))
+            }
+            None => (p.name.as_str(), None),
+        };
+        let want = &f.expected[&format!("full.{base}")];
+        let want = match rows {
+            Some((r0, r1)) => &want.data[r0 * want.shape[1]..r1 * want.shape[1]],
+            None => &want.data[..],
+        };
+        let mag = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        close(&format!("{name} full grad {}", p.name), &read(g, p.grad().unwrap()), want, 1e-4 * mag, 1e-3);
+        seen += want.len();
+    }
+    let total: usize = f.expected.iter().filter(|(k, _)| k.starts_with("full.")).map(|(_, t)| t.data.len()).sum();
+    assert!(total > 50_000, "{total}");
+    assert_eq!(seen, total, "every weight's gradient was compared");
+}
+
+#[test]
+fn full_fine_tuning_gradients_match_pytorch() {
+    for name in ["llama", "qwen2", "qwen3"] {
+        full_parity(name, gpu());
+    }
+}
+
+#[test]
+fn lora_dropout_is_repeatable_and_only_in_training() {
+    let g = gpu();
+    let f = fixture("llama");
+    let mut lora = f.lora.clone();
+    lora.dropout = 0.3;
+    let (mut inp, targets, _) = batch(g, &f);
+    let grads = |ckpt: bool, seed: Option<u32>, inp: &mut Inputs| {
+        let mut m = Model::load(g, f.cfg.clone(), &f.weights, Tuning::Lora(lora.clone()), 0).unwrap();
+        m.set_params(g, &f.adapter).unwrap();
+        m.grad_checkpoint = ckpt;
+        inp.dropout_seed = seed;
+        let loss = read(g, &m.forward_backward(g, inp, &targets, scale_of(&targets)).unwrap())[0];
+        let grads: Vec<f32> = m.params().iter().flat_map(|p| read(g, p.grad().unwrap())).collect();
+        let logits = futures::executor::block_on(m.logits(g, inp)).unwrap();
+        (loss, grads, logits)
+    };
+    let (l0, g0, logits0) = grads(false, None, &mut inp);
+    let (l1, g1, logits1) = grads(false, Some(5), &mut inp);
+    let (l2, g2, _) = grads(true, Some(5), &mut inp);
+    let (l3, _, _) = grads(false, Some(6), &mut inp);
+    close("no dropout = PyTorch", &[l0], &f.expected["loss"].data, 0.0, 1e-4);
+    assert!((l1 - l0).abs() > 1e-4 && (l3 - l1).abs() > 1e-4, "dropout changes the loss: {l0} {l1} {l3}");
+    assert_eq!(l1, l2, "the same seed gives the same masks when recomputed");
+    close("dropout grads with checkpointing", &g2, &g1, 0.0, 0.0);
+    assert!(g0.iter().zip(&g1).any(|(a, b)| (a - b).abs() > 1e-6));
+    // Evaluation never drops.
+    close("logits ignore dropout", &logits1, &logits0, 0.0, 0.0);
 }

@@ -20,7 +20,7 @@ pub mod swiglu;
 pub use adamw::{adamw_step, grad_norm, AdamW};
 pub use attention::{attention_backward, attention_forward, Attention};
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
-pub use elementwise::{add, add_bias, axpy, bias_backward, scale};
+pub use elementwise::{add, add_bias, axpy, bias_backward, dropout, scale};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use lora::{lora_backward, lora_forward, Lora};
 pub use matmul::{matmul, Matmul};

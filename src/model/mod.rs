@@ -15,40 +15,56 @@ use crate::kernels::{self as k, Attention, Lora, Matmul};
 pub use config::{Arch, Config};
 pub use weights::{HostTensor, TensorMap};
 
-/// A trainable f32 tensor with its gradient and AdamW moments.
+/// A named f32 tensor; trainable ones carry a gradient and AdamW moments.
 pub struct Param {
-    /// The PEFT / Hugging Face name, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+    /// The Hugging Face or PEFT name, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
     pub name: String,
     pub shape: Vec<usize>,
     pub value: Tensor,
+    pub train: Option<Train>,
+}
+
+/// Gradient and AdamW moments of a trainable [`Param`].
+pub struct Train {
     pub grad: Tensor,
     pub m: Tensor,
     pub v: Tensor,
 }
 
 impl Param {
-    fn new(gpu: &Gpu, name: String, data: &[f32], shape: &[usize]) -> Result<Param> {
-        Ok(Param {
-            value: gpu.upload(&name, data, shape)?,
-            grad: gpu.zeros(&format!("{name} grad"), DType::F32, shape)?,
-            m: gpu.zeros(&format!("{name} m"), DType::F32, shape)?,
-            v: gpu.zeros(&format!("{name} v"), DType::F32, shape)?,
-            shape: shape.to_vec(),
-            name,
-        })
+    fn new(gpu: &Gpu, name: String, data: &[f32], shape: &[usize], trainable: bool) -> Result<Param> {
+        let train = if trainable {
+            Some(Train {
+                grad: gpu.zeros(&format!("{name} grad"), DType::F32, shape)?,
+                m: gpu.zeros(&format!("{name} m"), DType::F32, shape)?,
+                v: gpu.zeros(&format!("{name} v"), DType::F32, shape)?,
+            })
+        } else {
+            None
+        };
+        Ok(Param { value: gpu.upload(&name, data, shape)?, train, shape: shape.to_vec(), name })
+    }
+
+    pub fn grad(&self) -> Option<&Tensor> {
+        self.train.as_ref().map(|t| &t.grad)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.value.bytes() * if self.train.is_some() { 4 } else { 1 }
     }
 }
 
-/// A frozen matrix `[rows, cols]`, split by rows into parts that each fit one storage
+/// A matrix `[rows, cols]` split by rows into parts that each fit one storage
 /// binding (Qwen's 151,936 × 896 embedding does not on most adapters).
 pub struct Weight {
-    pub parts: Vec<Tensor>,
+    pub name: String,
+    pub parts: Vec<Param>,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl Weight {
-    pub fn upload(gpu: &Gpu, name: &str, t: &HostTensor) -> Result<Weight> {
+    pub fn upload(gpu: &Gpu, name: &str, t: &HostTensor, trainable: bool) -> Result<Weight> {
         let (rows, cols) = match t.shape[..] {
             [r, c] => (r, c),
             _ => return Err(Error::Weights(format!("`{name}` has shape {:?}, expected a matrix", t.shape))),
@@ -58,19 +74,24 @@ impl Weight {
             .step_by(per)
             .map(|r0| {
                 let r1 = (r0 + per).min(rows);
-                gpu.upload(&format!("{name}[{r0}..{r1}]"), &t.data[r0 * cols..r1 * cols], &[r1 - r0, cols])
+                let label = if per >= rows { name.to_string() } else { format!("{name}[{r0}..{r1}]") };
+                Param::new(gpu, label, &t.data[r0 * cols..r1 * cols], &[r1 - r0, cols], trainable)
             })
             .collect::<Result<_>>()?;
-        Ok(Weight { parts, rows, cols })
+        Ok(Weight { name: name.to_string(), parts, rows, cols })
     }
 
     /// (first row, part) pairs.
-    fn row_parts(&self) -> impl Iterator<Item = (usize, &Tensor)> {
+    fn row_parts(&self) -> impl Iterator<Item = (usize, &Param)> {
         self.parts.iter().scan(0, |r0, p| {
             let start = *r0;
             *r0 += p.shape[0];
             Some((start, p))
         })
+    }
+
+    fn values(&self) -> Vec<&Tensor> {
+        self.parts.iter().map(|p| &p.value).collect()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -101,52 +122,75 @@ impl LoraConfig {
     }
 }
 
+/// What is trained.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tuning {
+    /// Nothing (inference).
+    Frozen,
+    /// LoRA pairs on the targeted projections; the base stays frozen.
+    Lora(LoraConfig),
+    /// Every weight, in f32.
+    Full,
+}
+
 pub struct LoraPair {
     pub a: Param,
     pub b: Param,
     pub r: usize,
     pub scale: f32,
+    pub dropout: f32,
 }
 
-/// A frozen linear layer `y = x·Wᵀ (+ bias)`, with an optional LoRA pair.
+/// A linear layer `y = x·Wᵀ (+ bias)`, with an optional LoRA pair.
 pub struct Linear {
     /// e.g. `model.layers.0.self_attn.q_proj`
     pub name: String,
     pub w: Weight,
-    pub bias: Option<Tensor>,
+    pub bias: Option<Param>,
     pub lora: Option<LoraPair>,
     pub din: usize,
     pub dout: usize,
 }
 
+/// What a LoRA pair's forward saves: `h = x'·Aᵀ` and, with dropout, x' = dropout(x).
+struct LoraSaved {
+    h: Tensor,
+    xd: Option<Tensor>,
+}
+
 impl Linear {
-    fn lora_shape(&self, n: usize) -> Option<Lora> {
-        self.lora.as_ref().map(|l| Lora { n, din: self.din, dout: self.dout, r: l.r, s: l.scale })
+    fn lora_shape(&self, n: usize, l: &LoraPair) -> Lora {
+        Lora { n, din: self.din, dout: self.dout, r: l.r, s: l.scale }
     }
 
-    /// `y = x·Wᵀ (+ b) (+ s·(x·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`; returns LoRA's
-    /// `h = x·Aᵀ` `[n, r]`, saved for the backward.
-    fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+    /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
+    /// after LoRA dropout when `dropout_seed` is given (training).
+    fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, y: &Tensor, dropout_seed: Option<u32>) -> Result<Option<LoraSaved>> {
         for (r0, part) in self.w.row_parts() {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
             mm.ldc = self.dout;
             mm.c_off = r0;
-            k::matmul(gpu, rec, &mm, x, part, y)?;
+            k::matmul(gpu, rec, &mm, x, &part.value, y)?;
         }
         if let Some(b) = &self.bias {
-            k::add_bias(gpu, rec, n, self.dout, b, y)?;
+            k::add_bias(gpu, rec, n, self.dout, &b.value, y)?;
         }
-        match (&self.lora, self.lora_shape(n)) {
-            (Some(l), Some(shape)) => {
-                let h = gpu.zeros(&format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
-                k::lora_forward(gpu, rec, &shape, x, &l.a.value, &l.b.value, &h, y)?;
-                Ok(Some(h))
+        let Some(l) = &self.lora else { return Ok(None) };
+        let xd = match dropout_seed {
+            Some(seed) if l.dropout > 0.0 => {
+                let xd = gpu.zeros("lora dropout x", DType::F32, &[n, self.din])?;
+                k::dropout(gpu, rec, n * self.din, l.dropout, seed, x, &xd)?;
+                Some(xd)
             }
-            _ => Ok(None),
-        }
+            _ => None,
+        };
+        let h = gpu.zeros(&format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
+        k::lora_forward(gpu, rec, &self.lora_shape(n, l), xd.as_ref().unwrap_or(x), &l.a.value, &l.b.value, &h, y)?;
+        Ok(Some(LoraSaved { h, xd }))
     }
 
-    /// Adds `dy·W` (and LoRA's share) into dx, and LoRA's gradients into its params.
+    /// Adds `dy·W` (and LoRA's share) into dx, and the gradients of whatever is
+    /// trainable (W, bias, LoRA A and B) into their params.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -154,21 +198,45 @@ impl Linear {
         rec: &mut Recorder,
         n: usize,
         x: &Tensor,
-        h: Option<&Tensor>,
+        saved: Option<&LoraSaved>,
         dy: &Tensor,
         dx: &Tensor,
+        dropout_seed: Option<u32>,
     ) -> Result<()> {
         for (r0, part) in self.w.row_parts() {
-            let mut mm = Matmul::new(n, self.din, part.shape[0]).accumulate();
-            mm.lda = self.dout;
-            mm.a_off = r0;
-            k::matmul(gpu, rec, &mm, dy, part, dx)?;
+            let rows = part.shape[0];
+            let mut mm = Matmul::new(n, self.din, rows).accumulate();
+            (mm.lda, mm.a_off) = (self.dout, r0);
+            k::matmul(gpu, rec, &mm, dy, &part.value, dx)?;
+            if let Some(g) = part.grad() {
+                // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
+                let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
+                (mm.lda, mm.a_off) = (self.dout, r0);
+                k::matmul(gpu, rec, &mm, dy, x, g)?;
+            }
         }
-        if let (Some(l), Some(shape), Some(h)) = (&self.lora, self.lora_shape(n), h) {
+        if let Some(g) = self.bias.as_ref().and_then(|b| b.grad()) {
+            k::bias_backward(gpu, rec, n, self.dout, dy, g)?;
+        }
+        if let (Some(l), Some(saved)) = (&self.lora, saved) {
+            let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
             let dh = gpu.zeros("lora dh", DType::F32, &[n, l.r])?;
-            k::lora_backward(gpu, rec, &shape, x, &l.a.value, &l.b.value, h, dy, &dh, &l.a.grad, &l.b.grad, dx)?;
+            let shape = self.lora_shape(n, l);
+            match (&saved.xd, dropout_seed) {
+                (Some(xd), Some(seed)) => {
+                    // Through the dropout: dx += dropout(dx') with the forward's mask.
+                    let dxd = gpu.zeros("lora dropout dx", DType::F32, &[n, self.din])?;
+                    k::lora_backward(gpu, rec, &shape, xd, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, &dxd)?;
+                    k::dropout(gpu, rec, n * self.din, l.dropout, seed, &dxd, dx)?;
+                }
+                _ => k::lora_backward(gpu, rec, &shape, x, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, dx)?,
+            }
         }
         Ok(())
+    }
+
+    fn params(&self) -> impl Iterator<Item = &Param> {
+        self.w.parts.iter().chain(&self.bias).chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
     }
 }
 
@@ -182,15 +250,15 @@ const UP: usize = 5;
 const DOWN: usize = 6;
 
 pub struct Layer {
-    pub ln1: Tensor,
-    pub ln2: Tensor,
-    pub q_norm: Option<Tensor>,
-    pub k_norm: Option<Tensor>,
+    pub ln1: Param,
+    pub ln2: Param,
+    pub q_norm: Option<Param>,
+    pub k_norm: Option<Param>,
     /// q, k, v, o, gate, up, down
     pub linears: Vec<Linear>,
 }
 
-/// The shape of one pass: `b` sequences of `t` new tokens, attending to `tk` keys.
+/// The shape of one pass: `b` sequences of `t` tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
     pub b: usize,
@@ -222,7 +290,7 @@ struct Acts {
     u: Tensor,
     m: Tensor,
     out: Tensor,
-    lora_h: Vec<Option<Tensor>>,
+    lora: Vec<Option<LoraSaved>>,
 }
 
 /// The inputs of a pass, on the GPU.
@@ -235,6 +303,8 @@ pub struct Inputs {
     pub pos: Tensor,
     /// segment ids `[N]`: tokens attend only within their segment
     pub seg: Tensor,
+    /// Training: the seed of this pass's LoRA dropout masks. None: no dropout.
+    pub dropout_seed: Option<u32>,
 }
 
 impl Inputs {
@@ -249,6 +319,7 @@ impl Inputs {
             ids: gpu.upload("ids", ids, &[n])?,
             pos: gpu.upload("positions", pos, &[n])?,
             seg: gpu.upload("segments", seg, &[n])?,
+            dropout_seed: None,
         })
     }
 
@@ -256,6 +327,11 @@ impl Inputs {
     pub fn sequences(gpu: &Gpu, shape: Shape, ids: &[u32]) -> Result<Inputs> {
         let pos: Vec<u32> = (0..shape.n()).map(|i| (i % shape.t) as u32).collect();
         Self::new(gpu, shape, ids, &pos, &vec![0; shape.n()])
+    }
+
+    /// The dropout seed of projection `idx` of layer `li`.
+    fn seed(&self, li: usize, idx: usize) -> Option<u32> {
+        self.dropout_seed.map(|s| crate::reference::hash(s ^ crate::reference::hash((li * 7 + idx) as u32)))
     }
 }
 
@@ -272,11 +348,11 @@ pub struct Model {
     pub cfg: Config,
     pub embed: Weight,
     pub layers: Vec<Layer>,
-    pub norm: Tensor,
+    pub norm: Param,
     /// None when tied to the embedding.
     pub lm_head: Option<Weight>,
     pub inv_freq: Tensor,
-    pub lora: Option<LoraConfig>,
+    pub tuning: Tuning,
     /// Save only each layer's input and recompute the rest in the backward.
     pub grad_checkpoint: bool,
 }
@@ -289,14 +365,22 @@ fn take<'a>(w: &'a TensorMap, name: &str, shape: &[usize]) -> Result<&'a HostTen
     Ok(t)
 }
 
+fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
+    gpu.zeros(label, DType::F32, shape)
+}
+
 impl Model {
-    /// Upload the weights; with `lora`, attach fresh LoRA pairs initialised as PEFT
-    /// does (A Kaiming-uniform with a = √5, B zero) from `seed`.
-    pub fn load(gpu: &Gpu, cfg: Config, w: &TensorMap, lora: Option<LoraConfig>, seed: u64) -> Result<Model> {
+    /// Upload the weights. With LoRA, fresh pairs are initialised as PEFT does (A
+    /// Kaiming-uniform with a = √5, B zero) from `seed`; with full tuning every weight
+    /// gets a gradient and moments.
+    pub fn load(gpu: &Gpu, cfg: Config, w: &TensorMap, tuning: Tuning, seed: u64) -> Result<Model> {
         let (c, q, kv, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
-        if let Some(l) = &lora {
+        if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {
                 return Err(Error::Config("LoRA rank must be at least 1".into()));
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return Err(Error::Config(format!("LoRA dropout {} must be in [0, 1)", l.dropout)));
             }
             if let Some(t) = l.targets.iter().find(|t| !LoraConfig::ALL_TARGETS.contains(&t.as_str())) {
                 return Err(Error::Config(format!(
@@ -305,8 +389,9 @@ impl Model {
                 )));
             }
         }
+        let full = tuning == Tuning::Full;
         let mut rng = Rng::new(seed);
-        let vec = |name: &str, n: usize| -> Result<Tensor> { gpu.upload(name, &take(w, name, &[n])?.data, &[n]) };
+        let vec = |name: &str, n: usize| -> Result<Param> { Param::new(gpu, name.to_string(), &take(w, name, &[n])?.data, &[n], full) };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
@@ -321,22 +406,24 @@ impl Model {
                 ("down_proj", "mlp", inter, c),
             ] {
                 let name = format!("{p}.{module}.{short}");
-                let weight = Weight::upload(gpu, &format!("{name}.weight"), take(w, &format!("{name}.weight"), &[dout, din])?)?;
+                let wname = format!("{name}.weight");
+                let weight = Weight::upload(gpu, &wname, take(w, &wname, &[dout, din])?, full)?;
                 let bias = if cfg.qkv_bias && matches!(short, "q_proj" | "k_proj" | "v_proj") {
                     Some(vec(&format!("{name}.bias"), dout)?)
                 } else {
                     None
                 };
-                let lora = match &lora {
-                    Some(l) if l.targets.iter().any(|t| t == short) => {
+                let lora = match &tuning {
+                    Tuning::Lora(l) if l.targets.iter().any(|t| t == short) => {
                         let bound = 1.0 / (din as f32).sqrt();
                         let a = rng.vec(l.r * din, bound);
                         let peft = format!("base_model.model.{name}");
                         Some(LoraPair {
-                            a: Param::new(gpu, format!("{peft}.lora_A.weight"), &a, &[l.r, din])?,
-                            b: Param::new(gpu, format!("{peft}.lora_B.weight"), &vec![0.0; dout * l.r], &[dout, l.r])?,
+                            a: Param::new(gpu, format!("{peft}.lora_A.weight"), &a, &[l.r, din], true)?,
+                            b: Param::new(gpu, format!("{peft}.lora_B.weight"), &vec![0.0; dout * l.r], &[dout, l.r], true)?,
                             r: l.r,
                             scale: l.scale(),
+                            dropout: l.dropout,
                         })
                     }
                     _ => None,
@@ -359,24 +446,33 @@ impl Model {
                 linears,
             });
         }
-        let embed = Weight::upload(gpu, "model.embed_tokens.weight", take(w, "model.embed_tokens.weight", &[cfg.vocab, c])?)?;
+        let embed = Weight::upload(gpu, "model.embed_tokens.weight", take(w, "model.embed_tokens.weight", &[cfg.vocab, c])?, full)?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(Weight::upload(gpu, "lm_head.weight", take(w, "lm_head.weight", &[cfg.vocab, c])?)?)
+            Some(Weight::upload(gpu, "lm_head.weight", take(w, "lm_head.weight", &[cfg.vocab, c])?, full)?)
         };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
-        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, lora, grad_checkpoint: false, cfg })
+        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, cfg })
     }
 
-    /// Every trainable parameter (LoRA A and B of each targeted projection).
+    /// Every tensor the model holds, frozen or not.
+    pub fn all_params(&self) -> Vec<&Param> {
+        let mut out: Vec<&Param> = self.embed.parts.iter().collect();
+        for l in &self.layers {
+            out.push(&l.ln1);
+            out.push(&l.ln2);
+            out.extend(l.q_norm.iter().chain(&l.k_norm));
+            out.extend(l.linears.iter().flat_map(|x| x.params()));
+        }
+        out.push(&self.norm);
+        out.extend(self.lm_head.iter().flat_map(|w| &w.parts));
+        out
+    }
+
+    /// Every trainable parameter: the LoRA pairs, or every weight in full tuning.
     pub fn params(&self) -> Vec<&Param> {
-        self.layers
-            .iter()
-            .flat_map(|l| l.linears.iter())
-            .filter_map(|lin| lin.lora.as_ref())
-            .flat_map(|l| [&l.a, &l.b])
-            .collect()
+        self.all_params().into_iter().filter(|p| p.train.is_some()).collect()
     }
 
     /// Set LoRA weights from PEFT-named tensors (`….lora_A.weight`, `….lora_B.weight`);
@@ -400,12 +496,10 @@ impl Model {
         Attention::new(shape.b, shape.t, self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim)
     }
 
-    fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
-        gpu.zeros(label, DType::F32, shape)
-    }
-
     /// One decoder layer. With `cache`, the new keys and values are appended to it
-    /// and the queries attend to everything cached (decoding, B = 1).
+    /// and the queries attend to everything cached (decoding, B = 1). LoRA dropout
+    /// applies only when `train`.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         gpu: &Gpu,
@@ -414,109 +508,112 @@ impl Model {
         inp: &Inputs,
         x: Tensor,
         cache: Option<&KvCache>,
+        train: bool,
     ) -> Result<Acts> {
-        let cfg = &self.cfg;
-        let layer = &self.layers[li];
-        let shape = inp.shape;
-        let n = shape.n();
-        let (c, qd, kvd, hs) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let lin = &layer.linears;
-        let h1 = Self::zeros(gpu, "h1", &[n, c])?;
-        let rstd1 = Self::zeros(gpu, "rstd1", &[n])?;
-        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1, &h1, &rstd1)?;
-        let q = Self::zeros(gpu, "q", &[n, qd])?;
-        let kk = Self::zeros(gpu, "k", &[n, kvd])?;
-        let v = Self::zeros(gpu, "v", &[n, kvd])?;
-        let mut lora_h = vec![None, None, None, None, None, None, None];
-        let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            let (q_pre, k_pre) = (Self::zeros(gpu, "q_pre", &[n, qd])?, Self::zeros(gpu, "k_pre", &[n, kvd])?);
-            let (rq, rk) = (Self::zeros(gpu, "q_rstd", &[n * cfg.heads])?, Self::zeros(gpu, "k_rstd", &[n * cfg.kv_heads])?);
-            lora_h[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre)?;
-            lora_h[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre)?;
-            k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, qn, &q, &rq)?;
-            k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, kn, &kk, &rk)?;
-            Some((q_pre, rq, k_pre, rk))
-        } else {
-            lora_h[Q] = lin[Q].forward(gpu, rec, n, &h1, &q)?;
-            lora_h[K] = lin[K].forward(gpu, rec, n, &h1, &kk)?;
-            None
-        };
-        lora_h[V] = lin[V].forward(gpu, rec, n, &h1, &v)?;
-        k::rope_forward(gpu, rec, n, cfg.heads, hs, &q, &inp.pos, &self.inv_freq)?;
-        k::rope_forward(gpu, rec, n, cfg.kv_heads, hs, &kk, &inp.pos, &self.inv_freq)?;
-        let att = Self::zeros(gpu, "attention out", &[n, qd])?;
-        let lse = Self::zeros(gpu, "lse", &[shape.b * cfg.heads * shape.t])?;
-        match cache {
-            None => k::attention_forward(gpu, rec, &self.attention(shape), &q, &kk, &v, &inp.seg, &att, &lse)?,
-            Some(cache) => {
-                let bytes = (kvd * 4) as u64;
-                let at = self.attention(shape).cached(cache.len + shape.t);
-                rec.encoder.copy_buffer_to_buffer(&kk.buffer, 0, &cache.k[li].buffer, cache.len as u64 * bytes, kk.bytes());
-                rec.encoder.copy_buffer_to_buffer(&v.buffer, 0, &cache.v[li].buffer, cache.len as u64 * bytes, v.bytes());
-                k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
-            }
-        }
-        let a = Self::zeros(gpu, "o_proj out", &[n, c])?;
-        lora_h[O] = lin[O].forward(gpu, rec, n, &att, &a)?;
-        let x_mid = Self::zeros(gpu, "x_mid", &[n, c])?;
-        k::add(gpu, rec, n * c, &x, &a, &x_mid)?;
-        let h2 = Self::zeros(gpu, "h2", &[n, c])?;
-        let rstd2 = Self::zeros(gpu, "rstd2", &[n])?;
-        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2, &h2, &rstd2)?;
-        let inter = cfg.intermediate;
-        let (g, u, m) = (Self::zeros(gpu, "gate", &[n, inter])?, Self::zeros(gpu, "up", &[n, inter])?, Self::zeros(gpu, "swiglu", &[n, inter])?);
-        lora_h[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g)?;
-        lora_h[UP] = lin[UP].forward(gpu, rec, n, &h2, &u)?;
-        k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let d = Self::zeros(gpu, "down out", &[n, c])?;
-        lora_h[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d)?;
-        let out = Self::zeros(gpu, "layer out", &[n, c])?;
-        k::add(gpu, rec, n * c, &x_mid, &d, &out)?;
-        Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora_h })
-    }
-
-    /// The gradient of one layer: `dres` holds d(loss)/d(layer output) and becomes
-    /// d(loss)/d(layer input); LoRA gradients are added into the params.
-    fn layer_backward(&self, gpu: &Gpu, rec: &mut Recorder, li: usize, inp: &Inputs, a: &Acts, dres: &Tensor) -> Result<()> {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
         let shape = inp.shape;
         let n = shape.n();
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
-        let h = |i: usize| a.lora_h[i].as_ref();
-        // Frozen norm weights: their gradients go to a scratch buffer.
-        let dw_c = Self::zeros(gpu, "norm dw scratch", &[c])?;
+        let seed = |i: usize| if train { inp.seed(li, i) } else { None };
+        let h1 = zeros(gpu, "h1", &[n, c])?;
+        let rstd1 = zeros(gpu, "rstd1", &[n])?;
+        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
+        let (q, kk, v) = (zeros(gpu, "q", &[n, qd])?, zeros(gpu, "k", &[n, kvd])?, zeros(gpu, "v", &[n, kvd])?);
+        let mut lora: Vec<Option<LoraSaved>> = (0..7).map(|_| None).collect();
+        let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (q_pre, k_pre) = (zeros(gpu, "q_pre", &[n, qd])?, zeros(gpu, "k_pre", &[n, kvd])?);
+            let (rq, rk) = (zeros(gpu, "q_rstd", &[n * cfg.heads])?, zeros(gpu, "k_rstd", &[n * cfg.kv_heads])?);
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q))?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K))?;
+            k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
+            k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, &kn.value, &kk, &rk)?;
+            Some((q_pre, rq, k_pre, rk))
+        } else {
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q))?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K))?;
+            None
+        };
+        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V))?;
+        k::rope_forward(gpu, rec, n, cfg.heads, hs, &q, &inp.pos, &self.inv_freq)?;
+        k::rope_forward(gpu, rec, n, cfg.kv_heads, hs, &kk, &inp.pos, &self.inv_freq)?;
+        let att = zeros(gpu, "attention out", &[n, qd])?;
+        let lse = zeros(gpu, "lse", &[shape.b * cfg.heads * shape.t])?;
+        match cache {
+            None => k::attention_forward(gpu, rec, &self.attention(shape), &q, &kk, &v, &inp.seg, &att, &lse)?,
+            Some(cache) => {
+                let at = self.attention(shape).cached(cache.len + shape.t);
+                let offset = (cache.len * kvd * 4) as u64;
+                rec.encoder.copy_buffer_to_buffer(&kk.buffer, 0, &cache.k[li].buffer, offset, kk.bytes());
+                rec.encoder.copy_buffer_to_buffer(&v.buffer, 0, &cache.v[li].buffer, offset, v.bytes());
+                k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
+            }
+        }
+        let a = zeros(gpu, "o_proj out", &[n, c])?;
+        lora[O] = lin[O].forward(gpu, rec, n, &att, &a, seed(O))?;
+        let x_mid = zeros(gpu, "x_mid", &[n, c])?;
+        k::add(gpu, rec, n * c, &x, &a, &x_mid)?;
+        let (h2, rstd2) = (zeros(gpu, "h2", &[n, c])?, zeros(gpu, "rstd2", &[n])?);
+        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
+        let (g, u, m) = (zeros(gpu, "gate", &[n, inter])?, zeros(gpu, "up", &[n, inter])?, zeros(gpu, "swiglu", &[n, inter])?);
+        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE))?;
+        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP))?;
+        k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
+        let d = zeros(gpu, "down out", &[n, c])?;
+        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d, seed(DOWN))?;
+        let out = zeros(gpu, "layer out", &[n, c])?;
+        k::add(gpu, rec, n * c, &x_mid, &d, &out)?;
+        Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
+    }
+
+    /// Where a norm's weight gradient goes: its param's grad, or a scratch buffer.
+    fn norm_grad<'a>(p: &'a Param, scratch: &'a Tensor) -> &'a Tensor {
+        p.grad().unwrap_or(scratch)
+    }
+
+    /// The gradient of one layer, in the reverse order of `layer_forward`: `dres`
+    /// holds d(loss)/d(layer output) and becomes d(loss)/d(layer input).
+    fn layer_backward(&self, gpu: &Gpu, rec: &mut Recorder, li: usize, inp: &Inputs, a: &Acts, dres: &Tensor) -> Result<()> {
+        let cfg = &self.cfg;
+        let layer = &self.layers[li];
+        let n = inp.shape.n();
+        let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
+        let lin = &layer.linears;
+        let back = |rec: &mut Recorder, i: usize, x: &Tensor, dy: &Tensor, dx: &Tensor| {
+            lin[i].backward(gpu, rec, n, x, a.lora[i].as_ref(), dy, dx, inp.seed(li, i))
+        };
+        let scratch_c = zeros(gpu, "norm dw scratch", &[c])?;
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
-        let dm = Self::zeros(gpu, "dswiglu", &[n, inter])?;
-        lin[DOWN].backward(gpu, rec, n, &a.m, h(DOWN), dres, &dm)?;
-        let (dg, du) = (Self::zeros(gpu, "dgate", &[n, inter])?, Self::zeros(gpu, "dup", &[n, inter])?);
+        let dm = zeros(gpu, "dswiglu", &[n, inter])?;
+        back(rec, DOWN, &a.m, dres, &dm)?;
+        let (dg, du) = (zeros(gpu, "dgate", &[n, inter])?, zeros(gpu, "dup", &[n, inter])?);
         k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
-        let dh2 = Self::zeros(gpu, "dh2", &[n, c])?;
-        lin[GATE].backward(gpu, rec, n, &a.h2, h(GATE), &dg, &dh2)?;
-        lin[UP].backward(gpu, rec, n, &a.h2, h(UP), &du, &dh2)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2, &a.rstd2, &dh2, dres, &dw_c)?;
+        let dh2 = zeros(gpu, "dh2", &[n, c])?;
+        back(rec, GATE, &a.h2, &dg, &dh2)?;
+        back(rec, UP, &a.h2, &du, &dh2)?;
+        k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, Self::norm_grad(&layer.ln2, &scratch_c))?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
-        let datt = Self::zeros(gpu, "datt", &[n, qd])?;
-        lin[O].backward(gpu, rec, n, &a.att, h(O), dres, &datt)?;
-        let (dq, dk, dv) = (Self::zeros(gpu, "dq", &[n, qd])?, Self::zeros(gpu, "dk", &[n, kvd])?, Self::zeros(gpu, "dv", &[n, kvd])?);
-        k::attention_backward(gpu, rec, &self.attention(shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
+        let datt = zeros(gpu, "datt", &[n, qd])?;
+        back(rec, O, &a.att, dres, &datt)?;
+        let (dq, dk, dv) = (zeros(gpu, "dq", &[n, qd])?, zeros(gpu, "dk", &[n, kvd])?, zeros(gpu, "dv", &[n, kvd])?);
+        k::attention_backward(gpu, rec, &self.attention(inp.shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
         k::rope_backward(gpu, rec, n, cfg.heads, hs, &dq, &inp.pos, &self.inv_freq)?;
         k::rope_backward(gpu, rec, n, cfg.kv_heads, hs, &dk, &inp.pos, &self.inv_freq)?;
-        let dh1 = Self::zeros(gpu, "dh1", &[n, c])?;
+        let dh1 = zeros(gpu, "dh1", &[n, c])?;
         if let (Some((q_pre, rq, k_pre, rk)), Some(qn), Some(kn)) = (&a.q_pre, &layer.q_norm, &layer.k_norm) {
-            let dw_hs = Self::zeros(gpu, "qk norm dw scratch", &[hs])?;
-            let (dq_pre, dk_pre) = (Self::zeros(gpu, "dq_pre", &[n, qd])?, Self::zeros(gpu, "dk_pre", &[n, kvd])?);
-            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, qn, rq, &dq, &dq_pre, &dw_hs)?;
-            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, kn, rk, &dk, &dk_pre, &dw_hs)?;
-            lin[Q].backward(gpu, rec, n, &a.h1, h(Q), &dq_pre, &dh1)?;
-            lin[K].backward(gpu, rec, n, &a.h1, h(K), &dk_pre, &dh1)?;
+            let scratch_hs = zeros(gpu, "qk norm dw scratch", &[hs])?;
+            let (dq_pre, dk_pre) = (zeros(gpu, "dq_pre", &[n, qd])?, zeros(gpu, "dk_pre", &[n, kvd])?);
+            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_pre, Self::norm_grad(qn, &scratch_hs))?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_pre, Self::norm_grad(kn, &scratch_hs))?;
+            back(rec, Q, &a.h1, &dq_pre, &dh1)?;
+            back(rec, K, &a.h1, &dk_pre, &dh1)?;
         } else {
-            lin[Q].backward(gpu, rec, n, &a.h1, h(Q), &dq, &dh1)?;
-            lin[K].backward(gpu, rec, n, &a.h1, h(K), &dk, &dh1)?;
+            back(rec, Q, &a.h1, &dq, &dh1)?;
+            back(rec, K, &a.h1, &dk, &dh1)?;
         }
-        lin[V].backward(gpu, rec, n, &a.h1, h(V), &dv, &dh1)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1, &a.rstd1, &dh1, dres, &dw_c)
+        back(rec, V, &a.h1, &dv, &dh1)?;
+        k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, Self::norm_grad(&layer.ln1, &scratch_c))
     }
 
     fn embed(&self, gpu: &Gpu, rec: &mut Recorder, inp: &Inputs) -> Result<Tensor> {
@@ -524,9 +621,8 @@ impl Model {
         if let Some(bad) = inp.ids_host.iter().find(|&&id| id as usize >= self.cfg.vocab) {
             return Err(Error::Shape(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab)));
         }
-        let x = Self::zeros(gpu, "embeddings", &[n, self.cfg.hidden])?;
-        let parts: Vec<&Tensor> = self.embed.parts.iter().collect();
-        k::embedding_forward(gpu, rec, n, self.cfg.hidden, self.cfg.vocab, &inp.ids, &parts, &x)?;
+        let x = zeros(gpu, "embeddings", &[n, self.cfg.hidden])?;
+        k::embedding_forward(gpu, rec, n, self.cfg.hidden, self.cfg.vocab, &inp.ids, &self.embed.values(), &x)?;
         Ok(x)
     }
 
@@ -539,20 +635,20 @@ impl Model {
     /// logits `[rows, V]` = hf[r0..r0+rows] · headᵀ.
     fn head_forward(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, r0: usize, rows: usize) -> Result<Tensor> {
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
-        let logits = Self::zeros(gpu, "logits", &[rows, vocab])?;
+        let logits = zeros(gpu, "logits", &[rows, vocab])?;
         for (p0, part) in self.head().row_parts() {
             let mut mm = Matmul::linear(rows, c, part.shape[0]);
             (mm.a_off, mm.ldc, mm.c_off) = (r0 * c, vocab, p0);
-            k::matmul(gpu, rec, &mm, hf, part, &logits)?;
+            k::matmul(gpu, rec, &mm, hf, &part.value, &logits)?;
         }
         Ok(logits)
     }
 
     /// Final norm of the last layer's output: (hf, rstd).
     fn final_norm(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let hf = Self::zeros(gpu, "final norm", &[n, self.cfg.hidden])?;
-        let rstd = Self::zeros(gpu, "final rstd", &[n])?;
-        k::rmsnorm_forward(gpu, rec, n, self.cfg.hidden, self.cfg.eps, x, &self.norm, &hf, &rstd)?;
+        let hf = zeros(gpu, "final norm", &[n, self.cfg.hidden])?;
+        let rstd = zeros(gpu, "final rstd", &[n])?;
+        k::rmsnorm_forward(gpu, rec, n, self.cfg.hidden, self.cfg.eps, x, &self.norm.value, &hf, &rstd)?;
         Ok((hf, rstd))
     }
 
@@ -562,14 +658,11 @@ impl Model {
         let mut rec = gpu.recorder("forward");
         let mut x = self.embed(gpu, &mut rec, inp)?;
         for li in 0..self.layers.len() {
-            x = self.layer_forward(gpu, &mut rec, li, inp, x, None)?.out;
+            x = self.layer_forward(gpu, &mut rec, li, inp, x, None, false)?.out;
         }
         let (hf, _) = self.final_norm(gpu, &mut rec, n, &x)?;
-        let mut chunks = Vec::new();
         let per = self.head_chunk_rows(gpu);
-        for r0 in (0..n).step_by(per) {
-            chunks.push(self.head_forward(gpu, &mut rec, &hf, r0, per.min(n - r0))?);
-        }
+        let chunks = (0..n).step_by(per).map(|r0| self.head_forward(gpu, &mut rec, &hf, r0, per.min(n - r0))).collect::<Result<Vec<_>>>()?;
         gpu.submit(rec);
         let mut out = Vec::with_capacity(n * self.cfg.vocab);
         for c in &chunks {
@@ -578,14 +671,13 @@ impl Model {
         Ok(out)
     }
 
-    /// Forward and backward of the mean cross-entropy: `targets[i]` is the token
-    /// row i should predict (negative: not trained), and the loss is
-    /// Σ losses · `scale` (scale = 1 / trained tokens in the effective batch).
-    /// Gradients are added into the params' `grad`; returns the loss tensor `[1]`
-    /// (read it back with `Gpu::read`). The work is recorded and submitted.
+    /// Forward and backward of the cross-entropy: `targets[i]` is the token row i
+    /// should predict (negative: not trained), and the loss is Σ losses · `scale`
+    /// (scale = 1 / trained tokens in the effective batch). Gradients are added into
+    /// the trainable params; returns the loss tensor `[1]` (read it back with
+    /// `Gpu::read`). The work is recorded and submitted; nothing is read back.
     pub fn forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], scale: f32) -> Result<Tensor> {
-        let shape = inp.shape;
-        let n = shape.n();
+        let n = inp.shape.n();
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
         if targets.len() != n {
             return Err(Error::Shape(format!("{} targets for {n} tokens", targets.len())));
@@ -595,49 +687,65 @@ impl Model {
         let mut saved: Vec<Acts> = Vec::new();
         let mut inputs: Vec<Tensor> = Vec::new();
         for li in 0..self.layers.len() {
-            let acts = self.layer_forward(gpu, &mut rec, li, inp, x, None)?;
+            let acts = self.layer_forward(gpu, &mut rec, li, inp, x, None, true)?;
             x = acts.out.clone();
             if self.grad_checkpoint {
+                // Keep the layer's input; the backward recomputes the rest.
                 inputs.push(acts.x);
-                // Everything else is dropped: the backward recomputes it.
                 gpu.submit(std::mem::replace(&mut rec, gpu.recorder("forward")));
             } else {
                 saved.push(acts);
             }
         }
         let (hf, rstd_f) = self.final_norm(gpu, &mut rec, n, &x)?;
-        // Head and loss in chunks of tokens: logits never exist whole.
-        let loss = Self::zeros(gpu, "loss", &[1])?;
-        let dhf = Self::zeros(gpu, "dhf", &[n, c])?;
+        // Head and loss in chunks of tokens: the logits never exist whole.
+        let loss = zeros(gpu, "loss", &[1])?;
+        let dhf = zeros(gpu, "dhf", &[n, c])?;
         let per = self.head_chunk_rows(gpu);
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
             let logits = self.head_forward(gpu, &mut rec, &hf, r0, rows)?;
             let t = gpu.upload("targets", &targets[r0..r0 + rows], &[rows])?;
-            let (losses, lse, part) = (Self::zeros(gpu, "losses", &[rows])?, Self::zeros(gpu, "lse", &[rows])?, Self::zeros(gpu, "loss part", &[1])?);
+            let (losses, lse, part) = (zeros(gpu, "losses", &[rows])?, zeros(gpu, "lse", &[rows])?, zeros(gpu, "loss part", &[1])?);
             k::cross_entropy_forward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &losses, &lse, &part)?;
             k::axpy(gpu, &mut rec, 1, 1.0, &part, &loss)?;
             k::cross_entropy_backward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &lse)?;
             for (p0, w) in self.head().row_parts() {
-                let mut mm = Matmul::new(rows, c, w.shape[0]).accumulate();
+                let wrows = w.shape[0];
+                let mut mm = Matmul::new(rows, c, wrows).accumulate();
                 (mm.lda, mm.a_off, mm.c_off) = (vocab, p0, r0 * c);
-                k::matmul(gpu, &mut rec, &mm, &logits, w, &dhf)?;
+                k::matmul(gpu, &mut rec, &mm, &logits, &w.value, &dhf)?;
+                if let Some(g) = w.grad() {
+                    // dW[p0..p0+wrows] += dlogits[:, p0..]ᵀ · hf[r0..r0+rows]
+                    let mut mm = Matmul::new(wrows, c, rows).trans_a().accumulate();
+                    (mm.lda, mm.a_off, mm.b_off) = (vocab, p0, r0 * c);
+                    k::matmul(gpu, &mut rec, &mm, &logits, &hf, g)?;
+                }
             }
             // Keep the command buffer (and its logits) small.
             gpu.submit(std::mem::replace(&mut rec, gpu.recorder("head")));
         }
-        let dres = Self::zeros(gpu, "dres", &[n, c])?;
-        let dw_c = Self::zeros(gpu, "norm dw scratch", &[c])?;
-        k::rmsnorm_backward(gpu, &mut rec, n, c, &x, &self.norm, &rstd_f, &dhf, &dres, &dw_c)?;
+        let dres = zeros(gpu, "dres", &[n, c])?;
+        let scratch_c = zeros(gpu, "norm dw scratch", &[c])?;
+        k::rmsnorm_backward(gpu, &mut rec, n, c, &x, &self.norm.value, &rstd_f, &dhf, &dres, Self::norm_grad(&self.norm, &scratch_c))?;
         for li in (0..self.layers.len()).rev() {
             if self.grad_checkpoint {
                 let x_in = inputs.pop().expect("one saved input per layer");
-                let acts = self.layer_forward(gpu, &mut rec, li, inp, x_in, None)?;
+                let acts = self.layer_forward(gpu, &mut rec, li, inp, x_in, None, true)?;
                 self.layer_backward(gpu, &mut rec, li, inp, &acts, &dres)?;
                 gpu.submit(std::mem::replace(&mut rec, gpu.recorder("backward")));
             } else {
                 let acts = saved.pop().expect("one saved layer per layer");
                 self.layer_backward(gpu, &mut rec, li, inp, &acts, &dres)?;
+            }
+        }
+        if self.embed.parts.iter().any(|p| p.train.is_some()) {
+            let mut v0 = 0;
+            for part in &self.embed.parts {
+                let rows = part.shape[0];
+                let g = part.grad().expect("every part trains");
+                k::embedding_backward(gpu, &mut rec, n, c, v0, rows, &inp.ids_host, &dres, g)?;
+                v0 += rows;
             }
         }
         gpu.submit(rec);
@@ -647,8 +755,8 @@ impl Model {
     /// Zero every parameter gradient.
     pub fn zero_grads(&self, gpu: &Gpu) {
         let mut rec = gpu.recorder("zero grads");
-        for p in self.params() {
-            rec.encoder.clear_buffer(&p.grad.buffer, 0, None);
+        for g in self.params().iter().filter_map(|p| p.grad()) {
+            rec.encoder.clear_buffer(&g.buffer, 0, None);
         }
         gpu.submit(rec);
     }
@@ -659,39 +767,26 @@ impl Model {
         let params = self.params();
         let norm = gpu.zeros("grad norm", DType::F32, &[2])?;
         let mut rec = gpu.recorder("optimizer");
-        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let grads: Vec<&Tensor> = params.iter().filter_map(|p| p.grad()).collect();
         k::grad_norm(gpu, &mut rec, &grads, max_grad_norm, &norm)?;
         for p in &params {
-            k::adamw_step(gpu, &mut rec, opt, step, &p.value, &p.grad, &p.m, &p.v, &norm)?;
+            let t = p.train.as_ref().expect("params() are trainable");
+            k::adamw_step(gpu, &mut rec, opt, step, &p.value, &t.grad, &t.m, &t.v, &norm)?;
         }
         gpu.submit(rec);
         Ok(norm)
     }
 
-    /// Bytes this model holds on the GPU now (weights, LoRA params with grads and moments).
+    /// Bytes the model holds on the GPU between steps: every weight, and for each
+    /// trainable one its gradient and two moments.
     pub fn resident_bytes(&self) -> u64 {
-        let weights: u64 = self.embed.bytes()
-            + self.lm_head.as_ref().map_or(0, |w| w.bytes())
-            + self.norm.bytes()
-            + self.inv_freq.bytes()
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    l.ln1.bytes()
-                        + l.ln2.bytes()
-                        + l.q_norm.as_ref().map_or(0, |t| t.bytes())
-                        + l.k_norm.as_ref().map_or(0, |t| t.bytes())
-                        + l.linears.iter().map(|x| x.w.bytes() + x.bias.as_ref().map_or(0, |b| b.bytes())).sum::<u64>()
-                })
-                .sum::<u64>();
-        weights + self.params().iter().map(|p| 4 * p.value.bytes()).sum::<u64>()
+        self.all_params().iter().map(|p| p.bytes()).sum::<u64>() + self.inv_freq.bytes()
     }
 
     /// A KV cache for one sequence of up to `max_t` tokens.
     pub fn kv_cache(&self, gpu: &Gpu, max_t: usize) -> Result<KvCache> {
         let kvd = self.cfg.kv_dim();
-        let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| Self::zeros(gpu, l, &[max_t, kvd])).collect() };
+        let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| zeros(gpu, l, &[max_t, kvd])).collect() };
         Ok(KvCache { k: mk("k cache")?, v: mk("v cache")?, seg: gpu.zeros("cache segments", DType::U32, &[max_t])?, len: 0, max_t })
     }
 
@@ -699,8 +794,8 @@ impl Model {
     /// the last token.
     pub async fn decode(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
         let t = ids.len();
-        if cache.len + t > cache.max_t {
-            return Err(Error::Shape(format!("KV cache of {} tokens is full ({} + {t})", cache.max_t, cache.len)));
+        if t == 0 || cache.len + t > cache.max_t {
+            return Err(Error::Shape(format!("decoding {t} tokens into a KV cache holding {} of {}", cache.len, cache.max_t)));
         }
         let shape = Shape { b: 1, t };
         let pos: Vec<u32> = (cache.len..cache.len + t).map(|p| p as u32).collect();
@@ -708,7 +803,7 @@ impl Model {
         let mut rec = gpu.recorder("decode");
         let mut x = self.embed(gpu, &mut rec, &inp)?;
         for li in 0..self.layers.len() {
-            x = self.layer_forward(gpu, &mut rec, li, &inp, x, Some(cache))?.out;
+            x = self.layer_forward(gpu, &mut rec, li, &inp, x, Some(cache), false)?.out;
         }
         let (hf, _) = self.final_norm(gpu, &mut rec, t, &x)?;
         let logits = self.head_forward(gpu, &mut rec, &hf, t - 1, 1)?;
@@ -717,4 +812,3 @@ impl Model {
         gpu.read::<f32>(&logits).await
     }
 }
-

@@ -6,7 +6,8 @@ not hidden/heads, and tied embeddings) it writes under tests/fixtures/<name>/:
 
   model/                 save_pretrained of a small random model (safetensors)
   adapter/               a PEFT LoRA adapter on all seven projections, B non-zero
-  expected.safetensors   logits, loss and every LoRA gradient for one batch
+  expected.safetensors   logits, loss and every LoRA gradient for one batch, and the
+                         gradient of every base weight in full fine-tuning
   expected.json          the batch, the loss, five AdamW steps' losses, greedy tokens
 
 Run from the repository root: python tests/reference/gen_reference.py
@@ -121,6 +122,13 @@ def main():
         for pname, p in model.named_parameters():
             if p.grad is not None:
                 tensors["grad." + pname] = p.grad.detach().contiguous()
+        # Full fine-tuning: the gradient of every base weight (tied ones once).
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(root, "model"), dtype=torch.float32)
+        full = base(input_ids=ids, attention_mask=mask, labels=labels)
+        full.loss.backward()
+        tensors["full_loss"] = full.loss.detach().reshape(1)
+        for pname, p in base.named_parameters():
+            tensors["full." + pname] = p.grad.detach().contiguous()
         save_file(tensors, os.path.join(root, "expected.safetensors"))
 
         # Five AdamW steps from the saved adapter, clipping at 1.0 as TRL does.
