@@ -8,6 +8,9 @@
 // (order: positions sorted by id; starts[u]..starts[u+1] are the positions of the u-th
 // distinct id uniq[u]), so each (distinct id, column) is summed by one invocation.
 
+// The element type of the table; the registry's f16 variant stores it in f16.
+alias WElem = f32;
+
 struct Params {
     n: u32, c: u32, v: u32, n_uniq: u32,
     v0: u32, _p0: u32, _p1: u32, _p2: u32,
@@ -15,7 +18,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<WElem>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> order: array<u32>;
 @group(0) @binding(5) var<storage, read> starts: array<u32>;
@@ -30,7 +33,7 @@ fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x; let t = gid.y;
     if (c >= p.c || t >= p.n) { return; }
     let id = ids[t];
-    if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = w[(id - p.v0) * p.c + c]; }
+    if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = f32(w[(id - p.v0) * p.c + c]); }
 }
 
 // dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1).

@@ -8,6 +8,10 @@
 // Linear layer y = x·Wᵀ: A = x [BT, in], B = W [out, in], TRANS_B.
 //   dx += dy·W: A = dy [BT, out], B = W [out, in].  dW += dyᵀ·x: A = dy, TRANS_A, B = x.
 
+// The element type of B. The registry builds a variant with `enable f16;` and
+// `alias BElem = f16;` for frozen weights stored in f16 (B is always the weight).
+alias BElem = f32;
+
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
     a_off: u32, b_off: u32, c_off: u32, lda: u32,
@@ -20,7 +24,7 @@ override TRANS_B: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;       // op(A) [M, K] per batch
-@group(0) @binding(2) var<storage, read> b: array<f32>;       // op(B) [K, N] per batch
+@group(0) @binding(2) var<storage, read> b: array<BElem>;     // op(B) [K, N] per batch
 @group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
 
 fn a_at(base: u32, m: u32, k: u32) -> f32 {
@@ -29,8 +33,8 @@ fn a_at(base: u32, m: u32, k: u32) -> f32 {
 }
 
 fn b_at(base: u32, k: u32, n: u32) -> f32 {
-    if (TRANS_B) { return b[base + n * p.ldb + k]; }
-    return b[base + k * p.ldb + n];
+    if (TRANS_B) { return f32(b[base + n * p.ldb + k]); }
+    return f32(b[base + k * p.ldb + n]);
 }
 
 // Write a 4×4 block at (m0, n0); rows and columns past the edge are dropped.

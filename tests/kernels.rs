@@ -367,3 +367,31 @@ fn dropout_matches_reference_and_keeps_the_right_fraction() {
         assert!((kept - (1.0 - p)).abs() < 0.02, "kept {kept} at p {p}");
     }
 }
+
+#[test]
+fn f16_weights_in_matmul_and_embedding() {
+    let g = gpu();
+    assert!(g.caps.shader_f16, "lavapipe offers shader-f16: {}", g.describe());
+    let mut rng = Rng::new(21);
+    let round = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        for mm in [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37)] {
+            let (ea, eb, ec) = mm.extents();
+            let (a, b) = (rng.vec(ea, 1.0), rng.vec(eb, 3.0));
+            let (ta, tb, tc) = (up(g, &a), g.upload_f16("w", &b, &[eb]).unwrap(), zeros(g, ec));
+            run(g, |r| k::matmul(g, r, &mm, &ta, &tb, &tc));
+            let mut want = vec![0.0; ec];
+            cpu::matmul(&mm, &a, &round(&b), &mut want);
+            close("matmul with f16 B", &read(g, &tc), &want, 1e-4, 1e-4);
+        }
+    }
+    let (n, c, v) = (9, 7, 11);
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 5) % v as u32).collect();
+    let w = rng.vec(v * c, 2.0);
+    let (tids, tw, tout) = (up(g, &ids), g.upload_f16("table", &w, &[v * c]).unwrap(), zeros(g, n * c));
+    run(g, |r| k::embedding_forward(g, r, n, c, v, &tids, &[&tw], &tout));
+    let mut want = vec![0.0; n * c];
+    cpu::embedding_forward(n, c, v, &ids, &round(&w), &mut want);
+    close("embedding from f16", &read(g, &tout), &want, 0.0, 0.0);
+}

@@ -125,17 +125,17 @@ fn parity(name: &str, g: &Gpu) {
 
 #[test]
 fn llama_matches_pytorch() {
-    parity("llama", gpu());
+    parity("llama", gpu_f32());
 }
 
 #[test]
 fn qwen2_matches_pytorch() {
-    parity("qwen2", gpu());
+    parity("qwen2", gpu_f32());
 }
 
 #[test]
 fn qwen3_matches_pytorch() {
-    parity("qwen3", gpu());
+    parity("qwen3", gpu_f32());
 }
 
 
@@ -146,7 +146,7 @@ fn split_weights_match_pytorch() {
     use std::sync::OnceLock;
     static G: OnceLock<Gpu> = OnceLock::new();
     let g = G.get_or_init(|| {
-        futures::executor::block_on(Gpu::new_with(webtune::gpu::GpuOptions { max_binding: Some(16 << 10), ..Default::default() }))
+        futures::executor::block_on(Gpu::new_with(webtune::gpu::GpuOptions { max_binding: Some(16 << 10), no_f16: true, ..Default::default() }))
             .unwrap()
     });
     let f = fixture("llama");
@@ -161,7 +161,7 @@ fn split_weights_match_pytorch() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    let g = gpu();
+    let g = gpu_f32();
     let f = fixture("qwen3");
     let (inp, targets, _) = batch(g, &f);
     let mut results = Vec::new();
@@ -240,13 +240,13 @@ fn full_parity(name: &str, g: &Gpu) {
 #[test]
 fn full_fine_tuning_gradients_match_pytorch() {
     for name in ["llama", "qwen2", "qwen3"] {
-        full_parity(name, gpu());
+        full_parity(name, gpu_f32());
     }
 }
 
 #[test]
 fn lora_dropout_is_repeatable_and_only_in_training() {
-    let g = gpu();
+    let g = gpu_f32();
     let f = fixture("llama");
     let mut lora = f.lora.clone();
     lora.dropout = 0.3;
@@ -272,4 +272,32 @@ fn lora_dropout_is_repeatable_and_only_in_training() {
     assert!(g0.iter().zip(&g1).any(|(a, b)| (a - b).abs() > 1e-6));
     // Evaluation never drops.
     close("logits ignore dropout", &logits1, &logits0, 0.0, 0.0);
+}
+
+/// Frozen weights in f16 (adapters with shader-f16, such as lavapipe): half the weight
+/// memory, logits and gradients within f16 rounding of PyTorch's f32.
+#[test]
+fn f16_weights_stay_close_to_pytorch() {
+    let g = gpu();
+    assert!(g.caps.shader_f16, "this test needs an adapter with shader-f16 (lavapipe has it): {}", g.describe());
+    let f = fixture("qwen3");
+    let m16 = model(g, &f, true);
+    let m32 = model(gpu_f32(), &f, true);
+    assert_eq!(m16.layers[0].linears[0].w.parts[0].value.dtype, webtune::gpu::DType::F16);
+    let frozen = |m: &Model| m.all_params().iter().filter(|p| p.train.is_none()).map(|p| p.bytes()).sum::<u64>();
+    let (frozen16, frozen32) = (frozen(&m16), frozen(&m32));
+    assert!((frozen16 as f64) < 0.52 * frozen32 as f64, "{frozen16} vs {frozen32}");
+    let (inp, targets, mask) = batch(g, &f);
+    let logits = futures::executor::block_on(m16.logits(g, &inp)).unwrap();
+    let v = f.cfg.vocab;
+    let keep: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] == 1).flat_map(|i| i * v..(i + 1) * v).collect();
+    let (got, want): (Vec<f32>, Vec<f32>) = keep.iter().map(|&i| (logits[i], f.expected["logits"].data[i])).unzip();
+    close("f16 logits", &got, &want, 2e-2, 2e-2);
+    let loss = m16.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
+    close("f16 loss", &read(g, &loss), &f.expected["loss"].data, 0.0, 1e-3);
+    for p in m16.params() {
+        let want = &f.expected[&format!("grad.{}", p.name.replace(".weight", ".default.weight"))].data;
+        let mag = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        close(&format!("f16 {}", p.name), &read(g, p.grad().unwrap()), want, 2e-2 * mag, 2e-2);
+    }
 }

@@ -16,6 +16,18 @@ fn every_kernel_validates() {
 }
 
 #[test]
+fn f16_variants_validate() {
+    for k in webtune::kernels::WITH_F16 {
+        let v = webtune::kernels::f16_variant(k);
+        let module = naga::front::wgsl::parse_str(v.source)
+            .unwrap_or_else(|e| panic!("{}: {}", v.name, e.emit_to_string(v.source)));
+        Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", v.name, e.emit_to_string(v.source)));
+    }
+}
+
+#[test]
 fn every_file_is_registered() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     let mut files: Vec<String> = std::fs::read_dir(&dir)

@@ -50,6 +50,8 @@ pub struct GpuOptions {
     pub max_binding: Option<u64>,
     /// Force a kernel variant instead of choosing by `device_type`.
     pub variant: Option<Variant>,
+    /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
+    pub no_f16: bool,
 }
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
@@ -100,7 +102,10 @@ impl Gpu {
             .map_err(|e| Error::NoAdapter(e.to_string()))?;
         let info = adapter.get_info();
         let offered = adapter.features();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let mut wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        if !opts.no_f16 {
+            wanted |= wgpu::Features::SHADER_F16;
+        }
         let features = offered & wanted;
         // The adapter's own maxima (buffer and binding sizes above all), not the defaults.
         let limits = adapter.limits();
@@ -248,14 +253,31 @@ impl Gpu {
         Ok(())
     }
 
+    /// A new f16 storage tensor holding `data` rounded to f16 (frozen weights).
+    pub fn upload_f16(&self, label: &str, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let halves: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        self.upload(label, &halves, shape)
+    }
+
     /// A new storage tensor holding `data`.
     pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = Tensor::new(self, label, DType::of::<T>(), shape)?;
         if t.numel() != data.len() {
             return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
         }
-        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, bytemuck::cast_slice(data));
         Ok(t)
+    }
+
+    /// Queue writes must be a multiple of 4 bytes (odd-length f16 data is not).
+    fn write_padded(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(buffer, 0, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            self.queue.write_buffer(buffer, 0, &padded);
+        }
     }
 
     /// A new zero-filled storage tensor.
@@ -268,7 +290,7 @@ impl Gpu {
         if t.numel() != data.len() || t.dtype != DType::of::<T>() {
             return Err(Error::Shape(format!("{}: writing {} values into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
         }
-        self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, bytemuck::cast_slice(data));
         Ok(())
     }
 

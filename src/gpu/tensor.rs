@@ -9,6 +9,8 @@ pub enum DType {
     F32,
     U32,
     I32,
+    /// Frozen weights on adapters with `shader-f16`.
+    F16,
 }
 
 impl DType {
@@ -18,13 +20,23 @@ impl DType {
             DType::U32
         } else if id == std::any::TypeId::of::<i32>() {
             DType::I32
+        } else if id == std::any::TypeId::of::<half::f16>() {
+            DType::F16
         } else {
             DType::F32
         }
     }
+
+    pub fn size(self) -> usize {
+        if self == DType::F16 {
+            2
+        } else {
+            4
+        }
+    }
 }
 
-/// Row-major tensor on the GPU; every element is 4 bytes. `clone` shares the buffer.
+/// Row-major tensor on the GPU. `clone` shares the buffer.
 #[derive(Clone)]
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
@@ -38,7 +50,7 @@ impl Tensor {
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         // Bindings want a non-zero size that is a multiple of 4; vec4 views want 16.
-        let bytes = ((numel.max(1) * 4) as u64).div_ceil(16) * 16;
+        let bytes = ((numel.max(1) * dtype.size()) as u64).div_ceil(16) * 16;
         if bytes > gpu.caps.limits.max_buffer_size {
             return Err(Error::TooLarge(format!(
                 "{label}: {bytes} bytes exceeds the adapter's max buffer size {}",
@@ -60,7 +72,7 @@ impl Tensor {
 
     /// Bytes holding the elements (the buffer may be padded beyond this).
     pub fn bytes(&self) -> u64 {
-        (self.numel() * 4) as u64
+        (self.numel() * self.dtype.size()) as u64
     }
 
     /// Check that this tensor has `numel` elements of `dtype`, naming the op and argument.

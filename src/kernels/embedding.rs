@@ -1,6 +1,6 @@
 //! Launchers for `kernels/embedding.wgsl`.
 
-use super::{check, check_binding, groups, EMBEDDING};
+use super::{check, check_binding, f16_variant, groups, EMBEDDING};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -38,9 +38,13 @@ pub fn embedding_forward(
     check_binding(gpu, op, &[out])?;
     check_binding(gpu, op, parts)?;
     rec.encoder.clear_buffer(&out.buffer, 0, None);
-    let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
     let mut v0 = 0;
     for w in parts {
+        check(w.dtype == DType::F32 || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {
+            format!("table part `{}` is {:?}", w.label, w.dtype)
+        })?;
+        let kernel = if w.dtype == DType::F16 { f16_variant(&EMBEDDING) } else { &EMBEDDING };
+        let pipeline = gpu.pipeline(kernel, op, &[]);
         let rows = w.numel() / c;
         let p = Params { n: n as u32, c: c as u32, v: rows as u32, n_uniq: 0, v0: v0 as u32, _p: [0; 3] };
         gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, (*w).into()), (3, out.into())], [groups(c, 64), n as u32, 1])?;

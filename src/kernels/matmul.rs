@@ -1,6 +1,6 @@
 //! Launcher for `kernels/matmul.wgsl`.
 
-use super::{check, check_binding, groups, MATMUL};
+use super::{check, check_binding, f16_variant, groups, MATMUL};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
@@ -148,8 +148,11 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
     let (ca, cb) = (if mm.trans_a { mm.m } else { mm.k }, if mm.trans_b { mm.k } else { mm.n });
     check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm:?}"))?;
     let (ea, eb, ec) = mm.extents();
+    // B may be an f16 weight; A and C are f32 activations.
+    check(b.dtype != DType::F16 || gpu.caps.shader_f16, op, || format!("`b` ({}) is f16 but the device has no shader-f16", b.label))?;
     for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
-        check(t.dtype == DType::F32 && t.numel() >= need, op, || {
+        let dtype_ok = t.dtype == DType::F32 || (name == "b" && t.dtype == DType::F16);
+        check(dtype_ok && t.numel() >= need, op, || {
             format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
         })?;
     }
@@ -180,7 +183,8 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
         Variant::Register => ("matmul_reg", 32),
         Variant::Tiled => ("matmul_tiled", 64),
     };
-    let pipeline = gpu.pipeline(&MATMUL, entry, &constants);
+    let kernel = if b.dtype == DType::F16 { f16_variant(&MATMUL) } else { &MATMUL };
+    let pipeline = gpu.pipeline(kernel, entry, &constants);
     gpu.dispatch(
         rec,
         &pipeline,

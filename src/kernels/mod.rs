@@ -57,6 +57,26 @@ kernel!(SWIGLU, "swiglu.wgsl");
 /// Every kernel file, for validation and pipeline warm-up.
 pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, LORA, MATMUL, RMSNORM, ROPE, SWIGLU];
 
+/// The variant of a kernel that reads its weight operand as f16 (`enable f16;` and
+/// the file's `alias BElem = f32;` / `alias WElem = f32;` switched to f16). Built once
+/// per kernel; needs the `shader-f16` feature.
+pub fn f16_variant(k: &Kernel) -> &'static Kernel {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
+    cache.entry(k.name).or_insert_with(|| {
+        let body = k.source.replace("alias BElem = f32;", "alias BElem = f16;").replace("alias WElem = f32;", "alias WElem = f16;");
+        assert_ne!(body, k.source, "{} has no element alias to switch to f16", k.name);
+        let name: &'static str = Box::leak(format!("{} (f16 weights)", k.name).into_boxed_str());
+        let source: &'static str = Box::leak(format!("enable f16;\n{body}").into_boxed_str());
+        Box::leak(Box::new(Kernel { name, source }))
+    })
+}
+
+/// The kernels that have an f16-weight variant.
+pub const WITH_F16: &[Kernel] = &[MATMUL, EMBEDDING];
+
 /// Workgroups covering `n` items of `per` each.
 pub(crate) fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32

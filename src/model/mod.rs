@@ -45,6 +45,12 @@ impl Param {
         Ok(Param { value: gpu.upload(&name, data, shape)?, train, shape: shape.to_vec(), name })
     }
 
+    /// A frozen matrix, stored in f16 (where the adapter has `shader-f16`) or f32.
+    fn frozen_matrix(gpu: &Gpu, name: String, data: &[f32], shape: &[usize]) -> Result<Param> {
+        let value = if gpu.caps.shader_f16 { gpu.upload_f16(&name, data, shape)? } else { gpu.upload(&name, data, shape)? };
+        Ok(Param { value, train: None, shape: shape.to_vec(), name })
+    }
+
     pub fn grad(&self) -> Option<&Tensor> {
         self.train.as_ref().map(|t| &t.grad)
     }
@@ -69,13 +75,20 @@ impl Weight {
             [r, c] => (r, c),
             _ => return Err(Error::Weights(format!("`{name}` has shape {:?}, expected a matrix", t.shape))),
         };
-        let per = ((gpu.caps.max_binding / (cols as u64 * 4)) as usize).clamp(1, rows);
+        // Frozen matrices are f16 where the adapter can read f16, halving their memory.
+        let elem = if !trainable && gpu.caps.shader_f16 { 2 } else { 4 };
+        let per = ((gpu.caps.max_binding / (cols as u64 * elem)) as usize).clamp(1, rows);
         let parts = (0..rows)
             .step_by(per)
             .map(|r0| {
                 let r1 = (r0 + per).min(rows);
                 let label = if per >= rows { name.to_string() } else { format!("{name}[{r0}..{r1}]") };
-                Param::new(gpu, label, &t.data[r0 * cols..r1 * cols], &[r1 - r0, cols], trainable)
+                let (data, shape) = (&t.data[r0 * cols..r1 * cols], [r1 - r0, cols]);
+                if trainable {
+                    Param::new(gpu, label, data, &shape, true)
+                } else {
+                    Param::frozen_matrix(gpu, label, data, &shape)
+                }
             })
             .collect::<Result<_>>()?;
         Ok(Weight { name: name.to_string(), parts, rows, cols })

@@ -20,6 +20,12 @@ pub fn gpu() -> &'static Gpu {
     G.get_or_init(|| make(GpuOptions::default()))
 }
 
+/// f32 weights even where the adapter offers shader-f16 (exact parity with PyTorch).
+pub fn gpu_f32() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { no_f16: true, ..Default::default() }))
+}
+
 /// Each kernel variant in turn, whatever the adapter prefers.
 pub fn variant(v: Variant) -> &'static Gpu {
     static R: OnceLock<Gpu> = OnceLock::new();
