@@ -301,3 +301,37 @@ fn f16_weights_stay_close_to_pytorch() {
         close(&format!("f16 {}", p.name), &read(g, p.grad().unwrap()), want, 2e-2 * mag, 2e-2);
     }
 }
+
+/// The config-only estimate counts exactly what a loaded model holds.
+#[test]
+fn memory_estimate_matches_the_loaded_model() {
+    use webtune::model::memory::{estimate, Plan};
+    for (name, g) in [("llama", gpu()), ("qwen2", gpu_f32()), ("qwen3", gpu())] {
+        let f = fixture(name);
+        for tuning in [Tuning::Frozen, Tuning::Lora(f.lora.clone()), Tuning::Full] {
+            let m = Model::load(g, f.cfg.clone(), &f.weights, tuning.clone(), 0).unwrap();
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, max_binding: g.caps.max_binding };
+            let est = estimate(&f.cfg, &plan);
+            assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {:?}", plan.tuning);
+            assert!(est.activations > 0);
+        }
+    }
+}
+
+/// The design budget: SmolLM2-135M, LoRA r = 16 on all seven projections, batch 4 × 512,
+/// gradient checkpointing, f16 frozen weights, in under 1 GiB (README records the figure).
+#[test]
+fn smollm2_135m_lora_step_fits_in_one_gib() {
+    use webtune::model::memory::{estimate, Plan};
+    use webtune::model::LoraConfig;
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/SmolLM2-135M.json")).unwrap();
+    let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
+    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
+    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, max_binding: 128 << 20 };
+    let m = estimate(&cfg, &plan);
+    eprintln!("SmolLM2-135M LoRA r16: {m:?}, total {} MiB", m.total() >> 20);
+    // 134.5M weights in f16, 4.9M LoRA parameters with gradients and moments.
+    assert_eq!(m.weights / 1_000_000, 269);
+    assert_eq!(m.training_state / 1_000_000, 78);
+    assert!(m.total() < 1 << 30, "{} bytes", m.total());
+}

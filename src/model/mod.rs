@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod memory;
 pub mod weights;
 
 use crate::check::Rng;
