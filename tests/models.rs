@@ -335,3 +335,30 @@ fn smollm2_135m_lora_step_fits_in_one_gib() {
     assert_eq!(m.training_state / 1_000_000, 78);
     assert!(m.total() < 1 << 30, "{} bytes", m.total());
 }
+
+/// Fresh LoRA pairs start as PEFT's do: A ~ U(±1/√in) (Kaiming-uniform, a = √5), B = 0,
+/// so the adapted model starts equal to the base; rsLoRA scales by alpha/√r.
+#[test]
+fn fresh_lora_starts_as_peft_does() {
+    let g = gpu_f32();
+    let f = fixture("qwen2");
+    let mut lora = f.lora.clone();
+    lora.r = 8;
+    let m = Model::load(g, f.cfg.clone(), &f.weights, Tuning::Lora(lora.clone()), 3).unwrap();
+    for lin in &m.layers[1].linears {
+        let l = lin.lora.as_ref().unwrap();
+        let a = read(g, &l.a.value);
+        let bound = 1.0 / (lin.din as f32).sqrt();
+        assert!(a.iter().all(|x| x.abs() <= bound));
+        let std = (a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32).sqrt();
+        assert!((std - bound / 3f32.sqrt()).abs() < 0.15 * bound, "{}: std {std}", lin.name);
+        assert!(read(g, &l.b.value).iter().all(|&x| x == 0.0));
+        assert_eq!(l.scale, lora.alpha / 8.0);
+    }
+    let (inp, _, _) = batch(g, &f);
+    let base = Model::load(g, f.cfg.clone(), &f.weights, Tuning::Frozen, 0).unwrap();
+    let (x, y) = (futures::executor::block_on(m.logits(g, &inp)).unwrap(), futures::executor::block_on(base.logits(g, &inp)).unwrap());
+    close("fresh LoRA = base", &x, &y, 0.0, 0.0);
+    lora.use_rslora = true;
+    assert_eq!(lora.scale(), lora.alpha / 8f32.sqrt());
+}
