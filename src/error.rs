@@ -21,6 +21,12 @@ pub enum Error {
     Weights(String),
     #[error("{0}")]
     Io(String),
+    #[error("bad data: {0}")]
+    Data(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("GPU readback failed: {0}")]
     Map(String),
 }

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod kernels;

