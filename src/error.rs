@@ -32,3 +32,10 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A file-system error that names the path.
+    pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Error {
+        Error::Io(format!("{}: {e}", path.display()))
+    }
+}

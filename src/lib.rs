@@ -8,6 +8,8 @@
 
 pub mod bench;
 pub mod check;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod gpu;
@@ -15,5 +17,6 @@ pub mod kernels;
 pub mod model;
 pub mod peft;
 pub mod reference;
+pub mod train;
 
 pub use error::{Error, Result};

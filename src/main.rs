@@ -1,7 +1,13 @@
-//! The `webtune` command line.
+//! The `webtune` command line (parsing only; the commands live in `webtune::cli`).
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use webtune::cli;
 use webtune::gpu::Gpu;
+use webtune::model::generate::Sampling;
+use webtune::model::LoraConfig;
+use webtune::train::Options;
 
 #[derive(Parser)]
 #[command(name = "webtune", version, about = "Fine-tune small language models with hand-written WGSL kernels")]
@@ -10,8 +16,76 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a model on instruction data (LoRA by default, --full for every weight).
+    Train(Box<TrainCmd>),
+    /// Continue a prompt.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn with the chat template and the generation prompt.
+        #[arg(long)]
+        chat: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Talk with a model; /reset starts over, /exit leaves.
+    Chat {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Loss and perplexity on a data file, masked as in training; prints one JSON line.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        max_seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+    },
+    /// Merge a LoRA adapter into its base model and write a full model.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure the kernels on this adapter.
     Bench {
         #[command(subcommand)]
@@ -23,7 +97,7 @@ enum Command {
     Memory {
         /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json).
         #[arg(long)]
-        config: std::path::PathBuf,
+        config: PathBuf,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         #[arg(long, default_value_t = 512)]
@@ -40,6 +114,81 @@ enum Command {
         #[arg(long)]
         f32_weights: bool,
     },
+}
+
+#[derive(Args)]
+struct TrainCmd {
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL or JSON array: messages, prompt/completion, Alpaca, Dolly or text records.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: a PEFT adapter (or a full model with --full), checkpoints, metrics.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f32,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated projections, or all-linear.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    lora_targets: String,
+    /// Scale LoRA by alpha/√r (rsLoRA).
+    #[arg(long)]
+    rslora: bool,
+    /// Train every weight (f32) instead of LoRA pairs.
+    #[arg(long)]
+    full: bool,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// constant, linear or cosine (with warmup).
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Pack several examples into each sequence (attention stays within each).
+    #[arg(long)]
+    pack: bool,
+    /// Recompute activations in the backward instead of keeping them.
+    #[arg(long)]
+    grad_checkpoint: bool,
+    #[arg(long, default_value_t = 1, conflicts_with = "steps")]
+    epochs: usize,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// A checkpoint directory (out/checkpoint-N) to continue from.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Start from an existing PEFT adapter instead of fresh LoRA weights.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Train on every token, prompts included.
+    #[arg(long)]
+    train_on_prompt: bool,
 }
 
 #[derive(Subcommand)]
@@ -63,15 +212,89 @@ fn main() {
     }
 }
 
+fn lora_targets(s: &str) -> Vec<String> {
+    if s == "all-linear" {
+        LoraConfig::ALL_TARGETS.map(String::from).to_vec()
+    } else {
+        s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+    }
+}
+
 async fn run(cli: Cli) -> webtune::Result<()> {
     match cli.command {
+        Command::Train(t) => {
+            let args = cli::TrainArgs {
+                lora: LoraConfig {
+                    r: t.lora_rank,
+                    alpha: t.lora_alpha,
+                    dropout: t.lora_dropout,
+                    targets: lora_targets(&t.lora_targets),
+                    use_rslora: t.rslora,
+                },
+                opts: Options {
+                    lr: t.lr,
+                    schedule: t.schedule,
+                    warmup: t.warmup,
+                    weight_decay: t.weight_decay,
+                    max_grad_norm: t.max_grad_norm,
+                    batch_size: t.batch_size,
+                    grad_accum: t.grad_accum,
+                    epochs: t.epochs,
+                    steps: t.steps,
+                    seed: t.seed,
+                    shuffle: !t.no_shuffle,
+                },
+                model: t.model,
+                data: t.data,
+                out: t.out,
+                valid: t.valid,
+                full: t.full,
+                max_seq_len: t.max_seq_len,
+                pack: t.pack,
+                grad_checkpoint: t.grad_checkpoint,
+                eval_every: t.eval_every,
+                save_every: t.save_every,
+                resume: t.resume,
+                init_adapter: t.init_adapter,
+                train_on_prompt: t.train_on_prompt,
+                quiet: false,
+            };
+            let gpu = Gpu::new().await?;
+            cli::train(&gpu, &args).await?;
+        }
+        Command::Generate { model, adapter, prompt, chat, sampling } => {
+            let gpu = Gpu::new().await?;
+            let md = cli::ModelDir::open(&model)?;
+            let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
+            let ids = cli::prompt_ids(&md.tokenizer, &prompt, chat)?;
+            cli::generate_print(&gpu, &m, &md.tokenizer, &ids, sampling.max_new_tokens, &sampling.sampling()).await?;
+            println!();
+        }
+        Command::Chat { model, adapter, sampling } => {
+            let gpu = Gpu::new().await?;
+            let md = cli::ModelDir::open(&model)?;
+            let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
+            cli::chat(&gpu, &m, &md.tokenizer, sampling.max_new_tokens, &sampling.sampling()).await?;
+        }
+        Command::Eval { model, adapter, data, max_seq_len, batch_size } => {
+            let gpu = Gpu::new().await?;
+            let md = cli::ModelDir::open(&model)?;
+            let ds = cli::load_data(&md.tokenizer, &data, max_seq_len, false, false)?;
+            let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
+            let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
+            println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+        }
+        Command::Merge { model, adapter, out } => {
+            cli::merge(&model, &adapter, &out)?;
+            println!("wrote {}", out.display());
+        }
         Command::Info => {
             let gpu = Gpu::new().await?;
             println!("{}", gpu.describe());
             println!("{:#?}", gpu.caps.limits);
         }
         Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights } => {
-            use webtune::model::{memory, Config, LoraConfig, Tuning};
+            use webtune::model::{memory, Config, Tuning};
             let text = std::fs::read_to_string(&config).map_err(|e| webtune::Error::Io(format!("{}: {e}", config.display())))?;
             let cfg = Config::parse(&text, &config.display().to_string(), None)?;
             let tuning = if full {

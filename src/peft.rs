@@ -38,3 +38,24 @@ pub fn parse_config(text: &str, source: &str) -> Result<LoraConfig> {
         use_rslora: field("use_rslora").and_then(|d| d.as_bool()).unwrap_or(false),
     })
 }
+
+/// `adapter_config.json` for a LoRA adapter on `base_model`, as PEFT writes it.
+pub fn config_json(l: &LoraConfig, base_model: &str) -> String {
+    let v = serde_json::json!({
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "lora_alpha": l.alpha,
+        "lora_dropout": l.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": l.r,
+        "target_modules": l.targets,
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": l.use_rslora,
+    });
+    serde_json::to_string_pretty(&v).expect("serialisable")
+}

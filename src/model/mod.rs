@@ -484,6 +484,30 @@ impl Model {
         out
     }
 
+    /// Every base weight by its Hugging Face name, with the params that hold it (the
+    /// row-parts of a split matrix, in order).
+    pub fn weights_by_name(&self) -> Vec<(String, Vec<&Param>)> {
+        fn one(p: &Param) -> (String, Vec<&Param>) {
+            (p.name.clone(), vec![p])
+        }
+        fn matrix(w: &Weight) -> (String, Vec<&Param>) {
+            (w.name.clone(), w.parts.iter().collect())
+        }
+        let mut out = vec![matrix(&self.embed)];
+        for l in &self.layers {
+            out.push(one(&l.ln1));
+            out.push(one(&l.ln2));
+            out.extend(l.q_norm.iter().chain(&l.k_norm).map(one));
+            for lin in &l.linears {
+                out.push(matrix(&lin.w));
+                out.extend(lin.bias.iter().map(one));
+            }
+        }
+        out.push(one(&self.norm));
+        out.extend(self.lm_head.iter().map(matrix));
+        out
+    }
+
     /// Every trainable parameter: the LoRA pairs, or every weight in full tuning.
     pub fn params(&self) -> Vec<&Param> {
         self.all_params().into_iter().filter(|p| p.train.is_some()).collect()
@@ -691,6 +715,15 @@ impl Model {
     /// the trainable params; returns the loss tensor `[1]` (read it back with
     /// `Gpu::read`). The work is recorded and submitted; nothing is read back.
     pub fn forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], scale: f32) -> Result<Tensor> {
+        self.pass(gpu, inp, targets, scale, true)
+    }
+
+    /// The loss alone (`[1]`, Σ losses · scale), as `forward_backward` computes it.
+    pub fn loss(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], scale: f32) -> Result<Tensor> {
+        self.pass(gpu, inp, targets, scale, false)
+    }
+
+    fn pass(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], scale: f32, backward: bool) -> Result<Tensor> {
         let n = inp.shape.n();
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
         if targets.len() != n {
@@ -701,8 +734,11 @@ impl Model {
         let mut saved: Vec<Acts> = Vec::new();
         let mut inputs: Vec<Tensor> = Vec::new();
         for li in 0..self.layers.len() {
-            let acts = self.layer_forward(gpu, &mut rec, li, inp, x, None, true)?;
+            let acts = self.layer_forward(gpu, &mut rec, li, inp, x, None, backward)?;
             x = acts.out.clone();
+            if !backward {
+                continue;
+            }
             if self.grad_checkpoint {
                 // Keep the layer's input; the backward recomputes the rest.
                 inputs.push(acts.x);
@@ -723,21 +759,27 @@ impl Model {
             let (losses, lse, part) = (zeros(gpu, "losses", &[rows])?, zeros(gpu, "lse", &[rows])?, zeros(gpu, "loss part", &[1])?);
             k::cross_entropy_forward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &losses, &lse, &part)?;
             k::axpy(gpu, &mut rec, 1, 1.0, &part, &loss)?;
-            k::cross_entropy_backward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &lse)?;
-            for (p0, w) in self.head().row_parts() {
-                let wrows = w.shape[0];
-                let mut mm = Matmul::new(rows, c, wrows).accumulate();
-                (mm.lda, mm.a_off, mm.c_off) = (vocab, p0, r0 * c);
-                k::matmul(gpu, &mut rec, &mm, &logits, &w.value, &dhf)?;
-                if let Some(g) = w.grad() {
-                    // dW[p0..p0+wrows] += dlogits[:, p0..]ᵀ · hf[r0..r0+rows]
-                    let mut mm = Matmul::new(wrows, c, rows).trans_a().accumulate();
-                    (mm.lda, mm.a_off, mm.b_off) = (vocab, p0, r0 * c);
-                    k::matmul(gpu, &mut rec, &mm, &logits, &hf, g)?;
+            if backward {
+                k::cross_entropy_backward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &lse)?;
+                for (p0, w) in self.head().row_parts() {
+                    let wrows = w.shape[0];
+                    let mut mm = Matmul::new(rows, c, wrows).accumulate();
+                    (mm.lda, mm.a_off, mm.c_off) = (vocab, p0, r0 * c);
+                    k::matmul(gpu, &mut rec, &mm, &logits, &w.value, &dhf)?;
+                    if let Some(g) = w.grad() {
+                        // dW[p0..p0+wrows] += dlogits[:, p0..]ᵀ · hf[r0..r0+rows]
+                        let mut mm = Matmul::new(wrows, c, rows).trans_a().accumulate();
+                        (mm.lda, mm.a_off, mm.b_off) = (vocab, p0, r0 * c);
+                        k::matmul(gpu, &mut rec, &mm, &logits, &hf, g)?;
+                    }
                 }
             }
             // Keep the command buffer (and its logits) small.
             gpu.submit(std::mem::replace(&mut rec, gpu.recorder("head")));
+        }
+        if !backward {
+            gpu.submit(rec);
+            return Ok(loss);
         }
         let dres = zeros(gpu, "dres", &[n, c])?;
         let scratch_c = zeros(gpu, "norm dw scratch", &[c])?;

