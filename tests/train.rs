@@ -248,3 +248,52 @@ fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
     assert_ne!(full.weights["model.layers.0.mlp.up_proj.weight"].data, md.weights["model.layers.0.mlp.up_proj.weight"].data);
     cleanup(&[&model, &root]);
 }
+
+/// The binary: `webtune train`, `eval`, `generate` and a usage error, as a user runs them.
+#[test]
+fn the_cli_trains_evaluates_and_generates() {
+    let (model, root) = (tiny_model("cli"), tmp("cli"));
+    let data = data_file(&root);
+    let out = root.join("out");
+    let bin = env!("CARGO_BIN_EXE_webtune");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (m, d, o) = (model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, stdout, stderr) = run(&["train", "--model", m, "--data", d, "--out", o, "--steps", "3", "--lora-rank", "4", "--lr", "1e-2", "--schedule", "linear", "--warmup", "1"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("16 records → 16 sequences") && stdout.contains("PEFT LoRA adapter"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 3);
+    let (ok, stdout, stderr) = run(&["eval", "--model", m, "--adapter", o, "--data", d]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+    assert!(v["tokens"].as_u64().unwrap() > 16);
+    let (ok, _, stderr) = run(&["generate", "--model", m, "--adapter", o, "--prompt", "Say apple twice.", "--chat", "--max-new-tokens", "4"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&["train", "--model", m, "--data", "/nonexistent.jsonl", "--out", o]);
+    assert!(!ok && stderr.contains("/nonexistent.jsonl"), "{stderr}");
+    let (ok, _, stderr) = run(&["train", "--model", m, "--data", d, "--out", o, "--schedule", "exponential"]);
+    assert!(!ok && stderr.contains("unknown schedule `exponential`"), "{stderr}");
+    cleanup(&[&model, &root]);
+}
+
+#[test]
+fn schedules_follow_transformers() {
+    use webtune::train::schedule::{factor, Schedule};
+    // get_*_schedule_with_warmup(warmup = 10, total = 110) at steps 0, 5, 10, 60, 110.
+    let at = |s, c| factor(s, c, 10, 110);
+    for s in [Schedule::Constant, Schedule::Linear, Schedule::Cosine] {
+        assert_eq!(at(s, 0), 0.0);
+        assert_eq!(at(s, 5), 0.5);
+        assert_eq!(at(s, 10), 1.0);
+    }
+    assert_eq!(at(Schedule::Constant, 60), 1.0);
+    assert_eq!(at(Schedule::Linear, 60), 0.5);
+    assert!((at(Schedule::Cosine, 60) - 0.5).abs() < 1e-12);
+    assert!((at(Schedule::Cosine, 35) - 0.5 * (1.0 + (std::f64::consts::PI * 0.25).cos())).abs() < 1e-12);
+    assert_eq!(at(Schedule::Linear, 110), 0.0);
+    assert!(at(Schedule::Cosine, 110).abs() < 1e-12);
+}
