@@ -4,8 +4,6 @@
 //! Timing is wall-clock around whole submissions (warm pipelines, repeated until at
 //! least `min_secs` have passed), so it includes dispatch overhead, as training does.
 
-use std::time::Instant;
-
 use crate::check::Rng;
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
@@ -25,9 +23,6 @@ impl Row {
     }
 }
 
-fn now() -> Instant {
-    Instant::now()
-}
 
 /// Seconds per run of `record`, after one warm-up run.
 async fn time<F>(gpu: &Gpu, min_secs: f64, mut record: F) -> Result<f64>
@@ -38,7 +33,7 @@ where
     record(gpu, &mut rec)?;
     gpu.submit(rec);
     gpu.wait()?;
-    let start = now();
+    let start = crate::clock::now();
     let mut runs = 0u32;
     loop {
         let mut rec = gpu.recorder("bench");
@@ -46,7 +41,7 @@ where
         gpu.submit(rec);
         gpu.wait()?;
         runs += 1;
-        let secs = start.elapsed().as_secs_f64();
+        let secs = crate::clock::now() - start;
         if secs >= min_secs {
             return Ok(secs / runs as f64);
         }

@@ -29,7 +29,13 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
+    /// A model directory, or `demo` for the built-in demo model.
     pub fn open(dir: &Path) -> Result<ModelDir> {
+        if dir == Path::new("demo") {
+            let tokenizer = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo")?;
+            let cfg = Config::parse(&crate::demo::config_json(), "demo config.json", None)?;
+            return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights: crate::demo::weights(1)?, tokenizer });
+        }
         if !dir.is_dir() {
             return Err(Error::Io(format!(
                 "{}: not a model directory (expected config.json, model.safetensors, tokenizer.json)",
@@ -68,9 +74,9 @@ pub fn load_for_inference(gpu: &Gpu, md: &ModelDir, adapter: Option<&Path>) -> R
     }
 }
 
-/// Read, validate and tokenize a data file.
+/// Read, validate and tokenize a data file (`demo`: the built-in demo data).
 pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<Dataset> {
-    let text = read_text(path)?;
+    let text = if path == Path::new("demo") { crate::demo::data() } else { read_text(path)? };
     let records = parse_records(&text, &path.display().to_string())?;
     prepare(tok, &records, max_seq_len, pack, train_on_prompt)
 }
@@ -133,7 +139,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     if let Some(init) = &a.init_adapter {
         model.set_params(gpu, &read_adapter(init)?.1)?;
     }
-    let mut trainer = Trainer::new(gpu, &model, a.opts.clone(), &train_data, tok.pad_id)?;
+    let mut trainer = Trainer::new(a.opts.clone(), &train_data, tok.pad_id)?;
     let base_model = a.model.display().to_string();
     if let Some(dir) = &a.resume {
         let state = checkpoint::load_checkpoint(dir, gpu, &model)?;
@@ -193,7 +199,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let mut history = Vec::new();
     let mut last_good: Option<PathBuf> = None;
     while !trainer.done() {
-        let mut s = trainer.step().await?;
+        let mut s = trainer.step(gpu, &model, &train_data).await?;
         if !s.loss.is_finite() {
             bar.abandon();
             return Err(Error::Config(format!(

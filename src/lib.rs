@@ -8,15 +8,21 @@
 
 pub mod bench;
 pub mod check;
+pub mod clock;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod peft;
 pub mod reference;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};
+#[cfg(target_arch = "wasm32")]
+pub mod web;

@@ -86,6 +86,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve the web page (index.html and web/) on 127.0.0.1.
+    Serve {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The directory holding index.html and web/ (default: this repository).
+        #[arg(long, default_value = env!("CARGO_MANIFEST_DIR"))]
+        root: PathBuf,
+    },
     /// Measure the kernels on this adapter.
     Bench {
         #[command(subcommand)]
@@ -118,10 +126,10 @@ enum Command {
 
 #[derive(Args)]
 struct TrainCmd {
-    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// A Hugging Face model directory (config.json, model.safetensors, tokenizer.json), or `demo`.
     #[arg(long)]
     model: PathBuf,
-    /// JSONL or JSON array: messages, prompt/completion, Alpaca, Dolly or text records.
+    /// JSONL or JSON array: messages, prompt/completion, Alpaca, Dolly or text records; or `demo`.
     #[arg(long)]
     data: PathBuf,
     /// Output directory: a PEFT adapter (or a full model with --full), checkpoints, metrics.jsonl.
@@ -189,6 +197,10 @@ struct TrainCmd {
     /// Train on every token, prompts included.
     #[arg(long)]
     train_on_prompt: bool,
+    /// Keep frozen weights in f32 even where the adapter has shader-f16 (to compare
+    /// with adapters that have none, like the browser's SwiftShader).
+    #[arg(long)]
+    f32_weights: bool,
 }
 
 #[derive(Subcommand)]
@@ -259,7 +271,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 train_on_prompt: t.train_on_prompt,
                 quiet: false,
             };
-            let gpu = Gpu::new().await?;
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: t.f32_weights, ..Default::default() }).await?;
             cli::train(&gpu, &args).await?;
         }
         Command::Generate { model, adapter, prompt, chat, sampling } => {
@@ -288,6 +300,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::merge(&model, &adapter, &out)?;
             println!("wrote {}", out.display());
         }
+        Command::Serve { port, root } => webtune::serve::serve(&root, port)?,
         Command::Info => {
             let gpu = Gpu::new().await?;
             println!("{}", gpu.describe());

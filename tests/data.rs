@@ -162,3 +162,20 @@ fn packing_restarts_positions_and_never_predicts_across_examples() {
     assert_eq!(batch.trained_tokens(), (lens[0] - 1) + (lens[1] - 1) + (lens[2] - 1));
     assert!(batch.seg[batch.t * 2 - 1] == u32::MAX || lens[2] == batch.t, "padding is its own segment");
 }
+
+#[test]
+fn the_demo_tokenizer_is_character_level_with_special_chat_tags() {
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&webtune::demo::tokenizer_config_json()), "demo").unwrap();
+    assert_eq!(tok.inner.get_vocab_size(true), webtune::demo::VOCAB);
+    let (ids, _) = tok.encode("Hi there!\n", false).unwrap();
+    assert_eq!(ids.len(), 10);
+    assert_eq!(tok.decode(&ids), "Hi there!\n");
+    let recs = parse_records(&webtune::demo::data_jsonl(1, 8), "demo").unwrap();
+    assert_eq!(recs.len(), 8);
+    let e = tok.example(&recs[0], false).unwrap();
+    assert!(e.text.starts_with("<|user|>\n"), "{}", e.text);
+    let answer = trained_text(&tok, &e.ids, &e.trained);
+    assert_eq!(answer.len(), 1);
+    assert!(answer[0].ends_with("</s>"), "{answer:?}");
+    assert_eq!(tok.encode("<|assistant|>", false).unwrap().0.len(), 1);
+}

@@ -30,7 +30,7 @@ pub fn token_text(v: Option<&Value>) -> Option<String> {
 
 /// Today's date as strftime would print it, for templates that date the system prompt.
 fn strftime_now(fmt: String) -> String {
-    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let days = crate::clock::days_since_epoch();
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

@@ -179,7 +179,17 @@ impl Linear {
 
     /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
     /// after LoRA dropout when `dropout_seed` is given (training).
-    fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, y: &Tensor, dropout_seed: Option<u32>) -> Result<Option<LoraSaved>> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        y: &Tensor,
+        dropout_seed: Option<u32>,
+        use_lora: bool,
+    ) -> Result<Option<LoraSaved>> {
         for (r0, part) in self.w.row_parts() {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
             mm.ldc = self.dout;
@@ -189,7 +199,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             k::add_bias(gpu, rec, n, self.dout, &b.value, y)?;
         }
-        let Some(l) = &self.lora else { return Ok(None) };
+        let Some(l) = self.lora.as_ref().filter(|_| use_lora) else { return Ok(None) };
         let xd = match dropout_seed {
             Some(seed) if l.dropout > 0.0 => {
                 let xd = gpu.zeros("lora dropout x", DType::F32, &[n, self.din])?;
@@ -369,6 +379,8 @@ pub struct Model {
     pub tuning: Tuning,
     /// Save only each layer's input and recompute the rest in the backward.
     pub grad_checkpoint: bool,
+    /// False runs the base model alone (LoRA pairs skipped), for side-by-side answers.
+    pub adapter_enabled: bool,
 }
 
 fn take<'a>(w: &'a TensorMap, name: &str, shape: &[usize]) -> Result<&'a HostTensor> {
@@ -467,7 +479,7 @@ impl Model {
             Some(Weight::upload(gpu, "lm_head.weight", take(w, "lm_head.weight", &[cfg.vocab, c])?, full)?)
         };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
-        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, cfg })
+        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, cfg })
     }
 
     /// Every tensor the model holds, frozen or not.
@@ -563,17 +575,17 @@ impl Model {
         let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let (q_pre, k_pre) = (zeros(gpu, "q_pre", &[n, qd])?, zeros(gpu, "k_pre", &[n, kvd])?);
             let (rq, rk) = (zeros(gpu, "q_rstd", &[n * cfg.heads])?, zeros(gpu, "k_rstd", &[n * cfg.kv_heads])?);
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q))?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K))?;
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q), self.adapter_enabled)?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K), self.adapter_enabled)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, &kn.value, &kk, &rk)?;
             Some((q_pre, rq, k_pre, rk))
         } else {
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q))?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K))?;
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q), self.adapter_enabled)?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K), self.adapter_enabled)?;
             None
         };
-        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V))?;
+        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled)?;
         k::rope_forward(gpu, rec, n, cfg.heads, hs, &q, &inp.pos, &self.inv_freq)?;
         k::rope_forward(gpu, rec, n, cfg.kv_heads, hs, &kk, &inp.pos, &self.inv_freq)?;
         let att = zeros(gpu, "attention out", &[n, qd])?;
@@ -589,17 +601,17 @@ impl Model {
             }
         }
         let a = zeros(gpu, "o_proj out", &[n, c])?;
-        lora[O] = lin[O].forward(gpu, rec, n, &att, &a, seed(O))?;
+        lora[O] = lin[O].forward(gpu, rec, n, &att, &a, seed(O), self.adapter_enabled)?;
         let x_mid = zeros(gpu, "x_mid", &[n, c])?;
         k::add(gpu, rec, n * c, &x, &a, &x_mid)?;
         let (h2, rstd2) = (zeros(gpu, "h2", &[n, c])?, zeros(gpu, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let (g, u, m) = (zeros(gpu, "gate", &[n, inter])?, zeros(gpu, "up", &[n, inter])?, zeros(gpu, "swiglu", &[n, inter])?);
-        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE))?;
-        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP))?;
+        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled)?;
+        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled)?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
         let d = zeros(gpu, "down out", &[n, c])?;
-        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d, seed(DOWN))?;
+        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d, seed(DOWN), self.adapter_enabled)?;
         let out = zeros(gpu, "layer out", &[n, c])?;
         k::add(gpu, rec, n * c, &x_mid, &d, &out)?;
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
@@ -725,6 +737,9 @@ impl Model {
 
     fn pass(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], scale: f32, backward: bool) -> Result<Tensor> {
         let n = inp.shape.n();
+        if backward && !self.adapter_enabled {
+            return Err(Error::Config("cannot train with the adapter disabled".into()));
+        }
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
         if targets.len() != n {
             return Err(Error::Shape(format!("{} targets for {n} tokens", targets.len())));

@@ -4,8 +4,6 @@
 pub mod checkpoint;
 pub mod schedule;
 
-use std::time::Instant;
-
 use crate::check::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
 use crate::error::{Error, Result};
@@ -100,11 +98,10 @@ pub struct StepStats {
     pub valid_loss: Option<f64>,
 }
 
-pub struct Trainer<'a> {
-    pub gpu: &'a Gpu,
-    pub model: &'a Model,
+/// Where a run stands: its options, its plan and the steps done. The model, the data
+/// and the GPU are passed to each step, so one trainer serves the CLI and the page.
+pub struct Trainer {
     pub opts: Options,
-    pub train: &'a Dataset,
     pub pad_id: u32,
     pub plan: Plan,
     /// Steps completed.
@@ -115,11 +112,11 @@ fn inputs(gpu: &Gpu, b: &Batch) -> Result<Inputs> {
     Inputs::new(gpu, Shape { b: b.b, t: b.t }, &b.ids, &b.pos, &b.seg)
 }
 
-impl<'a> Trainer<'a> {
-    pub fn new(gpu: &'a Gpu, model: &'a Model, opts: Options, train: &'a Dataset, pad_id: u32) -> Result<Trainer<'a>> {
+impl Trainer {
+    pub fn new(opts: Options, train: &Dataset, pad_id: u32) -> Result<Trainer> {
         opts.schedule.parse::<Schedule>().map_err(Error::Config)?;
         let plan = plan(train.sequences.len(), &opts)?;
-        Ok(Trainer { gpu, model, opts, train, pad_id, plan, step: 0 })
+        Ok(Trainer { opts, pad_id, plan, step: 0 })
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -138,33 +135,33 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step: zero the gradients, forward and backward every micro-batch
     /// (the loss normalised by the trained tokens of the whole step), clip, AdamW.
-    pub async fn step(&mut self) -> Result<StepStats> {
-        let started = Instant::now();
+    pub async fn step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<StepStats> {
+        let started = crate::clock::now();
         let micro = &self.plan[self.step as usize];
         let batches: Vec<Batch> = micro
             .iter()
-            .map(|idx| Batch::new(&idx.iter().map(|&i| &self.train.sequences[i]).collect::<Vec<&Sequence>>(), self.pad_id))
+            .map(|idx| Batch::new(&idx.iter().map(|&i| &train.sequences[i]).collect::<Vec<&Sequence>>(), self.pad_id))
             .collect();
         let count: usize = batches.iter().map(|b| b.trained_tokens()).sum();
         let tokens: usize = batches.iter().map(|b| b.seg.iter().filter(|&&s| s != u32::MAX).count()).sum();
         let scale = 1.0 / count.max(1) as f32;
-        self.model.zero_grads(self.gpu);
+        model.zero_grads(gpu);
         let mut losses = Vec::new();
         for (j, b) in batches.iter().enumerate() {
-            let mut inp = inputs(self.gpu, b)?;
+            let mut inp = inputs(gpu, b)?;
             inp.dropout_seed = Some(crate::reference::hash((self.opts.seed as u32) ^ crate::reference::hash((self.step * 64 + j as u64) as u32)));
-            losses.push(self.model.forward_backward(self.gpu, &inp, &b.targets, scale)?);
+            losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
         }
         let lr = self.lr();
         let opt = AdamW { lr: lr as f32, weight_decay: self.opts.weight_decay as f32, ..AdamW::default() };
-        let norm = self.model.optimizer_step(self.gpu, &opt, self.step + 1, self.opts.max_grad_norm as f32)?;
+        let norm = model.optimizer_step(gpu, &opt, self.step + 1, self.opts.max_grad_norm as f32)?;
         let mut loss = 0.0;
         for l in &losses {
-            loss += self.gpu.read::<f32>(l).await?[0] as f64;
+            loss += gpu.read::<f32>(l).await?[0] as f64;
         }
-        let grad_norm = self.gpu.read::<f32>(&norm).await?[0] as f64;
+        let grad_norm = gpu.read::<f32>(&norm).await?[0] as f64;
         self.step += 1;
-        let secs = started.elapsed().as_secs_f64();
+        let secs = crate::clock::now() - started;
         Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / secs.max(1e-9), valid_loss: None })
     }
 }

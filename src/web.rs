@@ -1,0 +1,221 @@
+//! The wasm-bindgen front end: one `Session` the page's Web Worker drives. It holds
+//! the GPU, the model, the tokenizer, the data and the trainer; every method maps an
+//! `Error` to a JS error at this boundary only.
+
+use wasm_bindgen::prelude::*;
+
+use crate::data::batch::{prepare, Dataset};
+use crate::data::{parse_records, Message, Tokenizer};
+use crate::error::Error;
+use crate::gpu::Gpu;
+use crate::model::generate::Sampling;
+use crate::model::weights::{self, TensorMap};
+use crate::model::{Config, LoraConfig, Model, Tuning};
+use crate::train::{Options, Trainer};
+
+fn js(e: Error) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// Run options sent by the page as JSON.
+#[derive(serde::Deserialize)]
+struct RunOptions {
+    lora_rank: usize,
+    lora_alpha: f32,
+    #[serde(default)]
+    lora_dropout: f32,
+    targets: Vec<String>,
+    #[serde(default)]
+    full: bool,
+    #[serde(default)]
+    grad_checkpoint: bool,
+    #[serde(flatten)]
+    opts: Options,
+}
+
+#[wasm_bindgen]
+pub struct Session {
+    gpu: Gpu,
+    cfg: Option<Config>,
+    weights: TensorMap,
+    tok: Option<Tokenizer>,
+    model_name: String,
+    data: Option<Dataset>,
+    model: Option<Model>,
+    trainer: Option<Trainer>,
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// Request the WebGPU adapter and device.
+    pub async fn create() -> Result<Session, JsError> {
+        let gpu = Gpu::new().await.map_err(js)?;
+        Ok(Session { gpu, cfg: None, weights: TensorMap::new(), tok: None, model_name: String::new(), data: None, model: None, trainer: None })
+    }
+
+    /// The adapter, its limits and features, in one line.
+    pub fn adapter(&self) -> String {
+        self.gpu.describe()
+    }
+
+    /// The built-in demo model (character-level, generated, no download).
+    pub fn load_demo_model(&mut self) -> Result<(), JsError> {
+        let tok = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo").map_err(js)?;
+        self.cfg = Some(Config::parse(&crate::demo::config_json(), "demo config.json", None).map_err(js)?);
+        self.weights = crate::demo::weights(1).map_err(js)?;
+        self.tok = Some(tok);
+        self.model_name = "webtune-demo".into();
+        Ok(())
+    }
+
+    /// A Hugging Face model from its files: `config.json`, optional
+    /// `generation_config.json`, `tokenizer.json`, optional `tokenizer_config.json`,
+    /// and the safetensors files (one, or every shard).
+    pub fn load_model(
+        &mut self,
+        name: &str,
+        config: &str,
+        generation_config: Option<String>,
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<String>,
+        shards: Vec<js_sys::Uint8Array>,
+    ) -> Result<(), JsError> {
+        let cfg = Config::parse(config, &format!("{name}/config.json"), generation_config.as_deref()).map_err(js)?;
+        let tok = Tokenizer::new(tokenizer_json, tokenizer_config.as_deref(), name).map_err(js)?;
+        let mut w = TensorMap::new();
+        for (i, s) in shards.iter().enumerate() {
+            weights::parse(&s.to_vec(), &format!("{name} safetensors file {}", i + 1), &mut w).map_err(js)?;
+        }
+        (self.cfg, self.weights, self.tok, self.model_name) = (Some(cfg), w, Some(tok), name.to_string());
+        Ok(())
+    }
+
+    /// The demo's synthetic instruction data, as JSONL (the same as `--data demo`).
+    pub fn demo_data() -> String {
+        crate::demo::data()
+    }
+
+    /// Parse, validate and tokenize training data; returns a summary as JSON.
+    pub fn load_data(&mut self, text: &str, name: &str, max_seq_len: usize, pack: bool) -> Result<String, JsError> {
+        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        let records = parse_records(text, name).map_err(js)?;
+        let ds = prepare(tok, &records, max_seq_len, pack, false).map_err(js)?;
+        let tokens: usize = ds.sequences.iter().map(|s| s.ids.len()).sum();
+        let trained: usize = ds.examples.iter().map(|e| e.trained_count()).sum();
+        let summary = serde_json::json!({
+            "records": records.len(), "sequences": ds.sequences.len(),
+            "skipped": ds.skipped.no_trained_tokens, "tokens": tokens, "trained_tokens": trained,
+        });
+        self.data = Some(ds);
+        Ok(summary.to_string())
+    }
+
+    /// Build the model with LoRA (or full tuning) and plan the run; `options` is JSON
+    /// with lora_rank, lora_alpha, lora_dropout, targets, full, grad_checkpoint and the
+    /// training options (lr, schedule, warmup, batch_size, grad_accum, epochs, steps, seed, ...).
+    pub fn start(&mut self, options: &str) -> Result<f64, JsError> {
+        let o: RunOptions = serde_json::from_str(options).map_err(|e| JsError::new(&format!("options: {e}")))?;
+        let cfg = self.cfg.clone().ok_or_else(|| JsError::new("load a model first"))?;
+        let data = self.data.as_ref().ok_or_else(|| JsError::new("load data first"))?;
+        let tok = self.tok.as_ref().expect("with the model");
+        let tuning = if o.full {
+            Tuning::Full
+        } else {
+            Tuning::Lora(LoraConfig { r: o.lora_rank, alpha: o.lora_alpha, dropout: o.lora_dropout, targets: o.targets, use_rslora: false })
+        };
+        self.model = None;
+        let mut model = Model::load(&self.gpu, cfg, &self.weights, tuning, o.opts.seed).map_err(js)?;
+        model.grad_checkpoint = o.grad_checkpoint;
+        let trainer = Trainer::new(o.opts, data, tok.pad_id).map_err(js)?;
+        let total = trainer.total_steps();
+        (self.model, self.trainer) = (Some(model), Some(trainer));
+        Ok(total as f64)
+    }
+
+    // Counts are f64 on the JS side (a u64 would arrive as a BigInt).
+    pub fn step_count(&self) -> f64 {
+        self.trainer.as_ref().map_or(0, |t| t.step) as f64
+    }
+
+    pub fn total_steps(&self) -> f64 {
+        self.trainer.as_ref().map_or(0, |t| t.total_steps()) as f64
+    }
+
+    /// One optimizer step; returns its statistics as JSON.
+    pub async fn step(&mut self) -> Result<String, JsError> {
+        let (Some(model), Some(trainer), Some(data)) = (&self.model, &mut self.trainer, &self.data) else {
+            return Err(JsError::new("start a run first"));
+        };
+        let s = trainer.step(&self.gpu, model, data).await.map_err(js)?;
+        Ok(serde_json::to_string(&s).expect("serialisable"))
+    }
+
+    /// Answer `prompt` as a user turn (chat template), greedily, with or without the adapter.
+    pub async fn generate(&mut self, prompt: &str, max_new: usize, adapter: bool) -> Result<String, JsError> {
+        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        if self.model.is_none() {
+            let cfg = self.cfg.clone().expect("with the tokenizer");
+            self.model = Some(Model::load(&self.gpu, cfg, &self.weights, Tuning::Frozen, 0).map_err(js)?);
+        }
+        let model = self.model.as_mut().expect("just set");
+        let text = tok.template.render(&[Message::new("user", prompt)], true).map_err(js)?;
+        let ids = tok.encode(&text, false).map_err(js)?.0;
+        model.adapter_enabled = adapter;
+        let out = model.generate(&self.gpu, &ids, max_new, &Sampling::default(), |_| {}).await;
+        model.adapter_enabled = true;
+        Ok(tok.decode(&out.map_err(js)?))
+    }
+
+    /// The PEFT adapter: `{config: string, weights: Uint8Array}` (adapter_config.json
+    /// and adapter_model.safetensors).
+    pub async fn adapter_files(&self) -> Result<js_sys::Object, JsError> {
+        let model = self.model.as_ref().ok_or_else(|| JsError::new("nothing trained yet"))?;
+        let Tuning::Lora(l) = &model.tuning else { return Err(JsError::new("full fine-tuning has no adapter; download the model")) };
+        let tensors = crate::train::checkpoint::trained_tensors(&self.gpu, model).await.map_err(js)?;
+        let obj = js_sys::Object::new();
+        js_sys::Reflect::set(&obj, &"config".into(), &crate::peft::config_json(l, &self.model_name).into()).ok();
+        let bytes = weights::serialize(&tensors, None).map_err(js)?;
+        js_sys::Reflect::set(&obj, &"weights".into(), &js_sys::Uint8Array::from(&bytes[..]).into()).ok();
+        Ok(obj)
+    }
+
+    /// A checkpoint of the run in one safetensors file (values, moments; the step in
+    /// its metadata), for the page to keep in the Origin Private File System.
+    pub async fn checkpoint(&self) -> Result<js_sys::Uint8Array, JsError> {
+        let (Some(model), Some(trainer)) = (&self.model, &self.trainer) else { return Err(JsError::new("nothing to save")) };
+        let mut t = TensorMap::new();
+        for p in model.params() {
+            let tr = p.train.as_ref().expect("trainable");
+            for (suffix, tensor) in [("value", &p.value), ("exp_avg", &tr.m), ("exp_avg_sq", &tr.v)] {
+                let data = self.gpu.read::<f32>(tensor).await.map_err(js)?;
+                t.insert(format!("{}.{suffix}", p.name), weights::HostTensor { shape: p.shape.clone(), data });
+            }
+        }
+        let meta = std::collections::HashMap::from([("step".to_string(), trainer.step.to_string())]);
+        Ok(js_sys::Uint8Array::from(&weights::serialize(&t, Some(meta)).map_err(js)?[..]))
+    }
+
+    /// Continue from a `checkpoint()` of a run started with the same options.
+    pub fn resume(&mut self, bytes: &[u8]) -> Result<f64, JsError> {
+        let (Some(model), Some(trainer)) = (&self.model, &mut self.trainer) else { return Err(JsError::new("start the run first")) };
+        let st = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| JsError::new(&e.to_string()))?;
+        let step: u64 = st.1.metadata().as_ref().and_then(|m| m.get("step")).and_then(|s| s.parse().ok()).ok_or_else(|| JsError::new("checkpoint has no step"))?;
+        let mut t = TensorMap::new();
+        weights::parse(bytes, "checkpoint", &mut t).map_err(js)?;
+        for p in model.params() {
+            let tr = p.train.as_ref().expect("trainable");
+            for (suffix, tensor) in [("value", &p.value), ("exp_avg", &tr.m), ("exp_avg_sq", &tr.v)] {
+                let key = format!("{}.{suffix}", p.name);
+                let src = t.get(&key).ok_or_else(|| JsError::new(&format!("checkpoint lacks {key}")))?;
+                self.gpu.write(tensor, &src.data).map_err(js)?;
+            }
+        }
+        trainer.step = step;
+        Ok(step as f64)
+    }
+
+    /// Bytes the model holds on the GPU (weights, trainable state).
+    pub fn resident_bytes(&self) -> f64 {
+        self.model.as_ref().map_or(0.0, |m| m.resident_bytes() as f64)
+    }
+}

@@ -1,0 +1,267 @@
+// The page: reads the options (or query parameters), talks to the training worker,
+// draws the loss chart and keeps #status (data-state, data-step, data-loss) current
+// so scripts and tests can follow a run.
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
+const losses = [];
+window.webtune = { losses };
+
+function setStatus(state, text) {
+  const s = $('status');
+  s.dataset.state = state;
+  s.textContent = text;
+}
+
+function log(text) {
+  const l = $('log');
+  l.textContent += text + '\n';
+  l.scrollTop = l.scrollHeight;
+}
+
+// ---- the worker, as an async call interface -------------------------------------
+const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+let nextId = 1;
+const pending = new Map();
+function call(cmd, args = {}) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    worker.postMessage({ id, cmd, ...args });
+  });
+}
+worker.onmessage = (e) => {
+  const m = e.data;
+  if (m.id) {
+    const p = pending.get(m.id);
+    pending.delete(m.id);
+    m.ok ? p.resolve(m.result) : p.reject(new Error(m.error));
+  } else if (m.event === 'step') {
+    onStep(m.stats, m.total, m.memory);
+  } else if (m.event === 'state') {
+    onState(m.state);
+  } else if (m.event === 'log') {
+    log(m.text);
+  }
+};
+
+// ---- options ------------------------------------------------------------------------
+for (const t of TARGETS) {
+  const l = document.createElement('label');
+  l.innerHTML = `<input type="checkbox" value="${t}" checked> ${t}`;
+  $('targets').appendChild(l);
+}
+const num = (id, param) => Number(params.get(param) ?? $(id).value);
+for (const [id, param] of [['rank', 'rank'], ['alpha', 'alpha'], ['lr', 'lr'], ['steps', 'steps'], ['epochs', 'epochs'], ['batch', 'batch'], ['seq', 'seq'], ['seed', 'seed']]) {
+  if (params.has(param)) $(id).value = params.get(param);
+}
+
+function runOptions() {
+  const steps = num('steps', 'steps');
+  return {
+    lora_rank: num('rank', 'rank'),
+    lora_alpha: num('alpha', 'alpha'),
+    lora_dropout: 0.0,
+    targets: [...$('targets').querySelectorAll('input:checked')].map((i) => i.value),
+    grad_checkpoint: false,
+    lr: num('lr', 'lr'),
+    schedule: params.get('schedule') || 'constant',
+    warmup: Number(params.get('warmup') || 0),
+    weight_decay: 0.0,
+    max_grad_norm: 1.0,
+    batch_size: num('batch', 'batch'),
+    grad_accum: 1,
+    epochs: num('epochs', 'epochs'),
+    steps: steps > 0 ? steps : null,
+    seed: num('seed', 'seed'),
+    shuffle: true,
+  };
+}
+
+function radio(name) {
+  return document.querySelector(`input[name=${name}]:checked`).value;
+}
+
+async function modelFiles() {
+  const files = [...$('modelfiles').files];
+  const byName = (n) => files.find((f) => f.name === n);
+  const need = (n) => { const f = byName(n); if (!f) throw new Error(`the chosen files lack ${n}`); return f; };
+  const text = async (n) => (byName(n) ? byName(n).text() : null);
+  const shards = files.filter((f) => f.name.endsWith('.safetensors')).sort((a, b) => a.name.localeCompare(b.name));
+  if (!shards.length) throw new Error('the chosen files have no .safetensors weights');
+  return {
+    name: (files[0].webkitRelativePath || files[0].name).split('/')[0],
+    config: await need('config.json').text(),
+    generation: await text('generation_config.json'),
+    tokenizer: new Uint8Array(await need('tokenizer.json').arrayBuffer()),
+    tokConfig: await text('tokenizer_config.json'),
+    shards: await Promise.all(shards.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
+  };
+}
+
+async function dataSource() {
+  const choice = params.get('data') || radio('data');
+  if (choice === 'demo') return { source: 'demo' };
+  if (choice === 'file') {
+    const f = $('datafile').files[0];
+    if (!f) throw new Error('choose a JSONL file');
+    return { source: 'file', text: await f.text(), name: f.name };
+  }
+  return { source: 'paste', text: $('datatext').value, name: 'pasted records' };
+}
+
+// ---- a run ---------------------------------------------------------------------------
+let started = 0;
+function onStep(s, total, memory) {
+  losses.push(s.loss);
+  const st = $('status');
+  st.dataset.step = s.step;
+  st.dataset.total = total;
+  st.dataset.loss = s.loss.toFixed(6);
+  st.dataset.losses = JSON.stringify(losses);
+  setStatus('training', `step ${s.step}/${total} · loss ${s.loss.toFixed(4)}`);
+  const elapsed = (performance.now() - started) / 1000;
+  const eta = (elapsed / Math.max(1, losses.length)) * (total - s.step);
+  $('stats').textContent = `step ${s.step}/${total} · loss ${s.loss.toFixed(4)} · lr ${s.lr.toExponential(2)} · grad norm ${s.grad_norm.toFixed(3)} · ${s.tokens_per_s.toFixed(0)} tokens/s · ETA ${eta.toFixed(0)} s`;
+  $('memory').textContent = `GPU memory held by the model: ${(memory / 2 ** 20).toFixed(1)} MiB`;
+  drawChart();
+}
+
+function onState(state) {
+  const training = state === 'training';
+  $('pause').disabled = !training;
+  $('continue').disabled = state !== 'paused';
+  $('download').disabled = training || losses.length === 0;
+  $('ask').disabled = training;
+  $('train').disabled = training;
+  const st = $('status');
+  if (state === 'done') setStatus('done', `done: ${st.dataset.step} steps, final loss ${st.dataset.loss}`);
+  if (state === 'paused') setStatus('paused', `paused at step ${st.dataset.step}`);
+}
+
+function drawChart() {
+  const c = $('chart');
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  if (losses.length < 1) return;
+  const max = Math.max(...losses), min = Math.min(0, ...losses);
+  g.strokeStyle = '#2b6cb0';
+  g.lineWidth = 2;
+  g.beginPath();
+  losses.forEach((l, i) => {
+    const x = 30 + (i / Math.max(1, losses.length - 1)) * (c.width - 40);
+    const y = 10 + (1 - (l - min) / (max - min || 1)) * (c.height - 30);
+    i ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+  g.fillStyle = '#5b6470';
+  g.fillText(max.toFixed(2), 2, 14);
+  g.fillText(min.toFixed(2), 2, c.height - 20);
+  g.fillText(`step ${losses.length}`, c.width - 60, c.height - 4);
+}
+
+async function prepare(model, data) {
+  setStatus('loading', 'loading the model…');
+  await call('loadModel', model);
+  setStatus('loading', 'reading the data…');
+  const summary = await call('loadData', { ...data, maxSeqLen: num('seq', 'seq'), pack: false });
+  log(`data: ${summary.records} records → ${summary.sequences} sequences, ${summary.skipped} skipped, ${summary.trained_tokens} trained tokens`);
+}
+
+async function train() {
+  try {
+    const source = params.get('model') || radio('model');
+    const model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
+    const data = await dataSource();
+    await prepare(model, data);
+    losses.length = 0;
+    const { total } = await call('start', { options: runOptions(), model: model.source === 'files' ? null : model, data: { source: data.source } });
+    log(`training ${total} steps`);
+    started = performance.now();
+    await call('run', { checkpointEvery: 10 });
+  } catch (err) {
+    fail(err);
+  }
+}
+
+async function resumeSaved(saved) {
+  try {
+    if (!saved.model) throw new Error('this run used files from disk; choose them again and train');
+    const data = saved.data.source === 'demo' ? { source: 'demo' } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
+    await prepare(saved.model, data);
+    await call('start', { options: saved.options, model: saved.model, data: saved.data });
+    const { step } = await call('resumeSaved');
+    log(`resumed at step ${step}`);
+    $('status').dataset.step = step;
+    $('status').dataset.resumedFrom = step;
+    started = performance.now();
+    await call('run', { checkpointEvery: 10 });
+  } catch (err) {
+    fail(err);
+  }
+}
+
+function fail(err) {
+  setStatus('error', `error: ${err.message}`);
+  $('status').dataset.error = err.message;
+  log(`error: ${err.message}`);
+}
+
+function download(name, data, type) {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([data], { type }));
+  a.download = name;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}
+
+$('train').onclick = train;
+$('pause').onclick = () => call('pause');
+$('continue').onclick = async () => { try { await call('run', { checkpointEvery: 10 }); } catch (e) { fail(e); } };
+$('download').onclick = async () => {
+  try {
+    const a = await call('adapter');
+    download('adapter_config.json', a.config, 'application/json');
+    download('adapter_model.safetensors', a.weights, 'application/octet-stream');
+  } catch (e) {
+    fail(e);
+  }
+};
+$('ask').onclick = async () => {
+  $('base').textContent = $('tuned').textContent = '…';
+  try {
+    const r = await call('generate', { prompt: $('prompt').value, maxNew: 48 });
+    $('base').textContent = r.base;
+    $('tuned').textContent = r.tuned;
+  } catch (e) {
+    fail(e);
+  }
+};
+
+// ---- start ---------------------------------------------------------------------------
+(async () => {
+  if (!navigator.gpu) {
+    $('nogpu').hidden = false;
+    setStatus('error', 'error: WebGPU is not available in this browser');
+    $('status').dataset.error = 'no WebGPU';
+    return;
+  }
+  let info;
+  try {
+    info = await call('init');
+  } catch (err) {
+    $('nogpu').hidden = false;
+    return fail(err);
+  }
+  $('adapter').textContent = `GPU: ${info.adapter}`;
+  setStatus('ready', 'ready');
+  if (info.saved && info.saved.step) {
+    const b = $('resumeSaved');
+    b.hidden = false;
+    b.textContent = `Resume saved run (step ${info.saved.step} of ${info.saved.total})`;
+    b.onclick = () => resumeSaved(info.saved);
+    if (params.get('resume') === '1') return resumeSaved(info.saved);
+  }
+  if (params.get('autostart') === '1') train();
+})();

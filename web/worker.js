@@ -1,0 +1,159 @@
+// The training worker: owns the wasm Session (GPU, model, data, trainer) so the page
+// stays responsive. Messages in: {id, cmd, ...}; out: {id, ok, result|error} replies
+// and {event: 'step' | 'state' | 'log', ...} notices.
+import init, { Session } from './pkg/webtune.js';
+
+let session = null;
+let running = false;
+let runInfo = null; // what the page needs to rebuild this run after a reload
+
+const post = (m) => self.postMessage(m);
+const log = (text) => post({ event: 'log', text });
+
+async function opfs() {
+  return navigator.storage && navigator.storage.getDirectory ? navigator.storage.getDirectory() : null;
+}
+
+async function saveFile(name, data) {
+  const dir = await opfs();
+  if (!dir) return false;
+  const handle = await dir.getFileHandle(name, { create: true });
+  const w = await handle.createWritable();
+  await w.write(data);
+  await w.close();
+  return true;
+}
+
+async function readFile(name) {
+  const dir = await opfs();
+  if (!dir) return null;
+  try {
+    const f = await (await dir.getFileHandle(name)).getFile();
+    return new Uint8Array(await f.arrayBuffer());
+  } catch (e) {
+    return null;
+  }
+}
+
+async function checkpoint() {
+  const bytes = await session.checkpoint();
+  await saveFile('checkpoint.safetensors', bytes);
+  await saveFile('run.json', JSON.stringify({ ...runInfo, step: session.step_count() }));
+}
+
+async function hfFiles(repo) {
+  // A repo id (org/name) or a URL of a folder that holds the files.
+  const base = /^https?:/.test(repo) ? repo.replace(/\/$/, '') : `https://huggingface.co/${repo}/resolve/main`;
+  const get = async (f, optional) => {
+    const r = await fetch(`${base}/${f}`);
+    if (!r.ok) {
+      if (optional) return null;
+      throw new Error(`${base}/${f}: HTTP ${r.status}`);
+    }
+    return r;
+  };
+  const text = async (f, optional) => { const r = await get(f, optional); return r ? r.text() : null; };
+  const config = await text('config.json');
+  const generation = await text('generation_config.json', true);
+  const tokenizer = new Uint8Array(await (await get('tokenizer.json')).arrayBuffer());
+  const tokConfig = await text('tokenizer_config.json', true);
+  let shards = [];
+  const single = await get('model.safetensors', true);
+  if (single) {
+    shards.push(new Uint8Array(await single.arrayBuffer()));
+  } else {
+    const index = JSON.parse(await text('model.safetensors.index.json'));
+    for (const f of [...new Set(Object.values(index.weight_map))].sort()) {
+      log(`fetching ${f}`);
+      shards.push(new Uint8Array(await (await get(f)).arrayBuffer()));
+    }
+  }
+  return { config, generation, tokenizer, tokConfig, shards };
+}
+
+const commands = {
+  async init() {
+    await init();
+    session = await Session.create();
+    return { adapter: session.adapter(), saved: JSON.parse(new TextDecoder().decode((await readFile('run.json')) || new TextEncoder().encode('null'))) };
+  },
+  async loadModel({ source, files }) {
+    if (source === 'demo') {
+      session.load_demo_model();
+    } else if (source === 'files') {
+      session.load_model(files.name, files.config, files.generation, files.tokenizer, files.tokConfig, files.shards);
+    } else {
+      const f = await hfFiles(source);
+      session.load_model(source, f.config, f.generation, f.tokenizer, f.tokConfig, f.shards);
+    }
+    return { model: source };
+  },
+  async loadData({ source, text, name, maxSeqLen, pack }) {
+    const body = source === 'demo' ? Session.demo_data() : text;
+    const summary = JSON.parse(session.load_data(body, name || source, maxSeqLen, !!pack));
+    await saveFile('data.jsonl', body);
+    return summary;
+  },
+  async start({ options, model, data }) {
+    const total = session.start(JSON.stringify(options));
+    runInfo = { options, model, data, total };
+    return { total };
+  },
+  async resumeSaved() {
+    const bytes = await readFile('checkpoint.safetensors');
+    if (!bytes) throw new Error('no saved checkpoint');
+    return { step: session.resume(bytes) };
+  },
+  async savedData() {
+    const bytes = await readFile('data.jsonl');
+    return bytes ? new TextDecoder().decode(bytes) : null;
+  },
+  async run({ checkpointEvery }) {
+    running = true;
+    post({ event: 'state', state: 'training' });
+    while (running && session.step_count() < session.total_steps()) {
+      const stats = JSON.parse(await session.step());
+      post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes() });
+      if (!Number.isFinite(stats.loss)) {
+        running = false;
+        throw new Error(`the loss became ${stats.loss} at step ${stats.step}`);
+      }
+      if (checkpointEvery && stats.step % checkpointEvery === 0) await checkpoint();
+    }
+    const done = session.step_count() >= session.total_steps();
+    await checkpoint();
+    running = false;
+    post({ event: 'state', state: done ? 'done' : 'paused' });
+    return { done };
+  },
+  async pause() {
+    running = false;
+    return {};
+  },
+  async generate({ prompt, maxNew }) {
+    const base = await session.generate(prompt, maxNew, false);
+    const tuned = await session.generate(prompt, maxNew, true);
+    return { base, tuned };
+  },
+  async adapter() {
+    const a = await session.adapter_files();
+    return { config: a.config, weights: a.weights };
+  },
+  async clearSaved() {
+    const dir = await opfs();
+    for (const f of ['run.json', 'checkpoint.safetensors', 'data.jsonl']) {
+      try { await dir.removeEntry(f); } catch (e) { /* not there */ }
+    }
+    return {};
+  },
+};
+
+self.onmessage = async (e) => {
+  const { id, cmd } = e.data;
+  try {
+    const result = await commands[cmd](e.data);
+    post({ id, ok: true, result });
+  } catch (err) {
+    post({ id, ok: false, error: String(err && err.message ? err.message : err) });
+  }
+};
