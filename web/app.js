@@ -157,7 +157,7 @@ function drawChart() {
   g.fillStyle = '#5b6470';
   g.fillText(max.toFixed(2), 2, 14);
   g.fillText(min.toFixed(2), 2, c.height - 20);
-  g.fillText(`step ${losses.length}`, c.width - 60, c.height - 4);
+  g.fillText(`step ${$('status').dataset.step}`, c.width - 60, c.height - 4);
 }
 
 async function prepare(model, data) {
@@ -232,8 +232,9 @@ $('ask').onclick = async () => {
   $('base').textContent = $('tuned').textContent = '…';
   try {
     const r = await call('generate', { prompt: $('prompt').value, maxNew: 48 });
-    $('base').textContent = r.base;
-    $('tuned').textContent = r.tuned;
+    const show = (t) => t || '(no text: the model ended its answer at once)';
+    $('base').textContent = show(r.base);
+    $('tuned').textContent = show(r.tuned);
   } catch (e) {
     fail(e);
   }

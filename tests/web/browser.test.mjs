@@ -1,0 +1,129 @@
+// The page in real headless Chromium (Debian's chromium, WebGPU on the CPU through
+// SwiftShader), driven by playwright-core: train the demo model, compare the losses
+// with `webtune train` natively, generate, download the adapter, reload and resume.
+// Run by scripts/test.sh after the wasm package and the native binary are built.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../..');
+const bin = path.join(root, 'target/release/webtune');
+const RUN = 'model=demo&data=demo&lr=0.01&rank=8&alpha=16&batch=4&seq=128&seed=42&schedule=constant&warmup=0';
+let server, base, context, page, profile;
+
+before(async () => {
+  server = spawn(bin, ['serve', '--port', '0', '--root', root], { stdio: ['ignore', 'pipe', 'inherit'] });
+  base = await new Promise((resolve, reject) => {
+    server.stdout.on('data', (d) => {
+      const m = /serving (http:\/\/127\.0\.0\.1:\d+\/)/.exec(String(d));
+      if (m) resolve(m[1]);
+    });
+    server.on('exit', (c) => reject(new Error(`webtune serve exited with ${c}`)));
+  });
+  profile = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-chromium-'));
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    acceptDownloads: true,
+    args: ['--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-vulkan=swiftshader',
+      '--use-webgpu-adapter=swiftshader', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  page = context.pages()[0] || (await context.newPage());
+  page.on('pageerror', (e) => console.log('page error:', e.message));
+});
+
+after(async () => {
+  await context?.close();
+  server?.kill();
+  fs.rmSync(profile, { recursive: true, force: true });
+});
+
+const status = () => page.evaluate(() => ({ ...document.querySelector('#status').dataset }));
+
+async function waitFor(states, timeout = 600_000) {
+  await page.waitForFunction((s) => s.includes(document.querySelector('#status').dataset.state), states, { timeout });
+  const st = await status();
+  assert.notEqual(st.state, 'error', `the page failed: ${st.error}`);
+  return st;
+}
+
+function nativeLosses(steps) {
+  const out = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
+  execFileSync(bin, ['train', '--model', 'demo', '--data', 'demo', '--out', out, '--steps', String(steps), '--lr', '0.01',
+    '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0',
+    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights'], { stdio: 'ignore' });
+  const losses = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).loss);
+  fs.rmSync(out, { recursive: true, force: true });
+  return losses;
+}
+
+function safetensorsHeader(bytes) {
+  const n = Number(bytes.readBigUInt64LE(0));
+  return JSON.parse(bytes.subarray(8, 8 + n).toString('utf8'));
+}
+
+test('the demo trains in the page, with the same losses as native, and the loss falls', async () => {
+  await page.goto(`${base}?${RUN}&steps=16&autostart=1`);
+  const st = await waitFor(['done', 'error']);
+  assert.equal(st.step, '16');
+  const losses = JSON.parse(st.losses);
+  assert.equal(losses.length, 16);
+  const mean = (a) => a.reduce((x, y) => x + y, 0) / a.length;
+  assert.ok(mean(losses.slice(-4)) < 0.6 * mean(losses.slice(0, 4)), `loss ${losses}`);
+  const native = nativeLosses(16);
+  losses.forEach((l, i) => assert.ok(Math.abs(l - native[i]) < 1e-3, `step ${i + 1}: page ${l}, native ${native[i]}`));
+  console.log(`page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max |page − native| ${Math.max(...losses.map((l, i) => Math.abs(l - native[i]))).toExponential(2)}`);
+});
+
+test('the base and the fine-tuned model answer side by side', async () => {
+  await page.fill('#prompt', 'Reverse the word apple.');
+  await page.click('#ask');
+  await page.waitForFunction(() => document.querySelector('#tuned').textContent !== '…', null, { timeout: 120_000 });
+  const [b, t] = await page.evaluate(() => [document.querySelector('#base').textContent, document.querySelector('#tuned').textContent]);
+  assert.notEqual((await status()).state, 'error');
+  assert.equal(typeof b, 'string');
+  assert.notEqual(b, t, 'training changed the answer');
+});
+
+test('the adapter downloads as PEFT files', async () => {
+  const downloads = [];
+  page.on('download', (d) => downloads.push(d));
+  await page.click('#download');
+  await page.waitForFunction(() => true);
+  for (let i = 0; i < 50 && downloads.length < 2; i++) await new Promise((r) => setTimeout(r, 100));
+  assert.equal(downloads.length, 2);
+  const files = {};
+  for (const d of downloads) files[d.suggestedFilename()] = fs.readFileSync(await d.path());
+  const cfg = JSON.parse(files['adapter_config.json'].toString('utf8'));
+  assert.equal(cfg.peft_type, 'LORA');
+  assert.equal(cfg.task_type, 'CAUSAL_LM');
+  assert.equal(cfg.r, 8);
+  assert.equal(cfg.lora_alpha, 16);
+  assert.equal(cfg.target_modules.length, 7);
+  const header = safetensorsHeader(files['adapter_model.safetensors']);
+  const names = Object.keys(header).filter((k) => k !== '__metadata__');
+  assert.equal(names.length, 4 * 7 * 2);
+  assert.deepEqual(header['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'].shape, [8, 64]);
+  assert.deepEqual(header['base_model.model.model.layers.3.mlp.down_proj.lora_B.weight'].shape, [64, 8]);
+});
+
+test('a reload resumes the run from its last checkpoint and continues exactly', async () => {
+  const steps = 30;
+  await page.goto(`${base}?${RUN}&steps=${steps}&autostart=1`);
+  const straight = JSON.parse((await waitFor(['done', 'error'])).losses);
+  await page.goto(`${base}?${RUN}&steps=${steps}&autostart=1`);
+  await page.waitForFunction(() => Number(document.querySelector('#status').dataset.step) >= 12, null, { timeout: 600_000 });
+  await page.goto(`${base}?resume=1`);
+  const st = await waitFor(['done', 'error']);
+  const from = Number(st.resumedFrom);
+  assert.ok(from >= 10 && from % 10 === 0 && from < steps, `resumed from ${st.resumedFrom}`);
+  assert.equal(st.step, String(steps));
+  const losses = JSON.parse(st.losses);
+  assert.equal(losses.length, steps - from);
+  losses.forEach((l, i) => assert.ok(Math.abs(l - straight[from + i]) < 1e-6, `step ${from + i + 1}: resumed ${l}, straight ${straight[from + i]}`));
+  await page.screenshot({ path: path.join(os.tmpdir(), 'webtune-page.png'), fullPage: true });
+});
