@@ -301,37 +301,16 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
     }
 }
 
-/// Merge a LoRA adapter into the base weights: W += s·B·A for each pair. Writes
-/// config (dtype float32), model.safetensors and the tokenizer files into `out`.
+/// Merge a LoRA adapter into the base weights (W += s·B·A for each pair) and write a
+/// full model into `out`: config (dtype float32), model.safetensors, tokenizer files.
 pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;
     let mut w = md.weights;
-    let scale = lora.scale();
-    for (name, a) in tensors.iter().filter(|(n, _)| n.ends_with(".lora_A.weight")) {
-        let base = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
-        let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
-        let b = tensors.get(&b_name).ok_or_else(|| Error::Weights(format!("{}: `{b_name}` is missing", adapter.display())))?;
-        let wname = format!("{base}.weight");
-        let target = w.get_mut(&wname).ok_or_else(|| Error::Weights(format!("the base model has no `{wname}` for {name}")))?;
-        let (r, din, dout) = (a.shape[0], a.shape[1], b.shape[0]);
-        if target.shape != [dout, din] || b.shape[1] != r {
-            return Err(Error::Weights(format!("{name}: shapes {:?} · {:?} do not fit `{wname}` {:?}", b.shape, a.shape, target.shape)));
-        }
-        for o in 0..dout {
-            for i in 0..din {
-                let mut acc = 0f64;
-                for j in 0..r {
-                    acc += b.data[o * r + j] as f64 * a.data[j * din + i] as f64;
-                }
-                target.data[o * din + i] += (scale as f64 * acc) as f32;
-            }
-        }
-    }
+    crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut cfg: serde_json::Value = serde_json::from_str(&read_text(&model_dir.join("config.json"))?).map_err(|e| Error::Config(e.to_string()))?;
-    cfg["torch_dtype"] = "float32".into();
-    checkpoint::write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    let config = crate::peft::merged_config(&read_text(&model_dir.join("config.json"))?)?;
+    checkpoint::write_atomic(&out.join("config.json"), config.as_bytes())?;
     for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         if model_dir.join(f).exists() {
             let bytes = std::fs::read(model_dir.join(f)).map_err(|e| Error::io(&model_dir.join(f), e))?;

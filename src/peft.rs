@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::model::weights::TensorMap;
 use crate::model::LoraConfig;
 
 /// Read the LoRA settings of an `adapter_config.json` (`source` names it in errors).
@@ -58,4 +59,35 @@ pub fn config_json(l: &LoraConfig, base_model: &str) -> String {
         "use_rslora": l.use_rslora,
     });
     serde_json::to_string_pretty(&v).expect("serialisable")
+}
+
+/// Merge a LoRA adapter into base weights in place: W += s·B·A for each pair
+/// (`adapter` holds PEFT-named tensors; `source` names it in errors).
+pub fn merge_into(base: &mut TensorMap, adapter: &TensorMap, lora: &LoraConfig, source: &str) -> Result<()> {
+    let scale = lora.scale() as f64;
+    for (name, a) in adapter.iter().filter(|(n, _)| n.ends_with(".lora_A.weight")) {
+        let module = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
+        let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+        let b = adapter.get(&b_name).ok_or_else(|| Error::Weights(format!("{source}: `{b_name}` is missing")))?;
+        let wname = format!("{module}.weight");
+        let target = base.get_mut(&wname).ok_or_else(|| Error::Weights(format!("the base model has no `{wname}` for {name}")))?;
+        let (r, din, dout) = (a.shape[0], a.shape[1], b.shape[0]);
+        if target.shape != [dout, din] || b.shape[1] != r {
+            return Err(Error::Weights(format!("{name}: shapes {:?} · {:?} do not fit `{wname}` {:?}", b.shape, a.shape, target.shape)));
+        }
+        for o in 0..dout {
+            for i in 0..din {
+                let acc: f64 = (0..r).map(|j| b.data[o * r + j] as f64 * a.data[j * din + i] as f64).sum();
+                target.data[o * din + i] += (scale * acc) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A merged model's `config.json`: the base's, with the dtype the weights now have.
+pub fn merged_config(base_config: &str) -> Result<String> {
+    let mut cfg: serde_json::Value = serde_json::from_str(base_config).map_err(|e| Error::Config(e.to_string()))?;
+    cfg["torch_dtype"] = "float32".into();
+    Ok(serde_json::to_string_pretty(&cfg).expect("json"))
 }

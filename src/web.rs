@@ -40,6 +40,8 @@ pub struct Session {
     weights: TensorMap,
     tok: Option<Tokenizer>,
     model_name: String,
+    /// The files a merged model copies: config.json, tokenizer.json, tokenizer_config.json.
+    files: Vec<(String, Vec<u8>)>,
     data: Option<Dataset>,
     model: Option<Model>,
     trainer: Option<Trainer>,
@@ -50,7 +52,7 @@ impl Session {
     /// Request the WebGPU adapter and device.
     pub async fn create() -> Result<Session, JsError> {
         let gpu = Gpu::new().await.map_err(js)?;
-        Ok(Session { gpu, cfg: None, weights: TensorMap::new(), tok: None, model_name: String::new(), data: None, model: None, trainer: None })
+        Ok(Session { gpu, cfg: None, weights: TensorMap::new(), tok: None, model_name: String::new(), files: vec![], data: None, model: None, trainer: None })
     }
 
     /// The adapter, its limits and features, in one line.
@@ -65,6 +67,11 @@ impl Session {
         self.weights = crate::demo::weights(1).map_err(js)?;
         self.tok = Some(tok);
         self.model_name = "webtune-demo".into();
+        self.files = vec![
+            ("config.json".into(), crate::demo::config_json().into_bytes()),
+            ("tokenizer.json".into(), crate::demo::tokenizer_json().into_bytes()),
+            ("tokenizer_config.json".into(), crate::demo::tokenizer_config_json().into_bytes()),
+        ];
         Ok(())
     }
 
@@ -87,6 +94,13 @@ impl Session {
             weights::parse(&s.to_vec(), &format!("{name} safetensors file {}", i + 1), &mut w).map_err(js)?;
         }
         (self.cfg, self.weights, self.tok, self.model_name) = (Some(cfg), w, Some(tok), name.to_string());
+        self.files = vec![("config.json".into(), config.as_bytes().to_vec()), ("tokenizer.json".into(), tokenizer_json.to_vec())];
+        if let Some(g) = generation_config {
+            self.files.push(("generation_config.json".into(), g.into_bytes()));
+        }
+        if let Some(t) = tokenizer_config {
+            self.files.push(("tokenizer_config.json".into(), t.into_bytes()));
+        }
         Ok(())
     }
 
@@ -177,6 +191,60 @@ impl Session {
         let bytes = weights::serialize(&tensors, None).map_err(js)?;
         js_sys::Reflect::set(&obj, &"weights".into(), &js_sys::Uint8Array::from(&bytes[..]).into()).ok();
         Ok(obj)
+    }
+
+    /// The base model with the adapter merged in (or the fully tuned weights): an
+    /// array of `[file name, Uint8Array]` pairs (config.json with dtype float32,
+    /// model.safetensors, the tokenizer files).
+    pub async fn merged_model_files(&self) -> Result<js_sys::Array, JsError> {
+        let model = self.model.as_ref().ok_or_else(|| JsError::new("nothing trained yet"))?;
+        let trained = crate::train::checkpoint::trained_tensors(&self.gpu, model).await.map_err(js)?;
+        let merged = match &model.tuning {
+            Tuning::Lora(l) => {
+                let mut w = self.weights.clone();
+                crate::peft::merge_into(&mut w, &trained, l, "adapter").map_err(js)?;
+                w
+            }
+            _ => trained,
+        };
+        let out = js_sys::Array::new();
+        let push = |name: &str, bytes: &[u8]| {
+            out.push(&js_sys::Array::of2(&name.into(), &js_sys::Uint8Array::from(bytes).into()));
+        };
+        for (name, bytes) in &self.files {
+            if name == "config.json" {
+                push(name, crate::peft::merged_config(&String::from_utf8_lossy(bytes)).map_err(js)?.as_bytes());
+            } else {
+                push(name, bytes);
+            }
+        }
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        push("model.safetensors", &weights::serialize(&merged, Some(meta)).map_err(js)?);
+        Ok(out)
+    }
+
+    /// The GPU memory a training step of this run needs, estimated from the config
+    /// (MiB), to show before training and to warn when it will not fit.
+    pub fn memory_estimate(&self, options: &str) -> Result<String, JsError> {
+        let o: RunOptions = serde_json::from_str(options).map_err(|e| JsError::new(&format!("options: {e}")))?;
+        let cfg = self.cfg.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        let tuning = if o.full {
+            Tuning::Full
+        } else {
+            Tuning::Lora(LoraConfig { r: o.lora_rank, alpha: o.lora_alpha, dropout: o.lora_dropout, targets: o.targets, use_rslora: false })
+        };
+        let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
+        let plan = crate::model::memory::Plan {
+            tuning,
+            batch: o.opts.batch_size,
+            seq,
+            grad_checkpoint: o.grad_checkpoint,
+            f16_weights: self.gpu.caps.shader_f16,
+            max_binding: self.gpu.caps.max_binding,
+        };
+        let m = crate::model::memory::estimate(cfg, &plan);
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        Ok(serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}).to_string())
     }
 
     /// A checkpoint of the run in one safetensors file (values, moments; the step in

@@ -132,6 +132,7 @@ function onState(state) {
   $('pause').disabled = !training;
   $('continue').disabled = state !== 'paused';
   $('download').disabled = training || losses.length === 0;
+  $('downloadMerged').disabled = training || losses.length === 0;
   $('ask').disabled = training;
   $('train').disabled = training;
   const st = $('status');
@@ -175,6 +176,7 @@ async function train() {
     const data = await dataSource();
     await prepare(model, data);
     losses.length = 0;
+    await showEstimate(runOptions());
     const { total } = await call('start', { options: runOptions(), model: model.source === 'files' ? null : model, data: { source: data.source } });
     log(`training ${total} steps`);
     started = performance.now();
@@ -201,6 +203,16 @@ async function resumeSaved(saved) {
   }
 }
 
+// Browsers do not say how much GPU memory a tab may use; past this, warn.
+const WARN_MIB = 4096;
+async function showEstimate(options) {
+  const m = await call('memory', { options });
+  const e = $('estimate');
+  e.textContent = `Estimated GPU memory for a step: ${m.total.toFixed(0)} MiB (weights ${m.weights.toFixed(0)}, training state ${m.training_state.toFixed(0)}, activations ${m.activations.toFixed(0)})`;
+  e.className = m.total > WARN_MIB ? 'error' : 'muted';
+  if (m.total > WARN_MIB) e.textContent += ` — more than browsers usually give a tab (${WARN_MIB} MiB): this model may not fit. Try a smaller batch or sequence length, LoRA instead of full tuning, or the native webtune.`;
+}
+
 function fail(err) {
   setStatus('error', `error: ${err.message}`);
   $('status').dataset.error = err.message;
@@ -224,6 +236,14 @@ $('download').onclick = async () => {
     const a = await call('adapter');
     download('adapter_config.json', a.config, 'application/json');
     download('adapter_model.safetensors', a.weights, 'application/octet-stream');
+  } catch (e) {
+    fail(e);
+  }
+};
+$('downloadMerged').onclick = async () => {
+  try {
+    const { files } = await call('merged');
+    for (const [name, bytes] of files) download(name, bytes, 'application/octet-stream');
   } catch (e) {
     fail(e);
   }

@@ -99,6 +99,12 @@ const commands = {
     runInfo = { options, model, data, total };
     return { total };
   },
+  async memory({ options }) {
+    return JSON.parse(session.memory_estimate(JSON.stringify(options)));
+  },
+  async merged() {
+    return { files: await session.merged_model_files() };
+  },
   async resumeSaved() {
     const bytes = await readFile('checkpoint.safetensors');
     if (!bytes) throw new Error('no saved checkpoint');

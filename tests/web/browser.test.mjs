@@ -91,10 +91,11 @@ test('the base and the fine-tuned model answer side by side', async () => {
 
 test('the adapter downloads as PEFT files', async () => {
   const downloads = [];
-  page.on('download', (d) => downloads.push(d));
+  const onDownload = (d) => downloads.push(d);
+  page.on('download', onDownload);
   await page.click('#download');
-  await page.waitForFunction(() => true);
   for (let i = 0; i < 50 && downloads.length < 2; i++) await new Promise((r) => setTimeout(r, 100));
+  page.off('download', onDownload);
   assert.equal(downloads.length, 2);
   const files = {};
   for (const d of downloads) files[d.suggestedFilename()] = fs.readFileSync(await d.path());
@@ -109,6 +110,22 @@ test('the adapter downloads as PEFT files', async () => {
   assert.equal(names.length, 4 * 7 * 2);
   assert.deepEqual(header['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'].shape, [8, 64]);
   assert.deepEqual(header['base_model.model.model.layers.3.mlp.down_proj.lora_B.weight'].shape, [64, 8]);
+});
+
+test('the merged model downloads as a Hugging Face model directory', async () => {
+  const downloads = [];
+  const onDownload = (d) => downloads.push(d);
+  page.on('download', onDownload);
+  await page.click('#downloadMerged');
+  for (let i = 0; i < 100 && downloads.length < 4; i++) await new Promise((r) => setTimeout(r, 100));
+  page.off('download', onDownload);
+  const names = downloads.map((d) => d.suggestedFilename()).sort();
+  assert.deepEqual(names, ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']);
+  const model = downloads.find((d) => d.suggestedFilename() === 'model.safetensors');
+  const header = safetensorsHeader(fs.readFileSync(await model.path()));
+  assert.deepEqual(header['model.layers.0.self_attn.q_proj.weight'].shape, [64, 64]);
+  assert.equal(JSON.parse(fs.readFileSync(await downloads.find((d) => d.suggestedFilename() === 'config.json').path(), 'utf8')).torch_dtype, 'float32');
+  assert.match(await page.textContent('#estimate'), /Estimated GPU memory for a step: \d+ MiB/);
 });
 
 test('a reload resumes the run from its last checkpoint and continues exactly', async () => {
