@@ -297,3 +297,31 @@ fn schedules_follow_transformers() {
     assert_eq!(at(Schedule::Linear, 110), 0.0);
     assert!(at(Schedule::Cosine, 110).abs() < 1e-12);
 }
+
+/// Ctrl-C (SIGINT) during `webtune train` writes a checkpoint and exits cleanly.
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits() {
+    let root = tmp("ctrlc");
+    let out = root.join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_webtune"))
+        .args(["train", "--model", "demo", "--data", "demo", "--out", out.to_str().unwrap(), "--steps", "100000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    for _ in 0..600 {
+        if std::fs::read_to_string(&metrics).is_ok_and(|m| m.lines().count() >= 2) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!(steps >= 2 && steps < 100000);
+    let ckpt = out.join(format!("checkpoint-{steps}"));
+    assert!(ckpt.join("adapter_model.safetensors").exists() && ckpt.join("trainer_state.json").exists(), "{}", ckpt.display());
+    cleanup(&[&root]);
+}
