@@ -320,3 +320,50 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     checkpoint::write_atomic(&out.join("model.safetensors"), &weights::serialize(&w, Some(meta))?)
 }
+
+pub struct InspectArgs {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub max_seq_len: usize,
+    pub pack: bool,
+    pub show: usize,
+    pub sample: bool,
+    pub seed: u64,
+    pub tokens: bool,
+    pub train_on_prompt: bool,
+    pub json: bool,
+}
+
+/// `webtune data inspect`: records as the model sees them, then the summary (or the
+/// summary alone as JSON).
+pub fn inspect(a: &InspectArgs) -> Result<()> {
+    use crate::data::inspect::{preview, summarize, summary_text, Style};
+    use std::io::IsTerminal;
+    // Only the tokenizer and template are needed: skip the weights.
+    let tok = if a.model == Path::new("demo") { ModelDir::open(&a.model)?.tokenizer } else { Tokenizer::from_dir(&a.model)? };
+    let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_text(&a.data)? };
+    let records = parse_records(&text, &a.data.display().to_string())?;
+    let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary).expect("serialisable"));
+        return Ok(());
+    }
+    let mut picks: Vec<usize> = (0..records.len()).collect();
+    if a.sample {
+        let mut rng = crate::check::Rng::new(a.seed);
+        for i in (1..picks.len()).rev() {
+            picks.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    let style = if std::io::stdout().is_terminal() { Style::Color } else { Style::Brackets };
+    for &i in picks.iter().take(a.show) {
+        let mut e = tok.example(&records[i], a.train_on_prompt)?;
+        crate::data::batch::truncate(&mut e, a.max_seq_len);
+        let legend = if style == Style::Brackets { "⟦trained⟧" } else { "\x1b[1;32mtrained\x1b[0m, \x1b[2mmasked\x1b[0m" };
+        println!("── {} ({}, {} tokens, {} trained{}; {legend})", e.place, e.format.name(), e.ids.len(), e.trained_count(),
+            if e.truncated > 0 { format!(", {} cut", e.truncated) } else { String::new() });
+        println!("{}\n", preview(&tok, &e, style, a.tokens));
+    }
+    print!("{}", summary_text(&summary));
+    Ok(())
+}

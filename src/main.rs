@@ -86,6 +86,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Look at data before training on it.
+    Data {
+        #[command(subcommand)]
+        what: DataCmd,
+    },
     /// Serve the web page (index.html and web/) on 127.0.0.1.
     Serve {
         #[arg(long, default_value_t = 8080)]
@@ -204,6 +209,38 @@ struct TrainCmd {
 }
 
 #[derive(Subcommand)]
+enum DataCmd {
+    /// Show records as the model sees them (trained tokens marked) and a summary.
+    Inspect {
+        /// A model directory (its tokenizer and chat template are used), or `demo`.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        max_seq_len: usize,
+        #[arg(long)]
+        pack: bool,
+        /// How many records to show.
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+        /// Show a seeded sample of records instead of the first ones.
+        #[arg(long)]
+        sample: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Mark token boundaries with |.
+        #[arg(long)]
+        tokens: bool,
+        #[arg(long)]
+        train_on_prompt: bool,
+        /// Print only the summary, as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchWhat {
     /// Matmul and attention GFLOP/s at SmolLM2-135M training shapes, GB/s for the memory-bound ops.
     Kernels {
@@ -299,6 +336,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
         Command::Merge { model, adapter, out } => {
             cli::merge(&model, &adapter, &out)?;
             println!("wrote {}", out.display());
+        }
+        Command::Data { what: DataCmd::Inspect { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json } } => {
+            cli::inspect(&cli::InspectArgs { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json })?;
         }
         Command::Serve { port, root } => webtune::serve::serve(&root, port)?,
         Command::Info => {

@@ -124,6 +124,22 @@ impl Session {
         Ok(summary.to_string())
     }
 
+    /// What will be trained: the first `show` records as runs of [text, trained] and
+    /// the summary of the whole file (as `webtune data inspect --json`), as JSON.
+    pub fn inspect(&self, text: &str, name: &str, max_seq_len: usize, pack: bool, show: usize) -> Result<String, JsError> {
+        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        let records = parse_records(text, name).map_err(js)?;
+        let (_, summary) = crate::data::inspect::summarize(tok, &records, max_seq_len, pack, false).map_err(js)?;
+        let mut shown = Vec::new();
+        for r in records.iter().take(show) {
+            let mut e = tok.example(r, false).map_err(js)?;
+            crate::data::batch::truncate(&mut e, max_seq_len);
+            let runs = crate::data::inspect::runs(tok, &e, false);
+            shown.push(serde_json::json!({"place": e.place, "format": e.format.name(), "tokens": e.ids.len(), "trained": e.trained_count(), "truncated": e.truncated, "runs": runs}));
+        }
+        Ok(serde_json::json!({"records": shown, "summary": summary}).to_string())
+    }
+
     /// Build the model with LoRA (or full tuning) and plan the run; `options` is JSON
     /// with lora_rank, lora_alpha, lora_dropout, targets, full, grad_checkpoint and the
     /// training options (lr, schedule, warmup, batch_size, grad_accum, epochs, steps, seed, ...).

@@ -179,3 +179,118 @@ fn the_demo_tokenizer_is_character_level_with_special_chat_tags() {
     assert!(answer[0].ends_with("</s>"), "{answer:?}");
     assert_eq!(tok.encode("<|assistant|>", false).unwrap().0.len(), 1);
 }
+
+use webtune::data::inspect::{preview, summarize, Style};
+
+/// The text inside ⟦ ⟧ of a bracketed preview.
+fn bracketed(p: &str) -> Vec<String> {
+    p.split('⟦').skip(1).map(|s| s.split('⟧').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn previews_highlight_exactly_the_trained_tokens_in_every_format() {
+    let data = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+{"prompt": "The sky is", "completion": " blue."}
+{"instruction": "Translate", "input": "cat", "output": "chat"}
+{"instruction": "Sum up", "context": "Long text.", "response": "Short."}
+{"text": "Plain words."}"#;
+    for name in ["qwen3", "llama3", "llama2"] {
+        let tok = tokenizer(name);
+        for r in parse_records(data, "f.jsonl").unwrap() {
+            let e = tok.example(&r, false).unwrap();
+            // The preview shows the source text of each token; decoding a run renders
+            // spaces its own way (SentencePiece's ▁), so compare without whitespace.
+            let trim = |v: Vec<String>| v.into_iter().map(|t| t.split_whitespace().collect::<String>()).collect::<Vec<_>>();
+            let marked = bracketed(&preview(&tok, &e, Style::Brackets, false));
+            assert_eq!(trim(marked), trim(trained_text(&tok, &e.ids, &e.trained)), "{name} {}", r.place);
+            let plain = preview(&tok, &e, Style::Brackets, false).replace(['⟦', '⟧'], "");
+            assert!(plain.contains(e.text.trim_start_matches("<s>").trim()), "{name}: {plain} vs {}", e.text);
+            // With token boundaries, one separator follows every token.
+            let with_tokens = preview(&tok, &e, Style::Brackets, true);
+            assert!(with_tokens.matches('|').count() >= e.ids.len(), "{name}: {with_tokens}");
+        }
+    }
+}
+
+#[test]
+fn statistics_of_a_constructed_dataset_are_exact() {
+    // The demo tokenizer is character-level: a text of n characters is n tokens + EOS.
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&webtune::demo::tokenizer_config_json()), "demo").unwrap();
+    let data = ["a", "ab", "abc", "abcd", "abcde", "abc", "A b, C!"].iter().map(|t| format!("{{\"text\": \"{t}\"}}")).collect::<Vec<_>>().join("\n");
+    let recs = parse_records(&data, "s.jsonl").unwrap();
+    let (examples, s) = summarize(&tok, &recs, 4, true, false).unwrap();
+    // Lengths (with EOS): 2 3 4 5 6 4 8.
+    assert_eq!((s.lengths.min, s.lengths.median, s.lengths.p95, s.lengths.max), (2, 4, 8, 8));
+    assert_eq!(s.lengths.histogram.iter().map(|h| h.1).sum::<usize>(), 7);
+    assert_eq!(s.lengths.histogram[0], (1, 0));
+    assert_eq!(s.lengths.histogram[1], (2, 1));
+    assert_eq!(s.records, 7);
+    assert_eq!(s.formats["text"], 7);
+    // Truncated at 4: "abcd" (5 → 4), "abcde" (6 → 4), "A b, C!" (8 → 4): 1 + 2 + 4 tokens cut.
+    assert_eq!((s.truncated, s.truncated_tokens), (3, 7));
+    assert_eq!(s.tokens, 2 + 3 + 4 + 4 + 4 + 4 + 4);
+    assert_eq!(s.trained_tokens, s.tokens);
+    assert_eq!(s.trained_fraction, 1.0);
+    // Packing into 4-token sequences: [2], [3], [4], [4], [4], [4], [4] (2 + 3 > 4).
+    assert_eq!(s.sequences, 7);
+    assert!((s.packing_efficiency.unwrap() - 25.0 / 28.0).abs() < 1e-12);
+    assert_eq!(s.exact_duplicates, vec![vec!["s.jsonl:3".to_string(), "s.jsonl:6".to_string()]]);
+    assert!(s.near_duplicates.is_empty());
+    assert_eq!(s.tokens_per_epoch, 25);
+    assert_eq!(examples.len(), 7);
+    assert!(s.warnings.iter().any(|w| w.contains("3 of 7 records (43%) are truncated")), "{:?}", s.warnings);
+    let near = parse_records("{\"text\": \"Hello, World!\"}\n{\"text\": \"hello world\"}", "n.jsonl").unwrap();
+    let (_, s) = summarize(&tok, &near, 64, false, false).unwrap();
+    assert_eq!(s.near_duplicates, vec![vec!["n.jsonl:1".to_string(), "n.jsonl:2".to_string()]]);
+    assert!(s.exact_duplicates.is_empty() && s.packing_efficiency.is_none());
+}
+
+#[test]
+fn inspect_warns_about_untrained_stops_and_surprising_templates() {
+    let chat = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    let recs = parse_records(chat, "w.jsonl").unwrap();
+    // A template with no end-of-turn token: the answer never teaches the model to stop.
+    let cfg = serde_json::json!({"eos_token": "</s>", "chat_template": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"}).to_string();
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&cfg), "custom").unwrap();
+    let (_, s) = summarize(&tok, &recs, 64, false, false).unwrap();
+    assert!(s.warnings.iter().any(|w| w.contains("without a trained end-of-turn/EOS token") && w.contains("w.jsonl:1")), "{:?}", s.warnings);
+    // A template that adds a system prompt of its own.
+    let cfg = serde_json::json!({"eos_token": "</s>", "chat_template": "<|system|>\nYou are helpful.</s>\n{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"}).to_string();
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&cfg), "custom").unwrap();
+    let (_, s) = summarize(&tok, &recs, 64, false, false).unwrap();
+    assert!(s.warnings.iter().any(|w| w.contains("inserts a system prompt")), "{:?}", s.warnings);
+    assert!(!s.warnings.iter().any(|w| w.contains("end-of-turn")), "{:?}", s.warnings);
+    // Llama 3's packaged template appends an assistant header whatever add_generation_prompt says.
+    let (_, s) = summarize(&tokenizer("llama3"), &recs, 64, false, false).unwrap();
+    assert!(s.warnings.iter().any(|w| w.contains("ignores add_generation_prompt")), "{:?}", s.warnings);
+    // Qwen3's template is well-behaved here.
+    let (_, s) = summarize(&tokenizer("qwen3"), &recs, 64, false, false).unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+}
+
+#[test]
+fn data_inspect_prints_masks_and_a_json_summary() {
+    let dir = std::env::temp_dir().join(format!("webtune-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("d.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"2+2=\", \"completion\": \"4\"}\n{\"text\": \"xyz\"}\n").unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_webtune"))
+            .args(["data", "inspect", "--model", "demo", "--data", file.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(&["--show", "1"]);
+    assert!(text.contains("2+2=⟦4</s>⟧"), "{text}");
+    assert!(text.contains("records: 2 (prompt/completion 1, text 1)"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(run(&["--json"]).trim()).unwrap();
+    assert_eq!(v["records"], 2);
+    assert_eq!(v["tokens"], 6 + 4);
+    assert_eq!(v["trained_tokens"], 2 + 4);
+    assert_eq!(v["formats"]["text"], 1);
+    assert_eq!(v["lengths"]["max"], 6);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

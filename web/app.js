@@ -167,6 +167,42 @@ async function prepare(model, data) {
   setStatus('loading', 'reading the data…');
   const summary = await call('loadData', { ...data, maxSeqLen: num('seq', 'seq'), pack: false });
   log(`data: ${summary.records} records → ${summary.sequences} sequences, ${summary.skipped} skipped, ${summary.trained_tokens} trained tokens`);
+  showPreview(summary.preview);
+}
+
+// The records as the model sees them, trained tokens highlighted, and the summary.
+function showPreview(p) {
+  $('inspect').hidden = false;
+  const recs = $('records');
+  recs.replaceChildren();
+  for (const r of p.records) {
+    const h = document.createElement('div');
+    h.className = 'muted';
+    h.textContent = `${r.place} · ${r.format} · ${r.tokens} tokens, ${r.trained} trained${r.truncated ? `, ${r.truncated} cut` : ''}`;
+    const pre = document.createElement('pre');
+    for (const [text, trained] of r.runs) {
+      const span = document.createElement(trained ? 'mark' : 'span');
+      span.textContent = text;
+      pre.appendChild(span);
+    }
+    recs.append(h, pre);
+  }
+  const s = p.summary;
+  const l = s.lengths;
+  const items = [
+    `records: ${s.records} (${Object.entries(s.formats).map(([k, v]) => `${k} ${v}`).join(', ')})`,
+    `skipped (nothing to train): ${s.skipped_nothing_trained}`,
+    `tokens per record: min ${l.min}, median ${l.median}, p95 ${l.p95}, max ${l.max}`,
+    `truncated: ${s.truncated} records, ${s.truncated_tokens} tokens cut at ${s.max_seq_len}`,
+    `trained: ${s.trained_tokens} of ${s.tokens} tokens (${(100 * s.trained_fraction).toFixed(1)}%)`,
+    `duplicates: ${s.exact_duplicates.length} exact, ${s.near_duplicates.length} near-exact groups`,
+    `tokens per epoch: ${s.tokens_per_epoch}`,
+  ];
+  if (s.packing_efficiency != null) items.push(`packing: ${s.sequences} sequences, ${(100 * s.packing_efficiency).toFixed(1)}% real tokens`);
+  const ul = $('summary');
+  ul.replaceChildren();
+  for (const t of items) ul.appendChild(Object.assign(document.createElement('li'), { textContent: t }));
+  for (const w of s.warnings) ul.appendChild(Object.assign(document.createElement('li'), { textContent: `warning: ${w}`, className: 'warn' }));
 }
 
 async function train() {

@@ -91,8 +91,9 @@ const commands = {
   async loadData({ source, text, name, maxSeqLen, pack }) {
     const body = source === 'demo' ? Session.demo_data() : text;
     const summary = JSON.parse(session.load_data(body, name || source, maxSeqLen, !!pack));
+    const preview = JSON.parse(session.inspect(body, name || source, maxSeqLen, !!pack, 3));
     await saveFile('data.jsonl', body);
-    return summary;
+    return { ...summary, preview };
   },
   async start({ options, model, data }) {
     const total = session.start(JSON.stringify(options));

@@ -2,6 +2,7 @@
 //! mask (which tokens are trained), then truncation, packing and batches.
 
 pub mod batch;
+pub mod inspect;
 pub mod records;
 pub mod template;
 
@@ -82,6 +83,11 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// EOS or a token that closes a turn in the templates we know.
+    pub fn is_end_token(&self, id: u32) -> bool {
+        id == self.eos_id || self.end_markers.iter().any(|m| self.inner.token_to_id(m) == Some(id))
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {

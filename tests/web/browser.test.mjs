@@ -79,6 +79,17 @@ test('the demo trains in the page, with the same losses as native, and the loss 
   console.log(`page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max |page − native| ${Math.max(...losses.map((l, i) => Math.abs(l - native[i]))).toExponential(2)}`);
 });
 
+test('the page previews what will be trained', async () => {
+  const marks = await page.$$eval('#records mark', (m) => m.map((x) => x.textContent));
+  assert.equal(marks.length, 3, 'one trained answer per record');
+  for (const m of marks) assert.ok(m.endsWith('</s>'), `the answer's end token is trained: ${m}`);
+  const preview = await page.textContent('#records');
+  assert.ok(preview.includes('<|user|>') && preview.includes('<|assistant|>'));
+  const summary = await page.textContent('#summary');
+  assert.match(summary, /records: 256 \(messages 256\)/);
+  assert.match(summary, /trained: \d+ of \d+ tokens/);
+});
+
 test('the base and the fine-tuned model answer side by side', async () => {
   await page.fill('#prompt', 'Reverse the word apple.');
   await page.click('#ask');
