@@ -26,15 +26,27 @@ pub struct ModelDir {
     pub cfg: Config,
     pub weights: TensorMap,
     pub tokenizer: Tokenizer,
+    /// The small files a derived model copies: config, generation config, tokenizer.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
+/// The small files of a model directory that a merged or fully tuned model copies.
+const COPIED: [&str; 5] = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+
 impl ModelDir {
-    /// A model directory, or `demo` for the built-in demo model.
+    /// A model directory, or `demo` for the built-in demo model (`demo-random`: its
+    /// random initialisation, from which `scripts/pretrain-demo.sh` pretrains it).
     pub fn open(dir: &Path) -> Result<ModelDir> {
-        if dir == Path::new("demo") {
+        if dir == Path::new("demo") || dir == Path::new("demo-random") {
             let tokenizer = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo")?;
             let cfg = Config::parse(&crate::demo::config_json(), "demo config.json", None)?;
-            return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights: crate::demo::weights(1)?, tokenizer });
+            let files = vec![
+                ("config.json".to_string(), crate::demo::config_json().into_bytes()),
+                ("tokenizer.json".to_string(), crate::demo::tokenizer_json().into_bytes()),
+                ("tokenizer_config.json".to_string(), crate::demo::tokenizer_config_json().into_bytes()),
+            ];
+            let weights = if dir == Path::new("demo") { crate::demo::base_weights()? } else { crate::demo::weights(1)? };
+            return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files });
         }
         if !dir.is_dir() {
             return Err(Error::Io(format!(
@@ -47,7 +59,8 @@ impl ModelDir {
         let cfg = Config::parse(&read_text(&config)?, &config.display().to_string(), generation.as_deref())?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let weights = weights::read_dir(dir)?;
-        Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer })
+        let files = COPIED.iter().filter_map(|f| std::fs::read(dir.join(f)).ok().map(|b| (f.to_string(), b))).collect();
+        Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files })
     }
 }
 
@@ -76,7 +89,15 @@ pub fn load_for_inference(gpu: &Gpu, md: &ModelDir, adapter: Option<&Path>) -> R
 
 /// Read, validate and tokenize a data file (`demo`: the built-in demo data).
 pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<Dataset> {
-    let text = if path == Path::new("demo") { crate::demo::data() } else { read_text(path)? };
+    let text = if path == Path::new("demo") {
+        crate::demo::data()
+    } else if path == Path::new("demo-pretrain") {
+        crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS)
+    } else if path == Path::new("demo-pretrain-chat") {
+        crate::demo::pretrain_chat_jsonl(4, crate::demo::PRETRAIN_RECORDS)
+    } else {
+        read_text(path)?
+    };
     let records = parse_records(&text, &path.display().to_string())?;
     prepare(tok, &records, max_seq_len, pack, train_on_prompt)
 }
@@ -226,7 +247,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         history.push(s.clone());
         let interrupted = stop.load(Ordering::SeqCst);
         if a.save_every.is_some_and(|e| s.step % e == 0) || trainer.done() || interrupted {
-            last_good = Some(checkpoint::save_checkpoint(&a.out, gpu, &model, &a.model, &state(s.step)).await?);
+            last_good = Some(checkpoint::save_checkpoint(&a.out, gpu, &model, &md.files, &state(s.step)).await?);
         }
         if interrupted {
             bar.abandon_with_message(format!("interrupted: checkpoint {}", last_good.as_ref().unwrap().display()));
@@ -234,7 +255,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         }
     }
     bar.finish();
-    checkpoint::save(&a.out, gpu, &model, &a.model, &state(trainer.step), false).await?;
+    checkpoint::save(&a.out, gpu, &model, &md.files, &state(trainer.step), false).await?;
     if !a.quiet {
         println!("wrote {} ({})", a.out.display(), if a.full { "full model" } else { "PEFT LoRA adapter" });
     }
@@ -309,13 +330,9 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let mut w = md.weights;
     crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let config = crate::peft::merged_config(&read_text(&model_dir.join("config.json"))?)?;
-    checkpoint::write_atomic(&out.join("config.json"), config.as_bytes())?;
-    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-        if model_dir.join(f).exists() {
-            let bytes = std::fs::read(model_dir.join(f)).map_err(|e| Error::io(&model_dir.join(f), e))?;
-            checkpoint::write_atomic(&out.join(f), &bytes)?;
-        }
+    for (name, bytes) in &md.files {
+        let bytes = if name == "config.json" { crate::peft::merged_config(&String::from_utf8_lossy(bytes))?.into_bytes() } else { bytes.clone() };
+        checkpoint::write_atomic(&out.join(name), &bytes)?;
     }
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     checkpoint::write_atomic(&out.join("model.safetensors"), &weights::serialize(&w, Some(meta))?)
@@ -366,4 +383,100 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     }
     print!("{}", summary_text(&summary));
     Ok(())
+}
+
+/// What `webtune demo` measured.
+pub struct DemoReport {
+    pub before: f64,
+    pub after: f64,
+    pub losses: Vec<f64>,
+    pub tokens_per_s: f64,
+    pub secs: f64,
+}
+
+/// Greedy answers of `model` to each question, as a user turn with the chat template.
+pub async fn answers(gpu: &Gpu, model: &Model, tok: &Tokenizer, questions: &[(String, String)], max_new: usize) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(questions.len());
+    for (q, _) in questions {
+        let ids = prompt_ids(tok, q, true)?;
+        let new = model.generate(gpu, &ids, max_new, &Sampling::default(), |_| {}).await?;
+        out.push(tok.decode(&new));
+    }
+    Ok(out)
+}
+
+/// A loss curve for a terminal: one column per bucket of steps, 8 rows.
+pub fn loss_curve(losses: &[f64], width: usize) -> String {
+    if losses.is_empty() {
+        return String::new();
+    }
+    let cols: Vec<f64> = (0..width.min(losses.len()))
+        .map(|c| {
+            let (a, b) = (c * losses.len() / width.min(losses.len()), ((c + 1) * losses.len() / width.min(losses.len())).max(c * losses.len() / width.min(losses.len()) + 1));
+            losses[a..b].iter().sum::<f64>() / (b - a) as f64
+        })
+        .collect();
+    let (lo, hi) = (cols.iter().cloned().fold(f64::MAX, f64::min), cols.iter().cloned().fold(f64::MIN, f64::max));
+    let rows = 8;
+    let mut out = String::new();
+    for r in (0..rows).rev() {
+        let level = lo + (hi - lo) * r as f64 / rows as f64;
+        let label = if r == rows - 1 { format!("{hi:>7.3} ") } else if r == 0 { format!("{lo:>7.3} ") } else { " ".repeat(8) };
+        out += &label;
+        out.extend(cols.iter().map(|&v| if v >= level { '█' } else { ' ' }));
+        out.push('\n');
+    }
+    out += &format!("{}step 1{:>w$}\n", " ".repeat(8), losses.len(), w = cols.len().saturating_sub(6));
+    out
+}
+
+/// `webtune` with no arguments: instruction-tune the built-in demo model (pretrained
+/// on `reverse(word) = drow` text, never on instructions) with LoRA, and show the
+/// accuracy on held-out phrasings and fresh words before and after.
+pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<DemoReport> {
+    let started = crate::clock::now();
+    let say = |s: String| if !quiet { println!("{s}") };
+    let md = ModelDir::open(Path::new("demo"))?;
+    let tok = &md.tokenizer;
+    say(format!("webtune demo on {}", gpu.describe()));
+    say("The base model was pretrained on text like `reverse(cat) = tac` and has never seen an instruction.".into());
+    say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
+    let held = crate::demo::held_out(11, 32);
+    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
+    let model = Model::load(gpu, md.cfg.clone(), &md.weights, Tuning::Lora(lora), 42)?;
+    let before_answers = answers(gpu, &model, tok, &held, 16).await?;
+    let before = crate::demo::accuracy(&before_answers, &held);
+    say(format!("held-out accuracy before tuning: {:.0}% ({} questions)", 100.0 * before, held.len()));
+    for (i, (q, a)) in held.iter().enumerate().take(3) {
+        say(format!("  {q:<40} → {:?} (expected {a:?})", before_answers[i]));
+    }
+    let records = parse_records(&crate::demo::data_jsonl(7, 2048), "demo")?;
+    let data = prepare(tok, &records, 64, false, false)?;
+    let opts = Options { lr: 1e-2, schedule: "cosine".into(), warmup: 10, batch_size: 16, steps: Some(steps), seed: 42, ..Options::default() };
+    let mut trainer = Trainer::new(opts.clone(), &data, tok.pad_id)?;
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps()) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
+    let (mut losses, mut tokens, mut busy) = (Vec::new(), 0usize, 0.0);
+    while !trainer.done() {
+        let s = trainer.step(gpu, &model, &data).await?;
+        (tokens, busy) = (tokens + s.tokens, busy + s.tokens as f64 / s.tokens_per_s);
+        losses.push(s.loss);
+        bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, s.tokens_per_s));
+        bar.set_position(s.step);
+    }
+    bar.finish_and_clear();
+    say(format!("\ntraining loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
+    let after_answers = answers(gpu, &model, tok, &held, 16).await?;
+    let after = crate::demo::accuracy(&after_answers, &held);
+    say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%)", 100.0 * after, 100.0 * before));
+    for (i, (q, a)) in held.iter().enumerate().take(6) {
+        let mark = if after_answers[i].trim() == a { "✓" } else { "✗" };
+        say(format!("  {mark} {q:<40} → {:?}", after_answers[i]));
+    }
+    let state = TrainerState { step: trainer.step, total_steps: trainer.total_steps(), options: opts, base_model: "demo".into(), tuning: "lora".into() };
+    checkpoint::save(out, gpu, &model, &md.files, &state, false).await?;
+    let secs = crate::clock::now() - started;
+    let tps = tokens as f64 / busy.max(1e-9);
+    say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}; {secs:.0} s in all", out.display()));
+    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs })
 }

@@ -92,38 +92,122 @@ pub fn weights(seed: u64) -> Result<TensorMap> {
     Ok(w)
 }
 
-const WORDS: [&str; 24] = [
-    "apple", "river", "stone", "cloud", "green", "tiger", "paper", "music", "lemon", "night", "ocean", "bread", "chair", "light", "plant",
-    "sugar", "train", "water", "zebra", "honey", "piano", "smile", "storm", "wheel",
+/// The demo's tasks: an operation on a word, named in the pretraining text, with the
+/// phrasings instruction tuning uses and one held-out phrasing each that recombines
+/// words of the others (the test of following instructions, not memorising them).
+pub struct Task {
+    pub op: &'static str,
+    pub phrasings: &'static [&'static str],
+    pub held_out: &'static str,
+}
+
+pub const TASKS: [Task; 4] = [
+    Task { op: "reverse", phrasings: &["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} backwards, please."], held_out: "Reverse {w}, please." },
+    Task { op: "upper", phrasings: &["Write {w} in capital letters.", "Uppercase {w}.", "Write {w} in upper case, please."], held_out: "Uppercase the word {w}." },
+    Task { op: "twice", phrasings: &["Repeat {w} twice.", "Say {w} two times.", "Write {w} two times, please."], held_out: "Repeat the word {w} two times." },
+    Task { op: "count", phrasings: &["How many letters are in {w}?", "Count the letters in {w}.", "Count the letters of {w}, please."], held_out: "How many letters does {w} have?" },
 ];
 
-/// One synthetic instruction and its answer: reverse, uppercase, repeat or count.
-fn task(rng: &mut Rng) -> (String, String) {
-    let w = WORDS[rng.below(WORDS.len() as u64) as usize];
-    match rng.below(4) {
-        0 => (format!("Reverse the word {w}."), w.chars().rev().collect()),
-        1 => (format!("Write {w} in capital letters."), w.to_uppercase()),
-        2 => (format!("Repeat {w} twice."), format!("{w} {w}")),
-        _ => (format!("How many letters are in {w}?"), w.len().to_string()),
+/// The answer of task `op` for word `w`.
+pub fn apply(op: &str, w: &str) -> String {
+    match op {
+        "reverse" => w.chars().rev().collect(),
+        "upper" => w.to_uppercase(),
+        "twice" => format!("{w} {w}"),
+        _ => w.chars().count().to_string(),
     }
+}
+
+/// A random lowercase word of 3 to 6 letters (so nothing can be memorised).
+pub fn word(rng: &mut Rng) -> String {
+    let n = 3 + rng.below(4) as usize;
+    (0..n).map(|_| (b'a' + rng.below(26) as u8) as char).collect()
+}
+
+/// Pretraining text for the base: the operations in a functional notation,
+/// `reverse(word) = drow`, with no chat format and no instructions.
+pub fn pretrain_jsonl(seed: u64, n: usize) -> String {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let (t, w) = (&TASKS[rng.below(4) as usize], word(&mut rng));
+            json!({"text": format!("{}({w}) = {}", t.op, apply(t.op, &w))}).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Pretraining text in the chat format with functional requests
+/// (`<|user|>\nreverse(word)</s>\n<|assistant|>\ndrow</s>`) mixed with plain lines:
+/// the base learns to answer in turns, but only to `op(word)`, never to instructions.
+pub fn pretrain_chat_jsonl(seed: u64, n: usize) -> String {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let (t, w) = (&TASKS[rng.below(4) as usize], word(&mut rng));
+            let text = if i % 2 == 0 {
+                format!("<|user|>\n{}({w})</s>\n<|assistant|>\n{}</s>\n", t.op, apply(t.op, &w))
+            } else {
+                format!("{}({w}) = {}", t.op, apply(t.op, &w))
+            };
+            json!({ "text": text }).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An instruction (a trained phrasing, or the held-out one) and its answer.
+pub fn instruction(rng: &mut Rng, held_out: bool) -> (String, String) {
+    let t = &TASKS[rng.below(TASKS.len() as u64) as usize];
+    let w = word(rng);
+    let p = if held_out { t.held_out } else { t.phrasings[rng.below(t.phrasings.len() as u64) as usize] };
+    (p.replace("{w}", &w), apply(t.op, &w))
+}
+
+/// `n` chat records with the trained phrasings, as JSONL.
+pub fn data_jsonl(seed: u64, n: usize) -> String {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let (q, a) = instruction(&mut rng, false);
+            json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `n` held-out (question, answer) pairs: held-out phrasings, fresh words.
+pub fn held_out(seed: u64, n: usize) -> Vec<(String, String)> {
+    let mut rng = Rng::new(seed ^ 0xDEAD_BEEF);
+    (0..n).map(|_| instruction(&mut rng, true)).collect()
+}
+
+/// Exact-match accuracy: the answer, trimmed, equals the expected one.
+pub fn accuracy(answers: &[String], expected: &[(String, String)]) -> f64 {
+    let right = answers.iter().zip(expected).filter(|(a, (_, e))| a.trim() == e).count();
+    right as f64 / expected.len().max(1) as f64
 }
 
 /// Records in the demo data set (`webtune train --data demo`, the page's demo data).
 pub const DATA_RECORDS: usize = 256;
 
-/// The demo data set: `DATA_RECORDS` chat records of the synthetic tasks.
+/// The demo data set: `DATA_RECORDS` chat records with the trained phrasings.
 pub fn data() -> String {
     data_jsonl(7, DATA_RECORDS)
 }
 
-/// `n` chat records of the synthetic tasks, as JSONL.
-pub fn data_jsonl(seed: u64, n: usize) -> String {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| {
-            let (q, a) = task(&mut rng);
-            json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Records of pretraining text (`--data demo-pretrain`).
+pub const PRETRAIN_RECORDS: usize = 40_000;
+
+/// The pretrained base of the demo, made by `scripts/pretrain-demo.sh` and embedded.
+const BASE: &[u8] = include_bytes!("../assets/demo-base/model.safetensors");
+
+/// The demo's pretrained base weights (the embedded file; empty before it is made).
+pub fn base_weights() -> Result<TensorMap> {
+    if BASE.is_empty() {
+        return Err(crate::error::Error::Weights("the demo base is not built: run scripts/pretrain-demo.sh".into()));
+    }
+    let mut w = TensorMap::new();
+    crate::model::weights::parse(BASE, "assets/demo-base/model.safetensors", &mut w)?;
+    Ok(w)
 }

@@ -10,10 +10,10 @@ use webtune::model::LoraConfig;
 use webtune::train::Options;
 
 #[derive(Parser)]
-#[command(name = "webtune", version, about = "Fine-tune small language models with hand-written WGSL kernels")]
+#[command(name = "webtune", version, about = "Fine-tune small language models with hand-written WGSL kernels (no command: the demo)")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Args, Clone)]
@@ -85,6 +85,13 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Instruction-tune the built-in demo model and show held-out accuracy before and after.
+    Demo {
+        #[arg(long, default_value = "webtune-demo")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        steps: u64,
     },
     /// Look at data before training on it.
     Data {
@@ -270,7 +277,12 @@ fn lora_targets(s: &str) -> Vec<String> {
 }
 
 async fn run(cli: Cli) -> webtune::Result<()> {
-    match cli.command {
+    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300 });
+    match command {
+        Command::Demo { out, steps } => {
+            let gpu = Gpu::new().await?;
+            cli::demo(&gpu, &out, steps, false).await?;
+        }
         Command::Train(t) => {
             let args = cli::TrainArgs {
                 lora: LoraConfig {

@@ -64,7 +64,7 @@ impl Session {
     pub fn load_demo_model(&mut self) -> Result<(), JsError> {
         let tok = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo").map_err(js)?;
         self.cfg = Some(Config::parse(&crate::demo::config_json(), "demo config.json", None).map_err(js)?);
-        self.weights = crate::demo::weights(1).map_err(js)?;
+        self.weights = crate::demo::base_weights().map_err(js)?;
         self.tok = Some(tok);
         self.model_name = "webtune-demo".into();
         self.files = vec![
@@ -182,11 +182,8 @@ impl Session {
 
     /// Answer `prompt` as a user turn (chat template), greedily, with or without the adapter.
     pub async fn generate(&mut self, prompt: &str, max_new: usize, adapter: bool) -> Result<String, JsError> {
+        self.ensure_model()?;
         let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
-        if self.model.is_none() {
-            let cfg = self.cfg.clone().expect("with the tokenizer");
-            self.model = Some(Model::load(&self.gpu, cfg, &self.weights, Tuning::Frozen, 0).map_err(js)?);
-        }
         let model = self.model.as_mut().expect("just set");
         let text = tok.template.render(&[Message::new("user", prompt)], true).map_err(js)?;
         let ids = tok.encode(&text, false).map_err(js)?.0;
@@ -261,6 +258,52 @@ impl Session {
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         Ok(serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}).to_string())
+    }
+
+    /// Teaching view: one training record's tokens with the loss of each trained one,
+    /// as JSON `[[text, loss or null], ...]` (null: masked, not trained).
+    pub async fn token_losses(&mut self, index: usize) -> Result<String, JsError> {
+        self.ensure_model()?;
+        let (Some(model), Some(data), Some(tok)) = (&self.model, &self.data, &self.tok) else { return Err(JsError::new("load a model and data first")) };
+        let e = data.examples.get(index).ok_or_else(|| JsError::new("no such record"))?;
+        let b = crate::data::batch::Batch::new(&[&crate::data::batch::Sequence { ids: e.ids.clone(), trained: e.trained.clone(), pos: (0..e.ids.len() as u32).collect(), seg: vec![0; e.ids.len()] }], tok.pad_id);
+        let inp = crate::model::Inputs::new(&self.gpu, crate::model::Shape { b: 1, t: b.t }, &b.ids, &b.pos, &b.seg).map_err(js)?;
+        let losses = model.token_losses(&self.gpu, &inp, &b.targets).await.map_err(js)?;
+        // The loss at row i is that of predicting token i + 1.
+        let runs = crate::data::inspect::runs(tok, e, true);
+        let out: Vec<serde_json::Value> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, (text, _))| serde_json::json!([text, if i == 0 { None } else { losses[i - 1] }]))
+            .collect();
+        Ok(serde_json::Value::Array(out).to_string())
+    }
+
+    /// Teaching view: attention probabilities of `layer`/`head` on `prompt` (as a user
+    /// turn), as JSON `{tokens: [...], weights: [T×T]}`.
+    pub async fn attention_map(&mut self, prompt: &str, layer: usize, head: usize) -> Result<String, JsError> {
+        self.ensure_model()?;
+        let (Some(model), Some(tok)) = (&self.model, &self.tok) else { return Err(JsError::new("load a model first")) };
+        let text = tok.template.render(&[Message::new("user", prompt)], true).map_err(js)?;
+        let (ids, _) = tok.encode(&text, false).map_err(js)?;
+        let inp = crate::model::Inputs::sequences(&self.gpu, crate::model::Shape { b: 1, t: ids.len() }, &ids).map_err(js)?;
+        let w = model.attention_map(&self.gpu, &inp, layer, head).await.map_err(js)?;
+        let tokens: Vec<String> = ids.iter().map(|&i| tok.decode_with_special(&[i])).collect();
+        Ok(serde_json::json!({"tokens": tokens, "weights": w, "layers": model.cfg.layers, "heads": model.cfg.heads}).to_string())
+    }
+
+    /// Teaching view: the gradient norm of each layer after the last step, as JSON.
+    pub async fn layer_grad_norms(&self) -> Result<String, JsError> {
+        let model = self.model.as_ref().ok_or_else(|| JsError::new("train first"))?;
+        Ok(serde_json::to_string(&model.layer_grad_norms(&self.gpu).await.map_err(js)?).expect("json"))
+    }
+
+    fn ensure_model(&mut self) -> Result<(), JsError> {
+        if self.model.is_none() {
+            let cfg = self.cfg.clone().ok_or_else(|| JsError::new("load a model first"))?;
+            self.model = Some(Model::load(&self.gpu, cfg, &self.weights, Tuning::Frozen, 0).map_err(js)?);
+        }
+        Ok(())
     }
 
     /// A checkpoint of the run in one safetensors file (values, moments; the step in

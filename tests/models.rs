@@ -362,3 +362,31 @@ fn fresh_lora_starts_as_peft_does() {
     lora.use_rslora = true;
     assert_eq!(lora.scale(), lora.alpha / 8f32.sqrt());
 }
+
+/// Teaching views: per-token losses average to the loss; attention rows are causal
+/// distributions; every layer has a gradient.
+#[test]
+fn teaching_views_agree_with_the_training_numbers() {
+    let g = gpu_f32();
+    let f = fixture("qwen2");
+    let m = model(g, &f, true);
+    let (inp, targets, _) = batch(g, &f);
+    let per_token = futures::executor::block_on(m.token_losses(g, &inp, &targets)).unwrap();
+    let kept: Vec<f32> = per_token.iter().flatten().copied().collect();
+    assert_eq!(kept.len(), targets.iter().filter(|&&t| t >= 0).count());
+    let mean = kept.iter().map(|&l| l as f64).sum::<f64>() / kept.len() as f64;
+    close("mean token loss", &[mean as f32], &f.expected["loss"].data, 0.0, 1e-4);
+    let t = 9;
+    let map = futures::executor::block_on(m.attention_map(g, &inp, 1, 3)).unwrap();
+    assert_eq!(map.len(), t * t);
+    for i in 0..t {
+        let row = &map[i * t..(i + 1) * t];
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "row {i}");
+        assert!(row[i + 1..].iter().all(|&w| w == 0.0), "causal");
+    }
+    assert!(futures::executor::block_on(m.attention_map(g, &inp, 2, 0)).is_err());
+    m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
+    let norms = futures::executor::block_on(m.layer_grad_norms(g)).unwrap();
+    assert_eq!(norms.len(), 2);
+    assert!(norms.iter().all(|&n| n > 0.0));
+}

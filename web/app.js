@@ -112,8 +112,11 @@ async function dataSource() {
 
 // ---- a run ---------------------------------------------------------------------------
 let started = 0;
+const stepTimes = [];
 function onStep(s, total, memory) {
   losses.push(s.loss);
+  stepTimes.push(s.tokens / s.tokens_per_s);
+  drawBars($('times'), stepTimes.slice(-60), (v) => `${(1000 * v).toFixed(0)} ms`);
   const st = $('status');
   st.dataset.step = s.step;
   st.dataset.total = total;
@@ -134,6 +137,7 @@ function onState(state) {
   $('download').disabled = training || losses.length === 0;
   $('downloadMerged').disabled = training || losses.length === 0;
   $('ask').disabled = training;
+  for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
   $('train').disabled = training;
   const st = $('status');
   if (state === 'done') setStatus('done', `done: ${st.dataset.step} steps, final loss ${st.dataset.loss}`);
@@ -291,6 +295,90 @@ $('ask').onclick = async () => {
     const show = (t) => t || '(no text: the model ended its answer at once)';
     $('base').textContent = show(r.base);
     $('tuned').textContent = show(r.tuned);
+  } catch (e) {
+    fail(e);
+  }
+};
+
+// ---- teaching views --------------------------------------------------------------------
+function drawBars(c, values, label) {
+  const g = c.getContext('2d');
+  g.clearRect(0, 0, c.width, c.height);
+  if (!values.length) return;
+  const max = Math.max(...values) || 1;
+  const w = (c.width - 10) / values.length;
+  g.fillStyle = '#2b6cb0';
+  values.forEach((v, i) => {
+    const h = (v / max) * (c.height - 20);
+    g.fillRect(5 + i * w, c.height - 5 - h, Math.max(1, w - 2), h);
+  });
+  g.fillStyle = '#5b6470';
+  g.fillText(`max ${label(max)}`, 5, 12);
+}
+
+$('showLosses').onclick = async () => {
+  try {
+    const toks = await call('tokenLosses', { index: 0 });
+    const pre = $('tokenLosses');
+    pre.replaceChildren();
+    for (const [text, loss] of toks) {
+      const span = document.createElement('span');
+      span.textContent = text;
+      if (loss === null) {
+        span.className = 'masked';
+        span.title = 'masked: not trained';
+      } else {
+        const t = Math.min(1, loss / 5);
+        span.style.background = `rgb(${Math.round(90 + 165 * t)}, ${Math.round(220 - 150 * t)}, 120)`;
+        span.title = `loss ${loss.toFixed(3)}`;
+        span.className = 'trained';
+      }
+      pre.appendChild(span);
+    }
+  } catch (e) {
+    fail(e);
+  }
+};
+
+$('showAttention').onclick = async () => {
+  try {
+    const r = await call('attention', { prompt: $('prompt').value, layer: Number($('layer').value || 0), head: Number($('head').value || 0) });
+    for (const [sel, n] of [[$('layer'), r.layers], [$('head'), r.heads]]) {
+      if (sel.options.length !== n) {
+        const keep = sel.value;
+        sel.replaceChildren(...Array.from({ length: n }, (_, i) => new Option(String(i), String(i))));
+        if (keep) sel.value = keep;
+      }
+    }
+    const c = $('attention');
+    const g = c.getContext('2d');
+    const t = r.tokens.length;
+    const cell = (c.width - 60) / t;
+    g.clearRect(0, 0, c.width, c.height);
+    for (let i = 0; i < t; i++) {
+      for (let j = 0; j <= i; j++) {
+        const w = r.weights[i * t + j];
+        g.fillStyle = `rgba(43, 108, 176, ${w})`;
+        g.fillRect(60 + j * cell, 60 + i * cell, cell, cell);
+      }
+    }
+    g.fillStyle = '#1d232a';
+    g.font = `${Math.max(6, Math.min(11, cell))}px monospace`;
+    r.tokens.forEach((tok, i) => {
+      const s = JSON.stringify(tok).slice(1, -1).slice(0, 6);
+      g.fillText(s, 2, 60 + (i + 0.8) * cell);
+    });
+    c.dataset.tokens = String(t);
+  } catch (e) {
+    fail(e);
+  }
+};
+
+$('showNorms').onclick = async () => {
+  try {
+    const norms = await call('gradNorms');
+    drawBars($('norms'), norms, (v) => v.toExponential(2));
+    $('norms').dataset.norms = JSON.stringify(norms);
   } catch (e) {
     fail(e);
   }

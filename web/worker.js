@@ -106,6 +106,15 @@ const commands = {
   async merged() {
     return { files: await session.merged_model_files() };
   },
+  async tokenLosses({ index }) {
+    return JSON.parse(await session.token_losses(index));
+  },
+  async attention({ prompt, layer, head }) {
+    return JSON.parse(await session.attention_map(prompt, layer, head));
+  },
+  async gradNorms() {
+    return JSON.parse(await session.layer_grad_norms());
+  },
   async resumeSaved() {
     const bytes = await readFile('checkpoint.safetensors');
     if (!bytes) throw new Error('no saved checkpoint');

@@ -58,9 +58,8 @@ pub async fn trained_tensors(gpu: &Gpu, model: &Model) -> Result<TensorMap> {
 
 /// Write the output files of `model` into `dir` (created if needed): the adapter or
 /// the full model, and with `optimizer`, the moments and `state` for resuming.
-/// `model_dir` is the base model's directory (config and tokenizer files are copied
-/// for a full model).
-pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state: &TrainerState, optimizer: bool) -> Result<()> {
+/// `files` are the base model's small files (config, tokenizer), copied for a full model.
+pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8>)], state: &TrainerState, optimizer: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = trained_tensors(gpu, model).await?;
     match &model.tuning {
@@ -69,12 +68,8 @@ pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state:
             write_atomic(&dir.join("adapter_model.safetensors"), &weights::serialize(&tensors, None)?)?;
         }
         Tuning::Full => {
-            for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-                let src = model_dir.join(f);
-                if src.exists() {
-                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    write_atomic(&dir.join(f), &bytes)?;
-                }
+            for (name, bytes) in files {
+                write_atomic(&dir.join(name), bytes)?;
             }
             let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
             write_atomic(&dir.join("model.safetensors"), &weights::serialize(&tensors, Some(meta))?)?;
@@ -97,11 +92,11 @@ pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state:
 
 /// Save a resumable checkpoint as `out/checkpoint-{step}`: written under a temporary
 /// name and renamed, so a crash never leaves a half-written checkpoint.
-pub async fn save_checkpoint(out: &Path, gpu: &Gpu, model: &Model, model_dir: &Path, state: &TrainerState) -> Result<PathBuf> {
+pub async fn save_checkpoint(out: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8>)], state: &TrainerState) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{}", state.step));
     let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
     let _ = std::fs::remove_dir_all(&tmp);
-    save(&tmp, gpu, model, model_dir, state, true).await?;
+    save(&tmp, gpu, model, files, state, true).await?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }

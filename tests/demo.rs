@@ -1,0 +1,92 @@
+//! The built-in demo: its data and held-out split, the accuracy metric, the pretrained
+//! base answering functional requests, and a short run whose loss falls.
+
+mod common;
+
+use common::*;
+use webtune::check::Rng;
+use webtune::demo::{accuracy, apply, data_jsonl, held_out, instruction, pretrain_jsonl, TASKS};
+
+/// The phrasing of a question: the word replaced by {w}.
+fn phrasing(q: &str) -> String {
+    let w = q.split(|c: char| !c.is_ascii_alphabetic()).filter(|s| s.len() >= 3 && s.chars().all(|c| c.is_ascii_lowercase())).find(|s| {
+        // the random word is the one token not in any phrasing
+        !TASKS.iter().any(|t| t.phrasings.iter().chain([&t.held_out]).any(|p| p.split(|c: char| !c.is_ascii_alphabetic()).any(|x| x.eq_ignore_ascii_case(s))))
+    });
+    match w {
+        Some(w) => q.replacen(w, "{w}", 1),
+        None => q.to_string(),
+    }
+}
+
+#[test]
+fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
+    assert_eq!(data_jsonl(7, 50), data_jsonl(7, 50));
+    assert_ne!(data_jsonl(7, 50), data_jsonl(8, 50));
+    assert_eq!(apply("reverse", "abc"), "cba");
+    assert_eq!(apply("upper", "abc"), "ABC");
+    assert_eq!(apply("twice", "abc"), "abc abc");
+    assert_eq!(apply("count", "abcd"), "4");
+    let trained: Vec<&str> = TASKS.iter().flat_map(|t| t.phrasings.iter().copied()).collect();
+    let held: Vec<&str> = TASKS.iter().map(|t| t.held_out).collect();
+    let mut rng = Rng::new(1);
+    for _ in 0..200 {
+        let (q, _) = instruction(&mut rng, false);
+        let p = phrasing(&q);
+        assert!(trained.contains(&p.as_str()), "{q} → {p}");
+        assert!(!held.contains(&p.as_str()));
+    }
+    for (q, a) in held_out(11, 100) {
+        let p = phrasing(&q);
+        assert!(held.contains(&p.as_str()) && !trained.contains(&p.as_str()), "{q}");
+        let t = TASKS.iter().find(|t| t.held_out == p).unwrap();
+        let w = q.split(|c: char| !c.is_ascii_alphabetic()).find(|s| s.len() >= 3 && p.replacen("{w}", s, 1) == q).unwrap();
+        assert_eq!(a, apply(t.op, w));
+    }
+    // The pretraining text names each operation, and is never a chat.
+    let pre = pretrain_jsonl(3, 20);
+    assert!(pre.lines().all(|l| l.contains(") = ") && !l.contains("messages")));
+}
+
+#[test]
+fn accuracy_is_exact_match_after_trimming() {
+    let expected = vec![("q1".to_string(), "cba".to_string()), ("q2".to_string(), "4".to_string()), ("q3".to_string(), "ABC".to_string()), ("q4".to_string(), "x x".to_string())];
+    let answers = vec![" cba\n".to_string(), "4 letters".to_string(), "ABC".to_string(), "x  x".to_string()];
+    assert_eq!(accuracy(&answers, &expected), 0.5);
+    assert_eq!(accuracy(&[], &[]), 0.0);
+}
+
+#[test]
+fn a_short_demo_run_lowers_the_loss() {
+    let g = gpu();
+    let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
+    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, true)).unwrap();
+    let first: f64 = r.losses[..10].iter().sum::<f64>() / 10.0;
+    let last: f64 = r.losses[r.losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");
+    // The base answers `reverse(word)` but no instruction.
+    assert!(r.before < 0.1, "before {}", r.before);
+    // Not yet the >50% the demo aims at (see the README); held-out accuracy must not fall.
+    assert!(r.after >= r.before, "accuracy {} → {}", r.before, r.after);
+    assert!(out.join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn the_pretrained_base_answers_functional_requests_but_no_instructions() {
+    let g = gpu();
+    let md = webtune::cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let m = webtune::model::Model::load(g, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
+    let mut rng = Rng::new(99);
+    let functional: Vec<(String, String)> = (0..16)
+        .map(|i| {
+            let (t, w) = (&TASKS[i % 4], webtune::demo::word(&mut rng));
+            (format!("{}({w})", t.op), apply(t.op, &w))
+        })
+        .collect();
+    let a = futures::executor::block_on(webtune::cli::answers(g, &m, &md.tokenizer, &functional, 16)).unwrap();
+    assert!(accuracy(&a, &functional) >= 0.75, "{a:?}");
+    let held = held_out(11, 16);
+    let a = futures::executor::block_on(webtune::cli::answers(g, &m, &md.tokenizer, &held, 16)).unwrap();
+    assert!(accuracy(&a, &held) < 0.1, "{a:?}");
+}
