@@ -262,15 +262,9 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     Ok(history)
 }
 
-/// Token ids of a prompt: wrapped as a user turn with the chat template and the
-/// generation prompt when `chat`, else plain (with the tokenizer's special tokens).
+/// Token ids of a prompt (see `Tokenizer::prompt_ids`).
 pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-    if chat {
-        let text = tok.template.render(&[Message::new("user", prompt)], true)?;
-        Ok(tok.encode(&text, false)?.0)
-    } else {
-        Ok(tok.encode(prompt, true)?.0)
-    }
+    tok.prompt_ids(prompt, chat)
 }
 
 /// Generate and print the continuation as it comes; returns the new tokens.

@@ -5,7 +5,7 @@
 use wasm_bindgen::prelude::*;
 
 use crate::data::batch::{prepare, Dataset};
-use crate::data::{parse_records, Message, Tokenizer};
+use crate::data::{parse_records, Tokenizer};
 use crate::error::Error;
 use crate::gpu::Gpu;
 use crate::model::generate::Sampling;
@@ -31,6 +31,16 @@ struct RunOptions {
     grad_checkpoint: bool,
     #[serde(flatten)]
     opts: Options,
+}
+
+impl RunOptions {
+    fn tuning(&self) -> Tuning {
+        if self.full {
+            Tuning::Full
+        } else {
+            Tuning::Lora(LoraConfig { r: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.targets.clone(), use_rslora: false })
+        }
+    }
 }
 
 #[wasm_bindgen]
@@ -148,11 +158,7 @@ impl Session {
         let cfg = self.cfg.clone().ok_or_else(|| JsError::new("load a model first"))?;
         let data = self.data.as_ref().ok_or_else(|| JsError::new("load data first"))?;
         let tok = self.tok.as_ref().expect("with the model");
-        let tuning = if o.full {
-            Tuning::Full
-        } else {
-            Tuning::Lora(LoraConfig { r: o.lora_rank, alpha: o.lora_alpha, dropout: o.lora_dropout, targets: o.targets, use_rslora: false })
-        };
+        let tuning = o.tuning();
         self.model = None;
         let mut model = Model::load(&self.gpu, cfg, &self.weights, tuning, o.opts.seed).map_err(js)?;
         model.grad_checkpoint = o.grad_checkpoint;
@@ -185,8 +191,7 @@ impl Session {
         self.ensure_model()?;
         let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
         let model = self.model.as_mut().expect("just set");
-        let text = tok.template.render(&[Message::new("user", prompt)], true).map_err(js)?;
-        let ids = tok.encode(&text, false).map_err(js)?.0;
+        let ids = tok.prompt_ids(prompt, true).map_err(js)?;
         model.adapter_enabled = adapter;
         let out = model.generate(&self.gpu, &ids, max_new, &Sampling::default(), |_| {}).await;
         model.adapter_enabled = true;
@@ -241,11 +246,7 @@ impl Session {
     pub fn memory_estimate(&self, options: &str) -> Result<String, JsError> {
         let o: RunOptions = serde_json::from_str(options).map_err(|e| JsError::new(&format!("options: {e}")))?;
         let cfg = self.cfg.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
-        let tuning = if o.full {
-            Tuning::Full
-        } else {
-            Tuning::Lora(LoraConfig { r: o.lora_rank, alpha: o.lora_alpha, dropout: o.lora_dropout, targets: o.targets, use_rslora: false })
-        };
+        let tuning = o.tuning();
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
         let plan = crate::model::memory::Plan {
             tuning,
@@ -284,8 +285,7 @@ impl Session {
     pub async fn attention_map(&mut self, prompt: &str, layer: usize, head: usize) -> Result<String, JsError> {
         self.ensure_model()?;
         let (Some(model), Some(tok)) = (&self.model, &self.tok) else { return Err(JsError::new("load a model first")) };
-        let text = tok.template.render(&[Message::new("user", prompt)], true).map_err(js)?;
-        let (ids, _) = tok.encode(&text, false).map_err(js)?;
+        let ids = tok.prompt_ids(prompt, true).map_err(js)?;
         let inp = crate::model::Inputs::sequences(&self.gpu, crate::model::Shape { b: 1, t: ids.len() }, &ids).map_err(js)?;
         let w = model.attention_map(&self.gpu, &inp, layer, head).await.map_err(js)?;
         let tokens: Vec<String> = ids.iter().map(|&i| tok.decode_with_special(&[i])).collect();

@@ -85,6 +85,17 @@ impl Tokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// Token ids of a prompt: a user turn with the chat template and the generation
+    /// prompt when `chat`, else the plain text with the tokenizer's special tokens.
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+        if chat {
+            let text = self.template.render(&[Message::new("user", prompt)], true)?;
+            Ok(self.encode(&text, false)?.0)
+        } else {
+            Ok(self.encode(prompt, true)?.0)
+        }
+    }
+
     /// EOS or a token that closes a turn in the templates we know.
     pub fn is_end_token(&self, id: u32) -> bool {
         id == self.eos_id || self.end_markers.iter().any(|m| self.inner.token_to_id(m) == Some(id))
