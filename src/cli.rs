@@ -38,13 +38,7 @@ impl ModelDir {
     /// random initialisation, from which `scripts/pretrain-demo.sh` pretrains it).
     pub fn open(dir: &Path) -> Result<ModelDir> {
         if dir == Path::new("demo") || dir == Path::new("demo-random") {
-            let tokenizer = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo")?;
-            let cfg = Config::parse(&crate::demo::config_json(), "demo config.json", None)?;
-            let files = vec![
-                ("config.json".to_string(), crate::demo::config_json().into_bytes()),
-                ("tokenizer.json".to_string(), crate::demo::tokenizer_json().into_bytes()),
-                ("tokenizer_config.json".to_string(), crate::demo::tokenizer_config_json().into_bytes()),
-            ];
+            let (tokenizer, cfg, files) = (crate::demo::tokenizer()?, crate::demo::config()?, crate::demo::files());
             let weights = if dir == Path::new("demo") { crate::demo::base_weights()? } else { crate::demo::weights(1)? };
             return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files });
         }
@@ -148,17 +142,17 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let tok = &md.tokenizer;
     let train_data = load_data(tok, &a.data, a.max_seq_len, a.pack, a.train_on_prompt)?;
     let valid_data = a.valid.as_ref().map(|v| load_data(tok, v, a.max_seq_len, false, a.train_on_prompt)).transpose()?;
-    let tuning = if a.full {
-        Tuning::Full
-    } else if let Some(init) = &a.init_adapter {
-        Tuning::Lora(read_adapter(init)?.0)
-    } else {
-        Tuning::Lora(a.lora.clone())
+    // An initial adapter is read once: its config shapes the model, its tensors fill it.
+    let init = a.init_adapter.as_deref().map(read_adapter).transpose()?;
+    let tuning = match (&init, a.full) {
+        (_, true) => Tuning::Full,
+        (Some((lora, _)), false) => Tuning::Lora(lora.clone()),
+        (None, false) => Tuning::Lora(a.lora.clone()),
     };
     let mut model = Model::load(gpu, md.cfg.clone(), &md.weights, tuning, a.opts.seed)?;
     model.grad_checkpoint = a.grad_checkpoint;
-    if let Some(init) = &a.init_adapter {
-        model.set_params(gpu, &read_adapter(init)?.1)?;
+    if let Some((_, tensors)) = &init {
+        model.set_params(gpu, tensors)?;
     }
     let mut trainer = Trainer::new(a.opts.clone(), &train_data, tok.pad_id)?;
     let base_model = a.model.display().to_string();

@@ -57,9 +57,26 @@ pub fn config_json() -> String {
     .to_string()
 }
 
+/// The demo's small files, as a model directory holds them (config and tokenizer).
+pub fn files() -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("config.json".into(), config_json().into_bytes()),
+        ("tokenizer.json".into(), tokenizer_json().into_bytes()),
+        ("tokenizer_config.json".into(), tokenizer_config_json().into_bytes()),
+    ]
+}
+
+pub fn config() -> Result<crate::model::Config> {
+    crate::model::Config::parse(&config_json(), "demo config.json", None)
+}
+
+pub fn tokenizer() -> Result<crate::data::Tokenizer> {
+    crate::data::Tokenizer::new(tokenizer_json().as_bytes(), Some(&tokenizer_config_json()), "demo")
+}
+
 /// Random weights for the demo model (uniform, seeded), as named in Hugging Face files.
 pub fn weights(seed: u64) -> Result<TensorMap> {
-    let cfg = crate::model::Config::parse(&config_json(), "demo config.json", None)?;
+    let cfg = config()?;
     let (c, inter, kv) = (cfg.hidden, cfg.intermediate, cfg.kv_dim());
     let mut rng = Rng::new(seed);
     let mut w = TensorMap::new();

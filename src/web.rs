@@ -72,16 +72,12 @@ impl Session {
 
     /// The built-in demo model (character-level, generated, no download).
     pub fn load_demo_model(&mut self) -> Result<(), JsError> {
-        let tok = Tokenizer::new(crate::demo::tokenizer_json().as_bytes(), Some(&crate::demo::tokenizer_config_json()), "demo").map_err(js)?;
-        self.cfg = Some(Config::parse(&crate::demo::config_json(), "demo config.json", None).map_err(js)?);
+        let tok = crate::demo::tokenizer().map_err(js)?;
+        self.cfg = Some(crate::demo::config().map_err(js)?);
         self.weights = crate::demo::base_weights().map_err(js)?;
         self.tok = Some(tok);
         self.model_name = "webtune-demo".into();
-        self.files = vec![
-            ("config.json".into(), crate::demo::config_json().into_bytes()),
-            ("tokenizer.json".into(), crate::demo::tokenizer_json().into_bytes()),
-            ("tokenizer_config.json".into(), crate::demo::tokenizer_config_json().into_bytes()),
-        ];
+        self.files = crate::demo::files();
         Ok(())
     }
 
@@ -267,7 +263,7 @@ impl Session {
         self.ensure_model()?;
         let (Some(model), Some(data), Some(tok)) = (&self.model, &self.data, &self.tok) else { return Err(JsError::new("load a model and data first")) };
         let e = data.examples.get(index).ok_or_else(|| JsError::new("no such record"))?;
-        let b = crate::data::batch::Batch::new(&[&crate::data::batch::Sequence { ids: e.ids.clone(), trained: e.trained.clone(), pos: (0..e.ids.len() as u32).collect(), seg: vec![0; e.ids.len()] }], tok.pad_id);
+        let b = crate::data::batch::Batch::new(&[&crate::data::batch::Sequence::from_example(e)], tok.pad_id);
         let inp = crate::model::Inputs::new(&self.gpu, crate::model::Shape { b: 1, t: b.t }, &b.ids, &b.pos, &b.seg).map_err(js)?;
         let losses = model.token_losses(&self.gpu, &inp, &b.targets).await.map_err(js)?;
         // The loss at row i is that of predicting token i + 1.
@@ -310,14 +306,7 @@ impl Session {
     /// its metadata), for the page to keep in the Origin Private File System.
     pub async fn checkpoint(&self) -> Result<js_sys::Uint8Array, JsError> {
         let (Some(model), Some(trainer)) = (&self.model, &self.trainer) else { return Err(JsError::new("nothing to save")) };
-        let mut t = TensorMap::new();
-        for p in model.params() {
-            let tr = p.train.as_ref().expect("trainable");
-            for (suffix, tensor) in [("value", &p.value), ("exp_avg", &tr.m), ("exp_avg_sq", &tr.v)] {
-                let data = self.gpu.read::<f32>(tensor).await.map_err(js)?;
-                t.insert(format!("{}.{suffix}", p.name), weights::HostTensor { shape: p.shape.clone(), data });
-            }
-        }
+        let t = crate::train::checkpoint::read_state(&self.gpu, model, true).await.map_err(js)?;
         let meta = std::collections::HashMap::from([("step".to_string(), trainer.step.to_string())]);
         Ok(js_sys::Uint8Array::from(&weights::serialize(&t, Some(meta)).map_err(js)?[..]))
     }
@@ -329,14 +318,7 @@ impl Session {
         let step: u64 = st.1.metadata().as_ref().and_then(|m| m.get("step")).and_then(|s| s.parse().ok()).ok_or_else(|| JsError::new("checkpoint has no step"))?;
         let mut t = TensorMap::new();
         weights::parse(bytes, "checkpoint", &mut t).map_err(js)?;
-        for p in model.params() {
-            let tr = p.train.as_ref().expect("trainable");
-            for (suffix, tensor) in [("value", &p.value), ("exp_avg", &tr.m), ("exp_avg_sq", &tr.v)] {
-                let key = format!("{}.{suffix}", p.name);
-                let src = t.get(&key).ok_or_else(|| JsError::new(&format!("checkpoint lacks {key}")))?;
-                self.gpu.write(tensor, &src.data).map_err(js)?;
-            }
-        }
+        crate::train::checkpoint::write_state(&self.gpu, model, &t, true, "checkpoint").map_err(js)?;
         trainer.step = step;
         Ok(step as f64)
     }

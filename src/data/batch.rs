@@ -17,7 +17,8 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    fn from_example(e: &Example) -> Sequence {
+    /// One unpacked example: positions from 0, one segment.
+    pub fn from_example(e: &Example) -> Sequence {
         Sequence { ids: e.ids.clone(), trained: e.trained.clone(), pos: (0..e.ids.len() as u32).collect(), seg: vec![0; e.ids.len()] }
     }
 

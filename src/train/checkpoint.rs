@@ -8,7 +8,7 @@ use super::Options;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::model::weights::{self, HostTensor, TensorMap};
-use crate::model::{Model, Tuning};
+use crate::model::{Model, Param, Tuning};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerState {
@@ -77,12 +77,7 @@ pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8
         Tuning::Frozen => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
     }
     if optimizer {
-        let mut moments = TensorMap::new();
-        for p in model.params() {
-            let t = p.train.as_ref().expect("trainable");
-            moments.insert(format!("{}.exp_avg", p.name), host(gpu, &t.m, &p.shape).await?);
-            moments.insert(format!("{}.exp_avg_sq", p.name), host(gpu, &t.v, &p.shape).await?);
-        }
+        let moments = read_state(gpu, model, false).await?;
         write_atomic(&dir.join("optimizer.safetensors"), &weights::serialize(&moments, None)?)?;
         let json = serde_json::to_string_pretty(state).expect("serialisable");
         write_atomic(&dir.join("trainer_state.json"), json.as_bytes())?;
@@ -130,12 +125,41 @@ pub fn load_checkpoint(dir: &Path, gpu: &Gpu, model: &Model) -> Result<TrainerSt
     } else {
         model.set_params(gpu, &values)?;
     }
+    write_state(gpu, model, &moments, false, &dir.display().to_string())?;
+    Ok(state)
+}
+
+/// The tensors of each trainable param a resume needs, by suffix: its AdamW moments
+/// (`exp_avg`, `exp_avg_sq`), and its value (`value`) when `with_value`.
+fn state_tensors(p: &Param, with_value: bool) -> Vec<(&'static str, &Tensor)> {
+    let t = p.train.as_ref().expect("params() are trainable");
+    let mut out = vec![("exp_avg", &t.m), ("exp_avg_sq", &t.v)];
+    if with_value {
+        out.insert(0, ("value", &p.value));
+    }
+    out
+}
+
+/// Read the training state of every trainable param as `{name}.{suffix}` tensors.
+pub async fn read_state(gpu: &Gpu, model: &Model, with_value: bool) -> Result<TensorMap> {
+    let mut out = TensorMap::new();
     for p in model.params() {
-        let t = p.train.as_ref().expect("trainable");
-        for (suffix, dst) in [("exp_avg", &t.m), ("exp_avg_sq", &t.v)] {
-            let key = format!("{}.{suffix}", p.name);
-            gpu.write(dst, &moments.get(&key).ok_or_else(|| missing(&key))?.data)?;
+        for (suffix, t) in state_tensors(p, with_value) {
+            out.insert(format!("{}.{suffix}", p.name), host(gpu, t, &p.shape).await?);
         }
     }
-    Ok(state)
+    Ok(out)
+}
+
+/// Write back what `read_state` read; every tensor must be there (`source` names the
+/// checkpoint in errors).
+pub fn write_state(gpu: &Gpu, model: &Model, state: &TensorMap, with_value: bool, source: &str) -> Result<()> {
+    for p in model.params() {
+        for (suffix, t) in state_tensors(p, with_value) {
+            let key = format!("{}.{suffix}", p.name);
+            let src = state.get(&key).ok_or_else(|| Error::Weights(format!("{source}: `{key}` is missing")))?;
+            gpu.write(t, &src.data)?;
+        }
+    }
+    Ok(())
 }
