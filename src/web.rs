@@ -70,6 +70,11 @@ impl Session {
         self.gpu.describe()
     }
 
+    /// Whether the adapter offers timestamp queries (GPU time per kernel).
+    pub fn timestamps(&self) -> bool {
+        self.gpu.caps.timestamps
+    }
+
     /// The built-in demo model (character-level, generated, no download).
     pub fn load_demo_model(&mut self) -> Result<(), JsError> {
         let tok = crate::demo::tokenizer().map_err(js)?;
@@ -180,6 +185,19 @@ impl Session {
         };
         let s = trainer.step(&self.gpu, model, data).await.map_err(js)?;
         Ok(serde_json::to_string(&s).expect("serialisable"))
+    }
+
+    /// Time every kernel of the following steps with timestamp queries (or stop).
+    /// Returns false where the adapter has no `timestamp-query`.
+    pub fn set_profiling(&self, on: bool) -> bool {
+        self.gpu.set_profiling(on)
+    }
+
+    /// GPU time per kernel of what ran while profiling, as JSON `[{kernel, calls, ms}]`,
+    /// slowest first.
+    pub async fn kernel_times(&self) -> Result<String, JsError> {
+        let times = self.gpu.kernel_times().await.map_err(js)?;
+        Ok(serde_json::to_string(&times).expect("serialisable"))
     }
 
     /// Answer `prompt` as a user turn (chat template), greedily, with or without the adapter.

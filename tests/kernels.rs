@@ -395,3 +395,38 @@ fn f16_weights_in_matmul_and_embedding() {
     cpu::embedding_forward(n, c, v, &ids, &round(&w), &mut want);
     close("embedding from f16", &read(g, &tout), &want, 0.0, 0.0);
 }
+
+/// With profiling on, timestamp queries time each dispatch, summed by kernel entry
+/// point; with it off nothing is timed.
+#[test]
+fn kernel_times_come_from_timestamp_queries() {
+    // A context of its own: profiling is per context, and other tests share `gpu()`.
+    let g = &futures::executor::block_on(webtune::gpu::Gpu::new()).unwrap();
+    if !g.caps.timestamps {
+        assert!(!g.set_profiling(true), "no timestamp queries, so no profiling");
+        return;
+    }
+    let mm = Matmul::new(64, 64, 64);
+    let (a, b, c) = (up(g, &vec![1.0f32; 64 * 64]), up(g, &vec![1.0f32; 64 * 64]), zeros(g, 64 * 64));
+    let launch = |rec: &mut webtune::gpu::Recorder| {
+        k::matmul(g, rec, &mm, &a, &b, &c)?;
+        k::matmul(g, rec, &mm, &a, &b, &c)?;
+        k::add(g, rec, 64 * 64, &a, &b, &c)
+    };
+    assert!(g.set_profiling(true));
+    run(g, launch);
+    run(g, |rec| k::add(g, rec, 64 * 64, &a, &b, &c));
+    let times = futures::executor::block_on(g.kernel_times()).unwrap();
+    assert_eq!(times.len(), 2, "{times:?}");
+    let by = |p: &str| times.iter().find(|t| t.kernel.starts_with(p)).unwrap_or_else(|| panic!("no {p} in {times:?}"));
+    assert_eq!(by("matmul::").calls, 2);
+    assert_eq!(by("elementwise::add").calls, 2);
+    assert!(times.iter().all(|t| t.ms > 0.0 && t.ms < 10_000.0), "{times:?}");
+    assert!(times[0].ms >= times[1].ms);
+    // Read once: a second read has nothing; with profiling off nothing is timed.
+    assert!(futures::executor::block_on(g.kernel_times()).unwrap().is_empty());
+    assert!(!g.set_profiling(false));
+    run(g, launch);
+    assert!(futures::executor::block_on(g.kernel_times()).unwrap().is_empty());
+    assert_eq!(read(g, &c)[0], 2.0);
+}

@@ -38,6 +38,8 @@ worker.onmessage = (e) => {
     m.ok ? p.resolve(m.result) : p.reject(new Error(m.error));
   } else if (m.event === 'step') {
     onStep(m.stats, m.total, m.memory);
+  } else if (m.event === 'kernels') {
+    onKernels(m.step, m.kernels);
   } else if (m.event === 'state') {
     onState(m.state);
   } else if (m.event === 'log') {
@@ -316,6 +318,30 @@ function drawBars(c, values, label) {
   g.fillText(`max ${label(max)}`, 5, 12);
 }
 
+// GPU time per kernel of one profiled step: a horizontal bar per kernel entry point.
+function onKernels(step, kernels) {
+  const c = $('kernels');
+  c.dataset.kernels = JSON.stringify(kernels);
+  c.dataset.step = step;
+  const total = kernels.reduce((a, k) => a + k.ms, 0);
+  $('kernelTotal').textContent = `step ${step}: ${total.toFixed(1)} ms of GPU time in ${kernels.reduce((a, k) => a + k.calls, 0)} dispatches`;
+  const shown = kernels.slice(0, 12);
+  const g = c.getContext('2d');
+  const row = 18;
+  c.height = 10 + row * shown.length;
+  g.clearRect(0, 0, c.width, c.height);
+  const max = Math.max(...shown.map((k) => k.ms), 1e-9);
+  g.font = '11px sans-serif';
+  shown.forEach((k, i) => {
+    const y = 5 + i * row;
+    g.fillStyle = '#2b6cb0';
+    g.fillRect(200, y + 2, ((c.width - 320) * k.ms) / max, row - 6);
+    g.fillStyle = '#1a202c';
+    g.fillText(k.kernel, 0, y + 12);
+    g.fillText(`${k.ms.toFixed(2)} ms · ${k.calls}×`, 205 + ((c.width - 320) * k.ms) / max, y + 12);
+  });
+}
+
 $('showLosses').onclick = async () => {
   try {
     const toks = await call('tokenLosses', { index: 0 });
@@ -400,6 +426,8 @@ $('showNorms').onclick = async () => {
     return fail(err);
   }
   $('adapter').textContent = `GPU: ${info.adapter}`;
+  $('kernels').dataset.available = String(info.timestamps);
+  if (!info.timestamps) $('kernelTotal').textContent = 'This adapter offers no timestamp-query, so there is no GPU time per kernel: the wall-clock times above are all there is.';
   setStatus('ready', 'ready');
   if (info.saved && info.saved.step) {
     const b = $('resumeSaved');

@@ -75,7 +75,7 @@ const commands = {
   async init() {
     await init();
     session = await Session.create();
-    return { adapter: session.adapter(), saved: JSON.parse(new TextDecoder().decode((await readFile('run.json')) || new TextEncoder().encode('null'))) };
+    return { adapter: session.adapter(), timestamps: session.timestamps(), saved: JSON.parse(new TextDecoder().decode((await readFile('run.json')) || new TextEncoder().encode('null'))) };
   },
   async loadModel({ source, files }) {
     if (source === 'demo') {
@@ -128,8 +128,16 @@ const commands = {
     running = true;
     post({ event: 'state', state: 'training' });
     while (running && session.step_count() < session.total_steps()) {
+      // Time each kernel of step 3 (past the first steps' pipeline compilation) and
+      // of every 25th step, where the adapter has timestamp queries.
+      const next = session.step_count() + 1;
+      const timed = (next === 3 || next % 25 === 0) && session.set_profiling(true);
       const stats = JSON.parse(await session.step());
       post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes() });
+      if (timed) {
+        session.set_profiling(false);
+        post({ event: 'kernels', step: stats.step, kernels: JSON.parse(await session.kernel_times()) });
+      }
       if (!Number.isFinite(stats.loss)) {
         running = false;
         throw new Error(`the loss became ${stats.loss} at step ${stats.step}`);

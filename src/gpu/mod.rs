@@ -6,8 +6,10 @@
 //! natively the device is polled once with a blocking wait, in the browser the
 //! event loop resolves the map, so no code ever spins.
 
+pub mod profile;
 mod tensor;
 
+pub use profile::KernelTime;
 pub use tensor::{DType, Tensor};
 
 use std::collections::HashMap;
@@ -56,12 +58,26 @@ pub struct GpuOptions {
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
 
+/// A compiled entry point of a kernel, named `file::entry` (the name GPU timings use).
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub name: Arc<str>,
+}
+
+impl std::ops::Deref for Pipeline {
+    type Target = wgpu::ComputePipeline;
+    fn deref(&self) -> &wgpu::ComputePipeline {
+        &self.pipeline
+    }
+}
+
 pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub caps: Caps,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
-    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    profiler: Mutex<profile::Profiler>,
 }
 
 /// One storage binding of a dispatch: a whole tensor or a byte range of its buffer.
@@ -77,9 +93,12 @@ impl<'a> From<&'a Tensor> for Bind<'a> {
     }
 }
 
-/// A command encoder that launchers record dispatches into.
+/// A command encoder that launchers record dispatches into (and, while profiling,
+/// the timestamp queries of its passes).
 pub struct Recorder {
     pub encoder: wgpu::CommandEncoder,
+    profiled: bool,
+    timed: Option<profile::Timed>,
 }
 
 impl Gpu {
@@ -136,7 +155,7 @@ impl Gpu {
             max_binding,
             variant,
         };
-        Ok(Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default() })
+        Ok(Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default(), profiler: Mutex::default() })
     }
 
     /// One line naming the adapter, its driver and what was granted.
@@ -165,7 +184,7 @@ impl Gpu {
         kernel: &Kernel,
         entry: &'static str,
         constants: &[(&'static str, f64)],
-    ) -> Arc<wgpu::ComputePipeline> {
+    ) -> Arc<Pipeline> {
         let key: PipelineKey = (kernel.name, entry, constants.iter().map(|(k, v)| (*k, v.to_bits())).collect());
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return p.clone();
@@ -182,25 +201,70 @@ impl Gpu {
                 }))
             })
             .clone();
-        let label = format!("{}::{}", kernel.name, entry);
-        let pipeline = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        let label = format!("{}::{}", kernel.name.replace(".wgsl", ""), entry);
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: None,
             module: &module,
             entry_point: Some(entry),
             compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: true },
             cache: None,
-        }));
+        });
+        let pipeline = Arc::new(Pipeline { pipeline, name: label.into() });
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         pipeline
     }
 
     pub fn recorder(&self, label: &str) -> Recorder {
-        Recorder { encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }) }
+        Recorder {
+            encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
+            profiled: self.profiler.lock().unwrap().on,
+            timed: None,
+        }
     }
 
+    /// Submit a recorder. While profiling, its timestamps are resolved into a buffer
+    /// that [`Gpu::kernel_times`] reads.
     pub fn submit(&self, rec: Recorder) {
-        self.queue.submit([rec.encoder.finish()]);
+        let Recorder { mut encoder, timed, .. } = rec;
+        let Some(timed) = timed else {
+            self.queue.submit([encoder.finish()]);
+            return;
+        };
+        let n = 2 * timed.names.len() as u32;
+        let size = n as u64 * 8;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let staging = self.staging("timestamps readback", size);
+        encoder.resolve_query_set(&timed.queries, 0..n, &resolve, 0);
+        encoder.copy_buffer_to_buffer(&resolve, 0, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        self.profiler.lock().unwrap().pending.push((staging, timed.names));
+    }
+
+    /// Time every dispatch from now on with timestamp queries (or stop). Returns
+    /// whether timing is on: the adapter must offer `timestamp-query`.
+    pub fn set_profiling(&self, on: bool) -> bool {
+        let mut p = self.profiler.lock().unwrap();
+        p.on = on && self.caps.timestamps;
+        p.on
+    }
+
+    /// GPU time per kernel of everything submitted while profiling since the last
+    /// call, slowest first (empty when nothing was timed).
+    pub async fn kernel_times(&self) -> Result<Vec<KernelTime>> {
+        let pending = std::mem::take(&mut self.profiler.lock().unwrap().pending);
+        let mut passes = Vec::new();
+        for (staging, names) in pending {
+            let bytes = self.map_read(&staging).await?;
+            let ticks: &[u64] = bytemuck::cast_slice(&bytes);
+            passes.extend(names.into_iter().zip(ticks.chunks_exact(2)).map(|(n, t)| (n, t[0], t[1])));
+        }
+        Ok(profile::summarize(passes, self.queue.get_timestamp_period()))
     }
 
     /// Record one dispatch: `params` go to binding 0 as a uniform buffer, each
@@ -208,7 +272,7 @@ impl Gpu {
     pub fn dispatch<P: bytemuck::Pod>(
         &self,
         rec: &mut Recorder,
-        pipeline: &wgpu::ComputePipeline,
+        pipeline: &Pipeline,
         label: &str,
         params: &P,
         binds: &[(u32, Bind<'_>)],
@@ -244,9 +308,27 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = rec
-            .encoder
-            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        if rec.profiled && rec.timed.is_none() {
+            let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kernel timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * profile::PASSES_PER_RECORDER,
+            });
+            rec.timed = Some(profile::Timed { queries, names: Vec::new() });
+        }
+        let timestamp_writes = match &mut rec.timed {
+            Some(t) if (t.names.len() as u32) < profile::PASSES_PER_RECORDER => {
+                let i = 2 * t.names.len() as u32;
+                t.names.push(pipeline.name.clone());
+                Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &t.queries,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: Some(i + 1),
+                })
+            }
+            _ => None,
+        };
+        let mut pass = rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes });
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
@@ -305,15 +387,24 @@ impl Gpu {
 
     /// Copy `size` bytes at `offset` of `buffer` back to the host.
     pub async fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.staging("readback", size);
         let mut rec = self.recorder("readback");
         rec.encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         self.submit(rec);
+        self.map_read(&staging).await
+    }
+
+    fn staging(&self, label: &str, size: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Map a submitted staging buffer and copy its contents out.
+    async fn map_read(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
         let (tx, rx) = futures::channel::oneshot::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);

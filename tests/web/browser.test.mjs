@@ -100,7 +100,7 @@ test('the base and the fine-tuned model answer side by side', async () => {
   assert.ok(b.length > 0 && t.length > 0, `${b} / ${t}`);
 });
 
-test('the teaching views show token losses, attention and gradient norms', async () => {
+test('the teaching views show token losses, attention, gradient norms and kernel times', async () => {
   await page.click('#showLosses');
   await page.waitForSelector('#tokenLosses span.trained', { timeout: 120_000 });
   const spans = await page.$$eval('#tokenLosses span', (s) => s.map((x) => [x.className, x.title]));
@@ -115,6 +115,19 @@ test('the teaching views show token losses, attention and gradient norms', async
   const norms = JSON.parse(await page.$eval('#norms', (c) => c.dataset.norms));
   assert.equal(norms.length, 4);
   assert.ok(norms.every((n) => n > 0));
+  // GPU time per kernel (step 3 of the run above) where the adapter has timestamp queries.
+  const kernels = await page.$eval('#kernels', (c) => ({ ...c.dataset }));
+  if (kernels.available === 'true') {
+    assert.equal(kernels.step, '3');
+    const times = JSON.parse(kernels.kernels);
+    assert.ok(times.some((k) => k.kernel.startsWith('matmul::')), kernels.kernels);
+    assert.ok(times.every((k) => k.calls > 0 && k.ms >= 0), kernels.kernels);
+    assert.ok(times.reduce((a, k) => a + k.ms, 0) > 0, kernels.kernels);
+    console.log(`page kernel times (step 3): ${times.slice(0, 4).map((k) => `${k.kernel} ${k.ms.toFixed(2)} ms`).join(', ')}`);
+  } else {
+    assert.match(await page.textContent('#kernelTotal'), /no timestamp-query/);
+    console.log('the page adapter has no timestamp-query');
+  }
   assert.notEqual((await status()).state, 'error');
 });
 
