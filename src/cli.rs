@@ -87,8 +87,6 @@ pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, t
         crate::demo::data()
     } else if path == Path::new("demo-pretrain") {
         crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS)
-    } else if path == Path::new("demo-pretrain-chat") {
-        crate::demo::pretrain_chat_jsonl(4, crate::demo::PRETRAIN_RECORDS)
     } else {
         read_text(path)?
     };
@@ -380,6 +378,8 @@ pub struct DemoReport {
     pub losses: Vec<f64>,
     pub tokens_per_s: f64,
     pub secs: f64,
+    /// GPU time per kernel in step 3 (empty where the adapter has no timestamp queries).
+    pub kernels: Vec<crate::gpu::KernelTime>,
 }
 
 /// Greedy answers of `model` to each question, as a user turn with the chat template.
@@ -427,7 +427,8 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     let md = ModelDir::open(Path::new("demo"))?;
     let tok = &md.tokenizer;
     say(format!("webtune demo on {}", gpu.describe()));
-    say("The base model was pretrained on text like `reverse(cat) = tac` and has never seen an instruction.".into());
+    say("The base model was pretrained on statements like `cat reversed is tac. dog has 3 letters.`;".into());
+    say("it has never seen a chat turn or an instruction.".into());
     say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
     let held = crate::demo::held_out(11, 32);
     let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
@@ -445,8 +446,15 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
     let (mut losses, mut tokens, mut busy) = (Vec::new(), 0usize, 0.0);
+    let mut kernels = Vec::new();
     while !trainer.done() {
+        // Step 3 (past pipeline compilation) is timed kernel by kernel where possible.
+        let timed = trainer.step == 2 && gpu.set_profiling(true);
         let s = trainer.step(gpu, &model, &data).await?;
+        if timed {
+            gpu.set_profiling(false);
+            kernels = gpu.kernel_times().await?;
+        }
         (tokens, busy) = (tokens + s.tokens, busy + s.tokens as f64 / s.tokens_per_s);
         losses.push(s.loss);
         bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, s.tokens_per_s));
@@ -461,10 +469,17 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
         let mark = if after_answers[i].trim() == a { "✓" } else { "✗" };
         say(format!("  {mark} {q:<40} → {:?}", after_answers[i]));
     }
+    if !kernels.is_empty() {
+        let total: f64 = kernels.iter().map(|k| k.ms).sum();
+        say(format!("GPU time per kernel in step 3 (timestamp queries), {total:.1} ms in all:"));
+        for k in kernels.iter().take(6) {
+            say(format!("  {:<36} {:>8.2} ms  {:>5.1}%  {} dispatches", k.kernel, k.ms, 100.0 * k.ms / total, k.calls));
+        }
+    }
     let state = TrainerState { step: trainer.step, total_steps: trainer.total_steps(), options: opts, base_model: "demo".into(), tuning: "lora".into() };
     checkpoint::save(out, gpu, &model, &md.files, &state, false).await?;
     let secs = crate::clock::now() - started;
     let tps = tokens as f64 / busy.max(1e-9);
     say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}; {secs:.0} s in all", out.display()));
-    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs })
+    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs, kernels })
 }

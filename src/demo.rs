@@ -119,10 +119,26 @@ pub struct Task {
 }
 
 pub const TASKS: [Task; 4] = [
-    Task { op: "reverse", phrasings: &["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} backwards, please."], held_out: "Reverse {w}, please." },
-    Task { op: "upper", phrasings: &["Write {w} in capital letters.", "Uppercase {w}.", "Write {w} in upper case, please."], held_out: "Uppercase the word {w}." },
-    Task { op: "twice", phrasings: &["Repeat {w} twice.", "Say {w} two times.", "Write {w} two times, please."], held_out: "Repeat the word {w} two times." },
-    Task { op: "count", phrasings: &["How many letters are in {w}?", "Count the letters in {w}.", "Count the letters of {w}, please."], held_out: "How many letters does {w} have?" },
+    Task {
+        op: "reverse",
+        phrasings: &["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} backwards, please.", "Please reverse {w}.", "What is {w} backwards?"],
+        held_out: "Reverse {w}, please.",
+    },
+    Task {
+        op: "upper",
+        phrasings: &["Write {w} in capital letters.", "Uppercase {w}.", "Write the word {w} in upper case, please.", "Please write {w} in upper case."],
+        held_out: "Uppercase the word {w}.",
+    },
+    Task {
+        op: "twice",
+        phrasings: &["Repeat {w} twice.", "Say the word {w} two times.", "Write {w} two times, please.", "Please repeat {w}, twice."],
+        held_out: "Repeat the word {w} two times.",
+    },
+    Task {
+        op: "count",
+        phrasings: &["How many letters are in {w}?", "Count the letters in the word {w}.", "Count the letters of {w}, please.", "Please count the letters of {w}."],
+        held_out: "How many letters does {w} have?",
+    },
 ];
 
 /// The answer of task `op` for word `w`.
@@ -141,33 +157,38 @@ pub fn word(rng: &mut Rng) -> String {
     (0..n).map(|_| (b'a' + rng.below(26) as u8) as char).collect()
 }
 
-/// Pretraining text for the base: the operations in a functional notation,
-/// `reverse(word) = drow`, with no chat format and no instructions.
+/// How pretraining text states each operation: descriptions of a word and the
+/// result, never a request. `{w}` is the word and `{a}` the result; the word sits at
+/// different distances from the result, so the base must find it by its content.
+pub const STATEMENTS: [(&str, &[&str]); 4] = [
+    ("reverse", &["{w} reversed is {a}.", "{w} spelled backwards is {a}.", "the reverse of {w} is {a}.", "reverse({w}) = {a}", "backwards, {w} reads {a}."]),
+    ("upper", &["{w} in capital letters is {a}.", "{w} in upper case is {a}.", "upper({w}) = {a}", "the uppercase form of {w} is {a}."]),
+    ("twice", &["{w} two times is {a}.", "{w} repeated twice is {a}.", "twice({w}) = {a}", "{w} said two times: {a}."]),
+    ("count", &["{w} has {a} letters.", "the number of letters in {w} is {a}.", "count({w}) = {a}", "there are {a} letters in {w}."]),
+];
+
+/// Statements that name a word and do nothing with it (so not every word is an operand).
+const FILLER: [&str; 4] = ["{w} is a word.", "the word {w} came up.", "we saw {w} here.", "{w} and more."];
+
+/// Pretraining text for the base: documents of one to three statements about random
+/// words (`hello reversed is olleh. the word cat came up.`), with no chat turns and no
+/// instructions.
 pub fn pretrain_jsonl(seed: u64, n: usize) -> String {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|_| {
-            let (t, w) = (&TASKS[rng.below(4) as usize], word(&mut rng));
-            json!({"text": format!("{}({w}) = {}", t.op, apply(t.op, &w))}).to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Pretraining text in the chat format with functional requests
-/// (`<|user|>\nreverse(word)</s>\n<|assistant|>\ndrow</s>`) mixed with plain lines:
-/// the base learns to answer in turns, but only to `op(word)`, never to instructions.
-pub fn pretrain_chat_jsonl(seed: u64, n: usize) -> String {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|i| {
-            let (t, w) = (&TASKS[rng.below(4) as usize], word(&mut rng));
-            let text = if i % 2 == 0 {
-                format!("<|user|>\n{}({w})</s>\n<|assistant|>\n{}</s>\n", t.op, apply(t.op, &w))
-            } else {
-                format!("{}({w}) = {}", t.op, apply(t.op, &w))
-            };
-            json!({ "text": text }).to_string()
+            let k = 1 + rng.below(3) as usize;
+            let doc: Vec<String> = (0..k)
+                .map(|_| {
+                    let w = word(&mut rng);
+                    if rng.below(6) == 0 {
+                        return FILLER[rng.below(FILLER.len() as u64) as usize].replace("{w}", &w);
+                    }
+                    let (op, forms) = STATEMENTS[rng.below(4) as usize];
+                    forms[rng.below(forms.len() as u64) as usize].replace("{w}", &w).replace("{a}", &apply(op, &w))
+                })
+                .collect();
+            json!({"text": doc.join(" ")}).to_string()
         })
         .collect::<Vec<_>>()
         .join("\n")
