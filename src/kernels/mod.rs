@@ -48,14 +48,13 @@ kernel!(ATTENTION, "attention.wgsl");
 kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
-kernel!(LORA, "lora.wgsl");
 kernel!(MATMUL, "matmul.wgsl");
 kernel!(RMSNORM, "rmsnorm.wgsl");
 kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");
 
 /// Every kernel file, for validation and pipeline warm-up.
-pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, LORA, MATMUL, RMSNORM, ROPE, SWIGLU];
+pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, MATMUL, RMSNORM, ROPE, SWIGLU];
 
 /// The variant of a kernel that reads its weight operand as f16 (`enable f16;` and
 /// the file's `alias BElem = f32;` / `alias WElem = f32;` switched to f16). Built once
