@@ -382,17 +382,6 @@ pub struct DemoReport {
     pub kernels: Vec<crate::gpu::KernelTime>,
 }
 
-/// Greedy answers of `model` to each question, as a user turn with the chat template.
-pub async fn answers(gpu: &Gpu, model: &Model, tok: &Tokenizer, questions: &[(String, String)], max_new: usize) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(questions.len());
-    for (q, _) in questions {
-        let ids = prompt_ids(tok, q, true)?;
-        let new = model.generate(gpu, &ids, max_new, &Sampling::default(), |_| {}).await?;
-        out.push(tok.decode(&new));
-    }
-    Ok(out)
-}
-
 /// A loss curve for a terminal: one column per bucket of steps, 8 rows.
 pub fn loss_curve(losses: &[f64], width: usize) -> String {
     if losses.is_empty() {
@@ -430,17 +419,17 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     say("The base model was pretrained on statements like `cat reversed is tac. dog has 3 letters.`;".into());
     say("it has never seen a chat turn or an instruction.".into());
     say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
-    let held = crate::demo::held_out(11, 32);
-    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
+    let held = crate::demo::held_out(crate::demo::TEST_SEED, 32);
+    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
     let model = Model::load(gpu, md.cfg.clone(), &md.weights, Tuning::Lora(lora), 42)?;
-    let before_answers = answers(gpu, &model, tok, &held, 16).await?;
+    let before_answers = crate::demo::answers(gpu, &model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
     let before = crate::demo::accuracy(&before_answers, &held);
     say(format!("held-out accuracy before tuning: {:.0}% ({} questions)", 100.0 * before, held.len()));
     for (i, (q, a)) in held.iter().enumerate().take(3) {
         say(format!("  {q:<40} → {:?} (expected {a:?})", before_answers[i]));
     }
-    let records = parse_records(&crate::demo::data_jsonl(7, 2048), "demo")?;
-    let data = prepare(tok, &records, 64, false, false)?;
+    let records = parse_records(&crate::demo::data(), "demo")?;
+    let data = prepare(tok, &records, crate::demo::MAX_SEQ_LEN, false, false)?;
     let opts = Options { lr: 1e-2, schedule: "cosine".into(), warmup: 10, batch_size: 16, steps: Some(steps), seed: 42, ..Options::default() };
     let mut trainer = Trainer::new(opts.clone(), &data, tok.pad_id)?;
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps()) };
@@ -462,7 +451,7 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     }
     bar.finish_and_clear();
     say(format!("\ntraining loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
-    let after_answers = answers(gpu, &model, tok, &held, 16).await?;
+    let after_answers = crate::demo::answers(gpu, &model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
     let after = crate::demo::accuracy(&after_answers, &held);
     say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%)", 100.0 * after, 100.0 * before));
     for (i, (q, a)) in held.iter().enumerate().take(6) {

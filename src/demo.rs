@@ -6,7 +6,11 @@ use serde_json::json;
 
 use crate::check::Rng;
 use crate::data::template::FALLBACK_TEMPLATE;
+use crate::data::Tokenizer;
 use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::model::generate::Sampling;
+use crate::model::Model;
 use crate::model::weights::{HostTensor, TensorMap};
 
 const SPECIAL: [&str; 6] = ["<unk>", "<pad>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"];
@@ -70,8 +74,8 @@ pub fn config() -> Result<crate::model::Config> {
     crate::model::Config::parse(&config_json(), "demo config.json", None)
 }
 
-pub fn tokenizer() -> Result<crate::data::Tokenizer> {
-    crate::data::Tokenizer::new(tokenizer_json().as_bytes(), Some(&tokenizer_config_json()), "demo")
+pub fn tokenizer() -> Result<Tokenizer> {
+    Tokenizer::new(tokenizer_json().as_bytes(), Some(&tokenizer_config_json()), "demo")
 }
 
 /// Random weights for the demo model (uniform, seeded), as named in Hugging Face files.
@@ -121,22 +125,34 @@ pub struct Task {
 pub const TASKS: [Task; 4] = [
     Task {
         op: "reverse",
-        phrasings: &["Reverse the word {w}.", "Write {w} backwards.", "Spell {w} backwards, please.", "Please reverse {w}.", "What is {w} backwards?"],
+        phrasings: &[
+            "Reverse the word {w}.", "Reverse {w}.", "Write {w} backwards.", "Spell {w} backwards, please.",
+            "Please reverse {w}.", "What is {w} backwards?", "Write the word {w} backwards.", "Reverse the word {w}, please.",
+        ],
         held_out: "Reverse {w}, please.",
     },
     Task {
         op: "upper",
-        phrasings: &["Write {w} in capital letters.", "Uppercase {w}.", "Write the word {w} in upper case, please.", "Please write {w} in upper case."],
+        phrasings: &[
+            "Write {w} in capital letters.", "Uppercase {w}.", "Write the word {w} in upper case, please.", "Please write {w} in upper case.",
+            "Uppercase {w}, please.", "Write the word {w} in capital letters.", "Put {w} in upper case.", "Put the word {w} in capitals.",
+        ],
         held_out: "Uppercase the word {w}.",
     },
     Task {
         op: "twice",
-        phrasings: &["Repeat {w} twice.", "Say the word {w} two times.", "Write {w} two times, please.", "Please repeat {w}, twice."],
+        phrasings: &[
+            "Repeat {w} twice.", "Say the word {w} two times.", "Write {w} two times, please.", "Please repeat {w}, twice.",
+            "Repeat {w} two times.", "Write the word {w} twice.", "Say {w} twice, please.", "Please say {w} two times.",
+        ],
         held_out: "Repeat the word {w} two times.",
     },
     Task {
         op: "count",
-        phrasings: &["How many letters are in {w}?", "Count the letters in the word {w}.", "Count the letters of {w}, please.", "Please count the letters of {w}."],
+        phrasings: &[
+            "How many letters are in {w}?", "Count the letters in the word {w}.", "Count the letters of {w}, please.", "Please count the letters of {w}.",
+            "How many letters are in the word {w}?", "How many letters does the word {w} contain?", "Count the letters in {w}.", "{w}: how many letters?",
+        ],
         held_out: "How many letters does {w} have?",
     },
 ];
@@ -199,7 +215,15 @@ pub fn instruction(rng: &mut Rng, held_out: bool) -> (String, String) {
     let t = &TASKS[rng.below(TASKS.len() as u64) as usize];
     let w = word(rng);
     let p = if held_out { t.held_out } else { t.phrasings[rng.below(t.phrasings.len() as u64) as usize] };
-    (p.replace("{w}", &w), apply(t.op, &w))
+    (p.replace("{w}", &w), answer(t.op, &w))
+}
+
+/// The answer to a request: its result stated in the base's own words, with the
+/// task's first statement form (`cat reversed is tac.`). The tuned model restates the
+/// request as a statement the base learnt to complete.
+pub fn answer(op: &str, w: &str) -> String {
+    let (_, forms) = STATEMENTS.iter().find(|(o, _)| *o == op).expect("a task op");
+    forms[0].replace("{w}", w).replace("{a}", &apply(op, w))
 }
 
 /// `n` chat records with the trained phrasings, as JSONL.
@@ -214,10 +238,24 @@ pub fn data_jsonl(seed: u64, n: usize) -> String {
         .join("\n")
 }
 
+/// The seed of the held-out test that `webtune` and the page ask.
+pub const TEST_SEED: u64 = 11;
+
 /// `n` held-out (question, answer) pairs: held-out phrasings, fresh words.
 pub fn held_out(seed: u64, n: usize) -> Vec<(String, String)> {
     let mut rng = Rng::new(seed ^ 0xDEAD_BEEF);
     (0..n).map(|_| instruction(&mut rng, true)).collect()
+}
+
+/// Greedy answers of `model` to each question, as a user turn with the chat template.
+pub async fn answers(gpu: &Gpu, model: &Model, tok: &Tokenizer, questions: &[(String, String)], max_new: usize) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(questions.len());
+    for (q, _) in questions {
+        let ids = tok.prompt_ids(q, true)?;
+        let new = model.generate(gpu, &ids, max_new, &Sampling::default(), |_| {}).await?;
+        out.push(tok.decode(&new));
+    }
+    Ok(out)
 }
 
 /// Exact-match accuracy: the answer, trimmed, equals the expected one.
@@ -226,8 +264,15 @@ pub fn accuracy(answers: &[String], expected: &[(String, String)]) -> f64 {
     right as f64 / expected.len().max(1) as f64
 }
 
+/// Tokens (characters) the demo lets a model answer with: the longest answer,
+/// `abcdef in capital letters is ABCDEF.`, is 36.
+pub const ANSWER_TOKENS: usize = 48;
+
+/// The demo's sequence length: the longest request, chat markup and answer fit.
+pub const MAX_SEQ_LEN: usize = 96;
+
 /// Records in the demo data set (`webtune train --data demo`, the page's demo data).
-pub const DATA_RECORDS: usize = 256;
+pub const DATA_RECORDS: usize = 2048;
 
 /// The demo data set: `DATA_RECORDS` chat records with the trained phrasings.
 pub fn data() -> String {

@@ -212,6 +212,22 @@ impl Session {
         Ok(tok.decode(&out.map_err(js)?))
     }
 
+    /// The demo's held-out test, the first `n` of the requests `webtune` asks (phrasings
+    /// and words never trained on): greedy answers with or without the adapter, as
+    /// JSON `{accuracy, answers: [{question, expected, answer}]}`.
+    pub async fn demo_test(&mut self, n: usize, adapter: bool) -> Result<String, JsError> {
+        self.ensure_model()?;
+        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        let model = self.model.as_mut().expect("just set");
+        let held = crate::demo::held_out(crate::demo::TEST_SEED, n);
+        model.adapter_enabled = adapter;
+        let out = crate::demo::answers(&self.gpu, model, tok, &held, crate::demo::ANSWER_TOKENS).await;
+        model.adapter_enabled = true;
+        let out = out.map_err(js)?;
+        let rows: Vec<_> = held.iter().zip(&out).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a})).collect();
+        Ok(serde_json::json!({"accuracy": crate::demo::accuracy(&out, &held), "answers": rows}).to_string())
+    }
+
     /// The PEFT adapter: `{config: string, weights: Uint8Array}` (adapter_config.json
     /// and adapter_model.safetensors).
     pub async fn adapter_files(&self) -> Result<js_sys::Object, JsError> {

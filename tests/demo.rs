@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use webtune::check::Rng;
-use webtune::demo::{accuracy, apply, data_jsonl, held_out, instruction, pretrain_jsonl, STATEMENTS, TASKS};
+use webtune::demo::{accuracy, answer, apply, data_jsonl, held_out, instruction, pretrain_jsonl, STATEMENTS, TASKS};
 
 /// The phrasing of a question: the word replaced by {w}.
 fn phrasing(q: &str) -> String {
@@ -27,6 +27,11 @@ fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
     assert_eq!(apply("upper", "abc"), "ABC");
     assert_eq!(apply("twice", "abc"), "abc abc");
     assert_eq!(apply("count", "abcd"), "4");
+    // Answers state the result in the base's words.
+    assert_eq!(answer("reverse", "abc"), "abc reversed is cba.");
+    assert_eq!(answer("upper", "abc"), "abc in capital letters is ABC.");
+    assert_eq!(answer("twice", "abc"), "abc two times is abc abc.");
+    assert_eq!(answer("count", "abcd"), "abcd has 4 letters.");
     let trained: Vec<&str> = TASKS.iter().flat_map(|t| t.phrasings.iter().copied()).collect();
     let held: Vec<&str> = TASKS.iter().map(|t| t.held_out).collect();
     let mut rng = Rng::new(1);
@@ -41,7 +46,7 @@ fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
         assert!(held.contains(&p.as_str()) && !trained.contains(&p.as_str()), "{q}");
         let t = TASKS.iter().find(|t| t.held_out == p).unwrap();
         let w = q.split(|c: char| !c.is_ascii_alphabetic()).find(|s| s.len() >= 3 && p.replacen("{w}", s, 1) == q).unwrap();
-        assert_eq!(a, apply(t.op, w));
+        assert_eq!(a, answer(t.op, w));
     }
     // The pretraining text states every operation, and holds no chat turn, request or
     // instruction phrasing.
@@ -51,7 +56,7 @@ fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
         assert!(pre.contains(w), "{op}");
     }
     for l in pre.lines() {
-        assert!(["<|", "please", "Write", "Repeat", "Count", "How many", "Reverse", "Uppercase", "Say", "Spell"].iter().all(|x| !l.contains(x)), "{l}");
+        assert!(["<|", "please", "Write", "Repeat", "Count", "How many", "Reverse", "Uppercase", "Say", "Spell", "Put"].iter().all(|x| !l.contains(x)), "{l}");
     }
 }
 
@@ -64,7 +69,7 @@ fn accuracy_is_exact_match_after_trimming() {
 }
 
 #[test]
-fn a_short_demo_run_lowers_the_loss() {
+fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy() {
     let g = gpu();
     let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
     let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, true)).unwrap();
@@ -73,8 +78,10 @@ fn a_short_demo_run_lowers_the_loss() {
     assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");
     // The base answers `reverse(word)` but no instruction.
     assert!(r.before < 0.1, "before {}", r.before);
-    // Not yet the >50% the demo aims at (see the README); held-out accuracy must not fall.
-    assert!(r.after >= r.before, "accuracy {} → {}", r.before, r.after);
+    // A third of the demo's steps already lifts the held-out accuracy clearly (the
+    // full demo reaches more than 50%).
+    eprintln!("held-out accuracy {} → {} in 100 steps", r.before, r.after);
+    assert!(r.after >= r.before + 0.25, "accuracy {} → {}", r.before, r.after);
     assert!(out.join("adapter_model.safetensors").exists());
     std::fs::remove_dir_all(&out).unwrap();
 }
@@ -100,6 +107,6 @@ fn the_pretrained_base_completes_statements_but_follows_no_instruction() {
     }
     assert!(right.iter().filter(|r| r.0).count() >= 12, "{right:?}");
     let held = held_out(11, 16);
-    let a = futures::executor::block_on(webtune::cli::answers(g, &m, tok, &held, 16)).unwrap();
+    let a = futures::executor::block_on(webtune::demo::answers(g, &m, tok, &held, webtune::demo::ANSWER_TOKENS)).unwrap();
     assert!(accuracy(&a, &held) < 0.1, "{a:?}");
 }

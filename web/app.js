@@ -54,7 +54,7 @@ for (const t of TARGETS) {
   $('targets').appendChild(l);
 }
 const num = (id, param) => Number(params.get(param) ?? $(id).value);
-for (const [id, param] of [['rank', 'rank'], ['alpha', 'alpha'], ['lr', 'lr'], ['steps', 'steps'], ['epochs', 'epochs'], ['batch', 'batch'], ['seq', 'seq'], ['seed', 'seed']]) {
+for (const [id, param] of [['rank', 'rank'], ['alpha', 'alpha'], ['dropout', 'dropout'], ['lr', 'lr'], ['steps', 'steps'], ['epochs', 'epochs'], ['batch', 'batch'], ['seq', 'seq'], ['seed', 'seed']]) {
   if (params.has(param)) $(id).value = params.get(param);
 }
 
@@ -63,12 +63,12 @@ function runOptions() {
   return {
     lora_rank: num('rank', 'rank'),
     lora_alpha: num('alpha', 'alpha'),
-    lora_dropout: 0.0,
+    lora_dropout: num('dropout', 'dropout'),
     targets: [...$('targets').querySelectorAll('input:checked')].map((i) => i.value),
     grad_checkpoint: false,
     lr: num('lr', 'lr'),
-    schedule: params.get('schedule') || 'constant',
-    warmup: Number(params.get('warmup') || 0),
+    schedule: params.get('schedule') || 'cosine',
+    warmup: Number(params.get('warmup') ?? 10),
     weight_decay: 0.0,
     max_grad_norm: 1.0,
     batch_size: num('batch', 'batch'),
@@ -114,6 +114,7 @@ async function dataSource() {
 
 // ---- a run ---------------------------------------------------------------------------
 let started = 0;
+let modelSource = null; // 'demo', 'files' or a Hub id, once a run starts
 const stepTimes = [];
 function onStep(s, total, memory) {
   losses.push(s.loss);
@@ -139,6 +140,7 @@ function onState(state) {
   $('download').disabled = training || losses.length === 0;
   $('downloadMerged').disabled = training || losses.length === 0;
   $('ask').disabled = training;
+  $('demoTest').disabled = training || modelSource !== 'demo';
   for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
   $('train').disabled = training;
   const st = $('status');
@@ -216,6 +218,7 @@ async function train() {
     const source = params.get('model') || radio('model');
     const model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
     const data = await dataSource();
+    setModelSource(model.source);
     await prepare(model, data);
     losses.length = 0;
     await showEstimate(runOptions());
@@ -232,6 +235,7 @@ async function resumeSaved(saved) {
   try {
     if (!saved.model) throw new Error('this run used files from disk; choose them again and train');
     const data = saved.data.source === 'demo' ? { source: 'demo' } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
+    setModelSource(saved.model.source);
     await prepare(saved.model, data);
     await call('start', { options: saved.options, model: saved.model, data: saved.data });
     const { step } = await call('resumeSaved');
@@ -288,6 +292,39 @@ $('downloadMerged').onclick = async () => {
     for (const [name, bytes] of files) download(name, bytes, 'application/octet-stream');
   } catch (e) {
     fail(e);
+  }
+};
+// The demo's held-out test, shown when the demo model is loaded.
+function setModelSource(source) {
+  modelSource = source;
+  $('demoTestBox').hidden = source !== 'demo';
+}
+$('demoTest').onclick = async () => {
+  const score = $('demoScore');
+  score.textContent = 'answering…';
+  $('demoTest').disabled = true;
+  try {
+    const { base, tuned } = await call('demoTest', { n: 16 });
+    const pct = (a) => `${(100 * a).toFixed(0)}%`;
+    score.textContent = `exact answers: base ${pct(base.accuracy)}, fine-tuned ${pct(tuned.accuracy)}`;
+    Object.assign(score.dataset, { base: base.accuracy, tuned: tuned.accuracy });
+    const table = $('demoAnswers');
+    table.replaceChildren();
+    const row = (cells, tag) => {
+      const tr = document.createElement('tr');
+      for (const c of cells) tr.appendChild(Object.assign(document.createElement(tag), { textContent: c }));
+      table.appendChild(tr);
+    };
+    row(['request', 'expected', 'base', 'fine-tuned'], 'th');
+    base.answers.forEach((b, i) => {
+      const t = tuned.answers[i];
+      const mark = (a) => `${a.answer.trim() === a.expected ? '✓' : '✗'} ${a.answer.trim()}`;
+      row([b.question, b.expected, mark(b), mark(t)], 'td');
+    });
+  } catch (e) {
+    fail(e);
+  } finally {
+    $('demoTest').disabled = false;
   }
 };
 $('ask').onclick = async () => {

@@ -159,6 +159,11 @@ const commands = {
     const tuned = await session.generate(prompt, maxNew, true);
     return { base, tuned };
   },
+  async demoTest({ n }) {
+    const base = JSON.parse(await session.demo_test(n, false));
+    const tuned = JSON.parse(await session.demo_test(n, true));
+    return { base, tuned };
+  },
   async adapter() {
     const a = await session.adapter_files();
     return { config: a.config, weights: a.weights };

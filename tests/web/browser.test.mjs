@@ -12,7 +12,7 @@ import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../..');
 const bin = path.join(root, 'target/release/webtune');
-const RUN = 'model=demo&data=demo&lr=0.002&rank=8&alpha=16&batch=4&seq=128&seed=42&schedule=constant&warmup=0';
+const RUN = 'model=demo&data=demo&lr=0.002&rank=8&alpha=16&dropout=0&batch=4&seq=128&seed=42&schedule=constant&warmup=0';
 let server, base, context, page, profile;
 
 before(async () => {
@@ -51,11 +51,15 @@ async function waitFor(states, timeout = 600_000) {
   return st;
 }
 
-function nativeLosses(steps) {
+// `webtune train` with the page's options; `icd` picks the Vulkan driver (the default is
+// lavapipe; Chromium's SwiftShader is the page's own).
+const SWIFTSHADER = '/usr/lib/chromium/vk_swiftshader_icd.json';
+function nativeLosses(steps, icd) {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
+  const env = icd ? { ...process.env, VK_ICD_FILENAMES: icd } : process.env;
   execFileSync(bin, ['train', '--model', 'demo', '--data', 'demo', '--out', out, '--steps', String(steps), '--lr', '0.002',
     '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0',
-    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights'], { stdio: 'ignore' });
+    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights'], { stdio: 'ignore', env });
   const losses = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).loss);
   fs.rmSync(out, { recursive: true, force: true });
   return losses;
@@ -74,10 +78,15 @@ test('the demo trains in the page, with the same losses as native, and the loss 
   assert.equal(losses.length, 16);
   const mean = (a) => a.reduce((x, y) => x + y, 0) / a.length;
   assert.ok(mean(losses.slice(-4)) < 0.8 * mean(losses.slice(0, 4)), `loss ${losses}`);
-  const native = nativeLosses(16);
-  // SwiftShader and lavapipe round exp/log differently: within 1e-3 (relative past 1).
-  losses.forEach((l, i) => assert.ok(Math.abs(l - native[i]) <= 1e-3 * Math.max(1, Math.abs(native[i])), `step ${i + 1}: page ${l}, native ${native[i]}`));
-  console.log(`page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max |page − native| ${Math.max(...losses.map((l, i) => Math.abs(l - native[i]))).toExponential(2)}`);
+  const diff = (native) => Math.max(...losses.map((l, i) => Math.abs(l - native[i]) / Math.max(1, Math.abs(native[i]))));
+  // On the page's own driver, the wasm build computes what the native build does.
+  const same = nativeLosses(16, SWIFTSHADER);
+  assert.ok(diff(same) <= 1e-4, `page ${losses}\nnative on SwiftShader ${same}`);
+  // Across drivers: SwiftShader and lavapipe round exp/log differently, and 16 Adam
+  // steps amplify it; within 3e-3 (relative past 1).
+  const lavapipe = nativeLosses(16);
+  assert.ok(diff(lavapipe) <= 3e-3, `page ${losses}\nnative on lavapipe ${lavapipe}`);
+  console.log(`page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max relative |page − native|: ${diff(same).toExponential(2)} on SwiftShader, ${diff(lavapipe).toExponential(2)} on lavapipe`);
 });
 
 test('the page previews what will be trained', async () => {
@@ -87,7 +96,7 @@ test('the page previews what will be trained', async () => {
   const preview = await page.textContent('#records');
   assert.ok(preview.includes('<|user|>') && preview.includes('<|assistant|>'));
   const summary = await page.textContent('#summary');
-  assert.match(summary, /records: 256 \(messages 256\)/);
+  assert.match(summary, /records: 2048 \(messages 2048\)/);
   assert.match(summary, /trained: \d+ of \d+ tokens/);
 });
 
@@ -98,6 +107,25 @@ test('the base and the fine-tuned model answer side by side', async () => {
   const [b, t] = await page.evaluate(() => [document.querySelector('#base').textContent, document.querySelector('#tuned').textContent]);
   assert.notEqual((await status()).state, 'error');
   assert.ok(b.length > 0 && t.length > 0, `${b} / ${t}`);
+});
+
+test('the demo model offers its held-out test, base against fine-tuned', async () => {
+  assert.equal(await page.isVisible('#demoTestBox'), true);
+  await page.click('#demoTest');
+  await page.waitForFunction(() => document.querySelector('#demoScore').dataset.tuned != null, null, { timeout: 300_000 });
+  const d = await page.$eval('#demoScore', (e) => ({ ...e.dataset }));
+  assert.notEqual((await status()).state, 'error');
+  // The base has never seen an instruction; 16 steps at a low rate teach little yet.
+  assert.ok(Number(d.base) < 0.1, `base ${d.base}`);
+  assert.ok(Number(d.tuned) >= 0 && Number(d.tuned) <= 1, `fine-tuned ${d.tuned}`);
+  const rows = await page.$$eval('#demoAnswers tr', (r) => r.map((tr) => [...tr.children].map((c) => c.textContent)));
+  assert.equal(rows.length, 17);
+  for (const [q, expected, b, t] of rows.slice(1)) {
+    assert.match(expected, /^[a-z]{3,6} (reversed is [a-z]+|in capital letters is [A-Z]+|two times is [a-z]+ [a-z]+|has \d letters)\.$/, q);
+    assert.match(b, /^[✓✗]/);
+    assert.match(t, /^[✓✗]/);
+  }
+  console.log(`held-out test after 16 steps: base ${d.base}, fine-tuned ${d.tuned}`);
 });
 
 test('the teaching views show token losses, attention, gradient norms and kernel times', async () => {
