@@ -128,24 +128,26 @@ const commands = {
     running = true;
     post({ event: 'state', state: 'training' });
     while (running && session.step_count() < session.total_steps()) {
-      // Time each kernel of step 3 (past the first steps' pipeline compilation) and
-      // of every 25th step, where the adapter has timestamp queries.
-      const next = session.step_count() + 1;
-      const timed = (next === 3 || next % 25 === 0) && session.set_profiling(true);
-      const stats = JSON.parse(await session.step());
-      post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes() });
-      if (timed) {
-        session.set_profiling(false);
-        post({ event: 'kernels', step: stats.step, kernels: JSON.parse(await session.kernel_times()) });
-      }
-      if (!Number.isFinite(stats.loss)) {
-        running = false;
-        throw new Error(`the loss became ${stats.loss} at step ${stats.step}`);
-      }
-      if (checkpointEvery && stats.step % checkpointEvery === 0) await checkpoint();
+      await exclusive(async () => {
+        // Time each kernel of step 3 (past the first steps' pipeline compilation) and
+        // of every 25th step, where the adapter has timestamp queries.
+        const next = session.step_count() + 1;
+        const timed = (next === 3 || next % 25 === 0) && session.set_profiling(true);
+        const stats = JSON.parse(await session.step());
+        post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes() });
+        if (timed) {
+          session.set_profiling(false);
+          post({ event: 'kernels', step: stats.step, kernels: JSON.parse(await session.kernel_times()) });
+        }
+        if (!Number.isFinite(stats.loss)) {
+          running = false;
+          throw new Error(`the loss became ${stats.loss} at step ${stats.step}`);
+        }
+        if (checkpointEvery && stats.step % checkpointEvery === 0) await checkpoint();
+      });
     }
     const done = session.step_count() >= session.total_steps();
-    await checkpoint();
+    await exclusive(checkpoint);
     running = false;
     post({ event: 'state', state: done ? 'done' : 'paused' });
     return { done };
@@ -177,10 +179,20 @@ const commands = {
   },
 };
 
+// The wasm Session is one Rust object: two of its async methods must not interleave
+// (wasm-bindgen throws "recursive use of an object"), so commands take turns. `run`
+// takes a turn per step, so `pause`, which touches no session, always gets through.
+let turn = Promise.resolve();
+function exclusive(fn) {
+  const result = turn.then(fn);
+  turn = result.catch(() => {});
+  return result;
+}
+
 self.onmessage = async (e) => {
   const { id, cmd } = e.data;
   try {
-    const result = await commands[cmd](e.data);
+    const result = cmd === 'run' || cmd === 'pause' ? await commands[cmd](e.data) : await exclusive(() => commands[cmd](e.data));
     post({ id, ok: true, result });
   } catch (err) {
     post({ id, ok: false, error: String(err && err.message ? err.message : err) });

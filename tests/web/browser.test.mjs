@@ -129,17 +129,20 @@ test('the demo model offers its held-out test, base against fine-tuned', async (
 });
 
 test('the teaching views show token losses, attention, gradient norms and kernel times', async () => {
-  await page.click('#showLosses');
+  // An answer and three views asked for at once: the worker runs them in turn on the
+  // one Session (interleaved, wasm-bindgen would throw "recursive use of an object").
+  await page.evaluate(() => { document.querySelector('#tuned').textContent = ''; });
+  for (const id of ['#ask', '#showLosses', '#showAttention', '#showNorms']) await page.click(id);
   await page.waitForSelector('#tokenLosses span.trained', { timeout: 120_000 });
   const spans = await page.$$eval('#tokenLosses span', (s) => s.map((x) => [x.className, x.title]));
   assert.ok(spans.some(([c]) => c === 'masked') && spans.some(([c]) => c === 'trained'));
   assert.ok(spans.filter(([c]) => c === 'trained').every(([, t]) => /^loss \d+\.\d{3}$/.test(t)));
-  await page.click('#showAttention');
   await page.waitForFunction(() => document.querySelector('#attention').dataset.tokens, null, { timeout: 120_000 });
   assert.ok(Number(await page.$eval('#attention', (c) => c.dataset.tokens)) > 5);
   assert.equal(await page.$$eval('#layer option', (o) => o.length), 4);
-  await page.click('#showNorms');
   await page.waitForFunction(() => document.querySelector('#norms').dataset.norms, null, { timeout: 120_000 });
+  await page.waitForFunction(() => document.querySelector('#tuned').textContent.length > 1, null, { timeout: 120_000 });
+  assert.notEqual((await status()).state, 'error', (await status()).error);
   const norms = JSON.parse(await page.$eval('#norms', (c) => c.dataset.norms));
   assert.equal(norms.length, 4);
   assert.ok(norms.every((n) => n > 0));
