@@ -254,11 +254,6 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     Ok(history)
 }
 
-/// Token ids of a prompt (see `Tokenizer::prompt_ids`).
-pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-    tok.prompt_ids(prompt, chat)
-}
-
 /// Generate and print the continuation as it comes; returns the new tokens.
 pub async fn generate_print(gpu: &Gpu, model: &Model, tok: &Tokenizer, ids: &[u32], max_new: usize, s: &Sampling) -> Result<Vec<u32>> {
     let mut out: Vec<u32> = Vec::new();

@@ -327,7 +327,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new().await?;
             let md = cli::ModelDir::open(&model)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
-            let ids = cli::prompt_ids(&md.tokenizer, &prompt, chat)?;
+            let ids = md.tokenizer.prompt_ids(&prompt, chat)?;
             cli::generate_print(&gpu, &m, &md.tokenizer, &ids, sampling.max_new_tokens, &sampling.sampling()).await?;
             println!();
         }

@@ -8,7 +8,6 @@ use crate::data::batch::{prepare, Dataset};
 use crate::data::{parse_records, Tokenizer};
 use crate::error::Error;
 use crate::gpu::Gpu;
-use crate::model::generate::Sampling;
 use crate::model::weights::{self, TensorMap};
 use crate::model::{Config, LoraConfig, Model, Tuning};
 use crate::train::{Options, Trainer};
@@ -202,28 +201,16 @@ impl Session {
 
     /// Answer `prompt` as a user turn (chat template), greedily, with or without the adapter.
     pub async fn generate(&mut self, prompt: &str, max_new: usize, adapter: bool) -> Result<String, JsError> {
-        self.ensure_model()?;
-        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
-        let model = self.model.as_mut().expect("just set");
-        let ids = tok.prompt_ids(prompt, true).map_err(js)?;
-        model.adapter_enabled = adapter;
-        let out = model.generate(&self.gpu, &ids, max_new, &Sampling::default(), |_| {}).await;
-        model.adapter_enabled = true;
-        Ok(tok.decode(&out.map_err(js)?))
+        let mut out = self.answers(&[(prompt.to_string(), String::new())], max_new, adapter).await?;
+        Ok(out.remove(0))
     }
 
     /// The demo's held-out test, the first `n` of the requests `webtune` asks (phrasings
     /// and words never trained on): greedy answers with or without the adapter, as
     /// JSON `{accuracy, answers: [{question, expected, answer}]}`.
     pub async fn demo_test(&mut self, n: usize, adapter: bool) -> Result<String, JsError> {
-        self.ensure_model()?;
-        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
-        let model = self.model.as_mut().expect("just set");
         let held = crate::demo::held_out(crate::demo::TEST_SEED, n);
-        model.adapter_enabled = adapter;
-        let out = crate::demo::answers(&self.gpu, model, tok, &held, crate::demo::ANSWER_TOKENS).await;
-        model.adapter_enabled = true;
-        let out = out.map_err(js)?;
+        let out = self.answers(&held, crate::demo::ANSWER_TOKENS, adapter).await?;
         let rows: Vec<_> = held.iter().zip(&out).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a})).collect();
         Ok(serde_json::json!({"accuracy": crate::demo::accuracy(&out, &held), "answers": rows}).to_string())
     }
@@ -326,6 +313,18 @@ impl Session {
     pub async fn layer_grad_norms(&self) -> Result<String, JsError> {
         let model = self.model.as_ref().ok_or_else(|| JsError::new("train first"))?;
         Ok(serde_json::to_string(&model.layer_grad_norms(&self.gpu).await.map_err(js)?).expect("json"))
+    }
+
+    /// Greedy answers to `questions` (user turns), with or without the adapter; the
+    /// adapter is on again afterwards.
+    async fn answers(&mut self, questions: &[(String, String)], max_new: usize, adapter: bool) -> Result<Vec<String>, JsError> {
+        self.ensure_model()?;
+        let tok = self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?;
+        let model = self.model.as_mut().expect("just set");
+        model.adapter_enabled = adapter;
+        let out = crate::demo::answers(&self.gpu, model, tok, questions, max_new).await;
+        model.adapter_enabled = true;
+        out.map_err(js)
     }
 
     fn ensure_model(&mut self) -> Result<(), JsError> {

@@ -233,7 +233,7 @@ fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
     let with_adapter = cli::load_for_inference(g, &md, Some(&out)).unwrap();
     let mm = cli::ModelDir::open(&merged).unwrap();
     let merged_model = cli::load_for_inference(g, &mm, None).unwrap();
-    let ids = cli::prompt_ids(&md.tokenizer, "Say apple twice.", true).unwrap();
+    let ids = md.tokenizer.prompt_ids("Say apple twice.", true).unwrap();
     let inp = Inputs::sequences(g, Shape { b: 1, t: ids.len() }, &ids).unwrap();
     let (x, y) = (block(with_adapter.logits(g, &inp)).unwrap(), block(merged_model.logits(g, &inp)).unwrap());
     close("merged vs adapter logits", &y, &x, 1e-4, 1e-4);
