@@ -10,10 +10,15 @@
 //                  backward launcher; keeps the backward within 8 storage bindings)
 // The forward keeps a running max and sum (online softmax) and never writes a T×T
 // matrix; the backward recomputes probabilities from lse. Backward adds into dq, dk, dv.
+// Each dispatch covers the range r0..r1 of the loop axis (keys for the forward and dq,
+// queries for dk/dv): the launcher splits long sequences into ranges that fit the
+// driver's loop budget. The forward resumes from the (o, lse) of the previous range,
+// which are exactly the online softmax state with the running sum normalised to 1.
 
 struct Params {
     b: u32, t: u32, nh: u32, nkv: u32,
-    hs: u32, scale: f32, tk: u32, _p0: u32,
+    hs: u32, scale: f32, tk: u32, r0: u32,
+    r1: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 const MAX_HS4: u32 = 32u;
@@ -43,10 +48,18 @@ fn attention_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc: array<vec4<f32>, MAX_HS4>;
     for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; }
     let tpos = t + p.tk - p.t;
+    let s_end = min(tpos + 1u, p.r1);
+    if (p.r0 >= s_end) { return; }
     let st = seg[bi * p.tk + tpos];
+    let row = (bi * p.nh + h) * p.t + t;
     var mx = -3.0e38;
     var l = 0.0;
-    for (var s = 0u; s <= tpos; s++) {
+    if (p.r0 > 0u && lse[row] > -1.0e38) {
+        mx = lse[row];
+        l = 1.0;
+        for (var i = 0u; i < hs4; i++) { acc[i] = o[qb + i]; }
+    }
+    for (var s = p.r0; s < s_end; s++) {
         if (seg[bi * p.tk + s] != st) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
@@ -58,9 +71,10 @@ fn attention_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var i = 0u; i < hs4; i++) { acc[i] = acc[i] * corr + e * v[kb + i]; }
         mx = m_new;
     }
-    let inv = 1.0 / l;
+    // A range with no visible key yet (another segment) leaves the sentinel state.
+    let inv = select(0.0, 1.0 / l, l > 0.0);
     for (var i = 0u; i < hs4; i++) { o[qb + i] = acc[i] * inv; }
-    lse[(bi * p.nh + h) * p.t + t] = mx + log(l);
+    lse[row] = select(-3.0e38, mx + log(l), l > 0.0);
 }
 
 // ---- backward --------------------------------------------------------------
@@ -102,7 +116,7 @@ fn attention_backward_dq(@builtin(global_invocation_id) gid: vec3<u32>) {
     let l = stats[row];
     let d = stats[n_rows() + row];
     let st = seg[bi * p.t + t];
-    for (var s = 0u; s <= t; s++) {
+    for (var s = p.r0; s < min(t + 1u, p.r1); s++) {
         if (seg[bi * p.t + s] != st) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
@@ -132,7 +146,7 @@ fn attention_backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ss = seg[bi * p.t + s];
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
-        for (var t = s; t < p.t; t++) {
+        for (var t = max(s, p.r0); t < min(p.t, p.r1); t++) {
             if (seg[bi * p.t + t] != ss) { continue; }
             let qb = q_base(bi, t, h);
             let row = (bi * p.nh + h) * p.t + t;

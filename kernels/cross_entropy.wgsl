@@ -23,10 +23,11 @@ struct Params {
 @group(0) @binding(7) var<storage, read> losses_in: array<f32>;
 @group(0) @binding(8) var<storage, read_write> loss: array<f32>;
 
-// One invocation per row of the chunk, online max and sum in one pass.
+// One invocation per row of the chunk, online max and sum in one pass: for
+// vocabularies within the loop budget that are too small to fill a workgroup per row.
 // Grid: (ceil(rows/64), 1, 1).
 @compute @workgroup_size(64, 1, 1)
-fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn cross_entropy_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = gid.x;
     if (r >= p.rows) { return; }
     let base = r * p.v;
@@ -37,7 +38,11 @@ fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (z > mx) { sum = sum * exp(mx - z); mx = z; }
         sum += exp(z - mx);
     }
-    let l = mx + log(sum);
+    write_row(r, base, mx + log(sum));
+}
+
+// lse and the loss of row r of the chunk (logits at `base`).
+fn write_row(r: u32, base: u32, l: f32) {
     let row = p.row0 + r;
     lse[row] = l;
     let tgt = targets[row];
@@ -46,6 +51,36 @@ fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     } else {
         losses[row] = l - logits[base + u32(tgt)];
     }
+}
+
+// One workgroup per row of the chunk: each invocation keeps an online max and sum
+// over every 256th logit (V/256 loop iterations, within any driver's loop budget),
+// then the pairs are combined in workgroup memory. Grid: (rows, 1, 1).
+var<workgroup> wmax: array<f32, 256>;
+var<workgroup> wsum: array<f32, 256>;
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wid.x;
+    let base = r * p.v;
+    var mx = -3.0e38;
+    var sum = 0.0;
+    for (var j = lid.x; j < p.v; j += 256u) {
+        let z = logits[base + j];
+        if (z > mx) { sum = sum * exp(mx - z); mx = z; }
+        sum += exp(z - mx);
+    }
+    wmax[lid.x] = mx;
+    wsum[lid.x] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid.x < s) {
+            let m2 = max(wmax[lid.x], wmax[lid.x + s]);
+            wsum[lid.x] = wsum[lid.x] * exp(wmax[lid.x] - m2) + wsum[lid.x + s] * exp(wmax[lid.x + s] - m2);
+            wmax[lid.x] = m2;
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u && r < p.rows) { write_row(r, base, wmax[0] + log(wsum[0])); }
 }
 
 // Grid: (ceil(V/256), rows, 1).

@@ -3,8 +3,9 @@
 //   bias, dbias       [C];  rows of y / dy are [R, C]
 // Index for 1-D grids: y·65535·256 + x (the launcher spills past 65535 workgroups into y).
 
+// `aux` is dropout's seed, and bias_backward's first row.
 struct Params {
-    n: u32, c: u32, alpha: f32, seed: u32,
+    n: u32, c: u32, alpha: f32, aux: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -51,13 +52,14 @@ fn add_bias(@builtin(global_invocation_id) gid: vec3<u32>) {
     y[i] += bias[i % p.c];
 }
 
-// dbias[c] += Σ_r dy[r, c]: one invocation per column. Grid: (ceil(C/256), 1, 1).
+// dbias[c] += Σ_r dy[r, c] over rows aux..n/c: one invocation per column; the launcher
+// calls it on row ranges that fit the loop budget. Grid: (ceil(C/256), 1, 1).
 @compute @workgroup_size(256, 1, 1)
 fn bias_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
     if (c >= p.c) { return; }
     var acc = 0.0;
-    for (var i = c; i < p.n; i += p.c) { acc += dy[i]; }
+    for (var i = p.aux * p.c + c; i < p.n; i += p.c) { acc += dy[i]; }
     dbias[c] += acc;
 }
 
@@ -79,6 +81,6 @@ fn hash(v: u32) -> u32 {
 fn dropout(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = index(gid);
     if (i >= p.n) { return; }
-    let u = f32(hash(i ^ hash(p.seed))) / 4294967296.0;
+    let u = f32(hash(i ^ hash(p.aux))) / 4294967296.0;
     if (u >= p.alpha) { y[i] += x[i] / (1.0 - p.alpha); }
 }

@@ -11,9 +11,11 @@
 // The element type of the table; the registry's f16 variant stores it in f16.
 alias WElem = f32;
 
+// The backward sums positions skip..skip+span of each id's run (one dispatch per span
+// of the longest run, within the loop budget).
 struct Params {
     n: u32, c: u32, v: u32, n_uniq: u32,
-    v0: u32, _p0: u32, _p1: u32, _p2: u32,
+    v0: u32, skip: u32, span: u32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,21 +29,24 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dw: array<f32>;
 
 // out[t, c] = w[ids[t] − v0, c] for the ids this part holds; other rows are left as
-// they are (the launcher zeroes out first). Grid: (ceil(C/64), N, 1).
+// they are (the launcher zeroes out first). Grid: (ceil(C/64), N, 1), N spilling past
+// 65,535 into z: t = z·65535 + y.
 @compute @workgroup_size(64, 1, 1)
 fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x; let t = gid.y;
+    let c = gid.x; let t = gid.z * 65535u + gid.y;
     if (c >= p.c || t >= p.n) { return; }
     let id = ids[t];
     if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = f32(w[(id - p.v0) * p.c + c]); }
 }
 
-// dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1).
+// dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1),
+// U spilling past 65,535 into z: u = z·65535 + y.
 @compute @workgroup_size(64, 1, 1)
 fn embedding_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x; let u = gid.y;
+    let c = gid.x; let u = gid.z * 65535u + gid.y;
     if (c >= p.c || u >= p.n_uniq) { return; }
     var acc = 0.0;
-    for (var j = starts[u]; j < starts[u + 1u]; j++) { acc += dout[order[j] * p.c + c]; }
+    let first = starts[u] + p.skip;
+    for (var j = first; j < min(starts[u + 1u], first + p.span); j++) { acc += dout[order[j] * p.c + c]; }
     dw[uniq[u] * p.c + c] += acc;
 }

@@ -5,7 +5,7 @@
 // Backward adds into dx and dw.
 
 struct Params {
-    rows: u32, c: u32, eps: f32, _p0: u32,
+    rows: u32, c: u32, eps: f32, r0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,13 +48,14 @@ fn rmsnorm_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-// dw[c] += Σ_r dy[r, c] · x[r, c] · rstd[r]: one invocation per column, so no atomics.
+// dw[c] += Σ_r dy[r, c] · x[r, c] · rstd[r] over rows r0..rows: one invocation per
+// column, so no atomics; the launcher calls it on row ranges that fit the loop budget.
 // Grid: (ceil(C/64), 1, 1).
 @compute @workgroup_size(64, 1, 1)
 fn rmsnorm_backward_dw(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
     if (i >= p.c) { return; }
     var acc = 0.0;
-    for (var r = 0u; r < p.rows; r++) { acc += dy[r * p.c + i] * x[r * p.c + i] * rstd_in[r]; }
+    for (var r = p.r0; r < p.rows; r++) { acc += dy[r * p.c + i] * x[r * p.c + i] * rstd_in[r]; }
     dw[i] += acc;
 }

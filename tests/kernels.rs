@@ -67,7 +67,10 @@ fn matmul_rejects_bad_shapes() {
 }
 
 fn attention_case(at: &Attention, seg: &[u32], seed: u64, mag: f32) {
-    let g = gpu();
+    attention_case_on(gpu(), at, seg, seed, mag)
+}
+
+fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64, mag: f32) {
     let mut rng = Rng::new(seed);
     let (q, kk, v) = (rng.vec(at.q_len(), mag), rng.vec(at.kv_len(), mag), rng.vec(at.kv_len(), mag));
     let dout = rng.vec(at.q_len(), 1.0);
@@ -429,4 +432,121 @@ fn kernel_times_come_from_timestamp_queries() {
     run(g, launch);
     assert!(futures::executor::block_on(g.kernel_times()).unwrap().is_empty());
     assert_eq!(read(g, &c)[0], 2.0);
+}
+
+// ---- At the sizes that break things -------------------------------------------
+// Real vocabularies (128,256 to 262,144), more than 2^16 and 2^24 elements, more than
+// 65,535 workgroups in a dimension, and loops longer than a driver allows: Mesa's
+// lavapipe ends an invocation's loops after 65,535 iterations in all, silently.
+
+#[test]
+fn the_loop_budget_is_measured() {
+    let g = gpu();
+    eprintln!("{}", g.describe());
+    if g.caps.adapter.name.contains("llvmpipe") {
+        assert_eq!(g.caps.max_loop, 65535 / 2, "lavapipe stops an invocation's loops after 65,535 iterations");
+    }
+    assert_eq!(small_loops().caps.max_loop, g.caps.max_loop.min(100));
+}
+
+#[test]
+fn cross_entropy_at_real_vocabulary_sizes() {
+    // Odd sizes around 2^16 and past the last 256-wide stride; Llama 3, Qwen, Gemma.
+    for (i, v) in [65535, 65536, 65537, 128256, 151936, 262144, 262145].into_iter().enumerate() {
+        cross_entropy_case(gpu(), 3, v, 1.0, 40 + i as u64);
+    }
+    // The workgroup-per-row forward at small sizes (GPUs take it from 4,096 logits, any
+    // driver past its loop budget), and across the 65,535-row chunk limit.
+    cross_entropy_case(small_loops(), 13, 1001, 1.0, 50);
+    cross_entropy_case(variant(Variant::Tiled), 5, 5003, 1.0, 51);
+    cross_entropy_case(gpu(), 65537, 3, 1.0, 52);
+}
+
+#[test]
+fn matmul_sums_inner_dimensions_past_the_loop_budget() {
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        // dx = dlogits·W over a Llama 3 vocabulary, dW = dyᵀ·x over 70,001 rows, and
+        // the LoRA down product with a transposed B; each sums more than 65,535 terms.
+        matmul_case(g, &Matmul::new(3, 16, 128256), 200, 1.0);
+        matmul_case(g, &Matmul::new(5, 7, 70001).trans_a().accumulate().alpha(0.5), 201, 1.0);
+        matmul_case(g, &Matmul::new(4, 6, 65537).trans_b(), 202, 1.0);
+    }
+    // The k-ranges at small sizes (a budget of 100), with every transpose and offsets.
+    let g = small_loops();
+    for (i, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+        let mut mm = Matmul::new(9, 11, 301).accumulate();
+        (mm.trans_a, mm.trans_b) = (ta, tb);
+        matmul_case(g, &mm, 210 + i as u64, 1.0);
+    }
+    let mut mm = Matmul::linear(6, 300, 7);
+    (mm.lda, mm.ldb, mm.ldc, mm.c_off) = (310, 305, 20, 9);
+    matmul_case(g, &mm, 220, 1.0);
+}
+
+#[test]
+fn elementwise_past_2_pow_24_elements_and_65535_workgroups() {
+    let g = gpu();
+    // 65,538 workgroups of 256: the grid spills into y.
+    let n = (1 << 24) + 257;
+    let mut rng = Rng::new(13);
+    let (a, b) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let (ta, tb, tout) = (up(g, &a), up(g, &b), zeros(g, n));
+    run(g, |r| {
+        k::add(g, r, n, &ta, &tb, &tout)?;
+        k::axpy(g, r, n, -0.5, &ta, &tb)
+    });
+    let (mut out, mut bb) = (vec![0.0; n], b.clone());
+    cpu::add(n, &a, &b, &mut out);
+    cpu::axpy(n, -0.5, &a, &mut bb);
+    close("add past 2^24", &read(g, &tout), &out, 1e-6, 1e-6);
+    close("axpy past 2^24", &read(g, &tb), &bb, 1e-6, 1e-6);
+}
+
+/// Column sums over many rows: RMSNorm's dw, the bias gradient, and the embedding's
+/// scatter-add of one id repeated at every position (with more than 65,535 positions
+/// the gather's grid spills too).
+fn row_sums_case(g: &webtune::gpu::Gpu, rows: usize, c: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let (x, w, dy) = (rng.vec(rows * c, 2.0), rng.vec(c, 1.0), rng.vec(rows * c, 1.0));
+    let (tx, tw, tdy, ty, trstd, tdx, tdw) = (up(g, &x), up(g, &w), up(g, &dy), zeros(g, rows * c), zeros(g, rows), zeros(g, rows * c), zeros(g, c));
+    let tdb = zeros(g, c);
+    let ids: Vec<u32> = (0..rows).map(|i| if i % 7 == 3 { 1 } else { 0 }).collect();
+    let (tids, temb, tout, tdemb) = (up(g, &ids), up(g, &w.repeat(2)), zeros(g, rows * c), zeros(g, 2 * c));
+    run(g, |r| {
+        k::rmsnorm_forward(g, r, rows, c, 1e-5, &tx, &tw, &ty, &trstd)?;
+        k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trstd, &tdy, &tdx, &tdw)?;
+        k::bias_backward(g, r, rows, c, &tdy, &tdb)?;
+        k::embedding_forward(g, r, rows, c, 2, &tids, &[&temb], &tout)?;
+        k::embedding_backward(g, r, rows, c, 0, 2, &ids, &tdy, &tdemb)
+    });
+    let (mut y, mut rstd, mut dx, mut dw, mut db) = (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
+    cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rstd);
+    cpu::rmsnorm_backward(rows, c, &x, &w, &rstd, &dy, &mut dx, &mut dw);
+    cpu::bias_backward(rows, c, &dy, &mut db);
+    let (mut out, mut demb) = (vec![0.0; rows * c], vec![0.0; 2 * c]);
+    cpu::embedding_forward(rows, c, 2, &ids, &w.repeat(2), &mut out);
+    cpu::embedding_backward(rows, c, 0, 2, &ids, &dy, &mut demb);
+    let sum_tol = 1e-5 * (rows as f32).sqrt();
+    close(&format!("rmsnorm dx over {rows} rows"), &read(g, &tdx), &dx, 1e-5, 1e-4);
+    close(&format!("rmsnorm dw over {rows} rows"), &read(g, &tdw), &dw, sum_tol, 1e-4);
+    close(&format!("bias_backward over {rows} rows"), &read(g, &tdb), &db, sum_tol, 1e-4);
+    close(&format!("embedding out over {rows} rows"), &read(g, &tout), &out, 0.0, 0.0);
+    close(&format!("embedding dw over {rows} rows"), &read(g, &tdemb), &demb, sum_tol, 1e-4);
+}
+
+#[test]
+fn row_sums_past_the_loop_budget_and_65535_rows() {
+    row_sums_case(gpu(), 70001, 3, 60);
+    row_sums_case(small_loops(), 301, 5, 61);
+}
+
+#[test]
+fn attention_past_the_loop_budget() {
+    // 2,049 positions of head size 64: the forward loops 33 times per key, dk/dv 99 times
+    // per query (three query heads share each kv head); lavapipe would stop at 65,535.
+    attention_case_on(gpu(), &Attention::new(1, 2049, 3, 1, 64), &vec![0; 2049], 70, 1.0);
+    // Key and query ranges at small sizes, across packed segments.
+    let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
+    attention_case_on(small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 71, 1.0);
 }

@@ -39,5 +39,5 @@ fn every_file_is_registered() {
     let mut registered: Vec<String> = webtune::kernels::ALL.iter().map(|k| k.name.to_string()).collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 9);
+    assert_eq!(files.len(), 10);
 }

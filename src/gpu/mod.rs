@@ -42,6 +42,12 @@ pub struct Caps {
     /// Largest storage binding a launcher may use, in bytes (the device limit, or a
     /// smaller cap set by [`GpuOptions::max_binding`] to exercise the split paths).
     pub max_binding: u64,
+    /// Loop iterations one invocation may run in all (every loop of the kernel
+    /// counted together). Mesa's llvmpipe (lavapipe) silently ends an invocation's
+    /// loops after 65,535 iterations; `Gpu::new` measures such a cap once with
+    /// `kernels/probe.wgsl` and keeps half of it, and launchers split longer work
+    /// into several dispatches. `u32::MAX` where the driver has no cap.
+    pub max_loop: u32,
     pub variant: Variant,
 }
 
@@ -54,6 +60,8 @@ pub struct GpuOptions {
     pub variant: Option<Variant>,
     /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
     pub no_f16: bool,
+    /// Cap the loop budget below the driver's (tests of the split paths on any driver).
+    pub max_loop: Option<u32>,
 }
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
@@ -153,16 +161,36 @@ impl Gpu {
             limits,
             features,
             max_binding,
+            max_loop: u32::MAX,
             variant,
         };
-        Ok(Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default(), profiler: Mutex::default() })
+        let mut gpu = Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default(), profiler: Mutex::default() };
+        let measured = match gpu.loop_cap().await? {
+            Some(cap) => cap / 2,
+            None => u32::MAX,
+        };
+        gpu.caps.max_loop = opts.max_loop.map_or(measured, |m| m.min(measured));
+        Ok(gpu)
+    }
+
+    /// The driver's cap on loop iterations per invocation, if it has one: the probe
+    /// asks for `PROBE_LOOPS` and counts how many ran.
+    async fn loop_cap(&self) -> Result<Option<u32>> {
+        const PROBE_LOOPS: u32 = 1 << 20;
+        let count = Tensor::new(self, "loop probe count", DType::U32, &[1])?;
+        let pipeline = self.pipeline(&crate::kernels::PROBE, "loop_probe", &[]);
+        let mut rec = self.recorder("loop probe");
+        self.dispatch(&mut rec, &pipeline, "loop_probe", &[PROBE_LOOPS, 0, 0, 0], &[(1, Bind::from(&count))], [1, 1, 1])?;
+        self.submit(rec);
+        let ran = self.read::<u32>(&count).await?[0];
+        Ok((ran < PROBE_LOOPS).then_some(ran))
     }
 
     /// One line naming the adapter, its driver and what was granted.
     pub fn describe(&self) -> String {
         let a = &self.caps.adapter;
         format!(
-            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}",
+            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}; loop budget {}",
             a.name,
             a.device_type,
             a.backend,
@@ -173,7 +201,8 @@ impl Gpu {
             self.caps.shader_f16,
             self.caps.subgroups,
             self.caps.timestamps,
-            self.caps.variant
+            self.caps.variant,
+            if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }
         )
     }
 
@@ -360,6 +389,32 @@ impl Gpu {
             padded.resize(bytes.len().div_ceil(4) * 4, 0);
             self.queue.write_buffer(buffer, 0, &padded);
         }
+    }
+
+    /// Write `data` into `t` from element `offset` on (a chunk of a larger upload). The
+    /// byte offset must be a multiple of 4; a tail that is not is padded.
+    pub fn write_at<T: bytemuck::Pod>(&self, t: &Tensor, offset: usize, data: &[T]) -> Result<()> {
+        let size = t.dtype.size();
+        if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || (offset * size) % 4 != 0 {
+            return Err(Error::Shape(format!("{}: writing {} values at {offset} into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(&t.buffer, (offset * size) as u64, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            self.queue.write_buffer(&t.buffer, (offset * size) as u64, &padded);
+        }
+        Ok(())
+    }
+
+    /// Send the queued writes now and let finished staging memory go (a model load
+    /// calls it after each weight, so staging holds one weight, not the model).
+    pub fn flush_writes(&self) {
+        self.queue.submit([]);
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
     }
 
     /// A new zero-filled storage tensor.

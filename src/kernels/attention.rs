@@ -1,6 +1,6 @@
 //! Launchers for `kernels/attention.wgsl`.
 
-use super::{check, check_binding, groups, ATTENTION};
+use super::{check, check_binding, groups, loop_span, spans, ATTENTION};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
 
@@ -58,8 +58,17 @@ impl Attention {
             hs: self.hs as u32,
             scale: self.scale,
             tk: self.tk as u32,
-            _p0: 0,
+            r0: 0,
+            r1: self.tk as u32,
+            _p: [0; 3],
         }
+    }
+
+    /// Ranges of the loop axis (keys, or queries for dk/dv) that one dispatch covers:
+    /// each step of it loops `per` times and `fixed` more run around it, and an
+    /// invocation must stay within the driver's loop budget.
+    fn ranges(&self, gpu: &Gpu, len: usize, per: usize, fixed: usize) -> Vec<(usize, usize)> {
+        spans(len, loop_span(gpu, per, fixed)).collect()
     }
 
     fn grid(&self, heads: usize) -> [u32; 3] {
@@ -77,7 +86,9 @@ struct Params {
     hs: u32,
     scale: f32,
     tk: u32,
-    _p0: u32,
+    r0: u32,
+    r1: u32,
+    _p: [u32; 3],
 }
 
 /// `o = softmax(scale · q·kᵀ + causal/segment mask) · v`, saving `lse` `[B, NH, T]`.
@@ -105,15 +116,20 @@ pub fn attention_forward(
     o.expect(op, "o", DType::F32, at.q_len())?;
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o])?;
+    // Key ranges that fit the loop budget; each range resumes from the last's (o, lse).
     let pipeline = gpu.pipeline(&ATTENTION, op, &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        op,
-        &at.params(),
-        &[(1, q.into()), (2, k.into()), (3, v.into()), (4, seg.into()), (5, o.into()), (6, Bind::from(lse))],
-        at.grid(at.nh),
-    )
+    let hs4 = at.hs / 4;
+    for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 1, 3 * hs4 + 16) {
+        gpu.dispatch(
+            rec,
+            &pipeline,
+            op,
+            &Params { r0: r0 as u32, r1: r1 as u32, ..at.params() },
+            &[(1, q.into()), (2, k.into()), (3, v.into()), (4, seg.into()), (5, o.into()), (6, Bind::from(lse))],
+            at.grid(at.nh),
+        )?;
+    }
+    Ok(())
 }
 
 /// Adds the gradients of `attention_forward` into `dq`, `dk`, `dv`, given its
@@ -159,13 +175,12 @@ pub fn attention_backward(
         &[(7, o.into()), (9, dout.into()), (10, Bind::from(&stats))],
         at.grid(at.nh),
     )?;
+    // dq over key ranges, dk/dv over query ranges (each query head of the group
+    // loops over the range), each range adding its part.
+    let hs4 = at.hs / 4;
     let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dq", &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        "attention_backward_dq",
-        &params,
-        &[
+    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 1, 3 * hs4 + 16) {
+        let binds = [
             (1, q.into()),
             (2, k.into()),
             (3, v.into()),
@@ -173,16 +188,14 @@ pub fn attention_backward(
             (8, Bind::from(&stats)),
             (9, dout.into()),
             (11, dq.into()),
-        ],
-        at.grid(at.nh),
-    )?;
+        ];
+        let p = Params { r0: r0 as u32, r1: r1 as u32, ..params };
+        gpu.dispatch(rec, &pipeline, "attention_backward_dq", &p, &binds, at.grid(at.nh))?;
+    }
+    let group = at.nh / at.nkv;
     let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dkv", &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        "attention_backward_dkv",
-        &params,
-        &[
+    for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 1), group + 4 * hs4 + 16) {
+        let binds = [
             (1, q.into()),
             (2, k.into()),
             (3, v.into()),
@@ -191,7 +204,9 @@ pub fn attention_backward(
             (9, dout.into()),
             (12, dk.into()),
             (13, dv.into()),
-        ],
-        at.grid(at.nkv),
-    )
+        ];
+        let p = Params { r0: r0 as u32, r1: r1 as u32, ..params };
+        gpu.dispatch(rec, &pipeline, "attention_backward_dkv", &p, &binds, at.grid(at.nkv))?;
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::{check, groups, CROSS_ENTROPY};
 use crate::error::{Error, Result};
-use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -18,12 +18,16 @@ struct Params {
     _p3: u32,
 }
 
-/// Row ranges of `[n, v]` logits that each fit one binding and start at an offset
-/// the device can bind.
+/// Vocabularies below this size get one invocation per row in the forward on GPUs.
+pub const ROW_PER_INVOCATION_BELOW: usize = 4096;
+
+/// Row ranges of `[n, v]` logits that each fit one binding, start at an offset the
+/// device can bind, and have at most 65,535 rows (one workgroup per row).
 pub fn chunks(gpu: &Gpu, n: usize, v: usize) -> Result<Vec<(usize, usize)>> {
     let row_bytes = (v * 4) as u64;
     let align_rows = (gpu.caps.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
     let fit = (gpu.caps.max_binding / row_bytes) as usize;
+    let fit = fit.min(65535);
     let per = if fit >= n { n } else { fit / align_rows * align_rows };
     if per == 0 {
         return Err(Error::TooLarge(format!(
@@ -64,16 +68,25 @@ pub fn cross_entropy_forward(
     check_args(op, n, v, logits, targets, lse)?;
     losses.expect(op, "losses", DType::F32, n)?;
     loss.expect(op, "loss", DType::F32, 1)?;
-    let pipeline = gpu.pipeline(&CROSS_ENTROPY, op, &[]);
+    // A workgroup per row, whose invocations loop over every 256th logit, suits GPUs
+    // and any vocabulary past the loop budget; an invocation per row is as fast or
+    // faster on CPU drivers, and on GPUs for small vocabularies (the demo's). The sum
+    // loops over every 256th row.
+    check(v.max(n).div_ceil(256) + 16 <= gpu.caps.max_loop as usize, op, || {
+        format!("{n} rows of {v} logits exceed this driver's loop budget of {} iterations per invocation", gpu.caps.max_loop)
+    })?;
+    let per_row = (v < ROW_PER_INVOCATION_BELOW || gpu.caps.variant == Variant::Register) && v + 16 <= gpu.caps.max_loop as usize;
+    let entry = if per_row { "cross_entropy_forward_row" } else { op };
+    let pipeline = gpu.pipeline(&CROSS_ENTROPY, entry, &[]);
     for (r0, rows) in chunks(gpu, n, v)? {
         let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, _p0: 0, scale, _p1: 0, _p2: 0, _p3: 0 };
         gpu.dispatch(
             rec,
             &pipeline,
-            op,
+            entry,
             &p,
             &[(1, chunk_bind(logits, r0, rows, v)), (2, targets.into()), (3, losses.into()), (4, lse.into())],
-            [groups(rows, 64), 1, 1],
+            if per_row { [groups(rows, 64), 1, 1] } else { [rows as u32, 1, 1] },
         )?;
     }
     let p = Params { rows: n as u32, v: v as u32, row0: 0, _p0: 0, scale, _p1: 0, _p2: 0, _p3: 0 };

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/elementwise.wgsl`.
 
-use super::{check, check_binding, grid_1d, groups, ELEMENTWISE};
+use super::{check, check_binding, grid_1d, groups, loop_span, spans, ELEMENTWISE};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
 
@@ -10,7 +10,8 @@ struct Params {
     n: u32,
     c: u32,
     alpha: f32,
-    seed: u32,
+    /// dropout's seed; bias_backward's first row
+    aux: u32,
 }
 
 fn run(
@@ -36,21 +37,21 @@ fn check_all(gpu: &Gpu, op: &str, n: usize, ts: &[(&Tensor, &str)]) -> Result<()
 /// `out = a + b`, all `[n]`.
 pub fn add(gpu: &Gpu, rec: &mut Recorder, n: usize, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
     check_all(gpu, "add", n, &[(a, "a"), (b, "b"), (out, "out")])?;
-    let p = Params { n: n as u32, c: 0, alpha: 0.0, seed: 0 };
+    let p = Params { n: n as u32, c: 0, alpha: 0.0, aux: 0 };
     run(gpu, rec, "add", p, &[(1, a.into()), (2, b.into()), (3, out.into())], grid_1d(n))
 }
 
 /// `y += alpha · x`, both `[n]`.
 pub fn axpy(gpu: &Gpu, rec: &mut Recorder, n: usize, alpha: f32, x: &Tensor, y: &Tensor) -> Result<()> {
     check_all(gpu, "axpy", n, &[(x, "x"), (y, "y")])?;
-    let p = Params { n: n as u32, c: 0, alpha, seed: 0 };
+    let p = Params { n: n as u32, c: 0, alpha, aux: 0 };
     run(gpu, rec, "axpy", p, &[(4, x.into()), (5, y.into())], grid_1d(n))
 }
 
 /// `y = alpha · y`, `[n]`.
 pub fn scale(gpu: &Gpu, rec: &mut Recorder, n: usize, alpha: f32, y: &Tensor) -> Result<()> {
     check_all(gpu, "scale", n, &[(y, "y")])?;
-    let p = Params { n: n as u32, c: 0, alpha, seed: 0 };
+    let p = Params { n: n as u32, c: 0, alpha, aux: 0 };
     run(gpu, rec, "scale", p, &[(5, y.into())], grid_1d(n))
 }
 
@@ -58,7 +59,7 @@ pub fn scale(gpu: &Gpu, rec: &mut Recorder, n: usize, alpha: f32, y: &Tensor) ->
 pub fn add_bias(gpu: &Gpu, rec: &mut Recorder, rows: usize, c: usize, bias: &Tensor, y: &Tensor) -> Result<()> {
     check_all(gpu, "add_bias", rows * c, &[(y, "y")])?;
     bias.expect("add_bias", "bias", DType::F32, c)?;
-    let p = Params { n: (rows * c) as u32, c: c as u32, alpha: 0.0, seed: 0 };
+    let p = Params { n: (rows * c) as u32, c: c as u32, alpha: 0.0, aux: 0 };
     run(gpu, rec, "add_bias", p, &[(5, y.into()), (6, bias.into())], grid_1d(rows * c))
 }
 
@@ -66,8 +67,11 @@ pub fn add_bias(gpu: &Gpu, rec: &mut Recorder, rows: usize, c: usize, bias: &Ten
 pub fn bias_backward(gpu: &Gpu, rec: &mut Recorder, rows: usize, c: usize, dy: &Tensor, dbias: &Tensor) -> Result<()> {
     check_all(gpu, "bias_backward", rows * c, &[(dy, "dy")])?;
     dbias.expect("bias_backward", "dbias", DType::F32, c)?;
-    let p = Params { n: (rows * c) as u32, c: c as u32, alpha: 0.0, seed: 0 };
-    run(gpu, rec, "bias_backward", p, &[(7, dbias.into()), (8, dy.into())], [groups(c, 256), 1, 1])
+    for (r0, r1) in spans(rows, loop_span(gpu, 1, 16)) {
+        let p = Params { n: (r1 * c) as u32, c: c as u32, alpha: 0.0, aux: r0 as u32 };
+        run(gpu, rec, "bias_backward", p, &[(7, dbias.into()), (8, dy.into())], [groups(c, 256), 1, 1])?;
+    }
+    Ok(())
 }
 
 /// `y += dropout(x)`: inverted dropout with drop probability `p` and a mask fixed by
@@ -75,6 +79,6 @@ pub fn bias_backward(gpu: &Gpu, rec: &mut Recorder, rows: usize, c: usize, dy: &
 pub fn dropout(gpu: &Gpu, rec: &mut Recorder, n: usize, p: f32, seed: u32, x: &Tensor, y: &Tensor) -> Result<()> {
     check_all(gpu, "dropout", n, &[(x, "x"), (y, "y")])?;
     check((0.0..1.0).contains(&p), "dropout", || format!("probability {p} must be in [0, 1)"))?;
-    let params = Params { n: n as u32, c: 0, alpha: p, seed };
+    let params = Params { n: n as u32, c: 0, alpha: p, aux: seed };
     run(gpu, rec, "dropout", params, &[(4, x.into()), (5, y.into())], grid_1d(n))
 }

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/embedding.wgsl`.
 
-use super::{check, check_binding, f16_variant, groups, EMBEDDING};
+use super::{check, check_binding, f16_variant, groups, loop_span, EMBEDDING};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -12,7 +12,14 @@ struct Params {
     v: u32,
     n_uniq: u32,
     v0: u32,
-    _p: [u32; 3],
+    skip: u32,
+    span: u32,
+    _p: u32,
+}
+
+/// Columns in x, rows in y spilling past 65,535 into z (the kernels read z·65535 + y).
+fn rows_grid(c: usize, rows: usize) -> [u32; 3] {
+    [groups(c, 64), rows.min(65535) as u32, rows.div_ceil(65535) as u32]
 }
 
 /// `out[t] = w[ids[t]]`; ids `[n]` u32, out `[n, c]`, and the table `[v, c]` given as
@@ -46,8 +53,8 @@ pub fn embedding_forward(
         let kernel = if w.dtype == DType::F16 { f16_variant(&EMBEDDING) } else { &EMBEDDING };
         let pipeline = gpu.pipeline(kernel, op, &[]);
         let rows = w.numel() / c;
-        let p = Params { n: n as u32, c: c as u32, v: rows as u32, n_uniq: 0, v0: v0 as u32, _p: [0; 3] };
-        gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, (*w).into()), (3, out.into())], [groups(c, 64), n as u32, 1])?;
+        let p = Params { n: n as u32, c: c as u32, v: rows as u32, n_uniq: 0, v0: v0 as u32, skip: 0, span: 0, _p: 0 };
+        gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, (*w).into()), (3, out.into())], rows_grid(c, n))?;
         v0 += rows;
     }
     Ok(())
@@ -94,14 +101,20 @@ pub fn embedding_backward(
     let order_t = gpu.upload("embedding order", &order, &[order.len()])?;
     let starts_t = gpu.upload("embedding starts", &starts, &[starts.len()])?;
     let uniq_t = gpu.upload("embedding uniq", &uniq, &[uniq.len()])?;
-    let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: uniq.len() as u32, v0: 0, _p: [0; 3] };
+    // Each dispatch sums one span of every id's run of positions (the loop budget).
     let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        op,
-        &p,
-        &[(4, (&order_t).into()), (5, (&starts_t).into()), (6, (&uniq_t).into()), (7, dout.into()), (8, dw.into())],
-        [groups(c, 64), uniq.len() as u32, 1],
-    )
+    let longest = starts.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+    let span = loop_span(gpu, 1, 16).min(longest);
+    for skip in (0..longest).step_by(span) {
+        let p = Params { n: n as u32, c: c as u32, v: v as u32, n_uniq: uniq.len() as u32, v0: 0, skip: skip as u32, span: span as u32, _p: 0 };
+        gpu.dispatch(
+            rec,
+            &pipeline,
+            op,
+            &p,
+            &[(4, (&order_t).into()), (5, (&starts_t).into()), (6, (&uniq_t).into()), (7, dout.into()), (8, dw.into())],
+            rows_grid(c, uniq.len()),
+        )?;
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! Launcher for `kernels/matmul.wgsl`.
 
-use super::{check, check_binding, f16_variant, groups, MATMUL};
+use super::{check, check_binding, f16_variant, groups, loop_span, spans, MATMUL};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
@@ -160,37 +160,38 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
         "operands exceed 2^32 elements".into()
     })?;
     check_binding(gpu, op, &[a, b, c])?;
-    let params = Params {
-        m: mm.m as u32,
-        n: mm.n as u32,
-        k: mm.k as u32,
-        batch: mm.batch as u32,
-        a_off: mm.a_off as u32,
-        b_off: mm.b_off as u32,
-        c_off: mm.c_off as u32,
-        lda: lda as u32,
-        a_stride: mm.a_stride as u32,
-        b_stride: mm.b_stride as u32,
-        c_stride: mm.c_stride as u32,
-        ldb: ldb as u32,
-        alpha: mm.alpha,
-        beta: mm.beta,
-        ldc: ldc as u32,
-        _p0: 0,
-    };
     let constants = [("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
-    let (entry, tile) = match gpu.caps.variant {
-        Variant::Register => ("matmul_reg", 32),
-        Variant::Tiled => ("matmul_tiled", 64),
+    // The register variant loops once per k; the tiled one 21 times per 16 k (a
+    // slab load of 4, 16 products, the k0 step).
+    let (entry, tile, k_span) = match gpu.caps.variant {
+        Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64)),
+        Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64) * 16),
     };
     let kernel = if b.dtype == DType::F16 { f16_variant(&MATMUL) } else { &MATMUL };
     let pipeline = gpu.pipeline(kernel, entry, &constants);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        entry,
-        &params,
-        &[(1, a.into()), (2, b.into()), (3, Bind::from(c))],
-        [groups(mm.n, tile), groups(mm.m, tile), mm.batch as u32],
-    )
+    // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
+    // k-ranges that fit the loop budget, each adding into C after the first.
+    for (k0, k1) in spans(mm.k, k_span) {
+        let params = Params {
+            m: mm.m as u32,
+            n: mm.n as u32,
+            k: (k1 - k0) as u32,
+            batch: mm.batch as u32,
+            a_off: (mm.a_off + if mm.trans_a { k0 * lda } else { k0 }) as u32,
+            b_off: (mm.b_off + if mm.trans_b { k0 } else { k0 * ldb }) as u32,
+            c_off: mm.c_off as u32,
+            lda: lda as u32,
+            a_stride: mm.a_stride as u32,
+            b_stride: mm.b_stride as u32,
+            c_stride: mm.c_stride as u32,
+            ldb: ldb as u32,
+            alpha: mm.alpha,
+            beta: if k0 == 0 { mm.beta } else { 1.0 },
+            ldc: ldc as u32,
+            _p0: 0,
+        };
+        let grid = [groups(mm.n, tile), groups(mm.m, tile), mm.batch as u32];
+        gpu.dispatch(rec, &pipeline, entry, &params, &[(1, a.into()), (2, b.into()), (3, Bind::from(c))], grid)?;
+    }
+    Ok(())
 }

@@ -49,12 +49,13 @@ kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
 kernel!(MATMUL, "matmul.wgsl");
+kernel!(PROBE, "probe.wgsl");
 kernel!(RMSNORM, "rmsnorm.wgsl");
 kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");
 
 /// Every kernel file, for validation and pipeline warm-up.
-pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, MATMUL, RMSNORM, ROPE, SWIGLU];
+pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, MATMUL, PROBE, RMSNORM, ROPE, SWIGLU];
 
 /// The variant of a kernel that reads its weight operand as f16 (`enable f16;` and
 /// the file's `alias BElem = f32;` / `alias WElem = f32;` switched to f16). Built once
@@ -90,6 +91,18 @@ pub(crate) fn grid_1d(n: usize) -> [u32; 3] {
     } else {
         [65535, wg.div_ceil(65535) as u32, 1]
     }
+}
+
+/// Iterations of work that one invocation may loop over when each costs `per`
+/// iterations of its loops and `fixed` more run around them: the launchers split
+/// longer work into several dispatches (see `Caps::max_loop`). At least 1.
+pub(crate) fn loop_span(gpu: &Gpu, per: usize, fixed: usize) -> usize {
+    ((gpu.caps.max_loop as usize).saturating_sub(fixed) / per.max(1)).max(1)
+}
+
+/// `0..n` in consecutive ranges of at most `span`.
+pub fn spans(n: usize, span: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(span.max(1)).map(move |a| (a, (a + span).min(n)))
 }
 
 /// Every tensor must fit one storage binding of this device.

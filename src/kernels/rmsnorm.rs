@@ -1,6 +1,6 @@
 //! Launchers for `kernels/rmsnorm.wgsl`.
 
-use super::{check, check_binding, groups, RMSNORM};
+use super::{check, check_binding, groups, loop_span, spans, RMSNORM};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -10,12 +10,16 @@ struct Params {
     rows: u32,
     c: u32,
     eps: f32,
-    _p0: u32,
+    r0: u32,
 }
 
-fn params(op: &str, rows: usize, c: usize, eps: f32) -> Result<Params> {
+fn params(gpu: &Gpu, op: &str, rows: usize, c: usize, eps: f32) -> Result<Params> {
     check(rows > 0 && c > 0, op, || format!("empty shape [{rows}, {c}]"))?;
-    Ok(Params { rows: rows as u32, c: c as u32, eps, _p0: 0 })
+    // A row's invocation loops over it twice.
+    check(2 * c + 16 <= gpu.caps.max_loop as usize, op, || {
+        format!("rows of {c} exceed this driver's loop budget of {} iterations per invocation", gpu.caps.max_loop)
+    })?;
+    Ok(Params { rows: rows as u32, c: c as u32, eps, r0: 0 })
 }
 
 /// `y = w · x · rstd` row by row; x, y `[rows, c]`, w `[c]`, saves rstd `[rows]`.
@@ -32,7 +36,7 @@ pub fn rmsnorm_forward(
     rstd: &Tensor,
 ) -> Result<()> {
     let op = "rmsnorm_forward";
-    let p = params(op, rows, c, eps)?;
+    let p = params(gpu, op, rows, c, eps)?;
     x.expect(op, "x", DType::F32, rows * c)?;
     w.expect(op, "w", DType::F32, c)?;
     y.expect(op, "y", DType::F32, rows * c)?;
@@ -64,7 +68,7 @@ pub fn rmsnorm_backward(
     dw: &Tensor,
 ) -> Result<()> {
     let op = "rmsnorm_backward";
-    let p = params(op, rows, c, 0.0)?;
+    let p = params(gpu, op, rows, c, 0.0)?;
     x.expect(op, "x", DType::F32, rows * c)?;
     w.expect(op, "w", DType::F32, c)?;
     rstd.expect(op, "rstd", DType::F32, rows)?;
@@ -81,13 +85,17 @@ pub fn rmsnorm_backward(
         &[(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())],
         [groups(rows, 64), 1, 1],
     )?;
+    // Each column sums its rows in ranges that fit the loop budget (rows r0..r1).
     let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw", &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        "rmsnorm_backward_dw",
-        &p,
-        &[(1, x.into()), (5, rstd.into()), (6, dy.into()), (8, dw.into())],
-        [groups(c, 64), 1, 1],
-    )
+    for (r0, r1) in spans(rows, loop_span(gpu, 1, 16)) {
+        gpu.dispatch(
+            rec,
+            &pipeline,
+            "rmsnorm_backward_dw",
+            &Params { rows: r1 as u32, r0: r0 as u32, ..p },
+            &[(1, x.into()), (5, rstd.into()), (6, dy.into()), (8, dw.into())],
+            [groups(c, 64), 1, 1],
+        )?;
+    }
+    Ok(())
 }

@@ -63,3 +63,10 @@ pub fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     let err = webtune::check::compare(what, got, want, atol, rtol).unwrap_or_else(|m| panic!("{m}"));
     eprintln!("{what}: max abs error {err:e}");
 }
+
+/// A context whose loop budget is capped at 100 iterations per invocation, to run the
+/// split paths (k-ranges, key ranges, row ranges) at small sizes on any driver.
+pub fn small_loops() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { max_loop: Some(100), ..Default::default() }))
+}
