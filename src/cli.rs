@@ -11,7 +11,7 @@ use crate::data::{parse_records, Message, Record, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::model::generate::Sampling;
-use crate::model::weights::{self, TensorMap};
+use crate::model::weights::{self, Checkpoint, TensorMap, Tensors};
 use crate::model::{Config, LoraConfig, Model, Tuning};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::{evaluate, Options, StepStats, Trainer};
@@ -20,18 +20,32 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-/// A model directory: config, weights and tokenizer (weights stay on the host here).
+/// A data file's text; not UTF-8 is an error naming the line.
+fn read_data(path: &Path) -> Result<String> {
+    crate::data::decode(std::fs::read(path).map_err(|e| Error::io(path, e))?, &path.display().to_string())
+}
+
+/// A model directory: config, tokenizer, and the weights opened lazily (only their
+/// headers are read until a model is loaded, a tensor at a time).
 pub struct ModelDir {
     pub dir: PathBuf,
     pub cfg: Config,
-    pub weights: TensorMap,
+    pub weights: Checkpoint,
     pub tokenizer: Tokenizer,
     /// The small files a derived model copies: config, generation config, tokenizer.
     pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// The small files of a model directory that a merged or fully tuned model copies.
-const COPIED: [&str; 5] = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+const COPIED: [&str; 7] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
 
 impl ModelDir {
     /// A model directory, or `demo` for the built-in demo model (`demo-random`: its
@@ -39,7 +53,11 @@ impl ModelDir {
     pub fn open(dir: &Path) -> Result<ModelDir> {
         if dir == Path::new("demo") || dir == Path::new("demo-random") {
             let (tokenizer, cfg, files) = (crate::demo::tokenizer()?, crate::demo::config()?, crate::demo::files());
-            let weights = if dir == Path::new("demo") { crate::demo::base_weights()? } else { crate::demo::weights(1)? };
+            let weights = if dir == Path::new("demo") {
+                crate::demo::base_checkpoint()?
+            } else {
+                Checkpoint::from_bytes(weights::serialize(&crate::demo::weights(1)?, None)?, "demo-random")?
+            };
             return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files });
         }
         if !dir.is_dir() {
@@ -52,10 +70,16 @@ impl ModelDir {
         let generation = std::fs::read_to_string(dir.join("generation_config.json")).ok();
         let cfg = Config::parse(&read_text(&config)?, &config.display().to_string(), generation.as_deref())?;
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let weights = weights::read_dir(dir)?;
+        let weights = Checkpoint::open_dir(dir)?;
         let files = COPIED.iter().filter_map(|f| std::fs::read(dir.join(f)).ok().map(|b| (f.to_string(), b))).collect();
         Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files })
     }
+}
+
+/// Say on stderr where the chat template came from, and warn when the model has none.
+pub fn report_template(tok: &Tokenizer) {
+    let t = &tok.template;
+    eprintln!("{}{}", if t.fallback { "warning: " } else { "" }, t.describe());
 }
 
 /// An adapter directory's LoRA config and tensors.
@@ -66,6 +90,48 @@ pub fn read_adapter(dir: &Path) -> Result<(LoraConfig, TensorMap)> {
     let mut tensors = TensorMap::new();
     weights::parse(&std::fs::read(&file).map_err(|e| Error::io(&file, e))?, &file.display().to_string(), &mut tensors)?;
     Ok((lora, tensors))
+}
+
+/// What a model load cost: time, GPU bytes, and the host memory it needed at its
+/// peak (where the counting allocator is installed, as in the `webtune` binary).
+pub struct LoadReport {
+    pub secs: f64,
+    pub gpu_bytes: u64,
+    pub peak_host: Option<usize>,
+    /// The largest tensor of the checkpoint, as f32 bytes (what a load that widened a
+    /// whole tensor at once would need).
+    pub largest_f32: usize,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: f64| b / (1u64 << 20) as f64;
+        write!(f, "loaded in {:.1} s: {:.1} MiB on the GPU", self.secs, mib(self.gpu_bytes as f64))?;
+        if let Some(p) = self.peak_host {
+            write!(f, "; peak host memory of the load {:.1} MiB (the largest tensor is {:.1} MiB in f32)", mib(p as f64), mib(self.largest_f32 as f64))?;
+        }
+        Ok(())
+    }
+}
+
+/// Load a model onto the GPU, measuring the load.
+pub fn load_measured(gpu: &Gpu, md: &ModelDir, tuning: Tuning, seed: u64) -> Result<(Model, LoadReport)> {
+    let mark = crate::alloc::mark();
+    let start = crate::clock::now();
+    let model = Model::load(gpu, md.cfg.clone(), &md.weights, tuning, seed)?;
+    gpu.wait()?;
+    let largest_f32 = md.weights.names().iter().filter_map(|n| md.weights.shape(n)).map(|s| 4 * s.iter().product::<usize>()).max().unwrap_or(0);
+    let report = LoadReport { secs: crate::clock::now() - start, gpu_bytes: model.resident_bytes(), peak_host: crate::alloc::peak_since(&mark), largest_f32 };
+    Ok((model, report))
+}
+
+/// `webtune random-model`: `config.json` and a random bf16 `model.safetensors` in `out`.
+pub fn random_model(config: &Path, out: &Path, scale: f32, seed: u64) -> Result<()> {
+    let text = read_text(config)?;
+    let cfg = Config::parse(&text, &config.display().to_string(), None)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    weights::write_random_bf16(&out.join("model.safetensors"), &cfg.tensor_shapes(), scale, seed)?;
+    checkpoint::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 
 /// The base model with an adapter applied (or none).
@@ -88,7 +154,7 @@ pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, t
     } else if path == Path::new("demo-pretrain") {
         crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS)
     } else {
-        read_text(path)?
+        read_data(path)?
     };
     let records = parse_records(&text, &path.display().to_string())?;
     prepare(tok, &records, max_seq_len, pack, train_on_prompt)
@@ -147,7 +213,10 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         (Some((lora, _)), false) => Tuning::Lora(lora.clone()),
         (None, false) => Tuning::Lora(a.lora.clone()),
     };
-    let mut model = Model::load(gpu, md.cfg.clone(), &md.weights, tuning, a.opts.seed)?;
+    let (mut model, loaded) = load_measured(gpu, &md, tuning, a.opts.seed)?;
+    if !a.quiet {
+        println!("{}: {loaded}", a.model.display());
+    }
     model.grad_checkpoint = a.grad_checkpoint;
     if let Some((_, tensors)) = &init {
         model.set_params(gpu, tensors)?;
@@ -169,6 +238,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let total = trainer.total_steps();
     let sk = &train_data.skipped;
     if !a.quiet {
+        report_template(tok);
         println!(
             "{} records → {} sequences ({} skipped: nothing left to train); {} steps; {}",
             train_data.examples.len() + sk.no_trained_tokens,
@@ -308,15 +378,13 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
 pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;
-    let mut w = md.weights;
+    let mut w = weights::to_map(&md.weights)?;
     crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    for (name, bytes) in &md.files {
-        let bytes = if name == "config.json" { crate::peft::merged_config(&String::from_utf8_lossy(bytes))?.into_bytes() } else { bytes.clone() };
+    for (name, bytes) in crate::peft::model_files(&md.files, &w, md.weights.weights_dtype())? {
         checkpoint::write_atomic(&out.join(name), &bytes)?;
     }
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    checkpoint::write_atomic(&out.join("model.safetensors"), &weights::serialize(&w, Some(meta))?)
+    Ok(())
 }
 
 pub struct InspectArgs {
@@ -339,7 +407,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
     let tok = if a.model == Path::new("demo") { ModelDir::open(&a.model)?.tokenizer } else { Tokenizer::from_dir(&a.model)? };
-    let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_text(&a.data)? };
+    let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_data(&a.data)? };
     let records = parse_records(&text, &a.data.display().to_string())?;
     let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;
     if a.json {

@@ -285,12 +285,10 @@ pub const PRETRAIN_RECORDS: usize = 40_000;
 /// The pretrained base of the demo, made by `scripts/pretrain-demo.sh` and embedded.
 const BASE: &[u8] = include_bytes!("../assets/demo-base/model.safetensors");
 
-/// The demo's pretrained base weights (the embedded file; empty before it is made).
-pub fn base_weights() -> Result<TensorMap> {
+/// The demo's pretrained base (the embedded file; empty before it is made).
+pub fn base_checkpoint() -> Result<crate::model::Checkpoint> {
     if BASE.is_empty() {
         return Err(crate::error::Error::Weights("the demo base is not built: run scripts/pretrain-demo.sh".into()));
     }
-    let mut w = TensorMap::new();
-    crate::model::weights::parse(BASE, "assets/demo-base/model.safetensors", &mut w)?;
-    Ok(w)
+    crate::model::Checkpoint::from_bytes(BASE.to_vec(), "assets/demo-base/model.safetensors")
 }

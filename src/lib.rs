@@ -6,6 +6,8 @@
 //! - [`reference`]: the CPU twin of every launcher
 //! - [`bench`]: the kernel benchmark behind `webtune bench kernels`
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod alloc;
 pub mod bench;
 pub mod check;
 pub mod clock;

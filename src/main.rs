@@ -9,6 +9,10 @@ use webtune::model::generate::Sampling;
 use webtune::model::LoraConfig;
 use webtune::train::Options;
 
+// Counts host allocations, so `info --model` and the train log report a load's peak.
+#[global_allocator]
+static ALLOC: webtune::alloc::Counting = webtune::alloc::Counting;
+
 #[derive(Parser)]
 #[command(name = "webtune", version, about = "Fine-tune small language models with hand-written WGSL kernels (no command: the demo)")]
 struct Cli {
@@ -111,8 +115,28 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
-    /// Show the GPU adapter, its limits and features.
-    Info,
+    /// Show the GPU adapter, its limits and features; with --model, load the model and
+    /// report its GPU memory and the load's peak host memory.
+    Info {
+        /// A model directory to load (frozen weights, as eval loads them).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Write a model directory of random bf16 weights shaped by a config.json (to try
+    /// a model's size, memory and load without its weights).
+    RandomModel {
+        /// A Hugging Face config.json (e.g. configs/Qwen3-0.6B.json).
+        #[arg(long)]
+        config: PathBuf,
+        /// The directory to write: config.json and model.safetensors.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights are uniform in ±scale (norm weights are 1).
+        #[arg(long, default_value_t = 0.02)]
+        scale: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Estimate the GPU memory of a training step from a model's config.json alone.
     Memory {
         /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json).
@@ -327,6 +351,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new().await?;
             let md = cli::ModelDir::open(&model)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
+            if chat {
+                cli::report_template(&md.tokenizer);
+            }
             let ids = md.tokenizer.prompt_ids(&prompt, chat)?;
             cli::generate_print(&gpu, &m, &md.tokenizer, &ids, sampling.max_new_tokens, &sampling.sampling()).await?;
             println!();
@@ -335,11 +362,13 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new().await?;
             let md = cli::ModelDir::open(&model)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
+            cli::report_template(&md.tokenizer);
             cli::chat(&gpu, &m, &md.tokenizer, sampling.max_new_tokens, &sampling.sampling()).await?;
         }
         Command::Eval { model, adapter, data, max_seq_len, batch_size } => {
             let gpu = Gpu::new().await?;
             let md = cli::ModelDir::open(&model)?;
+            cli::report_template(&md.tokenizer);
             let ds = cli::load_data(&md.tokenizer, &data, max_seq_len, false, false)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
             let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
@@ -353,10 +382,35 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::inspect(&cli::InspectArgs { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json })?;
         }
         Command::Serve { port, root } => webtune::serve::serve(&root, port)?,
-        Command::Info => {
+        Command::Info { model } => {
             let gpu = Gpu::new().await?;
             println!("{}", gpu.describe());
-            println!("{:#?}", gpu.caps.limits);
+            match model {
+                None => println!("{:#?}", gpu.caps.limits),
+                Some(dir) => {
+                    let md = cli::ModelDir::open(&dir)?;
+                    let c = &md.cfg;
+                    println!(
+                        "{}: {:?}, {} layers, hidden {}, {} heads ({} kv) of {}, vocab {}, tied embeddings {}",
+                        dir.display(),
+                        c.arch,
+                        c.layers,
+                        c.hidden,
+                        c.heads,
+                        c.kv_heads,
+                        c.head_dim,
+                        c.vocab,
+                        c.tie_embeddings
+                    );
+                    println!("{}", md.tokenizer.template.describe());
+                    let (_, report) = cli::load_measured(&gpu, &md, webtune::model::Tuning::Frozen, 0)?;
+                    println!("{report}");
+                }
+            }
+        }
+        Command::RandomModel { config, out, scale, seed } => {
+            cli::random_model(&config, &out, scale, seed)?;
+            println!("wrote {}", out.display());
         }
         Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights } => {
             use webtune::model::{memory, Config, Tuning};

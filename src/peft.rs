@@ -4,6 +4,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::weights::TensorMap;
+use safetensors::Dtype;
 use crate::model::LoraConfig;
 
 /// Read the LoRA settings of an `adapter_config.json` (`source` names it in errors).
@@ -85,9 +86,33 @@ pub fn merge_into(base: &mut TensorMap, adapter: &TensorMap, lora: &LoraConfig, 
     Ok(())
 }
 
-/// A merged model's `config.json`: the base's, with the dtype the weights now have.
-pub fn merged_config(base_config: &str) -> Result<String> {
+/// A merged model's `config.json`: the base's, with the dtype the weights now have
+/// (`dtype` as transformers 5 writes it, `torch_dtype` as earlier versions did).
+pub fn merged_config(base_config: &str, dtype: Dtype) -> Result<String> {
     let mut cfg: serde_json::Value = serde_json::from_str(base_config).map_err(|e| Error::Config(e.to_string()))?;
-    cfg["torch_dtype"] = "float32".into();
+    let name = match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    };
+    cfg["torch_dtype"] = name.into();
+    if cfg.get("dtype").is_some() {
+        cfg["dtype"] = name.into();
+    }
     Ok(serde_json::to_string_pretty(&cfg).expect("json"))
+}
+
+/// The files of a merged (or fully tuned) model: the base's small files (config.json
+/// with the new dtype) and `model.safetensors` with `weights` stored as `dtype`, the
+/// base's own for a LoRA merge as PEFT's `merge_and_unload` keeps it. The CLI and the
+/// page both write these.
+pub fn model_files(base_files: &[(String, Vec<u8>)], weights: &TensorMap, dtype: Dtype) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(base_files.len() + 1);
+    for (name, bytes) in base_files {
+        let bytes = if name == "config.json" { merged_config(&String::from_utf8_lossy(bytes), dtype)?.into_bytes() } else { bytes.clone() };
+        out.push((name.clone(), bytes));
+    }
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    out.push(("model.safetensors".into(), crate::model::weights::serialize_as(weights, dtype, Some(meta))?));
+    Ok(out)
 }

@@ -8,7 +8,7 @@ use crate::data::batch::{prepare, Dataset};
 use crate::data::{parse_records, Tokenizer};
 use crate::error::Error;
 use crate::gpu::Gpu;
-use crate::model::weights::{self, TensorMap};
+use crate::model::weights::{self, Checkpoint, TensorMap};
 use crate::model::{Config, LoraConfig, Model, Tuning};
 use crate::train::{Options, Trainer};
 
@@ -42,11 +42,27 @@ impl RunOptions {
     }
 }
 
+/// A safetensors file the page fetched or read, left in its JS array (outside the wasm
+/// heap): the loader copies one tensor's rows at a time.
+struct JsBytes(js_sys::Uint8Array);
+
+impl weights::Bytes for JsBytes {
+    fn len(&self) -> u64 {
+        self.0.length() as u64
+    }
+
+    fn read(&self, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
+        Ok(self.0.subarray(offset as u32, (offset + len as u64) as u32).to_vec())
+    }
+}
+
 #[wasm_bindgen]
 pub struct Session {
     gpu: Gpu,
     cfg: Option<Config>,
-    weights: TensorMap,
+    /// The model's safetensors files, still in the JS arrays they arrived in: only their
+    /// headers are read until the model is built, a tensor at a time.
+    weights: Checkpoint,
     tok: Option<Tokenizer>,
     model_name: String,
     /// The files a merged model copies: config.json, tokenizer.json, tokenizer_config.json.
@@ -61,7 +77,7 @@ impl Session {
     /// Request the WebGPU adapter and device.
     pub async fn create() -> Result<Session, JsError> {
         let gpu = Gpu::new().await.map_err(js)?;
-        Ok(Session { gpu, cfg: None, weights: TensorMap::new(), tok: None, model_name: String::new(), files: vec![], data: None, model: None, trainer: None })
+        Ok(Session { gpu, cfg: None, weights: Checkpoint::new(), tok: None, model_name: String::new(), files: vec![], data: None, model: None, trainer: None })
     }
 
     /// The adapter, its limits and features, in one line.
@@ -78,7 +94,7 @@ impl Session {
     pub fn load_demo_model(&mut self) -> Result<(), JsError> {
         let tok = crate::demo::tokenizer().map_err(js)?;
         self.cfg = Some(crate::demo::config().map_err(js)?);
-        self.weights = crate::demo::base_weights().map_err(js)?;
+        self.weights = crate::demo::base_checkpoint().map_err(js)?;
         self.tok = Some(tok);
         self.model_name = "webtune-demo".into();
         self.files = crate::demo::files();
@@ -87,7 +103,9 @@ impl Session {
 
     /// A Hugging Face model from its files: `config.json`, optional
     /// `generation_config.json`, `tokenizer.json`, optional `tokenizer_config.json`,
-    /// and the safetensors files (one, or every shard).
+    /// `chat_template.jinja` and `chat_template.json`, and the safetensors files (one,
+    /// or every shard).
+    #[allow(clippy::too_many_arguments)]
     pub fn load_model(
         &mut self,
         name: &str,
@@ -95,23 +113,48 @@ impl Session {
         generation_config: Option<String>,
         tokenizer_json: &[u8],
         tokenizer_config: Option<String>,
+        chat_template_jinja: Option<String>,
+        chat_template_json: Option<String>,
         shards: Vec<js_sys::Uint8Array>,
     ) -> Result<(), JsError> {
         let cfg = Config::parse(config, &format!("{name}/config.json"), generation_config.as_deref()).map_err(js)?;
-        let tok = Tokenizer::new(tokenizer_json, tokenizer_config.as_deref(), name).map_err(js)?;
-        let mut w = TensorMap::new();
-        for (i, s) in shards.iter().enumerate() {
-            weights::parse(&s.to_vec(), &format!("{name} safetensors file {}", i + 1), &mut w).map_err(js)?;
+        let optional = [
+            ("tokenizer_config.json", tokenizer_config),
+            ("chat_template.jinja", chat_template_jinja),
+            ("chat_template.json", chat_template_json),
+        ];
+        let get = |file: &str| match file {
+            "tokenizer.json" => Some(tokenizer_json.to_vec()),
+            _ => optional.iter().find(|(f, _)| *f == file).and_then(|(_, t)| t.as_ref()).map(|t| t.as_bytes().to_vec()),
+        };
+        let tok = Tokenizer::from_files(get, name).map_err(js)?;
+        let mut w = Checkpoint::new();
+        for (i, s) in shards.into_iter().enumerate() {
+            w.add(&format!("{name} safetensors file {}", i + 1), Box::new(JsBytes(s))).map_err(js)?;
         }
+        self.model = None;
         (self.cfg, self.weights, self.tok, self.model_name) = (Some(cfg), w, Some(tok), name.to_string());
         self.files = vec![("config.json".into(), config.as_bytes().to_vec()), ("tokenizer.json".into(), tokenizer_json.to_vec())];
         if let Some(g) = generation_config {
             self.files.push(("generation_config.json".into(), g.into_bytes()));
         }
-        if let Some(t) = tokenizer_config {
-            self.files.push(("tokenizer_config.json".into(), t.into_bytes()));
+        for (file, text) in optional {
+            if let Some(t) = text {
+                self.files.push((file.into(), t.into_bytes()));
+            }
         }
         Ok(())
+    }
+
+    /// Where the model's chat template came from, or a warning that it has none and
+    /// the fallback is used (shown in the page's log).
+    pub fn chat_template(&self) -> Result<String, JsError> {
+        Ok(self.tok.as_ref().ok_or_else(|| JsError::new("load a model first"))?.template.describe())
+    }
+
+    /// A data file's bytes as text; bytes that are not UTF-8 are an error naming the line.
+    pub fn data_text(bytes: &[u8], name: &str) -> Result<String, JsError> {
+        crate::data::decode(bytes.to_vec(), name).map_err(js)
     }
 
     /// The demo's synthetic instruction data, as JSONL (the same as `--data demo`).
@@ -228,33 +271,27 @@ impl Session {
         Ok(obj)
     }
 
-    /// The base model with the adapter merged in (or the fully tuned weights): an
-    /// array of `[file name, Uint8Array]` pairs (config.json with dtype float32,
-    /// model.safetensors, the tokenizer files).
+    /// The base model with the adapter merged in (stored in the base's dtype), or the
+    /// fully tuned weights (f32): an array of `[file name, Uint8Array]` pairs
+    /// (config.json, model.safetensors, the tokenizer files).
     pub async fn merged_model_files(&self) -> Result<js_sys::Array, JsError> {
         let model = self.model.as_ref().ok_or_else(|| JsError::new("nothing trained yet"))?;
         let trained = crate::train::checkpoint::trained_tensors(&self.gpu, model).await.map_err(js)?;
-        let merged = match &model.tuning {
+        let (merged, dtype) = match &model.tuning {
             Tuning::Lora(l) => {
-                let mut w = self.weights.clone();
+                let mut w = weights::to_map(&self.weights).map_err(js)?;
                 crate::peft::merge_into(&mut w, &trained, l, "adapter").map_err(js)?;
-                w
+                (w, self.weights.weights_dtype())
             }
-            _ => trained,
+            _ => (trained, safetensors::Dtype::F32),
         };
         let out = js_sys::Array::new();
         let push = |name: &str, bytes: &[u8]| {
             out.push(&js_sys::Array::of2(&name.into(), &js_sys::Uint8Array::from(bytes).into()));
         };
-        for (name, bytes) in &self.files {
-            if name == "config.json" {
-                push(name, crate::peft::merged_config(&String::from_utf8_lossy(bytes)).map_err(js)?.as_bytes());
-            } else {
-                push(name, bytes);
-            }
+        for (name, bytes) in crate::peft::model_files(&self.files, &merged, dtype).map_err(js)? {
+            push(&name, &bytes);
         }
-        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        push("model.safetensors", &weights::serialize(&merged, Some(meta)).map_err(js)?);
         Ok(out)
     }
 

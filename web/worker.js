@@ -3,6 +3,8 @@
 // and {event: 'step' | 'state' | 'log', ...} notices.
 import init, { Session } from './pkg/webtune.js';
 
+let wasm; // the module's exports: its memory is the wasm heap the page reports
+
 let session = null;
 let running = false;
 let runInfo = null; // what the page needs to rebuild this run after a reload
@@ -57,6 +59,8 @@ async function hfFiles(repo) {
   const generation = await text('generation_config.json', true);
   const tokenizer = new Uint8Array(await (await get('tokenizer.json')).arrayBuffer());
   const tokConfig = await text('tokenizer_config.json', true);
+  const chatTemplate = await text('chat_template.jinja', true);
+  const chatTemplateJson = chatTemplate === null ? await text('chat_template.json', true) : null;
   let shards = [];
   const single = await get('model.safetensors', true);
   if (single) {
@@ -68,12 +72,12 @@ async function hfFiles(repo) {
       shards.push(new Uint8Array(await (await get(f)).arrayBuffer()));
     }
   }
-  return { config, generation, tokenizer, tokConfig, shards };
+  return { config, generation, tokenizer, tokConfig, chatTemplate, chatTemplateJson, shards };
 }
 
 const commands = {
   async init() {
-    await init();
+    wasm = await init();
     session = await Session.create();
     return { adapter: session.adapter(), timestamps: session.timestamps(), saved: JSON.parse(new TextDecoder().decode((await readFile('run.json')) || new TextEncoder().encode('null'))) };
   },
@@ -81,15 +85,16 @@ const commands = {
     if (source === 'demo') {
       session.load_demo_model();
     } else if (source === 'files') {
-      session.load_model(files.name, files.config, files.generation, files.tokenizer, files.tokConfig, files.shards);
+      session.load_model(files.name, files.config, files.generation, files.tokenizer, files.tokConfig, files.chatTemplate, files.chatTemplateJson, files.shards);
     } else {
       const f = await hfFiles(source);
-      session.load_model(source, f.config, f.generation, f.tokenizer, f.tokConfig, f.shards);
+      session.load_model(source, f.config, f.generation, f.tokenizer, f.tokConfig, f.chatTemplate, f.chatTemplateJson, f.shards);
     }
-    return { model: source };
+    return { model: source, template: session.chat_template(), heap: wasm.memory.buffer.byteLength };
   },
-  async loadData({ source, text, name, maxSeqLen, pack }) {
-    const body = source === 'demo' ? Session.demo_data() : text;
+  async loadData({ source, text, bytes, name, maxSeqLen, pack }) {
+    // A file's bytes are decoded in Rust, so bytes that are not UTF-8 name their line.
+    const body = source === 'demo' ? Session.demo_data() : bytes ? Session.data_text(bytes, name) : text;
     const summary = JSON.parse(session.load_data(body, name || source, maxSeqLen, !!pack));
     const preview = JSON.parse(session.inspect(body, name || source, maxSeqLen, !!pack, 3));
     await saveFile('data.jsonl', body);
@@ -134,7 +139,7 @@ const commands = {
         const next = session.step_count() + 1;
         const timed = (next === 3 || next % 25 === 0) && session.set_profiling(true);
         const stats = JSON.parse(await session.step());
-        post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes() });
+        post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes(), heap: wasm.memory.buffer.byteLength });
         if (timed) {
           session.set_profiling(false);
           post({ event: 'kernels', step: stats.step, kernels: JSON.parse(await session.kernel_times()) });

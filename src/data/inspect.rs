@@ -128,6 +128,9 @@ fn groups(records: &[Parsed], key: impl Fn(&Parsed) -> String) -> Vec<Vec<String
 /// Warnings about the chat template itself, from probe conversations.
 fn template_warnings(tok: &Tokenizer) -> Vec<String> {
     let mut w = Vec::new();
+    if tok.template.fallback {
+        w.push(tok.template.describe());
+    }
     let user = [Message::new("user", "PROBE-QUESTION")];
     let (Ok(plain), Ok(with_gen)) = (tok.template.render(&user, false), tok.template.render(&user, true)) else {
         return vec!["the chat template fails on a single user turn".into()];

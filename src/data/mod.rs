@@ -6,7 +6,7 @@ pub mod inspect;
 pub mod records;
 pub mod template;
 
-pub use records::{parse_records, Format, Message, Parsed, Record};
+pub use records::{decode, parse_records, Format, Message, Parsed, Record};
 pub use template::ChatTemplate;
 
 use crate::error::{Error, Result};
@@ -49,11 +49,24 @@ impl Tokenizer {
     /// From the bytes of `tokenizer.json` and the text of `tokenizer_config.json`
     /// (optional: without it there is no template beyond the fallback).
     pub fn new(tokenizer_json: &[u8], tokenizer_config: Option<&str>, source: &str) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("{source}/tokenizer.json: {e}")))?;
-        let template = match tokenizer_config {
-            Some(c) => ChatTemplate::from_tokenizer_config(c, &format!("{source}/tokenizer_config.json"))?,
-            None => ChatTemplate::new(template::FALLBACK_TEMPLATE, "", "")?,
-        };
+        Self::from_files(
+            |name| match name {
+                "tokenizer.json" => Some(tokenizer_json.to_vec()),
+                "tokenizer_config.json" => tokenizer_config.map(|c| c.as_bytes().to_vec()),
+                _ => None,
+            },
+            source,
+        )
+    }
+
+    /// From a model's files as `get` returns them by name: `tokenizer.json`, and the
+    /// optional `tokenizer_config.json` and chat template files (`template::TEMPLATE_FILES`).
+    pub fn from_files(get: impl Fn(&str) -> Option<Vec<u8>>, source: &str) -> Result<Tokenizer> {
+        let json = get("tokenizer.json").ok_or_else(|| Error::Tokenizer(format!("{source}: no tokenizer.json")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&json).map_err(|e| Error::Tokenizer(format!("{source}/tokenizer.json: {e}")))?;
+        let config_bytes = get("tokenizer_config.json");
+        let tokenizer_config = config_bytes.as_deref().and_then(|b| std::str::from_utf8(b).ok());
+        let template = ChatTemplate::from_files(&get, source)?;
         let id = |t: &str| if t.is_empty() { None } else { inner.token_to_id(t) };
         let eos_id = id(&template.eos_token).ok_or_else(|| {
             Error::Tokenizer(format!("{source}: tokenizer_config.json names no eos_token that tokenizer.json knows ({:?})", template.eos_token))
@@ -71,12 +84,15 @@ impl Tokenizer {
         Ok(Tokenizer { inner, template, eos_id, bos_id, pad_id, end_markers })
     }
 
-    /// `tokenizer.json` and (if present) `tokenizer_config.json` of a model directory.
+    /// `tokenizer.json`, and where present `tokenizer_config.json` and the chat
+    /// template files, of a model directory.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_dir(dir: &std::path::Path) -> Result<Tokenizer> {
-        let json = std::fs::read(dir.join("tokenizer.json")).map_err(|e| Error::Io(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
-        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
-        Self::new(&json, config.as_deref(), &dir.display().to_string())
+        let json = dir.join("tokenizer.json");
+        if !json.exists() {
+            return Err(Error::Io(format!("{}: no such file", json.display())));
+        }
+        Self::from_files(|name| std::fs::read(dir.join(name)).ok(), &dir.display().to_string())
     }
 
     /// Token ids and byte offsets of `text`.

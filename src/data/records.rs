@@ -182,6 +182,21 @@ fn sharegpt_role(from: &str) -> &str {
     }
 }
 
+/// The text of a data file's bytes (`source` names it in errors): bytes that are not
+/// UTF-8 are an error naming the line, as every other data error does.
+pub fn decode(bytes: Vec<u8>, source: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let (b, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
+        let line_start = b[..at].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
+        let line = b[..at].iter().filter(|&&c| c == b'\n').count() + 1;
+        Error::Data(format!(
+            "{source}:{line}: not valid UTF-8 (byte {} of the line is 0x{:02x}); save the file as UTF-8",
+            at - line_start + 1,
+            b[at]
+        ))
+    })
+}
+
 /// Every record of a JSONL file or a JSON array (`source` names the file in errors).
 /// Blank lines in JSONL are skipped.
 pub fn parse_records(text: &str, source: &str) -> Result<Vec<Parsed>> {

@@ -1,5 +1,6 @@
-//! Chat templates: the Jinja template in a model's `tokenizer_config.json`, rendered
-//! with minijinja and the helpers Hugging Face templates call.
+//! Chat templates: the Jinja template of a model, found where transformers finds it
+//! (`chat_template.jinja`, `chat_template.json`, `tokenizer_config.json`), rendered with
+//! minijinja and the helpers Hugging Face templates call.
 
 use minijinja::{context, Environment, ErrorKind};
 use serde_json::Value;
@@ -17,6 +18,33 @@ pub struct ChatTemplate {
     pub eos_token: String,
     /// True when the model had no template and `FALLBACK_TEMPLATE` is used.
     pub fallback: bool,
+    /// The file the template came from, or with the fallback the model it was for.
+    pub origin: String,
+}
+
+/// The files of a model that may hold its chat template, in the order transformers
+/// reads them: the first that has one wins.
+pub const TEMPLATE_FILES: [&str; 3] = ["chat_template.jinja", "chat_template.json", "tokenizer_config.json"];
+
+/// The template of a `chat_template` value: a string, or a list of named templates
+/// (the one named `default`).
+fn template_of(v: Option<&Value>, place: &str) -> Result<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(list)) => {
+            let named = |n: &str| list.iter().find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n));
+            let t = named("default").ok_or_else(|| {
+                let names: Vec<&str> = list.iter().filter_map(|t| t.get("name").and_then(|x| x.as_str())).collect();
+                Error::Template(format!("{place}: `chat_template` lists templates {names:?} but none named `default`"))
+            })?;
+            match t.get("template") {
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                _ => Err(Error::Template(format!("{place}: the `default` entry of `chat_template` has no `template` string"))),
+            }
+        }
+        Some(other) => Err(Error::Template(format!("{place}: `chat_template` is {other}, expected a string or a list of named templates"))),
+    }
 }
 
 /// A special token as tokenizer_config.json writes it: a string or {"content": ...}.
@@ -52,6 +80,7 @@ fn strftime_now(fmt: String) -> String {
 
 impl ChatTemplate {
     fn build(source: String, bos_token: String, eos_token: String, fallback: bool, place: &str) -> Result<ChatTemplate> {
+        let origin = place.to_string();
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
@@ -62,30 +91,61 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source).map_err(|e| Error::Template(format!("{place}: {e}")))?;
-        Ok(ChatTemplate { env, bos_token, eos_token, fallback })
+        Ok(ChatTemplate { env, bos_token, eos_token, fallback, origin })
     }
 
-    /// The template of a `tokenizer_config.json` (`source` names it in errors); the
-    /// documented fallback when it has none.
+    /// The template of a `tokenizer_config.json` alone (`source` names it in errors);
+    /// the documented fallback when it has none.
     pub fn from_tokenizer_config(text: &str, source: &str) -> Result<ChatTemplate> {
-        let v: Value = serde_json::from_str(text).map_err(|e| Error::Template(format!("{source}: {e}")))?;
-        let bos = token_text(v.get("bos_token")).unwrap_or_default();
-        let eos = token_text(v.get("eos_token")).unwrap_or_default();
-        let template = match v.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or(list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(|t| t.as_str())
-                .map(String::from),
-            _ => None,
+        Self::from_files(|name| (name == "tokenizer_config.json").then(|| text.as_bytes().to_vec()), source)
+    }
+
+    /// The template of a model whose files `get` returns by name (`source/name` in
+    /// errors), looked for in `TEMPLATE_FILES` order as transformers does; the special
+    /// tokens come from `tokenizer_config.json`. The fallback when no file has one.
+    pub fn from_files(get: impl Fn(&str) -> Option<Vec<u8>>, source: &str) -> Result<ChatTemplate> {
+        let json = |name: &str| -> Result<Option<Value>> {
+            let Some(bytes) = get(name) else { return Ok(None) };
+            serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Template(format!("{source}/{name}: {e}")))
         };
-        match template {
-            Some(t) => Self::build(t, bos, eos, false, source),
-            None => Self::build(FALLBACK_TEMPLATE.to_string(), bos, eos, true, source),
+        let config = json("tokenizer_config.json")?.unwrap_or(Value::Null);
+        let bos = token_text(config.get("bos_token")).unwrap_or_default();
+        let eos = token_text(config.get("eos_token")).unwrap_or_default();
+        for file in TEMPLATE_FILES {
+            let place = format!("{source}/{file}");
+            let template = match file {
+                "chat_template.jinja" => match get(file) {
+                    Some(bytes) => Some(String::from_utf8(bytes).map_err(|e| Error::Template(format!("{place}: not UTF-8 ({e})")))?),
+                    None => None,
+                },
+                "chat_template.json" => match json(file)? {
+                    Some(v) => Some(template_of(v.get("chat_template"), &place)?.ok_or_else(|| {
+                        Error::Template(format!("{place}: no `chat_template` in it"))
+                    })?),
+                    None => None,
+                },
+                _ => template_of(config.get("chat_template"), &place)?,
+            };
+            if let Some(t) = template {
+                return Self::build(t, bos, eos, false, &place);
+            }
         }
+        Self::build(FALLBACK_TEMPLATE.to_string(), bos, eos, true, source)
+    }
+
+    /// Where the template came from, in one line; for the fallback, a warning that
+    /// says so and shows it rendering a short conversation.
+    pub fn describe(&self) -> String {
+        if !self.fallback {
+            return format!("chat template: {}", self.origin);
+        }
+        let sample = [Message::new("user", "Hi"), Message::new("assistant", "Hello")];
+        format!(
+            "{} has no chat template (none in {}): chat records use webtune's fallback template, which renders a user and an assistant turn as {:?}",
+            self.origin,
+            TEMPLATE_FILES.join(", "),
+            self.render(&sample, false).unwrap_or_default()
+        )
     }
 
     /// A template from its source text.

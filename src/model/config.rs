@@ -220,4 +220,35 @@ impl Config {
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }
+
+    /// Every tensor a checkpoint of this config holds, by its Hugging Face name, in
+    /// transformers' order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (c, q, kv, inter) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, c])];
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            for (name, rows, cols) in [("self_attn.q_proj", q, c), ("self_attn.k_proj", kv, c), ("self_attn.v_proj", kv, c)] {
+                out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
+                if self.qkv_bias {
+                    out.push((format!("{p}.{name}.bias"), vec![rows]));
+                }
+            }
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![c, q]));
+            if self.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), vec![self.head_dim]));
+                out.push((format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]));
+            }
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, c]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![inter, c]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![c, inter]));
+            out.push((format!("{p}.input_layernorm.weight"), vec![c]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![c]));
+        if !self.tie_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab, c]));
+        }
+        out
+    }
 }

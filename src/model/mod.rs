@@ -14,7 +14,31 @@ use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Attention, Lora, Matmul};
 
 pub use config::{Arch, Config};
-pub use weights::{HostTensor, TensorMap};
+pub use weights::{Checkpoint, HostTensor, TensorMap, Tensors};
+
+/// Host bytes of f32 one upload converts at most: the loader reads, converts and
+/// uploads a weight in chunks of rows this size, and never holds a whole tensor.
+const UPLOAD_CHUNK: usize = 16 << 20;
+
+/// A tensor of `shape` filled from rows `r0..` of `name` in `w`, a chunk of rows at a
+/// time, stored as f16 when `f16` (frozen weights on shader-f16 adapters).
+fn upload_rows(gpu: &Gpu, label: &str, w: &dyn Tensors, name: &str, r0: usize, shape: &[usize], f16: bool) -> Result<Tensor> {
+    let t = gpu.zeros(label, if f16 { DType::F16 } else { DType::F32 }, shape)?;
+    let row: usize = shape.iter().skip(1).product();
+    // An even number of rows keeps every f16 chunk's offset 4-byte aligned.
+    let per = (UPLOAD_CHUNK / 4 / row.max(1)).max(2) & !1;
+    for (a, b) in k::spans(shape[0], per) {
+        let data = w.rows(name, r0 + a, r0 + b)?;
+        if f16 {
+            let halves: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+            gpu.write_at(&t, a * row, &halves)?;
+        } else {
+            gpu.write_at(&t, a * row, &data)?;
+        }
+    }
+    gpu.flush_writes();
+    Ok(t)
+}
 
 /// A named f32 tensor; trainable ones carry a gradient and AdamW moments.
 pub struct Param {
@@ -34,6 +58,12 @@ pub struct Train {
 
 impl Param {
     fn new(gpu: &Gpu, name: String, data: &[f32], shape: &[usize], trainable: bool) -> Result<Param> {
+        let value = gpu.upload(&name, data, shape)?;
+        Self::holding(gpu, name, value, shape, trainable)
+    }
+
+    /// `value` as a param, with a gradient and moments when `trainable`.
+    fn holding(gpu: &Gpu, name: String, value: Tensor, shape: &[usize], trainable: bool) -> Result<Param> {
         let train = if trainable {
             Some(Train {
                 grad: gpu.zeros(&format!("{name} grad"), DType::F32, shape)?,
@@ -43,13 +73,15 @@ impl Param {
         } else {
             None
         };
-        Ok(Param { value: gpu.upload(&name, data, shape)?, train, shape: shape.to_vec(), name })
+        Ok(Param { value, train, shape: shape.to_vec(), name })
     }
 
-    /// A frozen matrix, stored in f16 (where the adapter has `shader-f16`) or f32.
-    fn frozen_matrix(gpu: &Gpu, name: String, data: &[f32], shape: &[usize]) -> Result<Param> {
-        let value = if gpu.caps.shader_f16 { gpu.upload_f16(&name, data, shape)? } else { gpu.upload(&name, data, shape)? };
-        Ok(Param { value, train: None, shape: shape.to_vec(), name })
+    /// A param named `label` holding rows `r0..r0 + shape[0]` of `name` in `w`; frozen
+    /// matrices are f16 where the adapter has `shader-f16`.
+    fn read(gpu: &Gpu, label: String, w: &dyn Tensors, name: &str, r0: usize, shape: &[usize], trainable: bool) -> Result<Param> {
+        let f16 = !trainable && shape.len() == 2 && gpu.caps.shader_f16;
+        let value = upload_rows(gpu, &label, w, name, r0, shape, f16)?;
+        Self::holding(gpu, label, value, shape, trainable)
     }
 
     pub fn grad(&self) -> Option<&Tensor> {
@@ -71,11 +103,8 @@ pub struct Weight {
 }
 
 impl Weight {
-    pub fn upload(gpu: &Gpu, name: &str, t: &HostTensor, trainable: bool) -> Result<Weight> {
-        let (rows, cols) = match t.shape[..] {
-            [r, c] => (r, c),
-            _ => return Err(Error::Weights(format!("`{name}` has shape {:?}, expected a matrix", t.shape))),
-        };
+    /// The matrix `name` of `w`, `[rows, cols]`, uploaded part by part.
+    pub fn upload(gpu: &Gpu, name: &str, w: &dyn Tensors, rows: usize, cols: usize, trainable: bool) -> Result<Weight> {
         // Frozen matrices are f16 where the adapter can read f16, halving their memory.
         let elem = if !trainable && gpu.caps.shader_f16 { 2 } else { 4 };
         let per = ((gpu.caps.max_binding / (cols as u64 * elem)) as usize).clamp(1, rows);
@@ -84,12 +113,7 @@ impl Weight {
             .map(|r0| {
                 let r1 = (r0 + per).min(rows);
                 let label = if per >= rows { name.to_string() } else { format!("{name}[{r0}..{r1}]") };
-                let (data, shape) = (&t.data[r0 * cols..r1 * cols], [r1 - r0, cols]);
-                if trainable {
-                    Param::new(gpu, label, data, &shape, true)
-                } else {
-                    Param::frozen_matrix(gpu, label, data, &shape)
-                }
+                Param::read(gpu, label, w, name, r0, &[r1 - r0, cols], trainable)
             })
             .collect::<Result<_>>()?;
         Ok(Weight { name: name.to_string(), parts, rows, cols })
@@ -383,12 +407,13 @@ pub struct Model {
     pub adapter_enabled: bool,
 }
 
-fn take<'a>(w: &'a TensorMap, name: &str, shape: &[usize]) -> Result<&'a HostTensor> {
-    let t = w.get(name).ok_or_else(|| Error::Weights(format!("tensor `{name}` is missing")))?;
-    if t.shape != shape {
-        return Err(Error::Weights(format!("tensor `{name}` has shape {:?}, config.json implies {shape:?}", t.shape)));
+/// Check that `w` has `name` with the shape the config implies.
+fn expect(w: &dyn Tensors, name: &str, shape: &[usize]) -> Result<()> {
+    let got = w.shape(name).ok_or_else(|| Error::Weights(format!("tensor `{name}` is missing")))?;
+    if got != shape {
+        return Err(Error::Weights(format!("tensor `{name}` has shape {got:?}, config.json implies {shape:?}")));
     }
-    Ok(t)
+    Ok(())
 }
 
 fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
@@ -398,8 +423,9 @@ fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
 impl Model {
     /// Upload the weights. With LoRA, fresh pairs are initialised as PEFT does (A
     /// Kaiming-uniform with a = √5, B zero) from `seed`; with full tuning every weight
-    /// gets a gradient and moments.
-    pub fn load(gpu: &Gpu, cfg: Config, w: &TensorMap, tuning: Tuning, seed: u64) -> Result<Model> {
+    /// gets a gradient and moments. Each weight is read from `w`, converted and
+    /// uploaded a chunk at a time (see `UPLOAD_CHUNK`).
+    pub fn load(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64) -> Result<Model> {
         let (c, q, kv, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {
@@ -417,7 +443,14 @@ impl Model {
         }
         let full = tuning == Tuning::Full;
         let mut rng = Rng::new(seed);
-        let vec = |name: &str, n: usize| -> Result<Param> { Param::new(gpu, name.to_string(), &take(w, name, &[n])?.data, &[n], full) };
+        let vec = |name: &str, n: usize| -> Result<Param> {
+            expect(w, name, &[n])?;
+            Param::read(gpu, name.to_string(), w, name, 0, &[n], full)
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
+            expect(w, name, &[rows, cols])?;
+            Weight::upload(gpu, name, w, rows, cols, full)
+        };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
@@ -433,7 +466,7 @@ impl Model {
             ] {
                 let name = format!("{p}.{module}.{short}");
                 let wname = format!("{name}.weight");
-                let weight = Weight::upload(gpu, &wname, take(w, &wname, &[dout, din])?, full)?;
+                let weight = matrix(&wname, dout, din)?;
                 let bias = if cfg.qkv_bias && matches!(short, "q_proj" | "k_proj" | "v_proj") {
                     Some(vec(&format!("{name}.bias"), dout)?)
                 } else {
@@ -472,12 +505,8 @@ impl Model {
                 linears,
             });
         }
-        let embed = Weight::upload(gpu, "model.embed_tokens.weight", take(w, "model.embed_tokens.weight", &[cfg.vocab, c])?, full)?;
-        let lm_head = if cfg.tie_embeddings {
-            None
-        } else {
-            Some(Weight::upload(gpu, "lm_head.weight", take(w, "lm_head.weight", &[cfg.vocab, c])?, full)?)
-        };
+        let embed = matrix("model.embed_tokens.weight", cfg.vocab, c)?;
+        let lm_head = if cfg.tie_embeddings { None } else { Some(matrix("lm_head.weight", cfg.vocab, c)?) };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
         Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, cfg })
     }

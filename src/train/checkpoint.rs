@@ -68,11 +68,10 @@ pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8
             write_atomic(&dir.join("adapter_model.safetensors"), &weights::serialize(&tensors, None)?)?;
         }
         Tuning::Full => {
-            for (name, bytes) in files {
-                write_atomic(&dir.join(name), bytes)?;
+            // Trained weights stay f32; config.json says so.
+            for (name, bytes) in crate::peft::model_files(files, &tensors, safetensors::Dtype::F32)? {
+                write_atomic(&dir.join(name), &bytes)?;
             }
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-            write_atomic(&dir.join("model.safetensors"), &weights::serialize(&tensors, Some(meta))?)?;
         }
         Tuning::Frozen => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
     }

