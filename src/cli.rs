@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::model::generate::Sampling;
 use crate::model::weights::{self, Checkpoint, TensorMap, Tensors};
-use crate::model::{Config, LoraConfig, Model, Tuning};
+use crate::model::{source, Config, LoraConfig, Model, Tuning};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::{evaluate, Options, StepStats, Trainer};
 
@@ -36,43 +36,22 @@ pub struct ModelDir {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
-/// The small files of a model directory that a merged or fully tuned model copies.
-const COPIED: [&str; 7] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-];
-
 impl ModelDir {
     /// A model directory, or `demo` for the built-in demo model (`demo-random`: its
     /// random initialisation, from which `scripts/pretrain-demo.sh` pretrains it).
     pub fn open(dir: &Path) -> Result<ModelDir> {
-        if dir == Path::new("demo") || dir == Path::new("demo-random") {
-            let (tokenizer, cfg, files) = (crate::demo::tokenizer()?, crate::demo::config()?, crate::demo::files());
-            let weights = if dir == Path::new("demo") {
-                crate::demo::base_checkpoint()?
-            } else {
-                Checkpoint::from_bytes(weights::serialize(&crate::demo::weights(1)?, None)?, "demo-random")?
-            };
-            return Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files });
-        }
-        if !dir.is_dir() {
-            return Err(Error::Io(format!(
-                "{}: not a model directory (expected config.json, model.safetensors, tokenizer.json)",
-                dir.display()
-            )));
-        }
-        let config = dir.join("config.json");
-        let generation = std::fs::read_to_string(dir.join("generation_config.json")).ok();
-        let cfg = Config::parse(&read_text(&config)?, &config.display().to_string(), generation.as_deref())?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        let weights = Checkpoint::open_dir(dir)?;
-        let files = COPIED.iter().filter_map(|f| std::fs::read(dir.join(f)).ok().map(|b| (f.to_string(), b))).collect();
-        Ok(ModelDir { dir: dir.to_path_buf(), cfg, weights, tokenizer, files })
+        let name = dir.display().to_string();
+        let (files, weights) = if dir == Path::new("demo") {
+            (crate::demo::files(), crate::demo::base_checkpoint()?)
+        } else if dir == Path::new("demo-random") {
+            (crate::demo::files(), Checkpoint::from_bytes(weights::serialize(&crate::demo::weights(1)?, None)?, "demo-random")?)
+        } else if dir.is_dir() {
+            (source::read_dir_files(dir), Checkpoint::open_dir(dir)?)
+        } else {
+            return Err(Error::Io(format!("{name}: not a model directory (expected config.json, model.safetensors, tokenizer.json)")));
+        };
+        let s = source::open(&name, files, weights)?;
+        Ok(ModelDir { dir: dir.to_path_buf(), cfg: s.cfg, weights: s.weights, tokenizer: s.tokenizer, files: s.files })
     }
 }
 

@@ -74,10 +74,6 @@ pub fn config() -> Result<crate::model::Config> {
     crate::model::Config::parse(&config_json(), "demo config.json", None)
 }
 
-pub fn tokenizer() -> Result<Tokenizer> {
-    Tokenizer::new(tokenizer_json().as_bytes(), Some(&tokenizer_config_json()), "demo")
-}
-
 /// Random weights for the demo model (uniform, seeded), as named in Hugging Face files.
 pub fn weights(seed: u64) -> Result<TensorMap> {
     let cfg = config()?;

@@ -92,57 +92,30 @@ impl Session {
 
     /// The built-in demo model (character-level, generated, no download).
     pub fn load_demo_model(&mut self) -> Result<(), JsError> {
-        let tok = crate::demo::tokenizer().map_err(js)?;
-        self.cfg = Some(crate::demo::config().map_err(js)?);
-        self.weights = crate::demo::base_checkpoint().map_err(js)?;
-        self.tok = Some(tok);
-        self.model_name = "webtune-demo".into();
-        self.files = crate::demo::files();
+        let s = crate::model::source::open("demo", crate::demo::files(), crate::demo::base_checkpoint().map_err(js)?).map_err(js)?;
+        self.model = None;
+        (self.cfg, self.weights, self.tok, self.model_name, self.files) = (Some(s.cfg), s.weights, Some(s.tokenizer), "webtune-demo".into(), s.files);
         Ok(())
     }
 
-    /// A Hugging Face model from its files: `config.json`, optional
-    /// `generation_config.json`, `tokenizer.json`, optional `tokenizer_config.json`,
-    /// `chat_template.jinja` and `chat_template.json`, and the safetensors files (one,
-    /// or every shard).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load_model(
-        &mut self,
-        name: &str,
-        config: &str,
-        generation_config: Option<String>,
-        tokenizer_json: &[u8],
-        tokenizer_config: Option<String>,
-        chat_template_jinja: Option<String>,
-        chat_template_json: Option<String>,
-        shards: Vec<js_sys::Uint8Array>,
-    ) -> Result<(), JsError> {
-        let cfg = Config::parse(config, &format!("{name}/config.json"), generation_config.as_deref()).map_err(js)?;
-        let optional = [
-            ("tokenizer_config.json", tokenizer_config),
-            ("chat_template.jinja", chat_template_jinja),
-            ("chat_template.json", chat_template_json),
-        ];
-        let get = |file: &str| match file {
-            "tokenizer.json" => Some(tokenizer_json.to_vec()),
-            _ => optional.iter().find(|(f, _)| *f == file).and_then(|(_, t)| t.as_ref()).map(|t| t.as_bytes().to_vec()),
-        };
-        let tok = Tokenizer::from_files(get, name).map_err(js)?;
+    /// The small files a model is read from (`config.json` and `tokenizer.json` are
+    /// required), for the page to pick from a folder or fetch.
+    pub fn model_file_names() -> Vec<String> {
+        crate::model::source::SMALL_FILES.iter().map(|f| f.to_string()).collect()
+    }
+
+    /// A Hugging Face model from its small files (`names[i]` holds `bytes[i]`; see
+    /// `model_file_names`) and its safetensors files (one, or every shard), through
+    /// the loader the command line uses.
+    pub fn load_model(&mut self, name: &str, names: Vec<String>, bytes: Vec<js_sys::Uint8Array>, shards: Vec<js_sys::Uint8Array>) -> Result<(), JsError> {
+        let files = names.into_iter().zip(bytes.iter().map(|b| b.to_vec())).collect();
         let mut w = Checkpoint::new();
         for (i, s) in shards.into_iter().enumerate() {
             w.add(&format!("{name} safetensors file {}", i + 1), Box::new(JsBytes(s))).map_err(js)?;
         }
+        let s = crate::model::source::open(name, files, w).map_err(js)?;
         self.model = None;
-        (self.cfg, self.weights, self.tok, self.model_name) = (Some(cfg), w, Some(tok), name.to_string());
-        self.files = vec![("config.json".into(), config.as_bytes().to_vec()), ("tokenizer.json".into(), tokenizer_json.to_vec())];
-        if let Some(g) = generation_config {
-            self.files.push(("generation_config.json".into(), g.into_bytes()));
-        }
-        for (file, text) in optional {
-            if let Some(t) = text {
-                self.files.push((file.into(), t.into_bytes()));
-            }
-        }
+        (self.cfg, self.weights, self.tok, self.model_name, self.files) = (Some(s.cfg), s.weights, Some(s.tokenizer), name.to_string(), s.files);
         Ok(())
     }
 

@@ -107,3 +107,30 @@ fn sampling_follows_temperature_top_k_and_top_p() {
     };
     assert_eq!(run(), run());
 }
+
+/// One loader for every source: the command line's directory and the page's files go
+/// through `model::source::open`, which reads the small files it knows, keeps them for
+/// derived models, and names what is missing.
+#[test]
+fn a_model_source_reads_its_small_files_and_names_what_is_missing() {
+    use webtune::model::{source, Checkpoint};
+    let ckpt = || Checkpoint::from_bytes(weights::serialize(&fixture_weights(), None).unwrap(), "model.safetensors").unwrap();
+    let config = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model/config.json")).unwrap();
+    let tok = webtune::demo::tokenizer_json().into_bytes();
+    let files = vec![
+        ("config.json".to_string(), config.clone()),
+        ("tokenizer.json".to_string(), tok.clone()),
+        ("tokenizer_config.json".to_string(), br#"{"eos_token": "</s>"}"#.to_vec()),
+        ("chat_template.jinja".to_string(), b"J:{{ messages[0].content }}".to_vec()),
+        ("model.safetensors.index.json".to_string(), b"{}".to_vec()),
+    ];
+    let s = source::open("mine", files, ckpt()).unwrap();
+    assert_eq!(s.cfg.layers, 2);
+    assert!(s.tokenizer.template.origin.ends_with("mine/chat_template.jinja"), "{}", s.tokenizer.template.origin);
+    let kept: Vec<&str> = s.files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(kept, ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]);
+    let err = source::open("mine", vec![("tokenizer.json".into(), tok.clone())], ckpt()).err().unwrap().to_string();
+    assert!(err.contains("mine: no config.json"), "{err}");
+    let err = source::open("mine", vec![("config.json".into(), config)], ckpt()).err().unwrap().to_string();
+    assert!(err.contains("mine: no tokenizer.json"), "{err}");
+}

@@ -86,19 +86,14 @@ function radio(name) {
 
 async function modelFiles() {
   const files = [...$('modelfiles').files];
-  const byName = (n) => files.find((f) => f.name === n);
-  const need = (n) => { const f = byName(n); if (!f) throw new Error(`the chosen files lack ${n}`); return f; };
-  const text = async (n) => (byName(n) ? byName(n).text() : null);
   const shards = files.filter((f) => f.name.endsWith('.safetensors')).sort((a, b) => a.name.localeCompare(b.name));
   if (!shards.length) throw new Error('the chosen files have no .safetensors weights');
+  // The small files go to the Rust loader, which reads those it knows and says what is missing.
+  const small = files.filter((f) => /\.(json|jinja)$/.test(f.name));
   return {
     name: (files[0].webkitRelativePath || files[0].name).split('/')[0],
-    config: await need('config.json').text(),
-    generation: await text('generation_config.json'),
-    tokenizer: new Uint8Array(await need('tokenizer.json').arrayBuffer()),
-    tokConfig: await text('tokenizer_config.json'),
-    chatTemplate: await text('chat_template.jinja'),
-    chatTemplateJson: await text('chat_template.json'),
+    names: small.map((f) => f.name),
+    bytes: await Promise.all(small.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
     shards: await Promise.all(shards.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
   };
 }

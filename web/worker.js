@@ -55,12 +55,16 @@ async function hfFiles(repo) {
     return r;
   };
   const text = async (f, optional) => { const r = await get(f, optional); return r ? r.text() : null; };
-  const config = await text('config.json');
-  const generation = await text('generation_config.json', true);
-  const tokenizer = new Uint8Array(await (await get('tokenizer.json')).arrayBuffer());
-  const tokConfig = await text('tokenizer_config.json', true);
-  const chatTemplate = await text('chat_template.jinja', true);
-  const chatTemplateJson = chatTemplate === null ? await text('chat_template.json', true) : null;
+  // The small files the Rust loader reads (config.json and tokenizer.json required).
+  const names = [];
+  const bytes = [];
+  for (const f of Session.model_file_names()) {
+    const r = await get(f, f !== 'config.json' && f !== 'tokenizer.json');
+    if (r) {
+      names.push(f);
+      bytes.push(new Uint8Array(await r.arrayBuffer()));
+    }
+  }
   let shards = [];
   const single = await get('model.safetensors', true);
   if (single) {
@@ -72,7 +76,7 @@ async function hfFiles(repo) {
       shards.push(new Uint8Array(await (await get(f)).arrayBuffer()));
     }
   }
-  return { config, generation, tokenizer, tokConfig, chatTemplate, chatTemplateJson, shards };
+  return { names, bytes, shards };
 }
 
 const commands = {
@@ -85,10 +89,10 @@ const commands = {
     if (source === 'demo') {
       session.load_demo_model();
     } else if (source === 'files') {
-      session.load_model(files.name, files.config, files.generation, files.tokenizer, files.tokConfig, files.chatTemplate, files.chatTemplateJson, files.shards);
+      session.load_model(files.name, files.names, files.bytes, files.shards);
     } else {
       const f = await hfFiles(source);
-      session.load_model(source, f.config, f.generation, f.tokenizer, f.tokConfig, f.chatTemplate, f.chatTemplateJson, f.shards);
+      session.load_model(source, f.names, f.bytes, f.shards);
     }
     return { model: source, template: session.chat_template(), heap: wasm.memory.buffer.byteLength };
   },

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod generate;
 pub mod memory;
+pub mod source;
 pub mod weights;
 
 use crate::check::Rng;
