@@ -15,12 +15,15 @@ struct Params {
 @group(0) @binding(2) var<storage, read> pos: array<u32>;
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
 
+// One invocation per rotated pair, flat over [N, H, HS/2]: index = y·65535·256 + x
+// (the launcher spills past 65,535 workgroups into y, so any number of tokens fits).
 fn rotate(gid: vec3<u32>, sign: f32) {
     let half = p.hs / 2u;
-    let i = gid.x;
-    let hd = gid.y;
-    let tok = gid.z;
-    if (i >= half || hd >= p.h || tok >= p.n) { return; }
+    let idx = gid.y * 65535u * 256u + gid.x;
+    if (idx >= p.n * p.h * half) { return; }
+    let i = idx % half;
+    let hd = (idx / half) % p.h;
+    let tok = idx / (half * p.h);
     let angle = f32(pos[tok]) * inv_freq[i];
     let c = cos(angle);
     let s = sin(angle) * sign;
@@ -31,10 +34,10 @@ fn rotate(gid: vec3<u32>, sign: f32) {
     x[base + i + half] = x2 * c + x1 * s;
 }
 
-// Grid: (ceil(HS/2/32), H, N).
-@compute @workgroup_size(32, 1, 1)
+// Grid: (ceil(N·H·HS/2 / 256), 1, 1), 2-D past 65,535 workgroups.
+@compute @workgroup_size(256, 1, 1)
 fn rope_forward(@builtin(global_invocation_id) gid: vec3<u32>) { rotate(gid, 1.0); }
 
 // The transpose of the rotation is the rotation by −angle. Grid as forward.
-@compute @workgroup_size(32, 1, 1)
+@compute @workgroup_size(256, 1, 1)
 fn rope_backward(@builtin(global_invocation_id) gid: vec3<u32>) { rotate(gid, -1.0); }

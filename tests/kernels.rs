@@ -176,6 +176,16 @@ fn rope_matches_reference_and_backward_inverts_forward() {
     cpu::rope_backward(n, h, hs, &mut back, &pos, &inv);
     close("rope backward", &read(g, &tx), &back, 1e-3, 1e-4);
     close("rope round trip", &read(g, &tx), &x, 1e-3, 1e-4);
+    // More than 65,535 tokens in one batch (the grid once had a dimension per token).
+    let (n, h, hs) = (70_001, 2, 8);
+    let x = rng.vec(n * h * hs, 3.0);
+    let pos: Vec<u32> = (0..n as u32).map(|i| i % 4096).collect();
+    let inv = k::rope::inv_freq(hs, 10000.0);
+    let (tx, tp, ti) = (up(g, &x), up(g, &pos), up(g, &inv));
+    run(g, |r| k::rope_forward(g, r, n, h, hs, &tx, &tp, &ti));
+    let mut want = x.clone();
+    cpu::rope_forward(n, h, hs, &mut want, &pos, &inv);
+    close("rope forward over 70,001 tokens", &read(g, &tx), &want, 1e-3, 1e-4);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/rope.wgsl`.
 
-use super::{check, check_binding, groups, ROPE};
+use super::{check, check_binding, grid_1d, ROPE};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -43,7 +43,7 @@ fn rotate(
         op,
         &p,
         &[(1, x.into()), (2, pos.into()), (3, inv_freq.into())],
-        [groups(hs / 2, 32), h as u32, n as u32],
+        grid_1d(n * h * hs / 2),
     )
 }
 
