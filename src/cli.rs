@@ -1,5 +1,7 @@
-//! The native command line: `webtune train | generate | chat | eval | merge | info |
-//! memory | bench`. Each command is a function here; `main.rs` only parses.
+//! The native commands that take more than a few lines: `train` (with its run loop),
+//! `generate`, `chat`, `merge`, `data inspect`, the demo and `random-model`, and the
+//! model directory they load (`ModelDir`, through `model::source`). `main.rs` parses
+//! the arguments and calls them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

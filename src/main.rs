@@ -1,4 +1,6 @@
-//! The `webtune` command line (parsing only; the commands live in `webtune::cli`).
+//! The `webtune` command line: parses the arguments (clap) and runs the command. The
+//! longer commands (train, generate, chat, merge, data inspect, the demo, random-model)
+//! live in `webtune::cli`; the short ones (eval, info, memory, bench, serve) are here.
 
 use std::path::PathBuf;
 

@@ -1,5 +1,7 @@
-//! The training loop: step plan (shuffle, batches, gradient accumulation), learning
-//! rate schedule, one optimizer step on the GPU, validation, checkpoints.
+//! What a run is made of: `Options`, the step plan (shuffle, batches, gradient
+//! accumulation), `Trainer::step` (one optimizer step on the GPU) and `evaluate`; the
+//! learning-rate schedule and checkpoints are submodules. The loop that drives them is
+//! still written per front end: `cli::train`, `cli::demo` and `web/worker.js`.
 
 pub mod checkpoint;
 pub mod schedule;
