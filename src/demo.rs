@@ -77,7 +77,7 @@ pub fn config() -> Result<crate::model::Config> {
 /// Random weights for the demo model (uniform, seeded), as named in Hugging Face files.
 pub fn weights(seed: u64) -> Result<TensorMap> {
     let cfg = config()?;
-    let (c, inter, kv) = (cfg.hidden, cfg.intermediate, cfg.kv_dim());
+    let c = cfg.hidden;
     let mut rng = Rng::new(seed);
     let mut w = TensorMap::new();
     let mut put = |name: String, shape: Vec<usize>, mag: Option<f32>| {
@@ -94,16 +94,8 @@ pub fn weights(seed: u64) -> Result<TensorMap> {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), vec![c], None);
         put(format!("{p}.post_attention_layernorm.weight"), vec![c], None);
-        for (n, o, i_) in [
-            ("self_attn.q_proj", c, c),
-            ("self_attn.k_proj", kv, c),
-            ("self_attn.v_proj", kv, c),
-            ("self_attn.o_proj", c, c),
-            ("mlp.gate_proj", inter, c),
-            ("mlp.up_proj", inter, c),
-            ("mlp.down_proj", c, inter),
-        ] {
-            put(format!("{p}.{n}.weight"), vec![o, i_], Some(1.0 / (i_ as f32).sqrt()));
+        for (n, module, i_, o) in cfg.projections() {
+            put(format!("{p}.{module}.{n}.weight"), vec![o, i_], Some(1.0 / (i_ as f32).sqrt()));
         }
     }
     Ok(w)

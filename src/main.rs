@@ -182,7 +182,7 @@ struct TrainCmd {
     #[arg(long, default_value_t = 0.05)]
     lora_dropout: f32,
     /// Comma-separated projections, or all-linear.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    #[arg(long, default_value = "all-linear")]
     lora_targets: String,
     /// Scale LoRA by alpha/√r (rsLoRA).
     #[arg(long)]

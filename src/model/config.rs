@@ -221,27 +221,33 @@ impl Config {
         self.kv_heads * self.head_dim
     }
 
-    /// Every tensor a checkpoint of this config holds, by its Hugging Face name, in
-    /// transformers' order.
+    /// The seven linear projections of a layer, in `LoraConfig::ALL_TARGETS` order:
+    /// (name, module, din, dout); the weight is `model.layers.N.{module}.{name}.weight`.
+    pub fn projections(&self) -> [(&'static str, &'static str, usize, usize); 7] {
+        let (c, q, kv, i) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
+        let dims = [(c, q), (c, kv), (c, kv), (q, c), (c, i), (c, i), (i, c)];
+        std::array::from_fn(|j| {
+            let name = crate::model::LoraConfig::ALL_TARGETS[j];
+            (name, if j < 4 { "self_attn" } else { "mlp" }, dims[j].0, dims[j].1)
+        })
+    }
+
+    /// Every tensor a checkpoint of this config holds, by its Hugging Face name.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (c, q, kv, inter) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
+        let c = self.hidden;
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, c])];
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
-            for (name, rows, cols) in [("self_attn.q_proj", q, c), ("self_attn.k_proj", kv, c), ("self_attn.v_proj", kv, c)] {
-                out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
-                if self.qkv_bias {
-                    out.push((format!("{p}.{name}.bias"), vec![rows]));
+            for (name, module, din, dout) in self.projections() {
+                out.push((format!("{p}.{module}.{name}.weight"), vec![dout, din]));
+                if self.qkv_bias && matches!(name, "q_proj" | "k_proj" | "v_proj") {
+                    out.push((format!("{p}.{module}.{name}.bias"), vec![dout]));
                 }
             }
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![c, q]));
             if self.qk_norm {
                 out.push((format!("{p}.self_attn.q_norm.weight"), vec![self.head_dim]));
                 out.push((format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]));
             }
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, c]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![inter, c]));
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![c, inter]));
             out.push((format!("{p}.input_layernorm.weight"), vec![c]));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
         }

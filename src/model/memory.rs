@@ -32,14 +32,8 @@ impl Memory {
     }
 }
 
-/// The seven projections: (name, din, dout).
-fn projections(cfg: &Config) -> [(&'static str, usize, usize); 7] {
-    let (c, q, kv, i) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
-    [("q_proj", c, q), ("k_proj", c, kv), ("v_proj", c, kv), ("o_proj", q, c), ("gate_proj", c, i), ("up_proj", c, i), ("down_proj", i, c)]
-}
-
 fn lora_targets<'a>(cfg: &Config, l: &'a LoraConfig) -> impl Iterator<Item = (usize, usize)> + 'a {
-    projections(cfg).into_iter().filter(|(n, _, _)| l.targets.iter().any(|t| t == n)).map(|(_, i, o)| (i, o))
+    cfg.projections().into_iter().filter(|(n, ..)| l.targets.iter().any(|t| t == n)).map(|(_, _, i, o)| (i, o))
 }
 
 /// Bytes a tensor of `n` elements occupies (buffers are padded to 16 bytes).
@@ -59,7 +53,7 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     }
     let mut vectors: Vec<usize> = vec![c];
     for _ in 0..cfg.layers {
-        matrices.extend(projections(cfg).iter().map(|(_, i, o)| i * o));
+        matrices.extend(cfg.projections().iter().map(|(_, _, i, o)| i * o));
         vectors.extend([c, c]);
         if cfg.qkv_bias {
             vectors.extend([q, kv, kv]);

@@ -427,7 +427,7 @@ impl Model {
     /// gets a gradient and moments. Each weight is read from `w`, converted and
     /// uploaded a chunk at a time (see `UPLOAD_CHUNK`).
     pub fn load(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64) -> Result<Model> {
-        let (c, q, kv, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
+        let c = cfg.hidden;
         if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {
                 return Err(Error::Config("LoRA rank must be at least 1".into()));
@@ -456,15 +456,7 @@ impl Model {
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
             let mut linears = Vec::with_capacity(7);
-            for (short, module, din, dout) in [
-                ("q_proj", "self_attn", c, q),
-                ("k_proj", "self_attn", c, kv),
-                ("v_proj", "self_attn", c, kv),
-                ("o_proj", "self_attn", q, c),
-                ("gate_proj", "mlp", c, inter),
-                ("up_proj", "mlp", c, inter),
-                ("down_proj", "mlp", inter, c),
-            ] {
+            for (short, module, din, dout) in cfg.projections() {
                 let name = format!("{p}.{module}.{short}");
                 let wname = format!("{name}.weight");
                 let weight = matrix(&wname, dout, din)?;
