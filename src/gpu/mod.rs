@@ -376,18 +376,19 @@ impl Gpu {
         if t.numel() != data.len() {
             return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
         }
-        self.write_padded(&t.buffer, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, 0, bytemuck::cast_slice(data));
         Ok(t)
     }
 
-    /// Queue writes must be a multiple of 4 bytes (odd-length f16 data is not).
-    fn write_padded(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+    /// Queue writes must be a multiple of 4 bytes (odd-length f16 data is not); the
+    /// buffer is padded to 16 bytes, so the padded tail fits.
+    fn write_padded(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
         if bytes.len() % 4 == 0 {
-            self.queue.write_buffer(buffer, 0, bytes);
+            self.queue.write_buffer(buffer, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().div_ceil(4) * 4, 0);
-            self.queue.write_buffer(buffer, 0, &padded);
+            self.queue.write_buffer(buffer, offset, &padded);
         }
     }
 
@@ -398,14 +399,7 @@ impl Gpu {
         if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || (offset * size) % 4 != 0 {
             return Err(Error::Shape(format!("{}: writing {} values at {offset} into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
         }
-        let bytes: &[u8] = bytemuck::cast_slice(data);
-        if bytes.len() % 4 == 0 {
-            self.queue.write_buffer(&t.buffer, (offset * size) as u64, bytes);
-        } else {
-            let mut padded = bytes.to_vec();
-            padded.resize(bytes.len().div_ceil(4) * 4, 0);
-            self.queue.write_buffer(&t.buffer, (offset * size) as u64, &padded);
-        }
+        self.write_padded(&t.buffer, (offset * size) as u64, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -427,8 +421,7 @@ impl Gpu {
         if t.numel() != data.len() || t.dtype != DType::of::<T>() {
             return Err(Error::Shape(format!("{}: writing {} values into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
         }
-        self.write_padded(&t.buffer, bytemuck::cast_slice(data));
-        Ok(())
+        self.write_at(t, 0, data)
     }
 
     /// Copy a tensor back to the host. Async: awaits the buffer map.

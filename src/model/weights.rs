@@ -192,11 +192,6 @@ impl Checkpoint {
         Ok(c)
     }
 
-    /// The stored dtype of `name`.
-    pub fn dtype(&self, name: &str) -> Option<Dtype> {
-        self.index.get(name).map(|e| e.dtype)
-    }
-
     /// The dtype the checkpoint's floating-point weights are stored in: the widest
     /// when they differ (f32 over f16 or bf16), f32 for an empty checkpoint.
     pub fn weights_dtype(&self) -> Dtype {
@@ -292,19 +287,19 @@ pub fn write_random_bf16(path: &std::path::Path, tensors: &[(String, Vec<usize>)
 /// Write f32 tensors as one safetensors file's bytes, stored as `dtype` (f32, or f16
 /// and bf16 rounded to nearest even).
 pub fn serialize_as(tensors: &TensorMap, dtype: Dtype, metadata: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
-    let narrow = |t: &HostTensor| -> Vec<u8> {
+    use std::borrow::Cow;
+    // f32 is written from the tensors' own bytes; f16 and bf16 are narrowed copies.
+    fn stored(t: &HostTensor, dtype: Dtype) -> Cow<'_, [u8]> {
         match dtype {
-            Dtype::BF16 => t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-            _ => t.data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::BF16 => Cow::Owned(t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()),
+            Dtype::F16 => Cow::Owned(t.data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect()),
+            _ => Cow::Borrowed(bytemuck::cast_slice(&t.data)),
         }
-    };
-    if dtype == Dtype::F32 {
-        return serialize(tensors, metadata);
     }
-    if !matches!(dtype, Dtype::F16 | Dtype::BF16) {
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(Error::Weights(format!("cannot write {dtype:?} weights; f32, f16 or bf16")));
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors.iter().map(|(k, t)| (k.clone(), narrow(t), t.shape.clone())).collect();
+    let bytes: Vec<(String, Cow<'_, [u8]>, Vec<usize>)> = tensors.iter().map(|(k, t)| (k.clone(), stored(t, dtype), t.shape.clone())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(k, b, shape)| {
@@ -316,15 +311,7 @@ pub fn serialize_as(tensors: &TensorMap, dtype: Dtype, metadata: Option<std::col
 
 /// Write f32 tensors as one safetensors file's bytes.
 pub fn serialize(tensors: &TensorMap, metadata: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), bytemuck::cast_slice(&t.data))
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::Weights(format!("{k}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::serialize(views, metadata).map_err(|e| Error::Weights(e.to_string()))
+    serialize_as(tensors, Dtype::F32, metadata)
 }
 
 /// The safetensors files of a model directory: `model.safetensors`, or every shard

@@ -94,6 +94,33 @@ def lora_model(base):
     return model
 
 
+def save_adapter(model, root, base_path):
+    """save_pretrained of the adapter under root/adapter, naming the base by its path."""
+    model.save_pretrained(os.path.join(root, "adapter"))
+    os.remove(os.path.join(root, "adapter", "README.md"))
+    cfg_path = os.path.join(root, "adapter", "adapter_config.json")
+    with open(cfg_path) as f:
+        adapter_cfg = json.load(f)
+    adapter_cfg["base_model_name_or_path"] = base_path
+    with open(cfg_path, "w") as f:
+        json.dump(adapter_cfg, f, indent=2)
+
+
+def adamw_losses(model, ids, mask, labels, steps=5):
+    """The losses of `steps` AdamW steps on the trainable params, clipping at 1.0 as TRL does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def main():
     torch.manual_seed(0)
     for name, config in configs():
@@ -106,14 +133,7 @@ def main():
             classic_rope_keys(os.path.join(root, "model", "config.json"))
         base = AutoModelForCausalLM.from_pretrained(os.path.join(root, "model"), dtype=torch.float32)
         model = lora_model(base)
-        model.save_pretrained(os.path.join(root, "adapter"))
-        os.remove(os.path.join(root, "adapter", "README.md"))
-        cfg_path = os.path.join(root, "adapter", "adapter_config.json")
-        with open(cfg_path) as f:
-            adapter_cfg = json.load(f)
-        adapter_cfg["base_model_name_or_path"] = f"tests/fixtures/{name}/model"
-        with open(cfg_path, "w") as f:
-            json.dump(adapter_cfg, f, indent=2)
+        save_adapter(model, root, f"tests/fixtures/{name}/model")
 
         ids, mask, labels = batch()
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -134,16 +154,7 @@ def main():
         # Five AdamW steps from the saved adapter, clipping at 1.0 as TRL does.
         base = AutoModelForCausalLM.from_pretrained(os.path.join(root, "model"), dtype=torch.float32)
         model = PeftModel.from_pretrained(base, os.path.join(root, "adapter"), is_trainable=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        losses = []
-        for _ in range(5):
-            opt.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
+        losses = adamw_losses(model, ids, mask, labels)
 
         # Greedy generation with the saved adapter, and with the base model alone.
         base = AutoModelForCausalLM.from_pretrained(os.path.join(root, "model"), dtype=torch.float32)

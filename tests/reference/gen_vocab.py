@@ -28,7 +28,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
-from gen_reference import lora_model  # the same adapter initialisation as the small fixtures
+from gen_reference import adamw_losses, lora_model, save_adapter  # as for the small fixtures
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 OUT = os.path.join(ROOT, "tests", "fixtures", "vocab")
@@ -141,14 +141,7 @@ def main():
             os.remove(os.path.join(model_dir, "tokenizer.json"))
         v = config.vocab_size
         model = lora_model(load(model_dir))
-        model.save_pretrained(os.path.join(root, "adapter"))
-        os.remove(os.path.join(root, "adapter", "README.md"))
-        cfg_path = os.path.join(root, "adapter", "adapter_config.json")
-        with open(cfg_path) as f:
-            adapter_cfg = json.load(f)
-        adapter_cfg["base_model_name_or_path"] = f"tests/fixtures/vocab/{name}/model"
-        with open(cfg_path, "w") as f:
-            json.dump(adapter_cfg, f, indent=2)
+        save_adapter(model, root, f"tests/fixtures/vocab/{name}/model")
 
         g = torch.Generator().manual_seed(7)
         ids, mask, labels = batch(v, g)
@@ -167,16 +160,7 @@ def main():
         save_file(tensors, os.path.join(root, "expected.safetensors"))
 
         model = PeftModel.from_pretrained(load(model_dir), os.path.join(root, "adapter"), is_trainable=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        losses = []
-        for _ in range(5):
-            opt.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
+        losses = adamw_losses(model, ids, mask, labels)
 
         prompt = torch.tensor([[config.bos_token_id, 70000 % v, v - 1, 65536, 12345, 100000 % v]])
         base = load(model_dir)
