@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::data::batch::{prepare, Dataset};
-use crate::data::{parse_records, Message, Record, Tokenizer};
+use crate::data::{parse_records, Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::model::generate::Sampling;
 use crate::model::weights::{self, Checkpoint, TensorMap, Tensors};
-use crate::model::{source, Config, LoraConfig, Model, Tuning};
-use crate::train::checkpoint::{self, TrainerState};
-use crate::train::{evaluate, Options, StepStats, Trainer};
+use crate::model::source::{self, Source};
+use crate::model::{Config, LoraConfig, Model, Tuning};
+use crate::train::checkpoint;
+use crate::train::export::{self, Export};
+use crate::train::{Run, RunOptions, StepStats};
+use std::rc::Rc;
 
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
@@ -27,15 +30,18 @@ fn read_data(path: &Path) -> Result<String> {
     crate::data::decode(std::fs::read(path).map_err(|e| Error::io(path, e))?, &path.display().to_string())
 }
 
-/// A model directory: config, tokenizer, and the weights opened lazily (only their
-/// headers are read until a model is loaded, a tensor at a time).
+/// A model directory (or `demo`): its `Source`, with the weights opened lazily (only
+/// their headers are read until a model is loaded, a tensor at a time).
 pub struct ModelDir {
     pub dir: PathBuf,
-    pub cfg: Config,
-    pub weights: Checkpoint,
-    pub tokenizer: Tokenizer,
-    /// The small files a derived model copies: config, generation config, tokenizer.
-    pub files: Vec<(String, Vec<u8>)>,
+    pub source: Source,
+}
+
+impl std::ops::Deref for ModelDir {
+    type Target = Source;
+    fn deref(&self) -> &Source {
+        &self.source
+    }
 }
 
 impl ModelDir {
@@ -52,8 +58,7 @@ impl ModelDir {
         } else {
             return Err(Error::Io(format!("{name}: not a model directory (expected config.json, model.safetensors, tokenizer.json)")));
         };
-        let s = source::open(&name, files, weights)?;
-        Ok(ModelDir { dir: dir.to_path_buf(), cfg: s.cfg, weights: s.weights, tokenizer: s.tokenizer, files: s.files })
+        Ok(ModelDir { dir: dir.to_path_buf(), source: source::open(&name, files, weights)? })
     }
 }
 
@@ -147,83 +152,48 @@ pub struct TrainArgs {
     pub data: PathBuf,
     pub out: PathBuf,
     pub valid: Option<PathBuf>,
-    pub lora: LoraConfig,
-    pub full: bool,
-    pub max_seq_len: usize,
-    pub pack: bool,
-    pub grad_checkpoint: bool,
-    pub eval_every: Option<u64>,
-    pub save_every: Option<u64>,
     pub resume: Option<PathBuf>,
     pub init_adapter: Option<PathBuf>,
-    pub train_on_prompt: bool,
-    pub opts: Options,
+    pub run: RunOptions,
     pub quiet: bool,
 }
 
-/// Prompts for the sample generations at each evaluation: the first user turns of the
-/// validation (or training) records.
-fn sample_prompts(tok: &Tokenizer, path: &Path) -> Vec<Vec<u32>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return vec![] };
-    let Ok(records) = parse_records(&text, "") else { return vec![] };
-    records
-        .iter()
-        .filter_map(|r| match &r.record {
-            Record::Chat(m) => {
-                let first = m.iter().position(|m| m.role == "assistant")?;
-                let text = tok.template.render(&m[..first], true).ok()?;
-                tok.encode(&text, false).ok().map(|(ids, _)| ids)
-            }
-            Record::PromptCompletion { prompt, .. } => tok.encode(prompt, true).ok().map(|(ids, _)| ids),
-            Record::Text(_) => None,
-        })
-        .take(2)
-        .collect()
-}
-
+/// `webtune train`: read and check everything, then drive a `Run` to the end, writing
+/// `metrics.jsonl`, the checkpoints it says are due and the output (adapter or model).
 pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     // Read and validate everything before the output directory is touched.
     let md = ModelDir::open(&a.model)?;
     let tok = &md.tokenizer;
-    let train_data = load_data(tok, &a.data, a.max_seq_len, a.pack, a.train_on_prompt)?;
-    let valid_data = a.valid.as_ref().map(|v| load_data(tok, v, a.max_seq_len, false, a.train_on_prompt)).transpose()?;
+    let o = &a.run;
+    let train_data = load_data(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?;
+    let valid_data = a.valid.as_ref().map(|v| load_data(tok, v, o.max_seq_len, false, o.train_on_prompt)).transpose()?;
     // An initial adapter is read once: its config shapes the model, its tensors fill it.
     let init = a.init_adapter.as_deref().map(read_adapter).transpose()?;
-    let tuning = match (&init, a.full) {
-        (_, true) => Tuning::Full,
-        (Some((lora, _)), false) => Tuning::Lora(lora.clone()),
-        (None, false) => Tuning::Lora(a.lora.clone()),
-    };
-    let (mut model, loaded) = load_measured(gpu, &md, tuning, a.opts.seed)?;
+    let mut opts = a.run.clone();
+    if let (Some((lora, _)), false) = (&init, opts.full) {
+        opts.set_lora(lora);
+    }
+    let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed)?;
     if !a.quiet {
         println!("{}: {loaded}", a.model.display());
     }
-    model.grad_checkpoint = a.grad_checkpoint;
+    let mut run = Run::with_model(Rc::new(md.source), model, Rc::new(train_data), valid_data, opts)?;
     if let Some((_, tensors)) = &init {
-        model.set_params(gpu, tensors)?;
+        run.init_adapter(gpu, tensors)?;
     }
-    let mut trainer = Trainer::new(a.opts.clone(), &train_data, tok.pad_id)?;
-    let base_model = a.model.display().to_string();
     if let Some(dir) = &a.resume {
-        let state = checkpoint::load_checkpoint(dir, gpu, &model)?;
-        if state.options != a.opts {
-            return Err(Error::Config(format!(
-                "{}: was trained with {:?}; resume with the same options (got {:?})",
-                dir.display(),
-                state.options,
-                a.opts
-            )));
-        }
-        trainer.step = state.step;
+        let get = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
+        run.resume(gpu, &get, &dir.display().to_string())?;
     }
-    let total = trainer.total_steps();
-    let sk = &train_data.skipped;
+    let total = run.total_steps();
+    let (tok, data) = (&run.source.tokenizer, &run.data);
+    let sk = &data.skipped;
     if !a.quiet {
         report_template(tok);
         println!(
             "{} records → {} sequences ({} skipped: nothing left to train); {} steps; {}",
-            train_data.examples.len() + sk.no_trained_tokens,
-            train_data.sequences.len(),
+            data.examples.len() + sk.no_trained_tokens,
+            data.sequences.len(),
             sk.no_trained_tokens,
             total,
             gpu.describe()
@@ -235,7 +205,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let kept: String = std::fs::read_to_string(&metrics_path)
         .unwrap_or_default()
         .lines()
-        .filter(|l| serde_json::from_str::<StepStats>(l).is_ok_and(|s| s.step <= trainer.step))
+        .filter(|l| serde_json::from_str::<StepStats>(l).is_ok_and(|s| s.step <= run.trainer.step))
         .map(|l| format!("{l}\n"))
         .collect();
     checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
@@ -246,61 +216,47 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         // A second handler cannot be set (tests call train repeatedly); the first one serves.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let prompts = sample_prompts(tok, a.valid.as_ref().unwrap_or(&a.data));
     let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
             .expect("valid template"),
     );
-    bar.set_position(trainer.step);
-    let state = |step: u64| TrainerState {
-        step,
-        total_steps: total,
-        options: a.opts.clone(),
-        base_model: base_model.clone(),
-        tuning: if a.full { "full" } else { "lora" }.into(),
-    };
+    bar.set_position(run.trainer.step);
     let mut history = Vec::new();
-    let mut last_good: Option<PathBuf> = None;
-    while !trainer.done() {
-        let mut s = trainer.step(gpu, &model, &train_data).await?;
-        if !s.loss.is_finite() {
-            bar.abandon();
-            return Err(Error::Config(format!(
-                "the loss became {} at step {}; stopping. The last good checkpoint is {}",
-                s.loss,
-                s.step,
-                last_good.map_or("none (no checkpoint was saved yet)".into(), |p| p.display().to_string())
-            )));
-        }
-        if let (Some(every), Some(v)) = (a.eval_every, &valid_data) {
-            if s.step % every == 0 || s.step == total {
-                let (loss, _) = evaluate(gpu, &model, v, a.opts.batch_size, tok.pad_id).await?;
-                s.valid_loss = Some(loss);
-                bar.println(format!("step {}: valid loss {loss:.4}, perplexity {:.2}", s.step, loss.exp()));
-                for p in &prompts {
-                    let out = model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;
-                    bar.println(format!("  {:?} → {:?}", tok.decode(p), tok.decode(&out)));
-                }
+    while !run.done() {
+        let e = match run.next(gpu).await {
+            Ok(e) => e,
+            Err(err) => {
+                bar.abandon();
+                return Err(err);
+            }
+        };
+        let s = &e.stats;
+        if let Some(loss) = s.valid_loss {
+            bar.println(format!("step {}: valid loss {loss:.4}, perplexity {:.2}", s.step, loss.exp()));
+            for x in &e.samples {
+                bar.println(format!("  {:?} → {:?}", x.prompt, x.reply));
             }
         }
-        writeln!(metrics, "{}", serde_json::to_string(&s).expect("serialisable")).map_err(|e| Error::io(&metrics_path, e))?;
+        writeln!(metrics, "{}", serde_json::to_string(s).expect("serialisable")).map_err(|e| Error::io(&metrics_path, e))?;
         bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, s.tokens_per_s));
         bar.set_position(s.step);
         history.push(s.clone());
         let interrupted = stop.load(Ordering::SeqCst);
-        if a.save_every.is_some_and(|e| s.step % e == 0) || trainer.done() || interrupted {
-            last_good = Some(checkpoint::save_checkpoint(&a.out, gpu, &model, &md.files, &state(s.step)).await?);
+        if e.save || interrupted {
+            let dir = a.out.join(format!("checkpoint-{}", s.step));
+            export::write_dir(&dir, &run.files(gpu, Export::Checkpoint).await?)?;
+            run.saved(dir.display().to_string());
         }
         if interrupted {
-            bar.abandon_with_message(format!("interrupted: checkpoint {}", last_good.as_ref().unwrap().display()));
+            bar.abandon_with_message(format!("interrupted: checkpoint {}", a.out.join(format!("checkpoint-{}", s.step)).display()));
             return Ok(history);
         }
     }
     bar.finish();
-    checkpoint::save(&a.out, gpu, &model, &md.files, &state(trainer.step), false).await?;
+    export::write_files(&a.out, &run.files(gpu, Export::Output).await?)?;
     if !a.quiet {
-        println!("wrote {} ({})", a.out.display(), if a.full { "full model" } else { "PEFT LoRA adapter" });
+        println!("wrote {} ({})", a.out.display(), if run.opts.full { "full model" } else { "PEFT LoRA adapter" });
     }
     Ok(history)
 }
@@ -387,7 +343,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     use crate::data::inspect::{preview, summarize, summary_text, Style};
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
-    let tok = if a.model == Path::new("demo") { ModelDir::open(&a.model)?.tokenizer } else { Tokenizer::from_dir(&a.model)? };
+    let tok = if a.model == Path::new("demo") { ModelDir::open(&a.model)?.source.tokenizer } else { Tokenizer::from_dir(&a.model)? };
     let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_data(&a.data)? };
     let records = parse_records(&text, &a.data.display().to_string())?;
     let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;
@@ -464,29 +420,28 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     say("it has never seen a chat turn or an instruction.".into());
     say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
     let held = crate::demo::held_out(crate::demo::TEST_SEED, 32);
-    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
-    let model = Model::load(gpu, md.cfg.clone(), &md.weights, Tuning::Lora(lora), 42)?;
-    let before_answers = crate::demo::answers(gpu, &model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
+    let records = parse_records(&crate::demo::data(), "demo")?;
+    let opts = RunOptions::demo(steps);
+    let data = prepare(tok, &records, opts.max_seq_len, false, false)?;
+    let mut run = Run::new(gpu, Rc::new(md.source), Rc::new(data), None, opts)?;
+    run.profile_every = Some(u64::MAX);
+    let source = run.source.clone();
+    let tok = &source.tokenizer;
+    let before_answers = crate::demo::answers(gpu, &run.model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
     let before = crate::demo::accuracy(&before_answers, &held);
     say(format!("held-out accuracy before tuning: {:.0}% ({} questions)", 100.0 * before, held.len()));
     for (i, (q, a)) in held.iter().enumerate().take(3) {
         say(format!("  {q:<40} → {:?} (expected {a:?})", before_answers[i]));
     }
-    let records = parse_records(&crate::demo::data(), "demo")?;
-    let data = prepare(tok, &records, crate::demo::MAX_SEQ_LEN, false, false)?;
-    let opts = Options { lr: 1e-2, schedule: "cosine".into(), warmup: 10, batch_size: 16, steps: Some(steps), seed: 42, ..Options::default() };
-    let mut trainer = Trainer::new(opts.clone(), &data, tok.pad_id)?;
-    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps()) };
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
     let (mut losses, mut tokens, mut busy) = (Vec::new(), 0usize, 0.0);
     let mut kernels = Vec::new();
-    while !trainer.done() {
-        // Step 3 (past pipeline compilation) is timed kernel by kernel where possible.
-        let timed = trainer.step == 2 && gpu.set_profiling(true);
-        let s = trainer.step(gpu, &model, &data).await?;
-        if timed {
-            gpu.set_profiling(false);
-            kernels = gpu.kernel_times().await?;
+    while !run.done() {
+        let e = run.next(gpu).await?;
+        let s = e.stats;
+        if !e.kernels.is_empty() {
+            kernels = e.kernels;
         }
         (tokens, busy) = (tokens + s.tokens, busy + s.tokens as f64 / s.tokens_per_s);
         losses.push(s.loss);
@@ -495,7 +450,7 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
     }
     bar.finish_and_clear();
     say(format!("\ntraining loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
-    let after_answers = crate::demo::answers(gpu, &model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
+    let after_answers = crate::demo::answers(gpu, &run.model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
     let after = crate::demo::accuracy(&after_answers, &held);
     say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%)", 100.0 * after, 100.0 * before));
     for (i, (q, a)) in held.iter().enumerate().take(6) {
@@ -509,8 +464,7 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
             say(format!("  {:<36} {:>8.2} ms  {:>5.1}%  {} dispatches", k.kernel, k.ms, 100.0 * k.ms / total, k.calls));
         }
     }
-    let state = TrainerState { step: trainer.step, total_steps: trainer.total_steps(), options: opts, base_model: "demo".into(), tuning: "lora".into() };
-    checkpoint::save(out, gpu, &model, &md.files, &state, false).await?;
+    export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     let secs = crate::clock::now() - started;
     let tps = tokens as f64 / busy.max(1e-9);
     say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}; {secs:.0} s in all", out.display()));

@@ -9,7 +9,7 @@ use webtune::cli;
 use webtune::gpu::Gpu;
 use webtune::model::generate::Sampling;
 use webtune::model::LoraConfig;
-use webtune::train::Options;
+use webtune::train::RunOptions;
 
 // Counts host allocations, so `info --model` and the train log report a load's peak.
 #[global_allocator]
@@ -175,70 +175,18 @@ struct TrainCmd {
     out: PathBuf,
     #[arg(long)]
     valid: Option<PathBuf>,
-    #[arg(long, default_value_t = 16)]
-    lora_rank: usize,
-    #[arg(long, default_value_t = 32.0)]
-    lora_alpha: f32,
-    #[arg(long, default_value_t = 0.05)]
-    lora_dropout: f32,
-    /// Comma-separated projections, or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    lora_targets: String,
-    /// Scale LoRA by alpha/√r (rsLoRA).
-    #[arg(long)]
-    rslora: bool,
-    /// Train every weight (f32) instead of LoRA pairs.
-    #[arg(long)]
-    full: bool,
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f64,
-    /// constant, linear or cosine (with warmup).
-    #[arg(long, default_value = "cosine")]
-    schedule: String,
-    #[arg(long, default_value_t = 10)]
-    warmup: u64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// 0 disables clipping.
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 512)]
-    max_seq_len: usize,
-    /// Pack several examples into each sequence (attention stays within each).
-    #[arg(long)]
-    pack: bool,
-    /// Recompute activations in the backward instead of keeping them.
-    #[arg(long)]
-    grad_checkpoint: bool,
-    #[arg(long, default_value_t = 1, conflicts_with = "steps")]
-    epochs: usize,
-    #[arg(long)]
-    steps: Option<u64>,
-    #[arg(long)]
-    eval_every: Option<u64>,
-    #[arg(long)]
-    save_every: Option<u64>,
     /// A checkpoint directory (out/checkpoint-N) to continue from.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Start from an existing PEFT adapter instead of fresh LoRA weights.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    #[arg(long)]
-    no_shuffle: bool,
-    /// Train on every token, prompts included.
-    #[arg(long)]
-    train_on_prompt: bool,
     /// Keep frozen weights in f32 even where the adapter has shader-f16 (to compare
     /// with adapters that have none, like the browser's SwiftShader).
     #[arg(long)]
     f32_weights: bool,
+    #[command(flatten)]
+    run: RunOptions,
 }
 
 #[derive(Subcommand)]
@@ -294,14 +242,6 @@ fn main() {
     }
 }
 
-fn lora_targets(s: &str) -> Vec<String> {
-    if s == "all-linear" {
-        LoraConfig::ALL_TARGETS.map(String::from).to_vec()
-    } else {
-        s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
-    }
-}
-
 async fn run(cli: Cli) -> webtune::Result<()> {
     let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300 });
     match command {
@@ -310,42 +250,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::demo(&gpu, &out, steps, false).await?;
         }
         Command::Train(t) => {
-            let args = cli::TrainArgs {
-                lora: LoraConfig {
-                    r: t.lora_rank,
-                    alpha: t.lora_alpha,
-                    dropout: t.lora_dropout,
-                    targets: lora_targets(&t.lora_targets),
-                    use_rslora: t.rslora,
-                },
-                opts: Options {
-                    lr: t.lr,
-                    schedule: t.schedule,
-                    warmup: t.warmup,
-                    weight_decay: t.weight_decay,
-                    max_grad_norm: t.max_grad_norm,
-                    batch_size: t.batch_size,
-                    grad_accum: t.grad_accum,
-                    epochs: t.epochs,
-                    steps: t.steps,
-                    seed: t.seed,
-                    shuffle: !t.no_shuffle,
-                },
-                model: t.model,
-                data: t.data,
-                out: t.out,
-                valid: t.valid,
-                full: t.full,
-                max_seq_len: t.max_seq_len,
-                pack: t.pack,
-                grad_checkpoint: t.grad_checkpoint,
-                eval_every: t.eval_every,
-                save_every: t.save_every,
-                resume: t.resume,
-                init_adapter: t.init_adapter,
-                train_on_prompt: t.train_on_prompt,
-                quiet: false,
-            };
+            let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
             let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: t.f32_weights, ..Default::default() }).await?;
             cli::train(&gpu, &args).await?;
         }

@@ -11,8 +11,11 @@ use common::*;
 use webtune::check::Rng;
 use webtune::cli::{self, TrainArgs};
 use webtune::model::weights::{self, HostTensor, TensorMap};
-use webtune::model::{Inputs, LoraConfig, Shape};
-use webtune::train::Options;
+use webtune::model::{Inputs, Shape};
+use webtune::train::export::Export;
+use webtune::train::Run;
+use std::rc::Rc;
+use webtune::train::{Options, RunOptions};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("webtune-train-{name}-{}", std::process::id()));
@@ -77,17 +80,16 @@ fn args(model: &Path, data: &Path, out: &Path, steps: u64) -> TrainArgs {
         data: data.into(),
         out: out.into(),
         valid: None,
-        lora: LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false },
-        full: false,
-        max_seq_len: 64,
-        pack: false,
-        grad_checkpoint: false,
-        eval_every: None,
-        save_every: None,
         resume: None,
         init_adapter: None,
-        train_on_prompt: false,
-        opts: Options { lr: 1e-2, schedule: "constant".into(), warmup: 0, batch_size: 4, steps: Some(steps), ..Options::default() },
+        run: RunOptions {
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            max_seq_len: 64,
+            train: Options { lr: 1e-2, schedule: "constant".into(), warmup: 0, batch_size: 4, steps: Some(steps), ..Options::default() },
+            ..RunOptions::default()
+        },
         quiet: true,
     }
 }
@@ -110,7 +112,7 @@ fn lora_training_lowers_the_loss_and_writes_a_peft_adapter() {
     let out = root.join("out");
     let mut a = args(&model, &data, &out, 24);
     a.valid = Some(data.clone());
-    a.eval_every = Some(12);
+    a.run.eval_every = Some(12);
     let hist = block(cli::train(g, &a)).unwrap();
     assert_eq!(hist.len(), 24);
     let first: f64 = hist[..4].iter().map(|s| s.loss).sum::<f64>() / 4.0;
@@ -151,10 +153,10 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     let (model, root) = (tiny_model("resume"), tmp("resume"));
     let data = data_file(&root);
     let mut a = args(&model, &data, &root.join("straight"), 6);
-    a.save_every = Some(3);
-    a.opts.schedule = "cosine".into();
-    a.opts.warmup = 2;
-    a.grad_checkpoint = true;
+    a.run.save_every = Some(3);
+    a.run.train.schedule = "cosine".into();
+    a.run.train.warmup = 2;
+    a.run.grad_checkpoint = true;
     let straight = block(cli::train(g, &a)).unwrap();
     let mut b = a.clone();
     b.out = root.join("resumed");
@@ -165,9 +167,73 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
         assert_eq!((x.step, x.loss, x.lr, x.grad_norm), (y.step, y.loss, y.lr, y.grad_norm));
     }
     let mut changed = b.clone();
-    changed.opts.lr = 5e-3;
+    changed.run.train.lr = 5e-3;
     let err = block(cli::train(g, &changed)).unwrap_err().to_string();
     assert!(err.contains("checkpoint-3") && err.contains("same options"), "{err}");
+    cleanup(&[&model, &root]);
+}
+
+/// The run that `webtune train`, the demo and the page all drive, driven directly: it
+/// says when a checkpoint is due (every `save_every` steps and at the end), evaluates
+/// with sample replies every `eval_every`, exports each kind of files, resumes from
+/// its checkpoint files with the same losses, and a NaN stop names the last checkpoint.
+#[test]
+fn the_run_says_what_is_due_exports_and_resumes_from_its_files() {
+    let g = gpu();
+    let (model, root) = (tiny_model("run"), tmp("run"));
+    let data = data_file(&root);
+    let md = cli::ModelDir::open(&model).unwrap();
+    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let valid = || Some(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let opts = RunOptions { eval_every: Some(3), save_every: Some(2), ..args(&model, &data, &root, 5).run };
+    let source = Rc::new(cli::ModelDir::open(&model).unwrap().source);
+    let mut run = Run::new(g, source.clone(), ds.clone(), valid(), opts.clone()).unwrap();
+    assert_eq!(run.total_steps(), 5);
+    let (mut events, mut ckpt) = (Vec::new(), None);
+    while !run.done() {
+        let e = block(run.next(g)).unwrap();
+        if e.stats.step == 2 {
+            ckpt = Some(block(run.files(g, Export::Checkpoint)).unwrap());
+        }
+        events.push(e);
+    }
+    let steps = |f: &dyn Fn(&webtune::train::Event) -> bool| events.iter().filter(|e| f(e)).map(|e| e.stats.step).collect::<Vec<_>>();
+    assert_eq!(steps(&|e| e.save), [2, 4, 5]);
+    assert_eq!(steps(&|e| e.stats.valid_loss.is_some()), [3, 5]);
+    assert_eq!(steps(&|e| e.done), [5]);
+    assert_eq!(steps(&|e| !e.samples.is_empty()), [3, 5]);
+    assert!(events[2].samples.iter().all(|s| s.prompt.contains("Say") || s.prompt.contains("Name")), "{:?}", events[2].samples);
+    assert!(block(run.next(g)).unwrap_err().to_string().contains("done"));
+    let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let ckpt = ckpt.unwrap();
+    assert_eq!(names(&ckpt), ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"]);
+    assert_eq!(names(&block(run.files(g, Export::Output)).unwrap()), ["adapter_config.json", "adapter_model.safetensors"]);
+    let merged = names(&block(run.files(g, Export::Merged)).unwrap());
+    assert!(merged.contains(&"model.safetensors".to_string()) && merged.contains(&"config.json".to_string()), "{merged:?}");
+
+    // A run resumed from the step-2 files continues with the same losses.
+    let mut resumed = Run::new(g, source.clone(), ds.clone(), valid(), opts.clone()).unwrap();
+    let get = |f: &str| ckpt.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Io(f.into()));
+    assert_eq!(resumed.resume(g, &get, "step 2").unwrap(), 2);
+    for e in &events[2..] {
+        let r = block(resumed.next(g)).unwrap();
+        assert_eq!((r.stats.step, r.stats.loss, r.stats.grad_norm), (e.stats.step, e.stats.loss, e.stats.grad_norm));
+    }
+    let mut other = Run::new(g, source.clone(), ds.clone(), None, RunOptions { train: Options { lr: 5e-3, ..opts.train.clone() }, ..opts.clone() }).unwrap();
+    assert!(other.resume(g, &get, "step 2").unwrap_err().to_string().contains("same options"));
+
+    // A NaN stops the run and names where the front end saved last.
+    let mut bad = opts.clone();
+    (bad.train.lr, bad.train.max_grad_norm) = (1e30, 0.0);
+    let mut nan = Run::new(g, source, ds, None, bad).unwrap();
+    nan.saved("the first checkpoint".into());
+    let err = loop {
+        match block(nan.next(g)) {
+            Ok(e) => assert!(!e.done, "the loss stayed finite"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains("the loss became") && err.contains("the first checkpoint"), "{err}");
     cleanup(&[&model, &root]);
 }
 
@@ -177,13 +243,13 @@ fn gradient_accumulation_matches_one_big_batch() {
     let (model, root) = (tiny_model("accum"), tmp("accum"));
     let data = data_file(&root);
     let mut a = args(&model, &data, &root.join("big"), 3);
-    a.opts.shuffle = false;
-    a.lora.dropout = 0.0;
+    a.run.train.shuffle = false;
+    a.run.lora_dropout = 0.0;
     let big = block(cli::train(g, &a)).unwrap();
     let mut b = a.clone();
     b.out = root.join("accum");
-    b.opts.batch_size = 2;
-    b.opts.grad_accum = 2;
+    b.run.train.batch_size = 2;
+    b.run.train.grad_accum = 2;
     let acc = block(cli::train(g, &b)).unwrap();
     for (x, y) in big.iter().zip(&acc) {
         assert!((x.loss - y.loss).abs() < 1e-5 * x.loss, "{} vs {}", x.loss, y.loss);
@@ -212,9 +278,9 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let (model, root) = (tiny_model("nan"), tmp("nan"));
     let data = data_file(&root);
     let mut a = args(&model, &data, &root.join("out"), 8);
-    a.opts.lr = 1e30;
-    a.opts.max_grad_norm = 0.0;
-    a.save_every = Some(1);
+    a.run.train.lr = 1e30;
+    a.run.train.max_grad_norm = 0.0;
+    a.run.save_every = Some(1);
     let err = block(cli::train(g, &a)).unwrap_err().to_string();
     assert!(err.contains("the loss became") && err.contains("checkpoint-1"), "{err}");
     cleanup(&[&model, &root]);
@@ -239,8 +305,8 @@ fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
     close("merged vs adapter logits", &y, &x, 1e-4, 1e-4);
 
     let mut f = args(&model, &data, &root.join("full"), 3);
-    f.full = true;
-    f.opts.lr = 1e-3;
+    f.run.full = true;
+    f.run.train.lr = 1e-3;
     let hist = block(cli::train(g, &f)).unwrap();
     assert!(hist[2].loss < hist[0].loss);
     let full = cli::ModelDir::open(&root.join("full")).unwrap();
@@ -369,8 +435,8 @@ fn a_bf16_checkpoint_evaluates_trains_and_merges_back_to_bf16() {
     // train: the loss falls.
     let out = root.join("adapter");
     let mut a = args(&model, &data, &out, 6);
-    a.opts.batch_size = 1;
-    a.lora.dropout = 0.0;
+    a.run.train.batch_size = 1;
+    a.run.lora_dropout = 0.0;
     let hist = block(cli::train(g, &a)).unwrap();
     assert!(hist[5].loss < hist[0].loss, "{} → {}", hist[0].loss, hist[5].loss);
 

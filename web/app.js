@@ -3,7 +3,6 @@
 // so scripts and tests can follow a run.
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
 const losses = [];
 window.webtune = { losses };
 
@@ -48,35 +47,48 @@ worker.onmessage = (e) => {
 };
 
 // ---- options ------------------------------------------------------------------------
-for (const t of TARGETS) {
-  const l = document.createElement('label');
-  l.innerHTML = `<input type="checkbox" value="${t}" checked> ${t}`;
-  $('targets').appendChild(l);
-}
+// The defaults and the demo's preset come from Rust (`RunOptions`, `Session::presets`);
+// the form shows them and query parameters override them.
+let presets = null;
+const FIELDS = { rank: 'lora_rank', alpha: 'lora_alpha', dropout: 'lora_dropout', lr: 'lr', steps: 'steps', epochs: 'epochs', batch: 'batch_size', seq: 'max_seq_len', seed: 'seed' };
 const num = (id, param) => Number(params.get(param) ?? $(id).value);
-for (const [id, param] of [['rank', 'rank'], ['alpha', 'alpha'], ['dropout', 'dropout'], ['lr', 'lr'], ['steps', 'steps'], ['epochs', 'epochs'], ['batch', 'batch'], ['seq', 'seq'], ['seed', 'seed']]) {
-  if (params.has(param)) $(id).value = params.get(param);
+
+function showPreset(p) {
+  for (const [id, key] of Object.entries(FIELDS)) {
+    const v = p[key];
+    $(id).value = params.get(id) ?? (v == null ? 0 : v);
+  }
+  const targets = p.lora_targets === 'all-linear' ? presets.targets : p.lora_targets.split(',');
+  $('targets').replaceChildren();
+  for (const t of presets.targets) {
+    const l = document.createElement('label');
+    l.innerHTML = `<input type="checkbox" value="${t}"${targets.includes(t) ? ' checked' : ''}> ${t}`;
+    $('targets').appendChild(l);
+  }
+}
+
+// The preset of the chosen model: the demo's for the demo model, else the defaults.
+function preset() {
+  return (params.get('model') || radio('model')) === 'demo' ? presets.demo : presets.default;
 }
 
 function runOptions() {
   const steps = num('steps', 'steps');
+  const p = preset();
   return {
+    ...p,
     lora_rank: num('rank', 'rank'),
     lora_alpha: num('alpha', 'alpha'),
     lora_dropout: num('dropout', 'dropout'),
-    targets: [...$('targets').querySelectorAll('input:checked')].map((i) => i.value),
-    grad_checkpoint: false,
+    lora_targets: [...$('targets').querySelectorAll('input:checked')].map((i) => i.value).join(','),
+    max_seq_len: num('seq', 'seq'),
     lr: num('lr', 'lr'),
-    schedule: params.get('schedule') || 'cosine',
-    warmup: Number(params.get('warmup') ?? 10),
-    weight_decay: 0.0,
-    max_grad_norm: 1.0,
+    schedule: params.get('schedule') || p.schedule,
+    warmup: Number(params.get('warmup') ?? p.warmup),
     batch_size: num('batch', 'batch'),
-    grad_accum: 1,
     epochs: num('epochs', 'epochs'),
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
-    shuffle: true,
   };
 }
 
@@ -226,7 +238,7 @@ async function train() {
     const { total } = await call('start', { options: runOptions(), model: model.source === 'files' ? null : model, data: { source: data.source } });
     log(`training ${total} steps`);
     started = performance.now();
-    await call('run', { checkpointEvery: 10 });
+    await call('run');
   } catch (err) {
     fail(err);
   }
@@ -244,7 +256,7 @@ async function resumeSaved(saved) {
     $('status').dataset.step = step;
     $('status').dataset.resumedFrom = step;
     started = performance.now();
-    await call('run', { checkpointEvery: 10 });
+    await call('run');
   } catch (err) {
     fail(err);
   }
@@ -277,12 +289,11 @@ function download(name, data, type) {
 
 $('train').onclick = train;
 $('pause').onclick = () => call('pause');
-$('continue').onclick = async () => { try { await call('run', { checkpointEvery: 10 }); } catch (e) { fail(e); } };
+$('continue').onclick = async () => { try { await call('run'); } catch (e) { fail(e); } };
 $('download').onclick = async () => {
   try {
-    const a = await call('adapter');
-    download('adapter_config.json', a.config, 'application/json');
-    download('adapter_model.safetensors', a.weights, 'application/octet-stream');
+    const { files } = await call('adapter');
+    for (const [name, bytes] of files) download(name, bytes, 'application/octet-stream');
   } catch (e) {
     fail(e);
   }
@@ -463,6 +474,9 @@ $('showNorms').onclick = async () => {
     $('nogpu').hidden = false;
     return fail(err);
   }
+  presets = info.presets;
+  showPreset(preset());
+  for (const r of document.querySelectorAll('input[name=model]')) r.onchange = () => showPreset(preset());
   $('adapter').textContent = `GPU: ${info.adapter}`;
   $('kernels').dataset.available = String(info.timestamps);
   if (!info.timestamps) $('kernelTotal').textContent = 'This adapter offers no timestamp-query, so there is no GPU time per kernel: the wall-clock times above are all there is.';

@@ -1,6 +1,7 @@
-// The training worker: owns the wasm Session (GPU, model, data, trainer) so the page
-// stays responsive. Messages in: {id, cmd, ...}; out: {id, ok, result|error} replies
-// and {event: 'step' | 'state' | 'log', ...} notices.
+// The training worker: owns the wasm Session (a shim over the library's `Run`) so the
+// page stays responsive, and keeps checkpoints in the Origin Private File System.
+// Messages in: {id, cmd, ...}; out: {id, ok, result|error} replies and
+// {event: 'step' | 'kernels' | 'state' | 'log', ...} notices.
 import init, { Session } from './pkg/webtune.js';
 
 let wasm; // the module's exports: its memory is the wasm heap the page reports
@@ -37,10 +38,33 @@ async function readFile(name) {
   }
 }
 
+async function readJson(name) {
+  const bytes = await readFile(name);
+  return bytes ? JSON.parse(new TextDecoder().decode(bytes)) : null;
+}
+
+async function removeFiles(names) {
+  const dir = await opfs();
+  for (const f of names) {
+    try { await dir.removeEntry(f); } catch (e) { /* not there */ }
+  }
+}
+
+// A checkpoint is the run's `checkpoint` files, kept as `checkpoint-{step}-{name}`;
+// run.json names them once they are all written, and only then is the previous one
+// removed, so a reload always finds a whole checkpoint.
 async function checkpoint() {
-  const bytes = await session.checkpoint();
-  await saveFile('checkpoint.safetensors', bytes);
-  await saveFile('run.json', JSON.stringify({ ...runInfo, step: session.step_count() }));
+  const files = await session.files('checkpoint');
+  const step = session.step_count();
+  const before = await readJson('run.json');
+  const stored = [];
+  for (const [name, bytes] of files) {
+    stored.push(`checkpoint-${step}-${name}`);
+    await saveFile(stored.at(-1), bytes);
+  }
+  await saveFile('run.json', JSON.stringify({ ...runInfo, step, files: files.map(([n]) => n), stored }));
+  if (before && before.stored && before.step !== step) await removeFiles(before.stored);
+  session.saved(`step ${step}, kept in this browser`);
 }
 
 async function hfFiles(repo) {
@@ -83,7 +107,7 @@ const commands = {
   async init() {
     wasm = await init();
     session = await Session.create();
-    return { adapter: session.adapter(), timestamps: session.timestamps(), saved: JSON.parse(new TextDecoder().decode((await readFile('run.json')) || new TextEncoder().encode('null'))) };
+    return { adapter: session.adapter(), timestamps: session.timestamps(), presets: Session.presets(), saved: await readJson('run.json') };
   },
   async loadModel({ source, files }) {
     if (source === 'demo') {
@@ -99,64 +123,53 @@ const commands = {
   async loadData({ source, text, bytes, name, maxSeqLen, pack }) {
     // A file's bytes are decoded in Rust, so bytes that are not UTF-8 name their line.
     const body = source === 'demo' ? Session.demo_data() : bytes ? Session.data_text(bytes, name) : text;
-    const summary = JSON.parse(session.load_data(body, name || source, maxSeqLen, !!pack));
-    const preview = JSON.parse(session.inspect(body, name || source, maxSeqLen, !!pack, 3));
+    const summary = session.load_data(body, name || source, maxSeqLen, !!pack);
+    const preview = session.inspect(body, name || source, maxSeqLen, !!pack, 3);
     await saveFile('data.jsonl', body);
     return { ...summary, preview };
   },
   async start({ options, model, data }) {
-    const total = session.start(JSON.stringify(options));
+    const total = session.start(options);
     runInfo = { options, model, data, total };
     return { total };
   },
-  async memory({ options }) {
-    return JSON.parse(session.memory_estimate(JSON.stringify(options)));
-  },
-  async merged() {
-    return { files: await session.merged_model_files() };
-  },
-  async tokenLosses({ index }) {
-    return JSON.parse(await session.token_losses(index));
-  },
-  async attention({ prompt, layer, head }) {
-    return JSON.parse(await session.attention_map(prompt, layer, head));
-  },
-  async gradNorms() {
-    return JSON.parse(await session.layer_grad_norms());
-  },
+  memory: ({ options }) => session.memory_estimate(options),
+  merged: async () => ({ files: await session.files('merged') }),
+  adapter: async () => ({ files: await session.files('output') }),
+  tokenLosses: ({ index }) => session.token_losses(index),
+  attention: ({ prompt, layer, head }) => session.attention_map(prompt, layer, head),
+  gradNorms: () => session.layer_grad_norms(),
   async resumeSaved() {
-    const bytes = await readFile('checkpoint.safetensors');
-    if (!bytes) throw new Error('no saved checkpoint');
-    return { step: session.resume(bytes) };
+    const saved = await readJson('run.json');
+    if (!saved || !saved.stored) throw new Error('no saved checkpoint');
+    const bytes = [];
+    for (const name of saved.stored) {
+      const b = await readFile(name);
+      if (!b) throw new Error(`the saved checkpoint has no ${name}`);
+      bytes.push(b);
+    }
+    return { step: session.resume(saved.files, bytes) };
   },
   async savedData() {
     const bytes = await readFile('data.jsonl');
     return bytes ? new TextDecoder().decode(bytes) : null;
   },
-  async run({ checkpointEvery }) {
+  // The loop: one `Run` step per turn (so pause gets through); the run says when a
+  // checkpoint is due, which kernels it timed, and when it is done.
+  async run() {
     running = true;
     post({ event: 'state', state: 'training' });
-    while (running && session.step_count() < session.total_steps()) {
+    let done = session.step_count() >= session.total_steps();
+    while (running && !done) {
       await exclusive(async () => {
-        // Time each kernel of step 3 (past the first steps' pipeline compilation) and
-        // of every 25th step, where the adapter has timestamp queries.
-        const next = session.step_count() + 1;
-        const timed = (next === 3 || next % 25 === 0) && session.set_profiling(true);
-        const stats = JSON.parse(await session.step());
-        post({ event: 'step', stats, total: session.total_steps(), memory: session.resident_bytes(), heap: wasm.memory.buffer.byteLength });
-        if (timed) {
-          session.set_profiling(false);
-          post({ event: 'kernels', step: stats.step, kernels: JSON.parse(await session.kernel_times()) });
-        }
-        if (!Number.isFinite(stats.loss)) {
-          running = false;
-          throw new Error(`the loss became ${stats.loss} at step ${stats.step}`);
-        }
-        if (checkpointEvery && stats.step % checkpointEvery === 0) await checkpoint();
-      });
+        const e = await session.step();
+        done = e.done;
+        post({ event: 'step', stats: e.stats, total: e.total, memory: session.resident_bytes(), heap: wasm.memory.buffer.byteLength });
+        if (e.kernels.length) post({ event: 'kernels', step: e.stats.step, kernels: e.kernels });
+        if (e.save) await checkpoint();
+      }).catch((err) => { running = false; throw err; });
     }
-    const done = session.step_count() >= session.total_steps();
-    await exclusive(checkpoint);
+    if (!done) await exclusive(checkpoint);
     running = false;
     post({ event: 'state', state: done ? 'done' : 'paused' });
     return { done };
@@ -171,19 +184,11 @@ const commands = {
     return { base, tuned };
   },
   async demoTest({ n }) {
-    const base = JSON.parse(await session.demo_test(n, false));
-    const tuned = JSON.parse(await session.demo_test(n, true));
-    return { base, tuned };
-  },
-  async adapter() {
-    const a = await session.adapter_files();
-    return { config: a.config, weights: a.weights };
+    return { base: await session.demo_test(n, false), tuned: await session.demo_test(n, true) };
   },
   async clearSaved() {
-    const dir = await opfs();
-    for (const f of ['run.json', 'checkpoint.safetensors', 'data.jsonl']) {
-      try { await dir.removeEntry(f); } catch (e) { /* not there */ }
-    }
+    const saved = await readJson('run.json');
+    await removeFiles(['run.json', 'data.jsonl', ...((saved && saved.stored) || [])]);
     return {};
   },
 };

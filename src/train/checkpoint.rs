@@ -1,8 +1,8 @@
-//! Checkpoints and outputs on disk, written atomically (a temporary name, then
-//! rename): a PEFT adapter (LoRA) or a full Hugging Face model directory, plus the
-//! optimizer moments and the trainer state needed to resume exactly.
+//! What a checkpoint holds and how it is read back: the trained tensors (PEFT names
+//! or the Hugging Face names), the AdamW moments and the trainer state needed to
+//! resume exactly. `export` makes the files; `write_atomic` writes one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::Options;
 use crate::error::{Error, Result};
@@ -56,60 +56,17 @@ pub async fn trained_tensors(gpu: &Gpu, model: &Model) -> Result<TensorMap> {
     Ok(out)
 }
 
-/// Write the output files of `model` into `dir` (created if needed): the adapter or
-/// the full model, and with `optimizer`, the moments and `state` for resuming.
-/// `files` are the base model's small files (config, tokenizer), copied for a full model.
-pub async fn save(dir: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8>)], state: &TrainerState, optimizer: bool) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tensors = trained_tensors(gpu, model).await?;
-    match &model.tuning {
-        Tuning::Lora(l) => {
-            write_atomic(&dir.join("adapter_config.json"), crate::peft::config_json(l, &state.base_model).as_bytes())?;
-            write_atomic(&dir.join("adapter_model.safetensors"), &weights::serialize(&tensors, None)?)?;
-        }
-        Tuning::Full => {
-            // Trained weights stay f32; config.json says so.
-            for (name, bytes) in crate::peft::model_files(files, &tensors, safetensors::Dtype::F32)? {
-                write_atomic(&dir.join(name), &bytes)?;
-            }
-        }
-        Tuning::Frozen => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
-    }
-    if optimizer {
-        let moments = read_state(gpu, model, false).await?;
-        write_atomic(&dir.join("optimizer.safetensors"), &weights::serialize(&moments, None)?)?;
-        let json = serde_json::to_string_pretty(state).expect("serialisable");
-        write_atomic(&dir.join("trainer_state.json"), json.as_bytes())?;
-    }
-    Ok(())
-}
-
-/// Save a resumable checkpoint as `out/checkpoint-{step}`: written under a temporary
-/// name and renamed, so a crash never leaves a half-written checkpoint.
-pub async fn save_checkpoint(out: &Path, gpu: &Gpu, model: &Model, files: &[(String, Vec<u8>)], state: &TrainerState) -> Result<PathBuf> {
-    let dir = out.join(format!("checkpoint-{}", state.step));
-    let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
-    let _ = std::fs::remove_dir_all(&tmp);
-    save(&tmp, gpu, model, files, state, true).await?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-    Ok(dir)
-}
-
-/// Load a checkpoint written by `save_checkpoint` into `model` (values and moments)
-/// and return its state.
-pub fn load_checkpoint(dir: &Path, gpu: &Gpu, model: &Model) -> Result<TrainerState> {
-    let read = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
+/// Load a checkpoint (`export::Export::Checkpoint`'s files, read by `get`) into
+/// `model` (values and moments) and return its state; `place` names it in errors.
+pub fn load_files(get: &dyn Fn(&str) -> Result<Vec<u8>>, place: &str, gpu: &Gpu, model: &Model) -> Result<TrainerState> {
     let state: TrainerState =
-        serde_json::from_slice(&read("trainer_state.json")?).map_err(|e| Error::io(&dir.join("trainer_state.json"), e))?;
+        serde_json::from_slice(&get("trainer_state.json")?).map_err(|e| Error::Config(format!("{place}/trainer_state.json: {e}")))?;
     let mut values = TensorMap::new();
     let file = if model.tuning == Tuning::Full { "model.safetensors" } else { "adapter_model.safetensors" };
-    weights::parse(&read(file)?, &dir.join(file).display().to_string(), &mut values)?;
+    weights::parse(&get(file)?, &format!("{place}/{file}"), &mut values)?;
     let mut moments = TensorMap::new();
-    weights::parse(&read("optimizer.safetensors")?, &dir.join("optimizer.safetensors").display().to_string(), &mut moments)?;
-    let missing = |n: &str| Error::Weights(format!("{}: `{n}` is missing", dir.display()));
+    weights::parse(&get("optimizer.safetensors")?, &format!("{place}/optimizer.safetensors"), &mut moments)?;
+    let missing = |n: &str| Error::Weights(format!("{place}: `{n}` is missing"));
     if model.tuning == Tuning::Full {
         for (name, parts) in model.weights_by_name() {
             let t = values.get(&name).ok_or_else(|| missing(&name))?;
@@ -124,8 +81,15 @@ pub fn load_checkpoint(dir: &Path, gpu: &Gpu, model: &Model) -> Result<TrainerSt
     } else {
         model.set_params(gpu, &values)?;
     }
-    write_state(gpu, model, &moments, false, &dir.display().to_string())?;
+    write_state(gpu, model, &moments, false, place)?;
     Ok(state)
+}
+
+/// Load a checkpoint directory (`out/checkpoint-N`) into `model`.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_checkpoint(dir: &Path, gpu: &Gpu, model: &Model) -> Result<TrainerState> {
+    let get = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
+    load_files(&get, &dir.display().to_string(), gpu, model)
 }
 
 /// The tensors of each trainable param a resume needs, by suffix: its AdamW moments

@@ -1,10 +1,14 @@
 //! What a run is made of: `Options`, the step plan (shuffle, batches, gradient
-//! accumulation), `Trainer::step` (one optimizer step on the GPU) and `evaluate`; the
-//! learning-rate schedule and checkpoints are submodules. The loop that drives them is
-//! still written per front end: `cli::train`, `cli::demo` and `web/worker.js`.
+//! accumulation), `Trainer::step` (one optimizer step on the GPU) and `evaluate`. The
+//! loop every front end drives is `run::Run`; the learning-rate schedule, checkpoints
+//! and the files a run exports are submodules.
 
 pub mod checkpoint;
+pub mod export;
+pub mod run;
 pub mod schedule;
+
+pub use run::{Event, Run, RunOptions};
 
 use crate::check::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
@@ -15,19 +19,37 @@ use crate::model::{Inputs, Model, Shape};
 use schedule::Schedule;
 
 /// Everything that decides what a step computes (saved with checkpoints; a resume
-/// must use the same).
+/// must use the same). Its defaults are written once, in `Default`: clap shows them
+/// and the page receives them (`Session::presets`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(clap::Args))]
+#[serde(default)]
 pub struct Options {
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().lr))]
     pub lr: f64,
+    /// constant, linear or cosine (with warmup).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().schedule))]
     pub schedule: String,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().warmup))]
     pub warmup: u64,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().weight_decay))]
     pub weight_decay: f64,
+    /// 0 disables clipping.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().max_grad_norm))]
     pub max_grad_norm: f64,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().batch_size))]
     pub batch_size: usize,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().grad_accum))]
     pub grad_accum: usize,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().epochs, conflicts_with = "steps"))]
     pub epochs: usize,
+    /// Optimizer steps (instead of epochs).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
     pub steps: Option<u64>,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().seed))]
     pub seed: u64,
+    /// `--no-shuffle`: keep the data's order.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long = "no-shuffle", action = clap::ArgAction::SetFalse))]
     pub shuffle: bool,
 }
 

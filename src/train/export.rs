@@ -1,0 +1,94 @@
+//! The one export path: what a run hands back as named files (bytes in memory). The
+//! command line writes them atomically into a directory (`write_dir`); the page
+//! downloads them or keeps them in the Origin Private File System.
+//!
+//! - `Output`: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
+//!   or with full tuning the whole model (f32, with the base's small files);
+//! - `Checkpoint`: the output plus the AdamW moments and `trainer_state.json`, all a
+//!   resume needs (`checkpoint::load_files` reads it back);
+//! - `Merged`: the base with the adapter merged in, stored in the base's dtype (full
+//!   tuning: the trained model).
+
+use super::checkpoint::{read_state, trained_tensors, TrainerState};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::model::source::Source;
+use crate::model::{weights, Model, Tuning};
+
+/// Named files, in the order they are written.
+pub type Files = Vec<(String, Vec<u8>)>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Export {
+    Output,
+    Checkpoint,
+    Merged,
+}
+
+impl std::str::FromStr for Export {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Export, String> {
+        match s {
+            "output" | "adapter" => Ok(Export::Output),
+            "checkpoint" => Ok(Export::Checkpoint),
+            "merged" => Ok(Export::Merged),
+            _ => Err(format!("unknown export `{s}` (output, checkpoint or merged)")),
+        }
+    }
+}
+
+/// The files of `what` for `model`, trained from `source`; `state` names the base
+/// (`base_model_name_or_path`) and, for a checkpoint, is saved with it.
+pub async fn files(gpu: &Gpu, source: &Source, model: &Model, state: &TrainerState, what: Export) -> Result<Files> {
+    let trained = trained_tensors(gpu, model).await?;
+    let mut out = match (&model.tuning, what) {
+        (Tuning::Frozen, _) => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
+        (Tuning::Lora(l), Export::Merged) => {
+            let mut w = weights::to_map(&source.weights)?;
+            crate::peft::merge_into(&mut w, &trained, l, "adapter")?;
+            crate::peft::model_files(&source.files, &w, source.weights.weights_dtype())?
+        }
+        (Tuning::Lora(l), _) => vec![
+            ("adapter_config.json".to_string(), crate::peft::config_json(l, &state.base_model).into_bytes()),
+            ("adapter_model.safetensors".to_string(), weights::serialize(&trained, None)?),
+        ],
+        // Trained weights stay f32; config.json says so.
+        (Tuning::Full, _) => crate::peft::model_files(&source.files, &trained, safetensors::Dtype::F32)?,
+    };
+    if what == Export::Checkpoint {
+        out.push(("optimizer.safetensors".into(), weights::serialize(&read_state(gpu, model, false).await?, None)?));
+        out.push(("trainer_state.json".into(), serde_json::to_string_pretty(state).expect("serialisable").into_bytes()));
+    }
+    Ok(out)
+}
+
+/// Write `files` into `dir`: into a temporary directory beside it, then renamed over
+/// it, so `dir` is either the old files or all the new ones, never half of them.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_dir(dir: &std::path::Path, files: &Files) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for (f, bytes) in files {
+        std::fs::write(tmp.join(f), bytes).map_err(|e| Error::io(&tmp.join(f), e))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Write `files` into `dir` (created if needed) beside what is there, each file
+/// atomically (the final output of a run, next to its checkpoints and metrics).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_files(dir: &std::path::Path, files: &Files) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (f, bytes) in files {
+        super::checkpoint::write_atomic(&dir.join(f), bytes)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! One training run, whoever drives it: `webtune train`, the demo and the page's
+//! worker all build a `Run` and call `next` until it says `done`. The run owns the
+//! model, the data, the trainer (plan, schedule), evaluation with sample replies, the
+//! checkpoint cadence, the NaN stop and kernel profiling; the front end only shows
+//! the event and saves the files it is told are due.
+
+use std::rc::Rc;
+
+use super::checkpoint::{self, TrainerState};
+use super::export::{self, Export, Files};
+use super::{evaluate, Options, StepStats, Trainer};
+use crate::data::batch::Dataset;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, KernelTime};
+use crate::model::generate::Sampling;
+use crate::model::source::Source;
+use crate::model::weights::TensorMap;
+use crate::model::{LoraConfig, Model, Tuning};
+
+/// What a run trains and how: the adapter (or full tuning), the data's shape, the
+/// cadence of evaluation and checkpoints, and the step options. Defaults are written
+/// once, in `Default`; `webtune train` flattens this into its flags and the page gets
+/// the defaults and the demo's preset from `Session::presets`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(not(target_arch = "wasm32"), derive(clap::Args))]
+#[serde(default)]
+pub struct RunOptions {
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = RunOptions::default().lora_rank))]
+    pub lora_rank: usize,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = RunOptions::default().lora_alpha))]
+    pub lora_alpha: f32,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = RunOptions::default().lora_dropout))]
+    pub lora_dropout: f32,
+    /// Comma-separated projections, or all-linear.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = RunOptions::default().lora_targets))]
+    pub lora_targets: String,
+    /// Scale LoRA by alpha/√r (rsLoRA).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub rslora: bool,
+    /// Train every weight (f32) instead of LoRA pairs.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub full: bool,
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = RunOptions::default().max_seq_len))]
+    pub max_seq_len: usize,
+    /// Pack several examples into each sequence (attention stays within each).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub pack: bool,
+    /// Recompute activations in the backward instead of keeping them.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub grad_checkpoint: bool,
+    /// Train on every token, prompts included.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub train_on_prompt: bool,
+    /// Evaluate on the validation data (and show sample replies) every this many steps.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub eval_every: Option<u64>,
+    /// Save a resumable checkpoint every this many steps (and always at the end).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub save_every: Option<u64>,
+    #[cfg_attr(not(target_arch = "wasm32"), command(flatten))]
+    #[serde(flatten)]
+    pub train: Options,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_targets: "all-linear".into(),
+            rslora: false,
+            full: false,
+            max_seq_len: 512,
+            pack: false,
+            grad_checkpoint: false,
+            train_on_prompt: false,
+            eval_every: None,
+            save_every: None,
+            train: Options::default(),
+        }
+    }
+}
+
+impl RunOptions {
+    /// The built-in demo's preset (`webtune`, the page's demo): LoRA r16 on every
+    /// projection with dropout 0.1, lr 1e-2 (cosine, 10 warmup), batches of 16.
+    pub fn demo(steps: u64) -> RunOptions {
+        RunOptions {
+            lora_dropout: 0.1,
+            max_seq_len: crate::demo::MAX_SEQ_LEN,
+            train: Options { lr: 1e-2, batch_size: 16, steps: Some(steps), ..Options::default() },
+            ..RunOptions::default()
+        }
+    }
+
+    /// The projections LoRA adapts (`all-linear`: every one).
+    pub fn targets(&self) -> Vec<String> {
+        if self.lora_targets == "all-linear" {
+            LoraConfig::ALL_TARGETS.map(String::from).to_vec()
+        } else {
+            self.lora_targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+        }
+    }
+
+    /// Take the adapter's shape from an existing LoRA config (`--init-adapter`).
+    pub fn set_lora(&mut self, l: &LoraConfig) {
+        (self.lora_rank, self.lora_alpha, self.lora_dropout, self.rslora) = (l.r, l.alpha, l.dropout, l.use_rslora);
+        self.lora_targets = l.targets.join(",");
+    }
+
+    pub fn tuning(&self) -> Tuning {
+        if self.full {
+            Tuning::Full
+        } else {
+            Tuning::Lora(LoraConfig { r: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.targets(), use_rslora: self.rslora })
+        }
+    }
+}
+
+/// A sample reply at an evaluation: the prompt and what the model answered.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub reply: String,
+}
+
+/// What one call of `Run::next` did, for the front end to show.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Event {
+    pub stats: StepStats,
+    pub total: u64,
+    /// Replies to the first prompts of the validation data, at evaluations.
+    pub samples: Vec<Sample>,
+    /// GPU time per kernel of this step, where it was profiled.
+    pub kernels: Vec<KernelTime>,
+    /// A checkpoint is due (every `save_every` steps, and at the end).
+    pub save: bool,
+    pub done: bool,
+}
+
+pub struct Run {
+    pub source: Rc<Source>,
+    pub opts: RunOptions,
+    pub model: Model,
+    pub data: Rc<Dataset>,
+    pub valid: Option<Dataset>,
+    pub trainer: Trainer,
+    /// Time each kernel of step 3 (past pipeline compilation) and of every nth step,
+    /// where the adapter has timestamp queries (`Some(u64::MAX)`: step 3 only).
+    pub profile_every: Option<u64>,
+    /// Where the last checkpoint went, as the front end said (`saved`): the NaN stop names it.
+    last_saved: Option<String>,
+    prompts: Vec<Vec<u32>>,
+}
+
+/// The prompts of the first two examples: their tokens before the first trained one.
+fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
+    data.examples.iter().filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
+}
+
+impl Run {
+    /// Load the model with the adapter (or for full tuning) and plan the steps.
+    pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+        // Plan first: bad options fail before the model is loaded.
+        Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
+        let model = Model::load(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed)?;
+        Run::with_model(source, model, data, valid, opts)
+    }
+
+    /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load).
+    pub fn with_model(source: Rc<Source>, mut model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+        if model.tuning != opts.tuning() {
+            return Err(Error::Config(format!("the model was loaded as {:?}, the run wants {:?}", model.tuning, opts.tuning())));
+        }
+        let trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
+        model.grad_checkpoint = opts.grad_checkpoint;
+        let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
+        Ok(Run { source, opts, model, data, valid, trainer, profile_every: None, last_saved: None, prompts })
+    }
+
+    /// Start from an existing adapter's weights instead of fresh LoRA ones.
+    pub fn init_adapter(&self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
+        self.model.set_params(gpu, tensors)
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.trainer.total_steps()
+    }
+
+    pub fn done(&self) -> bool {
+        self.trainer.done()
+    }
+
+    /// What a checkpoint saves about the run.
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            step: self.trainer.step,
+            total_steps: self.total_steps(),
+            options: self.opts.train.clone(),
+            base_model: self.source.name.clone(),
+            tuning: if self.opts.full { "full" } else { "lora" }.into(),
+        }
+    }
+
+    /// The files of the adapter (or full model), a checkpoint, or the merged model.
+    pub async fn files(&self, gpu: &Gpu, what: Export) -> Result<Files> {
+        export::files(gpu, &self.source, &self.model, &self.state(), what).await
+    }
+
+    /// The front end saved a checkpoint of the current step at `place`.
+    pub fn saved(&mut self, place: String) {
+        self.last_saved = Some(place);
+    }
+
+    /// Continue from a checkpoint (`files`' `Export::Checkpoint`, read by `get`) of a
+    /// run with the same options; returns the step it continues from.
+    pub fn resume(&mut self, gpu: &Gpu, get: &dyn Fn(&str) -> Result<Vec<u8>>, place: &str) -> Result<u64> {
+        let state = checkpoint::load_files(get, place, gpu, &self.model)?;
+        if state.options != self.opts.train {
+            return Err(Error::Config(format!(
+                "{place}: was trained with {:?}; resume with the same options (got {:?})",
+                state.options, self.opts.train
+            )));
+        }
+        self.trainer.step = state.step;
+        self.last_saved = Some(place.to_string());
+        Ok(state.step)
+    }
+
+    /// One optimizer step, with what is due after it: profiling, evaluation and
+    /// sample replies, whether to save. A loss that is not finite stops the run.
+    pub async fn next(&mut self, gpu: &Gpu) -> Result<Event> {
+        if self.done() {
+            return Err(Error::Config("the run is done: every planned step has run".into()));
+        }
+        let step = self.trainer.step + 1;
+        let timed = self.profile_every.is_some_and(|every| step == 3 || step % every == 0) && gpu.set_profiling(true);
+        let mut stats = self.trainer.step(gpu, &self.model, &self.data).await?;
+        let mut kernels = Vec::new();
+        if timed {
+            gpu.set_profiling(false);
+            kernels = gpu.kernel_times().await?;
+        }
+        if !stats.loss.is_finite() {
+            return Err(Error::Config(format!(
+                "the loss became {} at step {}; stopping. The last good checkpoint is {}",
+                stats.loss,
+                stats.step,
+                self.last_saved.clone().unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
+            )));
+        }
+        let total = self.total_steps();
+        let done = self.done();
+        let mut samples = Vec::new();
+        if let (Some(every), Some(v)) = (self.opts.eval_every, &self.valid) {
+            if step % every == 0 || done {
+                let tok = &self.source.tokenizer;
+                stats.valid_loss = Some(evaluate(gpu, &self.model, v, self.opts.train.batch_size, tok.pad_id).await?.0);
+                for p in &self.prompts {
+                    let out = self.model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;
+                    samples.push(Sample { prompt: tok.decode(p), reply: tok.decode(&out) });
+                }
+            }
+        }
+        let save = done || self.opts.save_every.is_some_and(|e| step % e == 0);
+        Ok(Event { stats, total, samples, kernels, save, done })
+    }
+}
