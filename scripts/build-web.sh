@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the wasm package into web/pkg: the wasm32 target, wasm-bindgen-cli at exactly
-# the wasm-bindgen crate's version (installed when missing), then wasm-bindgen.
+# the wasm-bindgen crate's version (installed when missing), then wasm-bindgen; and
+# vendor the page's one library, uPlot (the loss chart, from npm), into web/vendor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -14,4 +15,7 @@ if [ "$have" != "$want" ]; then
 fi
 cargo build --release --lib --target wasm32-unknown-unknown --quiet
 wasm-bindgen --target web --no-typescript --out-dir web/pkg target/wasm32-unknown-unknown/release/webtune.wasm
+[ -f node_modules/uplot/dist/uPlot.esm.js ] || npm ci --no-audit --no-fund --loglevel=error
+mkdir -p web/vendor
+cp node_modules/uplot/dist/uPlot.esm.js node_modules/uplot/dist/uPlot.min.css node_modules/uplot/LICENSE web/vendor/
 echo "built web/pkg ($(du -h web/pkg/webtune_bg.wasm | cut -f1))"

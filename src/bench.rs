@@ -1,12 +1,13 @@
 //! `webtune bench kernels`: GFLOP/s for matmul at the shapes of SmolLM2-135M training,
-//! attention at T = 512, and GB/s for the memory-bound ops.
+//! attention at T = 512, and GB/s for the memory-bound ops. `webtune bench train`:
+//! whole training steps of a `Run`, with what the host did for them (`gpu::Counters`).
 //!
 //! Timing is wall-clock around whole submissions (warm pipelines, repeated until at
 //! least `min_secs` have passed), so it includes dispatch overhead, as training does.
 
-use crate::check::Rng;
+use crate::rng::Rng;
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{Counters, DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self, Attention, Matmul};
 
 /// One measured kernel: `work` is FLOPs (compute-bound) or bytes moved (memory-bound).
@@ -153,4 +154,62 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
         kernels::adamw_step(g, r, &opt, 1, &param, &grad, &m, &v2, &norm)
     });
     Ok(rows)
+}
+
+/// One measured training step: its tokens and wall time, and what the host created
+/// and recorded for it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepRow {
+    pub step: u64,
+    pub tokens: usize,
+    pub secs: f64,
+    pub counters: Counters,
+}
+
+impl StepRow {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.secs
+    }
+
+    /// Host microseconds spent recording one dispatch.
+    pub fn us_per_dispatch(&self) -> f64 {
+        1e6 * self.counters.record_s / self.counters.dispatches.max(1) as f64
+    }
+}
+
+/// What `bench train` measured: the steps, and the GPU time of one more step by
+/// timestamp queries (None where the adapter has none) with its dispatch count.
+pub struct TrainBench {
+    pub steps: Vec<StepRow>,
+    pub gpu_ms: Option<(f64, u64)>,
+}
+
+/// Time `steps` steps of `run` after one warm-up step (pipelines compile, buffers
+/// are made), calling `report` after each; then one step with timestamp queries.
+/// The run must plan at least `steps + 2` steps.
+pub async fn train(gpu: &Gpu, run: &mut crate::train::Run, steps: u64, mut report: impl FnMut(&StepRow)) -> Result<TrainBench> {
+    if run.total_steps() < steps + 2 {
+        return Err(crate::Error::Config(format!("the run plans {} steps; bench train needs {}", run.total_steps(), steps + 2)));
+    }
+    run.profile_every = None;
+    run.next(gpu).await?;
+    let mut rows = Vec::new();
+    for _ in 0..steps {
+        let before = gpu.counters();
+        let start = crate::clock::now();
+        let e = run.next(gpu).await?;
+        let row = StepRow { step: e.stats.step, tokens: e.stats.tokens, secs: crate::clock::now() - start, counters: gpu.counters().since(&before) };
+        report(&row);
+        rows.push(row);
+    }
+    let gpu_ms = if gpu.set_profiling(true) {
+        let before = gpu.counters();
+        run.next(gpu).await?;
+        gpu.set_profiling(false);
+        let ms = gpu.kernel_times().await?.iter().map(|k| k.ms).sum();
+        Some((ms, gpu.counters().since(&before).dispatches))
+    } else {
+        None
+    };
+    Ok(TrainBench { steps: rows, gpu_ms })
 }

@@ -353,7 +353,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     }
     let mut picks: Vec<usize> = (0..records.len()).collect();
     if a.sample {
-        let mut rng = crate::check::Rng::new(a.seed);
+        let mut rng = crate::rng::Rng::new(a.seed);
         for i in (1..picks.len()).rev() {
             picks.swap(i, rng.below(i as u64 + 1) as usize);
         }

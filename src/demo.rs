@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::check::Rng;
+use crate::rng::Rng;
 use crate::data::template::FALLBACK_TEMPLATE;
 use crate::data::Tokenizer;
 use crate::error::Result;

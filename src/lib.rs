@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod model;
 pub mod peft;
 pub mod reference;
+pub mod rng;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod serve;
 pub mod train;

@@ -232,6 +232,25 @@ enum BenchWhat {
         #[arg(long, default_value = "")]
         only: String,
     },
+    /// Whole training steps (the options of `train`; --steps is how many to measure,
+    /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
+    /// the buffers and bind groups each step creates.
+    Train {
+        /// A model directory, or `demo`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Training data (JSONL), or `demo`.
+        #[arg(long, default_value = "demo")]
+        data: PathBuf,
+        /// Build buffers, uniforms, bind groups and passes per use, as before reuse.
+        #[arg(long)]
+        no_reuse: bool,
+        /// Keep frozen weights in f32 even where the adapter has shader-f16.
+        #[arg(long)]
+        f32_weights: bool,
+        #[command(flatten)]
+        run: RunOptions,
+    },
 }
 
 fn main() {
@@ -344,6 +363,40 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("training state    {:>9.1} MiB", mib(m.training_state));
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
+        }
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, mut run } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, ..Default::default() }).await?;
+            let measure = run.train.steps.unwrap_or(5);
+            run.train.steps = Some(measure + 2);
+            let md = cli::ModelDir::open(&model)?;
+            let ds = cli::load_data(&md.tokenizer, &data, run.max_seq_len, run.pack, run.train_on_prompt)?;
+            println!("adapter: {}", gpu.describe());
+            let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            println!(
+                "{}: {} layers, hidden {}, vocab {}; {:?}; batch {} (sequences up to {longest} tokens); reuse {}",
+                model.display(), md.cfg.layers, md.cfg.hidden, md.cfg.vocab, run.tuning(), run.train.batch_size, if no_reuse { "off" } else { "on" }
+            );
+            let mut r = webtune::train::Run::new(&gpu, std::rc::Rc::new(md.source), std::rc::Rc::new(ds), None, run)?;
+            println!("{:>5} {:>7} {:>9} {:>9} {:>10} {:>7} {:>8} {:>8} {:>10} {:>10} {:>12}", "step", "tokens", "ms", "tok/s", "dispatches", "passes", "buffers", "binds", "record ms", "submit ms", "µs/dispatch");
+            let b = webtune::bench::train(&gpu, &mut r, measure, |s| {
+                let c = &s.counters;
+                println!(
+                    "{:>5} {:>7} {:>9.1} {:>9.1} {:>10} {:>7} {:>8} {:>8} {:>10.2} {:>10.2} {:>12.2}",
+                    s.step, s.tokens, 1e3 * s.secs, s.tokens_per_s(), c.dispatches, c.passes, c.buffers, c.bind_groups, 1e3 * c.record_s, 1e3 * c.submit_s, s.us_per_dispatch()
+                );
+            })
+            .await?;
+            let n = b.steps.len().max(1) as f64;
+            let mean = |f: &dyn Fn(&webtune::bench::StepRow) -> f64| b.steps.iter().map(f).sum::<f64>() / n;
+            println!(
+                "mean: {:.1} tokens/s, {:.0} ms a step, host {:.1} ms recording + {:.1} ms submitting, {:.2} µs per dispatch, {:.1} buffers and {:.1} bind groups created per step",
+                mean(&|s| s.tokens_per_s()), 1e3 * mean(&|s| s.secs), 1e3 * mean(&|s| s.counters.record_s), 1e3 * mean(&|s| s.counters.submit_s),
+                mean(&|s| s.us_per_dispatch()), mean(&|s| s.counters.buffers as f64), mean(&|s| s.counters.bind_groups as f64)
+            );
+            match b.gpu_ms {
+                Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
+                None => println!("GPU time: this adapter has no timestamp queries"),
+            }
         }
         Command::Bench { what: BenchWhat::Kernels { min_secs, only } } => {
             let gpu = Gpu::new().await?;

@@ -271,16 +271,7 @@ pub fn bias_backward(rows: usize, c: usize, dy: &[f32], dbias: &mut [f32]) {
     }
 }
 
-/// lowbias32, as in `kernels/elementwise.wgsl`.
-pub fn hash(v: u32) -> u32 {
-    let mut h = v;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb352d);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x846ca68b);
-    h ^= h >> 16;
-    h
-}
+pub use crate::rng::hash;
 
 pub fn dropout(n: usize, p: f32, seed: u32, x: &[f32], y: &mut [f32]) {
     let hs = hash(seed);

@@ -1,6 +1,8 @@
 // The page: reads the options (or query parameters), talks to the training worker,
 // draws the loss chart and keeps #status (data-state, data-step, data-loss) current
 // so scripts and tests can follow a run.
+import uPlot from './vendor/uPlot.esm.js';
+
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const losses = [];
@@ -56,7 +58,8 @@ const num = (id, param) => Number(params.get(param) ?? $(id).value);
 function showPreset(p) {
   for (const [id, key] of Object.entries(FIELDS)) {
     const v = p[key];
-    $(id).value = params.get(id) ?? (v == null ? 0 : v);
+    // f32 options arrive widened (0.1 → 0.10000000149…): show 6 significant digits.
+    $(id).value = params.get(id) ?? (v == null ? 0 : Number(v.toPrecision(6)));
   }
   const targets = p.lora_targets === 'all-linear' ? presets.targets : p.lora_targets.split(',');
   $('targets').replaceChildren();
@@ -158,25 +161,22 @@ function onState(state) {
   if (state === 'paused') setStatus('paused', `paused at step ${st.dataset.step}`);
 }
 
+// The loss chart: uPlot (vendored by the web build) gives axes, the values under the
+// cursor and sharp lines on high-DPI screens.
+let chart = null;
 function drawChart() {
-  const c = $('chart');
-  const g = c.getContext('2d');
-  g.clearRect(0, 0, c.width, c.height);
-  if (losses.length < 1) return;
-  const max = Math.max(...losses), min = Math.min(0, ...losses);
-  g.strokeStyle = '#2b6cb0';
-  g.lineWidth = 2;
-  g.beginPath();
-  losses.forEach((l, i) => {
-    const x = 30 + (i / Math.max(1, losses.length - 1)) * (c.width - 40);
-    const y = 10 + (1 - (l - min) / (max - min || 1)) * (c.height - 30);
-    i ? g.lineTo(x, y) : g.moveTo(x, y);
-  });
-  g.stroke();
-  g.fillStyle = '#5b6470';
-  g.fillText(max.toFixed(2), 2, 14);
-  g.fillText(min.toFixed(2), 2, c.height - 20);
-  g.fillText(`step ${$('status').dataset.step}`, c.width - 60, c.height - 4);
+  const steps = losses.map((_, i) => i + 1 + (Number($('status').dataset.resumedFrom) || 0));
+  if (!chart) {
+    chart = new uPlot({
+      width: Math.min(640, $('chart').clientWidth || 640),
+      height: 240,
+      scales: { x: { time: false } },
+      axes: [{ label: 'step' }, { label: 'loss' }],
+      series: [{ label: 'step' }, { label: 'training loss', stroke: '#2b6cb0', width: 2, value: (u, v) => (v == null ? '–' : v.toFixed(4)) }],
+    }, [steps, losses.slice()], $('chart'));
+    return;
+  }
+  chart.setData([steps, losses.slice()]);
 }
 
 async function prepare(model, data) {

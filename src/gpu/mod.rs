@@ -7,18 +7,26 @@
 //! event loop resolves the map, so no code ever spins.
 
 pub mod profile;
+pub mod reuse;
 mod tensor;
 
 pub use profile::KernelTime;
+pub use reuse::Counters;
 pub use tensor::{DType, Tensor};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+
+/// A WGSL file: its name (`matmul.wgsl`) and source. `crate::kernels` registers them.
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// The loop-budget probe `Gpu::new` runs (`Caps::max_loop`).
+pub const PROBE: Kernel = Kernel { name: "probe.wgsl", source: include_str!("../../kernels/probe.wgsl") };
 
 /// Which matmul (and other tile-shaped) kernel variants suit this adapter.
 ///
@@ -49,6 +57,8 @@ pub struct Caps {
     /// into several dispatches. `u32::MAX` where the driver has no cap.
     pub max_loop: u32,
     pub variant: Variant,
+    /// See [`GpuOptions::no_reuse`].
+    pub no_reuse: bool,
 }
 
 /// Options for [`Gpu::new_with`].
@@ -62,6 +72,10 @@ pub struct GpuOptions {
     pub no_f16: bool,
     /// Cap the loop budget below the driver's (tests of the split paths on any driver).
     pub max_loop: Option<u32>,
+    /// Build everything per use, as before `gpu::reuse`: a new buffer per temporary, a
+    /// uniform buffer and a bind group per dispatch, a compute pass per dispatch
+    /// (`webtune bench train --no-reuse` measures what reuse saves).
+    pub no_reuse: bool,
 }
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
@@ -70,6 +84,8 @@ type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
 pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub name: Arc<str>,
+    /// Its bind group layout (group 0), asked for once.
+    pub layout: wgpu::BindGroupLayout,
 }
 
 impl std::ops::Deref for Pipeline {
@@ -86,6 +102,9 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
     profiler: Mutex<profile::Profiler>,
+    state: Arc<Mutex<reuse::State>>,
+    /// Readback staging buffers by size class, mapped and unmapped again.
+    staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
 }
 
 /// One storage binding of a dispatch: a whole tensor or a byte range of its buffer.
@@ -96,17 +115,49 @@ pub struct Bind<'a> {
 }
 
 impl<'a> From<&'a Tensor> for Bind<'a> {
+    /// The tensor's bytes, or its whole pooled buffer (`reuse::Lease::bind`).
     fn from(t: &'a Tensor) -> Self {
-        Bind { buffer: &t.buffer, offset: 0, size: None }
+        Bind { buffer: &t.buffer, offset: 0, size: Some(t.bind_size()) }
     }
 }
 
-/// A command encoder that launchers record dispatches into (and, while profiling,
-/// the timestamp queries of its passes).
+/// A command encoder that launchers record dispatches into: one compute pass runs
+/// until a copy or clear needs the encoder (while profiling, a pass per dispatch with
+/// its timestamp queries); the parameters and small uploads it staged in the arena
+/// are written when it is submitted.
 pub struct Recorder {
-    pub encoder: wgpu::CommandEncoder,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
     profiled: bool,
     timed: Option<profile::Timed>,
+    /// Arena writes to make before the commands run: (arena buffer, offset, bytes).
+    staged: Vec<(wgpu::Buffer, u64, Vec<u8>)>,
+    /// Creation order (`reuse::State::open`).
+    seq: u64,
+    state: Arc<Mutex<reuse::State>>,
+}
+
+impl Recorder {
+    /// The command encoder, for copies and clears (the open compute pass ends).
+    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder.as_mut().expect("a recorder's encoder lives until submit")
+    }
+
+    fn stage(&mut self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+        match self.staged.last_mut() {
+            Some((b, o, data)) if b == buffer && *o + data.len() as u64 == offset => data.extend_from_slice(bytes),
+            _ => self.staged.push((buffer.clone(), offset, bytes.to_vec())),
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Submitted or abandoned (an error while recording): either way no longer open.
+        let mut st = self.state.lock().unwrap();
+        st.open.remove(&self.seq);
+    }
 }
 
 impl Gpu {
@@ -163,8 +214,18 @@ impl Gpu {
             max_binding,
             max_loop: u32::MAX,
             variant,
+            no_reuse: opts.no_reuse,
         };
-        let mut gpu = Gpu { device, queue, caps, modules: Mutex::default(), pipelines: Mutex::default(), profiler: Mutex::default() };
+        let mut gpu = Gpu {
+            device,
+            queue,
+            caps,
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            profiler: Mutex::default(),
+            state: Arc::default(),
+            staging: Mutex::default(),
+        };
         let measured = match gpu.loop_cap().await? {
             Some(cap) => cap / 2,
             None => u32::MAX,
@@ -178,7 +239,7 @@ impl Gpu {
     async fn loop_cap(&self) -> Result<Option<u32>> {
         const PROBE_LOOPS: u32 = 1 << 20;
         let count = Tensor::new(self, "loop probe count", DType::U32, &[1])?;
-        let pipeline = self.pipeline(&crate::kernels::PROBE, "loop_probe", &[]);
+        let pipeline = self.pipeline(&PROBE, "loop_probe", &[]);
         let mut rec = self.recorder("loop probe");
         self.dispatch(&mut rec, &pipeline, "loop_probe", &[PROBE_LOOPS, 0, 0, 0], &[(1, Bind::from(&count))], [1, 1, 1])?;
         self.submit(rec);
@@ -239,40 +300,194 @@ impl Gpu {
             compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: true },
             cache: None,
         });
-        let pipeline = Arc::new(Pipeline { pipeline, name: label.into() });
+        let layout = pipeline.get_bind_group_layout(0);
+        let pipeline = Arc::new(Pipeline { pipeline, name: label.into(), layout });
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         pipeline
     }
 
     pub fn recorder(&self, label: &str) -> Recorder {
+        let mut st = self.state.lock().unwrap();
+        if st.open.is_empty() {
+            // A top-level recorder: everything before it is submitted, so the arenas
+            // start again, and what idled long enough is let go.
+            (st.params.cursor, st.uploads.cursor) = (0, 0);
+            st.generation += 1;
+            if st.generation % reuse::IDLE_GENERATIONS == 0 {
+                reuse::sweep(&mut st, false);
+            }
+        }
+        st.created += 1;
+        let seq = st.created;
+        st.open.insert(seq);
         Recorder {
-            encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
+            encoder: Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })),
+            pass: None,
             profiled: self.profiler.lock().unwrap().on,
             timed: None,
+            staged: Vec::new(),
+            seq,
+            state: self.state.clone(),
         }
     }
 
-    /// Submit a recorder. While profiling, its timestamps are resolved into a buffer
-    /// that [`Gpu::kernel_times`] reads.
-    pub fn submit(&self, rec: Recorder) {
-        let Recorder { mut encoder, timed, .. } = rec;
-        let Some(timed) = timed else {
-            self.queue.submit([encoder.finish()]);
-            return;
-        };
-        let n = 2 * timed.names.len() as u32;
-        let size = n as u64 * 8;
-        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps"),
-            size,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let staging = self.staging("timestamps readback", size);
-        encoder.resolve_query_set(&timed.queries, 0..n, &resolve, 0);
-        encoder.copy_buffer_to_buffer(&resolve, 0, &staging, 0, size);
+    /// Submit a recorder: its staged arena bytes first, then its commands. While
+    /// profiling, its timestamps are resolved into a buffer that [`Gpu::kernel_times`] reads.
+    pub fn submit(&self, mut rec: Recorder) {
+        let start = crate::clock::now();
+        rec.pass = None;
+        for (buffer, offset, bytes) in std::mem::take(&mut rec.staged) {
+            self.queue.write_buffer(&buffer, offset, &bytes);
+        }
+        let mut encoder = rec.encoder.take().expect("submitted once");
+        if let Some(timed) = rec.timed.take() {
+            let n = 2 * timed.names.len() as u32;
+            let size = n as u64 * 8;
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let staging = self.staging_buffer(size);
+            encoder.resolve_query_set(&timed.queries, 0..n, &resolve, 0);
+            encoder.copy_buffer_to_buffer(&resolve, 0, &staging, 0, size);
+            self.profiler.lock().unwrap().pending.push((staging, timed.names));
+        }
         self.queue.submit([encoder.finish()]);
-        self.profiler.lock().unwrap().pending.push((staging, timed.names));
+        drop(rec);
+        let mut st = self.state.lock().unwrap();
+        st.counters.submits += 1;
+        st.counters.submit_s += crate::clock::now() - start;
+    }
+
+    /// What this context created and recorded so far.
+    pub fn counters(&self) -> Counters {
+        self.state.lock().unwrap().counters
+    }
+
+    /// Let go of every pooled buffer and cached bind group now (a new model replaces
+    /// the old one: bind groups would keep its buffers alive).
+    pub fn trim(&self) {
+        let mut st = self.state.lock().unwrap();
+        reuse::sweep(&mut st, true);
+        self.staging.lock().unwrap().clear();
+    }
+
+    /// A zero-filled temporary from the pool (cleared inside `rec`: a pooled buffer
+    /// holds what its last holder left).
+    pub fn temp(&self, rec: &mut Recorder, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let t = self.pooled(label, dtype, shape)?;
+        rec.encoder().clear_buffer(&t.buffer, 0, Some(t.padded_bytes()));
+        Ok(t)
+    }
+
+    /// A temporary from the pool holding `data`, copied in inside `rec` from the arena.
+    pub fn upload_in<T: bytemuck::Pod>(&self, rec: &mut Recorder, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let t = self.pooled(label, DType::of::<T>(), shape)?;
+        if t.numel() != data.len() {
+            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+        }
+        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        bytes.resize(t.padded_bytes() as usize, 0);
+        let (arena, offset) = self.arena_slot(rec, &bytes, wgpu::COPY_BUFFER_ALIGNMENT, false);
+        rec.encoder().copy_buffer_to_buffer(&arena, offset, &t.buffer, 0, bytes.len() as u64);
+        Ok(t)
+    }
+
+    /// A temporary from the pool holding `data` (a step's inputs), written by the
+    /// queue (a pooled buffer is handed out only when no unsubmitted work may use it).
+    pub fn upload_temp<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let t = self.pooled(label, DType::of::<T>(), shape)?;
+        if t.numel() != data.len() {
+            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+        }
+        self.write_padded(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    fn pooled(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        if self.caps.no_reuse {
+            return Tensor::new(self, label, dtype, shape);
+        }
+        let bytes = Tensor::padded(dtype, shape);
+        let class = reuse::size_class(bytes);
+        let taken = self.state.lock().unwrap().take(class);
+        let (buffer, index) = match taken {
+            Some(t) => t,
+            None => {
+                let b = self.create_storage(label, class)?;
+                (b.clone(), self.state.lock().unwrap().add(class, b))
+            }
+        };
+        let bind = if class <= self.caps.max_binding { class } else { bytes };
+        let lease = reuse::Lease { class, index, bind, state: self.state.clone() };
+        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)) })
+    }
+
+    /// A new storage buffer (counted), checked against the adapter's maximum.
+    pub(crate) fn create_storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        if bytes > self.caps.limits.max_buffer_size {
+            return Err(Error::TooLarge(format!(
+                "{label}: {bytes} bytes exceeds the adapter's max buffer size {}",
+                self.caps.limits.max_buffer_size
+            )));
+        }
+        self.count_buffer(bytes);
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    fn count_buffer(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.counters.buffers += 1;
+        st.counters.buffer_bytes += bytes;
+    }
+
+    /// Room for `bytes` at `align` in the parameter arena (`params`) or the upload
+    /// arena, staged in `rec` for its submit.
+    fn arena_slot(&self, rec: &mut Recorder, bytes: &[u8], align: u64, params: bool) -> (wgpu::Buffer, u64) {
+        if self.caps.no_reuse {
+            let size = (bytes.len() as u64).div_ceil(16) * 16;
+            self.count_buffer(size);
+            let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("parameters"),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            rec.stage(&b, 0, bytes);
+            return (b, 0);
+        }
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let arena = if params { &mut st.params } else { &mut st.uploads };
+        let offset = arena.cursor.div_ceil(align) * align;
+        let end = offset + bytes.len() as u64;
+        let size = arena.buffer.as_ref().map_or(0, |a| a.size());
+        let (buffer, offset) = if end <= size {
+            arena.cursor = end;
+            (arena.buffer.clone().expect("sized"), offset)
+        } else {
+            // A bigger arena; the old one lives on in the bind groups that use it.
+            let size = (2 * size).max(1 << 20).max(bytes.len() as u64 * 2).div_ceil(256) * 256;
+            let usage = if params { wgpu::BufferUsages::UNIFORM } else { wgpu::BufferUsages::COPY_SRC } | wgpu::BufferUsages::COPY_DST;
+            let label = if params { "parameter arena" } else { "upload arena" };
+            let a = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false });
+            arena.buffer = Some(a.clone());
+            arena.cursor = bytes.len() as u64;
+            st.counters.buffers += 1;
+            st.counters.buffer_bytes += size;
+            (a, 0)
+        };
+        let arena = buffer;
+        drop(guard);
+        rec.stage(&arena, offset, bytes);
+        (arena, offset)
     }
 
     /// Time every dispatch from now on with timestamp queries (or stop). Returns
@@ -296,8 +511,8 @@ impl Gpu {
         Ok(profile::summarize(passes, self.queue.get_timestamp_period()))
     }
 
-    /// Record one dispatch: `params` go to binding 0 as a uniform buffer, each
-    /// `(binding, tensor)` of `binds` to its binding number.
+    /// Record one dispatch: `params` go to binding 0 (a slot of the arena), each
+    /// `(binding, tensor)` of `binds` to its binding number; the bind group is cached.
     pub fn dispatch<P: bytemuck::Pod>(
         &self,
         rec: &mut Recorder,
@@ -314,53 +529,84 @@ impl Gpu {
         if workgroups.contains(&0) {
             return Ok(());
         }
+        let start = crate::clock::now();
         let mut bytes = bytemuck::bytes_of(params).to_vec();
         bytes.resize(bytes.len().div_ceil(16) * 16, 0);
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let align = self.caps.limits.min_uniform_buffer_offset_alignment as u64;
+        let (arena, offset) = self.arena_slot(rec, &bytes, align, true);
+        let mut entries: Vec<reuse::BindEntry> = vec![(0, arena, offset, bytes.len() as u64)];
         for (binding, b) in binds {
-            entries.push(wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: b.buffer,
-                    offset: b.offset,
-                    size: b.size.and_then(wgpu::BufferSize::new),
-                }),
-            });
+            entries.push((*binding, b.buffer.clone(), b.offset, b.size.unwrap_or(b.buffer.size() - b.offset)));
         }
-        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(label),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        if rec.profiled && rec.timed.is_none() {
-            let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("kernel timestamps"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2 * profile::PASSES_PER_RECORDER,
-            });
-            rec.timed = Some(profile::Timed { queries, names: Vec::new() });
-        }
-        let timestamp_writes = match &mut rec.timed {
-            Some(t) if (t.names.len() as u32) < profile::PASSES_PER_RECORDER => {
-                let i = 2 * t.names.len() as u32;
-                t.names.push(pipeline.name.clone());
-                Some(wgpu::ComputePassTimestampWrites {
-                    query_set: &t.queries,
-                    beginning_of_pass_write_index: Some(i),
-                    end_of_pass_write_index: Some(i + 1),
-                })
+        let key = (pipeline as *const Pipeline as usize, entries);
+        let mut st = self.state.lock().unwrap();
+        let generation = st.generation;
+        let group = match st.binds.get_mut(&key).filter(|_| !self.caps.no_reuse) {
+            Some((g, used)) => {
+                *used = generation;
+                g.clone()
             }
-            _ => None,
+            None => {
+                let resources: Vec<wgpu::BindGroupEntry> = key
+                    .1
+                    .iter()
+                    .map(|(binding, buffer, offset, size)| wgpu::BindGroupEntry {
+                        binding: *binding,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: wgpu::BufferSize::new(*size) }),
+                    })
+                    .collect();
+                let g = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(label), layout: &pipeline.layout, entries: &resources });
+                st.counters.bind_groups += 1;
+                if !self.caps.no_reuse {
+                    st.binds.insert(key, (g.clone(), generation));
+                }
+                g
+            }
         };
-        let mut pass = rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes });
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        st.counters.dispatches += 1;
+        let own_pass = rec.profiled || self.caps.no_reuse;
+        if own_pass || rec.pass.is_none() {
+            st.counters.passes += 1;
+        }
+        drop(st);
+        if own_pass {
+            if rec.profiled && rec.timed.is_none() {
+                let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("kernel timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2 * profile::PASSES_PER_RECORDER,
+                });
+                rec.timed = Some(profile::Timed { queries, names: Vec::new() });
+            }
+            rec.pass = None;
+            let encoder = rec.encoder.as_mut().expect("open");
+            let timestamp_writes = match &mut rec.timed {
+                Some(t) if rec.profiled && (t.names.len() as u32) < profile::PASSES_PER_RECORDER => {
+                    let i = 2 * t.names.len() as u32;
+                    t.names.push(pipeline.name.clone());
+                    Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &t.queries,
+                        beginning_of_pass_write_index: Some(i),
+                        end_of_pass_write_index: Some(i + 1),
+                    })
+                }
+                _ => None,
+            };
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        } else {
+            if rec.pass.is_none() {
+                let encoder = rec.encoder.as_mut().expect("open");
+                rec.pass = Some(encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("kernels"), timestamp_writes: None }).forget_lifetime());
+            }
+            let pass = rec.pass.as_mut().expect("just begun");
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        self.state.lock().unwrap().counters.record_s += crate::clock::now() - start;
         Ok(())
     }
 
@@ -435,17 +681,25 @@ impl Gpu {
 
     /// Copy `size` bytes at `offset` of `buffer` back to the host.
     pub async fn read_bytes(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
-        let staging = self.staging("readback", size);
+        let staging = self.staging_buffer(size);
         let mut rec = self.recorder("readback");
-        rec.encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        rec.encoder().copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         self.submit(rec);
-        self.map_read(&staging).await
+        let mut out = self.map_read(&staging).await?;
+        out.truncate(size as usize);
+        Ok(out)
     }
 
-    fn staging(&self, label: &str, size: u64) -> wgpu::Buffer {
+    /// A MAP_READ buffer of at least `size` bytes, from those read before when one is free.
+    fn staging_buffer(&self, size: u64) -> wgpu::Buffer {
+        let class = reuse::size_class(size);
+        if let Some(b) = self.staging.lock().unwrap().get_mut(&class).and_then(|l| l.pop()).filter(|_| !self.caps.no_reuse) {
+            return b;
+        }
+        self.count_buffer(class);
         self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
+            label: Some("readback"),
+            size: class,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
@@ -461,6 +715,7 @@ impl Gpu {
         rx.await.map_err(|_| Error::Map("map callback dropped".into()))?.map_err(|e| Error::Map(e.to_string()))?;
         let data = staging.get_mapped_range(..).map_err(|e| Error::Map(format!("{e:?}")))?.to_vec();
         staging.unmap();
+        self.staging.lock().unwrap().entry(staging.size()).or_default().push(staging.clone());
         Ok(data)
     }
 

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 
+
 use super::Gpu;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,34 +37,38 @@ impl DType {
     }
 }
 
-/// Row-major tensor on the GPU. `clone` shares the buffer.
+/// Row-major tensor on the GPU. `clone` shares the buffer. A temporary's buffer is on
+/// loan from the pool (`gpu::reuse`) and goes back when the last clone drops.
 #[derive(Clone)]
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub label: String,
+    pub(crate) lease: Option<std::sync::Arc<super::reuse::Lease>>,
 }
 
 impl Tensor {
-    /// A zero-filled tensor (wgpu zero-initialises new buffers).
+    /// A zero-filled tensor in a buffer of its own (wgpu zero-initialises new buffers).
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let buffer = gpu.create_storage(label, Tensor::padded(dtype, shape))?;
+        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None })
+    }
+
+    /// The bytes a tensor of `shape` occupies: bindings want a non-zero size that is a
+    /// multiple of 4; vec4 views want 16.
+    pub fn padded(dtype: DType, shape: &[usize]) -> u64 {
         let numel: usize = shape.iter().product();
-        // Bindings want a non-zero size that is a multiple of 4; vec4 views want 16.
-        let bytes = ((numel.max(1) * dtype.size()) as u64).div_ceil(16) * 16;
-        if bytes > gpu.caps.limits.max_buffer_size {
-            return Err(Error::TooLarge(format!(
-                "{label}: {bytes} bytes exceeds the adapter's max buffer size {}",
-                gpu.caps.limits.max_buffer_size
-            )));
-        }
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, label: label.to_string() })
+        ((numel.max(1) * dtype.size()) as u64).div_ceil(16) * 16
+    }
+
+    pub fn padded_bytes(&self) -> u64 {
+        Tensor::padded(self.dtype, &self.shape)
+    }
+
+    /// Bytes a whole-tensor binding covers (see `reuse::Lease::bind`).
+    pub fn bind_size(&self) -> u64 {
+        self.lease.as_ref().map_or(self.padded_bytes(), |l| l.bind)
     }
 
     pub fn numel(&self) -> usize {

@@ -55,7 +55,7 @@ pub fn grad_norm(gpu: &Gpu, rec: &mut Recorder, grads: &[&Tensor], max_norm: f32
     norm.expect(op, "norm", DType::F32, 2)?;
     check_binding(gpu, op, grads)?;
     let wgs: Vec<usize> = grads.iter().map(|g| g.numel().div_ceil(256).clamp(1, 256)).collect();
-    let partial = Tensor::new(gpu, "grad_norm partial", DType::F32, &[wgs.iter().sum()])?;
+    let partial = gpu.temp(rec, "grad_norm partial", DType::F32, &[wgs.iter().sum()])?;
     let pipeline = gpu.pipeline(&ADAMW, "sumsq_partial", &[]);
     let mut slot = 0;
     for (g, &w) in grads.iter().zip(&wgs) {

@@ -163,8 +163,8 @@ pub fn attention_backward(
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o, dout, dq, dk, dv])?;
     // stats = [lse, dsum]: one binding for both keeps the dk/dv kernel at 8 storage buffers.
-    let stats = Tensor::new(gpu, "attention stats", DType::F32, &[2, at.rows()])?;
-    rec.encoder.copy_buffer_to_buffer(&lse.buffer, 0, &stats.buffer, 0, lse.bytes());
+    let stats = gpu.temp(rec, "attention stats", DType::F32, &[2, at.rows()])?;
+    rec.encoder().copy_buffer_to_buffer(&lse.buffer, 0, &stats.buffer, 0, lse.bytes());
     let params = at.params();
     let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dsum", &[]);
     gpu.dispatch(

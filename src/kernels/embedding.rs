@@ -44,7 +44,7 @@ pub fn embedding_forward(
     check(rows == v && parts.iter().all(|w| w.numel() % c == 0), op, || format!("table parts hold {rows} rows of {c}, expected {v}"))?;
     check_binding(gpu, op, &[out])?;
     check_binding(gpu, op, parts)?;
-    rec.encoder.clear_buffer(&out.buffer, 0, None);
+    rec.encoder().clear_buffer(&out.buffer, 0, None);
     let mut v0 = 0;
     for w in parts {
         check(w.dtype == DType::F32 || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {
@@ -98,9 +98,9 @@ pub fn embedding_backward(
         }
     }
     starts.push(order.len() as u32);
-    let order_t = gpu.upload("embedding order", &order, &[order.len()])?;
-    let starts_t = gpu.upload("embedding starts", &starts, &[starts.len()])?;
-    let uniq_t = gpu.upload("embedding uniq", &uniq, &[uniq.len()])?;
+    let order_t = gpu.upload_in(rec, "embedding order", &order, &[order.len()])?;
+    let starts_t = gpu.upload_in(rec, "embedding starts", &starts, &[starts.len()])?;
+    let uniq_t = gpu.upload_in(rec, "embedding uniq", &uniq, &[uniq.len()])?;
     // Each dispatch sums one span of every id's run of positions (the loop budget).
     let pipeline = gpu.pipeline(&EMBEDDING, op, &[]);
     let longest = starts.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);

@@ -32,10 +32,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 
 /// One WGSL source file.
-pub struct Kernel {
-    pub name: &'static str,
-    pub source: &'static str,
-}
+pub use crate::gpu::{Kernel, PROBE};
 
 macro_rules! kernel {
     ($id:ident, $file:literal) => {
@@ -49,7 +46,6 @@ kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
 kernel!(MATMUL, "matmul.wgsl");
-kernel!(PROBE, "probe.wgsl");
 kernel!(RMSNORM, "rmsnorm.wgsl");
 kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");

@@ -1,7 +1,7 @@
 //! KV-cached generation: greedy, temperature, top-k and top-p sampling, seeded.
 
 use super::Model;
-use crate::check::Rng;
+use crate::rng::Rng;
 use crate::error::Result;
 use crate::gpu::Gpu;
 

@@ -9,7 +9,7 @@ pub mod memory;
 pub mod source;
 pub mod weights;
 
-use crate::check::Rng;
+use crate::rng::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Attention, Lora, Matmul};
@@ -227,13 +227,13 @@ impl Linear {
         let Some(l) = self.lora.as_ref().filter(|_| use_lora) else { return Ok(None) };
         let xd = match dropout_seed {
             Some(seed) if l.dropout > 0.0 => {
-                let xd = gpu.zeros("lora dropout x", DType::F32, &[n, self.din])?;
+                let xd = gpu.temp(rec, "lora dropout x", DType::F32, &[n, self.din])?;
                 k::dropout(gpu, rec, n * self.din, l.dropout, seed, x, &xd)?;
                 Some(xd)
             }
             _ => None,
         };
-        let h = gpu.zeros(&format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
+        let h = gpu.temp(rec, &format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
         k::lora_forward(gpu, rec, &self.lora_shape(n, l), xd.as_ref().unwrap_or(x), &l.a.value, &l.b.value, &h, y)?;
         Ok(Some(LoraSaved { h, xd }))
     }
@@ -269,12 +269,12 @@ impl Linear {
         }
         if let (Some(l), Some(saved)) = (&self.lora, saved) {
             let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
-            let dh = gpu.zeros("lora dh", DType::F32, &[n, l.r])?;
+            let dh = gpu.temp(rec, "lora dh", DType::F32, &[n, l.r])?;
             let shape = self.lora_shape(n, l);
             match (&saved.xd, dropout_seed) {
                 (Some(xd), Some(seed)) => {
                     // Through the dropout: dx += dropout(dx') with the forward's mask.
-                    let dxd = gpu.zeros("lora dropout dx", DType::F32, &[n, self.din])?;
+                    let dxd = gpu.temp(rec, "lora dropout dx", DType::F32, &[n, self.din])?;
                     k::lora_backward(gpu, rec, &shape, xd, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, &dxd)?;
                     k::dropout(gpu, rec, n * self.din, l.dropout, seed, &dxd, dx)?;
                 }
@@ -365,9 +365,9 @@ impl Inputs {
         Ok(Inputs {
             shape,
             ids_host: ids.to_vec(),
-            ids: gpu.upload("ids", ids, &[n])?,
-            pos: gpu.upload("positions", pos, &[n])?,
-            seg: gpu.upload("segments", seg, &[n])?,
+            ids: gpu.upload_temp("ids", ids, &[n])?,
+            pos: gpu.upload_temp("positions", pos, &[n])?,
+            seg: gpu.upload_temp("segments", seg, &[n])?,
             dropout_seed: None,
         })
     }
@@ -380,7 +380,7 @@ impl Inputs {
 
     /// The dropout seed of projection `idx` of layer `li`.
     fn seed(&self, li: usize, idx: usize) -> Option<u32> {
-        self.dropout_seed.map(|s| crate::reference::hash(s ^ crate::reference::hash((li * 7 + idx) as u32)))
+        self.dropout_seed.map(|s| crate::rng::hash(s ^ crate::rng::hash((li * 7 + idx) as u32)))
     }
 }
 
@@ -417,8 +417,8 @@ fn expect(w: &dyn Tensors, name: &str, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
-    gpu.zeros(label, DType::F32, shape)
+fn zeros(gpu: &Gpu, rec: &mut Recorder, label: &str, shape: &[usize]) -> Result<Tensor> {
+    gpu.temp(rec, label, DType::F32, shape)
 }
 
 impl Model {
@@ -589,14 +589,14 @@ impl Model {
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
         let seed = |i: usize| if train { inp.seed(li, i) } else { None };
-        let h1 = zeros(gpu, "h1", &[n, c])?;
-        let rstd1 = zeros(gpu, "rstd1", &[n])?;
+        let h1 = zeros(gpu, rec, "h1", &[n, c])?;
+        let rstd1 = zeros(gpu, rec, "rstd1", &[n])?;
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
-        let (q, kk, v) = (zeros(gpu, "q", &[n, qd])?, zeros(gpu, "k", &[n, kvd])?, zeros(gpu, "v", &[n, kvd])?);
+        let (q, kk, v) = (zeros(gpu, rec, "q", &[n, qd])?, zeros(gpu, rec, "k", &[n, kvd])?, zeros(gpu, rec, "v", &[n, kvd])?);
         let mut lora: Vec<Option<LoraSaved>> = (0..7).map(|_| None).collect();
         let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            let (q_pre, k_pre) = (zeros(gpu, "q_pre", &[n, qd])?, zeros(gpu, "k_pre", &[n, kvd])?);
-            let (rq, rk) = (zeros(gpu, "q_rstd", &[n * cfg.heads])?, zeros(gpu, "k_rstd", &[n * cfg.kv_heads])?);
+            let (q_pre, k_pre) = (zeros(gpu, rec, "q_pre", &[n, qd])?, zeros(gpu, rec, "k_pre", &[n, kvd])?);
+            let (rq, rk) = (zeros(gpu, rec, "q_rstd", &[n * cfg.heads])?, zeros(gpu, rec, "k_rstd", &[n * cfg.kv_heads])?);
             lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q), self.adapter_enabled)?;
             lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K), self.adapter_enabled)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
@@ -610,31 +610,31 @@ impl Model {
         lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled)?;
         k::rope_forward(gpu, rec, n, cfg.heads, hs, &q, &inp.pos, &self.inv_freq)?;
         k::rope_forward(gpu, rec, n, cfg.kv_heads, hs, &kk, &inp.pos, &self.inv_freq)?;
-        let att = zeros(gpu, "attention out", &[n, qd])?;
-        let lse = zeros(gpu, "lse", &[shape.b * cfg.heads * shape.t])?;
+        let att = zeros(gpu, rec, "attention out", &[n, qd])?;
+        let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
         match cache {
             None => k::attention_forward(gpu, rec, &self.attention(shape), &q, &kk, &v, &inp.seg, &att, &lse)?,
             Some(cache) => {
                 let at = self.attention(shape).cached(cache.len + shape.t);
                 let offset = (cache.len * kvd * 4) as u64;
-                rec.encoder.copy_buffer_to_buffer(&kk.buffer, 0, &cache.k[li].buffer, offset, kk.bytes());
-                rec.encoder.copy_buffer_to_buffer(&v.buffer, 0, &cache.v[li].buffer, offset, v.bytes());
+                rec.encoder().copy_buffer_to_buffer(&kk.buffer, 0, &cache.k[li].buffer, offset, kk.bytes());
+                rec.encoder().copy_buffer_to_buffer(&v.buffer, 0, &cache.v[li].buffer, offset, v.bytes());
                 k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
             }
         }
-        let a = zeros(gpu, "o_proj out", &[n, c])?;
+        let a = zeros(gpu, rec, "o_proj out", &[n, c])?;
         lora[O] = lin[O].forward(gpu, rec, n, &att, &a, seed(O), self.adapter_enabled)?;
-        let x_mid = zeros(gpu, "x_mid", &[n, c])?;
+        let x_mid = zeros(gpu, rec, "x_mid", &[n, c])?;
         k::add(gpu, rec, n * c, &x, &a, &x_mid)?;
-        let (h2, rstd2) = (zeros(gpu, "h2", &[n, c])?, zeros(gpu, "rstd2", &[n])?);
+        let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
-        let (g, u, m) = (zeros(gpu, "gate", &[n, inter])?, zeros(gpu, "up", &[n, inter])?, zeros(gpu, "swiglu", &[n, inter])?);
+        let (g, u, m) = (zeros(gpu, rec, "gate", &[n, inter])?, zeros(gpu, rec, "up", &[n, inter])?, zeros(gpu, rec, "swiglu", &[n, inter])?);
         lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled)?;
         lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled)?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let d = zeros(gpu, "down out", &[n, c])?;
+        let d = zeros(gpu, rec, "down out", &[n, c])?;
         lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d, seed(DOWN), self.adapter_enabled)?;
-        let out = zeros(gpu, "layer out", &[n, c])?;
+        let out = zeros(gpu, rec, "layer out", &[n, c])?;
         k::add(gpu, rec, n * c, &x_mid, &d, &out)?;
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }
@@ -655,27 +655,27 @@ impl Model {
         let back = |rec: &mut Recorder, i: usize, x: &Tensor, dy: &Tensor, dx: &Tensor| {
             lin[i].backward(gpu, rec, n, x, a.lora[i].as_ref(), dy, dx, inp.seed(li, i))
         };
-        let scratch_c = zeros(gpu, "norm dw scratch", &[c])?;
+        let scratch_c = zeros(gpu, rec, "norm dw scratch", &[c])?;
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
-        let dm = zeros(gpu, "dswiglu", &[n, inter])?;
+        let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
         back(rec, DOWN, &a.m, dres, &dm)?;
-        let (dg, du) = (zeros(gpu, "dgate", &[n, inter])?, zeros(gpu, "dup", &[n, inter])?);
+        let (dg, du) = (zeros(gpu, rec, "dgate", &[n, inter])?, zeros(gpu, rec, "dup", &[n, inter])?);
         k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
-        let dh2 = zeros(gpu, "dh2", &[n, c])?;
+        let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
         back(rec, GATE, &a.h2, &dg, &dh2)?;
         back(rec, UP, &a.h2, &du, &dh2)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, Self::norm_grad(&layer.ln2, &scratch_c))?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
-        let datt = zeros(gpu, "datt", &[n, qd])?;
+        let datt = zeros(gpu, rec, "datt", &[n, qd])?;
         back(rec, O, &a.att, dres, &datt)?;
-        let (dq, dk, dv) = (zeros(gpu, "dq", &[n, qd])?, zeros(gpu, "dk", &[n, kvd])?, zeros(gpu, "dv", &[n, kvd])?);
+        let (dq, dk, dv) = (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?, zeros(gpu, rec, "dv", &[n, kvd])?);
         k::attention_backward(gpu, rec, &self.attention(inp.shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
         k::rope_backward(gpu, rec, n, cfg.heads, hs, &dq, &inp.pos, &self.inv_freq)?;
         k::rope_backward(gpu, rec, n, cfg.kv_heads, hs, &dk, &inp.pos, &self.inv_freq)?;
-        let dh1 = zeros(gpu, "dh1", &[n, c])?;
+        let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
         if let (Some((q_pre, rq, k_pre, rk)), Some(qn), Some(kn)) = (&a.q_pre, &layer.q_norm, &layer.k_norm) {
-            let scratch_hs = zeros(gpu, "qk norm dw scratch", &[hs])?;
-            let (dq_pre, dk_pre) = (zeros(gpu, "dq_pre", &[n, qd])?, zeros(gpu, "dk_pre", &[n, kvd])?);
+            let scratch_hs = zeros(gpu, rec, "qk norm dw scratch", &[hs])?;
+            let (dq_pre, dk_pre) = (zeros(gpu, rec, "dq_pre", &[n, qd])?, zeros(gpu, rec, "dk_pre", &[n, kvd])?);
             k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_pre, Self::norm_grad(qn, &scratch_hs))?;
             k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_pre, Self::norm_grad(kn, &scratch_hs))?;
             back(rec, Q, &a.h1, &dq_pre, &dh1)?;
@@ -693,7 +693,7 @@ impl Model {
         if let Some(bad) = inp.ids_host.iter().find(|&&id| id as usize >= self.cfg.vocab) {
             return Err(Error::Shape(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab)));
         }
-        let x = zeros(gpu, "embeddings", &[n, self.cfg.hidden])?;
+        let x = zeros(gpu, rec, "embeddings", &[n, self.cfg.hidden])?;
         k::embedding_forward(gpu, rec, n, self.cfg.hidden, self.cfg.vocab, &inp.ids, &self.embed.values(), &x)?;
         Ok(x)
     }
@@ -707,7 +707,7 @@ impl Model {
     /// logits `[rows, V]` = hf[r0..r0+rows] · headᵀ.
     fn head_forward(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, r0: usize, rows: usize) -> Result<Tensor> {
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
-        let logits = zeros(gpu, "logits", &[rows, vocab])?;
+        let logits = zeros(gpu, rec, "logits", &[rows, vocab])?;
         for (p0, part) in self.head().row_parts() {
             let mut mm = Matmul::linear(rows, c, part.shape[0]);
             (mm.a_off, mm.ldc, mm.c_off) = (r0 * c, vocab, p0);
@@ -718,8 +718,8 @@ impl Model {
 
     /// Final norm of the last layer's output: (hf, rstd).
     fn final_norm(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let hf = zeros(gpu, "final norm", &[n, self.cfg.hidden])?;
-        let rstd = zeros(gpu, "final rstd", &[n])?;
+        let hf = zeros(gpu, rec, "final norm", &[n, self.cfg.hidden])?;
+        let rstd = zeros(gpu, rec, "final rstd", &[n])?;
         k::rmsnorm_forward(gpu, rec, n, self.cfg.hidden, self.cfg.eps, x, &self.norm.value, &hf, &rstd)?;
         Ok((hf, rstd))
     }
@@ -786,14 +786,14 @@ impl Model {
         }
         let (hf, rstd_f) = self.final_norm(gpu, &mut rec, n, &x)?;
         // Head and loss in chunks of tokens: the logits never exist whole.
-        let loss = zeros(gpu, "loss", &[1])?;
-        let dhf = zeros(gpu, "dhf", &[n, c])?;
+        let loss = zeros(gpu, &mut rec, "loss", &[1])?;
+        let dhf = zeros(gpu, &mut rec, "dhf", &[n, c])?;
         let per = self.head_chunk_rows(gpu);
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
             let logits = self.head_forward(gpu, &mut rec, &hf, r0, rows)?;
-            let t = gpu.upload("targets", &targets[r0..r0 + rows], &[rows])?;
-            let (losses, lse, part) = (zeros(gpu, "losses", &[rows])?, zeros(gpu, "lse", &[rows])?, zeros(gpu, "loss part", &[1])?);
+            let t = gpu.upload_in(&mut rec, "targets", &targets[r0..r0 + rows], &[rows])?;
+            let (losses, lse, part) = (zeros(gpu, &mut rec, "losses", &[rows])?, zeros(gpu, &mut rec, "lse", &[rows])?, zeros(gpu, &mut rec, "loss part", &[1])?);
             k::cross_entropy_forward(gpu, &mut rec, rows, vocab, scale, &logits, &t, &losses, &lse, &part)?;
             k::axpy(gpu, &mut rec, 1, 1.0, &part, &loss)?;
             if backward {
@@ -818,8 +818,8 @@ impl Model {
             gpu.submit(rec);
             return Ok(loss);
         }
-        let dres = zeros(gpu, "dres", &[n, c])?;
-        let scratch_c = zeros(gpu, "norm dw scratch", &[c])?;
+        let dres = zeros(gpu, &mut rec, "dres", &[n, c])?;
+        let scratch_c = zeros(gpu, &mut rec, "norm dw scratch", &[c])?;
         k::rmsnorm_backward(gpu, &mut rec, n, c, &x, &self.norm.value, &rstd_f, &dhf, &dres, Self::norm_grad(&self.norm, &scratch_c))?;
         for li in (0..self.layers.len()).rev() {
             if self.grad_checkpoint {
@@ -918,7 +918,7 @@ impl Model {
     pub fn zero_grads(&self, gpu: &Gpu) {
         let mut rec = gpu.recorder("zero grads");
         for g in self.params().iter().filter_map(|p| p.grad()) {
-            rec.encoder.clear_buffer(&g.buffer, 0, None);
+            rec.encoder().clear_buffer(&g.buffer, 0, None);
         }
         gpu.submit(rec);
     }
@@ -927,8 +927,8 @@ impl Model {
     /// Returns the `[2]` tensor holding (norm before clipping, clip factor).
     pub fn optimizer_step(&self, gpu: &Gpu, opt: &k::AdamW, step: u64, max_grad_norm: f32) -> Result<Tensor> {
         let params = self.params();
-        let norm = gpu.zeros("grad norm", DType::F32, &[2])?;
         let mut rec = gpu.recorder("optimizer");
+        let norm = gpu.temp(&mut rec, "grad norm", DType::F32, &[2])?;
         let grads: Vec<&Tensor> = params.iter().filter_map(|p| p.grad()).collect();
         k::grad_norm(gpu, &mut rec, &grads, max_grad_norm, &norm)?;
         for p in &params {
@@ -948,7 +948,7 @@ impl Model {
     /// A KV cache for one sequence of up to `max_t` tokens.
     pub fn kv_cache(&self, gpu: &Gpu, max_t: usize) -> Result<KvCache> {
         let kvd = self.cfg.kv_dim();
-        let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| zeros(gpu, l, &[max_t, kvd])).collect() };
+        let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| gpu.zeros(l, DType::F32, &[max_t, kvd])).collect() };
         Ok(KvCache { k: mk("k cache")?, v: mk("v cache")?, seg: gpu.zeros("cache segments", DType::U32, &[max_t])?, len: 0, max_t })
     }
 

@@ -264,7 +264,7 @@ pub fn write_random_bf16(path: &std::path::Path, tensors: &[(String, Vec<usize>)
     let io = |e| Error::io(&tmp, e);
     out.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
     out.write_all(&head).map_err(io)?;
-    let mut rng = crate::check::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     for (name, shape) in tensors {
         let ones = name.ends_with("norm.weight");

@@ -10,7 +10,7 @@ pub mod schedule;
 
 pub use run::{Event, Run, RunOptions};
 
-use crate::check::Rng;
+use crate::rng::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -173,7 +173,7 @@ impl Trainer {
         let mut losses = Vec::new();
         for (j, b) in batches.iter().enumerate() {
             let mut inp = inputs(gpu, b)?;
-            inp.dropout_seed = Some(crate::reference::hash((self.opts.seed as u32) ^ crate::reference::hash((self.step * 64 + j as u64) as u32)));
+            inp.dropout_seed = Some(crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32)));
             losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
         }
         let lr = self.lr();
