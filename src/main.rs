@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand};
 use webtune::cli;
 use webtune::gpu::Gpu;
 use webtune::model::generate::Sampling;
-use webtune::model::LoraConfig;
 use webtune::train::RunOptions;
 
 // Counts host allocations, so `info --model` and the train log report a load's peak.
@@ -339,23 +338,19 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("wrote {}", out.display());
         }
         Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights } => {
-            use webtune::model::{memory, Config, Tuning};
+            use webtune::model::{memory, Config};
             let text = std::fs::read_to_string(&config).map_err(|e| webtune::Error::Io(format!("{}: {e}", config.display())))?;
             let cfg = Config::parse(&text, &config.display().to_string(), None)?;
-            let tuning = if full {
-                Tuning::Full
-            } else {
-                let targets = LoraConfig::ALL_TARGETS.map(String::from).to_vec();
-                Tuning::Lora(LoraConfig { r: lora_rank, alpha: 2.0 * lora_rank as f32, dropout: 0.05, targets, use_rslora: false })
-            };
-            let plan = memory::Plan {
-                tuning,
-                batch: batch_size,
-                seq: max_seq_len,
+            let run = RunOptions {
+                lora_rank,
+                lora_alpha: 2.0 * lora_rank as f32,
+                full,
                 grad_checkpoint: !no_grad_checkpoint,
-                f16_weights: !f32_weights,
-                max_binding: 128 << 20,
+                max_seq_len,
+                train: webtune::train::Options { batch_size, ..Default::default() },
+                ..Default::default()
             };
+            let plan = run.memory_plan(max_seq_len, !f32_weights, 128 << 20);
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             println!("{}: {:?}, batch {batch_size} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.grad_checkpoint);

@@ -95,6 +95,8 @@ impl Session {
 
     fn set_source(&mut self, s: Source) {
         (self.source, self.run, self.frozen) = (Some(Rc::new(s)), None, None);
+        // Cached bind groups would keep the old model's buffers alive.
+        self.gpu.trim();
     }
 
     /// The built-in demo model (character-level, generated, no download).
@@ -186,6 +188,7 @@ impl Session {
         let source = self.source()?.clone();
         let data = self.data.clone().ok_or_else(|| JsError::new("load data first"))?;
         (self.run, self.frozen) = (None, None);
+        self.gpu.trim();
         let mut run = Run::new(&self.gpu, source, data, None, o).map_err(js)?;
         run.profile_every = Some(25);
         let total = run.total_steps();
@@ -247,14 +250,7 @@ impl Session {
         let o = run_options(options)?;
         let cfg = &self.source()?.cfg;
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
-        let plan = crate::model::memory::Plan {
-            tuning: o.tuning(),
-            batch: o.train.batch_size,
-            seq,
-            grad_checkpoint: o.grad_checkpoint,
-            f16_weights: self.gpu.caps.shader_f16,
-            max_binding: self.gpu.caps.max_binding,
-        };
+        let plan = o.memory_plan(seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding);
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         out(&serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}))

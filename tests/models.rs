@@ -489,3 +489,33 @@ fn a_checkpoint_saved_by_current_transformers_gives_its_loss_and_greedy_reply() 
     assert_eq!(tok.decode_with_special(&reply), chat["greedy_text"].as_str().unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The estimate's activations are what a training step's temporaries really take:
+/// every temporary is a pooled buffer and the pool grows only when no free one fits,
+/// so after one step on a fresh GPU context the pool holds the step's peak. The
+/// estimate must bound it from above within 15%: changing what a layer allocates
+/// without the estimate fails here.
+#[test]
+fn memory_estimate_of_activations_matches_a_measured_step() {
+    use webtune::model::memory::{estimate, Plan};
+    let md = webtune::cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let (b, t) = (8, 64);
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 90) as u32 + 3).collect();
+    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
+    let lora = webtune::model::LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, targets: webtune::model::LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
+    for (tuning, ckpt) in [(Tuning::Lora(lora.clone()), false), (Tuning::Lora(lora), true), (Tuning::Full, false)] {
+        let g = futures::executor::block_on(webtune::gpu::Gpu::new()).unwrap();
+        let mut m = Model::load(&g, md.cfg.clone(), &md.weights, tuning.clone(), 0).unwrap();
+        m.grad_checkpoint = ckpt;
+        let mut inp = Inputs::sequences(&g, Shape { b, t }, &ids).unwrap();
+        inp.dropout_seed = Some(1);
+        let loss = m.forward_backward(&g, &inp, &targets, 1.0).unwrap();
+        futures::executor::block_on(g.read::<f32>(&loss)).unwrap();
+        let measured = g.counters().pool_bytes;
+        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, max_binding: g.caps.max_binding };
+        let est = estimate(&md.cfg, &plan).activations;
+        eprintln!("{:?} checkpointing {ckpt}: estimate {est}, measured {measured} ({:.3})", plan.tuning, est as f64 / measured as f64);
+        // An upper bound (the page warns from it), and a close one.
+        assert!(measured <= est && est as f64 <= 1.15 * measured as f64, "{:?} checkpointing {ckpt}: estimate {est}, measured {measured}", plan.tuning);
+    }
+}

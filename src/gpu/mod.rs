@@ -334,6 +334,19 @@ impl Gpu {
     /// Submit a recorder: its staged arena bytes first, then its commands. While
     /// profiling, its timestamps are resolved into a buffer that [`Gpu::kernel_times`] reads.
     pub fn submit(&self, mut rec: Recorder) {
+        self.finish(&mut rec);
+    }
+
+    /// Submit what `rec` holds and go on recording into it afresh (a long pass kept in
+    /// several command buffers): the temporaries dropped so far can serve what follows.
+    pub fn flush(&self, rec: &mut Recorder, label: &str) {
+        self.finish(rec);
+        let fresh = self.recorder(label);
+        let old = std::mem::replace(rec, fresh);
+        drop(old);
+    }
+
+    fn finish(&self, rec: &mut Recorder) {
         let start = crate::clock::now();
         rec.pass = None;
         for (buffer, offset, bytes) in std::mem::take(&mut rec.staged) {
@@ -355,8 +368,9 @@ impl Gpu {
             self.profiler.lock().unwrap().pending.push((staging, timed.names));
         }
         self.queue.submit([encoder.finish()]);
-        drop(rec);
         let mut st = self.state.lock().unwrap();
+        // No longer open: what was freed while it was can be handed out again.
+        st.open.remove(&rec.seq);
         st.counters.submits += 1;
         st.counters.submit_s += crate::clock::now() - start;
     }

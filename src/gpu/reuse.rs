@@ -37,6 +37,9 @@ pub struct Counters {
     pub buffer_bytes: u64,
     pub bind_groups: u64,
     pub submits: u64,
+    /// Bytes of the pooled buffers held now (the pool grows only when no free buffer
+    /// fits, so after a step it is the step's peak of temporaries).
+    pub pool_bytes: u64,
     /// Host seconds spent recording dispatches and in `submit`.
     pub record_s: f64,
     pub submit_s: f64,
@@ -51,6 +54,7 @@ impl Counters {
             buffer_bytes: self.buffer_bytes - before.buffer_bytes,
             bind_groups: self.bind_groups - before.bind_groups,
             submits: self.submits - before.submits,
+            pool_bytes: self.pool_bytes,
             record_s: self.record_s - before.record_s,
             submit_s: self.submit_s - before.submit_s,
         }
@@ -118,6 +122,7 @@ impl State {
 
     /// A new busy buffer of `class`; its index.
     pub fn add(&mut self, class: u64, buffer: wgpu::Buffer) -> usize {
+        self.counters.pool_bytes += class;
         let slots = self.classes.entry(class).or_default();
         slots.push(Slot { buffer, busy: true, after: 0, freed: 0 });
         slots.len() - 1
@@ -152,9 +157,10 @@ impl Drop for Lease {
 pub(crate) fn sweep(st: &mut State, all: bool) {
     let keep_after = if all { u64::MAX } else { st.generation.saturating_sub(IDLE_GENERATIONS) };
     // Only from the end, so the buffers kept keep their indices.
-    for slots in st.classes.values_mut() {
+    for (class, slots) in st.classes.iter_mut() {
         while slots.last().is_some_and(|s| !s.busy && s.freed < keep_after) {
             slots.pop();
+            st.counters.pool_bytes -= class;
         }
     }
     st.classes.retain(|_, l| !l.is_empty());

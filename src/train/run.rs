@@ -109,6 +109,12 @@ impl RunOptions {
         self.lora_targets = l.targets.join(",");
     }
 
+    /// The memory plan of a step of this run over sequences of `seq` tokens, on an
+    /// adapter with (or without) f16 weights and this largest binding.
+    pub fn memory_plan(&self, seq: usize, f16_weights: bool, max_binding: u64) -> crate::model::memory::Plan {
+        crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, max_binding }
+    }
+
     pub fn tuning(&self) -> Tuning {
         if self.full {
             Tuning::Full

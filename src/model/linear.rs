@@ -1,0 +1,159 @@
+//! A linear layer with its optional LoRA pair: `LoraConfig` (PEFT's), `Tuning` (what
+//! is trained), and the forward and backward of `y = x·Wᵀ (+ bias) + s·(x'·Aᵀ)·Bᵀ`.
+
+use super::params::{Param, Weight};
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::kernels::{self as k, Lora, Matmul};
+
+/// LoRA hyper-parameters (PEFT's `LoraConfig`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub const ALL_TARGETS: [&'static str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+}
+
+/// What is trained.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tuning {
+    /// Nothing (inference).
+    Frozen,
+    /// LoRA pairs on the targeted projections; the base stays frozen.
+    Lora(LoraConfig),
+    /// Every weight, in f32.
+    Full,
+}
+
+pub struct LoraPair {
+    pub a: Param,
+    pub b: Param,
+    pub r: usize,
+    pub scale: f32,
+    pub dropout: f32,
+}
+
+/// A linear layer `y = x·Wᵀ (+ bias)`, with an optional LoRA pair.
+pub struct Linear {
+    /// e.g. `model.layers.0.self_attn.q_proj`
+    pub name: String,
+    pub w: Weight,
+    pub bias: Option<Param>,
+    pub lora: Option<LoraPair>,
+    pub din: usize,
+    pub dout: usize,
+}
+
+/// What a LoRA pair's forward saves: `h = x'·Aᵀ` and, with dropout, x' = dropout(x).
+pub(crate) struct LoraSaved {
+    pub(crate) h: Tensor,
+    pub(crate) xd: Option<Tensor>,
+}
+
+impl Linear {
+    fn lora_shape(&self, n: usize, l: &LoraPair) -> Lora {
+        Lora { n, din: self.din, dout: self.dout, r: l.r, s: l.scale }
+    }
+
+    /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
+    /// after LoRA dropout when `dropout_seed` is given (training).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        y: &Tensor,
+        dropout_seed: Option<u32>,
+        use_lora: bool,
+    ) -> Result<Option<LoraSaved>> {
+        for (r0, part) in self.w.row_parts() {
+            let mut mm = Matmul::linear(n, self.din, part.shape[0]);
+            mm.ldc = self.dout;
+            mm.c_off = r0;
+            k::matmul(gpu, rec, &mm, x, &part.value, y)?;
+        }
+        if let Some(b) = &self.bias {
+            k::add_bias(gpu, rec, n, self.dout, &b.value, y)?;
+        }
+        let Some(l) = self.lora.as_ref().filter(|_| use_lora) else { return Ok(None) };
+        let xd = match dropout_seed {
+            Some(seed) if l.dropout > 0.0 => {
+                let xd = gpu.temp(rec, "lora dropout x", DType::F32, &[n, self.din])?;
+                k::dropout(gpu, rec, n * self.din, l.dropout, seed, x, &xd)?;
+                Some(xd)
+            }
+            _ => None,
+        };
+        let h = gpu.temp(rec, &format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
+        k::lora_forward(gpu, rec, &self.lora_shape(n, l), xd.as_ref().unwrap_or(x), &l.a.value, &l.b.value, &h, y)?;
+        Ok(Some(LoraSaved { h, xd }))
+    }
+
+    /// Adds `dy·W` (and LoRA's share) into dx, and the gradients of whatever is
+    /// trainable (W, bias, LoRA A and B) into their params.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        saved: Option<&LoraSaved>,
+        dy: &Tensor,
+        dx: &Tensor,
+        dropout_seed: Option<u32>,
+    ) -> Result<()> {
+        for (r0, part) in self.w.row_parts() {
+            let rows = part.shape[0];
+            let mut mm = Matmul::new(n, self.din, rows).accumulate();
+            (mm.lda, mm.a_off) = (self.dout, r0);
+            k::matmul(gpu, rec, &mm, dy, &part.value, dx)?;
+            if let Some(g) = part.grad() {
+                // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
+                let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
+                (mm.lda, mm.a_off) = (self.dout, r0);
+                k::matmul(gpu, rec, &mm, dy, x, g)?;
+            }
+        }
+        if let Some(g) = self.bias.as_ref().and_then(|b| b.grad()) {
+            k::bias_backward(gpu, rec, n, self.dout, dy, g)?;
+        }
+        if let (Some(l), Some(saved)) = (&self.lora, saved) {
+            let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
+            let dh = gpu.temp(rec, "lora dh", DType::F32, &[n, l.r])?;
+            let shape = self.lora_shape(n, l);
+            match (&saved.xd, dropout_seed) {
+                (Some(xd), Some(seed)) => {
+                    // Through the dropout: dx += dropout(dx') with the forward's mask.
+                    let dxd = gpu.temp(rec, "lora dropout dx", DType::F32, &[n, self.din])?;
+                    k::lora_backward(gpu, rec, &shape, xd, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, &dxd)?;
+                    k::dropout(gpu, rec, n * self.din, l.dropout, seed, &dxd, dx)?;
+                }
+                _ => k::lora_backward(gpu, rec, &shape, x, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, dx)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn params(&self) -> impl Iterator<Item = &Param> {
+        self.w.parts.iter().chain(&self.bias).chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
+    }
+}
+
