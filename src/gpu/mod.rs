@@ -427,11 +427,11 @@ impl Gpu {
         let bytes = Tensor::padded(dtype, shape);
         let class = reuse::size_class(bytes);
         let taken = self.state.lock().unwrap().take(class);
-        let (buffer, index) = match taken {
+        let (buffer, class, index) = match taken {
             Some(t) => t,
             None => {
                 let b = self.create_storage(label, class)?;
-                (b.clone(), self.state.lock().unwrap().add(class, b))
+                (b.clone(), class, self.state.lock().unwrap().add(class, b))
             }
         };
         let bind = if class <= self.caps.max_binding { class } else { bytes };

@@ -19,11 +19,11 @@
 //! unused for `IDLE_GENERATIONS` top-level recorders are let go (`Gpu::trim`: all).
 //! `Counters` say what was created and how long recording took: `webtune bench train`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// Top-level recorders after which an unused pooled buffer or cached bind group is dropped.
-pub const IDLE_GENERATIONS: u64 = 64;
+pub const IDLE_GENERATIONS: u64 = 256;
 
 /// What the GPU context did since it was made (`Gpu::counters`); `since` gives a step's share.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
@@ -92,10 +92,11 @@ pub(crate) type BindEntry = (u32, wgpu::Buffer, u64, u64);
 
 #[derive(Default)]
 pub(crate) struct State {
-    /// Pooled buffers by size class. A temporary takes the first free one, so a step
-    /// that allocates and frees as the step before did gets the same buffer in each
-    /// role, and finds the bind groups it made then.
-    pub classes: HashMap<u64, Vec<Slot>>,
+    /// Pooled buffers by size class. A temporary takes the first free one of its class,
+    /// or of a class up to half as large again (a batch a little shorter than the
+    /// longest so far), so a step that allocates and frees as one before did gets the
+    /// same buffer in each role, and finds the bind groups it made then.
+    pub classes: BTreeMap<u64, Vec<Slot>>,
     /// Dispatch parameters (UNIFORM) and small uploads (COPY_SRC), apart so that an
     /// upload's size does not move the parameters' offsets (and miss their bind groups).
     pub params: Arena,
@@ -111,13 +112,17 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// The first free buffer of `class` that no open recorder may still use; busy now.
-    pub fn take(&mut self, class: u64) -> Option<(wgpu::Buffer, usize)> {
+    /// The first free buffer of `class` (or up to half as large again) that no open
+    /// recorder may still use; busy now. Its class and index.
+    pub fn take(&mut self, class: u64) -> Option<(wgpu::Buffer, u64, usize)> {
         let oldest_open = self.open.first().copied().unwrap_or(u64::MAX);
-        let slots = self.classes.get_mut(&class)?;
-        let (i, s) = slots.iter_mut().enumerate().find(|(_, s)| !s.busy && s.after < oldest_open)?;
-        s.busy = true;
-        Some((s.buffer.clone(), i))
+        for (&c, slots) in self.classes.range_mut(class..=class + class / 2) {
+            if let Some((i, s)) = slots.iter_mut().enumerate().find(|(_, s)| !s.busy && s.after < oldest_open) {
+                s.busy = true;
+                return Some((s.buffer.clone(), c, i));
+            }
+        }
+        None
     }
 
     /// A new busy buffer of `class`; its index.
