@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
 mod inputs;
 mod layer;
 mod linear;

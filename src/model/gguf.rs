@@ -1,0 +1,667 @@
+//! GGUF, llama.cpp's model file: the header, the metadata and the tensor table read
+//! up front; a tensor's rows read and dequantized to f32 when the loader asks
+//! (`Tensors`), under their Hugging Face names, with llama.cpp's Q/K row permutation
+//! undone for `llama`. `config_json` maps the metadata onto a Hugging Face
+//! `config.json`, so the one config parser serves both. `Writer` writes GGUF files.
+//!
+//! Types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, each dequantized as
+//! ggml's `dequantize_row_*` does (bit for bit: `tests/gguf.rs` against the `gguf`
+//! package on `tests/fixtures/gguf/blocks.json`).
+
+use std::collections::BTreeMap;
+
+use super::weights::{Bytes, Tensors};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// The ggml tensor types webtune reads, with their ids in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+    BF16,
+}
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
+            14 => GgmlType::Q6K,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// (values per block, bytes per block).
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
+            GgmlType::Q6K => (256, 210),
+        }
+    }
+
+    /// Bytes holding `n` values (`n` a whole number of blocks).
+    pub fn bytes(self, n: usize) -> usize {
+        let (per, size) = self.block();
+        n / per * size
+    }
+}
+
+/// The name of a ggml type id, for errors about the ones webtune does not read.
+fn type_name(id: u32) -> String {
+    const NAMES: [&str; 31] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+        "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+    ];
+    NAMES.get(id as usize).map_or(format!("type {id}"), |n| n.to_string())
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Q4_K and Q5_K: the 6-bit scale and min of sub-block `j` from the 12 packed bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantize `raw` (whole blocks of `ty`) to f32, as ggml's `dequantize_row_*`.
+pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
+    let (per, size) = ty.block();
+    let mut y = Vec::with_capacity(raw.len() / size * per);
+    for b in raw.chunks_exact(size) {
+        match ty {
+            GgmlType::F32 => y.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            GgmlType::F16 => y.push(f16(b)),
+            GgmlType::BF16 => y.push(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+            GgmlType::Q8_0 => {
+                let d = f16(b);
+                y.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
+            }
+            GgmlType::Q4_0 => {
+                let (d, qs) = (f16(b), &b[2..18]);
+                y.extend(qs.iter().map(|&q| ((q & 0xF) as i32 - 8) as f32 * d));
+                y.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+            }
+            GgmlType::Q4_1 => {
+                let (d, m, qs) = (f16(b), f16(&b[2..]), &b[4..20]);
+                y.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
+                y.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+            }
+            GgmlType::Q4K => {
+                let (d, min, scales, qs) = (f16(b), f16(&b[2..]), &b[4..16], &b[16..144]);
+                for (k, q) in qs.chunks_exact(32).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * k, scales);
+                    let (sc2, m2) = scale_min_k4(2 * k + 1, scales);
+                    let (d1, m1, d2, m2) = (d * sc1 as f32, min * m1 as f32, d * sc2 as f32, min * m2 as f32);
+                    y.extend(q.iter().map(|&q| d1 * (q & 0xF) as f32 - m1));
+                    y.extend(q.iter().map(|&q| d2 * (q >> 4) as f32 - m2));
+                }
+            }
+            GgmlType::Q5K => {
+                let (d, min, scales, qh, qs) = (f16(b), f16(&b[2..]), &b[4..16], &b[16..48], &b[48..176]);
+                for (k, ql) in qs.chunks_exact(32).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * k, scales);
+                    let (sc2, m2) = scale_min_k4(2 * k + 1, scales);
+                    let (d1, m1, d2, m2) = (d * sc1 as f32, min * m1 as f32, d * sc2 as f32, min * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * k), 2u8 << (2 * k));
+                    y.extend(ql.iter().zip(qh).map(|(&q, &h)| d1 * ((q & 0xF) + if h & u1 != 0 { 16 } else { 0 }) as f32 - m1));
+                    y.extend(ql.iter().zip(qh).map(|(&q, &h)| d2 * ((q >> 4) + if h & u2 != 0 { 16 } else { 0 }) as f32 - m2));
+                }
+            }
+            GgmlType::Q6K => {
+                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16(&b[208..]));
+                let mut out = [0f32; 256];
+                for half in 0..2 {
+                    let (ql, qh, sc, y) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..], &mut out[128 * half..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * sc[is] as i8 as f32 * q1 as f32;
+                        y[l + 32] = d * sc[is + 2] as i8 as f32 * q2 as f32;
+                        y[l + 64] = d * sc[is + 4] as i8 as f32 * q3 as f32;
+                        y[l + 96] = d * sc[is + 6] as i8 as f32 * q4 as f32;
+                    }
+                }
+                y.extend_from_slice(&out);
+            }
+        }
+    }
+    y
+}
+
+/// One tensor of the file: its name in the file, its ggml dims (fastest first), type
+/// and offset from the start of the data section.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub ty: GgmlType,
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// The shape as Hugging Face and webtune write it: the dims reversed.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().cloned().collect()
+    }
+}
+
+/// A cursor over the header bytes; running out asks for more (`Short`).
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+/// The header did not fit the bytes read so far.
+struct Short;
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> std::result::Result<&[u8], Short> {
+        let s = self.b.get(self.pos..self.pos + n).ok_or(Short)?;
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> std::result::Result<u32, Short> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self) -> std::result::Result<u64, Short> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn string(&mut self) -> std::result::Result<String, Short> {
+        let n = self.u64()? as usize;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+
+    fn value(&mut self, ty: u32) -> std::result::Result<std::result::Result<Value, String>, Short> {
+        let b = |r: &mut Self, n| -> std::result::Result<Vec<u8>, Short> { Ok(r.take(n)?.to_vec()) };
+        Ok(Ok(match ty {
+            0 => Value::U8(b(self, 1)?[0]),
+            1 => Value::I8(b(self, 1)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(b(self, 2)?.try_into().unwrap())),
+            3 => Value::I16(i16::from_le_bytes(b(self, 2)?.try_into().unwrap())),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(self.u32()? as i32),
+            6 => Value::F32(f32::from_bits(self.u32()?)),
+            7 => Value::Bool(b(self, 1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                let (ty, n) = (self.u32()?, self.u64()? as usize);
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    match self.value(ty)? {
+                        Ok(v) => items.push(v),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            _ => return Ok(Err(format!("metadata value type {ty} is not a GGUF type"))),
+        }))
+    }
+}
+
+/// A GGUF file: metadata and tensor table, the tensors' bytes left where they are.
+pub struct Gguf {
+    pub name: String,
+    pub version: u32,
+    pub meta: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: u64,
+    bytes: Box<dyn Bytes>,
+}
+
+impl Gguf {
+    /// Read the header of `bytes` (`name` names the file in errors).
+    pub fn open(bytes: Box<dyn Bytes>, name: &str) -> Result<Gguf> {
+        let bad = |m: String| Error::Weights(format!("{name}: {m}"));
+        let mut want = (1usize << 20).min(bytes.len() as usize);
+        loop {
+            let head = bytes.read(0, want)?;
+            match Self::parse(&head, bytes.len()) {
+                Ok(Ok((version, meta, tensors, data_start))) => {
+                    return Ok(Gguf { name: name.to_string(), version, meta, tensors, data_start, bytes });
+                }
+                Ok(Err(m)) => return Err(bad(m)),
+                Err(Short) if want < bytes.len() as usize => want = (want * 4).min(bytes.len() as usize),
+                Err(Short) => return Err(bad("the file ends inside its header".into())),
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse(b: &[u8], file_len: u64) -> std::result::Result<std::result::Result<(u32, BTreeMap<String, Value>, Vec<TensorInfo>, u64), String>, Short> {
+        let mut r = Reader { b, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Ok(Err("not a GGUF file (no GGUF magic)".into()));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Ok(Err(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        }
+        let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
+        let mut meta = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            match r.value(ty)? {
+                Ok(v) => meta.insert(key, v),
+                Err(e) => return Ok(Err(format!("`{key}`: {e}"))),
+            };
+        }
+        let mut tensors = Vec::new();
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let nd = r.u32()? as usize;
+            let mut dims = Vec::with_capacity(nd);
+            for _ in 0..nd {
+                dims.push(r.u64()? as usize);
+            }
+            let id = r.u32()?;
+            let offset = r.u64()?;
+            let Some(ty) = GgmlType::from_id(id) else {
+                return Ok(Err(format!(
+                    "tensor `{name}` is {}, which webtune does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)",
+                    type_name(id)
+                )));
+            };
+            if dims[0] % ty.block().0 != 0 {
+                return Ok(Err(format!("tensor `{name}`: a row of {} values is not whole {:?} blocks", dims[0], ty)));
+            }
+            tensors.push(TensorInfo { name, dims, ty, offset });
+        }
+        let align = meta.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(32).max(1);
+        let data_start = (r.pos as u64).div_ceil(align) * align;
+        for t in &tensors {
+            let end = data_start + t.offset + t.ty.bytes(t.dims.iter().product()) as u64;
+            if end > file_len {
+                return Ok(Err(format!("tensor `{}` runs past the end of the file ({end} > {file_len} bytes)", t.name)));
+            }
+        }
+        Ok(Ok((version, meta, tensors, data_start)))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+
+    /// `general.architecture`.
+    pub fn arch(&self) -> Result<&str> {
+        self.get("general.architecture").and_then(|v| v.as_str()).ok_or_else(|| Error::Config(format!("{}: no `general.architecture`", self.name)))
+    }
+
+    fn info(&self, file_name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == file_name)
+    }
+
+    /// Rows `r0..r1` of a tensor as stored (rows of its fastest dim), dequantized.
+    pub fn file_rows(&self, t: &TensorInfo, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let row = t.ty.bytes(t.dims[0]);
+        let raw = self.bytes.read(self.data_start + t.offset + (r0 * row) as u64, (r1 - r0) * row)?;
+        Ok(dequantize(t.ty, &raw))
+    }
+
+    /// The llama.cpp tensor name of a Hugging Face one, and for `llama`'s q and k
+    /// projections the head count their rows were permuted by.
+    fn file_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
+        let permute = |key: &str| -> Option<usize> {
+            if self.arch().ok()? != "llama" {
+                return None;
+            }
+            self.get(&format!("llama.attention.{key}")).and_then(|v| v.as_u64()).map(|v| v as usize)
+        };
+        let simple = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+        if let Some((_, f)) = simple.iter().find(|(h, _)| *h == hf) {
+            return Some((f.to_string(), None));
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        let (name, heads) = match module {
+            "input_layernorm" => ("attn_norm", None),
+            "post_attention_layernorm" => ("ffn_norm", None),
+            "self_attn.q_proj" => ("attn_q", if suffix == "weight" { permute("head_count") } else { None }),
+            "self_attn.k_proj" => ("attn_k", if suffix == "weight" { permute("head_count_kv").or_else(|| permute("head_count")) } else { None }),
+            "self_attn.v_proj" => ("attn_v", None),
+            "self_attn.o_proj" => ("attn_output", None),
+            "self_attn.q_norm" => ("attn_q_norm", None),
+            "self_attn.k_norm" => ("attn_k_norm", None),
+            "mlp.gate_proj" => ("ffn_gate", None),
+            "mlp.up_proj" => ("ffn_up", None),
+            "mlp.down_proj" => ("ffn_down", None),
+            _ => return None,
+        };
+        Some((format!("blk.{layer}.{name}.{suffix}"), heads))
+    }
+
+    /// The Hugging Face name of a file tensor (the inverse of `file_name`).
+    fn hf_name(&self, file: &str) -> Option<String> {
+        let simple = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+        if let Some((_, h)) = simple.iter().find(|(f, _)| *f == file) {
+            return Some(h.to_string());
+        }
+        let rest = file.strip_prefix("blk.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (name, suffix) = rest.rsplit_once('.')?;
+        let module = match name {
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    }
+
+    /// The metadata as a Hugging Face `config.json` (for `Config::parse`).
+    pub fn config_json(&self) -> Result<String> {
+        let arch = self.arch()?;
+        let model_type = match arch {
+            "llama" => "llama",
+            "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
+            other => return Err(Error::Config(format!("{}: architecture `{other}` is not supported (llama, qwen2, qwen3)", self.name))),
+        };
+        let need = |key: &str| -> Result<&Value> {
+            self.get(&format!("{arch}.{key}")).ok_or_else(|| Error::Config(format!("{}: metadata `{arch}.{key}` is missing", self.name)))
+        };
+        let num = |key: &str| -> Result<u64> {
+            need(key)?.as_u64().ok_or_else(|| Error::Config(format!("{}: metadata `{arch}.{key}` is not a count", self.name)))
+        };
+        let heads = num("attention.head_count")?;
+        let hidden = num("embedding_length")?;
+        let vocab = match self.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(t) => t.len(),
+            None => self.info("token_embd.weight").map(|t| t.dims[1]).ok_or_else(|| Error::Config(format!("{}: no vocabulary", self.name)))?,
+        };
+        if self.info("rope_freqs.weight").is_some() {
+            return Err(Error::Config(format!("{}: rope frequency factors (`rope_freqs.weight`, Llama 3.1-style scaling) are not supported yet", self.name)));
+        }
+        let mut cfg = serde_json::json!({
+            "architectures": [match model_type { "llama" => "LlamaForCausalLM", "qwen2" => "Qwen2ForCausalLM", _ => "Qwen3ForCausalLM" }],
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": num("feed_forward_length")?,
+            "num_hidden_layers": num("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.get(&format!("{arch}.attention.head_count_kv")).and_then(|v| v.as_u64()).unwrap_or(heads),
+            "rms_norm_eps": need("attention.layer_norm_rms_epsilon")?.as_f64().unwrap_or(1e-6),
+            "rope_theta": self.get(&format!("{arch}.rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0),
+            "max_position_embeddings": self.get(&format!("{arch}.context_length")).and_then(|v| v.as_u64()).unwrap_or(2048),
+            "vocab_size": vocab,
+            "tie_word_embeddings": self.info("output.weight").is_none(),
+            "torch_dtype": "float32",
+        });
+        let o = cfg.as_object_mut().expect("an object");
+        if let Some(k) = self.get(&format!("{arch}.attention.key_length")).and_then(|v| v.as_u64()) {
+            o.insert("head_dim".into(), k.into());
+        }
+        if self.info("blk.0.attn_q.bias").is_some() {
+            o.insert("attention_bias".into(), true.into());
+        }
+        for (key, hf) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
+            if let Some(v) = self.get(key).and_then(|v| v.as_u64()) {
+                o.insert(hf.into(), v.into());
+            }
+        }
+        match self.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => {}
+            Some("linear") => {
+                let factor = self.get(&format!("{arch}.rope.scaling.factor")).and_then(|v| v.as_f64()).unwrap_or(1.0);
+                o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": factor}));
+            }
+            Some(other) => return Err(Error::Config(format!("{}: rope scaling `{other}` is not supported (linear is)", self.name))),
+        }
+        Ok(cfg.to_string())
+    }
+}
+
+impl Tensors for Gguf {
+    fn names(&self) -> Vec<String> {
+        self.tensors.iter().filter_map(|t| self.hf_name(&t.name)).collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (file, _) = self.file_name(name)?;
+        self.info(&file).map(|t| t.shape())
+    }
+
+    fn rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let (file, heads) = self.file_name(name).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` is missing", self.name)))?;
+        let t = self.info(&file).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` (`{file}`) is missing", self.name)))?;
+        let n_rows: usize = t.dims[1..].iter().product::<usize>().max(1);
+        if t.dims.len() == 1 {
+            // A vector: its rows are its elements.
+            let all = self.file_rows(t, 0, 1)?;
+            return Ok(all[r0..r1].to_vec());
+        }
+        if r1 > n_rows {
+            return Err(Error::Weights(format!("{}: rows {r0}..{r1} of `{name}` ({n_rows} rows)", self.name)));
+        }
+        let Some(heads) = heads else { return self.file_rows(t, r0, r1) };
+        // llama.cpp stores each head's rows as (pairs, 2) where Hugging Face has
+        // (2, pairs): Hugging Face row h·HS + i·HS/2 + j is file row h·HS + 2j + i.
+        let hs = n_rows / heads;
+        let cols = t.dims[0];
+        let mut out = Vec::with_capacity((r1 - r0) * cols);
+        for r in r0..r1 {
+            let (h, k) = (r / hs, r % hs);
+            let (i, j) = (k / (hs / 2), k % (hs / 2));
+            let f = h * hs + 2 * j + i;
+            out.extend(self.file_rows(t, f, f + 1)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a GGUF file (version 3): metadata, then tensors (F32 or F16) aligned to 32.
+#[derive(Default)]
+pub struct Writer {
+    meta: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::Str(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend(x.to_le_bytes()),
+        Value::I16(x) => out.extend(x.to_le_bytes()),
+        Value::U32(x) => out.extend(x.to_le_bytes()),
+        Value::I32(x) => out.extend(x.to_le_bytes()),
+        Value::F32(x) => out.extend(x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::Str(s) => put_string(out, s),
+        Value::Array(items) => {
+            out.extend(items.first().map_or(4, value_type).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for i in items {
+                put_value(out, i);
+            }
+        }
+        Value::U64(x) => out.extend(x.to_le_bytes()),
+        Value::I64(x) => out.extend(x.to_le_bytes()),
+        Value::F64(x) => out.extend(x.to_le_bytes()),
+    }
+}
+
+impl Writer {
+    pub fn meta(&mut self, key: &str, v: Value) -> &mut Self {
+        self.meta.push((key.to_string(), v));
+        self
+    }
+
+    /// A tensor of `shape` (Hugging Face order; stored reversed) as F32 or F16.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType, data: &[f32]) -> Result<&mut Self> {
+        let bytes: Vec<u8> = match ty {
+            GgmlType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            GgmlType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            other => return Err(Error::Config(format!("writing {other:?} tensors is not supported yet (F32, F16)"))),
+        };
+        self.tensors.push((name.to_string(), shape.iter().rev().cloned().collect(), ty, bytes));
+        Ok(self)
+    }
+
+    pub fn finish(&self) -> Vec<u8> {
+        const ALIGN: usize = 32;
+        let mut out = Vec::new();
+        out.extend(MAGIC);
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.meta.len() as u64).to_le_bytes());
+        for (k, v) in &self.meta {
+            put_string(&mut out, k);
+            out.extend(value_type(v).to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let mut offset = 0usize;
+        for (name, dims, ty, bytes) in &self.tensors {
+            put_string(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend((*d as u64).to_le_bytes());
+            }
+            out.extend(ty.id().to_le_bytes());
+            out.extend((offset as u64).to_le_bytes());
+            offset += bytes.len().div_ceil(ALIGN) * ALIGN;
+        }
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        for (_, _, _, bytes) in &self.tensors {
+            out.extend(bytes);
+            out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        }
+        out
+    }
+}

@@ -1,0 +1,193 @@
+//! GGUF in: every tensor type dequantizes bit for bit as the `gguf` package does
+//! (`tests/fixtures/gguf/blocks.json`, made by `tests/reference/gen_gguf_blocks.py`);
+//! a llama file written as llama.cpp lays it out (names, reversed dims, Q/K rows
+//! permuted) reads back as the Hugging Face tensors and config, and a model loaded
+//! from it computes the same logits; what webtune does not read is an error naming it.
+
+mod common;
+
+use common::*;
+use webtune::model::gguf::{dequantize, GgmlType, Gguf, Value, Writer};
+use webtune::model::weights::{HostTensor, TensorMap, Tensors};
+use webtune::model::{Config, Inputs, Model, Shape, Tuning};
+use webtune::rng::Rng;
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn every_type_dequantizes_bit_for_bit_as_the_gguf_package() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/blocks.json");
+    let fixtures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let types = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"];
+    assert_eq!(fixtures.as_object().unwrap().len(), types.len());
+    for name in types {
+        let f = &fixtures[name];
+        let ty = GgmlType::from_id(f["type"].as_u64().unwrap() as u32).unwrap_or_else(|| panic!("{name}"));
+        let got = dequantize(ty, &hex(f["bytes"].as_str().unwrap()));
+        let want: Vec<u32> = f["bits"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u32).collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let diff = got.iter().zip(&want).position(|(g, w)| g.to_bits() != *w);
+        assert!(diff.is_none(), "{name}: value {} is {} ({:#x}), the gguf package has {} ({:#x})", diff.unwrap(), got[diff.unwrap()], got[diff.unwrap()].to_bits(), f32::from_bits(want[diff.unwrap()]), want[diff.unwrap()]);
+    }
+}
+
+const HIDDEN: usize = 32;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const INTER: usize = 64;
+const VOCAB: usize = 96;
+const LAYERS: usize = 2;
+
+/// A tiny Llama's weights by Hugging Face name.
+fn weights() -> TensorMap {
+    let mut rng = Rng::new(7);
+    let mut w = TensorMap::new();
+    let mut put = |name: &str, shape: Vec<usize>, rng: &mut Rng| {
+        let data = rng.vec(shape.iter().product(), 0.3);
+        w.insert(name.to_string(), HostTensor { shape, data });
+    };
+    put("model.embed_tokens.weight", vec![VOCAB, HIDDEN], &mut rng);
+    put("lm_head.weight", vec![VOCAB, HIDDEN], &mut rng);
+    put("model.norm.weight", vec![HIDDEN], &mut rng);
+    let hs = HIDDEN / HEADS;
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        put(&format!("{p}.input_layernorm.weight"), vec![HIDDEN], &mut rng);
+        put(&format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], &mut rng);
+        for (m, o, i) in [("self_attn.q_proj", HIDDEN, HIDDEN), ("self_attn.k_proj", KV_HEADS * hs, HIDDEN), ("self_attn.v_proj", KV_HEADS * hs, HIDDEN), ("self_attn.o_proj", HIDDEN, HIDDEN), ("mlp.gate_proj", INTER, HIDDEN), ("mlp.up_proj", INTER, HIDDEN), ("mlp.down_proj", HIDDEN, INTER)] {
+            put(&format!("{p}.{m}.weight"), vec![o, i], &mut rng);
+        }
+    }
+    w
+}
+
+/// llama.cpp's `convert_hf_to_gguf.py` permutation of q/k rows: per head, (2, HS/2) → (HS/2, 2).
+fn permute(t: &HostTensor, heads: usize) -> Vec<f32> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let hs = rows / heads;
+    let mut out = vec![0f32; rows * cols];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..hs / 2 {
+                let (hf, file) = (h * hs + i * hs / 2 + j, h * hs + 2 * j + i);
+                out[file * cols..(file + 1) * cols].copy_from_slice(&t.data[hf * cols..(hf + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The weights as llama.cpp writes a llama GGUF (F32 tensors), with metadata.
+fn llama_gguf(w: &TensorMap, arch: &str) -> Vec<u8> {
+    let mut g = Writer::default();
+    g.meta("general.architecture", Value::Str(arch.into()))
+        .meta(&format!("{arch}.block_count"), Value::U32(LAYERS as u32))
+        .meta(&format!("{arch}.context_length"), Value::U32(256))
+        .meta(&format!("{arch}.embedding_length"), Value::U32(HIDDEN as u32))
+        .meta(&format!("{arch}.feed_forward_length"), Value::U32(INTER as u32))
+        .meta(&format!("{arch}.attention.head_count"), Value::U32(HEADS as u32))
+        .meta(&format!("{arch}.attention.head_count_kv"), Value::U32(KV_HEADS as u32))
+        .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        .meta(&format!("{arch}.rope.freq_base"), Value::F32(50000.0))
+        .meta("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", Value::U32(2));
+    let file = |hf: &str| -> String {
+        let simple = [("model.embed_tokens.weight", "token_embd.weight"), ("lm_head.weight", "output.weight"), ("model.norm.weight", "output_norm.weight")];
+        if let Some((_, f)) = simple.iter().find(|(h, _)| *h == hf) {
+            return f.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").unwrap();
+        let (l, rest) = rest.split_once('.').unwrap();
+        let m = rest.strip_suffix(".weight").unwrap();
+        let n = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]
+            .iter()
+            .find(|(h, _)| *h == m)
+            .unwrap()
+            .1;
+        format!("blk.{l}.{n}.weight")
+    };
+    for (name, t) in w {
+        let data = if arch == "llama" && name.ends_with("q_proj.weight") {
+            permute(t, HEADS)
+        } else if arch == "llama" && name.ends_with("k_proj.weight") {
+            permute(t, KV_HEADS)
+        } else {
+            t.data.clone()
+        };
+        g.tensor(&file(name), &t.shape, GgmlType::F32, &data).unwrap();
+    }
+    g.finish()
+}
+
+#[test]
+fn a_llama_gguf_reads_back_as_the_hugging_face_model() {
+    let w = weights();
+    for arch in ["llama", "qwen2"] {
+        let f = Gguf::open(Box::new(llama_gguf(&w, arch)), "tiny.gguf").unwrap();
+        assert_eq!(f.version, 3);
+        let mut names = f.names();
+        names.sort();
+        let mut want: Vec<String> = w.keys().cloned().collect();
+        want.sort();
+        assert_eq!(names, want, "{arch}");
+        for (name, t) in &w {
+            assert_eq!(f.shape(name).unwrap(), t.shape, "{arch} {name}");
+            assert_eq!(f.rows(name, 0, t.shape[0]).unwrap(), t.data, "{arch} {name}: rows as Hugging Face orders them");
+        }
+        // A middle range of q rows (inside heads) comes back unpermuted too.
+        let q = &w["model.layers.1.self_attn.q_proj.weight"];
+        assert_eq!(f.rows("model.layers.1.self_attn.q_proj.weight", 5, 19).unwrap(), q.data[5 * HIDDEN..19 * HIDDEN].to_vec());
+        let cfg = Config::parse(&f.config_json().unwrap(), "tiny.gguf", None).unwrap();
+        assert_eq!((cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.intermediate, cfg.vocab, cfg.tie_embeddings), (LAYERS, HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, false));
+        assert_eq!((cfg.eps, cfg.head_dim, cfg.bos, cfg.eos.clone()), (1e-5, HIDDEN / HEADS, Some(1), vec![2]));
+        assert_eq!(cfg.rope_theta as f32, 50000.0);
+    }
+}
+
+#[test]
+fn a_model_loaded_from_gguf_computes_what_the_safetensors_one_does() {
+    let g = gpu_f32();
+    let w = weights();
+    let f = Gguf::open(Box::new(llama_gguf(&w, "llama")), "tiny.gguf").unwrap();
+    let cfg = Config::parse(&f.config_json().unwrap(), "tiny.gguf", None).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 13 % VOCAB) as u32).collect();
+    let inp = Inputs::sequences(g, Shape { b: 1, t: ids.len() }, &ids).unwrap();
+    let from_gguf = Model::load(g, cfg.clone(), &f, Tuning::Frozen, 0).unwrap();
+    let from_map = Model::load(g, cfg, &w, Tuning::Frozen, 0).unwrap();
+    let (a, b) = (futures::executor::block_on(from_gguf.logits(g, &inp)).unwrap(), futures::executor::block_on(from_map.logits(g, &inp)).unwrap());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn what_webtune_does_not_read_is_an_error_naming_it() {
+    let err = |bytes: Vec<u8>| Gguf::open(Box::new(bytes), "m.gguf").err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(b"GGML\x03\0\0\0".to_vec()).contains("not a GGUF file"));
+    let mut v1 = b"GGUF".to_vec();
+    v1.extend(1u32.to_le_bytes());
+    v1.extend([0u8; 16]);
+    assert!(err(v1).contains("GGUF version 1"));
+    // A Q5_0 tensor (type 6): the F32 writer's type id patched in place.
+    let mut g = Writer::default();
+    g.meta("general.architecture", Value::Str("llama".into()));
+    g.tensor("token_embd.weight", &[2, 32], GgmlType::F32, &[0.0; 64]).unwrap();
+    let mut bytes = g.finish();
+    let at = bytes.windows(17).position(|s| s == b"token_embd.weight").unwrap() + 17 + 4 + 16;
+    bytes[at..at + 4].copy_from_slice(&6u32.to_le_bytes());
+    let e = err(bytes);
+    assert!(e.contains("token_embd.weight") && e.contains("Q5_0"), "{e}");
+    // An architecture webtune does not run.
+    let mut g = Writer::default();
+    g.meta("general.architecture", Value::Str("gemma3".into()));
+    let f = Gguf::open(Box::new(g.finish()), "m.gguf").unwrap();
+    let e = f.config_json().unwrap_err().to_string();
+    assert!(e.contains("gemma3") && e.contains("m.gguf"), "{e}");
+    // The file ends inside a tensor.
+    let mut g = Writer::default();
+    g.meta("general.architecture", Value::Str("llama".into()));
+    g.tensor("output_norm.weight", &[64], GgmlType::F32, &[1.0; 64]).unwrap();
+    let mut bytes = g.finish();
+    bytes.truncate(bytes.len() - 8);
+    assert!(err(bytes).contains("past the end"));
+}
