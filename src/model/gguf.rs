@@ -525,6 +525,68 @@ impl Gguf {
     }
 }
 
+/// The pre-tokenizer regexes of llama.cpp's BPE pre-tokenizer types, as the Hub's
+/// tokenizer.json files of those models write them.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl Gguf {
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        let a = self.get(key).and_then(|v| v.as_array()).ok_or_else(|| Error::Config(format!("{}: metadata `{key}` is missing", self.name)))?;
+        a.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::Config(format!("{}: `{key}` holds something other than strings", self.name)))).collect()
+    }
+
+    /// The tokenizer as a Hugging Face `tokenizer.json`, rebuilt from `tokenizer.ggml.*`:
+    /// byte-level BPE with merges for the pre-tokenizer types `llama-bpe`, `qwen2`,
+    /// `smollm` and `gpt2`, each pre-tokenized as the Hub's tokenizer of that family
+    /// is (SmolLM2 splits digits one by one, as llama.cpp's `smollm` does). Control
+    /// tokens become special added tokens, user-defined ones plain added tokens.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        let model = self.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
+        if model != "gpt2" {
+            return Err(Error::Config(format!("{}: tokenizer model `{model}` is not supported yet (gpt2, byte-level BPE, is)", self.name)));
+        }
+        let pre = self.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let split = |regex: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
+        let byte_level = |use_regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let (normalizer, pretokenizers, ignore_merges) = match pre {
+            "llama-bpe" | "llama3" => (serde_json::Value::Null, vec![split(LLAMA3_REGEX), byte_level(false)], true),
+            "qwen2" => (serde_json::json!({"type": "NFC"}), vec![split(QWEN2_REGEX), byte_level(false)], false),
+            "smollm" => (serde_json::Value::Null, vec![serde_json::json!({"type": "Digits", "individual_digits": true}), byte_level(true)], false),
+            "gpt2" | "default" => (serde_json::Value::Null, vec![byte_level(true)], false),
+            other => return Err(Error::Config(format!("{}: pre-tokenizer `{other}` is not supported (llama-bpe, qwen2, smollm, gpt2)", self.name))),
+        };
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let merges = self.strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match self.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+            Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (id, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), id.into());
+            // 3: control, 4: user-defined (llama.cpp's token types).
+            if let Some(&ty @ (3 | 4)) = types.get(id) {
+                added.push(serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": ty == 3}));
+            }
+        }
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        });
+        Ok(json.to_string())
+    }
+}
+
 impl Tensors for Gguf {
     fn names(&self) -> Vec<String> {
         self.tensors.iter().filter_map(|t| self.hf_name(&t.name)).collect()
