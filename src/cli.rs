@@ -55,8 +55,11 @@ impl ModelDir {
             (crate::demo::files(), Checkpoint::from_bytes(weights::serialize(&crate::demo::weights(1)?, None)?, "demo-random")?)
         } else if dir.is_dir() {
             (source::read_dir_files(dir), Checkpoint::open_dir(dir)?)
+        } else if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let bytes = Box::new(weights::FileBytes::open(dir)?);
+            return Ok(ModelDir { dir: dir.to_path_buf(), source: source::open_gguf(&name, bytes)? });
         } else {
-            return Err(Error::Io(format!("{name}: not a model directory (expected config.json, model.safetensors, tokenizer.json)")));
+            return Err(Error::Io(format!("{name}: not a model directory (expected config.json, model.safetensors, tokenizer.json) or a .gguf file")));
         };
         Ok(ModelDir { dir: dir.to_path_buf(), source: source::open(&name, files, weights)? })
     }

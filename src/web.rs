@@ -126,6 +126,14 @@ impl Session {
         Ok(())
     }
 
+    /// A GGUF file the page fetched or read, left in its JS array: config, tokenizer and
+    /// chat template come from its metadata, tensors are dequantized as they load.
+    pub fn load_gguf(&mut self, name: &str, bytes: js_sys::Uint8Array) -> Result<(), JsError> {
+        let s = crate::model::source::open_gguf(name, Box::new(JsBytes(bytes))).map_err(js)?;
+        self.set_source(s);
+        Ok(())
+    }
+
     fn source(&self) -> Result<&Rc<Source>, JsError> {
         self.source.as_ref().ok_or_else(|| JsError::new("load a model first"))
     }

@@ -250,3 +250,113 @@ fn a_byte_level_bpe_tokenizer_is_rebuilt_from_gguf_metadata_with_the_hub_ids() {
     let e = f.tokenizer_json().unwrap_err().to_string();
     assert!(e.contains("deepseek-coder"), "{e}");
 }
+
+/// GPT-2's byte-to-character map: the 256 tokens of a byte-level vocabulary.
+fn byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).unwrap();
+    }
+    out
+}
+
+/// A whole tiny chat model in one GGUF file, as llama.cpp would ship it: weights,
+/// architecture metadata, a byte-level tokenizer with ChatML special tokens, a chat template.
+fn chat_gguf(path: &std::path::Path) {
+    let mut w = weights();
+    let vocab = 259;
+    let mut rng = Rng::new(3);
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        w.insert(name.into(), HostTensor { shape: vec![vocab, HIDDEN], data: rng.vec(vocab * HIDDEN, 0.3) });
+    }
+    let base = llama_gguf(&w, "llama");
+    let f = Gguf::open(Box::new(base), "base").unwrap();
+    let mut g = Writer::default();
+    for (k, v) in &f.meta {
+        g.meta(k, v.clone());
+    }
+    let mut tokens: Vec<Value> = byte_chars().into_iter().map(|c| Value::Str(c.to_string())).collect();
+    let mut types = vec![Value::I32(1); 256];
+    for s in ["<|im_start|>", "<|im_end|>", "<|endoftext|>"] {
+        tokens.push(Value::Str(s.into()));
+        types.push(Value::I32(3));
+    }
+    g.meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::Str("qwen2".into()))
+        .meta("tokenizer.ggml.tokens", Value::Array(tokens))
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta("tokenizer.ggml.merges", Value::Array(vec![]))
+        .meta("tokenizer.ggml.eos_token_id", Value::U32(257))
+        .meta("tokenizer.ggml.padding_token_id", Value::U32(258))
+        .meta("tokenizer.chat_template", Value::Str("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into()));
+    for t in &f.tensors {
+        g.tensor(&t.name, &t.shape(), GgmlType::F32, &f.file_rows(t, 0, t.dims[1..].iter().product::<usize>().max(1)).unwrap()).unwrap();
+    }
+    std::fs::write(path, g.finish()).unwrap();
+}
+
+/// `--model FILE.gguf`: the CLI loads it with its tokenizer and chat template, trains a
+/// PEFT adapter with the Hugging Face module names, and merges it into a Hugging Face
+/// model directory whose logits are the GGUF base's with the adapter.
+#[test]
+fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
+    let g = gpu_f32();
+    let root = std::env::temp_dir().join(format!("webtune-gguf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let model = root.join("tiny-chat.gguf");
+    chat_gguf(&model);
+    let md = webtune::cli::ModelDir::open(&model).unwrap();
+    assert!(!md.tokenizer.template.fallback, "the chat template comes from tokenizer.chat_template");
+    assert_eq!((md.cfg.vocab, md.tokenizer.eos_id, md.tokenizer.pad_id), (259, 257, 258));
+    let text = md.tokenizer.template.render(&[webtune::data::Message::new("user", "Hi 123")], true).unwrap();
+    assert_eq!(text, "<|im_start|>user\nHi 123<|im_end|>\n<|im_start|>assistant\n");
+    // Special tokens whole, every other byte a token: 1 + 4 + 1 + 6 + 1 + 1 + 1 + 9 + 1.
+    assert_eq!(md.tokenizer.encode(&text, false).unwrap().0.len(), 25);
+
+    let data = root.join("train.jsonl");
+    let lines: Vec<String> = ["cat", "dog", "owl", "yak"].iter().map(|w| serde_json::json!({"messages": [{"role": "user", "content": format!("Say {w}")}, {"role": "assistant", "content": *w}]}).to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = root.join("adapter");
+    let run = webtune::train::RunOptions {
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        max_seq_len: 64,
+        train: webtune::train::Options { lr: 1e-2, schedule: "constant".into(), warmup: 0, batch_size: 2, steps: Some(4), ..Default::default() },
+        ..Default::default()
+    };
+    let args = webtune::cli::TrainArgs { model: model.clone(), data, out: out.clone(), valid: None, resume: None, init_adapter: None, run, quiet: true };
+    let hist = futures::executor::block_on(webtune::cli::train(g, &args)).unwrap();
+    assert!(hist[3].loss < hist[0].loss, "{} → {}", hist[0].loss, hist[3].loss);
+    let mut t = TensorMap::new();
+    webtune::model::weights::parse(&std::fs::read(out.join("adapter_model.safetensors")).unwrap(), "adapter", &mut t).unwrap();
+    assert!(t.contains_key("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"), "{:?}", t.keys().take(3).collect::<Vec<_>>());
+    assert_eq!(t.len(), 2 * 7 * LAYERS);
+
+    let merged = root.join("merged");
+    webtune::cli::merge(&model, &out, &merged).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(merged.join(f).exists(), "{f}");
+    }
+    let mm = webtune::cli::ModelDir::open(&merged).unwrap();
+    assert_eq!(mm.weights.weights_dtype(), safetensors::Dtype::F32, "an all-F32 GGUF merges to f32");
+    let ids = md.tokenizer.prompt_ids("Say cat", true).unwrap();
+    let inp = Inputs::sequences(g, Shape { b: 1, t: ids.len() }, &ids).unwrap();
+    let with_adapter = webtune::cli::load_for_inference(g, &md, Some(&out)).unwrap();
+    let merged_model = webtune::cli::load_for_inference(g, &mm, None).unwrap();
+    let (x, y) = (futures::executor::block_on(with_adapter.logits(g, &inp)).unwrap(), futures::executor::block_on(merged_model.logits(g, &inp)).unwrap());
+    close("merged vs GGUF + adapter logits", &y, &x, 1e-4, 1e-4);
+    assert_eq!(mm.tokenizer.encode("Hi 123", false).unwrap().0, md.tokenizer.encode("Hi 123", false).unwrap().0);
+    std::fs::remove_dir_all(&root).unwrap();
+}

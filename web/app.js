@@ -101,8 +101,10 @@ function radio(name) {
 
 async function modelFiles() {
   const files = [...$('modelfiles').files];
+  const gguf = files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
+  if (gguf) return { name: gguf.name, gguf: new Uint8Array(await gguf.arrayBuffer()) };
   const shards = files.filter((f) => f.name.endsWith('.safetensors')).sort((a, b) => a.name.localeCompare(b.name));
-  if (!shards.length) throw new Error('the chosen files have no .safetensors weights');
+  if (!shards.length) throw new Error('the chosen files have no .safetensors weights and no .gguf file');
   // The small files go to the Rust loader, which reads those it knows and says what is missing.
   const small = files.filter((f) => /\.(json|jinja)$/.test(f.name));
   return {

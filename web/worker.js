@@ -112,8 +112,15 @@ const commands = {
   async loadModel({ source, files }) {
     if (source === 'demo') {
       session.load_demo_model();
+    } else if (source === 'files' && files.gguf) {
+      session.load_gguf(files.name, files.gguf);
     } else if (source === 'files') {
       session.load_model(files.name, files.names, files.bytes, files.shards);
+    } else if (/\.gguf(\?.*)?$/i.test(source)) {
+      // A GGUF file's URL: one file holds weights, tokenizer and chat template.
+      const r = await fetch(source);
+      if (!r.ok) throw new Error(`${source}: HTTP ${r.status}`);
+      session.load_gguf(source, new Uint8Array(await r.arrayBuffer()));
     } else {
       const f = await hfFiles(source);
       session.load_model(source, f.names, f.bytes, f.shards);
