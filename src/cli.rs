@@ -314,12 +314,21 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
 }
 
 /// Merge a LoRA adapter into the base weights (W += s·B·A for each pair) and write a
-/// full model into `out`: config (dtype float32), model.safetensors, tokenizer files.
-pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
+/// full model into `out`: a Hugging Face directory (config, model.safetensors in the
+/// base's dtype, tokenizer files), or with `out` ending in `.gguf` one GGUF file of
+/// `gguf_type` (f16, q8_0 or f32) that llama.cpp reads.
+pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str) -> Result<()> {
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;
     let mut w = weights::to_map(&md.weights)?;
     crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
+    if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let ty = crate::model::gguf::export_type(gguf_type)?;
+        let tokenizer = md.files.iter().find(|(n, _)| n == "tokenizer.json").map(|(_, b)| b.as_slice()).unwrap_or_default();
+        let name = model_dir.file_stem().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        let bytes = crate::model::gguf::model_file(&name, &md.cfg, &md.tokenizer, tokenizer, &w, ty)?;
+        return checkpoint::write_atomic(out, &bytes);
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for (name, bytes) in crate::peft::model_files(&md.files, &w, md.weights.weights_dtype())? {
         checkpoint::write_atomic(&out.join(name), &bytes)?;

@@ -82,7 +82,8 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
     },
-    /// Merge a LoRA adapter into its base model and write a full model.
+    /// Merge a LoRA adapter into its base model and write a full model: a Hugging Face
+    /// directory, or one GGUF file when --out ends in .gguf.
     Merge {
         #[arg(long)]
         model: PathBuf,
@@ -90,6 +91,9 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// The tensor type of a GGUF output: f16, q8_0 or f32 (norms stay f32).
+        #[arg(long = "type", default_value = "f16")]
+        gguf_type: String,
     },
     /// Instruction-tune the built-in demo model and show held-out accuracy before and after.
     Demo {
@@ -299,8 +303,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
             println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
         }
-        Command::Merge { model, adapter, out } => {
-            cli::merge(&model, &adapter, &out)?;
+        Command::Merge { model, adapter, out, gguf_type } => {
+            cli::merge(&model, &adapter, &out, &gguf_type)?;
             println!("wrote {}", out.display());
         }
         Command::Data { what: DataCmd::Inspect { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json } } => {

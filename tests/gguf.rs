@@ -345,7 +345,7 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
     assert_eq!(t.len(), 2 * 7 * LAYERS);
 
     let merged = root.join("merged");
-    webtune::cli::merge(&model, &out, &merged).unwrap();
+    webtune::cli::merge(&model, &out, &merged, "f16").unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         assert!(merged.join(f).exists(), "{f}");
     }
@@ -358,5 +358,24 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
     let (x, y) = (futures::executor::block_on(with_adapter.logits(g, &inp)).unwrap(), futures::executor::block_on(merged_model.logits(g, &inp)).unwrap());
     close("merged vs GGUF + adapter logits", &y, &x, 1e-4, 1e-4);
     assert_eq!(mm.tokenizer.encode("Hi 123", false).unwrap().0, md.tokenizer.encode("Hi 123", false).unwrap().0);
+
+    // GGUF out: the merged model as one file, read back with the same tokenizer,
+    // template and tensor names llama.cpp uses, and logits within the type's rounding.
+    for (ty, tol) in [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2)] {
+        let file = root.join(format!("merged-{ty}.gguf"));
+        webtune::cli::merge(&model, &out, &file, ty).unwrap();
+        let back = Gguf::open(Box::new(std::fs::read(&file).unwrap()), "merged").unwrap();
+        assert!(back.tensors.iter().any(|t| t.name == "blk.1.attn_q.weight") && back.tensors.iter().any(|t| t.name == "output.weight"), "{ty}");
+        let want_ty = match ty { "f32" => GgmlType::F32, "f16" => GgmlType::F16, _ => GgmlType::Q8_0 };
+        assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.ffn_up.weight").unwrap().ty, want_ty, "{ty}");
+        assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap().ty, GgmlType::F32, "{ty}: norms stay f32");
+        let gm = webtune::cli::ModelDir::open(&file).unwrap();
+        assert_eq!(gm.tokenizer.template.render(&[webtune::data::Message::new("user", "Hi 123")], true).unwrap(), text, "{ty}");
+        assert_eq!(gm.tokenizer.encode(&text, false).unwrap().0, md.tokenizer.encode(&text, false).unwrap().0, "{ty}");
+        let z = futures::executor::block_on(webtune::cli::load_for_inference(g, &gm, None).unwrap().logits(g, &inp)).unwrap();
+        close(&format!("{ty} GGUF vs merged safetensors logits"), &z, &y, tol, tol);
+    }
+    let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q4_0").unwrap_err().to_string();
+    assert!(err.contains("q4_0"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

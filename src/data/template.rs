@@ -20,6 +20,8 @@ pub struct ChatTemplate {
     pub fallback: bool,
     /// The file the template came from, or with the fallback the model it was for.
     pub origin: String,
+    /// The template's Jinja text (a GGUF export writes it as `tokenizer.chat_template`).
+    pub source: String,
 }
 
 /// The files of a model that may hold its chat template, in the order transformers
@@ -90,8 +92,8 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned("chat", source).map_err(|e| Error::Template(format!("{place}: {e}")))?;
-        Ok(ChatTemplate { env, bos_token, eos_token, fallback, origin })
+        env.add_template_owned("chat", source.clone()).map_err(|e| Error::Template(format!("{place}: {e}")))?;
+        Ok(ChatTemplate { env, bos_token, eos_token, fallback, origin, source })
     }
 
     /// The template of a `tokenizer_config.json` alone (`source` names it in errors);

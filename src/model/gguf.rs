@@ -419,19 +419,11 @@ impl Gguf {
         let rest = hf.strip_prefix("model.layers.")?;
         let (layer, rest) = rest.split_once('.')?;
         let (module, suffix) = rest.rsplit_once('.')?;
-        let (name, heads) = match module {
-            "input_layernorm" => ("attn_norm", None),
-            "post_attention_layernorm" => ("ffn_norm", None),
-            "self_attn.q_proj" => ("attn_q", if suffix == "weight" { permute("head_count") } else { None }),
-            "self_attn.k_proj" => ("attn_k", if suffix == "weight" { permute("head_count_kv").or_else(|| permute("head_count")) } else { None }),
-            "self_attn.v_proj" => ("attn_v", None),
-            "self_attn.o_proj" => ("attn_output", None),
-            "self_attn.q_norm" => ("attn_q_norm", None),
-            "self_attn.k_norm" => ("attn_k_norm", None),
-            "mlp.gate_proj" => ("ffn_gate", None),
-            "mlp.up_proj" => ("ffn_up", None),
-            "mlp.down_proj" => ("ffn_down", None),
-            _ => return None,
+        let name = MODULES.iter().find(|(_, h)| *h == module)?.0;
+        let heads = match (name, suffix) {
+            ("attn_q", "weight") => permute("head_count"),
+            ("attn_k", "weight") => permute("head_count_kv").or_else(|| permute("head_count")),
+            _ => None,
         };
         Some((format!("blk.{layer}.{name}.{suffix}"), heads))
     }
@@ -445,20 +437,7 @@ impl Gguf {
         let rest = file.strip_prefix("blk.")?;
         let (layer, rest) = rest.split_once('.')?;
         let (name, suffix) = rest.rsplit_once('.')?;
-        let module = match name {
-            "attn_norm" => "input_layernorm",
-            "ffn_norm" => "post_attention_layernorm",
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "attn_q_norm" => "self_attn.q_norm",
-            "attn_k_norm" => "self_attn.k_norm",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            _ => return None,
-        };
+        let module = MODULES.iter().find(|(f, _)| *f == name)?.1;
         Some(format!("model.layers.{layer}.{module}.{suffix}"))
     }
 
@@ -625,7 +604,21 @@ impl Tensors for Gguf {
     }
 }
 
-/// Writes a GGUF file (version 3): metadata, then tensors (F32 or F16) aligned to 32.
+/// Q8_0 as ggml's `quantize_row_q8_0_ref`: per block of 32, d = max|x| / 127 (stored
+/// as f16), q = round(x / d).
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// Writes a GGUF file (version 3): metadata, then tensors (F32, F16 or Q8_0) aligned to 32.
 #[derive(Default)]
 pub struct Writer {
     meta: Vec<(String, Value)>,
@@ -690,7 +683,8 @@ impl Writer {
         let bytes: Vec<u8> = match ty {
             GgmlType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
             GgmlType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            other => return Err(Error::Config(format!("writing {other:?} tensors is not supported yet (F32, F16)"))),
+            GgmlType::Q8_0 if shape.last().is_some_and(|c| c % 32 == 0) => quantize_q8_0(data),
+            other => return Err(Error::Config(format!("{name}: writing {other:?} tensors of shape {shape:?} is not supported (F32, F16, Q8_0 with rows of whole blocks)"))),
         };
         self.tensors.push((name.to_string(), shape.iter().rev().cloned().collect(), ty, bytes));
         Ok(self)
@@ -726,4 +720,176 @@ impl Writer {
         }
         out
     }
+}
+
+/// The llama.cpp name of a Hugging Face tensor (the inverse of `Gguf::hf_name`).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let simple = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+    if let Some((_, f)) = simple.iter().find(|(h, _)| *h == hf) {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let name = MODULES.iter().find(|(_, h)| *h == module)?.0;
+    Some(format!("blk.{layer}.{name}.{suffix}"))
+}
+
+/// llama.cpp's per-layer tensor names and the Hugging Face modules they hold.
+const MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// llama.cpp's pre-tokenizer type of a Hugging Face byte-level BPE `tokenizer.json`
+/// (the inverse of `Gguf::tokenizer_json`).
+fn pre_type(t: &serde_json::Value) -> Option<&'static str> {
+    let pre = &t["pre_tokenizer"];
+    let list: Vec<&serde_json::Value> = match pre["type"].as_str()? {
+        "Sequence" => pre["pretokenizers"].as_array()?.iter().collect(),
+        _ => vec![pre],
+    };
+    let kinds: Vec<&str> = list.iter().filter_map(|p| p["type"].as_str()).collect();
+    let regex = list.iter().find_map(|p| p["pattern"]["Regex"].as_str());
+    match (kinds.as_slice(), regex) {
+        (["Split", "ByteLevel"], Some(r)) if r == LLAMA3_REGEX => Some("llama-bpe"),
+        (["Split", "ByteLevel"], Some(r)) if r == QWEN2_REGEX => Some("qwen2"),
+        (["Digits", "ByteLevel"], None) if list[0]["individual_digits"].as_bool() == Some(true) => Some("smollm"),
+        (["ByteLevel"], None) if list[0]["use_regex"].as_bool() != Some(false) => Some("gpt2"),
+        _ => None,
+    }
+}
+
+/// The tensor types of a GGUF export: `F16` (or `F32`) matrices, or `Q8_0` where a
+/// row is whole blocks; vectors (norms, biases) stay F32, as llama.cpp keeps them.
+pub fn export_type(name: &str) -> Result<GgmlType> {
+    match name {
+        "f32" => Ok(GgmlType::F32),
+        "f16" => Ok(GgmlType::F16),
+        "q8_0" => Ok(GgmlType::Q8_0),
+        other => Err(Error::Config(format!("GGUF type `{other}` is not one webtune writes (f32, f16, q8_0)"))),
+    }
+}
+
+/// A whole model as one GGUF file that llama.cpp and transformers' GGUF loader read:
+/// architecture metadata from `cfg`, the tokenizer from `tokenizer.json` (byte-level
+/// BPE) with the chat template, and `weights` (Hugging Face names) in llama.cpp's
+/// names and layout (llama's q/k rows permuted as its converter does) as `ty`.
+pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer, tokenizer_json: &[u8], weights: &super::TensorMap, ty: GgmlType) -> Result<Vec<u8>> {
+    use super::Arch;
+    let arch = match cfg.arch {
+        Arch::Llama => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+    };
+    let t: serde_json::Value = serde_json::from_slice(tokenizer_json).map_err(|e| Error::Tokenizer(format!("{name}: tokenizer.json: {e}")))?;
+    if t["model"]["type"].as_str() != Some("BPE") {
+        return Err(Error::Tokenizer(format!("{name}: only byte-level BPE tokenizers export to GGUF yet (this one is {})", t["model"]["type"])));
+    }
+    let pre = pre_type(&t).ok_or_else(|| Error::Tokenizer(format!("{name}: tokenizer.json's pre-tokenizer is none llama.cpp knows by type ({})", t["pre_tokenizer"])))?;
+    let mut by_id: BTreeMap<u64, (String, i32)> = t["model"]["vocab"].as_object().map(|v| v.iter().map(|(k, id)| (id.as_u64().unwrap_or(0), (k.clone(), 1))).collect()).unwrap_or_default();
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let special = a["special"].as_bool().unwrap_or(false);
+        by_id.insert(a["id"].as_u64().unwrap_or(0), (a["content"].as_str().unwrap_or("").to_string(), if special { 3 } else { 4 }));
+    }
+    let n = by_id.len() as u64;
+    if by_id.keys().last().map_or(0, |k| k + 1) != n || n > cfg.vocab as u64 {
+        return Err(Error::Tokenizer(format!("{name}: tokenizer ids are not dense 0..{n} within the vocabulary of {}", cfg.vocab)));
+    }
+    // The embedding's rows past the tokenizer's ids (Qwen pads its vocabulary), as
+    // llama.cpp's converter writes them: `[PAD{id}]`, type 5 (unused).
+    for id in n..cfg.vocab as u64 {
+        by_id.insert(id, (format!("[PAD{id}]"), 5));
+    }
+    let merges: Vec<Value> = t["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| Value::Str(m.as_str().map(str::to_string).unwrap_or_else(|| m.as_array().map(|p| p.iter().filter_map(|s| s.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default())))
+        .collect();
+    let mut w = Writer::default();
+    let file_type = match ty {
+        GgmlType::F32 => 0u32,
+        GgmlType::F16 => 1,
+        _ => 7,
+    };
+    let u32v = |v: usize| Value::U32(v as u32);
+    w.meta("general.architecture", Value::Str(arch.into()))
+        .meta("general.name", Value::Str(name.into()))
+        .meta("general.file_type", Value::U32(file_type))
+        .meta(&format!("{arch}.block_count"), u32v(cfg.layers))
+        .meta(&format!("{arch}.context_length"), u32v(cfg.max_positions))
+        .meta(&format!("{arch}.embedding_length"), u32v(cfg.hidden))
+        .meta(&format!("{arch}.feed_forward_length"), u32v(cfg.intermediate))
+        .meta(&format!("{arch}.attention.head_count"), u32v(cfg.heads))
+        .meta(&format!("{arch}.attention.head_count_kv"), u32v(cfg.kv_heads))
+        .meta(&format!("{arch}.attention.key_length"), u32v(cfg.head_dim))
+        .meta(&format!("{arch}.attention.value_length"), u32v(cfg.head_dim))
+        .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.eps))
+        .meta(&format!("{arch}.rope.dimension_count"), u32v(cfg.head_dim))
+        .meta(&format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32));
+    match &cfg.rope_scaling {
+        None => {}
+        Some(super::config::RopeScaling::Linear { factor }) => {
+            w.meta(&format!("{arch}.rope.scaling.type"), Value::Str("linear".into())).meta(&format!("{arch}.rope.scaling.factor"), Value::F32(*factor as f32));
+        }
+        Some(other) => return Err(Error::Config(format!("{name}: exporting rope scaling {other:?} to GGUF is not supported yet"))),
+    }
+    w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::Str(pre.into()))
+        .meta("tokenizer.ggml.tokens", Value::Array(by_id.values().map(|(s, _)| Value::Str(s.clone())).collect()))
+        .meta("tokenizer.ggml.token_type", Value::Array(by_id.values().map(|(_, ty)| Value::I32(*ty)).collect()))
+        .meta("tokenizer.ggml.merges", Value::Array(merges))
+        .meta("tokenizer.ggml.eos_token_id", u32v(tok.eos_id as usize))
+        .meta("tokenizer.ggml.padding_token_id", u32v(tok.pad_id as usize));
+    if let Some(b) = tok.bos_id {
+        w.meta("tokenizer.ggml.bos_token_id", u32v(b as usize));
+    }
+    if !tok.template.fallback {
+        w.meta("tokenizer.chat_template", Value::Str(tok.template.source.clone()));
+    }
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort_by_key(|n| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()), n.to_string()));
+    for hf in names {
+        let t = &weights[hf];
+        let file = gguf_name(hf).ok_or_else(|| Error::Weights(format!("{name}: `{hf}` has no llama.cpp name")))?;
+        let heads = match (arch, hf.rsplit_once('.').map(|x| x.0)) {
+            ("llama", Some(m)) if m.ends_with("self_attn.q_proj") && hf.ends_with(".weight") => Some(cfg.heads),
+            ("llama", Some(m)) if m.ends_with("self_attn.k_proj") && hf.ends_with(".weight") => Some(cfg.kv_heads),
+            _ => None,
+        };
+        let data = match heads {
+            // llama.cpp's converter: per head, rows (2, HS/2) → (HS/2, 2).
+            Some(h) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let hs = rows / h;
+                let mut out = vec![0f32; rows * cols];
+                for r in 0..rows {
+                    let (head, k) = (r / hs, r % hs);
+                    let f = head * hs + 2 * (k % (hs / 2)) + k / (hs / 2);
+                    out[f * cols..(f + 1) * cols].copy_from_slice(&t.data[r * cols..(r + 1) * cols]);
+                }
+                out
+            }
+            None => t.data.clone(),
+        };
+        let tty = if t.shape.len() < 2 {
+            GgmlType::F32
+        } else if ty == GgmlType::Q8_0 && t.shape.last().unwrap() % 32 != 0 {
+            GgmlType::F16
+        } else {
+            ty
+        };
+        w.tensor(&file, &t.shape, tty, &data)?;
+    }
+    Ok(w.finish())
 }
