@@ -336,6 +336,24 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str) -> R
     Ok(())
 }
 
+/// `webtune export-lora`: a PEFT adapter as a llama.cpp LoRA adapter GGUF. The base
+/// (for its architecture and head counts) is `model`, else the adapter's
+/// `base_model_name_or_path`.
+pub fn export_lora(adapter: &Path, model: Option<&Path>, out: &Path) -> Result<()> {
+    let (lora, tensors) = read_adapter(adapter)?;
+    let base = match model {
+        Some(m) => m.to_path_buf(),
+        None => {
+            let cfg_path = adapter.join("adapter_config.json");
+            let v: serde_json::Value = serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| Error::io(&cfg_path, e))?;
+            PathBuf::from(v["base_model_name_or_path"].as_str().ok_or_else(|| Error::Config(format!("{}: no base_model_name_or_path; pass --model", cfg_path.display())))?)
+        }
+    };
+    let md = ModelDir::open(&base)?;
+    let name = adapter.file_name().map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
+    checkpoint::write_atomic(out, &crate::model::gguf::lora_file(&name, &md.cfg, &lora, &tensors)?)
+}
+
 pub struct InspectArgs {
     pub model: PathBuf,
     pub data: PathBuf,

@@ -95,6 +95,16 @@ enum Command {
         #[arg(long = "type", default_value = "f16")]
         gguf_type: String,
     },
+    /// Write a PEFT adapter as a llama.cpp LoRA adapter (GGUF; llama-cli --lora FILE).
+    ExportLora {
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Instruction-tune the built-in demo model and show held-out accuracy before and after.
     Demo {
         #[arg(long, default_value = "webtune-demo")]
@@ -302,6 +312,10 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
             let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
             println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+        }
+        Command::ExportLora { adapter, model, out } => {
+            cli::export_lora(&adapter, model.as_deref(), &out)?;
+            println!("wrote {}", out.display());
         }
         Command::Merge { model, adapter, out, gguf_type } => {
             cli::merge(&model, &adapter, &out, &gguf_type)?;

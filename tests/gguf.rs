@@ -375,6 +375,23 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
         let z = futures::executor::block_on(webtune::cli::load_for_inference(g, &gm, None).unwrap().logits(g, &inp)).unwrap();
         close(&format!("{ty} GGUF vs merged safetensors logits"), &z, &y, tol, tol);
     }
+    // The adapter as a llama.cpp LoRA adapter: its metadata, names and layout.
+    let lora_path = root.join("adapter.gguf");
+    webtune::cli::export_lora(&out, None, &lora_path).unwrap();
+    let l = Gguf::open(Box::new(std::fs::read(&lora_path).unwrap()), "adapter").unwrap();
+    assert_eq!(l.get("general.type").and_then(|v| v.as_str()), Some("adapter"));
+    assert_eq!(l.get("adapter.type").and_then(|v| v.as_str()), Some("lora"));
+    assert_eq!(l.get("adapter.lora.alpha"), Some(&Value::F32(8.0)));
+    assert_eq!(l.tensors.len(), 2 * 7 * LAYERS);
+    for (module, file) in [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down")] {
+        let (a, b) = (&t[&format!("base_model.model.model.layers.1.{module}.lora_A.weight")], &t[&format!("base_model.model.model.layers.1.{module}.lora_B.weight")]);
+        let (la, lb) = (l.tensors.iter().find(|x| x.name == format!("blk.1.{file}.weight.lora_a")).unwrap(), l.tensors.iter().find(|x| x.name == format!("blk.1.{file}.weight.lora_b")).unwrap());
+        assert_eq!((la.shape(), lb.shape()), (a.shape.clone(), b.shape.clone()), "{module}");
+        assert_eq!(l.file_rows(la, 0, a.shape[0]).unwrap(), a.data, "{module} lora_a");
+        let heads = match file { "attn_q" => Some(HEADS), "attn_k" => Some(KV_HEADS), _ => None };
+        let want_b = heads.map_or(b.data.clone(), |h| permute(b, h));
+        assert_eq!(l.file_rows(lb, 0, b.shape[0]).unwrap(), want_b, "{module} lora_b, rows as llama.cpp's q/k are");
+    }
     let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q4_0").unwrap_err().to_string();
     assert!(err.contains("q4_0"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();

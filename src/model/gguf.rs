@@ -769,6 +769,73 @@ fn pre_type(t: &serde_json::Value) -> Option<&'static str> {
     }
 }
 
+/// llama.cpp's converter's permutation of llama's q/k rows: per head, rows (2, HS/2)
+/// become (HS/2, 2). Hugging Face row h·HS + i·HS/2 + j goes to row h·HS + 2j + i.
+fn permute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hs = rows / heads;
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        let (head, k) = (r / hs, r % hs);
+        let f = head * hs + 2 * (k % (hs / 2)) + k / (hs / 2);
+        out[f * cols..(f + 1) * cols].copy_from_slice(&data[r * cols..(r + 1) * cols]);
+    }
+    out
+}
+
+/// The head count llama.cpp permuted the rows of a Hugging Face weight by (llama's
+/// q and k projections), if any.
+fn permuted_heads(cfg: &super::Config, hf: &str) -> Option<usize> {
+    if cfg.arch != super::Arch::Llama {
+        return None;
+    }
+    if hf.ends_with("self_attn.q_proj.weight") {
+        Some(cfg.heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        Some(cfg.kv_heads)
+    } else {
+        None
+    }
+}
+
+/// A PEFT LoRA adapter as a llama.cpp LoRA adapter file, as `convert_lora_to_gguf.py`
+/// writes one: `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`,
+/// and for each pair `blk.N.<tensor>.weight.lora_a` (A, `[r, in]`) and `.lora_b` (B,
+/// `[out, r]`, its rows permuted as the base weight's are for llama's q and k), F32.
+/// llama.cpp scales by alpha / r; an rsLoRA adapter's alpha is written as alpha·√r.
+pub fn lora_file(name: &str, cfg: &super::Config, lora: &super::LoraConfig, tensors: &super::TensorMap) -> Result<Vec<u8>> {
+    let arch = match cfg.arch {
+        super::Arch::Llama => "llama",
+        super::Arch::Qwen2 => "qwen2",
+        super::Arch::Qwen3 => "qwen3",
+    };
+    let alpha = if lora.use_rslora { lora.alpha * (lora.r as f32).sqrt() } else { lora.alpha };
+    let mut w = Writer::default();
+    w.meta("general.architecture", Value::Str(arch.into()))
+        .meta("general.type", Value::Str("adapter".into()))
+        .meta("general.name", Value::Str(name.into()))
+        .meta("adapter.type", Value::Str("lora".into()))
+        .meta("adapter.lora.alpha", Value::F32(alpha));
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort_by_key(|n| (n.split('.').find_map(|p| p.parse::<usize>().ok()), n.to_string()));
+    for peft in names {
+        let t = &tensors[peft];
+        let bad = || Error::Weights(format!("{name}: `{peft}` is not a PEFT LoRA tensor of a projection"));
+        let module = peft.strip_prefix("base_model.model.").ok_or_else(bad)?;
+        let (base, which) = match (module.strip_suffix(".lora_A.weight"), module.strip_suffix(".lora_B.weight")) {
+            (Some(m), _) => (format!("{m}.weight"), "lora_a"),
+            (_, Some(m)) => (format!("{m}.weight"), "lora_b"),
+            _ => return Err(bad()),
+        };
+        let file = gguf_name(&base).ok_or_else(bad)?;
+        let data = match permuted_heads(cfg, &base) {
+            Some(h) if which == "lora_b" => permute_rows(&t.data, t.shape[0], t.shape[1], h),
+            _ => t.data.clone(),
+        };
+        w.tensor(&format!("{file}.{which}"), &t.shape, GgmlType::F32, &data)?;
+    }
+    Ok(w.finish())
+}
+
 /// The tensor types of a GGUF export: `F16` (or `F32`) matrices, or `Q8_0` where a
 /// row is whole blocks; vectors (norms, biases) stay F32, as llama.cpp keeps them.
 pub fn export_type(name: &str) -> Result<GgmlType> {
@@ -862,24 +929,9 @@ pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer,
     for hf in names {
         let t = &weights[hf];
         let file = gguf_name(hf).ok_or_else(|| Error::Weights(format!("{name}: `{hf}` has no llama.cpp name")))?;
-        let heads = match (arch, hf.rsplit_once('.').map(|x| x.0)) {
-            ("llama", Some(m)) if m.ends_with("self_attn.q_proj") && hf.ends_with(".weight") => Some(cfg.heads),
-            ("llama", Some(m)) if m.ends_with("self_attn.k_proj") && hf.ends_with(".weight") => Some(cfg.kv_heads),
-            _ => None,
-        };
+        let heads = permuted_heads(cfg, hf);
         let data = match heads {
-            // llama.cpp's converter: per head, rows (2, HS/2) → (HS/2, 2).
-            Some(h) => {
-                let (rows, cols) = (t.shape[0], t.shape[1]);
-                let hs = rows / h;
-                let mut out = vec![0f32; rows * cols];
-                for r in 0..rows {
-                    let (head, k) = (r / hs, r % hs);
-                    let f = head * hs + 2 * (k % (hs / 2)) + k / (hs / 2);
-                    out[f * cols..(f + 1) * cols].copy_from_slice(&t.data[r * cols..(r + 1) * cols]);
-                }
-                out
-            }
+            Some(h) => permute_rows(&t.data, t.shape[0], t.shape[1], h),
             None => t.data.clone(),
         };
         let tty = if t.shape.len() < 2 {
