@@ -124,5 +124,9 @@ pub fn open_gguf(name: &str, bytes: Box<dyn Bytes>) -> Result<Source> {
         ("tokenizer.json".to_string(), tokenizer.into_bytes()),
         ("tokenizer_config.json".to_string(), serde_json::Value::Object(tc).to_string().into_bytes()),
     ];
-    open(name, files, Weights::Gguf(g))
+    let mut s = open(name, files, Weights::Gguf(g))?;
+    if !s.tokenizer.template.fallback {
+        s.tokenizer.template.origin = format!("{name} (tokenizer.chat_template)");
+    }
+    Ok(s)
 }

