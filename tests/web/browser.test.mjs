@@ -257,3 +257,40 @@ test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// A real pretrained model from one GGUF file (SmolLM2-135M-Instruct, Q4_1, fetched by
+// scripts/fetch-smollm2.sh): the page loads it from a URL with its tokenizer and chat
+// template, trains a LoRA step on it, and the base answers as it does natively.
+test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () => {
+  const dir = path.join(root, 'target/models');
+  const name = 'SmolLM2-135M-Instruct.Q4_1.gguf';
+  assert.ok(fs.existsSync(path.join(dir, name)), `${dir}/${name}: run bash scripts/fetch-smollm2.sh`);
+  const cors = { 'Access-Control-Allow-Origin': '*' };
+  const files = http.createServer((req, res) => {
+    const f = path.join(dir, path.basename(decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname)));
+    if (!fs.existsSync(f)) {
+      res.writeHead(404, cors).end();
+      return;
+    }
+    res.writeHead(200, { ...cors, 'Content-Length': fs.statSync(f).size });
+    fs.createReadStream(f).pipe(res);
+  });
+  await new Promise((r) => files.listen(0, '127.0.0.1', r));
+  try {
+    const url = `http://127.0.0.1:${files.address().port}/${name}`;
+    await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=80&rank=4&alpha=8&dropout=0&lr=0.0001&schedule=constant&warmup=0&autostart=1`);
+    const st = await waitFor(['done', 'error'], 1_200_000);
+    assert.equal(st.step, '1', st.error);
+    const loss = JSON.parse(st.losses)[0];
+    assert.ok(loss > 0.1 && loss < 6, `a pretrained model's loss on the demo data, not a random one's (ln 49,152 = 10.8): ${loss}`);
+    assert.match(await page.textContent('#log'), /chat template: .*\.gguf \(tokenizer\.chat_template\)/);
+    await page.fill('#prompt', 'What is the capital of France?');
+    await page.click('#ask');
+    await page.waitForFunction(() => !['', '…'].includes(document.querySelector('#tuned').textContent.trim()), null, { timeout: 600_000 });
+    const answer = await page.textContent('#base');
+    console.log(`SmolLM2 GGUF in the page: loss ${loss.toFixed(4)} after a step; base answers ${JSON.stringify(answer.trim())}`);
+    assert.equal(answer.trim(), 'The capital of France is Paris.');
+  } finally {
+    files.close();
+  }
+});
