@@ -412,26 +412,20 @@ impl Gguf {
             }
             self.get(&format!("llama.attention.{key}")).and_then(|v| v.as_u64()).map(|v| v as usize)
         };
-        let simple = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
-        if let Some((_, f)) = simple.iter().find(|(h, _)| *h == hf) {
-            return Some((f.to_string(), None));
-        }
-        let rest = hf.strip_prefix("model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let (module, suffix) = rest.rsplit_once('.')?;
-        let name = MODULES.iter().find(|(_, h)| *h == module)?.0;
-        let heads = match (name, suffix) {
-            ("attn_q", "weight") => permute("head_count"),
-            ("attn_k", "weight") => permute("head_count_kv").or_else(|| permute("head_count")),
-            _ => None,
+        let file = gguf_name(hf)?;
+        let heads = if file.ends_with(".attn_q.weight") {
+            permute("head_count")
+        } else if file.ends_with(".attn_k.weight") {
+            permute("head_count_kv").or_else(|| permute("head_count"))
+        } else {
+            None
         };
-        Some((format!("blk.{layer}.{name}.{suffix}"), heads))
+        Some((file, heads))
     }
 
-    /// The Hugging Face name of a file tensor (the inverse of `file_name`).
+    /// The Hugging Face name of a file tensor (the inverse of `gguf_name`).
     fn hf_name(&self, file: &str) -> Option<String> {
-        let simple = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
-        if let Some((_, h)) = simple.iter().find(|(f, _)| *f == file) {
+        if let Some((h, _)) = WHOLE_MODEL.iter().find(|(_, f)| *f == file) {
             return Some(h.to_string());
         }
         let rest = file.strip_prefix("blk.")?;
@@ -724,8 +718,7 @@ impl Writer {
 
 /// The llama.cpp name of a Hugging Face tensor (the inverse of `Gguf::hf_name`).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let simple = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
-    if let Some((_, f)) = simple.iter().find(|(h, _)| *h == hf) {
+    if let Some((_, f)) = WHOLE_MODEL.iter().find(|(h, _)| *h == hf) {
         return Some(f.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
@@ -734,6 +727,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let name = MODULES.iter().find(|(_, h)| *h == module)?.0;
     Some(format!("blk.{layer}.{name}.{suffix}"))
 }
+
+/// The tensors outside the layers: Hugging Face name, llama.cpp name.
+const WHOLE_MODEL: [(&str, &str); 3] = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
 
 /// llama.cpp's per-layer tensor names and the Hugging Face modules they hold.
 const MODULES: [(&str, &str); 11] = [
