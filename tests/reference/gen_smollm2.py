@@ -8,7 +8,7 @@ not `save_pretrained` it, and its converted tokenizer drops SmolLM2's digit spli
 (llama.cpp's `smollm` pre-tokenizer): the state dict is copied into a fresh
 `LlamaForCausalLM`, and the `Digits(individual_digits)` pre-tokenizer is put back.
 
-    bash scripts/fetch-smollm2.sh            # target/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    bash scripts/fetch-models.sh            # target/models/SmolLM2-135M-Instruct.Q4_1.gguf
     env/bin/pip install torch transformers gguf
     env/bin/python tests/reference/gen_smollm2.py
 """

@@ -265,12 +265,12 @@ test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL trains a step with the wasm
 });
 
 // A real pretrained model from one GGUF file (SmolLM2-135M-Instruct, Q4_1, fetched by
-// scripts/fetch-smollm2.sh): the page loads it from a URL with its tokenizer and chat
+// scripts/fetch-models.sh): the page loads it from a URL with its tokenizer and chat
 // template, trains a LoRA step on it, and the base answers as it does natively.
 test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () => {
   const dir = path.join(root, 'target/models');
   const name = 'SmolLM2-135M-Instruct.Q4_1.gguf';
-  assert.ok(fs.existsSync(path.join(dir, name)), `${dir}/${name}: run bash scripts/fetch-smollm2.sh`);
+  assert.ok(fs.existsSync(path.join(dir, name)), `${dir}/${name}: run bash scripts/fetch-models.sh`);
   const files = await serveDir(dir);
   try {
     const url = `http://127.0.0.1:${files.address().port}/${name}`;
