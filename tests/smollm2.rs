@@ -3,7 +3,8 @@
 //! runs it first). Against `tests/fixtures/smollm2/expected.json`, computed with
 //! transformers by `tests/reference/gen_smollm2.py`: the tokenizer's ids (digits one by
 //! one, as SmolLM2's), the chat prompt, the logits of that prompt, greedy answers token
-//! for token, and the answer-only loss of chat records. f32 weights, as PyTorch's.
+//! for token, the answer-only loss of chat records, and the loss after one LoRA step
+//! from a committed adapter. f32 weights, as PyTorch's.
 
 mod common;
 
@@ -23,13 +24,18 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
-#[test]
-fn smollm2_from_its_gguf_matches_transformers() {
+/// The GGUF opened as a model, and the reference figures.
+fn smollm2() -> (webtune::cli::ModelDir, serde_json::Value) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "{}: missing; run `bash scripts/fetch-models.sh` (scripts/test.sh does)", path.display());
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/smollm2/expected.json")).unwrap()).unwrap();
-    let md = webtune::cli::ModelDir::open(&path).unwrap();
+    let want = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/smollm2/expected.json")).unwrap()).unwrap();
+    (webtune::cli::ModelDir::open(&path).unwrap(), want)
+}
+
+#[test]
+fn smollm2_from_its_gguf_matches_transformers() {
+    let (md, want) = smollm2();
     let tok = &md.tokenizer;
 
     for t in want["tokens"].as_array().unwrap() {
@@ -71,4 +77,41 @@ fn smollm2_from_its_gguf_matches_transformers() {
         let loss = block(g.read::<f32>(&model.loss(g, &inp, &targets, 1.0).unwrap())).unwrap()[0];
         close("answer-only loss (sum)", &[loss], &[e["loss_sum"].as_f64().unwrap() as f32], 1e-3, 1e-4);
     }
+}
+
+/// One LoRA step on the real model: PEFT's adapter loaded onto the GGUF base, both chat
+/// records as one right-padded batch (answer-only, the mean over trained tokens), AdamW
+/// clipped at norm 1.0; the loss before and after equal PyTorch's.
+#[test]
+fn one_lora_step_on_smollm2_matches_peft() {
+    let (md, want) = smollm2();
+    let step = &want["lora_step"];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/adapter");
+    let (lora, adapter) = webtune::cli::read_adapter(&dir).unwrap();
+    assert_eq!((lora.r, lora.alpha, lora.targets.clone()), (2, 4.0, vec!["q_proj".to_string(), "v_proj".to_string()]));
+    let g = gpu_f32();
+    let model = Model::load(g, md.cfg.clone(), &md.weights, Tuning::Lora(lora), 0).unwrap();
+    model.set_params(g, &adapter).unwrap();
+    let records = want["eval"].as_array().unwrap();
+    let t = records.iter().map(|e| e["ids"].as_array().unwrap().len()).max().unwrap();
+    let (mut batch, mut targets) = (Vec::new(), Vec::new());
+    for e in records {
+        let (full, tg) = (ids(&e["ids"]), e["targets"].as_array().unwrap());
+        batch.extend(full.iter().copied().chain(std::iter::repeat(md.tokenizer.pad_id)).take(t));
+        targets.extend(tg.iter().map(|x| x.as_i64().unwrap() as i32).chain(std::iter::repeat(-100)).take(t));
+    }
+    let scale = 1.0 / targets.iter().filter(|&&x| x >= 0).count() as f32;
+    let inp = Inputs::sequences(g, Shape { b: records.len(), t }, &batch).unwrap();
+    let opt = webtune::kernels::AdamW {
+        lr: step["lr"].as_f64().unwrap() as f32,
+        weight_decay: step["weight_decay"].as_f64().unwrap() as f32,
+        ..webtune::kernels::AdamW::default()
+    };
+    model.zero_grads(g);
+    let before = model.forward_backward(g, &inp, &targets, scale).unwrap();
+    model.optimizer_step(g, &opt, 1, step["max_grad_norm"].as_f64().unwrap() as f32).unwrap();
+    let before = read(g, &before)[0];
+    let after = read(g, &model.loss(g, &inp, &targets, scale).unwrap())[0];
+    close("loss before the step", &[before], &[step["loss_before"].as_f64().unwrap() as f32], 0.0, 1e-3);
+    close("loss after the step", &[after], &[step["loss_after"].as_f64().unwrap() as f32], 0.0, 1e-3);
 }

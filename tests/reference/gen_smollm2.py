@@ -68,6 +68,57 @@ for r in records:
     evals.append({"ids": full, "targets": targets, "loss_sum": loss, "trained": int((t >= 0).sum())})
 out["eval"] = evals
 
+# One LoRA step on both records as one right-padded batch (answer-only, the mean over
+# trained tokens), from a committed adapter (r 2 on q_proj and v_proj, A and B both
+# nonzero, bf16 values): the loss before, AdamW at lr 1e-2 clipping at 1.0 as TRL
+# does, the loss after.
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+
+adapter_dir = root / "tests/fixtures/smollm2/adapter"
+g = torch.Generator().manual_seed(5)
+lora_cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+peft_model = get_peft_model(model, lora_cfg)
+with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16).float())
+peft_model.save_pretrained(adapter_dir)
+(adapter_dir / "README.md").unlink(missing_ok=True)
+# A bf16 copy of the adapter's tensors: half the bytes, the same values.
+from safetensors.torch import load_file
+st = adapter_dir / "adapter_model.safetensors"
+save_file({k: v.to(torch.bfloat16) for k, v in load_file(st).items()}, st)
+cfg_path = adapter_dir / "adapter_config.json"
+acfg = json.loads(cfg_path.read_text())
+acfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+cfg_path.write_text(json.dumps(acfg, indent=2))
+
+base = LlamaForCausalLM(loaded.config)
+base.load_state_dict(loaded.state_dict())
+trained = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+n = max(len(e["ids"]) for e in evals)
+ids = torch.tensor([e["ids"] + [tok.pad_token_id] * (n - len(e["ids"])) for e in evals])
+mask = torch.tensor([[1] * len(e["ids"]) + [0] * (n - len(e["ids"])) for e in evals])
+targets = torch.tensor([e["targets"] + [-100] * (n - len(e["ids"])) for e in evals])
+params = [p for p in trained.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def batch_loss():
+    lg = trained(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+before = batch_loss()
+before.backward()
+torch.nn.utils.clip_grad_norm_(params, 1.0)
+opt.step()
+with torch.no_grad():
+    after = batch_loss()
+out["lora_step"] = {"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj"], "lr": 1e-2, "weight_decay": 0.01, "max_grad_norm": 1.0,
+                    "loss_before": before.item(), "loss_after": after.item()}
+
 path = root / "tests/fixtures/smollm2/expected.json"
 path.write_text(json.dumps(out))
-print(f"wrote {path}: greedy {out['greedy']['text']!r}, eval losses {[e['loss_sum'] / e['trained'] for e in evals]}")
+print(f"wrote {path}: greedy {out['greedy']['text']!r}, eval losses {[e['loss_sum'] / e['trained'] for e in evals]}, LoRA step {out['lora_step']}")
