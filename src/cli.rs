@@ -324,16 +324,10 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str) -> R
     crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
     if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         let ty = crate::model::gguf::export_type(gguf_type)?;
-        let tokenizer = md.files.iter().find(|(n, _)| n == "tokenizer.json").map(|(_, b)| b.as_slice()).unwrap_or_default();
-        let name = model_dir.file_stem().map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        let bytes = crate::model::gguf::model_file(&name, &md.cfg, &md.tokenizer, tokenizer, &w, ty)?;
-        return checkpoint::write_atomic(out, &bytes);
+        let files = export::model_files(&md, &w, md.weights.weights_dtype(), Some(ty))?;
+        return checkpoint::write_atomic(out, &files[0].1);
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    for (name, bytes) in crate::peft::model_files(&md.files, &w, md.weights.weights_dtype())? {
-        checkpoint::write_atomic(&out.join(name), &bytes)?;
-    }
-    Ok(())
+    export::write_files(out, &export::model_files(&md, &w, md.weights.weights_dtype(), None)?)
 }
 
 /// `webtune export-lora`: a PEFT adapter as a llama.cpp LoRA adapter GGUF. The base
@@ -350,8 +344,7 @@ pub fn export_lora(adapter: &Path, model: Option<&Path>, out: &Path) -> Result<(
         }
     };
     let md = ModelDir::open(&base)?;
-    let name = adapter.file_name().map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
-    checkpoint::write_atomic(out, &crate::model::gguf::lora_file(&name, &md.cfg, &lora, &tensors)?)
+    checkpoint::write_atomic(out, &export::lora_gguf(&md, &lora, &tensors)?[0].1)
 }
 
 pub struct InspectArgs {

@@ -226,8 +226,9 @@ impl Session {
     }
 
     /// The run's files (`Export`): `output` (the PEFT adapter, or the fully tuned
-    /// model), `checkpoint` (all a resume needs) or `merged` (the base with the
-    /// adapter merged in, in the base's dtype), as `[name, Uint8Array]` pairs.
+    /// model), `checkpoint` (all a resume needs), `merged` (the base with the adapter
+    /// merged in, in the base's dtype), `merged-gguf-{f16,q8_0,f32}` (the same as one
+    /// GGUF) or `lora-gguf` (a llama.cpp LoRA adapter), as `[name, Uint8Array]` pairs.
     pub async fn files(&self, what: &str) -> Result<js_sys::Array, JsError> {
         let what: Export = what.parse().map_err(|e: String| JsError::new(&e))?;
         let files = self.run()?.files(&self.gpu, what).await.map_err(js)?;

@@ -153,7 +153,6 @@ function onState(state) {
   $('pause').disabled = !training;
   $('continue').disabled = state !== 'paused';
   $('download').disabled = training || losses.length === 0;
-  $('downloadMerged').disabled = training || losses.length === 0;
   $('ask').disabled = training;
   $('demoTest').disabled = training || modelSource !== 'demo';
   for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
@@ -292,17 +291,11 @@ function download(name, data, type) {
 $('train').onclick = train;
 $('pause').onclick = () => call('pause');
 $('continue').onclick = async () => { try { await call('run'); } catch (e) { fail(e); } };
+// What the run hands back (the library's `Export`): the adapter or the merged model,
+// as safetensors or GGUF.
 $('download').onclick = async () => {
   try {
-    const { files } = await call('adapter');
-    for (const [name, bytes] of files) download(name, bytes, 'application/octet-stream');
-  } catch (e) {
-    fail(e);
-  }
-};
-$('downloadMerged').onclick = async () => {
-  try {
-    const { files } = await call('merged');
+    const { files } = await call('files', { what: $('exportWhat').value });
     for (const [name, bytes] of files) download(name, bytes, 'application/octet-stream');
   } catch (e) {
     fail(e);

@@ -141,8 +141,7 @@ const commands = {
     return { total };
   },
   memory: ({ options }) => session.memory_estimate(options),
-  merged: async () => ({ files: await session.files('merged') }),
-  adapter: async () => ({ files: await session.files('output') }),
+  files: async ({ what }) => ({ files: await session.files(what) }),
   tokenLosses: ({ index }) => session.token_losses(index),
   attention: ({ prompt, layer, head }) => session.attention_map(prompt, layer, head),
   gradNorms: () => session.layer_grad_norms(),

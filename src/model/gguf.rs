@@ -101,6 +101,11 @@ impl GgmlType {
         })
     }
 
+    /// The name llama.cpp gives the type, lower case (`f16`, `q8_0`, `q4_k`).
+    pub fn name(self) -> String {
+        type_name(self.id()).to_lowercase()
+    }
+
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,

@@ -7,35 +7,71 @@
 //! - `Checkpoint`: the output plus the AdamW moments and `trainer_state.json`, all a
 //!   resume needs (`checkpoint::load_files` reads it back);
 //! - `Merged`: the base with the adapter merged in, stored in the base's dtype (full
-//!   tuning: the trained model).
+//!   tuning: the trained model);
+//! - `MergedGguf(type)`: the same as one GGUF file (f32, f16 or q8_0) that llama.cpp,
+//!   Ollama and LM Studio run;
+//! - `LoraGguf`: the adapter as a llama.cpp LoRA adapter GGUF (`--lora`).
 
 use super::checkpoint::{read_state, trained_tensors, TrainerState};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::model::gguf::{self, GgmlType};
 use crate::model::source::Source;
-use crate::model::{weights, Model, Tuning};
+use crate::model::{weights, LoraConfig, Model, TensorMap, Tuning};
 
 /// Named files, in the order they are written.
 pub type Files = Vec<(String, Vec<u8>)>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Export {
     Output,
     Checkpoint,
     Merged,
+    MergedGguf(GgmlType),
+    LoraGguf,
 }
 
 impl std::str::FromStr for Export {
     type Err = String;
+    /// `output` (or `adapter`), `checkpoint`, `merged`, `merged-gguf-{f32,f16,q8_0}`, `lora-gguf`.
     fn from_str(s: &str) -> std::result::Result<Export, String> {
         match s {
             "output" | "adapter" => Ok(Export::Output),
             "checkpoint" => Ok(Export::Checkpoint),
             "merged" => Ok(Export::Merged),
-            _ => Err(format!("unknown export `{s}` (output, checkpoint or merged)")),
+            "lora-gguf" => Ok(Export::LoraGguf),
+            _ => match s.strip_prefix("merged-gguf-").map(gguf::export_type) {
+                Some(Ok(ty)) => Ok(Export::MergedGguf(ty)),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err(format!("unknown export `{s}` (output, checkpoint, merged, merged-gguf-f16, merged-gguf-q8_0, merged-gguf-f32 or lora-gguf)")),
+            },
         }
     }
+}
+
+/// The model's name for file names and GGUF's `general.name`: the last part of its
+/// path or URL, without `.gguf`.
+fn stem(source: &Source) -> String {
+    let last = source.name.trim_end_matches('/').rsplit(['/', '\\']).next().unwrap_or("model");
+    let stem = last.strip_suffix(".gguf").unwrap_or(last);
+    if stem.is_empty() { "model".into() } else { stem.to_string() }
+}
+
+/// `weights` (the base with an adapter merged in, or a fully tuned model) as the files
+/// of a model: safetensors in `dtype` with the base's small files, or with `gguf` one
+/// GGUF file of that type, named after the base.
+pub fn model_files(source: &Source, weights: &TensorMap, dtype: safetensors::Dtype, gguf: Option<GgmlType>) -> Result<Files> {
+    let Some(ty) = gguf else { return crate::peft::model_files(&source.files, weights, dtype) };
+    let tokenizer = source.files.iter().find(|(n, _)| n == "tokenizer.json").map(|(_, b)| b.as_slice()).unwrap_or_default();
+    let name = stem(source);
+    let bytes = gguf::model_file(&name, &source.cfg, &source.tokenizer, tokenizer, weights, ty)?;
+    Ok(vec![(format!("{name}-merged.{}.gguf", ty.name()), bytes)])
+}
+
+/// A PEFT adapter of `source` as a llama.cpp LoRA adapter GGUF, named after the base.
+pub fn lora_gguf(source: &Source, lora: &LoraConfig, adapter: &TensorMap) -> Result<Files> {
+    let name = format!("{}-lora", stem(source));
+    Ok(vec![(format!("{name}.gguf"), gguf::lora_file(&name, &source.cfg, lora, adapter)?)])
 }
 
 /// The files of `what` for `model`, trained from `source`; `state` names the base
@@ -44,23 +80,32 @@ pub async fn files(gpu: &Gpu, source: &Source, model: &Model, state: &TrainerSta
     let trained = trained_tensors(gpu, model).await?;
     let mut out = match (&model.tuning, what) {
         (Tuning::Frozen, _) => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
-        (Tuning::Lora(l), Export::Merged) => {
+        (Tuning::Lora(l), Export::Merged | Export::MergedGguf(_)) => {
             let mut w = weights::to_map(&source.weights)?;
             crate::peft::merge_into(&mut w, &trained, l, "adapter")?;
-            crate::peft::model_files(&source.files, &w, source.weights.weights_dtype())?
+            model_files(source, &w, source.weights.weights_dtype(), gguf_type(what))?
         }
+        (Tuning::Lora(l), Export::LoraGguf) => lora_gguf(source, l, &trained)?,
+        (Tuning::Full, Export::LoraGguf) => return Err(Error::Config("a fully tuned model has no adapter to export as a LoRA GGUF".into())),
         (Tuning::Lora(l), _) => vec![
             ("adapter_config.json".to_string(), crate::peft::config_json(l, &state.base_model).into_bytes()),
             ("adapter_model.safetensors".to_string(), weights::serialize(&trained, None)?),
         ],
         // Trained weights stay f32; config.json says so.
-        (Tuning::Full, _) => crate::peft::model_files(&source.files, &trained, safetensors::Dtype::F32)?,
+        (Tuning::Full, _) => model_files(source, &trained, safetensors::Dtype::F32, gguf_type(what))?,
     };
     if what == Export::Checkpoint {
         out.push(("optimizer.safetensors".into(), weights::serialize(&read_state(gpu, model, false).await?, None)?));
         out.push(("trainer_state.json".into(), serde_json::to_string_pretty(state).expect("serialisable").into_bytes()));
     }
     Ok(out)
+}
+
+fn gguf_type(what: Export) -> Option<GgmlType> {
+    match what {
+        Export::MergedGguf(ty) => Some(ty),
+        _ => None,
+    }
 }
 
 /// Write `files` into `dir`: into a temporary directory beside it, then renamed over

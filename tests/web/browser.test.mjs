@@ -71,6 +71,48 @@ function safetensorsHeader(bytes) {
   return JSON.parse(bytes.subarray(8, 8 + n).toString('utf8'));
 }
 
+// A GGUF file's metadata (scalars and strings; arrays as their lengths) and its
+// tensors' names, shapes and ggml types, read as the GGUF v3 layout says.
+function ggufHeader(b) {
+  assert.equal(b.toString('latin1', 0, 4), 'GGUF');
+  let p = 8;
+  const u64 = () => { const v = Number(b.readBigUInt64LE(p)); p += 8; return v; };
+  const str = () => { const n = u64(); const s = b.toString('utf8', p, p + n); p += n; return s; };
+  const SIZE = { 0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8 };
+  const value = (ty) => {
+    if (ty === 8) return str();
+    if (ty === 9) {
+      const inner = b.readUInt32LE(p); p += 4;
+      const n = u64();
+      for (let i = 0; i < n; i++) value(inner);
+      return n;
+    }
+    const read = { 0: () => b.readUInt8(p), 1: () => b.readInt8(p), 2: () => b.readUInt16LE(p), 3: () => b.readInt16LE(p), 4: () => b.readUInt32LE(p),
+      5: () => b.readInt32LE(p), 6: () => b.readFloatLE(p), 7: () => b.readUInt8(p) !== 0, 10: () => Number(b.readBigUInt64LE(p)),
+      11: () => Number(b.readBigInt64LE(p)), 12: () => b.readDoubleLE(p) }[ty];
+    const v = read();
+    p += SIZE[ty];
+    return v;
+  };
+  const nTensors = u64(), nKv = u64();
+  const kv = {};
+  for (let i = 0; i < nKv; i++) {
+    const k = str();
+    const ty = b.readUInt32LE(p); p += 4;
+    kv[k] = value(ty);
+  }
+  const tensors = {};
+  for (let i = 0; i < nTensors; i++) {
+    const name = str();
+    const dims = b.readUInt32LE(p); p += 4;
+    const shape = Array.from({ length: dims }, u64);
+    const type = b.readUInt32LE(p); p += 4;
+    u64();
+    tensors[name] = { shape, type };
+  }
+  return { kv, tensors };
+}
+
 test('the demo trains in the page, with the same losses as native, and the loss falls', async () => {
   await page.goto(`${base}?${RUN}&steps=16&autostart=1`);
   const st = await waitFor(['done', 'error']);
@@ -167,6 +209,7 @@ test('the adapter downloads as PEFT files', async () => {
   const downloads = [];
   const onDownload = (d) => downloads.push(d);
   page.on('download', onDownload);
+  await page.selectOption('#exportWhat', 'output');
   await page.click('#download');
   for (let i = 0; i < 50 && downloads.length < 2; i++) await new Promise((r) => setTimeout(r, 100));
   page.off('download', onDownload);
@@ -190,7 +233,8 @@ test('the merged model downloads as a Hugging Face model directory', async () =>
   const downloads = [];
   const onDownload = (d) => downloads.push(d);
   page.on('download', onDownload);
-  await page.click('#downloadMerged');
+  await page.selectOption('#exportWhat', 'merged');
+  await page.click('#download');
   for (let i = 0; i < 100 && downloads.length < 4; i++) await new Promise((r) => setTimeout(r, 100));
   page.off('download', onDownload);
   const names = downloads.map((d) => d.suggestedFilename()).sort();
@@ -286,6 +330,54 @@ test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () =
     const answer = await page.textContent('#base');
     console.log(`SmolLM2 GGUF in the page: loss ${loss.toFixed(4)} after a step; base answers ${JSON.stringify(answer.trim())}`);
     assert.equal(answer.trim(), 'The capital of France is Paris.');
+
+    // The downloads a llama.cpp user wants: a LoRA GGUF and the merged model as a q8_0
+    // GGUF. Natively, the merged file's loss on a record is the base's with the PEFT
+    // adapter, to within q8_0's rounding.
+    const grab = async (what, n) => {
+      const downloads = [];
+      const onDownload = (d) => downloads.push(d);
+      page.on('download', onDownload);
+      await page.selectOption('#exportWhat', what);
+      await page.click('#download');
+      for (let i = 0; i < 1200 && downloads.length < n; i++) await new Promise((r) => setTimeout(r, 100));
+      page.off('download', onDownload);
+      const out = {};
+      for (const d of downloads) out[d.suggestedFilename()] = fs.readFileSync(await d.path());
+      return out;
+    };
+    const lora = await grab('lora-gguf', 1);
+    assert.deepEqual(Object.keys(lora), ['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
+    const lh = ggufHeader(lora['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
+    assert.equal(lh.kv['general.type'], 'adapter');
+    assert.equal(lh.kv['adapter.type'], 'lora');
+    assert.equal(lh.kv['adapter.lora.alpha'], 8);
+    assert.equal(Object.keys(lh.tensors).length, 30 * 7 * 2);
+    assert.deepEqual(lh.tensors['blk.0.attn_q.weight.lora_a'].shape, [576, 4]);
+    assert.deepEqual(lh.tensors['blk.29.ffn_down.weight.lora_b'].shape, [4, 576]);
+    const merged = await grab('merged-gguf-q8_0', 1);
+    const mergedName = 'SmolLM2-135M-Instruct.Q4_1-merged.q8_0.gguf';
+    assert.deepEqual(Object.keys(merged), [mergedName]);
+    const mh = ggufHeader(merged[mergedName]);
+    assert.equal(mh.kv['general.architecture'], 'llama');
+    assert.equal(mh.kv['llama.block_count'], 30);
+    assert.equal(mh.kv['tokenizer.ggml.pre'], 'smollm');
+    assert.equal(mh.tensors['blk.3.ffn_up.weight'].type, 8, 'q8_0');
+    const adapter = await grab('output', 2);
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-gguf-'));
+    try {
+      fs.mkdirSync(path.join(tmp, 'adapter'));
+      for (const [n, bytes] of Object.entries(adapter)) fs.writeFileSync(path.join(tmp, 'adapter', n), bytes);
+      fs.writeFileSync(path.join(tmp, mergedName), merged[mergedName]);
+      fs.writeFileSync(path.join(tmp, 'one.jsonl'), JSON.stringify({ messages: [{ role: 'user', content: 'Name a primary color.' }, { role: 'assistant', content: 'Blue is a primary color.' }] }) + '\n');
+      const evalLoss = (args) => JSON.parse(execFileSync(bin, ['eval', ...args, '--data', path.join(tmp, 'one.jsonl')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim().split('\n').pop()).loss;
+      const withAdapter = evalLoss(['--model', path.join(dir, name), '--adapter', path.join(tmp, 'adapter')]);
+      const fromMerged = evalLoss(['--model', path.join(tmp, mergedName)]);
+      console.log(`SmolLM2 in the page: eval loss ${withAdapter.toFixed(4)} with the PEFT adapter, ${fromMerged.toFixed(4)} from the merged q8_0 GGUF`);
+      assert.ok(Math.abs(withAdapter - fromMerged) < 0.02 * withAdapter, `${withAdapter} vs ${fromMerged}`);
+    } finally {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    }
   } finally {
     files.close();
   }
