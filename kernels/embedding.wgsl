@@ -8,7 +8,8 @@
 // (order: positions sorted by id; starts[u]..starts[u+1] are the positions of the u-th
 // distinct id uniq[u]), so each (distinct id, column) is summed by one invocation.
 
-// The element type of the table; the registry's f16 variant stores it in f16.
+// The element type of the table; the registry's f16 variant stores it in f16, its
+// packed variant in blocks (quant.wgsl's `q_load` in place of `weight`).
 alias WElem = f32;
 
 // The backward sums positions skip..skip+span of each id's run (one dispatch per span
@@ -28,6 +29,9 @@ struct Params {
 @group(0) @binding(7) var<storage, read> dout: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dw: array<f32>;
 
+// Element i of the table part as stored.
+fn weight(i: u32) -> f32 { return f32(w[i]); }
+
 // out[t, c] = w[ids[t] − v0, c] for the ids this part holds; other rows are left as
 // they are (the launcher zeroes out first). Grid: (ceil(C/64), N, 1), N spilling past
 // 65,535 into z: t = z·65535 + y.
@@ -36,7 +40,7 @@ fn embedding_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x; let t = gid.z * 65535u + gid.y;
     if (c >= p.c || t >= p.n) { return; }
     let id = ids[t];
-    if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = f32(w[(id - p.v0) * p.c + c]); }
+    if (id >= p.v0 && id - p.v0 < p.v) { out[t * p.c + c] = weight((id - p.v0) * p.c + c); }
 }
 
 // dw[uniq[u], c] += Σ over positions t of that id of dout[t, c]. Grid: (ceil(C/64), U, 1),

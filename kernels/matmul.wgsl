@@ -32,9 +32,13 @@ fn a_at(base: u32, m: u32, k: u32) -> f32 {
     return a[base + m * p.lda + k];
 }
 
-fn b_at(base: u32, k: u32, n: u32) -> f32 {
-    if (TRANS_B) { return f32(b[base + n * p.ldb + k]); }
-    return f32(b[base + k * p.ldb + n]);
+// Element i of B as stored. `slot` (0–3) tells apart the invocation's loads that
+// walk different rows of the weight; the packed variant keeps a block scale per slot.
+fn weight(i: u32, slot: u32) -> f32 { return f32(b[i]); }
+
+fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
+    if (TRANS_B) { return weight(base + n * p.ldb + k, slot); }
+    return weight(base + k * p.ldb + n, slot);
 }
 
 // Write a 4×4 block at (m0, n0); rows and columns past the edge are dropped.
@@ -71,7 +75,14 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc: array<vec4<f32>, 4>;
     for (var k = 0u; k < p.k; k++) {
         let av = vec4<f32>(a_at(ab, ms.x, k), a_at(ab, ms.y, k), a_at(ab, ms.z, k), a_at(ab, ms.w, k));
-        let bv = vec4<f32>(b_at(bb, k, ns.x), b_at(bb, k, ns.y), b_at(bb, k, ns.z), b_at(bb, k, ns.w));
+        // Transposed, the four columns are four weight rows read along k (a slot each);
+        // otherwise four neighbours in one row, one block.
+        var bv: vec4<f32>;
+        if (TRANS_B) {
+            bv = vec4<f32>(b_at(bb, k, ns.x, 0u), b_at(bb, k, ns.y, 1u), b_at(bb, k, ns.z, 2u), b_at(bb, k, ns.w, 3u));
+        } else {
+            bv = vec4<f32>(b_at(bb, k, ns.x, 0u), b_at(bb, k, ns.y, 0u), b_at(bb, k, ns.z, 0u), b_at(bb, k, ns.w, 0u));
+        }
         acc[0] += av.x * bv;
         acc[1] += av.y * bv;
         acc[2] += av.z * bv;
@@ -111,7 +122,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             if (TRANS_B) { kb = e % BK; nn = e / BK; } else { kb = e / TS; nn = e % TS; }
             let gn = tn + nn;
             let gkb = k0 + kb;
-            let vb = b_at(bb, min(gkb, p.k - 1u), min(gn, p.n - 1u));
+            let vb = b_at(bb, min(gkb, p.k - 1u), min(gn, p.n - 1u), r);
             tile_b[kb * TS + nn] = select(0.0, vb, gn < p.n && gkb < p.k);
         }
         workgroupBarrier();

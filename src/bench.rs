@@ -9,6 +9,7 @@ use crate::rng::Rng;
 use crate::error::Result;
 use crate::gpu::{Counters, DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self, Attention, Matmul};
+use crate::quant::QType;
 
 /// One measured kernel: `work` is FLOPs (compute-bound) or bytes moved (memory-bound).
 pub struct Row {
@@ -87,6 +88,30 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
         ];
         for (what, mm, a, b, c) in cases {
             case!(format!("matmul {t}×{din}→{dout} {what}"), mm.flops(), "GFLOP/s", |g, r| kernels::matmul(g, r, &mm, a, b, c));
+        }
+    }
+
+    // Frozen weights as training holds them: f16 (where the adapter has it) and packed
+    // (QLoRA), for the products that read a frozen weight.
+    let (din, dout) = (576, 1536);
+    if format!("matmul {t}×{din}→{dout} frozen").contains(only) || only.contains("frozen") {
+        let data = Rng::new(2).vec(dout * din, 0.5);
+        let x = random(gpu, "x", &[t, din], 1)?;
+        let y = random(gpu, "y", &[t, dout], 3)?;
+        let dx = gpu.zeros("dx", DType::F32, &[t, din])?;
+        let mut weights = vec![];
+        if gpu.caps.shader_f16 {
+            weights.push(("f16".to_string(), gpu.upload_f16("w f16", &data, &[dout, din])?));
+        }
+        for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
+            let w = gpu.zeros("w packed", DType::Q(q), &[dout, din])?;
+            gpu.write_bytes_at(&w, 0, &crate::quant::quantize(q, &data)?)?;
+            weights.push((q.name().to_string(), w));
+        }
+        for (ty, w) in &weights {
+            for (what, mm, a, c) in [("forward  y = x·Wᵀ", Matmul::linear(t, din, dout), &x, &y), ("grad x  dx = dy·W", Matmul::new(t, din, dout), &y, &dx)] {
+                case!(format!("matmul {t}×{din}→{dout} frozen {ty} {what}"), mm.flops(), "GFLOP/s", |g, r| kernels::matmul(g, r, &mm, a, w, c));
+            }
         }
     }
 

@@ -104,10 +104,10 @@ impl std::fmt::Display for LoadReport {
 }
 
 /// Load a model onto the GPU, measuring the load.
-pub fn load_measured(gpu: &Gpu, md: &ModelDir, tuning: Tuning, seed: u64) -> Result<(Model, LoadReport)> {
+pub fn load_measured(gpu: &Gpu, md: &ModelDir, tuning: Tuning, seed: u64, frozen: crate::model::Frozen) -> Result<(Model, LoadReport)> {
     let mark = crate::alloc::mark();
     let start = crate::clock::now();
-    let model = Model::load(gpu, md.cfg.clone(), &md.weights, tuning, seed)?;
+    let model = Model::load_with(gpu, md.cfg.clone(), &md.weights, tuning, seed, frozen)?;
     gpu.wait()?;
     let largest_f32 = md.weights.names().iter().filter_map(|n| md.weights.shape(n)).map(|s| 4 * s.iter().product::<usize>()).max().unwrap_or(0);
     let report = LoadReport { secs: crate::clock::now() - start, gpu_bytes: model.resident_bytes(), peak_host: crate::alloc::peak_since(&mark), largest_f32 };
@@ -176,7 +176,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     if let (Some((lora, _)), false) = (&init, opts.full) {
         opts.set_lora(lora);
     }
-    let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed)?;
+    let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed, opts.frozen()?)?;
     if !a.quiet {
         println!("{}: {loaded}", a.model.display());
     }

@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod peft;
+pub mod quant;
 pub mod reference;
 pub mod rng;
 #[cfg(not(target_arch = "wasm32"))]

@@ -172,6 +172,9 @@ enum Command {
         /// Frozen weights in f32 (adapters without shader-f16).
         #[arg(long)]
         f32_weights: bool,
+        /// Frozen weights packed: q8, q4 or nf4 (QLoRA).
+        #[arg(long)]
+        quantize: Option<String>,
     },
 }
 
@@ -346,7 +349,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                         c.tie_embeddings
                     );
                     println!("{}", md.tokenizer.template.describe());
-                    let (_, report) = cli::load_measured(&gpu, &md, webtune::model::Tuning::Frozen, 0)?;
+                    let (_, report) = cli::load_measured(&gpu, &md, webtune::model::Tuning::Frozen, 0, webtune::model::Frozen::Auto)?;
                     println!("{report}");
                 }
             }
@@ -355,7 +358,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::random_model(&config, &out, scale, seed)?;
             println!("wrote {}", out.display());
         }
-        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights } => {
+        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize } => {
             use webtune::model::{memory, Config};
             let text = std::fs::read_to_string(&config).map_err(|e| webtune::Error::Io(format!("{}: {e}", config.display())))?;
             let cfg = Config::parse(&text, &config.display().to_string(), None)?;
@@ -366,13 +369,19 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 grad_checkpoint: !no_grad_checkpoint,
                 max_seq_len,
                 train: webtune::train::Options { batch_size, ..Default::default() },
+                quantize,
                 ..Default::default()
             };
-            let plan = run.memory_plan(max_seq_len, !f32_weights, 128 << 20);
+            let plan = run.memory_plan(max_seq_len, !f32_weights, 128 << 20)?;
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             println!("{}: {:?}, batch {batch_size} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.grad_checkpoint);
-            println!("weights           {:>9.1} MiB ({})", mib(m.weights), if plan.f16_weights && !full { "f16" } else { "f32" });
+            let stored = match plan.quantize {
+                Some(q) if !full => q.name(),
+                _ if plan.f16_weights && !full => "f16",
+                _ => "f32",
+            };
+            println!("weights           {:>9.1} MiB ({stored})", mib(m.weights));
             println!("training state    {:>9.1} MiB", mib(m.training_state));
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));

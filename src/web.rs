@@ -259,7 +259,7 @@ impl Session {
         let o = run_options(options)?;
         let cfg = &self.source()?.cfg;
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
-        let plan = o.memory_plan(seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding);
+        let plan = o.memory_plan(seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding).map_err(js)?;
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         out(&serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}))

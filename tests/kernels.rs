@@ -7,6 +7,7 @@ use common::*;
 use webtune::check::Rng;
 use webtune::gpu::Variant;
 use webtune::kernels::{self as k, AdamW, Attention, Lora, Matmul};
+use webtune::quant::{self, QType};
 use webtune::reference as cpu;
 
 fn matmul_case(g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, mag: f32) {
@@ -407,6 +408,72 @@ fn f16_weights_in_matmul_and_embedding() {
     let mut want = vec![0.0; n * c];
     cpu::embedding_forward(n, c, v, &ids, &round(&w), &mut want);
     close("embedding from f16", &read(g, &tout), &want, 0.0, 0.0);
+}
+
+/// Random blocks of `q` for `n` values: quantized random values, or for Q4_K (which
+/// webtune only reads) random bytes under finite f16 scales.
+fn packed_blocks(q: QType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    if q != QType::Q4K {
+        // Blocks of one sign, of zeros and of a single large value, then random ones.
+        let mut x = rng.vec(n, 3.0);
+        let e = q.block().0;
+        x[..e].iter_mut().for_each(|v| *v = v.abs());
+        x[e..2 * e].iter_mut().for_each(|v| *v = 0.0);
+        x[2 * e] = 30.0;
+        return quant::quantize(q, &x).unwrap();
+    }
+    let mut raw: Vec<u8> = (0..q.bytes(n)).map(|_| (rng.next_u64() & 0xff) as u8).collect();
+    for b in raw.chunks_mut(144) {
+        b[..2].copy_from_slice(&half::f16::from_f32(0.01 + 0.09 * rng.unit()).to_le_bytes());
+        b[2..4].copy_from_slice(&half::f16::from_f32(0.05 * rng.unit()).to_le_bytes());
+    }
+    raw
+}
+
+fn up_packed(g: &webtune::gpu::Gpu, q: QType, raw: &[u8], rows: usize, cols: usize) -> webtune::gpu::Tensor {
+    let t = g.zeros("packed weight", webtune::gpu::DType::Q(q), &[rows, cols]).unwrap();
+    g.write_bytes_at(&t, 0, raw).unwrap();
+    t
+}
+
+/// Packed frozen weights (QLoRA): the forward `x·Wᵀ`, the input gradient `dy·W` and
+/// the embedding gather read blocks and dequantize in the kernel, as the CPU
+/// reference does on the dequantized values; odd rows, an odd number of blocks per row
+/// (so blocks start off 4-byte boundaries), both matmul variants.
+#[test]
+fn packed_weights_in_matmul_and_embedding() {
+    let mut rng = Rng::new(31);
+    for q in QType::ALL {
+        let (e, _) = q.block();
+        let (rows, cols) = (37, 3 * e);
+        let raw = packed_blocks(q, rows * cols, &mut rng);
+        let w = quant::dequantize(q, &raw);
+        assert!(w.iter().all(|v| v.is_finite()) && w.iter().any(|&v| v != 0.0), "{q:?}");
+        for v in [Variant::Register, Variant::Tiled] {
+            let g = variant(v);
+            let tw = up_packed(g, q, &raw, rows, cols);
+            // y = x·Wᵀ (accumulating onto C) and dx = dy·W.
+            for mm in [Matmul::linear(13, cols, rows).accumulate(), Matmul::new(13, cols, rows)] {
+                let (ea, _, ec) = mm.extents();
+                let (a, c0) = (rng.vec(ea, 1.0), rng.vec(ec, 1.0));
+                let (ta, tc) = (up(g, &a), up(g, &c0));
+                run(g, |r| k::matmul(g, r, &mm, &ta, &tw, &tc));
+                let mut want = c0.clone();
+                cpu::matmul(&mm, &a, &w, &mut want);
+                let mag = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                close(&format!("{q:?} matmul {mm:?} on {v:?}"), &read(g, &tc), &want, 1e-5 * mag * (mm.k as f32).sqrt(), 1e-4);
+            }
+        }
+        let g = gpu();
+        let tw = up_packed(g, q, &raw, rows, cols);
+        let n = 9;
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 5) % rows as u32).collect();
+        let (tids, tout) = (up(g, &ids), zeros(g, n * cols));
+        run(g, |r| k::embedding_forward(g, r, n, cols, rows, &tids, &[&tw], &tout));
+        let mut want = vec![0.0; n * cols];
+        cpu::embedding_forward(n, cols, rows, &ids, &w, &mut want);
+        close(&format!("{q:?} embedding"), &read(g, &tout), &want, 0.0, 0.0);
+    }
 }
 
 /// With profiling on, timestamp queries time each dispatch, summed by kernel entry

@@ -10,7 +10,8 @@ use common::*;
 use webtune::gpu::Gpu;
 use webtune::kernels::AdamW;
 use webtune::model::generate::Sampling;
-use webtune::model::{weights, Config, Inputs, Model, Shape, TensorMap, Tuning};
+use webtune::model::{weights, Config, Frozen, Inputs, Model, Shape, TensorMap, Tuning};
+use webtune::quant::QType;
 
 struct Fixture {
     cfg: Config,
@@ -361,10 +362,20 @@ fn memory_estimate_matches_the_loaded_model() {
         let f = fixture(name);
         for tuning in [Tuning::Frozen, Tuning::Lora(f.lora.clone()), Tuning::Full] {
             let m = Model::load(g, f.cfg.clone(), &f.weights, tuning.clone(), 0).unwrap();
-            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, max_binding: g.caps.max_binding };
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, quantize: None, max_binding: g.caps.max_binding };
             let est = estimate(&f.cfg, &plan);
             assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {:?}", plan.tuning);
             assert!(est.activations > 0);
+        }
+        // Packed frozen weights (QLoRA): the packed bytes, exactly.
+        for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
+            let tuning = Tuning::Lora(f.lora.clone());
+            let m = Model::load_with(g, f.cfg.clone(), &f.weights, tuning.clone(), 0, Frozen::Quantize(q)).unwrap();
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, quantize: Some(q), max_binding: g.caps.max_binding };
+            let est = estimate(&f.cfg, &plan);
+            assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {q:?}");
+            let float = estimate(&f.cfg, &Plan { quantize: None, ..plan });
+            assert!(est.weights < float.weights, "{name} {q:?}: {} packed, {} float", est.weights, float.weights);
         }
     }
 }
@@ -378,7 +389,7 @@ fn smollm2_135m_lora_step_fits_in_one_gib() {
     let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/SmolLM2-135M.json")).unwrap();
     let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
     let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
-    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, max_binding: 128 << 20 };
+    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, quantize: None, max_binding: 128 << 20 };
     let m = estimate(&cfg, &plan);
     eprintln!("SmolLM2-135M LoRA r16: {m:?}, total {} MiB", m.total() >> 20);
     // 134.5M weights in f16, 4.9M LoRA parameters with gradients and moments.
@@ -512,10 +523,57 @@ fn memory_estimate_of_activations_matches_a_measured_step() {
         let loss = m.forward_backward(&g, &inp, &targets, 1.0).unwrap();
         futures::executor::block_on(g.read::<f32>(&loss)).unwrap();
         let measured = g.counters().pool_bytes;
-        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, max_binding: g.caps.max_binding };
+        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, quantize: None, max_binding: g.caps.max_binding };
         let est = estimate(&md.cfg, &plan).activations;
         eprintln!("{:?} checkpointing {ckpt}: estimate {est}, measured {measured} ({:.3})", plan.tuning, est as f64 / measured as f64);
         // An upper bound (the page warns from it), and a close one.
         assert!(measured <= est && est as f64 <= 1.15 * measured as f64, "{:?} checkpointing {ckpt}: estimate {est}, measured {measured}", plan.tuning);
+    }
+}
+
+/// QLoRA: training on packed frozen weights gives the losses and LoRA gradients that
+/// float training gives on the same weights dequantized (the values the packed kernels
+/// compute with), for each type people quantize to; the real-vocabulary fixture's tied
+/// embedding (128,256 rows, the head's weight too) is split over 1 MiB bindings, so
+/// row-parts of packed blocks are read by the gather, the head and its gradient.
+#[test]
+fn quantized_training_matches_float_training_on_the_dequantized_weights() {
+    for (name, f, packed_gpu) in [("llama", fixture("llama"), gpu()), ("llama3 tied (V 128,256)", vocab_fixture("llama3-tied"), mib_bindings())] {
+        for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
+            // The dequantized twin of every matrix packing would hold.
+            let mut twin = f.weights.clone();
+            for (n, t) in twin.iter_mut() {
+                if t.shape.len() == 2 && q.fits(t.shape[1]) && !n.contains("norm") {
+                    t.data = webtune::quant::dequantize(q, &webtune::quant::quantize(q, &t.data).unwrap());
+                }
+            }
+            let tuning = Tuning::Lora(f.lora.clone());
+            let float = Model::load_with(gpu_f32(), f.cfg.clone(), &twin, tuning.clone(), 0, Frozen::Float).unwrap();
+            let packed = Model::load_with(packed_gpu, f.cfg.clone(), &f.weights, tuning, 0, Frozen::Quantize(q)).unwrap();
+            assert!(packed.resident_bytes() < float.resident_bytes());
+            if name.starts_with("llama3") {
+                assert!(packed.embed.parts.len() > 1, "{q:?}: the packed table is split over bindings");
+            }
+            let mut losses = Vec::new();
+            for (g, m) in [(gpu_f32(), &float), (packed_gpu, &packed)] {
+                m.set_params(g, &f.adapter).unwrap();
+                let (inp, targets, _) = batch(g, &f);
+                let opt = AdamW { lr: 1e-2, ..AdamW::default() };
+                let mut got = Vec::new();
+                for step in 1..=3 {
+                    m.zero_grads(g);
+                    let loss = m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
+                    if step == 1 {
+                        got.extend(m.params().iter().flat_map(|p| read(g, p.grad().unwrap())));
+                    }
+                    m.optimizer_step(g, &opt, step, 1.0).unwrap();
+                    got.insert(step as usize - 1, read(g, &loss)[0]);
+                }
+                losses.push(got);
+            }
+            close(&format!("{name} {q:?}: losses of 3 steps"), &losses[1][..3], &losses[0][..3], 0.0, 1e-4);
+            let mag = losses[0][3..].iter().fold(0f32, |a, b| a.max(b.abs()));
+            close(&format!("{name} {q:?}: LoRA gradients of the first step"), &losses[1][3..], &losses[0][3..], 1e-4 * mag, 1e-3);
+        }
     }
 }

@@ -15,15 +15,24 @@ fn every_kernel_validates() {
     }
 }
 
+fn validates(k: &webtune::kernels::Kernel, caps: Capabilities) {
+    let module = naga::front::wgsl::parse_str(k.source).unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
+    Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap_or_else(|e| panic!("{}: {}", k.name, e.emit_to_string(k.source)));
+}
+
 #[test]
 fn f16_variants_validate() {
     for k in webtune::kernels::WITH_F16 {
-        let v = webtune::kernels::f16_variant(k);
-        let module = naga::front::wgsl::parse_str(v.source)
-            .unwrap_or_else(|e| panic!("{}: {}", v.name, e.emit_to_string(v.source)));
-        Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16)
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{}: {}", v.name, e.emit_to_string(v.source)));
+        validates(webtune::kernels::f16_variant(k), Capabilities::SHADER_FLOAT16);
+    }
+}
+
+/// The packed variants read f16 scales with `unpack2x16float` (core WGSL; naga asks
+/// for it as a capability, which wgpu grants every WebGPU and Vulkan adapter).
+#[test]
+fn packed_variants_validate() {
+    for k in webtune::kernels::WITH_F16 {
+        validates(webtune::kernels::packed_variant(k), Capabilities::SHADER_FLOAT16_IN_FLOAT32);
     }
 }
 
@@ -36,8 +45,9 @@ fn every_file_is_registered() {
         .filter(|n| n.ends_with(".wgsl"))
         .collect();
     files.sort();
-    let mut registered: Vec<String> = webtune::kernels::ALL.iter().map(|k| k.name.to_string()).collect();
+    // quant.wgsl is not a module of its own: the packed variants append it.
+    let mut registered: Vec<String> = webtune::kernels::ALL.iter().chain([&webtune::kernels::QUANT]).map(|k| k.name.to_string()).collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 10);
+    assert_eq!(files.len(), 11);
 }

@@ -92,6 +92,7 @@ function runOptions() {
     epochs: num('epochs', 'epochs'),
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
+    quantize: params.get('quantize') ?? ($('quantize').value || null),
   };
 }
 
@@ -270,7 +271,7 @@ async function showEstimate(options) {
   const e = $('estimate');
   e.textContent = `Estimated GPU memory for a step: ${m.total.toFixed(0)} MiB (weights ${m.weights.toFixed(0)}, training state ${m.training_state.toFixed(0)}, activations ${m.activations.toFixed(0)})`;
   e.className = m.total > WARN_MIB ? 'error' : 'muted';
-  if (m.total > WARN_MIB) e.textContent += ` — more than browsers usually give a tab (${WARN_MIB} MiB): this model may not fit. Try a smaller batch or sequence length, LoRA instead of full tuning, or the native webtune.`;
+  if (m.total > WARN_MIB) e.textContent += ` — more than browsers usually give a tab (${WARN_MIB} MiB): this model may not fit. Try 4-bit frozen weights (QLoRA), a smaller batch or sequence length, LoRA instead of full tuning, or the native webtune.`;
 }
 
 function fail(err) {

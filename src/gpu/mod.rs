@@ -663,6 +663,16 @@ impl Gpu {
         Ok(())
     }
 
+    /// Write packed bytes into `t` (a `DType::Q` tensor) from byte `offset` on, a
+    /// multiple of 4 (a chunk of an even number of block rows).
+    pub fn write_bytes_at(&self, t: &Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
+        if !matches!(t.dtype, DType::Q(_)) || offset % 4 != 0 || (offset + bytes.len()) as u64 > t.bytes() {
+            return Err(Error::Shape(format!("{}: writing {} bytes at {offset} into {:?} {:?}", t.label, bytes.len(), t.dtype, t.shape)));
+        }
+        self.write_padded(&t.buffer, offset as u64, bytes);
+        Ok(())
+    }
+
     /// Send the queued writes now and let finished staging memory go (a model load
     /// calls it after each weight, so staging holds one weight, not the model).
     pub fn flush_writes(&self) {

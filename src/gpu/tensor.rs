@@ -12,6 +12,8 @@ pub enum DType {
     I32,
     /// Frozen weights on adapters with `shader-f16`.
     F16,
+    /// Frozen weights packed in blocks (`crate::quant`); the shape counts elements.
+    Q(crate::quant::QType),
 }
 
 impl DType {
@@ -28,11 +30,20 @@ impl DType {
         }
     }
 
+    /// Bytes of one element (packed types: see `bytes`).
     pub fn size(self) -> usize {
-        if self == DType::F16 {
-            2
-        } else {
-            4
+        match self {
+            DType::F16 => 2,
+            DType::Q(_) => 0,
+            _ => 4,
+        }
+    }
+
+    /// Bytes of `numel` elements.
+    pub fn bytes(self, numel: usize) -> usize {
+        match self {
+            DType::Q(q) => q.bytes(numel),
+            _ => numel * self.size(),
         }
     }
 }
@@ -59,7 +70,7 @@ impl Tensor {
     /// multiple of 4; vec4 views want 16.
     pub fn padded(dtype: DType, shape: &[usize]) -> u64 {
         let numel: usize = shape.iter().product();
-        ((numel.max(1) * dtype.size()) as u64).div_ceil(16) * 16
+        (dtype.bytes(numel).max(1) as u64).div_ceil(16) * 16
     }
 
     pub fn padded_bytes(&self) -> u64 {
@@ -77,7 +88,7 @@ impl Tensor {
 
     /// Bytes holding the elements (the buffer may be padded beyond this).
     pub fn bytes(&self) -> u64 {
-        (self.numel() * self.dtype.size()) as u64
+        self.dtype.bytes(self.numel()) as u64
     }
 
     /// Check that this tensor has `numel` elements of `dtype`, naming the op and argument.

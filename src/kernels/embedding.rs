@@ -1,6 +1,6 @@
 //! Launchers for `kernels/embedding.wgsl`.
 
-use super::{check, check_binding, f16_variant, groups, loop_span, EMBEDDING};
+use super::{check, check_binding, f16_variant, groups, loop_span, packed_variant, EMBEDDING};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -47,11 +47,14 @@ pub fn embedding_forward(
     rec.encoder().clear_buffer(&out.buffer, 0, None);
     let mut v0 = 0;
     for w in parts {
-        check(w.dtype == DType::F32 || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {
+        check(matches!(w.dtype, DType::F32 | DType::Q(_)) || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {
             format!("table part `{}` is {:?}", w.label, w.dtype)
         })?;
-        let kernel = if w.dtype == DType::F16 { f16_variant(&EMBEDDING) } else { &EMBEDDING };
-        let pipeline = gpu.pipeline(kernel, op, &[]);
+        let pipeline = match w.dtype {
+            DType::F16 => gpu.pipeline(f16_variant(&EMBEDDING), op, &[]),
+            DType::Q(q) => gpu.pipeline(packed_variant(&EMBEDDING), op, &[("QTYPE", q.id() as f64)]),
+            _ => gpu.pipeline(&EMBEDDING, op, &[]),
+        };
         let rows = w.numel() / c;
         let p = Params { n: n as u32, c: c as u32, v: rows as u32, n_uniq: 0, v0: v0 as u32, skip: 0, span: 0, _p: 0 };
         gpu.dispatch(rec, &pipeline, op, &p, &[(1, ids.into()), (2, (*w).into()), (3, out.into())], rows_grid(c, n))?;

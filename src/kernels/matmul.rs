@@ -1,6 +1,6 @@
 //! Launcher for `kernels/matmul.wgsl`.
 
-use super::{check, check_binding, f16_variant, groups, loop_span, spans, MATMUL};
+use super::{check, check_binding, f16_variant, groups, loop_span, packed_variant, spans, MATMUL};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
@@ -148,10 +148,10 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
     let (ca, cb) = (if mm.trans_a { mm.m } else { mm.k }, if mm.trans_b { mm.k } else { mm.n });
     check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm:?}"))?;
     let (ea, eb, ec) = mm.extents();
-    // B may be an f16 weight; A and C are f32 activations.
+    // B may be an f16 or packed weight; A and C are f32 activations.
     check(b.dtype != DType::F16 || gpu.caps.shader_f16, op, || format!("`b` ({}) is f16 but the device has no shader-f16", b.label))?;
     for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
-        let dtype_ok = t.dtype == DType::F32 || (name == "b" && t.dtype == DType::F16);
+        let dtype_ok = t.dtype == DType::F32 || (name == "b" && matches!(t.dtype, DType::F16 | DType::Q(_)));
         check(dtype_ok && t.numel() >= need, op, || {
             format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
         })?;
@@ -160,14 +160,21 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
         "operands exceed 2^32 elements".into()
     })?;
     check_binding(gpu, op, &[a, b, c])?;
-    let constants = [("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
+    let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
     // The register variant loops once per k; the tiled one 21 times per 16 k (a
     // slab load of 4, 16 products, the k0 step).
     let (entry, tile, k_span) = match gpu.caps.variant {
         Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64)),
         Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64) * 16),
     };
-    let kernel = if b.dtype == DType::F16 { f16_variant(&MATMUL) } else { &MATMUL };
+    let kernel = match b.dtype {
+        DType::F16 => f16_variant(&MATMUL),
+        DType::Q(q) => {
+            constants.push(("QTYPE", q.id() as f64));
+            packed_variant(&MATMUL)
+        }
+        _ => &MATMUL,
+    };
     let pipeline = gpu.pipeline(kernel, entry, &constants);
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.

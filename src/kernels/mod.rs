@@ -46,6 +46,7 @@ kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
 kernel!(MATMUL, "matmul.wgsl");
+kernel!(QUANT, "quant.wgsl");
 kernel!(RMSNORM, "rmsnorm.wgsl");
 kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");
@@ -70,8 +71,34 @@ pub fn f16_variant(k: &Kernel) -> &'static Kernel {
     })
 }
 
-/// The kernels that have an f16-weight variant.
+/// The kernels that have an f16-weight variant, and a packed one.
 pub const WITH_F16: &[Kernel] = &[MATMUL, EMBEDDING];
+
+/// The variant of a kernel that reads its frozen weight packed in blocks: the weight's
+/// binding (`array<BElem>` or `array<WElem>`) becomes `array<u32>`, the file's
+/// `fn weight(i[, slot])` reads through `kernels/quant.wgsl`'s `q_load(i)` or
+/// `q_load_slot(i, slot)` (appended, reading that binding), and the `QTYPE` override
+/// picks the block format. Built once per kernel.
+pub fn packed_variant(k: &Kernel) -> &'static Kernel {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
+    cache.entry(k.name).or_insert_with(|| {
+        let decl = k.source.lines().find(|l| l.contains(": array<BElem>;") || l.contains(": array<WElem>;"));
+        let load = k.source.lines().find(|l| l.starts_with("fn weight(i: u32"));
+        let (Some(decl), Some(load)) = (decl, load) else { panic!("{} has no weight binding and `fn weight` to pack", k.name) };
+        // `var<storage, read> NAME: array<..>;`
+        let buf = decl.split("var<storage, read> ").nth(1).and_then(|r| r.split(':').next()).expect("a named binding").trim();
+        // `f32(NAME[i])` becomes a dequantizing load (with the caller's slot, if it has one).
+        let packed_load = load.replace(&format!("f32({buf}[i])"), if load.contains("slot") { "q_load_slot(i, slot)" } else { "q_load(i)" });
+        assert_ne!(packed_load, load, "{}: `fn weight` does not read `{buf}[i]`", k.name);
+        let body = k.source.replace(decl, &decl.replace("array<BElem>", "array<u32>").replace("array<WElem>", "array<u32>")).replace(load, &packed_load);
+        let name: &'static str = Box::leak(format!("{} (packed weights)", k.name).into_boxed_str());
+        let source: &'static str = Box::leak(format!("{body}\n{}", QUANT.source.replace("QW", buf)).into_boxed_str());
+        Box::leak(Box::new(Kernel { name, source }))
+    })
+}
 
 /// Workgroups covering `n` items of `per` each.
 pub(crate) fn groups(n: usize, per: usize) -> u32 {

@@ -403,9 +403,13 @@ impl Gguf {
 
     /// Rows `r0..r1` of a tensor as stored (rows of its fastest dim), dequantized.
     pub fn file_rows(&self, t: &TensorInfo, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        Ok(dequantize(t.ty, &self.file_raw(t, r0, r1)?))
+    }
+
+    /// Rows `r0..r1` of a tensor as stored, in its type's blocks.
+    fn file_raw(&self, t: &TensorInfo, r0: usize, r1: usize) -> Result<Vec<u8>> {
         let row = t.ty.bytes(t.dims[0]);
-        let raw = self.bytes.read(self.data_start + t.offset + (r0 * row) as u64, (r1 - r0) * row)?;
-        Ok(dequantize(t.ty, &raw))
+        self.bytes.read(self.data_start + t.offset + (r0 * row) as u64, (r1 - r0) * row)
     }
 
     /// The llama.cpp tensor name of a Hugging Face one, and for `llama`'s q and k
@@ -644,30 +648,47 @@ impl Tensors for Gguf {
     }
 
     fn rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let (ty, raw) = self.raw_rows(name, r0, r1)?;
+        Ok(dequantize(ty, &raw))
+    }
+
+    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Option<Result<(crate::quant::QType, Vec<u8>)>> {
+        let (file, _) = self.file_name(name)?;
+        let t = self.info(&file)?;
+        let q = crate::quant::QType::of_ggml(t.ty).filter(|_| t.dims.len() == 2)?;
+        Some(self.raw_rows(name, r0, r1).map(|(_, raw)| (q, raw)))
+    }
+}
+
+impl Gguf {
+    /// Rows `r0..r1` of the Hugging Face tensor `name` as the file stores them (its
+    /// type's blocks), in Hugging Face row order (llama's q/k permutation undone by
+    /// moving whole rows; a vector's rows are its elements).
+    fn raw_rows(&self, name: &str, r0: usize, r1: usize) -> Result<(GgmlType, Vec<u8>)> {
         let (file, heads) = self.file_name(name).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` is missing", self.name)))?;
         let t = self.info(&file).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` (`{file}`) is missing", self.name)))?;
         let n_rows: usize = t.dims[1..].iter().product::<usize>().max(1);
+        let raw_of = |a: usize, b: usize| self.file_raw(t, a, b);
         if t.dims.len() == 1 {
-            // A vector: its rows are its elements.
-            let all = self.file_rows(t, 0, 1)?;
-            return Ok(all[r0..r1].to_vec());
+            // A vector: its rows are its elements (vectors are f32 or f16 in GGUF).
+            let all = dequantize(t.ty, &raw_of(0, 1)?);
+            return Ok((GgmlType::F32, all[r0..r1].iter().flat_map(|x| x.to_le_bytes()).collect()));
         }
         if r1 > n_rows {
             return Err(Error::Weights(format!("{}: rows {r0}..{r1} of `{name}` ({n_rows} rows)", self.name)));
         }
-        let Some(heads) = heads else { return self.file_rows(t, r0, r1) };
+        let Some(heads) = heads else { return Ok((t.ty, raw_of(r0, r1)?)) };
         // llama.cpp stores each head's rows as (pairs, 2) where Hugging Face has
         // (2, pairs): Hugging Face row h·HS + i·HS/2 + j is file row h·HS + 2j + i.
         let hs = n_rows / heads;
-        let cols = t.dims[0];
-        let mut out = Vec::with_capacity((r1 - r0) * cols);
+        let mut out = Vec::with_capacity((r1 - r0) * t.ty.bytes(t.dims[0]));
         for r in r0..r1 {
             let (h, k) = (r / hs, r % hs);
             let (i, j) = (k / (hs / 2), k % (hs / 2));
             let f = h * hs + 2 * j + i;
-            out.extend(self.file_rows(t, f, f + 1)?);
+            out.extend(raw_of(f, f + 1)?);
         }
-        Ok(out)
+        Ok((t.ty, out))
     }
 }
 

@@ -12,6 +12,9 @@ pub struct Plan {
     pub grad_checkpoint: bool,
     /// Frozen matrices in f16 (adapters with shader-f16).
     pub f16_weights: bool,
+    /// Frozen matrices packed as this type (`--quantize`; QLoRA), those whose rows are
+    /// whole blocks.
+    pub quantize: Option<crate::quant::QType>,
     /// The adapter's largest storage binding (bounds the logits chunk).
     pub max_binding: u64,
 }
@@ -46,14 +49,15 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     let full = plan.tuning == Tuning::Full;
     let mat = if plan.f16_weights && !full { 2 } else { 4 };
     let f32b = |n: usize| bytes(n, 4);
-    // Weights, tensor by tensor (row-parts of a split matrix pad separately: a few bytes).
-    let mut matrices: Vec<usize> = vec![v * c];
+    // Weights, tensor by tensor (row-parts of a split matrix pad separately: a few
+    // bytes), as (elements, columns).
+    let mut matrices: Vec<(usize, usize)> = vec![(v * c, c)];
     if !cfg.tie_embeddings {
-        matrices.push(v * c);
+        matrices.push((v * c, c));
     }
     let mut vectors: Vec<usize> = vec![c];
     for _ in 0..cfg.layers {
-        matrices.extend(cfg.projections().iter().map(|(_, _, i, o)| i * o));
+        matrices.extend(cfg.projections().iter().map(|(_, _, i, o)| (i * o, *i)));
         vectors.extend([c, c]);
         if cfg.qkv_bias {
             vectors.extend([q, kv, kv]);
@@ -63,10 +67,15 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         }
     }
     let sum = |ts: &[usize], elem: usize| ts.iter().map(|&n| bytes(n, elem)).sum::<u64>();
-    let weights = sum(&matrices, mat) + sum(&vectors, 4) + f32b(hs / 2);
+    let frozen = |&(n, cols): &(usize, usize)| match plan.quantize {
+        Some(q) if !full && q.fits(cols) => bytes(q.bytes(n), 1),
+        _ => bytes(n, mat),
+    };
+    let matrix_elems: Vec<usize> = matrices.iter().map(|m| m.0).collect();
+    let weights = matrices.iter().map(frozen).sum::<u64>() + sum(&vectors, 4) + f32b(hs / 2);
     let training_state = match &plan.tuning {
         Tuning::Frozen => 0,
-        Tuning::Full => 3 * (sum(&matrices, 4) + sum(&vectors, 4)),
+        Tuning::Full => 3 * (sum(&matrix_elems, 4) + sum(&vectors, 4)),
         Tuning::Lora(l) => {
             let per_layer: u64 = lora_targets(cfg, l).map(|(i, o)| f32b(l.r * i) + f32b(o * l.r)).sum();
             4 * per_layer * cfg.layers as u64

@@ -29,7 +29,7 @@ pub use config::{Arch, Config};
 pub use inputs::{Inputs, KvCache, Shape};
 pub use layer::Layer;
 pub use linear::{Linear, LoraConfig, LoraPair, Tuning};
-pub use params::{Param, Train, Weight};
+pub use params::{Frozen, Param, Train, Weight};
 pub use weights::{Checkpoint, HostTensor, TensorMap, Tensors};
 
 pub struct Model {
@@ -91,6 +91,11 @@ impl Model {
     /// gets a gradient and moments. Each weight is read from `w`, converted and
     /// uploaded a chunk at a time (see `UPLOAD_CHUNK`).
     pub fn load(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64) -> Result<Model> {
+        Self::load_with(gpu, cfg, w, tuning, seed, Frozen::Auto)
+    }
+
+    /// `load`, with frozen matrices held as `frozen` says (packed for QLoRA).
+    pub fn load_with(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen) -> Result<Model> {
         let c = cfg.hidden;
         if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {
@@ -110,11 +115,11 @@ impl Model {
         let mut rng = Rng::new(seed);
         let vec = |name: &str, n: usize| -> Result<Param> {
             expect(w, name, &[n])?;
-            Param::read(gpu, name.to_string(), w, name, 0, &[n], full)
+            Param::read(gpu, name.to_string(), w, name, 0, &[n], full, false)
         };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Weight> {
             expect(w, name, &[rows, cols])?;
-            Weight::upload(gpu, name, w, rows, cols, full)
+            Weight::upload(gpu, name, w, rows, cols, full, frozen)
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {

@@ -6,6 +6,54 @@ use super::Tensors;
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::kernels as k;
+use crate::quant::{self, QType};
+
+/// How frozen matrices are held on the GPU (trained ones are always f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Frozen {
+    /// A GGUF's Q8_0, Q4_0, Q4_1 and Q4_K blocks packed as they are read; everything
+    /// else f16 where the adapter has `shader-f16`, else f32.
+    #[default]
+    Auto,
+    /// Everything dequantized: f16 where the adapter has `shader-f16`, else f32.
+    Float,
+    /// Everything dequantized to f32.
+    F32,
+    /// Packed: a GGUF's blocks as they are, every other matrix quantized to this type
+    /// (QLoRA's frozen base). Matrices whose rows are not whole blocks stay float.
+    Quantize(QType),
+}
+
+impl Frozen {
+    /// The packed type `name` (`[rows, cols]`, frozen) is held in, if any.
+    pub fn packed(self, w: &dyn Tensors, name: &str, cols: usize) -> Option<(QType, bool)> {
+        let kept = w.packed_rows(name, 0, 0).and_then(|r| r.ok()).map(|(q, _)| q).filter(|q| q.fits(cols));
+        match self {
+            Frozen::Float | Frozen::F32 => None,
+            Frozen::Auto => kept.map(|q| (q, true)),
+            Frozen::Quantize(q) => kept.map(|k| (k, true)).or(Some((q, false)).filter(|_| q.fits(cols))),
+        }
+    }
+}
+
+/// A packed tensor `[rows, cols]` from rows `r0..` of `name` in `w`: its blocks as `w`
+/// stores them (`kept`), or its values quantized to `q`, a chunk of rows at a time.
+#[allow(clippy::too_many_arguments)]
+fn upload_packed(gpu: &Gpu, label: &str, w: &dyn Tensors, name: &str, r0: usize, rows: usize, cols: usize, q: QType, kept: bool) -> Result<Tensor> {
+    let t = gpu.zeros(label, DType::Q(q), &[rows, cols])?;
+    let row_bytes = q.bytes(cols);
+    // An even number of rows keeps every chunk's byte offset a multiple of 4.
+    let per = (UPLOAD_CHUNK / 4 / cols.max(1)).max(2) & !1;
+    for (a, b) in k::spans(rows, per) {
+        let bytes = match w.packed_rows(name, r0 + a, r0 + b).filter(|_| kept) {
+            Some(packed) => packed?.1,
+            None => quant::quantize(q, &w.rows(name, r0 + a, r0 + b)?)?,
+        };
+        gpu.write_bytes_at(&t, a * row_bytes, &bytes)?;
+    }
+    gpu.flush_writes();
+    Ok(t)
+}
 
 /// Host bytes of f32 one upload converts at most: the loader reads, converts and
 /// uploads a weight in chunks of rows this size, and never holds a whole tensor.
@@ -68,9 +116,10 @@ impl Param {
     }
 
     /// A param named `label` holding rows `r0..r0 + shape[0]` of `name` in `w`; frozen
-    /// matrices are f16 where the adapter has `shader-f16`.
-    pub(crate) fn read(gpu: &Gpu, label: String, w: &dyn Tensors, name: &str, r0: usize, shape: &[usize], trainable: bool) -> Result<Param> {
-        let f16 = !trainable && shape.len() == 2 && gpu.caps.shader_f16;
+    /// matrices are f16 where the adapter has `shader-f16` and `allow_f16`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn read(gpu: &Gpu, label: String, w: &dyn Tensors, name: &str, r0: usize, shape: &[usize], trainable: bool, allow_f16: bool) -> Result<Param> {
+        let f16 = !trainable && shape.len() == 2 && gpu.caps.shader_f16 && allow_f16;
         let value = upload_rows(gpu, &label, w, name, r0, shape, f16)?;
         Self::holding(gpu, label, value, shape, trainable)
     }
@@ -94,17 +143,30 @@ pub struct Weight {
 }
 
 impl Weight {
-    /// The matrix `name` of `w`, `[rows, cols]`, uploaded part by part.
-    pub fn upload(gpu: &Gpu, name: &str, w: &dyn Tensors, rows: usize, cols: usize, trainable: bool) -> Result<Weight> {
-        // Frozen matrices are f16 where the adapter can read f16, halving their memory.
-        let elem = if !trainable && gpu.caps.shader_f16 { 2 } else { 4 };
-        let per = ((gpu.caps.max_binding / (cols as u64 * elem)) as usize).clamp(1, rows);
+    /// The matrix `name` of `w`, `[rows, cols]`, uploaded part by part; frozen, it is
+    /// held as `frozen` says.
+    pub fn upload(gpu: &Gpu, name: &str, w: &dyn Tensors, rows: usize, cols: usize, trainable: bool, frozen: Frozen) -> Result<Weight> {
+        let packed = if trainable { None } else { frozen.packed(w, name, cols) };
+        // Frozen float matrices are f16 where the adapter can read f16, halving their memory.
+        let f16 = !trainable && gpu.caps.shader_f16 && frozen != Frozen::F32;
+        let row_bytes = match packed {
+            Some((q, _)) => q.bytes(cols) as u64,
+            None if f16 => 2 * cols as u64,
+            None => 4 * cols as u64,
+        };
+        let per = ((gpu.caps.max_binding / row_bytes) as usize).clamp(1, rows);
         let parts = (0..rows)
             .step_by(per)
             .map(|r0| {
                 let r1 = (r0 + per).min(rows);
                 let label = if per >= rows { name.to_string() } else { format!("{name}[{r0}..{r1}]") };
-                Param::read(gpu, label, w, name, r0, &[r1 - r0, cols], trainable)
+                match packed {
+                    Some((q, kept)) => {
+                        let value = upload_packed(gpu, &label, w, name, r0, r1 - r0, cols, q, kept)?;
+                        Param::holding(gpu, label, value, &[r1 - r0, cols], false)
+                    }
+                    None => Param::read(gpu, label, w, name, r0, &[r1 - r0, cols], trainable, f16),
+                }
             })
             .collect::<Result<_>>()?;
         Ok(Weight { name: name.to_string(), parts, rows, cols })

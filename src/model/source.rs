@@ -55,6 +55,10 @@ impl Tensors for Weights {
     fn rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<f32>> {
         self.inner().rows(name, r0, r1)
     }
+
+    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Option<Result<(crate::quant::QType, Vec<u8>)>> {
+        self.inner().packed_rows(name, r0, r1)
+    }
 }
 
 /// The small files of a Hugging Face model that the loader reads when present

@@ -15,7 +15,7 @@ use crate::gpu::{Gpu, KernelTime};
 use crate::model::generate::Sampling;
 use crate::model::source::Source;
 use crate::model::weights::TensorMap;
-use crate::model::{LoraConfig, Model, Tuning};
+use crate::model::{Frozen, LoraConfig, Model, Tuning};
 
 /// What a run trains and how: the adapter (or full tuning), the data's shape, the
 /// cadence of evaluation and checkpoints, and the step options. Defaults are written
@@ -57,6 +57,12 @@ pub struct RunOptions {
     /// Save a resumable checkpoint every this many steps (and always at the end).
     #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
     pub save_every: Option<u64>,
+    /// Frozen weights packed on the GPU (QLoRA): q8 (Q8_0), q4 (Q4_0) or nf4
+    /// (bitsandbytes' NormalFloat4); a GGUF's Q8_0/Q4_0/Q4_1/Q4_K blocks stay as they
+    /// are. f16 dequantizes everything (to f32 where the adapter has no shader-f16),
+    /// f32 to f32. Default: a GGUF's blocks packed, everything else f16 (or f32).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub quantize: Option<String>,
     #[cfg_attr(not(target_arch = "wasm32"), command(flatten))]
     #[serde(flatten)]
     pub train: Options,
@@ -77,6 +83,7 @@ impl Default for RunOptions {
             train_on_prompt: false,
             eval_every: None,
             save_every: None,
+            quantize: None,
             train: Options::default(),
         }
     }
@@ -111,8 +118,24 @@ impl RunOptions {
 
     /// The memory plan of a step of this run over sequences of `seq` tokens, on an
     /// adapter with (or without) f16 weights and this largest binding.
-    pub fn memory_plan(&self, seq: usize, f16_weights: bool, max_binding: u64) -> crate::model::memory::Plan {
-        crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, max_binding }
+    pub fn memory_plan(&self, seq: usize, f16_weights: bool, max_binding: u64) -> Result<crate::model::memory::Plan> {
+        let frozen = self.frozen()?;
+        let quantize = match frozen {
+            Frozen::Quantize(q) => Some(q),
+            _ => None,
+        };
+        let f16_weights = f16_weights && frozen != Frozen::F32;
+        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, quantize, max_binding })
+    }
+
+    /// How frozen matrices are held (`--quantize`).
+    pub fn frozen(&self) -> Result<Frozen> {
+        Ok(match self.quantize.as_deref() {
+            None | Some("") | Some("auto") => Frozen::Auto,
+            Some("none" | "f16") => Frozen::Float,
+            Some("f32") => Frozen::F32,
+            Some(q) => Frozen::Quantize(crate::quant::QType::parse_quantize(q)?),
+        })
     }
 
     pub fn tuning(&self) -> Tuning {
@@ -170,7 +193,7 @@ impl Run {
     pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         // Plan first: bad options fail before the model is loaded.
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
-        let model = Model::load(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed)?;
+        let model = Model::load_with(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?)?;
         Run::with_model(source, model, data, valid, opts)
     }
 

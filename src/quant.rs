@@ -1,0 +1,188 @@
+//! Packed frozen weights (QLoRA): the block formats the packed kernels read
+//! (`kernels/quant.wgsl`), and the host side that makes and reads them.
+//!
+//! A packed matrix `[rows, cols]` is its blocks in row order, each block `E` elements
+//! of one row in `B` bytes, exactly as GGUF stores them (so a GGUF base is uploaded as
+//! it is read):
+//!
+//! | type | E | B | element j of a block |
+//! |------|---|---|----------------------|
+//! | Q8_0 | 32 | 34 | f16 d, i8 qs[32]: d·qs[j] |
+//! | Q4_0 | 32 | 18 | f16 d, u8 qs[16]: d·(nibble − 8), low nibbles first |
+//! | Q4_1 | 32 | 20 | f16 d, f16 m, u8 qs[16]: d·nibble + m |
+//! | Q4_K | 256 | 144 | f16 d, f16 dmin, 6-bit scales and mins, u8 qs[128] |
+//! | NF4 | 64 | 36 | f32 absmax, u8 codes[32]: absmax·NF4[code], high nibble first |
+//!
+//! NF4 is bitsandbytes' NormalFloat4 (`quantize_4bit(quant_type="nf4", blocksize=64)`
+//! without double quantization): the same codes, absmax and packing order.
+
+use crate::model::gguf::{self, GgmlType};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Nf4,
+}
+
+/// bitsandbytes' NF4 code book (`bitsandbytes.functional.get_4bit_type("nf4")`).
+pub const NF4: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+impl QType {
+    pub const ALL: [QType; 5] = [QType::Q8_0, QType::Q4_0, QType::Q4_1, QType::Q4K, QType::Nf4];
+
+    /// The GGUF type of the same blocks (none for NF4).
+    pub fn ggml(self) -> Option<GgmlType> {
+        match self {
+            QType::Q8_0 => Some(GgmlType::Q8_0),
+            QType::Q4_0 => Some(GgmlType::Q4_0),
+            QType::Q4_1 => Some(GgmlType::Q4_1),
+            QType::Q4K => Some(GgmlType::Q4K),
+            QType::Nf4 => None,
+        }
+    }
+
+    /// (elements, bytes) of one block.
+    pub fn block(self) -> (usize, usize) {
+        self.ggml().map_or((64, 36), |g| g.block())
+    }
+
+    /// Bytes of `n` elements (a whole number of blocks).
+    pub fn bytes(self, n: usize) -> usize {
+        let (e, b) = self.block();
+        n / e * b
+    }
+
+    /// The type's number in `kernels/quant.wgsl` (`QTYPE`).
+    pub fn id(self) -> u32 {
+        self as u32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q8_0 => "q8_0",
+            QType::Q4_0 => "q4_0",
+            QType::Q4_1 => "q4_1",
+            QType::Q4K => "q4_k",
+            QType::Nf4 => "nf4",
+        }
+    }
+
+    /// The GGUF types kept packed on the GPU.
+    pub fn of_ggml(t: GgmlType) -> Option<QType> {
+        QType::ALL.into_iter().find(|q| q.ggml() == Some(t))
+    }
+
+    /// What `--quantize` takes: `q8` (Q8_0), `q4` (Q4_0), `nf4`.
+    pub fn parse_quantize(s: &str) -> Result<QType> {
+        match s {
+            "q8" | "q8_0" => Ok(QType::Q8_0),
+            "q4" | "q4_0" => Ok(QType::Q4_0),
+            "nf4" => Ok(QType::Nf4),
+            other => Err(Error::Config(format!("--quantize `{other}` is not one webtune makes (q8, q4, nf4; or f16, f32 to dequantize)"))),
+        }
+    }
+
+    /// Whether a row of `cols` elements is a whole number of blocks.
+    pub fn fits(self, cols: usize) -> bool {
+        cols % self.block().0 == 0
+    }
+}
+
+fn f16_bytes(x: f32) -> [u8; 2] {
+    half::f16::from_f32(x).to_le_bytes()
+}
+
+/// `x` (a whole number of blocks) packed as `q`: llama.cpp's reference quantizers for
+/// Q8_0, Q4_0 and Q4_1 (`quantize_row_*_ref`), bitsandbytes' for NF4. Q4_K is read from
+/// GGUF files only.
+pub fn quantize(q: QType, x: &[f32]) -> Result<Vec<u8>> {
+    let (e, _) = q.block();
+    if x.len() % e != 0 {
+        return Err(Error::Config(format!("{} packs blocks of {e} values; {} is not a multiple", q.name(), x.len())));
+    }
+    let mut out = Vec::with_capacity(q.bytes(x.len()));
+    for b in x.chunks(e) {
+        match q {
+            QType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            QType::Q4_0 => {
+                // The value of largest magnitude, with its sign, maps to −8.
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if v.abs() > amax {
+                        (amax, max) = (v.abs(), v);
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                let q4 = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q4(b[j]) | (q4(b[j + 16]) << 4)));
+            }
+            QType::Q4_1 => {
+                let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16_bytes(d));
+                out.extend(f16_bytes(min));
+                let q4 = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q4(b[j]) | (q4(b[j + 16]) << 4)));
+            }
+            QType::Q4K => return Err(Error::Config("Q4_K weights are read from GGUF files; webtune quantizes to q8, q4 or nf4".into())),
+            QType::Nf4 => {
+                let absmax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // As bitsandbytes' `quantize_4bit`: scale by the reciprocal of the absmax
+                // (at least 1e-38), then count the code book's midpoints (in f32) below.
+                let inv = 1.0 / absmax.max(1e-38);
+                let code = |v: f32| (0..15).filter(|&i| v * inv > (NF4[i] + NF4[i + 1]) / 2.0).count() as u8;
+                out.extend(absmax.to_le_bytes());
+                out.extend((0..32).map(|j| (code(b[2 * j]) << 4) | code(b[2 * j + 1])));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The values of packed `raw` (the reference for the packed kernels' loads).
+pub fn dequantize(q: QType, raw: &[u8]) -> Vec<f32> {
+    let ggml = match q.ggml() {
+        Some(g) => g,
+        None => {
+            return raw
+                .chunks(36)
+                .flat_map(|b| {
+                    let absmax = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    b[4..].iter().flat_map(move |&c| [NF4[(c >> 4) as usize] * absmax, NF4[(c & 15) as usize] * absmax])
+                })
+                .collect()
+        }
+    };
+    gguf::dequantize(ggml, raw)
+}
