@@ -317,10 +317,11 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
 /// full model into `out`: a Hugging Face directory (config, model.safetensors in the
 /// base's dtype, tokenizer files), or with `out` ending in `.gguf` one GGUF file of
 /// `gguf_type` (f16, q8_0 or f32) that llama.cpp reads.
-pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str) -> Result<()> {
+pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str, frozen: crate::model::Frozen) -> Result<()> {
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;
     let mut w = weights::to_map(&md.weights)?;
+    frozen.dequantize_into(&mut w, &md.weights)?;
     crate::peft::merge_into(&mut w, &tensors, &lora, &adapter.display().to_string())?;
     if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         let ty = crate::model::gguf::export_type(gguf_type)?;

@@ -94,6 +94,10 @@ enum Command {
         /// The tensor type of a GGUF output: f16, q8_0 or f32 (norms stay f32).
         #[arg(long = "type", default_value = "f16")]
         gguf_type: String,
+        /// The adapter was trained on a base quantized on load (`train --quantize`):
+        /// merge into those dequantized weights, as PEFT advises for QLoRA.
+        #[arg(long)]
+        quantize: Option<String>,
     },
     /// Write a PEFT adapter as a llama.cpp LoRA adapter (GGUF; llama-cli --lora FILE).
     ExportLora {
@@ -320,8 +324,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::export_lora(&adapter, model.as_deref(), &out)?;
             println!("wrote {}", out.display());
         }
-        Command::Merge { model, adapter, out, gguf_type } => {
-            cli::merge(&model, &adapter, &out, &gguf_type)?;
+        Command::Merge { model, adapter, out, gguf_type, quantize } => {
+            let frozen = RunOptions { quantize, ..Default::default() }.frozen()?;
+            cli::merge(&model, &adapter, &out, &gguf_type, frozen)?;
             println!("wrote {}", out.display());
         }
         Command::Data { what: DataCmd::Inspect { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json } } => {

@@ -376,7 +376,7 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
     assert_eq!(t.len(), 2 * 7 * LAYERS);
 
     let merged = root.join("merged");
-    webtune::cli::merge(&model, &out, &merged, "f16").unwrap();
+    webtune::cli::merge(&model, &out, &merged, "f16", webtune::model::Frozen::Auto).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         assert!(merged.join(f).exists(), "{f}");
     }
@@ -394,7 +394,7 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
     // template and tensor names llama.cpp uses, and logits within the type's rounding.
     for (ty, tol) in [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2)] {
         let file = root.join(format!("merged-{ty}.gguf"));
-        webtune::cli::merge(&model, &out, &file, ty).unwrap();
+        webtune::cli::merge(&model, &out, &file, ty, webtune::model::Frozen::Auto).unwrap();
         let back = Gguf::open(Box::new(std::fs::read(&file).unwrap()), "merged").unwrap();
         assert!(back.tensors.iter().any(|t| t.name == "blk.1.attn_q.weight") && back.tensors.iter().any(|t| t.name == "output.weight"), "{ty}");
         let want_ty = match ty { "f32" => GgmlType::F32, "f16" => GgmlType::F16, _ => GgmlType::Q8_0 };
@@ -423,7 +423,7 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
         let want_b = heads.map_or(b.data.clone(), |h| permute(b, h));
         assert_eq!(l.file_rows(lb, 0, b.shape[0]).unwrap(), want_b, "{module} lora_b, rows as llama.cpp's q/k are");
     }
-    let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q4_0").unwrap_err().to_string();
+    let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q4_0", webtune::model::Frozen::Auto).unwrap_err().to_string();
     assert!(err.contains("q4_0"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

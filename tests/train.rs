@@ -294,7 +294,7 @@ fn merged_model_matches_base_plus_adapter_and_full_tuning_writes_a_model() {
     let out = root.join("out");
     block(cli::train(g, &args(&model, &data, &out, 4))).unwrap();
     let merged = root.join("merged");
-    cli::merge(&model, &out, &merged, "f16").unwrap();
+    cli::merge(&model, &out, &merged, "f16", webtune::model::Frozen::Auto).unwrap();
     let md = cli::ModelDir::open(&model).unwrap();
     let with_adapter = cli::load_for_inference(g, &md, Some(&out)).unwrap();
     let mm = cli::ModelDir::open(&merged).unwrap();
@@ -442,7 +442,7 @@ fn a_bf16_checkpoint_evaluates_trains_and_merges_back_to_bf16() {
 
     // merge: bf16 out, config saying so, logits within bf16 rounding of base + adapter.
     let merged = root.join("merged");
-    cli::merge(&model, &out, &merged, "f16").unwrap();
+    cli::merge(&model, &out, &merged, "f16", webtune::model::Frozen::Auto).unwrap();
     let mm = cli::ModelDir::open(&merged).unwrap();
     assert_eq!(mm.weights.weights_dtype(), Dtype::BF16);
     assert_eq!(mm.cfg.dtype, "bfloat16");

@@ -45,6 +45,8 @@ pub struct Model {
     pub grad_checkpoint: bool,
     /// False runs the base model alone (LoRA pairs skipped), for side-by-side answers.
     pub adapter_enabled: bool,
+    /// How the frozen matrices are held (a merge goes into the values trained against).
+    pub frozen: Frozen,
 }
 
 /// Check that `w` has `name` with the shape the config implies.
@@ -170,7 +172,7 @@ impl Model {
         let embed = matrix("model.embed_tokens.weight", cfg.vocab, c)?;
         let lm_head = if cfg.tie_embeddings { None } else { Some(matrix("lm_head.weight", cfg.vocab, c)?) };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
-        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, cfg })
+        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, frozen, cfg })
     }
 
     /// Every tensor the model holds, frozen or not.

@@ -36,6 +36,23 @@ impl Frozen {
     }
 }
 
+impl Frozen {
+    /// Replace each matrix of `w` (the base's weights as `src` holds them) that this
+    /// quantizes on load by its dequantized values: what the adapter was trained
+    /// against, and what PEFT advises merging a QLoRA adapter into.
+    pub fn dequantize_into(self, w: &mut super::TensorMap, src: &dyn Tensors) -> Result<()> {
+        for (name, t) in w.iter_mut() {
+            if t.shape.len() != 2 {
+                continue;
+            }
+            if let Some((q, false)) = self.packed(src, name, t.shape[1]) {
+                t.data = quant::dequantize(q, &quant::quantize(q, &t.data)?);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A packed tensor `[rows, cols]` from rows `r0..` of `name` in `w`: its blocks as `w`
 /// stores them (`kept`), or its values quantized to `q`, a chunk of rows at a time.
 #[allow(clippy::too_many_arguments)]

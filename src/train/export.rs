@@ -7,7 +7,8 @@
 //! - `Checkpoint`: the output plus the AdamW moments and `trainer_state.json`, all a
 //!   resume needs (`checkpoint::load_files` reads it back);
 //! - `Merged`: the base with the adapter merged in, stored in the base's dtype (full
-//!   tuning: the trained model);
+//!   tuning: the trained model); a base quantized on load (QLoRA) is dequantized first,
+//!   as PEFT advises, rather than merged into the original weights or re-quantized;
 //! - `MergedGguf(type)`: the same as one GGUF file (f32, f16 or q8_0) that llama.cpp,
 //!   Ollama and LM Studio run;
 //! - `LoraGguf`: the adapter as a llama.cpp LoRA adapter GGUF (`--lora`).
@@ -82,6 +83,7 @@ pub async fn files(gpu: &Gpu, source: &Source, model: &Model, state: &TrainerSta
         (Tuning::Frozen, _) => return Err(Error::Config("nothing is trained, so there is nothing to save".into())),
         (Tuning::Lora(l), Export::Merged | Export::MergedGguf(_)) => {
             let mut w = weights::to_map(&source.weights)?;
+            model.frozen.dequantize_into(&mut w, &source.weights)?;
             crate::peft::merge_into(&mut w, &trained, l, "adapter")?;
             model_files(source, &w, source.weights.weights_dtype(), gguf_type(what))?
         }

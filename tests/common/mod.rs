@@ -40,13 +40,6 @@ pub fn small_bindings() -> &'static Gpu {
     G.get_or_init(|| make(GpuOptions { max_binding: Some(64 << 10), ..Default::default() }))
 }
 
-/// Storage bindings capped at 1 MiB: a 128k-vocabulary logits row fits, its embedding
-/// table does not.
-pub fn mib_bindings() -> &'static Gpu {
-    static G: OnceLock<Gpu> = OnceLock::new();
-    G.get_or_init(|| make(GpuOptions { max_binding: Some(1 << 20), ..Default::default() }))
-}
-
 pub fn up<T: bytemuck::Pod>(g: &Gpu, data: &[T]) -> Tensor {
     g.upload("test input", data, &[data.len()]).unwrap()
 }
