@@ -55,12 +55,12 @@ async function waitFor(states, timeout = 600_000) {
 // `webtune train` with the page's options; `icd` picks the Vulkan driver (the default is
 // lavapipe; Chromium's SwiftShader is the page's own).
 const SWIFTSHADER = '/usr/lib/chromium/vk_swiftshader_icd.json';
-function nativeLosses(steps, icd) {
+function nativeLosses(steps, icd, extra = []) {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
   const env = icd ? { ...process.env, VK_ICD_FILENAMES: icd } : process.env;
   execFileSync(bin, ['train', '--model', 'demo', '--data', 'demo', '--out', out, '--steps', String(steps), '--lr', '0.002',
     '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0',
-    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights'], { stdio: 'ignore', env });
+    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights', ...extra], { stdio: 'ignore', env });
   const losses = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).loss);
   fs.rmSync(out, { recursive: true, force: true });
   return losses;
@@ -278,6 +278,21 @@ async function serveDir(dir) {
   await new Promise((r) => files.listen(0, '127.0.0.1', r));
   return files;
 }
+
+// QLoRA in the tab: the demo's frozen weights packed as Q4_0 on SwiftShader (no
+// shader-f16) train as the native build does on the same driver, and not as float.
+test('a 4-bit (QLoRA) base trains in the page as natively', async () => {
+  await page.goto(`${base}?${RUN}&steps=4&quantize=q4&autostart=1`);
+  const st = await waitFor(['done', 'error']);
+  assert.equal(st.step, '4', st.error);
+  const losses = JSON.parse(st.losses);
+  const diff = (native) => Math.max(...losses.map((l, i) => Math.abs(l - native[i]) / Math.max(1, Math.abs(native[i]))));
+  const same = nativeLosses(4, SWIFTSHADER, ['--quantize', 'q4']);
+  assert.ok(diff(same) <= 1e-4, `page ${losses}\nnative 4-bit on SwiftShader ${same}`);
+  const float = nativeLosses(4, SWIFTSHADER);
+  assert.ok(diff(float) > 1e-5, `4-bit losses ${losses} equal the float ones ${float}`);
+  console.log(`4-bit page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max relative |page − native|: ${diff(same).toExponential(2)}; float ${float.map((l) => l.toFixed(4)).join(' ')}`);
+});
 
 // A real size: a Qwen3-0.6B-shaped random bf16 checkpoint (1.2 GB, `webtune random-model`)
 // with the real Qwen3 tokenizer, fetched from a URL on 127.0.0.1. The page keeps the
