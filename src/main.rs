@@ -403,26 +403,44 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 "{}: {} layers, hidden {}, vocab {}; {:?}; batch {} (sequences up to {longest} tokens); reuse {}",
                 model.display(), md.cfg.layers, md.cfg.hidden, md.cfg.vocab, run.tuning(), run.train.batch_size, if no_reuse { "off" } else { "on" }
             );
-            let mut r = webtune::train::Run::new(&gpu, std::rc::Rc::new(md.source), std::rc::Rc::new(ds), None, run)?;
-            println!("{:>5} {:>7} {:>9} {:>9} {:>10} {:>7} {:>8} {:>8} {:>10} {:>10} {:>12}", "step", "tokens", "ms", "tok/s", "dispatches", "passes", "buffers", "binds", "record ms", "submit ms", "µs/dispatch");
-            let b = webtune::bench::train(&gpu, &mut r, measure, |s| {
-                let c = &s.counters;
+            // `--quantize q4,q8,f16` measures each in turn, side by side.
+            let choices: Vec<Option<String>> = match run.quantize.clone() {
+                Some(q) if q.contains(',') => q.split(',').map(|x| Some(x.trim().to_string())).collect(),
+                other => vec![other],
+            };
+            let (source, ds) = (std::rc::Rc::new(md.source), std::rc::Rc::new(ds));
+            let mut summary = Vec::new();
+            for quantize in choices {
+                let run = RunOptions { quantize: quantize.clone(), ..run.clone() };
+                let mut r = webtune::train::Run::new(&gpu, source.clone(), ds.clone(), None, run)?;
+                println!("frozen weights: {} ({:.1} MiB on the GPU)", quantize.as_deref().unwrap_or("as loaded"), r.model.resident_bytes() as f64 / (1u64 << 20) as f64);
+                println!("{:>5} {:>7} {:>9} {:>9} {:>10} {:>7} {:>8} {:>8} {:>10} {:>10} {:>12}", "step", "tokens", "ms", "tok/s", "dispatches", "passes", "buffers", "binds", "record ms", "submit ms", "µs/dispatch");
+                let b = webtune::bench::train(&gpu, &mut r, measure, |s| {
+                    let c = &s.counters;
+                    println!(
+                        "{:>5} {:>7} {:>9.1} {:>9.1} {:>10} {:>7} {:>8} {:>8} {:>10.2} {:>10.2} {:>12.2}",
+                        s.step, s.tokens, 1e3 * s.secs, s.tokens_per_s(), c.dispatches, c.passes, c.buffers, c.bind_groups, 1e3 * c.record_s, 1e3 * c.submit_s, s.us_per_dispatch()
+                    );
+                })
+                .await?;
+                let n = b.steps.len().max(1) as f64;
+                let mean = |f: &dyn Fn(&webtune::bench::StepRow) -> f64| b.steps.iter().map(f).sum::<f64>() / n;
                 println!(
-                    "{:>5} {:>7} {:>9.1} {:>9.1} {:>10} {:>7} {:>8} {:>8} {:>10.2} {:>10.2} {:>12.2}",
-                    s.step, s.tokens, 1e3 * s.secs, s.tokens_per_s(), c.dispatches, c.passes, c.buffers, c.bind_groups, 1e3 * c.record_s, 1e3 * c.submit_s, s.us_per_dispatch()
+                    "mean: {:.1} tokens/s, {:.0} ms a step, host {:.1} ms recording + {:.1} ms submitting, {:.2} µs per dispatch, {:.1} buffers and {:.1} bind groups created per step",
+                    mean(&|s| s.tokens_per_s()), 1e3 * mean(&|s| s.secs), 1e3 * mean(&|s| s.counters.record_s), 1e3 * mean(&|s| s.counters.submit_s),
+                    mean(&|s| s.us_per_dispatch()), mean(&|s| s.counters.buffers as f64), mean(&|s| s.counters.bind_groups as f64)
                 );
-            })
-            .await?;
-            let n = b.steps.len().max(1) as f64;
-            let mean = |f: &dyn Fn(&webtune::bench::StepRow) -> f64| b.steps.iter().map(f).sum::<f64>() / n;
-            println!(
-                "mean: {:.1} tokens/s, {:.0} ms a step, host {:.1} ms recording + {:.1} ms submitting, {:.2} µs per dispatch, {:.1} buffers and {:.1} bind groups created per step",
-                mean(&|s| s.tokens_per_s()), 1e3 * mean(&|s| s.secs), 1e3 * mean(&|s| s.counters.record_s), 1e3 * mean(&|s| s.counters.submit_s),
-                mean(&|s| s.us_per_dispatch()), mean(&|s| s.counters.buffers as f64), mean(&|s| s.counters.bind_groups as f64)
-            );
-            match b.gpu_ms {
-                Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
-                None => println!("GPU time: this adapter has no timestamp queries"),
+                match b.gpu_ms {
+                    Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
+                    None => println!("GPU time: this adapter has no timestamp queries"),
+                }
+                summary.push((quantize.unwrap_or_else(|| "as loaded".into()), mean(&|s| s.tokens_per_s()), r.model.resident_bytes()));
+            }
+            if summary.len() > 1 {
+                println!("{:>12} {:>9} {:>12}", "frozen", "tok/s", "model MiB");
+                for (q, tps, bytes) in summary {
+                    println!("{q:>12} {tps:>9.2} {:>12.1}", bytes as f64 / (1u64 << 20) as f64);
+                }
             }
         }
         Command::Bench { what: BenchWhat::Kernels { min_secs, only } } => {
