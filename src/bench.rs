@@ -104,9 +104,7 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
             weights.push(("f16".to_string(), gpu.upload_f16("w f16", &data, &[dout, din])?));
         }
         for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
-            let w = gpu.zeros("w packed", DType::Q(q), &[dout, din])?;
-            gpu.write_bytes_at(&w, 0, &crate::quant::quantize(q, &data)?)?;
-            weights.push((q.name().to_string(), w));
+            weights.push((q.name().to_string(), gpu.upload_packed("w packed", q, &crate::quant::quantize(q, &data)?, &[dout, din])?));
         }
         for (ty, w) in &weights {
             for (what, mm, a, c) in [("forward  y = x·Wᵀ", Matmul::linear(t, din, dout), &x, &y), ("grad x  dx = dy·W", Matmul::new(t, din, dout), &y, &dx)] {

@@ -430,11 +430,6 @@ fn packed_blocks(q: QType, n: usize, rng: &mut Rng) -> Vec<u8> {
     raw
 }
 
-fn up_packed(g: &webtune::gpu::Gpu, q: QType, raw: &[u8], rows: usize, cols: usize) -> webtune::gpu::Tensor {
-    let t = g.zeros("packed weight", webtune::gpu::DType::Q(q), &[rows, cols]).unwrap();
-    g.write_bytes_at(&t, 0, raw).unwrap();
-    t
-}
 
 /// Packed frozen weights (QLoRA): the forward `x·Wᵀ`, the input gradient `dy·W` and
 /// the embedding gather read blocks and dequantize in the kernel, as the CPU
@@ -451,7 +446,7 @@ fn packed_weights_in_matmul_and_embedding() {
         assert!(w.iter().all(|v| v.is_finite()) && w.iter().any(|&v| v != 0.0), "{q:?}");
         for v in [Variant::Register, Variant::Tiled] {
             let g = variant(v);
-            let tw = up_packed(g, q, &raw, rows, cols);
+            let tw = g.upload_packed("packed weight", q, &raw, &[rows, cols]).unwrap();
             // y = x·Wᵀ (accumulating onto C) and dx = dy·W.
             for mm in [Matmul::linear(13, cols, rows).accumulate(), Matmul::new(13, cols, rows)] {
                 let (ea, _, ec) = mm.extents();
@@ -465,7 +460,7 @@ fn packed_weights_in_matmul_and_embedding() {
             }
         }
         let g = gpu();
-        let tw = up_packed(g, q, &raw, rows, cols);
+        let tw = g.upload_packed("packed weight", q, &raw, &[rows, cols]).unwrap();
         let n = 9;
         let ids: Vec<u32> = (0..n as u32).map(|i| (i * 5) % rows as u32).collect();
         let (tids, tout) = (up(g, &ids), zeros(g, n * cols));

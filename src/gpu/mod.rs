@@ -630,6 +630,13 @@ impl Gpu {
         self.upload(label, &halves, shape)
     }
 
+    /// A packed tensor of `shape` holding `blocks` (of `q`, row-major).
+    pub fn upload_packed(&self, label: &str, q: crate::quant::QType, blocks: &[u8], shape: &[usize]) -> Result<Tensor> {
+        let t = self.zeros(label, DType::Q(q), shape)?;
+        self.write_bytes_at(&t, 0, blocks)?;
+        Ok(t)
+    }
+
     /// A new storage tensor holding `data`.
     pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = Tensor::new(self, label, DType::of::<T>(), shape)?;

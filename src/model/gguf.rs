@@ -648,36 +648,44 @@ impl Tensors for Gguf {
     }
 
     fn rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<f32>> {
-        let (ty, raw) = self.raw_rows(name, r0, r1)?;
-        Ok(dequantize(ty, &raw))
+        let (t, _) = self.lookup(name)?;
+        if t.dims.len() == 1 {
+            // A vector: its rows are its elements.
+            return Ok(self.file_rows(t, 0, 1)?[r0..r1].to_vec());
+        }
+        Ok(dequantize(t.ty, &self.raw_rows(name, r0, r1)?))
     }
 
-    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Option<Result<(crate::quant::QType, Vec<u8>)>> {
-        let (file, _) = self.file_name(name)?;
-        let t = self.info(&file)?;
-        let q = crate::quant::QType::of_ggml(t.ty).filter(|_| t.dims.len() == 2)?;
-        Some(self.raw_rows(name, r0, r1).map(|(_, raw)| (q, raw)))
+    fn packed_type(&self, name: &str) -> Option<crate::quant::QType> {
+        let (t, _) = self.lookup(name).ok()?;
+        crate::quant::QType::of_ggml(t.ty).filter(|_| t.dims.len() == 2)
+    }
+
+    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<u8>> {
+        self.raw_rows(name, r0, r1)
     }
 }
 
 impl Gguf {
-    /// Rows `r0..r1` of the Hugging Face tensor `name` as the file stores them (its
-    /// type's blocks), in Hugging Face row order (llama's q/k permutation undone by
-    /// moving whole rows; a vector's rows are its elements).
-    fn raw_rows(&self, name: &str, r0: usize, r1: usize) -> Result<(GgmlType, Vec<u8>)> {
+    /// The file tensor holding the Hugging Face tensor `name`, and the head count its
+    /// rows were permuted by (llama's q and k).
+    fn lookup(&self, name: &str) -> Result<(&TensorInfo, Option<usize>)> {
         let (file, heads) = self.file_name(name).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` is missing", self.name)))?;
         let t = self.info(&file).ok_or_else(|| Error::Weights(format!("{}: tensor `{name}` (`{file}`) is missing", self.name)))?;
+        Ok((t, heads))
+    }
+
+    /// Rows `r0..r1` of the Hugging Face matrix `name` as the file stores them (its
+    /// type's blocks), in Hugging Face row order (llama's q/k permutation undone by
+    /// moving whole rows).
+    fn raw_rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<u8>> {
+        let (t, heads) = self.lookup(name)?;
         let n_rows: usize = t.dims[1..].iter().product::<usize>().max(1);
         let raw_of = |a: usize, b: usize| self.file_raw(t, a, b);
-        if t.dims.len() == 1 {
-            // A vector: its rows are its elements (vectors are f32 or f16 in GGUF).
-            let all = dequantize(t.ty, &raw_of(0, 1)?);
-            return Ok((GgmlType::F32, all[r0..r1].iter().flat_map(|x| x.to_le_bytes()).collect()));
-        }
         if r1 > n_rows {
             return Err(Error::Weights(format!("{}: rows {r0}..{r1} of `{name}` ({n_rows} rows)", self.name)));
         }
-        let Some(heads) = heads else { return Ok((t.ty, raw_of(r0, r1)?)) };
+        let Some(heads) = heads else { return raw_of(r0, r1) };
         // llama.cpp stores each head's rows as (pairs, 2) where Hugging Face has
         // (2, pairs): Hugging Face row h·HS + i·HS/2 + j is file row h·HS + 2j + i.
         let hs = n_rows / heads;
@@ -688,7 +696,7 @@ impl Gguf {
             let f = h * hs + 2 * j + i;
             out.extend(raw_of(f, f + 1)?);
         }
-        Ok((t.ty, out))
+        Ok(out)
     }
 }
 

@@ -27,16 +27,14 @@ pub enum Frozen {
 impl Frozen {
     /// The packed type `name` (`[rows, cols]`, frozen) is held in, if any.
     pub fn packed(self, w: &dyn Tensors, name: &str, cols: usize) -> Option<(QType, bool)> {
-        let kept = w.packed_rows(name, 0, 0).and_then(|r| r.ok()).map(|(q, _)| q).filter(|q| q.fits(cols));
+        let kept = w.packed_type(name).filter(|q| q.fits(cols));
         match self {
             Frozen::Float | Frozen::F32 => None,
             Frozen::Auto => kept.map(|q| (q, true)),
             Frozen::Quantize(q) => kept.map(|k| (k, true)).or(Some((q, false)).filter(|_| q.fits(cols))),
         }
     }
-}
 
-impl Frozen {
     /// Replace each matrix of `w` (the base's weights as `src` holds them) that this
     /// quantizes on load by its dequantized values: what the adapter was trained
     /// against, and what PEFT advises merging a QLoRA adapter into.
@@ -62,10 +60,7 @@ fn upload_packed(gpu: &Gpu, label: &str, w: &dyn Tensors, name: &str, r0: usize,
     // An even number of rows keeps every chunk's byte offset a multiple of 4.
     let per = (UPLOAD_CHUNK / 4 / cols.max(1)).max(2) & !1;
     for (a, b) in k::spans(rows, per) {
-        let bytes = match w.packed_rows(name, r0 + a, r0 + b).filter(|_| kept) {
-            Some(packed) => packed?.1,
-            None => quant::quantize(q, &w.rows(name, r0 + a, r0 + b)?)?,
-        };
+        let bytes = if kept { w.packed_rows(name, r0 + a, r0 + b)? } else { quant::quantize(q, &w.rows(name, r0 + a, r0 + b)?)? };
         gpu.write_bytes_at(&t, a * row_bytes, &bytes)?;
     }
     gpu.flush_writes();

@@ -56,7 +56,11 @@ impl Tensors for Weights {
         self.inner().rows(name, r0, r1)
     }
 
-    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Option<Result<(crate::quant::QType, Vec<u8>)>> {
+    fn packed_type(&self, name: &str) -> Option<crate::quant::QType> {
+        self.inner().packed_type(name)
+    }
+
+    fn packed_rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<u8>> {
         self.inner().packed_rows(name, r0, r1)
     }
 }

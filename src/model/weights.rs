@@ -19,10 +19,14 @@ pub trait Tensors {
     /// Rows `r0..r1` of `name` (along its first dimension; a vector's rows are its
     /// elements) as f32.
     fn rows(&self, name: &str, r0: usize, r1: usize) -> Result<Vec<f32>>;
-    /// Rows `r0..r1` of a matrix stored in blocks the packed kernels read as they are
-    /// (a GGUF's Q8_0, Q4_0, Q4_1, Q4_K), with their type; `None` for anything else.
-    fn packed_rows(&self, _name: &str, _r0: usize, _r1: usize) -> Option<Result<(crate::quant::QType, Vec<u8>)>> {
+    /// The block type of a matrix stored in blocks the packed kernels read as they are
+    /// (a GGUF's Q8_0, Q4_0, Q4_1, Q4_K); `None` for anything else.
+    fn packed_type(&self, _name: &str) -> Option<crate::quant::QType> {
         None
+    }
+    /// Rows `r0..r1` of a matrix `packed_type` names, as its blocks.
+    fn packed_rows(&self, name: &str, _r0: usize, _r1: usize) -> Result<Vec<u8>> {
+        Err(Error::Weights(format!("tensor `{name}` is not stored in blocks")))
     }
 }
 
