@@ -54,9 +54,14 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<i64>> {
 
 /// The batch of the fixture, and HF's shifted targets (label of the next token).
 fn batch(g: &Gpu, f: &Fixture) -> (Inputs, Vec<i32>, Vec<i64>) {
-    let ids = rows(&f.json["input_ids"]);
-    let labels = rows(&f.json["labels"]);
-    let mask: Vec<i64> = rows(&f.json["attention_mask"]).concat();
+    batch_of(g, &f.json)
+}
+
+/// The batch `input_ids`, `labels`, `attention_mask` of a reference's JSON.
+fn batch_of(g: &Gpu, json: &serde_json::Value) -> (Inputs, Vec<i32>, Vec<i64>) {
+    let ids = rows(&json["input_ids"]);
+    let labels = rows(&json["labels"]);
+    let mask: Vec<i64> = rows(&json["attention_mask"]).concat();
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<u32> = ids.concat().iter().map(|&x| x as u32).collect();
     let targets: Vec<i32> = labels.iter().flat_map(|r| (0..t).map(move |i| if i + 1 < t { r[i + 1] as i32 } else { -100 })).collect();
@@ -70,6 +75,28 @@ fn model(g: &Gpu, f: &Fixture, lora: bool) -> Model {
         m.set_params(g, &f.adapter).unwrap();
     }
     m
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// The losses of `steps` AdamW steps with a reference's `lr`, `weight_decay` and
+/// `max_grad_norm` (TRL's clipping).
+fn adamw_losses(g: &Gpu, m: &Model, inp: &Inputs, targets: &[i32], adamw: &serde_json::Value, steps: usize) -> Vec<f32> {
+    let opt = AdamW {
+        lr: adamw["lr"].as_f64().unwrap() as f32,
+        weight_decay: adamw["weight_decay"].as_f64().unwrap() as f32,
+        ..AdamW::default()
+    };
+    let mut got = Vec::new();
+    for step in 1..=steps as u64 {
+        m.zero_grads(g);
+        let loss = m.forward_backward(g, inp, targets, scale_of(targets)).unwrap();
+        m.optimizer_step(g, &opt, step, adamw["max_grad_norm"].as_f64().unwrap() as f32).unwrap();
+        got.push(read(g, &loss)[0]);
+    }
+    got
 }
 
 fn scale_of(targets: &[i32]) -> f32 {
@@ -121,20 +148,8 @@ fn parity_of(name: &str, f: &Fixture, g: &Gpu) {
     // Five AdamW steps from the adapter, clipped at norm 1.0.
     let m = model(g, f, true);
     let adamw = &f.json["adamw"];
-    let opt = AdamW {
-        lr: adamw["lr"].as_f64().unwrap() as f32,
-        weight_decay: adamw["weight_decay"].as_f64().unwrap() as f32,
-        ..AdamW::default()
-    };
-    let want: Vec<f32> = adamw["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-    let mut got = Vec::new();
-    for step in 1..=want.len() as u64 {
-        m.zero_grads(g);
-        let loss = m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
-        m.optimizer_step(g, &opt, step, adamw["max_grad_norm"].as_f64().unwrap() as f32).unwrap();
-        got.push(read(g, &loss)[0]);
-    }
-    close(&format!("{name} AdamW losses"), &got, &want, 0.0, 1e-4);
+    let want = floats(&adamw["losses"]);
+    close(&format!("{name} AdamW losses"), &adamw_losses(g, &m, &inp, &targets, adamw, want.len()), &want, 0.0, 1e-4);
 
     // Greedy generation, token for token, with the base model and with the adapter.
     let gen = &f.json["generate"];
@@ -603,5 +618,108 @@ fn quantized_training_matches_float_training_on_the_dequantized_weights() {
             let mag = losses[0][3..].iter().fold(0f32, |a, b| a.max(b.abs()));
             close(&format!("{name} {q:?}: LoRA gradients of the first step"), &losses[1][3..], &losses[0][3..], 1e-4 * mag, 1e-3);
         }
+    }
+}
+
+/// The QLoRA references (tests/reference/gen_qlora.py): PyTorch + PEFT trained on the
+/// dequantized twins of bases that the `gguf` package and bitsandbytes quantized.
+fn qlora_fixture(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qlora").join(file)
+}
+
+fn qlora_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(qlora_fixture("expected.json")).unwrap()).unwrap()
+}
+
+/// `--quantize nf4|q4|q8` on a safetensors base: our blocks of every matrix are
+/// bitsandbytes' NF4 codes and absmax and the `gguf` package's Q4_0 and Q8_0 blocks, bit
+/// for bit, the NF4 twin is the one bitsandbytes dequantizes to, and five AdamW steps
+/// on the packed base give PEFT's losses on the twin to 1e-4, with and without
+/// shader-f16.
+#[test]
+fn quantized_on_load_bases_train_as_peft_does_on_their_dequantized_twins() {
+    let f = fixture("llama");
+    let bytes = std::fs::read(qlora_fixture("on_load.safetensors")).unwrap();
+    let lib = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let raw = |k: &str| lib.tensor(k).unwrap_or_else(|e| panic!("{k}: {e}")).data().to_vec();
+    let f32s = |k: &str| raw(k).chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<f32>>();
+    let json = qlora_json();
+    let adamw = &json["on_load"]["adamw"];
+    for (kind, q) in [("nf4", QType::Nf4), ("q4_0", QType::Q4_0), ("q8_0", QType::Q8_0)] {
+        let mut twin = f.weights.clone();
+        Frozen::Quantize(q).dequantize_into(&mut twin, &f.weights).unwrap();
+        let matrices: Vec<&String> = f.weights.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n).collect();
+        assert_eq!(matrices.len(), 2 * 7 + 2);
+        for name in matrices {
+            let ours = webtune::quant::quantize(q, &f.weights[name].data).unwrap();
+            if q == QType::Nf4 {
+                let (codes, absmax) = (raw(&format!("nf4.{name}.codes")), f32s(&format!("nf4.{name}.absmax")));
+                assert_eq!(ours.len(), 36 * absmax.len(), "{name}");
+                for (b, block) in ours.chunks(36).enumerate() {
+                    assert_eq!(f32::from_le_bytes(block[..4].try_into().unwrap()), absmax[b], "{name}: absmax of block {b}");
+                    assert_eq!(&block[4..], &codes[32 * b..32 * (b + 1)], "{name}: codes of block {b}");
+                }
+                assert_eq!(twin[name].data, f32s(&format!("nf4.{name}.twin")), "{name}: bitsandbytes' dequantized twin");
+            } else {
+                assert_eq!(ours, raw(&format!("{kind}.{name}.blocks")), "{kind} {name}: the gguf package's blocks");
+            }
+        }
+        let want = floats(&adamw["losses"][kind]);
+        for g in [gpu(), gpu_f32()] {
+            let m = Model::load_with(g, f.cfg.clone(), &f.weights, Tuning::Lora(f.lora.clone()), 0, Frozen::Quantize(q)).unwrap();
+            assert!(m.embed.parts.iter().all(|p| p.value.dtype == webtune::gpu::DType::Q(q)), "{kind}: the embedding is packed");
+            m.set_params(g, &f.adapter).unwrap();
+            let (inp, targets, _) = batch(g, &f);
+            let got = adamw_losses(g, &m, &inp, &targets, adamw, want.len());
+            close(&format!("{kind} (shader-f16 {}): AdamW losses against PEFT on the twin", g.caps.shader_f16), &got, &want, 0.0, 1e-4);
+        }
+    }
+}
+
+/// A GGUF at Llama 3's vocabulary (128,256) whose matrices are Q8_0, Q4_0, Q4_1 and
+/// Q4_K blocks, kept packed: every matrix reads (un-permuted, dequantized) as its twin,
+/// the tied head reads the packed Q4_0 table past row 65,536, and the loss and five
+/// AdamW steps give PEFT's figures on the twin to 1e-4.
+#[test]
+fn a_packed_gguf_at_llama3_vocabulary_trains_as_peft_does_on_its_dequantized_twin() {
+    let json = qlora_json();
+    let want = &json["gguf"];
+    let file = webtune::model::gguf::Gguf::open(Box::new(std::fs::read(qlora_fixture("model.gguf")).unwrap()), "model.gguf").unwrap();
+    let cfg = Config::parse(&file.config_json().unwrap(), "model.gguf", None).unwrap();
+    assert_eq!((cfg.vocab, cfg.tie_embeddings), (128256, true));
+    let mut twin = TensorMap::new();
+    weights::parse(&std::fs::read(qlora_fixture("gguf_twin.safetensors")).unwrap(), "gguf_twin", &mut twin).unwrap();
+    use webtune::model::Tensors;
+    for (name, t) in &twin {
+        if let Some(emb) = name.strip_suffix(".sampled_rows") {
+            let emb = format!("{emb}.weight");
+            assert_eq!(file.packed_type(&emb), Some(QType::Q4_0));
+            for (i, r) in want["sampled_rows"].as_array().unwrap().iter().enumerate() {
+                let r = r.as_u64().unwrap() as usize;
+                assert_eq!(file.rows(&emb, r, r + 1).unwrap(), t.data[i * cfg.hidden..(i + 1) * cfg.hidden], "embedding row {r}");
+            }
+            continue;
+        }
+        assert_eq!(file.rows(name, 0, t.shape[0]).unwrap(), t.data, "{name}");
+        if t.shape.len() == 2 {
+            let parts: Vec<&str> = name.split('.').collect();
+            let ty = want["types"][format!("{}.{}", parts[2], parts[4])].as_str().unwrap().to_lowercase();
+            assert_eq!(file.packed_type(name).and_then(|q| q.ggml()).map(|t| t.name()), Some(ty), "{name}");
+        }
+    }
+    let mut adapter = TensorMap::new();
+    weights::parse(&std::fs::read(qlora_fixture("adapter/adapter_model.safetensors")).unwrap(), "adapter", &mut adapter).unwrap();
+    let lora = webtune::peft::parse_config(&std::fs::read_to_string(qlora_fixture("adapter/adapter_config.json")).unwrap(), "adapter_config.json").unwrap();
+    for g in [gpu(), gpu_f32()] {
+        let m = Model::load_with(g, cfg.clone(), &file, Tuning::Lora(lora.clone()), 0, Frozen::Auto).unwrap();
+        assert!(m.embed.parts.iter().all(|p| p.value.dtype == webtune::gpu::DType::Q(QType::Q4_0)), "the table stays packed");
+        m.set_params(g, &adapter).unwrap();
+        let (inp, targets, _) = batch_of(g, want);
+        let loss = m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap();
+        close("packed GGUF loss", &read(g, &loss), &[want["loss"].as_f64().unwrap() as f32], 0.0, 1e-4);
+        m.set_params(g, &adapter).unwrap();
+        let losses = floats(&want["adamw"]["losses"]);
+        let got = adamw_losses(g, &m, &inp, &targets, &want["adamw"], losses.len());
+        close(&format!("packed GGUF (shader-f16 {}): AdamW losses against PEFT on the twin", g.caps.shader_f16), &got, &losses, 0.0, 1e-4);
     }
 }
