@@ -35,6 +35,8 @@ fn a_at(base: u32, m: u32, k: u32) -> f32 {
 // Element i of B as stored. `slot` (0–3) tells apart the invocation's loads that
 // walk different rows of the weight; the packed variant keeps a block scale per slot.
 fn weight(i: u32, slot: u32) -> f32 { return f32(b[i]); }
+// Elements i..i+3 of B, i a multiple of 4 (the packed variant decodes them at once).
+fn weight4(i: u32, slot: u32) -> vec4<f32> { return vec4<f32>(f32(b[i]), f32(b[i + 1u]), f32(b[i + 2u]), f32(b[i + 3u])); }
 
 fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
     if (TRANS_B) { return weight(base + n * p.ldb + k, slot); }
@@ -73,7 +75,35 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ms = vec4<u32>(m0, min(m0 + 1u, p.m - 1u), min(m0 + 2u, p.m - 1u), min(m0 + 3u, p.m - 1u));
     let ns = vec4<u32>(n0, min(n0 + 1u, p.n - 1u), min(n0 + 2u, p.n - 1u), min(n0 + 3u, p.n - 1u));
     var acc: array<vec4<f32>, 4>;
-    for (var k = 0u; k < p.k; k++) {
+    var k = 0u;
+    // Where B's rows hold whole fours at multiples of 4, read four at a time (`weight4`:
+    // a word of blocks decoded at once), summing in the same order as below.
+    if ((bb & 3u) == 0u && (p.ldb & 3u) == 0u) {
+        if (TRANS_B) {
+            // Four weight rows, four steps of k each: w[j] is row ns[j] at k..k+3.
+            for (; k + 4u <= p.k; k += 4u) {
+                let w = transpose(mat4x4<f32>(weight4(bb + ns.x * p.ldb + k, 0u), weight4(bb + ns.y * p.ldb + k, 1u),
+                                              weight4(bb + ns.z * p.ldb + k, 2u), weight4(bb + ns.w * p.ldb + k, 3u)));
+                for (var kk = 0u; kk < 4u; kk++) {
+                    let av = vec4<f32>(a_at(ab, ms.x, k + kk), a_at(ab, ms.y, k + kk), a_at(ab, ms.z, k + kk), a_at(ab, ms.w, k + kk));
+                    acc[0] += av.x * w[kk];
+                    acc[1] += av.y * w[kk];
+                    acc[2] += av.z * w[kk];
+                    acc[3] += av.w * w[kk];
+                }
+            }
+        } else if (n0 + 3u < p.n) {
+            for (; k < p.k; k++) {
+                let av = vec4<f32>(a_at(ab, ms.x, k), a_at(ab, ms.y, k), a_at(ab, ms.z, k), a_at(ab, ms.w, k));
+                let bv = weight4(bb + k * p.ldb + n0, 0u);
+                acc[0] += av.x * bv;
+                acc[1] += av.y * bv;
+                acc[2] += av.z * bv;
+                acc[3] += av.w * bv;
+            }
+        }
+    }
+    for (; k < p.k; k++) {
         let av = vec4<f32>(a_at(ab, ms.x, k), a_at(ab, ms.y, k), a_at(ab, ms.z, k), a_at(ab, ms.w, k));
         // Transposed, the four columns are four weight rows read along k (a slot each);
         // otherwise four neighbours in one row, one block.

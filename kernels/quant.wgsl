@@ -94,13 +94,48 @@ fn q_load(i: u32) -> f32 {
     return g.x * q_value(i) + g.y;
 }
 
-// q_load with the group's (scale, offset) kept in one of four slots: a matmul reading
-// along a row (or four elements of one group) loads each group's scale once.
+// The 4 bytes from byte o (o even) of the part, byte o lowest.
+fn q_word(o: u32) -> u32 {
+    let lo = QW[o >> 2u];
+    if ((o & 2u) == 0u) { return lo; }
+    return (lo >> 16u) | (QW[(o >> 2u) + 1u] << 16u);
+}
+
+// The four low nibbles (bits 0–3 of each byte) of word.
+fn q_nibbles(word: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u));
+}
+
+// q_value of elements i..i+3 (i a multiple of 4, so one group): one or two words read
+// instead of four bytes.
+fn q_value4(i: u32) -> vec4<f32> {
+    switch QTYPE {
+        case 0u: {
+            let word = q_word((i >> 5u) * 34u + 2u + (i & 31u));
+            return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
+        }
+        case 1u: { return q_nibbles(q_word((i >> 5u) * 18u + 2u + (i & 15u)) >> (((i >> 4u) & 1u) * 4u)) - 8.0; }
+        case 2u: { return q_nibbles(q_word((i >> 5u) * 20u + 4u + (i & 15u)) >> (((i >> 4u) & 1u) * 4u)); }
+        case 3u: {
+            let j = i & 255u;
+            return q_nibbles(q_word((i >> 8u) * 144u + 16u + (j >> 6u) * 32u + (j & 31u)) >> (((j >> 5u) & 1u) * 4u));
+        }
+        default: {
+            // Two bytes, each two codes high nibble first.
+            let o = (i >> 6u) * 36u + 4u + ((i & 63u) >> 1u);
+            let h = QW[o >> 2u] >> ((o & 2u) * 8u);
+            return vec4<f32>(nf4((h >> 4u) & 15u), nf4(h & 15u), nf4((h >> 12u) & 15u), nf4((h >> 8u) & 15u));
+        }
+    }
+}
+
+// The group's (scale, offset) kept in one of four slots: a matmul reading along a row
+// (or four elements of one group) loads each group's scale once.
 var<private> q_slot_group = vec4<u32>(0xffffffffu);
 var<private> q_slot_scale = vec4<f32>(0.0);
 var<private> q_slot_offset = vec4<f32>(0.0);
 
-fn q_load_slot(i: u32, slot: u32) -> f32 {
+fn q_slot(i: u32, slot: u32) {
     let group = i >> 5u;
     if (q_slot_group[slot] != group) {
         let g = q_group(i);
@@ -108,5 +143,15 @@ fn q_load_slot(i: u32, slot: u32) -> f32 {
         q_slot_scale[slot] = g.x;
         q_slot_offset[slot] = g.y;
     }
+}
+
+fn q_load_slot(i: u32, slot: u32) -> f32 {
+    q_slot(i, slot);
     return q_slot_scale[slot] * q_value(i) + q_slot_offset[slot];
+}
+
+// Elements i..i+3 (i a multiple of 4), with the group's scale kept in `slot`.
+fn q_load4(i: u32, slot: u32) -> vec4<f32> {
+    q_slot(i, slot);
+    return q_slot_scale[slot] * q_value4(i) + q_slot_offset[slot];
 }

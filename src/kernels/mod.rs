@@ -93,7 +93,11 @@ pub fn packed_variant(k: &Kernel) -> &'static Kernel {
         // `f32(NAME[i])` becomes a dequantizing load (with the caller's slot, if it has one).
         let packed_load = load.replace(&format!("f32({buf}[i])"), if load.contains("slot") { "q_load_slot(i, slot)" } else { "q_load(i)" });
         assert_ne!(packed_load, load, "{}: `fn weight` does not read `{buf}[i]`", k.name);
-        let body = k.source.replace(decl, &decl.replace("array<BElem>", "array<u32>").replace("array<WElem>", "array<u32>")).replace(load, &packed_load);
+        let mut body = k.source.replace(decl, &decl.replace("array<BElem>", "array<u32>").replace("array<WElem>", "array<u32>")).replace(load, &packed_load);
+        // `fn weight4` (four neighbours at once), where the kernel has one.
+        if let Some(load4) = k.source.lines().find(|l| l.starts_with("fn weight4(i: u32, slot: u32)")) {
+            body = body.replace(load4, "fn weight4(i: u32, slot: u32) -> vec4<f32> { return q_load4(i, slot); }");
+        }
         let name: &'static str = Box::leak(format!("{} (packed weights)", k.name).into_boxed_str());
         let source: &'static str = Box::leak(format!("{body}\n{}", QUANT.source.replace("QW", buf)).into_boxed_str());
         Box::leak(Box::new(Kernel { name, source }))
