@@ -91,7 +91,8 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// The tensor type of a GGUF output: f16, q8_0 or f32 (norms stay f32).
+        /// The tensor type of a GGUF output: f16, q8_0, q4_0, q4_1 or f32 (norms stay f32;
+        /// matrices whose rows are not whole blocks f16).
         #[arg(long = "type", default_value = "f16")]
         gguf_type: String,
         /// The adapter was trained on a base quantized on load (`train --quantize`):
@@ -156,10 +157,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Estimate the GPU memory of a training step from a model's config.json alone.
+    /// Estimate the GPU memory of a training step from a model's config alone.
     Memory {
-        /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json).
-        #[arg(long)]
+        /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json), a model directory,
+        /// or a .gguf file (whose packed blocks are counted as they are kept).
+        #[arg(long, alias = "model")]
         config: PathBuf,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
@@ -364,9 +366,16 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("wrote {}", out.display());
         }
         Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize } => {
-            use webtune::model::{memory, Config};
-            let text = std::fs::read_to_string(&config).map_err(|e| webtune::Error::Io(format!("{}: {e}", config.display())))?;
-            let cfg = Config::parse(&text, &config.display().to_string(), None)?;
+            use webtune::model::{gguf::Gguf, memory, weights::FileBytes, Config, TensorMap, Tensors};
+            let name = config.display().to_string();
+            let (text, weights): (String, Box<dyn Tensors>) = if config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                let g = Gguf::open(Box::new(FileBytes::open(&config)?), &name)?;
+                (g.config_json()?, Box::new(g))
+            } else {
+                let file = if config.is_dir() { config.join("config.json") } else { config.clone() };
+                (std::fs::read_to_string(&file).map_err(|e| webtune::Error::io(&file, e))?, Box::new(TensorMap::new()))
+            };
+            let cfg = Config::parse(&text, &name, None)?;
             let run = RunOptions {
                 lora_rank,
                 lora_alpha: 2.0 * lora_rank as f32,
@@ -377,16 +386,11 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 quantize,
                 ..Default::default()
             };
-            let plan = run.memory_plan(max_seq_len, !f32_weights, 128 << 20)?;
+            let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             println!("{}: {:?}, batch {batch_size} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.grad_checkpoint);
-            let stored = match plan.quantize {
-                Some(q) if !full => q.name(),
-                _ if plan.f16_weights && !full => "f16",
-                _ => "f32",
-            };
-            println!("weights           {:>9.1} MiB ({stored})", mib(m.weights));
+            println!("weights           {:>9.1} MiB (matrices: {})", mib(m.weights), plan.held(&cfg));
             println!("training state    {:>9.1} MiB", mib(m.training_state));
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));

@@ -257,9 +257,10 @@ impl Session {
     /// (MiB), to show before training and to warn when it will not fit.
     pub fn memory_estimate(&self, options: JsValue) -> Result<JsValue, JsError> {
         let o = run_options(options)?;
-        let cfg = &self.source()?.cfg;
+        let source = self.source()?;
+        let cfg = &source.cfg;
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
-        let plan = o.memory_plan(seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding).map_err(js)?;
+        let plan = o.memory_plan(cfg, &source.weights, seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding).map_err(js)?;
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         out(&serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}))

@@ -1,7 +1,10 @@
 //! GPU memory a training step needs, computed from the config alone: the same
 //! tensors `Model::load` and `Model::forward_backward` allocate, counted in bytes.
 
-use super::{Config, LoraConfig, Tuning};
+use std::collections::BTreeMap;
+
+use super::{Config, Frozen, LoraConfig, Tensors, Tuning};
+use crate::quant::QType;
 
 /// What is being estimated.
 #[derive(Clone, Debug)]
@@ -12,9 +15,11 @@ pub struct Plan {
     pub grad_checkpoint: bool,
     /// Frozen matrices in f16 (adapters with shader-f16).
     pub f16_weights: bool,
-    /// Frozen matrices packed as this type (`--quantize`; QLoRA), those whose rows are
-    /// whole blocks.
-    pub quantize: Option<crate::quant::QType>,
+    /// How frozen matrices are held (`--quantize`; QLoRA packs them).
+    pub frozen: Frozen,
+    /// The block types of the matrices the base stores packed (a GGUF's), by name: kept
+    /// unless `frozen` dequantizes (`Plan::stored`).
+    pub stored: BTreeMap<String, QType>,
     /// The adapter's largest storage binding (bounds the logits chunk).
     pub max_binding: u64,
 }
@@ -27,6 +32,35 @@ pub struct Memory {
     pub training_state: u64,
     /// Activations and temporaries at the peak of a step.
     pub activations: u64,
+}
+
+impl Plan {
+    /// The block types `w` stores the matrices of `cfg` in (`Tensors::packed_type`).
+    pub fn stored(cfg: &Config, w: &dyn Tensors) -> BTreeMap<String, QType> {
+        cfg.tensor_shapes().into_iter().filter(|(_, s)| s.len() == 2).filter_map(|(n, _)| Some((n.clone(), w.packed_type(&n)?))).collect()
+    }
+
+    /// How the matrices of `cfg` are held, counted by type: `q4_1 × 210, q8_0 × 1`.
+    pub fn held(&self, cfg: &Config) -> String {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, _, cols) in matrices(cfg) {
+            let t = match self.packed(&name, cols) {
+                Some(q) => q.name(),
+                None if self.f16_weights && self.tuning != Tuning::Full => "f16",
+                None => "f32",
+            };
+            *counts.entry(t).or_default() += 1;
+        }
+        counts.iter().map(|(t, n)| format!("{t} × {n}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The packed type the frozen matrix `name` of `cols` columns is held in, if any.
+    pub fn packed(&self, name: &str, cols: usize) -> Option<QType> {
+        if self.tuning == Tuning::Full {
+            return None;
+        }
+        self.frozen.packed_as(self.stored.get(name).copied(), cols).map(|(q, _)| q)
+    }
 }
 
 impl Memory {
@@ -44,20 +78,29 @@ fn bytes(n: usize, elem: usize) -> u64 {
     ((n.max(1) * elem) as u64).div_ceil(16) * 16
 }
 
+/// Every matrix of `cfg` as (name, elements, columns).
+fn matrices(cfg: &Config) -> Vec<(String, usize, usize)> {
+    let (c, v) = (cfg.hidden, cfg.vocab);
+    let mut out: Vec<(String, usize, usize)> = vec![("model.embed_tokens.weight".into(), v * c, c)];
+    if !cfg.tie_embeddings {
+        out.push(("lm_head.weight".into(), v * c, c));
+    }
+    for l in 0..cfg.layers {
+        out.extend(cfg.projections().iter().map(|(n, g, i, o)| (format!("model.layers.{l}.{g}.{n}.weight"), i * o, *i)));
+    }
+    out
+}
+
 pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     let (c, q, kv, hs, inter, v) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate, cfg.vocab);
     let full = plan.tuning == Tuning::Full;
     let mat = if plan.f16_weights && !full { 2 } else { 4 };
     let f32b = |n: usize| bytes(n, 4);
     // Weights, tensor by tensor (row-parts of a split matrix pad separately: a few
-    // bytes), as (elements, columns).
-    let mut matrices: Vec<(usize, usize)> = vec![(v * c, c)];
-    if !cfg.tie_embeddings {
-        matrices.push((v * c, c));
-    }
+    // bytes).
+    let matrices = matrices(cfg);
     let mut vectors: Vec<usize> = vec![c];
     for _ in 0..cfg.layers {
-        matrices.extend(cfg.projections().iter().map(|(_, _, i, o)| (i * o, *i)));
         vectors.extend([c, c]);
         if cfg.qkv_bias {
             vectors.extend([q, kv, kv]);
@@ -67,11 +110,11 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         }
     }
     let sum = |ts: &[usize], elem: usize| ts.iter().map(|&n| bytes(n, elem)).sum::<u64>();
-    let frozen = |&(n, cols): &(usize, usize)| match plan.quantize {
-        Some(q) if !full && q.fits(cols) => bytes(q.bytes(n), 1),
-        _ => bytes(n, mat),
+    let frozen = |(name, n, cols): &(String, usize, usize)| match plan.packed(name, *cols) {
+        Some(q) => bytes(q.bytes(*n), 1),
+        None => bytes(*n, mat),
     };
-    let matrix_elems: Vec<usize> = matrices.iter().map(|m| m.0).collect();
+    let matrix_elems: Vec<usize> = matrices.iter().map(|m| m.1).collect();
     let weights = matrices.iter().map(frozen).sum::<u64>() + sum(&vectors, 4) + f32b(hs / 2);
     let training_state = match &plan.tuning {
         Tuning::Frozen => 0,

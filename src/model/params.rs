@@ -25,9 +25,15 @@ pub enum Frozen {
 }
 
 impl Frozen {
-    /// The packed type `name` (`[rows, cols]`, frozen) is held in, if any.
+    /// The packed type `name` (`[rows, cols]`, frozen) is held in, if any, and whether
+    /// those are `w`'s own blocks.
     pub fn packed(self, w: &dyn Tensors, name: &str, cols: usize) -> Option<(QType, bool)> {
-        let kept = w.packed_type(name).filter(|q| q.fits(cols));
+        self.packed_as(w.packed_type(name), cols)
+    }
+
+    /// `packed` for a matrix of `cols` columns stored in `stored` blocks (or not).
+    pub fn packed_as(self, stored: Option<QType>, cols: usize) -> Option<(QType, bool)> {
+        let kept = stored.filter(|q| q.fits(cols));
         match self {
             Frozen::Float | Frozen::F32 => None,
             Frozen::Auto => kept.map(|q| (q, true)),

@@ -116,16 +116,14 @@ impl RunOptions {
         self.lora_targets = l.targets.join(",");
     }
 
-    /// The memory plan of a step of this run over sequences of `seq` tokens, on an
-    /// adapter with (or without) f16 weights and this largest binding.
-    pub fn memory_plan(&self, seq: usize, f16_weights: bool, max_binding: u64) -> Result<crate::model::memory::Plan> {
+    /// The memory plan of a step of this run on `cfg` (its weights in `w`, which say
+    /// what a GGUF keeps packed) over sequences of `seq` tokens, on an adapter with (or
+    /// without) f16 weights and this largest binding.
+    pub fn memory_plan(&self, cfg: &crate::model::Config, w: &dyn crate::model::Tensors, seq: usize, f16_weights: bool, max_binding: u64) -> Result<crate::model::memory::Plan> {
         let frozen = self.frozen()?;
-        let quantize = match frozen {
-            Frozen::Quantize(q) => Some(q),
-            _ => None,
-        };
         let f16_weights = f16_weights && frozen != Frozen::F32;
-        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, quantize, max_binding })
+        let stored = crate::model::memory::Plan::stored(cfg, w);
+        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding })
     }
 
     /// How frozen matrices are held (`--quantize`).
