@@ -316,7 +316,7 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
 /// Merge a LoRA adapter into the base weights (W += s·B·A for each pair) and write a
 /// full model into `out`: a Hugging Face directory (config, model.safetensors in the
 /// base's dtype, tokenizer files), or with `out` ending in `.gguf` one GGUF file of
-/// `gguf_type` (f16, q8_0 or f32) that llama.cpp reads.
+/// `gguf_type` (f16, q8_0, q4_0, q4_1 or f32) that llama.cpp reads.
 pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str, frozen: crate::model::Frozen) -> Result<()> {
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;

@@ -392,12 +392,12 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
 
     // GGUF out: the merged model as one file, read back with the same tokenizer,
     // template and tensor names llama.cpp uses, and logits within the type's rounding.
-    for (ty, tol) in [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2)] {
+    for (ty, tol) in [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2), ("q4_0", 0.3)] {
         let file = root.join(format!("merged-{ty}.gguf"));
         webtune::cli::merge(&model, &out, &file, ty, webtune::model::Frozen::Auto).unwrap();
         let back = Gguf::open(Box::new(std::fs::read(&file).unwrap()), "merged").unwrap();
         assert!(back.tensors.iter().any(|t| t.name == "blk.1.attn_q.weight") && back.tensors.iter().any(|t| t.name == "output.weight"), "{ty}");
-        let want_ty = match ty { "f32" => GgmlType::F32, "f16" => GgmlType::F16, _ => GgmlType::Q8_0 };
+        let want_ty = webtune::model::gguf::export_type(ty).unwrap();
         assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.ffn_up.weight").unwrap().ty, want_ty, "{ty}");
         assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap().ty, GgmlType::F32, "{ty}: norms stay f32");
         let gm = webtune::cli::ModelDir::open(&file).unwrap();
@@ -423,7 +423,7 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
         let want_b = heads.map_or(b.data.clone(), |h| permute(b, h));
         assert_eq!(l.file_rows(lb, 0, b.shape[0]).unwrap(), want_b, "{module} lora_b, rows as llama.cpp's q/k are");
     }
-    let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q4_0", webtune::model::Frozen::Auto).unwrap_err().to_string();
-    assert!(err.contains("q4_0"), "{err}");
+    let err = webtune::cli::merge(&model, &out, &root.join("x.gguf"), "q5_k", webtune::model::Frozen::Auto).unwrap_err().to_string();
+    assert!(err.contains("q5_k") && err.contains("q4_1"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

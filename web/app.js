@@ -101,7 +101,8 @@ function radio(name) {
 }
 
 async function modelFiles() {
-  const files = [...$('modelfiles').files];
+  // A GGUF file chosen on its own, else the chosen folder's.
+  const files = [...$('gguffile').files, ...$('modelfiles').files];
   const gguf = files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
   if (gguf) return { name: gguf.name, gguf: new Uint8Array(await gguf.arrayBuffer()) };
   const shards = files.filter((f) => f.name.endsWith('.safetensors')).sort((a, b) => a.name.localeCompare(b.name));
@@ -290,6 +291,8 @@ function download(name, data, type) {
 }
 
 $('train').onclick = train;
+// Choosing files from disk picks that model source.
+for (const id of ['modelfiles', 'gguffile']) $(id).addEventListener('change', () => { document.querySelector('input[name=model][value=files]').checked = true; });
 $('pause').onclick = () => call('pause');
 $('continue').onclick = async () => { try { await call('run'); } catch (e) { fail(e); } };
 // What the run hands back (the library's `Export`): the adapter or the merged model,

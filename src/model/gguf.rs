@@ -700,21 +700,8 @@ impl Gguf {
     }
 }
 
-/// Q8_0 as ggml's `quantize_row_q8_0_ref`: per block of 32, d = max|x| / 127 (stored
-/// as f16), q = round(x / d).
-pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / 32 * 34);
-    for b in x.chunks(32) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(half::f16::from_f32(d).to_le_bytes());
-        out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
-    }
-    out
-}
-
-/// Writes a GGUF file (version 3): metadata, then tensors (F32, F16 or Q8_0) aligned to 32.
+/// Writes a GGUF file (version 3): metadata, then tensors (F32, F16, Q8_0, Q4_0 or
+/// Q4_1, quantized as llama.cpp's reference quantizers do: `crate::quant`) aligned to 32.
 #[derive(Default)]
 pub struct Writer {
     meta: Vec<(String, Value)>,
@@ -774,13 +761,15 @@ impl Writer {
         self
     }
 
-    /// A tensor of `shape` (Hugging Face order; stored reversed) as F32 or F16.
+    /// A tensor of `shape` (Hugging Face order; stored reversed) as `ty`.
     pub fn tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType, data: &[f32]) -> Result<&mut Self> {
-        let bytes: Vec<u8> = match ty {
-            GgmlType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            GgmlType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            GgmlType::Q8_0 if shape.last().is_some_and(|c| c % 32 == 0) => quantize_q8_0(data),
-            other => return Err(Error::Config(format!("{name}: writing {other:?} tensors of shape {shape:?} is not supported (F32, F16, Q8_0 with rows of whole blocks)"))),
+        use crate::quant::QType;
+        let q = QType::of_ggml(ty).filter(|q| matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4_1));
+        let bytes: Vec<u8> = match (ty, q) {
+            (GgmlType::F32, _) => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (GgmlType::F16, _) => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            (_, Some(q)) if shape.last().is_some_and(|&c| q.fits(c)) => crate::quant::quantize(q, data)?,
+            (other, _) => return Err(Error::Config(format!("{name}: writing {other:?} tensors of shape {shape:?} is not supported (F32, F16; Q8_0, Q4_0, Q4_1 with rows of whole blocks)"))),
         };
         self.tensors.push((name.to_string(), shape.iter().rev().cloned().collect(), ty, bytes));
         Ok(self)
@@ -941,7 +930,9 @@ pub fn export_type(name: &str) -> Result<GgmlType> {
         "f32" => Ok(GgmlType::F32),
         "f16" => Ok(GgmlType::F16),
         "q8_0" => Ok(GgmlType::Q8_0),
-        other => Err(Error::Config(format!("GGUF type `{other}` is not one webtune writes (f32, f16, q8_0)"))),
+        "q4_0" => Ok(GgmlType::Q4_0),
+        "q4_1" => Ok(GgmlType::Q4_1),
+        other => Err(Error::Config(format!("GGUF type `{other}` is not one webtune writes (f32, f16, q8_0, q4_0, q4_1)"))),
     }
 }
 
@@ -1043,9 +1034,12 @@ pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer,
         Arch::Qwen3 => "qwen3",
     };
     let mut w = Writer::default();
+    // llama.cpp's `llama_ftype`: the type of most tensors.
     let file_type = match ty {
         GgmlType::F32 => 0u32,
         GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
         _ => 7,
     };
     let u32v = |v: usize| Value::U32(v as u32);
@@ -1085,7 +1079,8 @@ pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer,
         };
         let tty = if t.shape.len() < 2 {
             GgmlType::F32
-        } else if ty == GgmlType::Q8_0 && t.shape.last().unwrap() % 32 != 0 {
+        } else if crate::quant::QType::of_ggml(ty).is_some_and(|q| !q.fits(t.shape[1])) {
+            // Rows that are not whole blocks stay f16, as llama.cpp's quantizer keeps them.
             GgmlType::F16
         } else {
             ty

@@ -9,7 +9,7 @@
 //! - `Merged`: the base with the adapter merged in, stored in the base's dtype (full
 //!   tuning: the trained model); a base quantized on load (QLoRA) is dequantized first,
 //!   as PEFT advises, rather than merged into the original weights or re-quantized;
-//! - `MergedGguf(type)`: the same as one GGUF file (f32, f16 or q8_0) that llama.cpp,
+//! - `MergedGguf(type)`: the same as one GGUF file (f32, f16, q8_0, q4_0 or q4_1) that llama.cpp,
 //!   Ollama and LM Studio run;
 //! - `LoraGguf`: the adapter as a llama.cpp LoRA adapter GGUF (`--lora`).
 
@@ -34,7 +34,7 @@ pub enum Export {
 
 impl std::str::FromStr for Export {
     type Err = String;
-    /// `output` (or `adapter`), `checkpoint`, `merged`, `merged-gguf-{f32,f16,q8_0}`, `lora-gguf`.
+    /// `output` (or `adapter`), `checkpoint`, `merged`, `merged-gguf-{f32,f16,q8_0,q4_0,q4_1}`, `lora-gguf`.
     fn from_str(s: &str) -> std::result::Result<Export, String> {
         match s {
             "output" | "adapter" => Ok(Export::Output),
@@ -44,7 +44,7 @@ impl std::str::FromStr for Export {
             _ => match s.strip_prefix("merged-gguf-").map(gguf::export_type) {
                 Some(Ok(ty)) => Ok(Export::MergedGguf(ty)),
                 Some(Err(e)) => Err(e.to_string()),
-                None => Err(format!("unknown export `{s}` (output, checkpoint, merged, merged-gguf-f16, merged-gguf-q8_0, merged-gguf-f32 or lora-gguf)")),
+                None => Err(format!("unknown export `{s}` (output, checkpoint, merged, merged-gguf-f16, merged-gguf-q8_0, merged-gguf-q4_0, merged-gguf-q4_1, merged-gguf-f32 or lora-gguf)")),
             },
         }
     }

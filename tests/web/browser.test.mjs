@@ -56,11 +56,16 @@ async function waitFor(states, timeout = 600_000) {
 // lavapipe; Chromium's SwiftShader is the page's own).
 const SWIFTSHADER = '/usr/lib/chromium/vk_swiftshader_icd.json';
 function nativeLosses(steps, icd, extra = []) {
+  return nativeTrain(['--model', 'demo', '--data', 'demo', '--steps', String(steps), '--lr', '0.002',
+    '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0',
+    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights', ...extra], icd);
+}
+
+// The losses of `webtune train ARGS` on the driver `icd`.
+function nativeTrain(args, icd) {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
   const env = icd ? { ...process.env, VK_ICD_FILENAMES: icd } : process.env;
-  execFileSync(bin, ['train', '--model', 'demo', '--data', 'demo', '--out', out, '--steps', String(steps), '--lr', '0.002',
-    '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0',
-    '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights', ...extra], { stdio: 'ignore', env });
+  execFileSync(bin, ['train', ...args, '--out', out], { stdio: 'ignore', env });
   const losses = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).loss);
   fs.rmSync(out, { recursive: true, force: true });
   return losses;
@@ -396,4 +401,29 @@ test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () =
   } finally {
     files.close();
   }
+});
+
+// QLoRA on a real 4-bit GGUF chosen from disk (the page's single-file picker): SmolLM2's
+// Q4_1 blocks (and its Q8_0 embedding) stay packed in the tab (the estimate counts them
+// so: 92 MiB of weights where f32 would be 513), and two steps on SwiftShader give the native build's losses
+// on the same file and driver.
+test('a Q4_1 GGUF chosen from disk trains packed in the page as natively', async () => {
+  const file = path.join(root, 'target/models/SmolLM2-135M-Instruct.Q4_1.gguf');
+  assert.ok(fs.existsSync(file), `${file}: run bash scripts/fetch-models.sh`);
+  const opts = { steps: 2, batch: 1, seq: 48, rank: 4, alpha: 8, dropout: 0, lr: 0.001, schedule: 'constant', warmup: 0, seed: 7 };
+  await page.goto(`${base}?data=demo&${new URLSearchParams(Object.entries(opts)).toString()}`);
+  await page.setInputFiles('#gguffile', file);
+  assert.equal(await page.evaluate(() => document.querySelector('input[name=model]:checked').value), 'files');
+  await page.click('#train');
+  const st = await waitFor(['done', 'error'], 1_200_000);
+  assert.equal(st.step, '2', st.error);
+  const estimate = await page.textContent('#estimate');
+  const weights = Number(/weights (\d+)/.exec(estimate)[1]);
+  assert.ok(weights >= 91 && weights <= 93, `the estimate counts the packed Q4_1 blocks: ${estimate}`);
+  const losses = JSON.parse(st.losses);
+  const native = nativeTrain(['--model', file, '--data', 'demo', '--steps', '2', '--batch-size', '1', '--max-seq-len', '48', '--lora-rank', '4',
+    '--lora-alpha', '8', '--lora-dropout', '0', '--lr', '0.001', '--schedule', 'constant', '--warmup', '0', '--seed', '7'], SWIFTSHADER);
+  const diff = Math.max(...losses.map((l, i) => Math.abs(l - native[i]) / Math.abs(native[i])));
+  console.log(`SmolLM2 Q4_1 GGUF from disk: page losses ${losses.map((l) => l.toFixed(4)).join(' ')}, native on SwiftShader ${native.map((l) => l.toFixed(4)).join(' ')}; max relative difference ${diff.toExponential(2)}`);
+  assert.ok(diff <= 1e-4, `page ${losses}\nnative ${native}`);
 });
