@@ -46,9 +46,23 @@ impl std::ops::Deref for ModelDir {
 
 impl ModelDir {
     /// A model directory, or `demo` for the built-in demo model (`demo-random`: its
-    /// random initialisation, from which `scripts/pretrain-demo.sh` pretrains it).
+    /// random initialisation, from which `scripts/pretrain-demo.sh` pretrains it), or a
+    /// model on the Hugging Face Hub (`org/name[@revision][:file.gguf]`, where no such
+    /// local path exists), fetched into the Hugging Face cache (`crate::hub`).
     pub fn open(dir: &Path) -> Result<ModelDir> {
         let name = dir.display().to_string();
+        if !dir.exists() {
+            if let Some(r) = crate::hub::RepoRef::parse(&name) {
+                let local = crate::hub::Hub::from_env().fetch(&r).map_err(|e| Error::Io(format!("{name} is no local path; as a Hugging Face Hub model: {e}")))?;
+                let mut md = ModelDir::open(&local)?;
+                // As PEFT names a base (`base_model_name_or_path`); a GGUF by its file.
+                md.source.name = match &r.file {
+                    Some(f) => format!("{}/{f}", r.repo),
+                    None => r.repo.clone(),
+                };
+                return Ok(md);
+            }
+        }
         let (files, weights) = if dir == Path::new("demo") {
             (crate::demo::files(), crate::demo::base_checkpoint()?)
         } else if dir == Path::new("demo-random") {
@@ -367,7 +381,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     use crate::data::inspect::{preview, summarize, summary_text, Style};
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
-    let tok = if a.model == Path::new("demo") { ModelDir::open(&a.model)?.source.tokenizer } else { Tokenizer::from_dir(&a.model)? };
+    let tok = if a.model.is_dir() { Tokenizer::from_dir(&a.model)? } else { ModelDir::open(&a.model)?.source.tokenizer };
     let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_data(&a.data)? };
     let records = parse_records(&text, &a.data.display().to_string())?;
     let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;

@@ -45,6 +45,8 @@ worker.onmessage = (e) => {
     onState(m.state);
   } else if (m.event === 'log') {
     log(m.text);
+  } else if (m.event === 'progress') {
+    onProgress(m);
   }
 };
 
@@ -182,9 +184,35 @@ function drawChart() {
   chart.setData([steps, losses.slice()]);
 }
 
+// Download progress, a line per file; window.webtune.downloads keeps the figures.
+const mb = (b) => (b / 2 ** 20).toFixed(1);
+window.webtune.downloads = {};
+function onProgress({ file, received, total, stored }) {
+  window.webtune.downloads[file] = { received, total, stored: !!stored };
+  $('progress').textContent = stored
+    ? `${file}: ${mb(received)} MB, stored in this browser`
+    : `downloading ${file}: ${mb(received)}${total ? ` of ${mb(total)} MB (${((100 * received) / total).toFixed(0)}%)` : ' MB'}`;
+  if (stored || (total && received === total)) log($('progress').textContent);
+}
+
+// What this browser keeps, and a way to clear it.
+async function showStored() {
+  const { files, usage, quota } = await call('stored');
+  $('storedList').replaceChildren(...files.map((f) => Object.assign(document.createElement('li'), { textContent: `${f.url} — ${mb(f.bytes)} MB` })));
+  $('storedList').dataset.count = String(files.length);
+  $('storedUsage').textContent = files.length ? `${files.length} files; this site uses ${mb(usage)} MB of ${mb(quota)} MB the browser allows` : 'nothing stored';
+}
+$('clearStored').onclick = async () => {
+  await call('clearStored');
+  await showStored();
+};
+
 async function prepare(model, data) {
   setStatus('loading', 'loading the model…');
-  const loaded = await call('loadModel', model);
+  // The Hub endpoint (?endpoint=, as HF_ENDPOINT natively) and token go to the worker
+  // only, never into the saved run.
+  const loaded = await call('loadModel', { ...model, endpoint: params.get('endpoint') || undefined, token: params.get('token') || $('hubToken').value.trim() });
+  if (model.source !== 'demo' && model.source !== 'files') showStored().catch(() => {});
   log(loaded.template);
   log(`model loaded; the wasm heap is ${(loaded.heap / 2 ** 20).toFixed(0)} MiB`);
   $('status').dataset.heap = loaded.heap;
@@ -480,6 +508,7 @@ $('showNorms').onclick = async () => {
   $('kernels').dataset.available = String(info.timestamps);
   if (!info.timestamps) $('kernelTotal').textContent = 'This adapter offers no timestamp-query, so there is no GPU time per kernel: the wall-clock times above are all there is.';
   setStatus('ready', 'ready');
+  showStored().catch(() => {});
   if (info.saved && info.saved.step) {
     const b = $('resumeSaved');
     b.hidden = false;

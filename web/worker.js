@@ -67,40 +67,157 @@ async function checkpoint() {
   session.saved(`step ${step}, kept in this browser`);
 }
 
-async function hfFiles(repo) {
-  // A repo id (org/name) or a URL of a folder that holds the files.
-  const base = /^https?:/.test(repo) ? repo.replace(/\/$/, '') : `https://huggingface.co/${repo}/resolve/main`;
-  const get = async (f, optional) => {
-    const r = await fetch(`${base}/${f}`);
-    if (!r.ok) {
-      if (optional) return null;
-      throw new Error(`${base}/${f}: HTTP ${r.status}`);
+// ---- models from the Hub or a URL, kept in this browser -----------------------------
+// Downloads are kept in Cache Storage (`webtune-models`), keyed by URL, so a reload
+// trains without downloading again. A Hub repo's files are fetched at the commit its
+// revision points to now (`/api/models/{repo}/revision/{rev}`): a stored file is exact,
+// and a moved branch fetches what changed. Progress goes out in bytes; each failure
+// says what to do (a gated model's token, the missing file, CORS, the storage quota).
+const STORE = 'webtune-models';
+const REF = '/webtune-ref/'; // stored {commit, siblings} of repo@revision, for offline reloads
+let hub = { endpoint: 'https://huggingface.co', token: '' };
+
+const store = async () => (self.caches ? caches.open(STORE) : null);
+const authFor = (url) => (hub.token && url.startsWith(hub.endpoint) ? { Authorization: `Bearer ${hub.token}` } : {});
+
+function gated(what, status) {
+  return new Error(`${what}: HTTP ${status}: this model is gated or private. Accept its conditions on its Hugging Face page, then paste a token with access (huggingface.co/settings/tokens) into the Hub token field`);
+}
+
+function blocked(url, e) {
+  return new Error(`${url}: the browser could not fetch it (${e.message}). The server is down, or it does not allow this page's origin (CORS); download the files and choose them from disk instead`);
+}
+
+// The bytes at `url` (`what` names it in progress and errors): from this browser's
+// store, else downloaded with progress and stored. `optional`: null on a 404.
+async function download(url, what, optional = false) {
+  const cache = await store();
+  const hit = cache && (await cache.match(url));
+  if (hit) {
+    const bytes = new Uint8Array(await hit.arrayBuffer());
+    post({ event: 'progress', file: what, received: bytes.length, total: bytes.length, stored: true });
+    return bytes;
+  }
+  let r;
+  try {
+    r = await fetch(url, { headers: authFor(url) });
+  } catch (e) {
+    throw blocked(url, e);
+  }
+  if (r.status === 401 || r.status === 403) throw gated(what, r.status);
+  if (r.status === 404) {
+    if (optional) return null;
+    throw new Error(`${what}: not found (HTTP 404 for ${url})`);
+  }
+  if (!r.ok) throw new Error(`${what}: HTTP ${r.status} for ${url}`);
+  const total = Number(r.headers.get('content-length')) || 0;
+  const reader = r.body.getReader();
+  let bytes = new Uint8Array(total);
+  let received = 0;
+  let shown = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (received + value.length > bytes.length) {
+      const grown = new Uint8Array(Math.max(2 * bytes.length, received + value.length));
+      grown.set(bytes.subarray(0, received));
+      bytes = grown;
     }
-    return r;
-  };
-  const text = async (f, optional) => { const r = await get(f, optional); return r ? r.text() : null; };
+    bytes.set(value, received);
+    received += value.length;
+    if (performance.now() - shown > 200) {
+      post({ event: 'progress', file: what, received, total });
+      shown = performance.now();
+    }
+  }
+  post({ event: 'progress', file: what, received, total });
+  if (total && received !== total) throw new Error(`${what}: the download stopped after ${received} of ${total} bytes; try again`);
+  bytes = bytes.length === received ? bytes : bytes.slice(0, received);
+  if (cache) {
+    try {
+      await cache.put(url, new Response(bytes, { headers: { 'Content-Length': String(received) } }));
+    } catch (e) {
+      const why = e.name === 'QuotaExceededError' ? "this site's storage quota is full: clear stored models to make room" : e.message;
+      log(`warning: ${what} is not kept in this browser (${why}); it will be downloaded again next time`);
+    }
+  }
+  return bytes;
+}
+
+// A Hub repo's commit and files at `rev`; when the Hub is out of reach, what this
+// browser stored the last time.
+async function hubRevision(repo, rev) {
+  const cache = await store();
+  const key = `${hub.endpoint}${REF}${repo}/${rev}`;
+  let r;
+  try {
+    r = await fetch(`${hub.endpoint}/api/models/${repo}/revision/${encodeURIComponent(rev)}`, { headers: authFor(hub.endpoint) });
+  } catch (e) {
+    const stored = cache && (await cache.match(key));
+    if (stored) {
+      log(`${hub.endpoint} is out of reach; using ${repo}@${rev} as stored in this browser`);
+      return stored.json();
+    }
+    throw blocked(hub.endpoint, e);
+  }
+  if (r.status === 401 || r.status === 403) throw gated(repo, r.status);
+  if (r.status === 404) throw new Error(`${repo}@${rev}: no such model or revision on ${hub.endpoint} (HTTP 404)`);
+  if (!r.ok) throw new Error(`${repo}@${rev}: HTTP ${r.status} from ${hub.endpoint}`);
+  const j = await r.json();
+  const info = { commit: j.sha, siblings: (j.siblings || []).map((s) => s.rfilename) };
+  if (cache) await cache.put(key, new Response(JSON.stringify(info))).catch(() => {});
+  return info;
+}
+
+// `org/name[@revision][:file]` → {repo, rev, file}, or null for anything else.
+function repoId(source) {
+  const m = /^([\w.-]+\/[\w.-]+)(?:@([^:]+))?(?::(.+))?$/.exec(source);
+  return m && { repo: m[1], rev: m[2] || 'main', file: m[3] || null };
+}
+
+// A model from the Hub (a repo id) or from a URL: a folder's files, or one GGUF file.
+async function remoteModel(source) {
+  const id = /^https?:/.test(source) ? null : repoId(source);
+  if (!id && !/^https?:/.test(source)) throw new Error(`${source}: not a Hugging Face repo id (org/name, org/name@revision, org/name:file.gguf) or a URL`);
+  let base;
+  let has = () => true;
+  if (id) {
+    const info = await hubRevision(id.repo, id.rev);
+    base = `${hub.endpoint}/${id.repo}/resolve/${info.commit}`;
+    has = (f) => info.siblings.includes(f);
+    if (id.file) {
+      if (!has(id.file)) throw new Error(`${source}: the repository has no file ${id.file}`);
+      return { name: `${id.repo}/${id.file}`, gguf: await download(`${base}/${id.file}`, id.file) };
+    }
+    if (!has('model.safetensors') && !has('model.safetensors.index.json')) {
+      const ggufs = info.siblings.filter((f) => f.endsWith('.gguf'));
+      throw new Error(`${source}: the repository has no model.safetensors${ggufs.length ? `; for a GGUF file name it ${id.repo}:${ggufs[0]}` : ''}`);
+    }
+  } else if (/\.gguf(\?.*)?$/i.test(source)) {
+    return { name: source, gguf: await download(source, source.split('/').pop()) };
+  } else {
+    base = source.replace(/\/$/, '');
+  }
   // The small files the Rust loader reads (config.json and tokenizer.json required).
   const names = [];
   const bytes = [];
   for (const f of Session.model_file_names()) {
-    const r = await get(f, f !== 'config.json' && f !== 'tokenizer.json');
-    if (r) {
+    if (!has(f)) continue;
+    const b = await download(`${base}/${f}`, f, f !== 'config.json' && f !== 'tokenizer.json');
+    if (b) {
       names.push(f);
-      bytes.push(new Uint8Array(await r.arrayBuffer()));
+      bytes.push(b);
     }
   }
-  let shards = [];
-  const single = await get('model.safetensors', true);
+  const shards = [];
+  const single = has('model.safetensors') ? await download(`${base}/model.safetensors`, 'model.safetensors', !id) : null;
   if (single) {
-    shards.push(new Uint8Array(await single.arrayBuffer()));
+    shards.push(single);
   } else {
-    const index = JSON.parse(await text('model.safetensors.index.json'));
-    for (const f of [...new Set(Object.values(index.weight_map))].sort()) {
-      log(`fetching ${f}`);
-      shards.push(new Uint8Array(await (await get(f)).arrayBuffer()));
-    }
+    const index = JSON.parse(new TextDecoder().decode(await download(`${base}/model.safetensors.index.json`, 'model.safetensors.index.json')));
+    for (const f of [...new Set(Object.values(index.weight_map))].sort()) shards.push(await download(`${base}/${f}`, f));
   }
-  return { names, bytes, shards };
+  return { name: id ? id.repo : source, names, bytes, shards };
 }
 
 const commands = {
@@ -109,21 +226,18 @@ const commands = {
     session = await Session.create();
     return { adapter: session.adapter(), timestamps: session.timestamps(), presets: Session.presets(), saved: await readJson('run.json') };
   },
-  async loadModel({ source, files }) {
+  async loadModel({ source, files, endpoint, token }) {
+    hub = { endpoint: (endpoint || 'https://huggingface.co').replace(/\/$/, ''), token: token || '' };
     if (source === 'demo') {
       session.load_demo_model();
     } else if (source === 'files' && files.gguf) {
       session.load_gguf(files.name, files.gguf);
     } else if (source === 'files') {
       session.load_model(files.name, files.names, files.bytes, files.shards);
-    } else if (/\.gguf(\?.*)?$/i.test(source)) {
-      // A GGUF file's URL: one file holds weights, tokenizer and chat template.
-      const r = await fetch(source);
-      if (!r.ok) throw new Error(`${source}: HTTP ${r.status}`);
-      session.load_gguf(source, new Uint8Array(await r.arrayBuffer()));
     } else {
-      const f = await hfFiles(source);
-      session.load_model(source, f.names, f.bytes, f.shards);
+      const m = await remoteModel(source);
+      if (m.gguf) session.load_gguf(m.name, m.gguf);
+      else session.load_model(m.name, m.names, m.bytes, m.shards);
     }
     return { model: source, template: session.chat_template(), heap: wasm.memory.buffer.byteLength };
   },
@@ -141,6 +255,19 @@ const commands = {
     return { total };
   },
   memory: ({ options }) => session.memory_estimate(options),
+  // What this browser keeps: the stored model files and their sizes, and the site's usage.
+  async stored() {
+    const cache = await store();
+    const files = [];
+    for (const req of cache ? await cache.keys() : []) {
+      if (req.url.includes(REF)) continue;
+      const r = await cache.match(req);
+      files.push({ url: req.url, bytes: Number(r.headers.get('content-length')) || (await r.arrayBuffer()).byteLength });
+    }
+    const estimate = navigator.storage && navigator.storage.estimate ? await navigator.storage.estimate() : {};
+    return { files, usage: estimate.usage || 0, quota: estimate.quota || 0 };
+  },
+  clearStored: async () => (self.caches ? caches.delete(STORE) : false),
   files: async ({ what }) => ({ files: await session.files(what) }),
   tokenLosses: ({ index }) => session.token_losses(index),
   attention: ({ prompt, layer, head }) => session.attention_map(prompt, layer, head),

@@ -427,3 +427,131 @@ test('a Q4_1 GGUF chosen from disk trains packed in the page as natively', async
   console.log(`SmolLM2 Q4_1 GGUF from disk: page losses ${losses.map((l) => l.toFixed(4)).join(' ')}, native on SwiftShader ${native.map((l) => l.toFixed(4)).join(' ')}; max relative difference ${diff.toExponential(2)}`);
   assert.ok(diff <= 1e-4, `page ${losses}\nnative ${native}`);
 });
+
+// ---- the Hub, on loopback ------------------------------------------------------------
+// A Hub on 127.0.0.1 as the page meets the real one: the file list of a revision
+// (`/api/models/{repo}/revision/{rev}`, the commit as `sha`), `resolve` URLs answering
+// small files directly and weights with a redirect to a CDN path, CORS headers (but not
+// for `org/nocors`), gated repositories that want `Authorization: Bearer hf_test`, and
+// `X-Error-Code` on refusals. `log` holds every request as `METHOD path`.
+const HUB_COMMIT = '0123456789abcdef0123456789abcdef01234567';
+async function loopbackHub(repos) {
+  const log = [];
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url, 'http://127.0.0.1');
+    log.push(`${req.method} ${url.pathname}`);
+    const repoOf = (p) => p.split('/').slice(0, 2).join('/');
+    const api = url.pathname.startsWith('/api/models/') ? url.pathname.slice('/api/models/'.length) : null;
+    const name = api ? repoOf(api) : repoOf(url.pathname.slice(1));
+    const repo = repos[name];
+    const cors = repo && repo.nocors ? {} : { 'Access-Control-Allow-Origin': '*', 'Access-Control-Allow-Headers': 'Authorization, Range', 'Access-Control-Expose-Headers': 'X-Error-Code, X-Repo-Commit' };
+    if (req.method === 'OPTIONS') return res.writeHead(204, cors).end();
+    const cdn = /^\/cdn\/(.+?)\/(\d+)\/(.+)$/.exec(url.pathname);
+    if (cdn) {
+      const body = repos[decodeURIComponent(cdn[1])].files[cdn[3]];
+      return res.writeHead(200, { 'Access-Control-Allow-Origin': '*', 'Content-Length': body.length }).end(body);
+    }
+    if (!repo) return res.writeHead(404, { ...cors, 'X-Error-Code': 'RepoNotFound' }).end();
+    if (api) {
+      const siblings = Object.keys(repo.files).map((f) => ({ rfilename: f }));
+      return res.writeHead(200, { ...cors, 'Content-Type': 'application/json' }).end(JSON.stringify({ id: name, sha: HUB_COMMIT, siblings }));
+    }
+    const m = /^\/[^/]+\/[^/]+\/resolve\/([^/]+)\/(.+)$/.exec(url.pathname);
+    if (!m) return res.writeHead(404, cors).end();
+    if (repo.gated && req.headers.authorization !== 'Bearer hf_test') return res.writeHead(401, { ...cors, 'X-Error-Code': 'GatedRepo' }).end();
+    const body = repo.files[m[2]];
+    if (!body) return res.writeHead(404, { ...cors, 'X-Error-Code': 'EntryNotFound', 'X-Repo-Commit': HUB_COMMIT }).end();
+    if (/\.(safetensors|gguf)$/.test(m[2])) return res.writeHead(302, { ...cors, Location: `/cdn/${encodeURIComponent(name)}/${body.length}/${m[2]}`, 'X-Repo-Commit': HUB_COMMIT }).end();
+    return res.writeHead(200, { ...cors, 'Content-Length': body.length, 'X-Repo-Commit': HUB_COMMIT }).end(body);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return { url: `http://127.0.0.1:${server.address().port}`, log, close: () => { server.close(); server.closeAllConnections(); } };
+}
+
+// The demo model as a Hugging Face folder's files (`webtune merge` of a one-step adapter).
+function demoFolder() {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-hubdemo-'));
+  execFileSync(bin, ['train', '--model', 'demo', '--data', 'demo', '--steps', '1', '--batch-size', '2', '--max-seq-len', '32', '--out', path.join(tmp, 'a')], { stdio: 'ignore' });
+  execFileSync(bin, ['merge', '--model', 'demo', '--adapter', path.join(tmp, 'a'), '--out', path.join(tmp, 'm')], { stdio: 'ignore' });
+  const files = Object.fromEntries(fs.readdirSync(path.join(tmp, 'm')).map((f) => [f, fs.readFileSync(path.join(tmp, 'm', f))]));
+  fs.rmSync(tmp, { recursive: true, force: true });
+  return files;
+}
+
+const HUB_RUN = 'data=demo&steps=1&batch=2&seq=32&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1';
+
+// The error a page load ends in (its #status), where one is expected.
+async function pageError(url) {
+  await page.goto(url);
+  await page.waitForFunction(() => ['done', 'error'].includes(document.querySelector('#status').dataset.state), null, { timeout: 600_000 });
+  const st = await status();
+  assert.equal(st.state, 'error', `expected an error, the run ended ${st.state}`);
+  return st.error;
+}
+
+test('a Hub model downloads once into the browser, and a reload trains without downloading it', async () => {
+  const files = demoFolder();
+  const hub = await loopbackHub({ 'org/demo': { files } });
+  try {
+    await page.goto(base);
+    await page.evaluate(() => caches.delete('webtune-models'));
+    const url = `${base}?model=org/demo&endpoint=${encodeURIComponent(hub.url)}&${HUB_RUN}`;
+    await page.goto(url);
+    let st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '1', st.error);
+    const weights = hub.log.filter((l) => l.startsWith('GET /cdn/'));
+    assert.equal(weights.length, 1, hub.log.join('\n'));
+    let d = await page.evaluate(() => window.webtune.downloads['model.safetensors']);
+    assert.deepEqual(d, { received: files['model.safetensors'].length, total: files['model.safetensors'].length, stored: false });
+    assert.match(await page.textContent('#log'), /downloading model\.safetensors: [\d.]+ of [\d.]+ MB \(100%\)/);
+    assert.ok(Number(await page.getAttribute('#storedList', 'data-count')) >= 3);
+
+    const before = hub.log.length;
+    await page.goto(url);
+    st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '1', st.error);
+    const again = hub.log.slice(before);
+    assert.deepEqual(again, ['GET /api/models/org/demo/revision/main'], `a reload asks only which commit main is: ${again}`);
+    d = await page.evaluate(() => window.webtune.downloads['model.safetensors']);
+    assert.equal(d.stored, true);
+    assert.match(await page.textContent('#log'), /model\.safetensors: [\d.]+ MB, stored in this browser/);
+
+    // The Hub out of reach: what is stored still trains.
+    hub.close();
+    await page.goto(url);
+    st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '1', st.error);
+    assert.match(await page.textContent('#log'), /out of reach; using org\/demo@main as stored in this browser/);
+
+    await page.click('#storedBox summary');
+    await page.click('#clearStored');
+    await page.waitForFunction(() => document.querySelector('#storedList').dataset.count === '0');
+  } finally {
+    hub.close();
+  }
+});
+
+test('the page explains a gated model, a missing model or file, and a blocked origin', async () => {
+  const files = demoFolder();
+  const hub = await loopbackHub({ 'org/gated': { files, gated: true }, 'org/nocors': { files, nocors: true }, 'org/demo': { files } });
+  try {
+    await page.goto(base);
+    await page.evaluate(() => caches.delete('webtune-models'));
+    const at = (model, extra = '') => `${base}?model=${encodeURIComponent(model)}&endpoint=${encodeURIComponent(hub.url)}&${HUB_RUN}${extra}`;
+    let err = await pageError(at('org/gated'));
+    assert.match(err, /HTTP 401: this model is gated or private.*token/, err);
+    await page.goto(at('org/gated', '&token=hf_test'));
+    const st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '1', st.error);
+    err = await pageError(at('org/nothing'));
+    assert.match(err, /org\/nothing@main: no such model or revision .*HTTP 404/, err);
+    err = await pageError(at('org/demo:model.Q4_0.gguf'));
+    assert.match(err, /has no file model\.Q4_0\.gguf/, err);
+    err = await pageError(`${base}?model=${encodeURIComponent(`${hub.url}/org/demo/resolve/main/sub`)}&${HUB_RUN}`);
+    assert.match(err, /config\.json: not found \(HTTP 404/, err);
+    err = await pageError(at('org/nocors'));
+    assert.match(err, /could not fetch it .*CORS/, err);
+  } finally {
+    hub.close();
+  }
+});
