@@ -189,10 +189,10 @@ const mb = (b) => (b / 2 ** 20).toFixed(1);
 window.webtune.downloads = {};
 function onProgress({ file, received, total, stored }) {
   window.webtune.downloads[file] = { received, total, stored: !!stored };
-  $('progress').textContent = stored
+  $('downloadProgress').textContent = stored
     ? `${file}: ${mb(received)} MB, stored in this browser`
     : `downloading ${file}: ${mb(received)}${total ? ` of ${mb(total)} MB (${((100 * received) / total).toFixed(0)}%)` : ' MB'}`;
-  if (stored || (total && received === total)) log($('progress').textContent);
+  if (stored || (total && received === total)) log($('downloadProgress').textContent);
 }
 
 // What this browser keeps, and a way to clear it.
