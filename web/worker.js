@@ -77,6 +77,7 @@ const STORE = 'webtune-models';
 const REF = '/webtune-ref/'; // stored {commit, siblings} of repo@revision, for offline reloads
 let hub = { endpoint: 'https://huggingface.co', token: '' };
 
+const mb = (b) => (b / 2 ** 20).toFixed(1);
 const store = async () => (self.caches ? caches.open(STORE) : null);
 const authFor = (url) => (hub.token && url.startsWith(hub.endpoint) ? { Authorization: `Bearer ${hub.token}` } : {});
 
@@ -89,7 +90,9 @@ function blocked(url, e) {
 }
 
 // The bytes at `url` (`what` names it in progress and errors): from this browser's
-// store, else downloaded with progress and stored. `optional`: null on a 404.
+// store, else downloaded with progress and stored. A download cut in the middle keeps
+// what arrived (stored under `url` + `?webtune-partial`), and the next try asks only for
+// the rest (`Range`). `optional`: null on a 404.
 async function download(url, what, optional = false) {
   const cache = await store();
   const hit = cache && (await cache.match(url));
@@ -98,25 +101,43 @@ async function download(url, what, optional = false) {
     post({ event: 'progress', file: what, received: bytes.length, total: bytes.length, stored: true });
     return bytes;
   }
+  const partKey = `${url}${url.includes('?') ? '&' : '?'}webtune-partial`;
+  const part = cache && (await cache.match(partKey));
+  let prefix = part ? new Uint8Array(await part.arrayBuffer()) : null;
   let r;
   try {
-    r = await fetch(url, { headers: authFor(url) });
+    r = await fetch(url, { headers: { ...authFor(url), ...(prefix ? { Range: `bytes=${prefix.length}-` } : {}) } });
   } catch (e) {
     throw blocked(url, e);
   }
+  if (prefix && r.status !== 206) prefix = null; // the whole file again
   if (r.status === 401 || r.status === 403) throw gated(what, r.status);
   if (r.status === 404) {
     if (optional) return null;
     throw new Error(`${what}: not found (HTTP 404 for ${url})`);
   }
   if (!r.ok) throw new Error(`${what}: HTTP ${r.status} for ${url}`);
-  const total = Number(r.headers.get('content-length')) || 0;
+  const start = prefix ? prefix.length : 0;
+  const total = start + (Number(r.headers.get('content-length')) || 0);
+  if (prefix) log(`${what}: resuming after ${mb(start)} MB`);
   const reader = r.body.getReader();
   let bytes = new Uint8Array(total);
-  let received = 0;
+  if (prefix) bytes.set(prefix);
+  prefix = null;
+  let received = start;
   let shown = 0;
+  const cut = async (why) => {
+    if (cache && received > 0) await cache.put(partKey, new Response(bytes.slice(0, received))).catch(() => {});
+    return new Error(`${what}: the download stopped after ${mb(received)} of ${mb(total)} MB (${why}); start again to resume it`);
+  };
   for (;;) {
-    const { done, value } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (e) {
+      throw await cut(e.message);
+    }
+    const { done, value } = chunk;
     if (done) break;
     if (received + value.length > bytes.length) {
       const grown = new Uint8Array(Math.max(2 * bytes.length, received + value.length));
@@ -131,9 +152,10 @@ async function download(url, what, optional = false) {
     }
   }
   post({ event: 'progress', file: what, received, total });
-  if (total && received !== total) throw new Error(`${what}: the download stopped after ${received} of ${total} bytes; try again`);
+  if (total && received !== total) throw await cut('the connection closed early');
   bytes = bytes.length === received ? bytes : bytes.slice(0, received);
   if (cache) {
+    await cache.delete(partKey);
     try {
       await cache.put(url, new Response(bytes, { headers: { 'Content-Length': String(received) } }));
     } catch (e) {

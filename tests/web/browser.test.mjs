@@ -433,13 +433,16 @@ test('a Q4_1 GGUF chosen from disk trains packed in the page as natively', async
 // (`/api/models/{repo}/revision/{rev}`, the commit as `sha`), `resolve` URLs answering
 // small files directly and weights with a redirect to a CDN path, CORS headers (but not
 // for `org/nocors`), gated repositories that want `Authorization: Bearer hf_test`, and
-// `X-Error-Code` on refusals. `log` holds every request as `METHOD path`.
+// `X-Error-Code` on refusals; the CDN answers ranges, and for a repo with `cut` hangs up
+// halfway through its first download. `log` holds every request as `METHOD path`
+// (plus ` range=N` for a range from byte N).
 const HUB_COMMIT = '0123456789abcdef0123456789abcdef01234567';
 async function loopbackHub(repos) {
   const log = [];
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, 'http://127.0.0.1');
-    log.push(`${req.method} ${url.pathname}`);
+    const range = /^bytes=(\d+)-$/.exec(req.headers.range || '');
+    log.push(`${req.method} ${url.pathname}${range ? ` range=${range[1]}` : ''}`);
     const repoOf = (p) => p.split('/').slice(0, 2).join('/');
     const api = url.pathname.startsWith('/api/models/') ? url.pathname.slice('/api/models/'.length) : null;
     const name = api ? repoOf(api) : repoOf(url.pathname.slice(1));
@@ -448,8 +451,20 @@ async function loopbackHub(repos) {
     if (req.method === 'OPTIONS') return res.writeHead(204, cors).end();
     const cdn = /^\/cdn\/(.+?)\/(\d+)\/(.+)$/.exec(url.pathname);
     if (cdn) {
-      const body = repos[decodeURIComponent(cdn[1])].files[cdn[3]];
-      return res.writeHead(200, { 'Access-Control-Allow-Origin': '*', 'Content-Length': body.length }).end(body);
+      const owner = repos[decodeURIComponent(cdn[1])];
+      const whole = owner.files[cdn[3]];
+      const from = range ? Number(range[1]) : 0;
+      const body = whole.subarray(from);
+      const head = { 'Access-Control-Allow-Origin': '*', 'Content-Length': body.length };
+      if (range) head['Content-Range'] = `bytes ${from}-${whole.length - 1}/${whole.length}`;
+      res.writeHead(range ? 206 : 200, head);
+      if (owner.cut) {
+        // Half the body, then hang up.
+        owner.cut = false;
+        res.write(body.subarray(0, body.length >> 1));
+        return setTimeout(() => res.socket.destroy(), 50);
+      }
+      return res.end(body);
     }
     if (!repo) return res.writeHead(404, { ...cors, 'X-Error-Code': 'RepoNotFound' }).end();
     if (api) {
@@ -476,6 +491,36 @@ function demoFolder() {
   const files = Object.fromEntries(fs.readdirSync(path.join(tmp, 'm')).map((f) => [f, fs.readFileSync(path.join(tmp, 'm', f))]));
   fs.rmSync(tmp, { recursive: true, force: true });
   return files;
+}
+
+// A safetensors file as two shards and their index (the Hub's sharded layout).
+function shards(st) {
+  const n = Number(st.readBigUInt64LE(0));
+  const header = JSON.parse(st.subarray(8, 8 + n).toString('utf8'));
+  const data = st.subarray(8 + n);
+  const names = Object.keys(header).filter((k) => k !== '__metadata__');
+  const out = {};
+  const weightMap = {};
+  [names.slice(0, names.length >> 1), names.slice(names.length >> 1)].forEach((part, i) => {
+    const file = `model-0000${i + 1}-of-00002.safetensors`;
+    const h = {};
+    const chunks = [];
+    let off = 0;
+    for (const k of part) {
+      const [a, b] = header[k].data_offsets;
+      h[k] = { ...header[k], data_offsets: [off, off + b - a] };
+      chunks.push(data.subarray(a, b));
+      off += b - a;
+      weightMap[k] = file;
+    }
+    let json = Buffer.from(JSON.stringify(h));
+    json = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    out[file] = Buffer.concat([len, json, ...chunks]);
+  });
+  out['model.safetensors.index.json'] = Buffer.from(JSON.stringify({ metadata: {}, weight_map: weightMap }));
+  return out;
 }
 
 const HUB_RUN = 'data=demo&steps=1&batch=2&seq=32&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1';
@@ -526,6 +571,37 @@ test('a Hub model downloads once into the browser, and a reload trains without d
     await page.click('#storedBox summary');
     await page.click('#clearStored');
     await page.waitForFunction(() => document.querySelector('#storedList').dataset.count === '0');
+  } finally {
+    hub.close();
+  }
+});
+
+test('the page downloads a sharded checkpoint, and resumes a download cut in the middle', async () => {
+  const files = demoFolder();
+  const { 'model.safetensors': single, ...small } = files;
+  const hub = await loopbackHub({ 'org/demo': { files }, 'org/sharded': { files: { ...small, ...shards(single) } }, 'org/cut': { files, cut: true } });
+  try {
+    await page.goto(base);
+    await page.evaluate(() => caches.delete('webtune-models'));
+    const at = (model) => `${base}?model=${model}&endpoint=${encodeURIComponent(hub.url)}&${HUB_RUN}`;
+    await page.goto(at('org/demo'));
+    const one = await waitFor(['done', 'error']);
+    assert.equal(one.step, '1', one.error);
+    await page.goto(at('org/sharded'));
+    const two = await waitFor(['done', 'error']);
+    assert.equal(two.step, '1', two.error);
+    assert.equal(hub.log.filter((l) => /^GET \/cdn\/org%2Fsharded\//.test(l)).length, 2, hub.log.join('\n'));
+    assert.deepEqual(JSON.parse(two.losses), JSON.parse(one.losses), 'the same weights from two shards give the same loss');
+
+    const err = await pageError(at('org/cut'));
+    assert.match(err, /model\.safetensors: the download stopped after [\d.]+ of [\d.]+ MB .*start again to resume it/, err);
+    await page.goto(at('org/cut'));
+    const resumed = await waitFor(['done', 'error']);
+    assert.equal(resumed.step, '1', resumed.error);
+    const half = single.length >> 1;
+    assert.ok(hub.log.includes(`GET /cdn/org%2Fcut/${single.length}/model.safetensors range=${half}`), hub.log.join('\n'));
+    assert.match(await page.textContent('#log'), /model\.safetensors: resuming after [\d.]+ MB/);
+    assert.deepEqual(JSON.parse(resumed.losses), JSON.parse(one.losses));
   } finally {
     hub.close();
   }
