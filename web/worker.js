@@ -17,14 +17,23 @@ async function opfs() {
   return navigator.storage && navigator.storage.getDirectory ? navigator.storage.getDirectory() : null;
 }
 
+// Keep `data` as `name`; false where there is no OPFS, or no room (a full storage quota
+// is a warning: training goes on without what a reload would resume from).
 async function saveFile(name, data) {
   const dir = await opfs();
   if (!dir) return false;
-  const handle = await dir.getFileHandle(name, { create: true });
-  const w = await handle.createWritable();
-  await w.write(data);
-  await w.close();
-  return true;
+  try {
+    const handle = await dir.getFileHandle(name, { create: true });
+    const w = await handle.createWritable();
+    await w.write(data);
+    await w.close();
+    return true;
+  } catch (e) {
+    if (e.name !== 'QuotaExceededError') throw e;
+    await removeFiles([name]);
+    log(`warning: ${name} is not kept in this browser: this site's storage quota is full (clear stored models to make room); a reload cannot resume from it`);
+    return false;
+  }
 }
 
 async function readFile(name) {
@@ -60,9 +69,12 @@ async function checkpoint() {
   const stored = [];
   for (const [name, bytes] of files) {
     stored.push(`checkpoint-${step}-${name}`);
-    await saveFile(stored.at(-1), bytes);
+    if (!(await saveFile(stored.at(-1), bytes))) {
+      await removeFiles(stored);
+      return;
+    }
   }
-  await saveFile('run.json', JSON.stringify({ ...runInfo, step, files: files.map(([n]) => n), stored }));
+  if (!(await saveFile('run.json', JSON.stringify({ ...runInfo, step, files: files.map(([n]) => n), stored })))) return removeFiles(stored);
   if (before && before.stored && before.step !== step) await removeFiles(before.stored);
   session.saved(`step ${step}, kept in this browser`);
 }

@@ -631,3 +631,25 @@ test('the page explains a gated model, a missing model or file, and a blocked or
     hub.close();
   }
 });
+
+// Out of storage quota (Chromium's quota for the page's origin set to 64 KiB through
+// the DevTools protocol): the model still trains, and the log says why it is not kept.
+test('a full storage quota is explained, and the model still trains', async () => {
+  const files = demoFolder();
+  const hub = await loopbackHub({ 'org/demo': { files } });
+  const cdp = await context.newCDPSession(page);
+  const origin = new URL(base).origin;
+  try {
+    await page.goto(base);
+    await page.evaluate(() => caches.delete('webtune-models'));
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin, quotaSize: 64 * 1024 });
+    await page.goto(`${base}?model=org/demo&endpoint=${encodeURIComponent(hub.url)}&${HUB_RUN}`);
+    const st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '1', st.error);
+    assert.match(await page.textContent('#log'), /warning: model\.safetensors is not kept in this browser \(this site's storage quota is full: clear stored models to make room\)/);
+  } finally {
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin });
+    await cdp.detach();
+    hub.close();
+  }
+});
