@@ -134,7 +134,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, endpoint: &str) {
         let from = range.unwrap_or(0).min(data.len());
         let (status, extra) = if range.is_some() { ("206 Partial Content", vec![("Content-Range", format!("bytes {from}-{}/{}", data.len() - 1, data.len()))]) } else { ("200 OK", vec![]) };
         let body = &data[from..];
-        if let Some((t, n)) = st.cut.clone().filter(|(t, _)| t == tag) {
+        if let Some((_, n)) = st.cut.clone().filter(|(t, _)| t == tag) {
             // Announce the whole body, send part of it, and hang up.
             st.cut = None;
             drop(st);
