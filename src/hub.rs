@@ -22,6 +22,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::model::source::SMALL_FILES;
+use crate::model::weights::index_shards;
 
 /// Where and how to reach the Hub.
 #[derive(Clone, Debug)]
@@ -101,23 +103,10 @@ impl std::fmt::Display for RepoRef {
     }
 }
 
-/// The small files a model directory may hold that webtune reads (`model::source`).
-const MODEL_FILES: [&str; 6] = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 const INDEX: &str = "model.safetensors.index.json";
 
 fn is_commit(rev: &str) -> bool {
     rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// The shard files a `model.safetensors.index.json` names, sorted.
-fn shards(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
-    let map = v["weight_map"].as_object().ok_or_else(|| Error::Weights(format!("{}: no `weight_map`", index.display())))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
 }
 
 /// Why a request failed: the Hub could not be reached (the cache may stand in), or it
@@ -175,25 +164,26 @@ impl Hub {
             return Ok(path);
         }
         let has = |f: &str| siblings.iter().any(|s| s == f);
+        let ggufs = || siblings.iter().filter(|s| s.ends_with(".gguf")).collect::<Vec<_>>();
         if let Some(file) = &r.file {
             if !has(file) {
-                let ggufs: Vec<&String> = siblings.iter().filter(|s| s.ends_with(".gguf")).collect();
-                return Err(Error::Io(format!("{r}: the repository has no file `{file}` (its GGUF files: {ggufs:?})")));
+                return Err(Error::Io(format!("{r}: the repository has no file `{file}` (its GGUF files: {:?})", ggufs())));
             }
             return self.file(r, &commit, file);
         }
-        for f in MODEL_FILES.iter().filter(|f| has(f)) {
+        // The small files the loader reads (`source::SMALL_FILES`), where the repository has them.
+        for f in SMALL_FILES.iter().filter(|f| has(f)) {
             self.file(r, &commit, f)?;
         }
         if has("model.safetensors") {
             self.file(r, &commit, "model.safetensors")?;
         } else if has(INDEX) {
             let index = self.file(r, &commit, INDEX)?;
-            for shard in shards(&index)? {
+            for shard in index_shards(&index)? {
                 self.file(r, &commit, &shard)?;
             }
         } else {
-            let ggufs: Vec<&String> = siblings.iter().filter(|s| s.ends_with(".gguf")).collect();
+            let ggufs = ggufs();
             let hint = if ggufs.is_empty() { String::new() } else { format!("; for a GGUF file name it: {}:{}", r.repo, ggufs[0]) };
             return Err(Error::Io(format!("{r}: the repository has no model.safetensors and no {INDEX}{hint}")));
         }
@@ -215,7 +205,7 @@ impl Hub {
             if !index.is_file() {
                 return Err(missing("model.safetensors"));
             }
-            if let Some(s) = shards(&index)?.into_iter().find(|s| !snapshot.join(s).is_file()) {
+            if let Some(s) = index_shards(&index)?.into_iter().find(|s| !snapshot.join(s).is_file()) {
                 return Err(missing(&s));
             }
         }

@@ -338,7 +338,13 @@ pub fn shard_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    Ok(index_shards(&index)?.into_iter().map(|s| dir.join(s)).collect())
+}
+
+/// The shard files a `model.safetensors.index.json` names, sorted, each once.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn index_shards(index: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
     let map = v
         .get("weight_map")
@@ -347,7 +353,7 @@ pub fn shard_files(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
     shards.sort();
     shards.dedup();
-    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+    Ok(shards)
 }
 
 /// Every tensor of a model directory as f32 in memory (tests, small models).
