@@ -7,10 +7,14 @@
 //   loss    [1]        Σ losses · scale, scale = 1 / (tokens counted by the caller)
 // The backward overwrites the logits in place with dlogits = (softmax − onehot) · scale
 // (zeros on ignored rows), as llm.c does: the logits are not needed afterwards.
+// Per sequence (DPO: the rows are sequences of `t` tokens each):
+//   seq_logps  [S]     −= Σ losses of each sequence's rows = Σ log p(target); the sum
+//                      entry reads `row0` as the chunk's first global row
+//   seq_scale  [S]     the scaled backward's extra factor for the rows of sequence s
 
 struct Params {
-    rows: u32, v: u32, row0: u32, _p0: u32,
-    scale: f32, _p1: u32, _p2: u32, _p3: u32,
+    rows: u32, v: u32, row0: u32, t: u32,
+    scale: f32, g0: u32, _p2: u32, _p3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -22,6 +26,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read> lse_in: array<f32>;
 @group(0) @binding(7) var<storage, read> losses_in: array<f32>;
 @group(0) @binding(8) var<storage, read_write> loss: array<f32>;
+@group(0) @binding(9) var<storage, read> seq_scale: array<f32>;
+@group(0) @binding(10) var<storage, read_write> seq_logps: array<f32>;
 
 // One invocation per row of the chunk, online max and sum in one pass: for
 // vocabularies within the loop budget that are too small to fill a workgroup per row.
@@ -83,18 +89,53 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     if (lid.x == 0u && r < p.rows) { write_row(r, base, wmax[0] + log(wsum[0])); }
 }
 
+// d(loss)/d(logit j) of row r of the chunk, before any scale: softmax − onehot, 0 on
+// ignored rows.
+fn grad(r: u32, j: u32) -> f32 {
+    let row = p.row0 + r;
+    let tgt = targets[row];
+    if (tgt < 0 || u32(tgt) >= p.v) { return 0.0; }
+    var g = exp(dlogits[r * p.v + j] - lse_in[row]);
+    if (u32(tgt) == j) { g -= 1.0; }
+    return g;
+}
+
 // Grid: (ceil(V/256), rows, 1).
 @compute @workgroup_size(256, 1, 1)
 fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x; let r = gid.y;
     if (j >= p.v || r >= p.rows) { return; }
-    let row = p.row0 + r;
-    let idx = r * p.v + j;
-    let tgt = targets[row];
-    if (tgt < 0 || u32(tgt) >= p.v) { dlogits[idx] = 0.0; return; }
-    var g = exp(dlogits[idx] - lse_in[row]);
-    if (u32(tgt) == j) { g -= 1.0; }
-    dlogits[idx] = g * p.scale;
+    dlogits[r * p.v + j] = grad(r, j) * p.scale;
+}
+
+// The backward with each row also scaled by its sequence's factor
+// seq_scale[(g0 + row0 + r) / t] (g0: the global
+// row of the logits' first row; DPO: −d(loss)/d(log p of the sequence)).
+// Grid: (ceil(V/256), rows, 1).
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_backward_scaled(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x; let r = gid.y;
+    if (j >= p.v || r >= p.rows) { return; }
+    dlogits[r * p.v + j] = grad(r, j) * p.scale * seq_scale[(p.g0 + p.row0 + r) / p.t];
+}
+
+// seq_logps[s] −= Σ losses_in over the chunk's rows of sequence s: one workgroup per
+// sequence the chunk (global rows row0 .. row0 + rows) touches, losses_in holding the
+// chunk's rows from 0. Grid: (sequences touched, 1, 1).
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_sequence_logps(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let s = p.row0 / p.t + wid.x;
+    let a = max(s * p.t, p.row0);
+    let b = min((s + 1u) * p.t, p.row0 + p.rows);
+    var acc = 0.0;
+    for (var i = a + lid.x; i < b; i += 256u) { acc += losses_in[i - p.row0]; }
+    part[lid.x] = acc;
+    workgroupBarrier();
+    for (var k = 128u; k > 0u; k >>= 1u) {
+        if (lid.x < k) { part[lid.x] += part[lid.x + k]; }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) { seq_logps[s] -= part[0]; }
 }
 
 // loss[0] = scale · Σ losses, one workgroup (tree reduction in workgroup memory).

@@ -207,10 +207,10 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let sk = &data.skipped;
     if !a.quiet {
         report_template(tok);
+        let kept = if data.pairs { format!("{} preference pairs", data.items()) } else { format!("{} sequences", data.sequences.len()) };
         println!(
-            "{} records → {} sequences ({} skipped: nothing left to train); {} steps; {}",
-            data.examples.len() + sk.no_trained_tokens,
-            data.sequences.len(),
+            "{} records → {kept} ({} skipped: nothing left to train); {} steps; {}",
+            data.examples.len() / if data.pairs { 2 } else { 1 } + sk.no_trained_tokens,
             sk.no_trained_tokens,
             total,
             gpu.describe()
@@ -250,13 +250,18 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         };
         let s = &e.stats;
         if let Some(loss) = s.valid_loss {
-            bar.println(format!("step {}: valid loss {loss:.4}, perplexity {:.2}", s.step, loss.exp()));
+            if run.trainer.dpo.is_some() {
+                bar.println(format!("step {}: valid DPO loss {loss:.4}", s.step));
+            } else {
+                bar.println(format!("step {}: valid loss {loss:.4}, perplexity {:.2}", s.step, loss.exp()));
+            }
             for x in &e.samples {
                 bar.println(format!("  {:?} → {:?}", x.prompt, x.reply));
             }
         }
         writeln!(metrics, "{}", serde_json::to_string(s).expect("serialisable")).map_err(|e| Error::io(&metrics_path, e))?;
-        bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, s.tokens_per_s));
+        let dpo = s.dpo.as_ref().map_or(String::new(), |d| format!("  margin {:.3}  accuracy {:.2}", d.rewards_margins, d.rewards_accuracies));
+        bar.set_message(format!("loss {:.4}{dpo}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, s.tokens_per_s));
         bar.set_position(s.step);
         history.push(s.clone());
         let interrupted = stop.load(Ordering::SeqCst);

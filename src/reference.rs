@@ -2,7 +2,7 @@
 //! same argument order (less the GPU and recorder), slices for tensors. Sums are
 //! accumulated in f64, so these are the ground truth the GPU is checked against.
 
-use crate::kernels::{AdamW, Attention, Lora, Matmul};
+use crate::kernels::{AdamW, Attention, Dpo, DpoLoss, Lora, Matmul};
 
 fn sigmoid(g: f64) -> f64 {
     1.0 / (1.0 + (-g).exp())
@@ -324,6 +324,83 @@ pub fn cross_entropy_backward(n: usize, v: usize, scale: f32, logits: &mut [f32]
                 ((p - if t as usize == j { 1.0 } else { 0.0 }) * scale as f64) as f32
             };
         }
+    }
+}
+
+/// `cross_entropy_backward` with the rows of sequence s scaled by `seq_scale[s]`
+/// (row r of the logits is global row `row0 + r`; sequences of `t` rows).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_backward_scaled(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], lse: &[f32], row0: usize, t: usize, seq_scale: &[f32]) {
+    cross_entropy_backward(n, v, scale, logits, targets, lse);
+    for r in 0..n {
+        let f = seq_scale[(row0 + r) / t];
+        logits[r * v..(r + 1) * v].iter_mut().for_each(|x| *x *= f);
+    }
+}
+
+/// `seq_logps[s] −= Σ losses` over the rows of sequence s among global rows `row0 ..
+/// row0 + rows`.
+pub fn cross_entropy_sequence_logps(row0: usize, rows: usize, t: usize, losses: &[f32], seq_logps: &mut [f32]) {
+    let mut sums = vec![0.0f64; seq_logps.len()];
+    for r in 0..rows {
+        sums[(row0 + r) / t] += losses[r] as f64;
+    }
+    for (s, x) in sums.iter().enumerate().filter(|(s, _)| (row0 / t..=(row0 + rows - 1) / t).contains(s)) {
+        seq_logps[s] = (seq_logps[s] as f64 - x) as f32;
+    }
+}
+
+fn log_sigmoid(x: f64) -> f64 {
+    x.min(0.0) - (-x.abs()).exp().ln_1p()
+}
+
+/// Pair i's DPO loss and its derivatives by (πc, πr).
+fn dpo_pair(d: &Dpo, pairs: usize, i: usize, logps: &[f32], ref_logps: &[f32], counts: &[f32]) -> (f64, f64, f64) {
+    let hc = logps[i] as f64 - ref_logps[i] as f64;
+    let hr = logps[pairs + i] as f64 - ref_logps[pairs + i] as f64;
+    let (b, e) = (d.beta as f64, d.eps as f64);
+    match d.loss {
+        DpoLoss::Ipo => {
+            let (nc, nr) = ((counts[i] as f64).max(1.0), (counts[pairs + i] as f64).max(1.0));
+            let g = hc / nc - hr / nr - 1.0 / (2.0 * b);
+            (g * g, 2.0 * g / nc, -2.0 * g / nr)
+        }
+        DpoLoss::Sigmoid => {
+            let x = b * (hc - hr);
+            let dh = b * (-(1.0 - e) * sigmoid(-x) + e * sigmoid(x));
+            (-(1.0 - e) * log_sigmoid(x) - e * log_sigmoid(-x), dh, -dh)
+        }
+        DpoLoss::Robust => {
+            let x = b * (hc - hr);
+            let dh = b * (-(1.0 - e) * sigmoid(-x) - e * sigmoid(x)) / (1.0 - 2.0 * e);
+            ((-(1.0 - e) * log_sigmoid(x) + e * log_sigmoid(-x)) / (1.0 - 2.0 * e), dh, -dh)
+        }
+    }
+}
+
+/// `stats[k] += scale · Σ` over pairs of (loss, rewards/chosen, rewards/rejected,
+/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected).
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_forward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], stats: &mut [f32]) {
+    let mut s = [0.0f64; 7];
+    for i in 0..pairs {
+        let rc = d.beta as f64 * (logps[i] as f64 - ref_logps[i] as f64);
+        let rr = d.beta as f64 * (logps[pairs + i] as f64 - ref_logps[pairs + i] as f64);
+        let terms = [dpo_pair(d, pairs, i, logps, ref_logps, counts).0, rc, rr, if rc > rr { 1.0 } else { 0.0 }, rc - rr, logps[i] as f64, logps[pairs + i] as f64];
+        s.iter_mut().zip(terms).for_each(|(a, t)| *a += t);
+    }
+    for k in 0..7 {
+        stats[k] = (stats[k] as f64 + s[k] * scale as f64) as f32;
+    }
+}
+
+/// `coef` = −d(loss · scale)/d(logps).
+#[allow(clippy::too_many_arguments)]
+pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], coef: &mut [f32]) {
+    for i in 0..pairs {
+        let (_, dc, dr) = dpo_pair(d, pairs, i, logps, ref_logps, counts);
+        coef[i] = (-dc * scale as f64) as f32;
+        coef[pairs + i] = (-dr * scale as f64) as f32;
     }
 }
 

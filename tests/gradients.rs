@@ -181,3 +181,70 @@ fn lora_gradients_match_finite_differences() {
     fd("lora dA", &da, &a, |a| fwd(&x, a, &b));
     fd("lora dB", &db, &b, |b| fwd(&x, &a, b));
 }
+
+fn dpo_losses() -> Vec<webtune::kernels::Dpo> {
+    use webtune::kernels::{Dpo, DpoLoss};
+    vec![
+        Dpo::new(DpoLoss::Sigmoid, 0.1, 0.0).unwrap(),
+        Dpo::new(DpoLoss::Sigmoid, 0.5, 0.2).unwrap(),
+        Dpo::new(DpoLoss::Ipo, 0.1, 0.0).unwrap(),
+        Dpo::new(DpoLoss::Robust, 0.3, 0.1).unwrap(),
+    ]
+}
+
+/// The DPO loss's derivative by each sequence's log-probability, for every loss.
+#[test]
+fn dpo_gradient_matches_finite_differences() {
+    let pairs = 3;
+    let mut rng = Rng::new(17);
+    let logps: Vec<f32> = rng.vec(2 * pairs, 4.0).iter().map(|x| x - 20.0).collect();
+    let refs: Vec<f32> = rng.vec(2 * pairs, 4.0).iter().map(|x| x - 20.0).collect();
+    let counts = [3.0, 7.0, 1.0, 5.0, 2.0, 9.0];
+    let scale = 1.0 / pairs as f32;
+    for d in dpo_losses() {
+        let loss_of = |l: &[f32]| {
+            let mut stats = vec![0.0; 8];
+            cpu::dpo_forward(&d, pairs, scale, l, &refs, &counts, &mut stats);
+            stats[0] as f64
+        };
+        let mut coef = vec![0.0; 2 * pairs];
+        cpu::dpo_backward(&d, pairs, scale, &logps, &refs, &counts, &mut coef);
+        let grad: Vec<f32> = coef.iter().map(|c| -c).collect();
+        assert!(grad.iter().any(|g| g.abs() > 1e-3), "{d:?}: {grad:?}");
+        fd(&format!("dpo {d:?} d/dlogps"), &grad, &logps, loss_of);
+    }
+}
+
+/// The whole per-sequence path: logits → cross-entropy → per-sequence log p → DPO loss,
+/// differentiated through the scaled cross-entropy backward with the DPO factors.
+#[test]
+fn dpo_loss_gradient_by_the_logits_matches_finite_differences() {
+    let (pairs, t, v) = (2, 3, 5);
+    let n = 2 * pairs * t;
+    let mut rng = Rng::new(18);
+    let logits = rng.vec(n * v, 2.0);
+    // Prompt rows are ignored; completions differ in length.
+    let targets: Vec<i32> = (0..n).map(|r| if r % t == 0 && r / t != 1 { -100 } else { (r * 3 % v) as i32 }).collect();
+    let counts: Vec<f32> = (0..2 * pairs).map(|s| targets[s * t..(s + 1) * t].iter().filter(|&&x| x >= 0).count() as f32).collect();
+    let refs: Vec<f32> = rng.vec(2 * pairs, 1.0).iter().map(|x| x - 5.0).collect();
+    let seq_logps = |z: &[f32]| {
+        let (mut losses, mut lse, mut loss) = (vec![0.0; n], vec![0.0; n], vec![0.0; 1]);
+        cpu::cross_entropy_forward(n, v, 1.0, z, &targets, &mut losses, &mut lse, &mut loss);
+        let mut lp = vec![0.0; 2 * pairs];
+        cpu::cross_entropy_sequence_logps(0, n, t, &losses, &mut lp);
+        (lp, lse)
+    };
+    for d in dpo_losses() {
+        let loss_of = |z: &[f32]| {
+            let mut stats = vec![0.0; 8];
+            cpu::dpo_forward(&d, pairs, 0.5, &seq_logps(z).0, &refs, &counts, &mut stats);
+            stats[0] as f64
+        };
+        let (lp, lse) = seq_logps(&logits);
+        let mut coef = vec![0.0; 2 * pairs];
+        cpu::dpo_backward(&d, pairs, 0.5, &lp, &refs, &counts, &mut coef);
+        let mut dl = logits.clone();
+        cpu::cross_entropy_backward_scaled(n, v, 1.0, &mut dl, &targets, &lse, 0, t, &coef);
+        fd(&format!("dpo {d:?} d/dlogits"), &dl, &logits, loss_of);
+    }
+}

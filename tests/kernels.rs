@@ -287,6 +287,75 @@ fn cross_entropy_case(g: &webtune::gpu::Gpu, n: usize, v: usize, mag: f32, seed:
     close("ce dlogits", &read(g, &tl), &dl, 1e-6, 1e-3);
 }
 
+/// The per-sequence entries on `n` rows of sequences of `t`, the rows cut into chunks
+/// of `per` that split sequences, as the head's chunks do.
+fn sequence_case(g: &webtune::gpu::Gpu, seqs: usize, t: usize, v: usize, per: usize, seed: u64) {
+    let n = seqs * t;
+    let mut rng = Rng::new(seed);
+    let logits = rng.vec(n * v, 2.0);
+    let targets: Vec<i32> = (0..n).map(|r| if r % t < t / 3 { -100 } else { rng.below(v as u64) as i32 }).collect();
+    let seq_scale = rng.vec(seqs, 1.0);
+    let (tlogps, tscale) = (zeros(g, seqs), up(g, &seq_scale));
+    let mut logps = vec![0.0; seqs];
+    for r0 in (0..n).step_by(per) {
+        let rows = per.min(n - r0);
+        let chunk = &logits[r0 * v..(r0 + rows) * v];
+        let tg = &targets[r0..r0 + rows];
+        let (tl, tt, tlosses, tlse, tloss) = (up(g, chunk), up(g, tg), zeros(g, rows), zeros(g, rows), zeros(g, 1));
+        run(g, |r| {
+            k::cross_entropy_forward(g, r, rows, v, 1.0, &tl, &tt, &tlosses, &tlse, &tloss)?;
+            k::cross_entropy_sequence_logps(g, r, r0, rows, t, &tlosses, &tlogps)?;
+            k::cross_entropy_backward_scaled(g, r, rows, v, 0.5, &tl, &tt, &tlse, r0, t, &tscale)
+        });
+        let (mut losses, mut lse, mut loss) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; 1]);
+        cpu::cross_entropy_forward(rows, v, 1.0, chunk, tg, &mut losses, &mut lse, &mut loss);
+        cpu::cross_entropy_sequence_logps(r0, rows, t, &losses, &mut logps);
+        let mut dl = chunk.to_vec();
+        cpu::cross_entropy_backward_scaled(rows, v, 0.5, &mut dl, tg, &lse, r0, t, &seq_scale);
+        close(&format!("scaled dlogits, rows {r0}.."), &read(g, &tl), &dl, 1e-6, 1e-3);
+    }
+    assert!(logps.iter().all(|&l| l < 0.0));
+    close("sequence log p", &read(g, &tlogps), &logps, 1e-4, 1e-5);
+}
+
+#[test]
+fn cross_entropy_per_sequence_entries_match_reference() {
+    // Chunks of 7 rows over sequences of 5 and of 300 (more rows than a workgroup).
+    sequence_case(gpu(), 6, 5, 33, 7, 60);
+    sequence_case(gpu(), 4, 300, 17, 450, 61);
+    sequence_case(gpu(), 3, 4, 70000, 5, 62);
+}
+
+fn dpo_case(g: &webtune::gpu::Gpu, d: &k::Dpo, pairs: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let logps: Vec<f32> = rng.vec(2 * pairs, 10.0).iter().map(|x| x - 40.0).collect();
+    let refs: Vec<f32> = rng.vec(2 * pairs, 10.0).iter().map(|x| x - 40.0).collect();
+    let counts: Vec<f32> = (0..2 * pairs).map(|_| rng.below(30) as f32 + 1.0).collect();
+    let scale = 1.0 / (pairs + 3) as f32;
+    let (tl, tr, tc) = (up(g, &logps), up(g, &refs), up(g, &counts));
+    let init = [0.25f32, -1.0, 2.0, 0.0, 1.0, -3.0, 4.0, 0.0];
+    let (tstats, tcoef) = (up(g, &init), zeros(g, 2 * pairs));
+    run(g, |r| {
+        k::dpo_forward(g, r, d, pairs, scale, &tl, &tr, &tc, &tstats)?;
+        k::dpo_backward(g, r, d, pairs, scale, &tl, &tr, &tc, &tcoef)
+    });
+    let (mut stats, mut coef) = (init.to_vec(), vec![0.0; 2 * pairs]);
+    cpu::dpo_forward(d, pairs, scale, &logps, &refs, &counts, &mut stats);
+    cpu::dpo_backward(d, pairs, scale, &logps, &refs, &counts, &mut coef);
+    close(&format!("dpo stats {d:?}"), &read(g, &tstats), &stats, 1e-5, 1e-4);
+    close(&format!("dpo coef {d:?}"), &read(g, &tcoef), &coef, 1e-7, 1e-4);
+}
+
+#[test]
+fn dpo_matches_reference() {
+    for (i, (loss, beta, eps)) in [(k::DpoLoss::Sigmoid, 0.1, 0.0), (k::DpoLoss::Sigmoid, 0.1, 0.25), (k::DpoLoss::Ipo, 0.5, 0.0), (k::DpoLoss::Robust, 0.2, 0.1)].into_iter().enumerate() {
+        let d = k::Dpo::new(loss, beta, eps).unwrap();
+        dpo_case(gpu(), &d, 4, 70 + i as u64);
+        dpo_case(gpu(), &d, 130, 80 + i as u64);
+    }
+    assert!(k::Dpo::new(k::DpoLoss::Ipo, 0.1, 0.1).is_err() && k::Dpo::new(k::DpoLoss::Sigmoid, 0.0, 0.0).is_err());
+}
+
 #[test]
 fn cross_entropy_matches_reference() {
     cross_entropy_case(gpu(), 13, 1001, 1.0, 1);

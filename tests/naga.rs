@@ -49,5 +49,5 @@ fn every_file_is_registered() {
     let mut registered: Vec<String> = webtune::kernels::ALL.iter().chain([&webtune::kernels::QUANT]).map(|k| k.name.to_string()).collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 11);
+    assert_eq!(files.len(), 12);
 }

@@ -1,8 +1,8 @@
 //! Truncation, packing and batches: from examples to what `Model::forward_backward`
 //! takes (ids, positions, segments, next-token targets).
 
-use super::{Example, Parsed, Tokenizer};
-use crate::error::Result;
+use super::{Example, Parsed, Record, Tokenizer};
+use crate::error::{Error, Result};
 
 /// One training sequence: one example, or several packed.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,11 +86,27 @@ pub struct Dataset {
     pub examples: Vec<Example>,
     pub sequences: Vec<Sequence>,
     pub skipped: Skipped,
+    /// Preference pairs (DPO): examples and sequences alternate chosen, rejected.
+    pub pairs: bool,
+}
+
+impl Dataset {
+    /// Training items: pairs for preference data, else sequences.
+    pub fn items(&self) -> usize {
+        if self.pairs { self.sequences.len() / 2 } else { self.sequences.len() }
+    }
 }
 
 /// Tokenize, mask and truncate every record; drop those with nothing to train; pack
-/// when asked.
+/// when asked. Preference records (DPO) make a dataset of pairs (`prepare_pairs`).
 pub fn prepare(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize, pack_sequences: bool, train_on_prompt: bool) -> Result<Dataset> {
+    if records.first().is_some_and(|r| matches!(r.record, Record::Preference(_))) {
+        if pack_sequences || train_on_prompt {
+            let flag = if pack_sequences { "--pack" } else { "--train-on-prompt" };
+            return Err(Error::Data(format!("{}: preference pairs are trained one sequence each, on their completions: {flag} does not apply", records[0].place)));
+        }
+        return prepare_pairs(tok, records, max_seq_len);
+    }
     let mut examples = Vec::with_capacity(records.len());
     let mut skipped = Skipped::default();
     for r in records {
@@ -103,7 +119,27 @@ pub fn prepare(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize, pack_seq
         examples.push(e);
     }
     let sequences = if pack_sequences { pack(&examples, max_seq_len) } else { examples.iter().map(Sequence::from_example).collect() };
-    Ok(Dataset { examples, sequences, skipped })
+    Ok(Dataset { examples, sequences, skipped, pairs: false })
+}
+
+/// Tokenize every preference pair (`Tokenizer::pair`), keep the first `max_seq_len`
+/// tokens of each side (TRL's `keep_start`), and drop pairs where a side has no
+/// completion token left. Examples and sequences alternate chosen, rejected.
+pub fn prepare_pairs(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize) -> Result<Dataset> {
+    let mut examples = Vec::with_capacity(2 * records.len());
+    let mut skipped = Skipped::default();
+    for r in records {
+        let (mut c, mut j) = tok.pair(r)?;
+        truncate(&mut c, max_seq_len);
+        truncate(&mut j, max_seq_len);
+        if [&c, &j].iter().any(|e| Sequence::from_example(e).trained_targets() == 0) {
+            skipped.no_trained_tokens += 1;
+            continue;
+        }
+        examples.extend([c, j]);
+    }
+    let sequences = examples.iter().map(Sequence::from_example).collect();
+    Ok(Dataset { examples, sequences, skipped, pairs: true })
 }
 
 /// A padded batch: `[b, t]` row-major, right-padded with `pad_id` (padding is its own

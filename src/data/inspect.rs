@@ -103,6 +103,10 @@ fn record_text(r: &Record) -> String {
         Record::Chat(m) => m.iter().map(|m| format!("{}: {}", m.role, m.content)).collect::<Vec<_>>().join("\n"),
         Record::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
         Record::Text(t) => t.clone(),
+        Record::Preference(super::Pair::Text { prompt, chosen, rejected }) => format!("{prompt}\n{chosen}\n{rejected}"),
+        Record::Preference(super::Pair::Chat { prompt, chosen, rejected }) => {
+            [prompt, chosen, rejected].iter().flat_map(|m| m.iter()).map(|m| format!("{}: {}", m.role, m.content)).collect::<Vec<_>>().join("\n")
+        }
     }
 }
 
@@ -153,28 +157,40 @@ pub fn summarize(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize, pack_s
     let mut eos_untrained = Vec::new();
     for r in records {
         *s.formats.entry(r.format.name().to_string()).or_default() += 1;
-        let mut e = tok.example(r, train_on_prompt)?;
-        lengths.push(e.ids.len());
-        // The token that closes each trained answer must be trained too.
-        if !train_on_prompt && matches!(r.format, Format::Messages | Format::Alpaca | Format::Dolly) {
-            let last_trained = e.trained.iter().rposition(|&t| t);
-            if last_trained.is_some_and(|i| !tok.is_end_token(e.ids[i])) {
-                eos_untrained.push(r.place.clone());
+        // A preference pair is its chosen and its rejected sequence, kept or skipped together.
+        let mut side = match r.record {
+            Record::Preference(_) => {
+                let (c, j) = tok.pair(r)?;
+                vec![c, j]
+            }
+            _ => vec![tok.example(r, train_on_prompt)?],
+        };
+        let side_len = side.len();
+        for e in side.iter_mut() {
+            lengths.push(e.ids.len());
+            // The token that closes each trained answer must be trained too (TRL's
+            // completions also keep a template's newline after it).
+            if !train_on_prompt && matches!(r.format, Format::Messages | Format::Alpaca | Format::Dolly | Format::PreferenceChat | Format::PreferenceImplicit) {
+                let last_trained = e.trained.iter().rposition(|&t| t);
+                if last_trained.is_some_and(|i| !e.ids[..=i].iter().rev().take(if side_len == 2 { 2 } else { 1 }).any(|&id| tok.is_end_token(id))) {
+                    eos_untrained.push(r.place.clone());
+                }
+            }
+            truncate(e, max_seq_len);
+            if e.truncated > 0 {
+                s.truncated += 1;
+                s.truncated_tokens += e.truncated;
             }
         }
-        truncate(&mut e, max_seq_len);
-        if e.truncated > 0 {
-            s.truncated += 1;
-            s.truncated_tokens += e.truncated;
-        }
-        let targets = e.trained.iter().skip(1).filter(|&&t| t).count();
-        if targets == 0 {
+        if side.iter().any(|e| e.trained.iter().skip(1).filter(|&&t| t).count() == 0) {
             s.skipped_nothing_trained += 1;
             continue;
         }
-        s.tokens += e.ids.len();
-        s.trained_tokens += e.trained_count();
-        examples.push(e);
+        for e in side {
+            s.tokens += e.ids.len();
+            s.trained_tokens += e.trained_count();
+            examples.push(e);
+        }
     }
     let mut sorted = lengths.clone();
     sorted.sort_unstable();

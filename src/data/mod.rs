@@ -6,7 +6,7 @@ pub mod inspect;
 pub mod records;
 pub mod template;
 
-pub use records::{decode, parse_records, Format, Message, Parsed, Record};
+pub use records::{decode, parse_records, Format, Message, Pair, Parsed, Record};
 pub use template::ChatTemplate;
 
 use crate::error::{Error, Result};
@@ -180,6 +180,9 @@ impl Tokenizer {
                 self.push_eos(&mut ids, &mut offsets, &mut trained, text.len());
                 (ids, trained, text, offsets)
             }
+            Record::Preference(_) => {
+                return Err(Error::Data(format!("{}: is a preference pair (chosen + rejected); train preference data with --method dpo", p.place)));
+            }
             Record::Text(text) => {
                 let (mut ids, mut offsets) = self.encode(text, true)?;
                 let mut trained = vec![true; ids.len()];
@@ -188,6 +191,44 @@ impl Tokenizer {
             }
         };
         Ok(Example { ids, trained, text, offsets, format: p.format, place: p.place.clone(), truncated: 0 })
+    }
+
+    /// Tokenize a preference pair as TRL's DPOTrainer does: the prompt alone (chat:
+    /// rendered with the generation prompt), and the prompt followed by each completion
+    /// (chat: the conversation rendered whole; text: the completion ending with EOS);
+    /// the completion is what follows the tokens the prompt shares with both. Returns
+    /// the chosen and the rejected example, their completions trained.
+    pub fn pair(&self, p: &Parsed) -> Result<(Example, Example)> {
+        let Record::Preference(pair) = &p.record else {
+            return Err(Error::Data(format!(
+                "{}: DPO trains on preference pairs (`chosen` + `rejected`, with an optional `prompt`); this record is {}",
+                p.place,
+                p.format.name()
+            )));
+        };
+        let render = |msgs: &[Message], gen: bool| self.template.render(msgs, gen).map_err(|e| Error::Data(format!("{}: {e}", p.place)));
+        let (prompt, texts) = match pair {
+            Pair::Chat { prompt, chosen, rejected } => {
+                let whole = |c: &[Message]| render(&[prompt.as_slice(), c].concat(), false);
+                (self.encode(&render(prompt, true)?, false)?.0, [(whole(chosen)?, false), (whole(rejected)?, false)])
+            }
+            Pair::Text { prompt, chosen, rejected } => {
+                let eos = &self.template.eos_token;
+                let end = |c: &str| if c.ends_with(eos.as_str()) { format!("{prompt}{c}") } else { format!("{prompt}{c}{eos}") };
+                (self.encode(prompt, true)?.0, [(end(chosen), true), (end(rejected), true)])
+            }
+        };
+        let mut out = Vec::with_capacity(2);
+        for (text, special) in &texts {
+            out.push((text.clone(), self.encode(text, *special)?));
+        }
+        let shared = |ids: &[u32]| prompt.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let start = out.iter().map(|(_, (ids, _))| shared(ids)).min().unwrap_or(0);
+        let mut examples = out.into_iter().map(|(text, (ids, offsets))| {
+            let trained = (0..ids.len()).map(|i| i >= start).collect();
+            Example { ids, trained, text, offsets, format: p.format, place: p.place.clone(), truncated: 0 }
+        });
+        Ok((examples.next().unwrap(), examples.next().unwrap()))
     }
 
     fn push_eos(&self, ids: &mut Vec<u32>, offsets: &mut Vec<(usize, usize)>, trained: &mut Vec<bool>, at: usize) {

@@ -29,6 +29,12 @@ pub enum Format {
     Dolly,
     /// `text`: every token is trained.
     Text,
+    /// Preference pairs (DPO), TRL's forms: `prompt` + `chosen` + `rejected` as strings,
+    Preference,
+    /// the same as message lists,
+    PreferenceChat,
+    /// or `chosen` + `rejected` conversations sharing their first turns (the prompt).
+    PreferenceImplicit,
 }
 
 impl Format {
@@ -39,6 +45,9 @@ impl Format {
             Format::Alpaca => "alpaca",
             Format::Dolly => "dolly",
             Format::Text => "text",
+            Format::Preference => "preference",
+            Format::PreferenceChat => "preference (conversational)",
+            Format::PreferenceImplicit => "preference (implicit prompt)",
         }
     }
 }
@@ -52,6 +61,17 @@ pub enum Record {
     PromptCompletion { prompt: String, completion: String },
     /// Plain text; everything (and EOS) is trained.
     Text(String),
+    /// A preference pair (DPO): the chosen and the rejected completion of one prompt.
+    Preference(Pair),
+}
+
+/// A prompt with a chosen and a rejected completion, as TRL's preference datasets hold them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pair {
+    /// Rendered with the chat template: the prompt's turns, then each completion's.
+    Chat { prompt: Vec<Message>, chosen: Vec<Message>, rejected: Vec<Message> },
+    /// Plain strings; each completion ends with EOS.
+    Text { prompt: String, chosen: String, rejected: String },
 }
 
 /// A record with where it came from.
@@ -100,42 +120,51 @@ fn user_turn(instruction: String, extra: Option<String>) -> String {
     }
 }
 
+/// A list of `{role, content}` (or ShareGPT's `{from, value}`) in `field`.
+fn messages(m: &Value, place: &str, field: &str) -> Result<Vec<Message>> {
+    let list = m.as_array().ok_or_else(|| err(place, field, format!("must be an array of {{role, content}}, got {}", kind(m))))?;
+    if list.is_empty() {
+        return Err(err(place, field, "is empty"));
+    }
+    let mut msgs = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let o = item.as_object().ok_or_else(|| err(place, &f, format!("must be an object with role and content, got {}", kind(item))))?;
+        // ShareGPT's {from, value} is accepted too.
+        let role = match o.get("role").or_else(|| o.get("from")) {
+            Some(Value::String(r)) => sharegpt_role(r).to_string(),
+            None | Some(Value::Null) => return Err(err(place, &format!("{f}.role"), "is missing")),
+            Some(other) => return Err(err(place, &format!("{f}.role"), format!("must be a string, got {}", kind(other)))),
+        };
+        let content = if o.contains_key("content") { o.get("content") } else { o.get("value") };
+        if !matches!(role.as_str(), "system" | "user" | "assistant") {
+            return Err(err(place, &format!("{f}.role"), format!("is \"{role}\"; expected system, user or assistant")));
+        }
+        let content = match content {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(_)) => return Err(err(place, &format!("{f}.content"), "is empty")),
+            None | Some(Value::Null) => return Err(err(place, &format!("{f}.content"), "is missing")),
+            Some(other) => return Err(err(place, &format!("{f}.content"), format!("must be a string, got {}", kind(other)))),
+        };
+        msgs.push(Message { role, content });
+    }
+    Ok(msgs)
+}
+
 /// One record from its JSON value.
 pub fn parse_record(v: &Value, place: &str) -> Result<Parsed> {
     let obj = v.as_object().ok_or_else(|| Error::Data(format!("{place}: a record must be a JSON object, got {}", kind(v))))?;
     let parsed = |record, format| Ok(Parsed { record, format, place: place.to_string() });
     if let Some(m) = obj.get("messages").or_else(|| obj.get("conversations")) {
         let field = if obj.contains_key("messages") { "messages" } else { "conversations" };
-        let list = m.as_array().ok_or_else(|| err(place, field, format!("must be an array of {{role, content}}, got {}", kind(m))))?;
-        if list.is_empty() {
-            return Err(err(place, field, "is empty"));
-        }
-        let mut msgs = Vec::with_capacity(list.len());
-        for (i, item) in list.iter().enumerate() {
-            let f = format!("{field}[{i}]");
-            let o = item.as_object().ok_or_else(|| err(place, &f, format!("must be an object with role and content, got {}", kind(item))))?;
-            // ShareGPT's {from, value} is accepted too.
-            let role = match o.get("role").or_else(|| o.get("from")) {
-                Some(Value::String(r)) => sharegpt_role(r).to_string(),
-                None | Some(Value::Null) => return Err(err(place, &format!("{f}.role"), "is missing")),
-                Some(other) => return Err(err(place, &format!("{f}.role"), format!("must be a string, got {}", kind(other)))),
-            };
-            let content = if o.contains_key("content") { o.get("content") } else { o.get("value") };
-            if !matches!(role.as_str(), "system" | "user" | "assistant") {
-                return Err(err(place, &format!("{f}.role"), format!("is \"{role}\"; expected system, user or assistant")));
-            }
-            let content = match content {
-                Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-                Some(Value::String(_)) => return Err(err(place, &format!("{f}.content"), "is empty")),
-                None | Some(Value::Null) => return Err(err(place, &format!("{f}.content"), "is missing")),
-                Some(other) => return Err(err(place, &format!("{f}.content"), format!("must be a string, got {}", kind(other)))),
-            };
-            msgs.push(Message { role, content });
-        }
+        let msgs = messages(m, place, field)?;
         if !msgs.iter().any(|m| m.role == "assistant") {
             return Err(err(place, field, "has no assistant turn to learn from"));
         }
         return parsed(Record::Chat(msgs), Format::Messages);
+    }
+    if obj.contains_key("chosen") || obj.contains_key("rejected") {
+        return preference(obj, place);
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         let prompt = string(obj, place, "prompt", true)?.unwrap();
@@ -168,9 +197,58 @@ pub fn parse_record(v: &Value, place: &str) -> Result<Parsed> {
     keys.sort();
     Err(Error::Data(format!(
         "{place}: unknown record format (fields: {}); expected `messages`, `prompt` + `completion`, \
-         `instruction` + `output` (Alpaca), `instruction` + `response` (Dolly) or `text`",
+         `instruction` + `output` (Alpaca), `instruction` + `response` (Dolly), `text`, or for DPO \
+         `chosen` + `rejected` with an optional `prompt`",
         keys.join(", ")
     )))
+}
+
+/// A preference record: `chosen` + `rejected` (strings or message lists) with a
+/// `prompt` of the same kind, or conversations alone whose shared first turns are the
+/// prompt (TRL's implicit prompt, split as its `extract_prompt` does).
+fn preference(obj: &Map<String, Value>, place: &str) -> Result<Parsed> {
+    let field = |name: &str| obj.get(name).filter(|v| !v.is_null()).ok_or_else(|| err(place, name, "is missing (a preference pair has `chosen` and `rejected`)"));
+    let (c, r) = (field("chosen")?, field("rejected")?);
+    let parsed = |pair, format| Ok(Parsed { record: Record::Preference(pair), format, place: place.to_string() });
+    let assistant_only = |msgs: &[Message], name: &str| -> Result<()> {
+        match msgs.iter().position(|m| m.role != "assistant") {
+            Some(i) => Err(err(place, &format!("{name}[{i}].role"), format!("is \"{}\"; a completion holds assistant turns (put the rest in `prompt`)", msgs[i].role))),
+            None => Ok(()),
+        }
+    };
+    match (c, r, obj.get("prompt").filter(|v| !v.is_null())) {
+        (Value::String(_), _, _) | (_, Value::String(_), _) => {
+            let prompt = string(obj, place, "prompt", false)?.ok_or_else(|| err(place, "prompt", "is missing: string pairs need their prompt (only conversations may leave it implicit)"))?;
+            let chosen = string(obj, place, "chosen", true)?.unwrap();
+            let rejected = string(obj, place, "rejected", true)?.unwrap();
+            parsed(Pair::Text { prompt, chosen, rejected }, Format::Preference)
+        }
+        (_, _, Some(p)) => {
+            if p.is_string() {
+                return Err(err(place, "prompt", "is a string but `chosen` and `rejected` are message lists; make all three message lists"));
+            }
+            let prompt = messages(p, place, "prompt")?;
+            let (chosen, rejected) = (messages(c, place, "chosen")?, messages(r, place, "rejected")?);
+            assistant_only(&chosen, "chosen")?;
+            assistant_only(&rejected, "rejected")?;
+            parsed(Pair::Chat { prompt, chosen, rejected }, Format::PreferenceChat)
+        }
+        (_, _, None) => {
+            let (chosen, rejected) = (messages(c, place, "chosen")?, messages(r, place, "rejected")?);
+            let shared = chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count();
+            if shared == 0 {
+                return Err(err(place, "chosen", "and `rejected` share no first turn: give the prompt in `prompt`, or start both conversations with it"));
+            }
+            if shared == chosen.len() || shared == rejected.len() {
+                return Err(err(place, "rejected", "has no turn of its own after the prompt it shares with `chosen`"));
+            }
+            let prompt = chosen[..shared].to_vec();
+            let (chosen, rejected) = (chosen[shared..].to_vec(), rejected[shared..].to_vec());
+            assistant_only(&chosen, "chosen")?;
+            assistant_only(&rejected, "rejected")?;
+            parsed(Pair::Chat { prompt, chosen, rejected }, Format::PreferenceImplicit)
+        }
+    }
 }
 
 fn sharegpt_role(from: &str) -> &str {

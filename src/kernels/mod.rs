@@ -9,6 +9,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dpo;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;
@@ -19,7 +20,8 @@ pub mod swiglu;
 
 pub use adamw::{adamw_step, grad_norm, AdamW};
 pub use attention::{attention_backward, attention_forward, Attention};
-pub use cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+pub use cross_entropy::{cross_entropy_backward, cross_entropy_backward_scaled, cross_entropy_forward, cross_entropy_sequence_logps};
+pub use dpo::{dpo_backward, dpo_forward, Dpo, DpoLoss};
 pub use elementwise::{add, add_bias, axpy, bias_backward, dropout, scale};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use lora::{lora_backward, lora_forward, Lora};
@@ -43,6 +45,7 @@ macro_rules! kernel {
 kernel!(ADAMW, "adamw.wgsl");
 kernel!(ATTENTION, "attention.wgsl");
 kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
+kernel!(DPO, "dpo.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
 kernel!(MATMUL, "matmul.wgsl");
@@ -52,7 +55,7 @@ kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");
 
 /// Every kernel file, for validation and pipeline warm-up.
-pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, ELEMENTWISE, EMBEDDING, MATMUL, PROBE, RMSNORM, ROPE, SWIGLU];
+pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, DPO, ELEMENTWISE, EMBEDDING, MATMUL, PROBE, RMSNORM, ROPE, SWIGLU];
 
 /// The variant of a kernel that reads its weight operand as f16 (`enable f16;` and
 /// the file's `alias BElem = f32;` / `alias WElem = f32;` switched to f16). Built once

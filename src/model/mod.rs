@@ -352,29 +352,109 @@ impl Model {
     /// One chunk of `head_loss`: rows `r0..r0 + rows` (its temporaries are freed on return).
     #[allow(clippy::too_many_arguments)]
     fn head_loss_chunk(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], scale: f32, dhf: Option<&Tensor>, loss: &Tensor, r0: usize, rows: usize) -> Result<()> {
+        let vocab = self.cfg.vocab;
+        let [logits, t, _, lse, part] = self.head_chunk(gpu, rec, hf, targets, scale, r0, rows)?;
+        k::axpy(gpu, rec, 1, 1.0, &part, loss)?;
+        if let Some(dhf) = dhf {
+            k::cross_entropy_backward(gpu, rec, rows, vocab, scale, &logits, &t, &lse)?;
+            self.head_backward(gpu, rec, hf, &logits, r0, rows, dhf)?;
+        }
+        Ok(())
+    }
+
+    /// From dlogits `[rows, V]` (rows `r0..` of the batch): `dhf += dlogits·W`, and the
+    /// head weight's gradient in full tuning.
+    #[allow(clippy::too_many_arguments)]
+    fn head_backward(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, dlogits: &Tensor, r0: usize, rows: usize, dhf: &Tensor) -> Result<()> {
         let (c, vocab) = (self.cfg.hidden, self.cfg.vocab);
-        {
-            let logits = self.head_forward(gpu, rec, hf, r0, rows)?;
-            let t = gpu.upload_in(rec, "targets", &targets[r0..r0 + rows], &[rows])?;
-            let (losses, lse, part) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?, zeros(gpu, rec, "loss part", &[1])?);
-            k::cross_entropy_forward(gpu, rec, rows, vocab, scale, &logits, &t, &losses, &lse, &part)?;
-            k::axpy(gpu, rec, 1, 1.0, &part, loss)?;
-            if let Some(dhf) = dhf {
-                k::cross_entropy_backward(gpu, rec, rows, vocab, scale, &logits, &t, &lse)?;
-                for (p0, w) in self.head().row_parts() {
-                    let wrows = w.shape[0];
-                    let mut mm = Matmul::new(rows, c, wrows).accumulate();
-                    (mm.lda, mm.a_off, mm.c_off) = (vocab, p0, r0 * c);
-                    k::matmul(gpu, rec, &mm, &logits, &w.value, dhf)?;
-                    if let Some(g) = w.grad() {
-                        // dW[p0..p0+wrows] += dlogits[:, p0..]ᵀ · hf[r0..r0+rows]
-                        let mut mm = Matmul::new(wrows, c, rows).trans_a().accumulate();
-                        (mm.lda, mm.a_off, mm.b_off) = (vocab, p0, r0 * c);
-                        k::matmul(gpu, rec, &mm, &logits, hf, g)?;
-                    }
-                }
+        for (p0, w) in self.head().row_parts() {
+            let wrows = w.shape[0];
+            let mut mm = Matmul::new(rows, c, wrows).accumulate();
+            (mm.lda, mm.a_off, mm.c_off) = (vocab, p0, r0 * c);
+            k::matmul(gpu, rec, &mm, dlogits, &w.value, dhf)?;
+            if let Some(g) = w.grad() {
+                // dW[p0..p0+wrows] += dlogits[:, p0..]ᵀ · hf[r0..r0+rows]
+                let mut mm = Matmul::new(wrows, c, rows).trans_a().accumulate();
+                (mm.lda, mm.a_off, mm.b_off) = (vocab, p0, r0 * c);
+                k::matmul(gpu, rec, &mm, dlogits, hf, g)?;
             }
         }
+        Ok(())
+    }
+
+    /// The logits of rows `r0..r0 + rows` with their cross-entropy forward: (logits,
+    /// targets, per-row losses, lse, Σ losses · scale) of the chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn head_chunk(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], scale: f32, r0: usize, rows: usize) -> Result<[Tensor; 5]> {
+        let logits = self.head_forward(gpu, rec, hf, r0, rows)?;
+        let t = gpu.upload_in(rec, "targets", &targets[r0..r0 + rows], &[rows])?;
+        let (losses, lse, part) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?, zeros(gpu, rec, "loss part", &[1])?);
+        k::cross_entropy_forward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, &part)?;
+        Ok([logits, t, losses, lse, part])
+    }
+
+    /// Per-sequence sums of log p(target) `[B]` over the batch's B sequences of `t`
+    /// rows, the head in chunks (targets negative where a row is not counted).
+    fn head_logps(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], t: usize) -> Result<Tensor> {
+        let n = targets.len();
+        let logps = zeros(gpu, rec, "sequence logps", &[n / t])?;
+        let per = self.head_chunk_rows(gpu);
+        for r0 in (0..n).step_by(per) {
+            let rows = per.min(n - r0);
+            let [_, _, losses, _, _] = self.head_chunk(gpu, rec, hf, targets, 1.0, r0, rows)?;
+            k::cross_entropy_sequence_logps(gpu, rec, r0, rows, t, &losses, &logps)?;
+            gpu.flush(rec, "head");
+        }
+        Ok(logps)
+    }
+
+    /// Each sequence's sum of log p(target) over the rows whose target is not negative
+    /// (a completion's tokens): `[B]`, no gradients, dropout off.
+    pub fn sequence_logps(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32]) -> Result<Tensor> {
+        self.check_targets(inp, targets)?;
+        let mut rec = gpu.recorder("forward");
+        let trunk = self.forward(gpu, &mut rec, inp, None, Keep::Nothing, false)?;
+        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, inp.shape.t)?;
+        gpu.submit(rec);
+        Ok(logps)
+    }
+
+    /// One DPO forward and backward over P pairs: the batch holds the P chosen
+    /// sequences, then the P rejected ones (as TRL batches them). The per-sequence
+    /// log-probabilities go to `dpo_forward`, which adds the loss · scale and the
+    /// metrics into `stats` `[8]`; `dpo_backward` gives each sequence its factor, and
+    /// the head runs again per chunk for the cross-entropy backward scaled by it.
+    /// `ref_logps` and `counts` (completion tokens) are `[2P]` in the batch's order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dpo_forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], dpo: &k::Dpo, ref_logps: &Tensor, counts: &Tensor, scale: f32, stats: &Tensor) -> Result<()> {
+        if !self.adapter_enabled {
+            return Err(Error::Config("cannot train with the adapter disabled".into()));
+        }
+        self.check_targets(inp, targets)?;
+        let (b, t) = (inp.shape.b, inp.shape.t);
+        if b % 2 != 0 {
+            return Err(Error::Shape(format!("a DPO batch holds chosen and rejected sequences: {b} is odd")));
+        }
+        let pairs = b / 2;
+        let mut rec = gpu.recorder("forward");
+        let keep = if self.grad_checkpoint { Keep::Inputs } else { Keep::Activations };
+        let trunk = self.forward(gpu, &mut rec, inp, None, keep, true)?;
+        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, t)?;
+        let coef = zeros(gpu, &mut rec, "dpo coef", &[b])?;
+        k::dpo_forward(gpu, &mut rec, dpo, pairs, scale, &logps, ref_logps, counts, stats)?;
+        k::dpo_backward(gpu, &mut rec, dpo, pairs, scale, &logps, ref_logps, counts, &coef)?;
+        let (n, vocab) = (targets.len(), self.cfg.vocab);
+        let dhf = zeros(gpu, &mut rec, "dhf", &[n, self.cfg.hidden])?;
+        let per = self.head_chunk_rows(gpu);
+        for r0 in (0..n).step_by(per) {
+            let rows = per.min(n - r0);
+            let [logits, tg, _, lse, _] = self.head_chunk(gpu, &mut rec, &trunk.hf, targets, 1.0, r0, rows)?;
+            k::cross_entropy_backward_scaled(gpu, &mut rec, rows, vocab, 1.0, &logits, &tg, &lse, r0, t, &coef)?;
+            self.head_backward(gpu, &mut rec, &trunk.hf, &logits, r0, rows, &dhf)?;
+            gpu.flush(&mut rec, "head");
+        }
+        self.backward(gpu, &mut rec, inp, trunk, &dhf)?;
+        gpu.submit(rec);
         Ok(())
     }
 

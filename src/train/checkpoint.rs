@@ -18,6 +18,10 @@ pub struct TrainerState {
     pub base_model: String,
     /// "lora" or "full".
     pub tuning: String,
+    /// DPO: the reference log-probabilities of each pair (chosen, rejected), taken
+    /// before the first step; a resumed run keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference: Vec<[f32; 2]>,
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename.

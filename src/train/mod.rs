@@ -14,7 +14,7 @@ use crate::rng::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::kernels::AdamW;
+use crate::kernels::{AdamW, Dpo, DpoLoss};
 use crate::model::{Inputs, Model, Shape};
 use schedule::Schedule;
 
@@ -51,6 +51,19 @@ pub struct Options {
     /// `--no-shuffle`: keep the data's order.
     #[cfg_attr(not(target_arch = "wasm32"), arg(long = "no-shuffle", action = clap::ArgAction::SetFalse))]
     pub shuffle: bool,
+    /// sft (instruction tuning) or dpo (preference tuning on chosen/rejected pairs;
+    /// the reference is the model as the run starts).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().method))]
+    pub method: String,
+    /// DPO: how far the model may move from the reference (TRL's beta; IPO's τ).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().beta))]
+    pub beta: f64,
+    /// DPO loss: sigmoid, ipo or robust (TRL's loss_type).
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long = "loss", default_value_t = Options::default().dpo_loss))]
+    pub dpo_loss: String,
+    /// DPO label smoothing ε: conservative DPO with sigmoid, the flip rate with robust.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().label_smoothing))]
+    pub label_smoothing: f64,
 }
 
 impl Default for Options {
@@ -67,6 +80,10 @@ impl Default for Options {
             steps: None,
             seed: 42,
             shuffle: true,
+            method: "sft".into(),
+            beta: 0.1,
+            dpo_loss: "sigmoid".into(),
+            label_smoothing: 0.0,
         }
     }
 }
@@ -120,6 +137,34 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid_loss: Option<f64>,
+    /// DPO: the step's means, under TRL's names (`dpo::STATS`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<Preference>,
+}
+
+/// What TRL's DPOTrainer logs, as means over a step's pairs.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Preference {
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f64,
+    #[serde(rename = "rewards/accuracies")]
+    pub rewards_accuracies: f64,
+    #[serde(rename = "rewards/margins")]
+    pub rewards_margins: f64,
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+}
+
+impl Preference {
+    /// From `dpo_forward`'s stats `[8]` (loss first).
+    fn from_stats(s: &[f32]) -> Preference {
+        let f = |i: usize| s[i] as f64;
+        Preference { rewards_chosen: f(1), rewards_rejected: f(2), rewards_accuracies: f(3), rewards_margins: f(4), logps_chosen: f(5), logps_rejected: f(6) }
+    }
 }
 
 /// Where a run stands: its options, its plan and the steps done. The model, the data
@@ -130,17 +175,64 @@ pub struct Trainer {
     pub plan: Plan,
     /// Steps completed.
     pub step: u64,
+    /// DPO: the loss, and the reference's log-probabilities of each pair's (chosen,
+    /// rejected) completion, computed once before the first step (`reference`).
+    pub dpo: Option<Dpo>,
+    pub reference: Vec<[f32; 2]>,
 }
 
 fn inputs(gpu: &Gpu, b: &Batch) -> Result<Inputs> {
     Inputs::new(gpu, Shape { b: b.b, t: b.t }, &b.ids, &b.pos, &b.seg)
 }
 
+/// The pairs `idx` of a preference dataset as one batch: their chosen sequences, then
+/// their rejected ones, with each sequence's completion tokens.
+pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> (Batch, Vec<f32>) {
+    let seqs: Vec<&Sequence> = [0, 1].iter().flat_map(|side| idx.iter().map(move |&i| &data.sequences[2 * i + side])).collect();
+    let counts = seqs.iter().map(|s| s.trained_targets() as f32).collect();
+    (Batch::new(&seqs, pad_id), counts)
+}
+
+/// Per-pair (chosen, rejected) values of the pairs `idx` in `pair_batch`'s order.
+fn batch_order(per_pair: &[[f32; 2]], idx: &[usize]) -> Vec<f32> {
+    [0, 1].iter().flat_map(|&side| idx.iter().map(move |&i| per_pair[i][side])).collect()
+}
+
+/// Each pair's (chosen, rejected) log-probability under `model` as it is now, in
+/// batches of `batch_size` pairs (dropout off): the DPO reference.
+pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<Vec<[f32; 2]>> {
+    let mut out = Vec::with_capacity(data.items());
+    let idx: Vec<usize> = (0..data.items()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (b, _) = pair_batch(data, chunk, pad_id);
+        let lp = gpu.read::<f32>(&model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?).await?;
+        out.extend((0..chunk.len()).map(|i| [lp[i], lp[chunk.len() + i]]));
+    }
+    Ok(out)
+}
+
+/// The DPO loss of `opts`, checked.
+pub fn dpo_of(opts: &Options) -> Result<Dpo> {
+    Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Config)?, opts.beta as f32, opts.label_smoothing as f32)
+}
+
 impl Trainer {
     pub fn new(opts: Options, train: &Dataset, pad_id: u32) -> Result<Trainer> {
         opts.schedule.parse::<Schedule>().map_err(Error::Config)?;
-        let plan = plan(train.sequences.len(), &opts)?;
-        Ok(Trainer { opts, pad_id, plan, step: 0 })
+        let dpo = match (opts.method.as_str(), train.pairs) {
+            ("sft", false) => None,
+            ("dpo", true) => Some(dpo_of(&opts)?),
+            ("sft", true) => return Err(Error::Data("the data holds preference pairs (chosen + rejected): train them with --method dpo".into())),
+            ("dpo", false) => {
+                let format = train.examples.first().map_or("no", |e| e.format.name());
+                return Err(Error::Data(format!(
+                    "--method dpo needs preference pairs (`chosen` + `rejected`, with an optional `prompt`); the data holds {format} records"
+                )));
+            }
+            (m, _) => return Err(Error::Config(format!("unknown --method `{m}`: expected sft or dpo"))),
+        };
+        let plan = plan(train.items(), &opts)?;
+        Ok(Trainer { opts, pad_id, plan, step: 0, dpo, reference: Vec::new() })
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -162,31 +254,60 @@ impl Trainer {
     pub async fn step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<StepStats> {
         let started = crate::clock::now();
         let micro = &self.plan[self.step as usize];
-        let batches: Vec<Batch> = micro
-            .iter()
-            .map(|idx| Batch::new(&idx.iter().map(|&i| &train.sequences[i]).collect::<Vec<&Sequence>>(), self.pad_id))
-            .collect();
-        let count: usize = batches.iter().map(|b| b.trained_tokens()).sum();
-        let tokens: usize = batches.iter().map(|b| b.seg.iter().filter(|&&s| s != u32::MAX).count()).sum();
-        let scale = 1.0 / count.max(1) as f32;
         model.zero_grads(gpu);
-        let mut losses = Vec::new();
-        for (j, b) in batches.iter().enumerate() {
-            let mut inp = inputs(gpu, b)?;
-            inp.dropout_seed = Some(crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32)));
-            losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
-        }
+        let seed = |j: usize| crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32));
+        let (losses, tokens, dpo) = if let Some(d) = &self.dpo {
+            // The means are over the step's pairs.
+            if self.reference.len() != train.items() {
+                return Err(Error::Config(format!("DPO needs the reference log-probabilities of all {} pairs first (Trainer::reference)", train.items())));
+            }
+            let scale = 1.0 / micro.iter().map(|m| m.len()).sum::<usize>().max(1) as f32;
+            let mut rec = gpu.recorder("dpo stats");
+            let stats = gpu.temp(&mut rec, "dpo stats", crate::gpu::DType::F32, &[8])?;
+            gpu.submit(rec);
+            let mut tokens = 0;
+            for (j, idx) in micro.iter().enumerate() {
+                let (b, counts) = pair_batch(train, idx, self.pad_id);
+                tokens += b.seg.iter().filter(|&&s| s != u32::MAX).count();
+                let refs = batch_order(&self.reference, idx);
+                let (r, c) = (gpu.upload_temp("reference logps", &refs, &[refs.len()])?, gpu.upload_temp("completion tokens", &counts, &[counts.len()])?);
+                let mut inp = inputs(gpu, &b)?;
+                inp.dropout_seed = Some(seed(j));
+                model.dpo_forward_backward(gpu, &inp, &b.targets, d, &r, &c, scale, &stats)?;
+            }
+            (vec![stats], tokens, true)
+        } else {
+            let batches: Vec<Batch> = micro
+                .iter()
+                .map(|idx| Batch::new(&idx.iter().map(|&i| &train.sequences[i]).collect::<Vec<&Sequence>>(), self.pad_id))
+                .collect();
+            let count: usize = batches.iter().map(|b| b.trained_tokens()).sum();
+            let tokens: usize = batches.iter().map(|b| b.seg.iter().filter(|&&s| s != u32::MAX).count()).sum();
+            let scale = 1.0 / count.max(1) as f32;
+            let mut losses = Vec::new();
+            for (j, b) in batches.iter().enumerate() {
+                let mut inp = inputs(gpu, b)?;
+                inp.dropout_seed = Some(seed(j));
+                losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
+            }
+            (losses, tokens, false)
+        };
         let lr = self.lr();
         let opt = AdamW { lr: lr as f32, weight_decay: self.opts.weight_decay as f32, ..AdamW::default() };
         let norm = model.optimizer_step(gpu, &opt, self.step + 1, self.opts.max_grad_norm as f32)?;
         let mut loss = 0.0;
+        let mut metrics = None;
         for l in &losses {
-            loss += gpu.read::<f32>(l).await?[0] as f64;
+            let v = gpu.read::<f32>(l).await?;
+            loss += v[0] as f64;
+            if dpo {
+                metrics = Some(Preference::from_stats(&v));
+            }
         }
         let grad_norm = gpu.read::<f32>(&norm).await?[0] as f64;
         self.step += 1;
         let secs = crate::clock::now() - started;
-        Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / secs.max(1e-9), valid_loss: None })
+        Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / secs.max(1e-9), valid_loss: None, dpo: metrics })
     }
 }
 
@@ -204,4 +325,28 @@ pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usiz
         return Err(Error::Data("nothing to evaluate: no trained tokens".into()));
     }
     Ok((total / count as f64, count))
+}
+
+/// DPO over a preference dataset (no gradients, dropout off) against its reference
+/// log-probabilities: (mean loss, the metrics' means over the pairs).
+pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference: &[[f32; 2]], dpo: &Dpo, batch_size: usize, pad_id: u32) -> Result<(f64, Preference)> {
+    if data.items() == 0 || reference.len() != data.items() {
+        return Err(Error::Data(format!("nothing to evaluate: {} pairs, {} reference log-probabilities", data.items(), reference.len())));
+    }
+    let scale = 1.0 / data.items() as f32;
+    let mut rec = gpu.recorder("dpo stats");
+    let stats = gpu.temp(&mut rec, "dpo stats", crate::gpu::DType::F32, &[8])?;
+    gpu.submit(rec);
+    let idx: Vec<usize> = (0..data.items()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (b, counts) = pair_batch(data, chunk, pad_id);
+        let refs = batch_order(reference, chunk);
+        let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
+        let (r, c) = (gpu.upload_temp("reference logps", &refs, &[refs.len()])?, gpu.upload_temp("completion tokens", &counts, &[counts.len()])?);
+        let mut rec = gpu.recorder("dpo eval");
+        crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, &logps, &r, &c, &stats)?;
+        gpu.submit(rec);
+    }
+    let s = gpu.read::<f32>(&stats).await?;
+    Ok((s[0] as f64, Preference::from_stats(&s)))
 }

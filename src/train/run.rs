@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use super::checkpoint::{self, TrainerState};
 use super::export::{self, Export, Files};
-use super::{evaluate, Options, StepStats, Trainer};
+use super::{evaluate, evaluate_pairs, pair_logps, Options, StepStats, Trainer};
 use crate::data::batch::Dataset;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, KernelTime};
@@ -179,11 +179,13 @@ pub struct Run {
     /// Where the last checkpoint went, as the front end said (`saved`): the NaN stop names it.
     last_saved: Option<String>,
     prompts: Vec<Vec<u32>>,
+    /// DPO: the validation pairs' reference log-probabilities.
+    valid_reference: Option<Vec<[f32; 2]>>,
 }
 
-/// The prompts of the first two examples: their tokens before the first trained one.
+/// The prompts of the first two examples (pairs): their tokens before the first trained one.
 fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
-    data.examples.iter().filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
+    data.examples.iter().step_by(if data.pairs { 2 } else { 1 }).filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
 }
 
 impl Run {
@@ -203,7 +205,7 @@ impl Run {
         let trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         model.grad_checkpoint = opts.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
-        Ok(Run { source, opts, model, data, valid, trainer, profile_every: None, last_saved: None, prompts })
+        Ok(Run { source, opts, model, data, valid, trainer, profile_every: None, last_saved: None, prompts, valid_reference: None })
     }
 
     /// Start from an existing adapter's weights instead of fresh LoRA ones.
@@ -227,6 +229,7 @@ impl Run {
             options: self.opts.train.clone(),
             base_model: self.source.name.clone(),
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
+            reference: self.trainer.reference.clone(),
         }
     }
 
@@ -250,9 +253,41 @@ impl Run {
                 state.options, self.opts.train
             )));
         }
+        if self.trainer.dpo.is_some() && state.reference.len() != self.data.items() {
+            return Err(Error::Config(format!(
+                "{place}: holds the reference log-probabilities of {} pairs, the data has {}; resume a DPO run on its own data",
+                state.reference.len(),
+                self.data.items()
+            )));
+        }
         self.trainer.step = state.step;
+        self.trainer.reference = state.reference;
         self.last_saved = Some(place.to_string());
         Ok(state.step)
+    }
+
+    /// DPO: the reference log-probabilities of every pair (and of the validation
+    /// pairs), from the model as the run starts (the base with a fresh adapter, or the
+    /// adapter it starts from), once, before the first step. Nothing for SFT.
+    pub async fn reference(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.trainer.dpo.is_none() {
+            return Ok(());
+        }
+        let (b, pad) = (self.opts.train.batch_size, self.source.tokenizer.pad_id);
+        if self.trainer.reference.is_empty() {
+            if self.trainer.step > 0 {
+                return Err(Error::Config("a DPO run past its first step needs the reference it started with (resume from its checkpoint)".into()));
+            }
+            self.trainer.reference = pair_logps(gpu, &self.model, &self.data, b, pad).await?;
+        }
+        if let (Some(v), None) = (&self.valid, &self.valid_reference) {
+            if !v.pairs {
+                return Err(Error::Data("--method dpo validates on preference pairs; the validation data holds none".into()));
+            }
+            // After a resume the model has moved: the validation reference is only exact when taken at step 0.
+            self.valid_reference = Some(pair_logps(gpu, &self.model, v, b, pad).await?);
+        }
+        Ok(())
     }
 
     /// One optimizer step, with what is due after it: profiling, evaluation and
@@ -262,6 +297,7 @@ impl Run {
             return Err(Error::Config("the run is done: every planned step has run".into()));
         }
         let step = self.trainer.step + 1;
+        self.reference(gpu).await?;
         let timed = self.profile_every.is_some_and(|every| step == 3 || step % every == 0) && gpu.set_profiling(true);
         let mut stats = self.trainer.step(gpu, &self.model, &self.data).await?;
         let mut kernels = Vec::new();
@@ -283,7 +319,10 @@ impl Run {
         if let (Some(every), Some(v)) = (self.opts.eval_every, &self.valid) {
             if step % every == 0 || done {
                 let tok = &self.source.tokenizer;
-                stats.valid_loss = Some(evaluate(gpu, &self.model, v, self.opts.train.batch_size, tok.pad_id).await?.0);
+                stats.valid_loss = Some(match (&self.trainer.dpo, &self.valid_reference) {
+                    (Some(d), Some(r)) => evaluate_pairs(gpu, &self.model, v, r, d, self.opts.train.batch_size, tok.pad_id).await?.0,
+                    _ => evaluate(gpu, &self.model, v, self.opts.train.batch_size, tok.pad_id).await?.0,
+                });
                 for p in &self.prompts {
                     let out = self.model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;
                     samples.push(Sample { prompt: tok.decode(p), reply: tok.decode(&out) });

