@@ -156,6 +156,8 @@ pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, t
         crate::demo::data()
     } else if path == Path::new("demo-pretrain") {
         crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS)
+    } else if path == Path::new("demo-dpo") {
+        crate::demo::preference_data()
     } else {
         read_data(path)?
     };
@@ -383,7 +385,7 @@ pub struct InspectArgs {
 /// `webtune data inspect`: records as the model sees them, then the summary (or the
 /// summary alone as JSON).
 pub fn inspect(a: &InspectArgs) -> Result<()> {
-    use crate::data::inspect::{preview, summarize, summary_text, Style};
+    use crate::data::inspect::{preview, record_examples, summarize, summary_text, Style};
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
     let tok = if a.model.is_dir() { Tokenizer::from_dir(&a.model)? } else { ModelDir::open(&a.model)?.source.tokenizer };
@@ -403,12 +405,13 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     }
     let style = if std::io::stdout().is_terminal() { Style::Color } else { Style::Brackets };
     for &i in picks.iter().take(a.show) {
-        let mut e = tok.example(&records[i], a.train_on_prompt)?;
-        crate::data::batch::truncate(&mut e, a.max_seq_len);
-        let legend = if style == Style::Brackets { "⟦trained⟧" } else { "\x1b[1;32mtrained\x1b[0m, \x1b[2mmasked\x1b[0m" };
-        println!("── {} ({}, {} tokens, {} trained{}; {legend})", e.place, e.format.name(), e.ids.len(), e.trained_count(),
-            if e.truncated > 0 { format!(", {} cut", e.truncated) } else { String::new() });
-        println!("{}\n", preview(&tok, &e, style, a.tokens));
+        for (side, e) in record_examples(&tok, &records[i], a.max_seq_len, a.train_on_prompt)? {
+            let legend = if style == Style::Brackets { "⟦trained⟧" } else { "\x1b[1;32mtrained\x1b[0m, \x1b[2mmasked\x1b[0m" };
+            let side = if side.is_empty() { String::new() } else { format!(" {side}") };
+            println!("── {}{side} ({}, {} tokens, {} trained{}; {legend})", e.place, e.format.name(), e.ids.len(), e.trained_count(),
+                if e.truncated > 0 { format!(", {} cut", e.truncated) } else { String::new() });
+            println!("{}\n", preview(&tok, &e, style, a.tokens));
+        }
     }
     print!("{}", summary_text(&summary));
     Ok(())
@@ -423,6 +426,37 @@ pub struct DemoReport {
     pub secs: f64,
     /// GPU time per kernel in step 3 (empty where the adapter has no timestamp queries).
     pub kernels: Vec<crate::gpu::KernelTime>,
+    /// The optional DPO stage.
+    pub dpo: Option<DpoReport>,
+}
+
+/// What the demo's DPO stage measured on held-out pairs (phrasings, ask and words it
+/// never trained on), before and after: how often the model gives the chosen answer
+/// the higher log-probability, for requests with the brief ask and without; and how
+/// often its greedy answer to a brief request is the bare result.
+#[derive(Clone, Debug)]
+pub struct DpoReport {
+    pub brief_before: f64,
+    pub brief_after: f64,
+    pub plain_before: f64,
+    pub plain_after: f64,
+    pub answers_before: f64,
+    pub answers_after: f64,
+    pub losses: Vec<f64>,
+    pub margins: Vec<f64>,
+}
+
+/// The fraction of the pairs in `data` whose chosen completion `model` gives the higher
+/// log-probability, for the pairs whose prompt has the held-out brief ask and the rest.
+async fn prefers_chosen(gpu: &Gpu, model: &Model, data: &Dataset, pad: u32) -> Result<(f64, f64)> {
+    let lp = crate::train::pair_logps(gpu, model, data, 16, pad).await?;
+    let (mut brief, mut plain) = ((0, 0), (0, 0));
+    for (i, [c, r]) in lp.iter().enumerate() {
+        let k = if data.examples[2 * i].text.contains(crate::demo::BRIEF_HELD_OUT) { &mut brief } else { &mut plain };
+        *k = (k.0 + (c > r) as usize, k.1 + 1);
+    }
+    let f = |(a, n): (usize, usize)| a as f64 / n.max(1) as f64;
+    Ok((f(brief), f(plain)))
 }
 
 /// A loss curve for a terminal: one column per bucket of steps, 8 rows.
@@ -453,7 +487,7 @@ pub fn loss_curve(losses: &[f64], width: usize) -> String {
 /// `webtune` with no arguments: instruction-tune the built-in demo model (pretrained
 /// on `reverse(word) = drow` text, never on instructions) with LoRA, and show the
 /// accuracy on held-out phrasings and fresh words before and after.
-pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<DemoReport> {
+pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, quiet: bool) -> Result<DemoReport> {
     let started = crate::clock::now();
     let say = |s: String| if !quiet { println!("{s}") };
     let md = ModelDir::open(Path::new("demo"))?;
@@ -508,8 +542,56 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, quiet: bool) -> Result<Demo
         }
     }
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
-    let secs = crate::clock::now() - started;
     let tps = tokens as f64 / busy.max(1e-9);
-    say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}; {secs:.0} s in all", out.display()));
-    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs, kernels })
+    say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}", out.display()));
+    let dpo = if dpo_steps > 0 { Some(demo_dpo(gpu, &run, &out.join("dpo"), dpo_steps, quiet).await?) } else { None };
+    let secs = crate::clock::now() - started;
+    say(format!("{secs:.0} s in all"));
+    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs, kernels, dpo })
+}
+
+/// The demo's DPO stage: the SFT adapter of `sft` continued on preference pairs that
+/// ask for the bare result when a request says so (which the SFT data never did),
+/// measured on held-out pairs and brief requests before and after.
+async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> Result<DpoReport> {
+    let say = |s: String| if !quiet { println!("{s}") };
+    let tok = &sft.source.tokenizer;
+    let opts = RunOptions::demo_dpo(steps);
+    let pairs = |text: String, name: &str| prepare(tok, &parse_records(&text, name)?, opts.max_seq_len, false, false);
+    let held = pairs(crate::demo::preference_jsonl(crate::demo::TEST_SEED, 64, true), "held-out pairs")?;
+    let brief = crate::demo::held_out_brief(crate::demo::TEST_SEED, 32);
+    say(format!("\nDPO stage: prefer the bare result when a request asks for it (\"{}\"), the sentence otherwise;", crate::demo::BRIEF_ASKS[0]));
+    say(format!("the SFT data never asked. The test uses the held-out ask \"{}\", phrasings and words.", crate::demo::BRIEF_HELD_OUT));
+    let (brief_before, plain_before) = prefers_chosen(gpu, &sft.model, &held, tok.pad_id).await?;
+    let answers = crate::demo::answers(gpu, &sft.model, tok, &brief, crate::demo::ANSWER_TOKENS).await?;
+    let answers_before = crate::demo::accuracy(&answers, &brief);
+    let data = pairs(crate::demo::preference_data(), "demo-dpo")?;
+    let mut run = sft.continued(gpu, Rc::new(data), opts).await?;
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
+    let (mut losses, mut margins) = (Vec::new(), Vec::new());
+    while !run.done() {
+        let s = run.next(gpu).await?.stats;
+        let d = s.dpo.clone().unwrap_or_default();
+        losses.push(s.loss);
+        margins.push(d.rewards_margins);
+        bar.set_message(format!("loss {:.3}  margin {:.2}  accuracy {:.2}", s.loss, d.rewards_margins, d.rewards_accuracies));
+        bar.set_position(s.step);
+    }
+    bar.finish_and_clear();
+    say(format!("DPO loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
+    let (brief_after, plain_after) = prefers_chosen(gpu, &run.model, &held, tok.pad_id).await?;
+    let answers = crate::demo::answers(gpu, &run.model, tok, &brief, crate::demo::ANSWER_TOKENS).await?;
+    let answers_after = crate::demo::accuracy(&answers, &brief);
+    say(format!("held-out pairs where the model prefers the chosen answer, before → after DPO:"));
+    say(format!("  asked for the bare result:  {:>3.0}% → {:.0}%", 100.0 * brief_before, 100.0 * brief_after));
+    say(format!("  plain requests (sentence):  {:>3.0}% → {:.0}%", 100.0 * plain_before, 100.0 * plain_after));
+    say(format!("greedy answers to held-out brief requests that are the bare result: {:.0}% → {:.0}%", 100.0 * answers_before, 100.0 * answers_after));
+    for (i, (q, a)) in brief.iter().enumerate().take(3) {
+        let mark = if answers[i].trim() == a { "✓" } else { "✗" };
+        say(format!("  {mark} {q:<60} → {:?}", answers[i]));
+    }
+    export::write_files(out, &run.files(gpu, Export::Output).await?)?;
+    say(format!("DPO adapter written to {}", out.display()));
+    Ok(DpoReport { brief_before, brief_after, plain_before, plain_after, answers_before, answers_after, losses, margins })
 }

@@ -267,6 +267,56 @@ pub fn data() -> String {
     data_jsonl(7, DATA_RECORDS)
 }
 
+/// The DPO stage's preference: a request that asks for the bare result gets it, one
+/// that does not gets the sentence SFT taught. The SFT data never asks; these are the
+/// asks DPO trains on, and the one held out for the test.
+pub const BRIEF_ASKS: [&str; 4] = ["Just the answer.", "Answer only.", "Only the result, please.", "No sentence, just the result."];
+pub const BRIEF_HELD_OUT: &str = "Reply with the result alone.";
+
+/// Held-out requests (phrasings and words never trained on) with the held-out brief
+/// ask, and their bare results.
+pub fn held_out_brief(seed: u64, n: usize) -> Vec<(String, String)> {
+    let mut rng = Rng::new(seed ^ 0xB81E_F000);
+    (0..n)
+        .map(|_| {
+            let t = &TASKS[rng.below(TASKS.len() as u64) as usize];
+            let w = word(&mut rng);
+            (format!("{} {BRIEF_HELD_OUT}", t.held_out.replace("{w}", &w)), apply(t.op, &w))
+        })
+        .collect()
+}
+
+/// One preference pair for a task request: with a brief ask (`ask`), the bare result is
+/// chosen over the sentence; without, the sentence over the bare result.
+pub fn preference(rng: &mut Rng, held_out: bool, brief: bool) -> serde_json::Value {
+    let t = &TASKS[rng.below(TASKS.len() as u64) as usize];
+    let w = word(rng);
+    let p = if held_out { t.held_out } else { t.phrasings[rng.below(t.phrasings.len() as u64) as usize] };
+    let (bare, sentence) = (apply(t.op, &w), answer(t.op, &w));
+    let mut q = p.replace("{w}", &w);
+    if brief {
+        q = format!("{q} {}", if held_out { BRIEF_HELD_OUT } else { BRIEF_ASKS[rng.below(BRIEF_ASKS.len() as u64) as usize] });
+    }
+    let (chosen, rejected) = if brief { (bare, sentence) } else { (sentence, bare) };
+    let turn = |c: &str| json!([{"role": "assistant", "content": c}]);
+    json!({"prompt": [{"role": "user", "content": q}], "chosen": turn(&chosen), "rejected": turn(&rejected)})
+}
+
+/// `n` preference pairs as JSONL, brief and plain requests alternating (`held_out`:
+/// held-out phrasings and ask, fresh words).
+pub fn preference_jsonl(seed: u64, n: usize, held_out: bool) -> String {
+    let mut rng = Rng::new(if held_out { seed ^ 0xDEAD_BEEF } else { seed });
+    (0..n).map(|i| preference(&mut rng, held_out, i % 2 == 0).to_string()).collect::<Vec<_>>().join("\n")
+}
+
+/// The DPO stage's training pairs (`--data demo-dpo`).
+pub fn preference_data() -> String {
+    preference_jsonl(13, DPO_RECORDS, false)
+}
+
+/// Pairs in the DPO stage's data.
+pub const DPO_RECORDS: usize = 512;
+
 /// Records of pretraining text (`--data demo-pretrain`).
 pub const PRETRAIN_RECORDS: usize = 40_000;
 

@@ -110,12 +110,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Instruction-tune the built-in demo model and show held-out accuracy before and after.
+    /// Instruction-tune the built-in demo model and show held-out accuracy before and
+    /// after; then, with --dpo-steps, a DPO stage on preference pairs.
     Demo {
         #[arg(long, default_value = "webtune-demo")]
         out: PathBuf,
         #[arg(long, default_value_t = 300)]
         steps: u64,
+        /// Steps of the optional DPO stage after SFT (0: none).
+        #[arg(long, default_value_t = 0)]
+        dpo_steps: u64,
     },
     /// Look at data before training on it.
     Data {
@@ -181,6 +185,9 @@ enum Command {
         /// Frozen weights packed: q8, q4 or nf4 (QLoRA).
         #[arg(long)]
         quantize: Option<String>,
+        /// sft, or dpo (chosen and rejected in one batch: twice the sequences).
+        #[arg(long, default_value = "sft")]
+        method: String,
     },
 }
 
@@ -284,11 +291,11 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> webtune::Result<()> {
-    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300 });
+    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300, dpo_steps: 0 });
     match command {
-        Command::Demo { out, steps } => {
+        Command::Demo { out, steps, dpo_steps } => {
             let gpu = Gpu::new().await?;
-            cli::demo(&gpu, &out, steps, false).await?;
+            cli::demo(&gpu, &out, steps, dpo_steps, false).await?;
         }
         Command::Train(t) => {
             let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
@@ -365,7 +372,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::random_model(&config, &out, scale, seed)?;
             println!("wrote {}", out.display());
         }
-        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize } => {
+        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method } => {
             use webtune::model::{gguf::Gguf, memory, weights::FileBytes, Config, TensorMap, Tensors};
             let name = config.display().to_string();
             let (text, weights): (String, Box<dyn Tensors>) = if config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -382,14 +389,17 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 full,
                 grad_checkpoint: !no_grad_checkpoint,
                 max_seq_len,
-                train: webtune::train::Options { batch_size, ..Default::default() },
+                train: webtune::train::Options { batch_size, method: method.clone(), ..Default::default() },
                 quantize,
                 ..Default::default()
             };
             let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!("{}: {:?}, batch {batch_size} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.grad_checkpoint);
+            println!("{}: {:?}, batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
+            if method == "dpo" {
+                println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is the model as the run starts, its log-probabilities taken once before the first step (8 bytes a pair, host memory): no frozen copy, with LoRA or full tuning", plan.batch);
+            }
             println!("weights           {:>9.1} MiB (matrices: {})", mib(m.weights), plan.held(&cfg));
             println!("training state    {:>9.1} MiB", mib(m.training_state));
             println!("activations       {:>9.1} MiB", mib(m.activations));

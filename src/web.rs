@@ -90,7 +90,7 @@ impl Session {
     /// checkpoint kept every `PAGE_SAVE_EVERY` steps.
     pub fn presets() -> Result<JsValue, JsError> {
         let page = |o: RunOptions| RunOptions { save_every: Some(PAGE_SAVE_EVERY), ..o };
-        out(&serde_json::json!({"default": page(RunOptions::default()), "demo": page(RunOptions::demo(300)), "targets": crate::model::LoraConfig::ALL_TARGETS}))
+        out(&serde_json::json!({"default": page(RunOptions::default()), "demo": page(RunOptions::demo(300)), "demo_dpo": page(RunOptions::demo_dpo(60)), "targets": crate::model::LoraConfig::ALL_TARGETS}))
     }
 
     fn set_source(&mut self, s: Source) {
@@ -158,6 +158,11 @@ impl Session {
         crate::demo::data()
     }
 
+    /// The demo's preference pairs for its DPO stage, as JSONL (`--data demo-dpo`).
+    pub fn demo_preference_data() -> String {
+        crate::demo::preference_data()
+    }
+
     /// Parse, validate and tokenize training data; returns `{records, sequences,
     /// skipped, tokens, trained_tokens}`.
     pub fn load_data(&mut self, text: &str, name: &str, max_seq_len: usize, pack: bool) -> Result<JsValue, JsError> {
@@ -168,6 +173,7 @@ impl Session {
         let summary = serde_json::json!({
             "records": records.len(), "sequences": ds.sequences.len(),
             "skipped": ds.skipped.no_trained_tokens, "tokens": tokens, "trained_tokens": trained,
+            "pairs": if ds.pairs { Some(ds.items()) } else { None },
         });
         self.data = Some(Rc::new(ds));
         out(&summary)
@@ -181,10 +187,16 @@ impl Session {
         let (_, summary) = crate::data::inspect::summarize(tok, &records, max_seq_len, pack, false).map_err(js)?;
         let mut shown = Vec::new();
         for r in records.iter().take(show) {
-            let mut e = tok.example(r, false).map_err(js)?;
-            crate::data::batch::truncate(&mut e, max_seq_len);
-            let runs = crate::data::inspect::runs(tok, &e, false);
-            shown.push(serde_json::json!({"place": e.place, "format": e.format.name(), "tokens": e.ids.len(), "trained": e.trained_count(), "truncated": e.truncated, "runs": runs}));
+            // A preference pair shows as its chosen and rejected sequences, side by side.
+            let sides: Vec<serde_json::Value> = crate::data::inspect::record_examples(tok, r, max_seq_len, false)
+                .map_err(js)?
+                .into_iter()
+                .map(|(side, e)| {
+                    let runs = crate::data::inspect::runs(tok, &e, false);
+                    serde_json::json!({"side": side, "place": e.place, "format": e.format.name(), "tokens": e.ids.len(), "trained": e.trained_count(), "truncated": e.truncated, "runs": runs})
+                })
+                .collect();
+            shown.push(if sides.len() == 1 { sides[0].clone() } else { serde_json::json!({"place": r.place, "format": r.format.name(), "pair": sides}) });
         }
         out(&serde_json::json!({"records": shown, "summary": summary}))
     }
@@ -198,6 +210,21 @@ impl Session {
         (self.run, self.frozen) = (None, None);
         self.gpu.trim();
         let mut run = Run::new(&self.gpu, source, data, None, o).map_err(js)?;
+        run.profile_every = Some(25);
+        let total = run.total_steps();
+        self.run = Some(run);
+        Ok(total as f64)
+    }
+
+    /// Start a run (`RunOptions`, e.g. DPO) from the adapter the current run trained,
+    /// keeping its LoRA shape; returns the planned steps.
+    pub async fn start_continued(&mut self, options: JsValue) -> Result<f64, JsError> {
+        let o = run_options(options)?;
+        let data = self.data.clone().ok_or_else(|| JsError::new("load data first"))?;
+        let prev = self.run.as_ref().ok_or_else(|| JsError::new("train a run first: there is no adapter to continue from"))?;
+        let mut run = prev.continued(&self.gpu, data, o).await.map_err(js)?;
+        self.run = None;
+        self.gpu.trim();
         run.profile_every = Some(25);
         let total = run.total_steps();
         self.run = Some(run);

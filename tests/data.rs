@@ -369,3 +369,78 @@ fn a_line_that_is_not_utf8_is_named() {
     assert!(err.contains("d.jsonl:2: not valid UTF-8") && err.contains("byte 14") && err.contains("0xe9"), "{err}");
     assert_eq!(webtune::data::decode(b"{}\n".to_vec(), "d.jsonl").unwrap(), "{}\n");
 }
+
+/// Preference records: each of TRL's three forms is recognised, and a malformed one is
+/// an error naming the file, the line and the field.
+#[test]
+fn preference_records_parse_in_trls_forms_and_malformed_ones_name_line_and_field() {
+    let u = |c: &str| serde_json::json!({"role": "user", "content": c});
+    let a = |c: &str| serde_json::json!({"role": "assistant", "content": c});
+    let lines = [
+        serde_json::json!({"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 5"}),
+        serde_json::json!({"prompt": [u("2+2?")], "chosen": [a("4")], "rejected": [a("5")]}),
+        serde_json::json!({"chosen": [u("2+2?"), a("4")], "rejected": [u("2+2?"), a("5")]}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let recs = parse_records(&text, "pairs.jsonl").unwrap();
+    let formats: Vec<Format> = recs.iter().map(|r| r.format).collect();
+    assert_eq!(formats, [Format::Preference, Format::PreferenceChat, Format::PreferenceImplicit]);
+    // The implicit prompt is the shared first turn, as TRL's extract_prompt splits it.
+    match (&recs[1].record, &recs[2].record) {
+        (Record::Preference(x), Record::Preference(y)) => assert_eq!(x, y),
+        other => panic!("{other:?}"),
+    }
+    let bad = |record: serde_json::Value| -> String {
+        let text = format!("{}\n{record}\n", lines[0]);
+        parse_records(&text, "pairs.jsonl").unwrap_err().to_string()
+    };
+    let cases = [
+        (serde_json::json!({"prompt": "Q", "chosen": "A"}), "pairs.jsonl:2: field `rejected` is missing"),
+        (serde_json::json!({"prompt": "Q", "chosen": "A", "rejected": 3}), "pairs.jsonl:2: field `rejected` must be a string, got a number"),
+        (serde_json::json!({"chosen": "A", "rejected": "B"}), "pairs.jsonl:2: field `prompt` is missing"),
+        (serde_json::json!({"prompt": "Q", "chosen": [a("A")], "rejected": [a("B")]}), "pairs.jsonl:2: field `prompt` is a string"),
+        (serde_json::json!({"prompt": [u("Q")], "chosen": [u("A")], "rejected": [a("B")]}), "pairs.jsonl:2: field `chosen[0].role` is \"user\""),
+        (serde_json::json!({"prompt": [u("Q")], "chosen": [a("A")], "rejected": [{"role": "assistant"}]}), "pairs.jsonl:2: field `rejected[0].content` is missing"),
+        (serde_json::json!({"chosen": [u("Q"), a("A")], "rejected": [u("R"), a("B")]}), "pairs.jsonl:2: field `chosen` and `rejected` share no first turn"),
+        (serde_json::json!({"chosen": [u("Q"), a("A")], "rejected": [u("Q"), a("A")]}), "pairs.jsonl:2: field `rejected` has no turn of its own"),
+    ];
+    for (record, want) in cases {
+        let got = bad(record.clone());
+        assert!(got.contains(want), "{record}: got {got:?}, want {want:?}");
+    }
+}
+
+/// Preference data makes a dataset of pairs (chosen, rejected alternating, prompt
+/// untrained, the completion with EOS trained); the method must match the data, each way round.
+#[test]
+fn preference_pairs_train_only_with_dpo_and_instruction_data_only_with_sft() {
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&webtune::demo::tokenizer_config_json()), "demo").unwrap();
+    let pairs = parse_records(&webtune::demo::preference_jsonl(1, 6, false), "demo-dpo").unwrap();
+    let max = webtune::train::RunOptions::demo_dpo(1).max_seq_len;
+    let ds = prepare(&tok, &pairs, max, false, false).unwrap();
+    assert!(ds.examples.iter().all(|e| e.truncated == 0));
+    assert!(ds.pairs && ds.items() == 6 && ds.examples.len() == 12);
+    for pair in ds.examples.chunks(2) {
+        let start = |e: &webtune::data::Example| e.trained.iter().position(|&t| t).unwrap();
+        assert_eq!(start(&pair[0]), start(&pair[1]), "chosen and rejected share the prompt");
+        assert_eq!(pair[0].ids[..start(&pair[0])], pair[1].ids[..start(&pair[1])]);
+        // The completion runs to the end (the template's newline after EOS included, as TRL has it).
+        assert!(pair.iter().all(|e| *e.trained.last().unwrap() && e.ids.iter().zip(&e.trained).rev().take(2).any(|(&id, &t)| t && id == tok.eos_id)));
+    }
+    assert!(prepare(&tok, &pairs, 96, true, false).err().unwrap().to_string().contains("--pack does not apply"));
+    let sft = prepare(&tok, &parse_records(&webtune::demo::data_jsonl(1, 4), "demo").unwrap(), 96, false, false).unwrap();
+    let opts = |method: &str| webtune::train::Options { method: method.into(), ..Default::default() };
+    let err = |o, d| webtune::train::Trainer::new(o, d, 0).err().unwrap().to_string();
+    assert!(err(opts("sft"), &ds).contains("train them with --method dpo"), "{}", err(opts("sft"), &ds));
+    assert!(err(opts("dpo"), &sft).contains("needs preference pairs"), "{}", err(opts("dpo"), &sft));
+    assert!(err(opts("ppo"), &sft).contains("unknown --method `ppo`"));
+    let bad_beta = webtune::train::Options { beta: 0.0, ..opts("dpo") };
+    assert!(err(bad_beta, &ds).contains("--beta must be positive"));
+    let ipo_smooth = webtune::train::Options { dpo_loss: "ipo".into(), label_smoothing: 0.1, ..opts("dpo") };
+    assert!(err(ipo_smooth, &ds).contains("--label-smoothing 0.1 does not fit"));
+    assert!(webtune::train::Trainer::new(opts("dpo"), &ds, 0).unwrap().total_steps() == 2);
+    // An SFT record in preference data is named.
+    let mixed = format!("{}\n{}", webtune::demo::preference_jsonl(1, 1, false), webtune::demo::data_jsonl(1, 1));
+    let e = prepare(&tok, &parse_records(&mixed, "mixed.jsonl").unwrap(), 96, false, false).err().unwrap().to_string();
+    assert!(e.contains("mixed.jsonl:2") && e.contains("DPO trains on preference pairs"), "{e}");
+}

@@ -72,7 +72,7 @@ fn accuracy_is_exact_match_after_trimming() {
 fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy() {
     let g = gpu();
     let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
-    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, true)).unwrap();
+    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 0, true)).unwrap();
     let first: f64 = r.losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = r.losses[r.losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");

@@ -41,6 +41,22 @@ pub fn runs(tok: &Tokenizer, e: &Example, tokens: bool) -> Vec<(String, bool)> {
     out
 }
 
+/// One record as the model will see it, truncated: one example, or for a preference
+/// pair its chosen and its rejected sequence (labelled as such).
+pub fn record_examples(tok: &Tokenizer, r: &Parsed, max_seq_len: usize, train_on_prompt: bool) -> Result<Vec<(&'static str, Example)>> {
+    let mut out = match r.record {
+        Record::Preference(_) => {
+            let (c, j) = tok.pair(r)?;
+            vec![("chosen", c), ("rejected", j)]
+        }
+        _ => vec![("", tok.example(r, train_on_prompt)?)],
+    };
+    for (_, e) in out.iter_mut() {
+        truncate(e, max_seq_len);
+    }
+    Ok(out)
+}
+
 /// One record rendered for a terminal or a file.
 pub fn preview(tok: &Tokenizer, e: &Example, style: Style, tokens: bool) -> String {
     let mut s = String::new();

@@ -101,6 +101,20 @@ impl RunOptions {
         }
     }
 
+    /// The demo's DPO stage (`webtune demo --dpo-steps`, the page's DPO demo): the SFT
+    /// preset's adapter continued on preference pairs, sigmoid DPO with β = 0.1, lr
+    /// 2e-3 (constant), batches of 16 pairs, no dropout, sequences of up to 128
+    /// characters (a brief ask makes the prompts longer).
+    pub fn demo_dpo(steps: u64) -> RunOptions {
+        let sft = RunOptions::demo(steps);
+        RunOptions {
+            lora_dropout: 0.0,
+            max_seq_len: 128,
+            train: Options { method: "dpo".into(), lr: 2e-3, schedule: "constant".into(), warmup: 0, ..sft.train },
+            ..sft
+        }
+    }
+
     /// The projections LoRA adapts (`all-linear`: every one).
     pub fn targets(&self) -> Vec<String> {
         if self.lora_targets == "all-linear" {
@@ -123,7 +137,9 @@ impl RunOptions {
         let frozen = self.frozen()?;
         let f16_weights = f16_weights && frozen != Frozen::F32;
         let stored = crate::model::memory::Plan::stored(cfg, w);
-        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch: self.train.batch_size, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding })
+        // DPO runs a pair's chosen and rejected sequence in one batch.
+        let batch = self.train.batch_size * if self.train.method == "dpo" { 2 } else { 1 };
+        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding })
     }
 
     /// How frozen matrices are held (`--quantize`).
@@ -206,6 +222,19 @@ impl Run {
         model.grad_checkpoint = opts.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
         Ok(Run { source, opts, model, data, valid, trainer, profile_every: None, last_saved: None, prompts, valid_reference: None })
+    }
+
+    /// A run of `opts` on `data` that starts from this run's trained adapter (the page's
+    /// DPO after SFT; the CLI's `--init-adapter`): the adapter's shape is kept.
+    pub async fn continued(&self, gpu: &Gpu, data: Rc<Dataset>, mut opts: RunOptions) -> Result<Run> {
+        let Tuning::Lora(l) = &self.model.tuning else {
+            return Err(Error::Config("only a LoRA run can be continued from its adapter".into()));
+        };
+        opts.set_lora(l);
+        let tensors = checkpoint::trained_tensors(gpu, &self.model).await?;
+        let run = Run::new(gpu, self.source.clone(), data, None, opts)?;
+        run.init_adapter(gpu, &tensors)?;
+        Ok(run)
     }
 
     /// Start from an existing adapter's weights instead of fresh LoRA ones.
