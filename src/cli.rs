@@ -150,17 +150,20 @@ pub fn load_for_inference(gpu: &Gpu, md: &ModelDir, adapter: Option<&Path>) -> R
     }
 }
 
-/// Read, validate and tokenize a data file (`demo`: the built-in demo data).
+/// The text of a data file, or of the built-in data: `demo` (instructions),
+/// `demo-pretrain` (the base's statements), `demo-dpo` (the DPO stage's pairs).
+pub fn data_text(path: &Path) -> Result<String> {
+    Ok(match path.to_str() {
+        Some("demo") => crate::demo::data(),
+        Some("demo-pretrain") => crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS),
+        Some("demo-dpo") => crate::demo::preference_data(),
+        _ => read_data(path)?,
+    })
+}
+
+/// Read, validate and tokenize a data file (see `data_text` for the built-in ones).
 pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<Dataset> {
-    let text = if path == Path::new("demo") {
-        crate::demo::data()
-    } else if path == Path::new("demo-pretrain") {
-        crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS)
-    } else if path == Path::new("demo-dpo") {
-        crate::demo::preference_data()
-    } else {
-        read_data(path)?
-    };
+    let text = data_text(path)?;
     let records = parse_records(&text, &path.display().to_string())?;
     prepare(tok, &records, max_seq_len, pack, train_on_prompt)
 }
@@ -389,7 +392,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
     let tok = if a.model.is_dir() { Tokenizer::from_dir(&a.model)? } else { ModelDir::open(&a.model)?.source.tokenizer };
-    let text = if a.data == Path::new("demo") { crate::demo::data() } else { read_data(&a.data)? };
+    let text = data_text(&a.data)?;
     let records = parse_records(&text, &a.data.display().to_string())?;
     let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;
     if a.json {

@@ -68,11 +68,12 @@ fn accuracy_is_exact_match_after_trimming() {
     assert_eq!(accuracy(&[], &[]), 0.0);
 }
 
+/// The SFT stage, then the DPO stage (30 steps of 16 pairs from the SFT adapter).
 #[test]
-fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy() {
+fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy_then_dpo_shifts_the_preference() {
     let g = gpu();
     let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
-    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 0, true)).unwrap();
+    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 30, true)).unwrap();
     let first: f64 = r.losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = r.losses[r.losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");
@@ -83,6 +84,16 @@ fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy() {
     eprintln!("held-out accuracy {} → {} in 100 steps", r.before, r.after);
     assert!(r.after >= r.before + 0.25, "accuracy {} → {}", r.before, r.after);
     assert!(out.join("adapter_model.safetensors").exists());
+    // DPO: on held-out pairs (held-out phrasings, ask and words), the chosen answer is
+    // preferred more often where the request asks for the bare result, and the plain
+    // requests keep preferring the sentence. (Measured: 53% → 100% and 97% → 100%.)
+    let d = r.dpo.expect("the DPO stage ran");
+    eprintln!("DPO: brief {} → {}, plain {} → {}, greedy bare answers {} → {}", d.brief_before, d.brief_after, d.plain_before, d.plain_after, d.answers_before, d.answers_after);
+    assert!(d.brief_after >= d.brief_before + 0.3, "brief requests {} → {}", d.brief_before, d.brief_after);
+    assert!(d.plain_after >= 0.9, "plain requests {} → {}", d.plain_before, d.plain_after);
+    assert!(d.losses.len() == 30 && d.losses[29] < 0.5 * d.losses[0], "{:?}", d.losses);
+    assert!(d.margins[29] > d.margins[0] + 0.5, "{:?}", d.margins);
+    assert!(out.join("dpo/adapter_model.safetensors").exists());
     std::fs::remove_dir_all(&out).unwrap();
 }
 

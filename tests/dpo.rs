@@ -81,6 +81,12 @@ fn preference_records_tokenize_as_trl_does() {
 /// `webtune train --method dpo` for five steps from the fixture's starting adapter
 /// gives TRL's loss, gradient norm and every logged metric at each step, to 1e-4.
 fn trl_case(case: &Value) {
+    trl_case_with(case, false)
+}
+
+/// `trl_case`; with `validate`, the data is also the validation set, evaluated after
+/// the last step against the reference taken before the first.
+fn trl_case_with(case: &Value, validate: bool) {
     let name = case["name"].as_str().unwrap();
     let g = gpu_f32();
     let dir = qwen3_model(name);
@@ -110,11 +116,16 @@ fn trl_case(case: &Value) {
         },
         ..RunOptions::default()
     };
+    let data = fixture().join(format!("{}.jsonl", case["data"].as_str().unwrap()));
+    let mut run = run;
+    if validate {
+        run.eval_every = Some(steps);
+    }
     let args = TrainArgs {
         model: dir.clone(),
-        data: fixture().join(format!("{}.jsonl", case["data"].as_str().unwrap())),
+        data: data.clone(),
         out: out.clone(),
-        valid: None,
+        valid: validate.then_some(data),
         resume: None,
         init_adapter: Some(fixture().join(case["adapter"].as_str().unwrap())),
         run,
@@ -138,6 +149,14 @@ fn trl_case(case: &Value) {
     ] {
         close(&format!("{name}: {key}"), &series(f), &want(&m[key]), 1e-6, 1e-4);
     }
+    if validate {
+        // After five steps the pairs' DPO loss is below the loss of the fifth step,
+        // which TRL measured before that step's update.
+        let v = hist.last().unwrap().valid_loss.expect("a validation loss at the last step") as f32;
+        let last = want(&case["losses"])[steps as usize - 1];
+        assert!(v.is_finite() && v < last && v > 0.0, "{name}: valid loss {v} after the last step, train loss {last} before it");
+        assert!(hist[..steps as usize - 1].iter().all(|s| s.valid_loss.is_none()));
+    }
     // The metrics file names them as TRL does.
     let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
@@ -154,7 +173,7 @@ fn case(name: &str) -> Value {
 
 #[test]
 fn dpo_from_a_fresh_adapter_matches_trl() {
-    trl_case(&case("sigmoid-fresh"));
+    trl_case_with(&case("sigmoid-fresh"), true);
 }
 
 #[test]

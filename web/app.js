@@ -1,12 +1,16 @@
 // The page: reads the options (or query parameters), talks to the training worker,
-// draws the loss chart and keeps #status (data-state, data-step, data-loss) current
-// so scripts and tests can follow a run.
+// draws the loss chart (and DPO's reward margin and accuracy) and keeps #status
+// (data-state, data-step, data-loss; data-margins, data-accuracies for DPO) current so
+// scripts and tests can follow a run.
 import uPlot from './vendor/uPlot.esm.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const losses = [];
-window.webtune = { losses };
+// DPO's per-step means, under TRL's names: rewards/margins and rewards/accuracies.
+const margins = [];
+const accuracies = [];
+window.webtune = { losses, margins, accuracies };
 
 function setStatus(state, text) {
   const s = $('status');
@@ -54,7 +58,7 @@ worker.onmessage = (e) => {
 // The defaults and the demo's preset come from Rust (`RunOptions`, `Session::presets`);
 // the form shows them and query parameters override them.
 let presets = null;
-const FIELDS = { rank: 'lora_rank', alpha: 'lora_alpha', dropout: 'lora_dropout', lr: 'lr', steps: 'steps', epochs: 'epochs', batch: 'batch_size', seq: 'max_seq_len', seed: 'seed' };
+const FIELDS = { rank: 'lora_rank', alpha: 'lora_alpha', dropout: 'lora_dropout', lr: 'lr', steps: 'steps', epochs: 'epochs', batch: 'batch_size', seq: 'max_seq_len', seed: 'seed', beta: 'beta', smoothing: 'label_smoothing' };
 const num = (id, param) => Number(params.get(param) ?? $(id).value);
 
 function showPreset(p) {
@@ -63,6 +67,7 @@ function showPreset(p) {
     // f32 options arrive widened (0.1 → 0.10000000149…): show 6 significant digits.
     $(id).value = params.get(id) ?? (v == null ? 0 : Number(v.toPrecision(6)));
   }
+  $('loss').value = params.get('loss') ?? p.dpo_loss;
   const targets = p.lora_targets === 'all-linear' ? presets.targets : p.lora_targets.split(',');
   $('targets').replaceChildren();
   for (const t of presets.targets) {
@@ -72,9 +77,19 @@ function showPreset(p) {
   }
 }
 
-// The preset of the chosen model: the demo's for the demo model, else the defaults.
+// The training method (sft or dpo): a choice of its own, which picks the preset.
+const method = () => params.get('method') || $('method').value;
+
+// The preset of the chosen model and method: the demo's (or its DPO stage's) for the
+// demo model, else the defaults.
 function preset() {
-  return (params.get('model') || radio('model')) === 'demo' ? presets.demo : presets.default;
+  if ((params.get('model') || radio('model')) !== 'demo') return presets.default;
+  return method() === 'dpo' ? presets.demo_dpo : presets.demo;
+}
+
+function showMethod() {
+  $('dpoOptions').hidden = method() !== 'dpo';
+  showPreset(preset());
 }
 
 function runOptions() {
@@ -95,8 +110,17 @@ function runOptions() {
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
     quantize: params.get('quantize') ?? ($('quantize').value || null),
+    method: method(),
+    beta: num('beta', 'beta'),
+    dpo_loss: params.get('loss') ?? $('loss').value,
+    label_smoothing: num('smoothing', 'smoothing'),
   };
 }
+
+// A run continued from the last one keeps its adapter's shape (the library sets it;
+// the page says so in the options it keeps for a reload).
+const LORA_KEYS = ['lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets', 'rslora', 'full'];
+let lastOptions = null; // the options of the run the session holds
 
 function radio(name) {
   return document.querySelector(`input[name=${name}]:checked`).value;
@@ -121,7 +145,7 @@ async function modelFiles() {
 
 async function dataSource() {
   const choice = params.get('data') || radio('data');
-  if (choice === 'demo') return { source: 'demo' };
+  if (choice === 'demo' || choice === 'demo-dpo') return { source: choice };
   if (choice === 'file') {
     const f = $('datafile').files[0];
     if (!f) throw new Error('choose a JSONL file');
@@ -136,6 +160,11 @@ let modelSource = null; // 'demo', 'files' or a Hub id, once a run starts
 const stepTimes = [];
 function onStep(s, total, memory, heap) {
   losses.push(s.loss);
+  const dpo = s['rewards/margins'] != null;
+  if (dpo) {
+    margins.push(s['rewards/margins']);
+    accuracies.push(s['rewards/accuracies']);
+  }
   stepTimes.push(s.tokens / s.tokens_per_s);
   drawBars($('times'), stepTimes.slice(-60), (v) => `${(1000 * v).toFixed(0)} ms`);
   const st = $('status');
@@ -144,10 +173,15 @@ function onStep(s, total, memory, heap) {
   st.dataset.loss = s.loss.toFixed(6);
   st.dataset.heap = heap;
   st.dataset.losses = JSON.stringify(losses);
+  if (dpo) {
+    st.dataset.margins = JSON.stringify(margins);
+    st.dataset.accuracies = JSON.stringify(accuracies);
+  }
   setStatus('training', `step ${s.step}/${total} · loss ${s.loss.toFixed(4)}`);
   const elapsed = (performance.now() - started) / 1000;
   const eta = (elapsed / Math.max(1, losses.length)) * (total - s.step);
-  $('stats').textContent = `step ${s.step}/${total} · loss ${s.loss.toFixed(4)} · lr ${s.lr.toExponential(2)} · grad norm ${s.grad_norm.toFixed(3)} · ${s.tokens_per_s.toFixed(0)} tokens/s · ETA ${eta.toFixed(0)} s`;
+  const rewards = dpo ? ` · reward margin ${s['rewards/margins'].toFixed(4)} · accuracy ${s['rewards/accuracies'].toFixed(3)}` : '';
+  $('stats').textContent = `step ${s.step}/${total} · loss ${s.loss.toFixed(4)}${rewards} · lr ${s.lr.toExponential(2)} · grad norm ${s.grad_norm.toFixed(3)} · ${s.tokens_per_s.toFixed(0)} tokens/s · ETA ${eta.toFixed(0)} s`;
   $('memory').textContent = `GPU memory held by the model: ${(memory / 2 ** 20).toFixed(1)} MiB`;
   drawChart();
 }
@@ -161,27 +195,61 @@ function onState(state) {
   $('demoTest').disabled = training || modelSource !== 'demo';
   for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
   $('train').disabled = training;
+  $('continueAdapter').disabled = training || !lastOptions || lastOptions.full || losses.length === 0;
+  if ($('continueAdapter').disabled) $('continueAdapter').checked = false;
   const st = $('status');
   if (state === 'done') setStatus('done', `done: ${st.dataset.step} steps, final loss ${st.dataset.loss}`);
   if (state === 'paused') setStatus('paused', `paused at step ${st.dataset.step}`);
 }
 
 // The loss chart: uPlot (vendored by the web build) gives axes, the values under the
-// cursor and sharp lines on high-DPI screens.
+// cursor and sharp lines on high-DPI screens. A DPO run adds a second chart: the
+// reward margin (left axis) and the accuracy (right axis, 0 to 1) per step.
 let chart = null;
+let dpoChart = null;
+const fixed = (d) => (u, v) => (v == null ? '–' : v.toFixed(d));
 function drawChart() {
   const steps = losses.map((_, i) => i + 1 + (Number($('status').dataset.resumedFrom) || 0));
+  const width = Math.min(640, $('chart').clientWidth || 640);
   if (!chart) {
     chart = new uPlot({
-      width: Math.min(640, $('chart').clientWidth || 640),
+      width,
       height: 240,
       scales: { x: { time: false } },
       axes: [{ label: 'step' }, { label: 'loss' }],
-      series: [{ label: 'step' }, { label: 'training loss', stroke: '#2b6cb0', width: 2, value: (u, v) => (v == null ? '–' : v.toFixed(4)) }],
+      series: [{ label: 'step' }, { label: margins.length ? 'DPO loss' : 'training loss', stroke: '#2b6cb0', width: 2, value: fixed(4) }],
     }, [steps, losses.slice()], $('chart'));
-    return;
+  } else {
+    chart.setData([steps, losses.slice()]);
   }
-  chart.setData([steps, losses.slice()]);
+  if (!margins.length) return;
+  $('dpoChart').hidden = false;
+  const data = [steps, margins.slice(), accuracies.slice()];
+  if (!dpoChart) {
+    dpoChart = new uPlot({
+      width,
+      height: 200,
+      scales: { x: { time: false }, margin: {}, accuracy: { range: [0, 1] } },
+      axes: [{ label: 'step' }, { label: 'reward margin', scale: 'margin' }, { label: 'accuracy', scale: 'accuracy', side: 1, grid: { show: false } }],
+      series: [
+        { label: 'step' },
+        { label: 'reward margin (chosen − rejected)', scale: 'margin', stroke: '#2f855a', width: 2, value: fixed(4) },
+        { label: 'accuracy (chosen rewarded above rejected)', scale: 'accuracy', stroke: '#c05621', width: 2, value: fixed(3) },
+      ],
+    }, data, $('dpoChart'));
+  } else {
+    dpoChart.setData(data);
+  }
+}
+
+// A new run starts its charts and figures afresh.
+function resetCharts() {
+  for (const c of [chart, dpoChart]) c?.destroy();
+  chart = dpoChart = null;
+  $('dpoChart').hidden = true;
+  losses.length = margins.length = accuracies.length = 0;
+  const st = $('status');
+  for (const k of ['losses', 'margins', 'accuracies', 'resumedFrom']) delete st.dataset[k];
 }
 
 // Download progress, a line per file; window.webtune.downloads keeps the figures.
@@ -208,7 +276,16 @@ $('clearStored').onclick = async () => {
 };
 
 async function prepare(model, data) {
+  if (model) await loadModel(model);
+  return loadData(data);
+}
+
+async function loadModel(model) {
   setStatus('loading', 'loading the model…');
+  // A new model drops the session's run: nothing to continue from until one trains.
+  lastOptions = null;
+  $('continueAdapter').checked = false;
+  $('continueAdapter').disabled = true;
   // The Hub endpoint (?endpoint=, as HF_ENDPOINT natively) and token go to the worker
   // only, never into the saved run.
   const loaded = await call('loadModel', { ...model, endpoint: params.get('endpoint') || undefined, token: params.get('token') || $('hubToken').value.trim() });
@@ -216,10 +293,23 @@ async function prepare(model, data) {
   log(loaded.template);
   log(`model loaded; the wasm heap is ${(loaded.heap / 2 ** 20).toFixed(0)} MiB`);
   $('status').dataset.heap = loaded.heap;
+}
+
+async function loadData(data) {
   setStatus('loading', 'reading the data…');
   const summary = await call('loadData', { ...data, maxSeqLen: num('seq', 'seq'), pack: false });
-  log(`data: ${summary.records} records → ${summary.sequences} sequences, ${summary.skipped} skipped, ${summary.trained_tokens} trained tokens`);
+  const pairs = summary.pairs != null ? ` (${summary.pairs} preference pairs)` : '';
+  log(`data: ${summary.records} records → ${summary.sequences} sequences${pairs}, ${summary.skipped} skipped, ${summary.trained_tokens} trained tokens`);
   showPreview(summary.preview);
+  showPrompts(summary.prompts);
+  return summary;
+}
+
+// The method has to fit the data: said here in the page's words (the library's errors
+// name the command line's flag).
+function checkMethod(summary, m) {
+  if (summary.pairs != null && m !== 'dpo') throw new Error('the data holds preference pairs (chosen + rejected): choose the training method DPO');
+  if (summary.pairs == null && m === 'dpo') throw new Error('DPO trains on preference pairs ({"prompt", "chosen", "rejected"}, or {"chosen", "rejected"} conversations) and this data holds none: choose SFT, or preference data');
 }
 
 // The records as the model sees them, trained tokens highlighted, and the summary.
@@ -227,17 +317,36 @@ function showPreview(p) {
   $('inspect').hidden = false;
   const recs = $('records');
   recs.replaceChildren();
-  for (const r of p.records) {
-    const h = document.createElement('div');
-    h.className = 'muted';
-    h.textContent = `${r.place} · ${r.format} · ${r.tokens} tokens, ${r.trained} trained${r.truncated ? `, ${r.truncated} cut` : ''}`;
+  const counts = (r) => `${r.tokens} tokens, ${r.trained} trained${r.truncated ? `, ${r.truncated} cut` : ''}`;
+  const sequence = (runs) => {
     const pre = document.createElement('pre');
-    for (const [text, trained] of r.runs) {
+    for (const [text, trained] of runs) {
       const span = document.createElement(trained ? 'mark' : 'span');
       span.textContent = text;
       pre.appendChild(span);
     }
-    recs.append(h, pre);
+    return pre;
+  };
+  for (const r of p.records) {
+    const h = document.createElement('div');
+    h.className = 'muted';
+    if (!r.pair) {
+      h.textContent = `${r.place} · ${r.format} · ${counts(r)}`;
+      recs.append(h, sequence(r.runs));
+      continue;
+    }
+    // A preference pair: its chosen and its rejected sequence in two columns.
+    h.textContent = `${r.place} · ${r.format} · a preference pair`;
+    const cols = document.createElement('div');
+    cols.className = 'pair';
+    for (const side of r.pair) {
+      const col = document.createElement('div');
+      col.dataset.side = side.side;
+      const label = Object.assign(document.createElement('div'), { className: `muted side-${side.side}`, textContent: `${side.side} · ${counts(side)}` });
+      col.append(label, sequence(side.runs));
+      cols.appendChild(col);
+    }
+    recs.append(h, cols);
   }
   const s = p.summary;
   const l = s.lengths;
@@ -259,35 +368,62 @@ function showPreview(p) {
 
 async function train() {
   try {
-    const source = params.get('model') || radio('model');
-    const model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
+    // Continuing keeps the session's model and its adapter: only the data is read.
+    const continued = $('continueAdapter').checked && !$('continueAdapter').disabled;
+    let options = runOptions();
+    let model = null;
+    if (continued) {
+      options = { ...options, ...Object.fromEntries(LORA_KEYS.map((k) => [k, lastOptions[k]])) };
+      log(`continuing from the adapter just trained (LoRA rank ${options.lora_rank}, alpha ${options.lora_alpha}, dropout ${options.lora_dropout})`);
+    } else {
+      const source = params.get('model') || radio('model');
+      model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
+      setModelSource(model.source);
+    }
     const data = await dataSource();
-    setModelSource(model.source);
-    await prepare(model, data);
-    losses.length = 0;
-    await showEstimate(runOptions());
-    const { total } = await call('start', { options: runOptions(), model: model.source === 'files' ? null : model, data: { source: data.source } });
+    const summary = await prepare(model, data);
+    checkMethod(summary, options.method);
+    resetCharts();
+    await showEstimate(options);
+    prefRun = options.method === 'dpo' ? await beforeDpo(summary.prompts, continued) : null;
+    if (!prefRun) $('prefBox').hidden = true;
+    const what = { options, data: { source: data.source } };
+    const { total } = continued ? await call('startContinued', what) : await call('start', { ...what, model: model.source === 'files' ? null : model });
+    lastOptions = options;
     log(`training ${total} steps`);
+    if (prefRun) setStatus('training', `computing the reference log-probabilities of ${summary.pairs} pairs (once, before step 1)…`);
     started = performance.now();
-    await call('run');
+    await runToEnd(prefRun);
   } catch (err) {
     fail(err);
   }
 }
 
+// The worker's loop until the run is done or paused; a DPO run then answers its
+// prompts again.
+async function runToEnd(pref) {
+  const { done } = await call('run');
+  if (done && pref) await afterDpo(pref);
+}
+
 async function resumeSaved(saved) {
   try {
     if (!saved.model) throw new Error('this run used files from disk; choose them again and train');
-    const data = saved.data.source === 'demo' ? { source: 'demo' } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
+    const data = ['demo', 'demo-dpo'].includes(saved.data.source) ? { source: saved.data.source } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
     setModelSource(saved.model.source);
-    await prepare(saved.model, data);
-    await call('start', { options: saved.options, model: saved.model, data: saved.data });
+    const summary = await prepare(saved.model, data);
+    resetCharts();
+    // A continued run's starting adapter is not kept: its answers before are unknown.
+    prefRun = saved.options.method === 'dpo' ? { prompts: (summary.prompts || []).slice(0, PREF_PROMPTS), before: saved.continued ? null : undefined } : null;
+    if (prefRun) showPrefAnswers(prefRun, null);
+    await call('start', { options: saved.options, model: saved.model, data: saved.data, continued: saved.continued });
+    lastOptions = saved.options;
     const { step } = await call('resumeSaved');
     log(`resumed at step ${step}`);
     $('status').dataset.step = step;
     $('status').dataset.resumedFrom = step;
     started = performance.now();
-    await call('run');
+    await runToEnd(prefRun);
   } catch (err) {
     fail(err);
   }
@@ -322,7 +458,7 @@ $('train').onclick = train;
 // Choosing files from disk picks that model source.
 for (const id of ['modelfiles', 'gguffile']) $(id).addEventListener('change', () => { document.querySelector('input[name=model][value=files]').checked = true; });
 $('pause').onclick = () => call('pause');
-$('continue').onclick = async () => { try { await call('run'); } catch (e) { fail(e); } };
+$('continue').onclick = async () => { try { await runToEnd(prefRun); } catch (e) { fail(e); } };
 // What the run hands back (the library's `Export`): the adapter or the merged model,
 // as safetensors or GGUF.
 $('download').onclick = async () => {
@@ -333,6 +469,70 @@ $('download').onclick = async () => {
     fail(e);
   }
 };
+// ---- DPO: the data's prompts answered before and after -------------------------------
+// The first prompts of the pairs (their last user turn), answered greedily as the run
+// starts and as it ends, next to the chosen and the rejected answer.
+const PREF_PROMPTS = 4;
+const ANSWER_TOKENS = 48;
+let prefRun = null; // the DPO run's {prompts, before}; before: answers, undefined (the base's, asked at the end) or null (unknown)
+
+const answers = (prompts, adapter) => call('answers', { prompts: prompts.map((p) => p.prompt), maxNew: ANSWER_TOKENS, adapter });
+
+async function beforeDpo(prompts, continued) {
+  const pref = { prompts: (prompts || []).slice(0, PREF_PROMPTS), before: undefined };
+  // A fresh adapter starts as the base (LoRA's B is zero), so the base's answers, asked
+  // at the end, are those before; a continued run starts from the adapter it continues.
+  if (continued && pref.prompts.length) pref.before = await answers(pref.prompts, true);
+  showPrefAnswers(pref, null);
+  return pref;
+}
+
+async function afterDpo(pref) {
+  if (!pref.prompts.length) return;
+  if (pref.before === undefined) pref.before = await answers(pref.prompts, false);
+  showPrefAnswers(pref, await answers(pref.prompts, true));
+}
+
+function showPrefAnswers(pref, after) {
+  $('prefBox').hidden = !pref.prompts.length;
+  const table = $('prefAnswers');
+  table.replaceChildren();
+  for (const k of ['before', 'after', 'chosenBefore', 'chosenAfter']) delete table.dataset[k];
+  const row = (cells, tag) => {
+    const tr = document.createElement('tr');
+    for (const c of cells) tr.appendChild(Object.assign(document.createElement(tag), { textContent: c }));
+    table.appendChild(tr);
+  };
+  const same = (a, b) => a.trim() === b.trim();
+  // ✓ the chosen answer, ✗ the rejected one, · neither.
+  const mark = (a, p) => (a == null ? '' : `${same(a, p.chosen) ? '✓' : same(a, p.rejected) ? '✗' : '·'} ${a.trim() || '(no text)'}`);
+  row(['prompt', 'chosen', 'rejected', 'before', 'after'], 'th');
+  pref.prompts.forEach((p, i) => row([p.prompt, p.chosen, p.rejected, pref.before ? mark(pref.before[i], p) : pref.before === null ? '(not kept across a reload)' : '…', after ? mark(after[i], p) : '…'], 'td'));
+  const chosen = (a) => pref.prompts.filter((p, i) => same(a[i], p.chosen)).length;
+  if (!after) {
+    $('prefScore').textContent = 'answered again when the run is done';
+    return;
+  }
+  table.dataset.after = JSON.stringify(after);
+  table.dataset.chosenAfter = chosen(after);
+  let score = `the chosen answer, word for word: ${chosen(after)} of ${pref.prompts.length} after`;
+  if (pref.before) {
+    table.dataset.before = JSON.stringify(pref.before);
+    table.dataset.chosenBefore = chosen(pref.before);
+    score += `, ${chosen(pref.before)} before`;
+  }
+  $('prefScore').textContent = score;
+}
+
+// The preference data's prompts, to ask both models.
+function showPrompts(prompts) {
+  const list = prompts || [];
+  $('promptPick').replaceChildren(new Option('choose…', ''), ...list.map((p) => new Option(p.prompt, p.prompt)));
+  $('promptPickBox').hidden = !list.length;
+  if (list.length) $('prompt').value = list[0].prompt;
+}
+$('promptPick').onchange = () => { if ($('promptPick').value) $('prompt').value = $('promptPick').value; };
+
 // The demo's held-out test, shown when the demo model is loaded.
 function setModelSource(source) {
   modelSource = source;
@@ -502,8 +702,18 @@ $('showNorms').onclick = async () => {
     return fail(err);
   }
   presets = info.presets;
-  showPreset(preset());
+  // The demo's preference pairs come with DPO, its tasks with SFT.
+  $('method').value = params.get('method') || ((params.get('data') || radio('data')) === 'demo-dpo' ? 'dpo' : 'sft');
+  showMethod();
   for (const r of document.querySelectorAll('input[name=model]')) r.onchange = () => showPreset(preset());
+  $('method').onchange = showMethod;
+  for (const r of document.querySelectorAll('input[name=data]')) {
+    r.addEventListener('change', () => {
+      if (r.value !== 'demo' && r.value !== 'demo-dpo') return;
+      $('method').value = r.value === 'demo' ? 'sft' : 'dpo';
+      showMethod();
+    });
+  }
   $('adapter').textContent = `GPU: ${info.adapter}`;
   $('kernels').dataset.available = String(info.timestamps);
   if (!info.timestamps) $('kernelTotal').textContent = 'This adapter offers no timestamp-query, so there is no GPU time per kernel: the wall-clock times above are all there is.';

@@ -254,6 +254,27 @@ async function remoteModel(source) {
   return { name: id ? id.repo : source, names, bytes, shards };
 }
 
+// The first `n` preference pairs' prompts (the last user turn; a string prompt as it
+// is) with their chosen and rejected answers, for the page to ask before and after.
+function preferencePrompts(body, n) {
+  const out = [];
+  const content = (m) => (m && typeof m.content === 'string' ? m.content : null);
+  const last = (msgs, role) => content(msgs.filter((m) => m && m.role === role).at(-1));
+  const answer = (v) => (typeof v === 'string' ? v : Array.isArray(v) ? last(v, 'assistant') : null);
+  for (const line of body.split('\n')) {
+    if (out.length >= n) break;
+    let r;
+    try { r = JSON.parse(line); } catch (e) { continue; }
+    if (!r || r.chosen == null || r.rejected == null) continue;
+    // Without a prompt (TRL's implicit form), the chosen conversation holds it.
+    const prompt = r.prompt ?? (Array.isArray(r.chosen) ? r.chosen.slice(0, -1) : null);
+    const user = typeof prompt === 'string' ? prompt : Array.isArray(prompt) ? last(prompt, 'user') : null;
+    const [chosen, rejected] = [answer(r.chosen), answer(r.rejected)];
+    if (user && chosen != null && rejected != null) out.push({ prompt: user, chosen, rejected });
+  }
+  return out;
+}
+
 const commands = {
   async init() {
     wasm = await init();
@@ -277,15 +298,21 @@ const commands = {
   },
   async loadData({ source, text, bytes, name, maxSeqLen, pack }) {
     // A file's bytes are decoded in Rust, so bytes that are not UTF-8 name their line.
-    const body = source === 'demo' ? Session.demo_data() : bytes ? Session.data_text(bytes, name) : text;
+    const body = source === 'demo' ? Session.demo_data() : source === 'demo-dpo' ? Session.demo_preference_data() : bytes ? Session.data_text(bytes, name) : text;
     const summary = session.load_data(body, name || source, maxSeqLen, !!pack);
     const preview = session.inspect(body, name || source, maxSeqLen, !!pack, 3);
     await saveFile('data.jsonl', body);
-    return { ...summary, preview };
+    return { ...summary, preview, prompts: summary.pairs != null ? preferencePrompts(body, 8) : [] };
   },
-  async start({ options, model, data }) {
+  async start({ options, model, data, continued }) {
     const total = session.start(options);
-    runInfo = { options, model, data, total };
+    runInfo = { options, model, data, total, ...(continued ? { continued } : {}) };
+    return { total };
+  },
+  // A run from the adapter the session's run trained (DPO after SFT), on the same model.
+  async startContinued({ options, data }) {
+    const total = await session.start_continued(options);
+    runInfo = { options, model: runInfo ? runInfo.model : null, data, total, continued: true };
     return { total };
   },
   memory: ({ options }) => session.memory_estimate(options),
@@ -349,6 +376,12 @@ const commands = {
     const base = await session.generate(prompt, maxNew, false);
     const tuned = await session.generate(prompt, maxNew, true);
     return { base, tuned };
+  },
+  // Greedy answers to `prompts` (user turns), with or without the adapter.
+  async answers({ prompts, maxNew, adapter }) {
+    const out = [];
+    for (const p of prompts) out.push(await session.generate(p, maxNew, adapter));
+    return out;
   },
   async demoTest({ n }) {
     return { base: await session.demo_test(n, false), tuned: await session.demo_test(n, true) };

@@ -103,8 +103,9 @@ impl RunOptions {
 
     /// The demo's DPO stage (`webtune demo --dpo-steps`, the page's DPO demo): the SFT
     /// preset's adapter continued on preference pairs, sigmoid DPO with β = 0.1, lr
-    /// 2e-3 (constant), batches of 16 pairs, no dropout, sequences of up to 128
-    /// characters (a brief ask makes the prompts longer).
+    /// 2e-3 (constant), batches of 16 pairs, sequences of up to 128 characters (a
+    /// brief ask makes the prompts longer); no dropout for a fresh adapter (a
+    /// continued one keeps its own LoRA config, dropout 0.1 after the demo's SFT).
     pub fn demo_dpo(steps: u64) -> RunOptions {
         let sft = RunOptions::demo(steps);
         RunOptions {

@@ -1,6 +1,7 @@
 // The page in real headless Chromium (Debian's chromium, WebGPU on the CPU through
 // SwiftShader), driven by playwright-core: train the demo model, compare the losses
-// with `webtune train` natively, generate, download the adapter, reload and resume.
+// with `webtune train` natively, generate, download the adapter, reload and resume;
+// DPO on preference pairs (fresh, and after SFT from its adapter) against native.
 // Run by scripts/test.sh after the wasm package and the native binary are built.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -63,12 +64,18 @@ function nativeLosses(steps, icd, extra = []) {
 
 // The losses of `webtune train ARGS` on the driver `icd`.
 function nativeTrain(args, icd) {
-  const out = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
+  return nativeMetrics(args, icd).map((m) => m.loss);
+}
+
+// The per-step stats (metrics.jsonl) of `webtune train ARGS` on the driver `icd`; the
+// output goes to `keep` (and stays) where given.
+function nativeMetrics(args, icd, keep) {
+  const out = keep || fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-native-'));
   const env = icd ? { ...process.env, VK_ICD_FILENAMES: icd } : process.env;
   execFileSync(bin, ['train', ...args, '--out', out], { stdio: 'ignore', env });
-  const losses = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).loss);
-  fs.rmSync(out, { recursive: true, force: true });
-  return losses;
+  const metrics = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+  if (!keep) fs.rmSync(out, { recursive: true, force: true });
+  return metrics;
 }
 
 function safetensorsHeader(bytes) {
@@ -266,6 +273,265 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.equal(losses.length, steps - from);
   losses.forEach((l, i) => assert.ok(Math.abs(l - straight[from + i]) < 1e-6, `step ${from + i + 1}: resumed ${l}, straight ${straight[from + i]}`));
   await page.screenshot({ path: path.join(os.tmpdir(), 'webtune-page.png'), fullPage: true });
+});
+
+// ---- DPO -----------------------------------------------------------------------------
+// The page's DPO figures after a run: loss, rewards/margins and rewards/accuracies per step.
+const dpoFigures = (st) => ({ loss: JSON.parse(st.losses), margins: JSON.parse(st.margins), accuracies: JSON.parse(st.accuracies) });
+
+// Page against native, figure by figure: |page − native| / max(1, |native|) at most `tol`.
+function assertSameFigures(got, native, tol, what) {
+  const want = { loss: native.map((m) => m.loss), margins: native.map((m) => m['rewards/margins']), accuracies: native.map((m) => m['rewards/accuracies']) };
+  for (const k of Object.keys(want)) {
+    assert.equal(got[k].length, want[k].length, `${what}: ${k}`);
+    const diff = Math.max(...got[k].map((v, i) => Math.abs(v - want[k][i]) / Math.max(1, Math.abs(want[k][i]))));
+    assert.ok(diff <= tol, `${what}: ${k}: page ${got[k]}, native ${want[k]}`);
+  }
+  return want;
+}
+
+// At a DPO run's first step the policy is its reference: every pair's rewards are 0, so
+// the sigmoid loss is ln 2, the margin 0, and no pair is rewarded above its other side.
+function assertFirstStep(f) {
+  assert.ok(Math.abs(f.loss[0] - Math.LN2) < 1e-3, `step 1 loss ${f.loss[0]}`);
+  assert.ok(Math.abs(f.margins[0]) < 1e-3, `step 1 margin ${f.margins[0]}`);
+}
+
+// Pixels of a canvas within a small distance of an RGB colour (a uPlot series' stroke).
+const strokePixels = (sel, rgb) => page.$eval(sel, (c, [r, g, b]) => {
+  const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < px.length; i += 4) if (px[i + 3] > 200 && Math.abs(px[i] - r) + Math.abs(px[i + 1] - g) + Math.abs(px[i + 2] - b) < 60) n++;
+  return n;
+}, rgb);
+
+// The demo's DPO stage in the tab: its preset (lr 2e-3 constant, 16 pairs a batch, no
+// dropout) for 2 steps on the demo's preference pairs, against `webtune train --method
+// dpo` with the same options on the page's driver (SwiftShader).
+test('a DPO run in the page gives the native losses and reward margins, and charts them', async () => {
+  await page.goto(`${base}?model=demo&data=demo-dpo&steps=2&autostart=1`);
+  const st = await waitFor(['done', 'error']);
+  assert.equal(st.step, '2', st.error);
+  // Choosing the demo's preference pairs chose DPO and its preset.
+  const form = await page.evaluate(() => Object.fromEntries(['method', 'lr', 'batch', 'dropout', 'rank', 'alpha', 'beta', 'loss', 'smoothing', 'seed'].map((id) => [id, document.getElementById(id).value])));
+  assert.deepEqual(form, { method: 'dpo', lr: '0.002', batch: '16', dropout: '0', rank: '16', alpha: '32', beta: '0.1', loss: 'sigmoid', smoothing: '0', seed: '42' });
+  const seq = await page.inputValue('#seq');
+  assert.match(seq, /^\d+$/);
+  const got = dpoFigures(st);
+  assertFirstStep(got);
+  const native = nativeMetrics(['--model', 'demo', '--data', 'demo-dpo', '--method', 'dpo', '--lr', '2e-3', '--schedule', 'constant', '--warmup', '0',
+    '--batch-size', '16', '--steps', '2', '--lora-rank', '16', '--lora-alpha', '32', '--lora-dropout', '0', '--max-seq-len', seq, '--seed', '42', '--f32-weights'], SWIFTSHADER);
+  const want = assertSameFigures(got, native, 1e-4, 'DPO on SwiftShader');
+  assert.ok(got.margins[1] > 0 && got.loss[1] < Math.LN2, `one step moves the chosen answers up: ${JSON.stringify(got)}`);
+  console.log(`DPO in the page: loss ${got.loss.map((l) => l.toFixed(5)).join(' ')}, margins ${got.margins.map((m) => m.toFixed(5)).join(' ')}, accuracies ${got.accuracies.join(' ')}; native on SwiftShader: loss ${want.loss.map((l) => l.toFixed(5)).join(' ')}, margins ${want.margins.map((m) => m.toFixed(5)).join(' ')}`);
+  assert.match(await page.textContent('#stats'), /step 2\/2 · loss \d\.\d{4} · reward margin -?\d\.\d{4} · accuracy \d\.\d{3}/);
+  // Both charts are drawn: the loss, and the margin and accuracy lines.
+  assert.equal(await page.isVisible('#dpoChart'), true);
+  assert.match(await page.textContent('#chart .u-legend'), /DPO loss/);
+  assert.match(await page.textContent('#dpoChart .u-legend'), /reward margin.*accuracy/);
+  assert.ok((await strokePixels('#chart canvas', [0x2b, 0x6c, 0xb0])) > 50, 'the loss line');
+  assert.ok((await strokePixels('#dpoChart canvas', [0x2f, 0x85, 0x5a])) > 50, 'the margin line');
+  assert.ok((await strokePixels('#dpoChart canvas', [0xc0, 0x56, 0x21])) > 20, 'the accuracy line');
+});
+
+// The records of `webtune data inspect` (plain output): per side its header's counts,
+// its text and its trained runs (inside ⟦ ⟧).
+function nativePreview(args) {
+  const out = execFileSync(bin, ['data', 'inspect', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  const sides = [];
+  for (const block of out.split(/^── /m).slice(1)) {
+    const m = /^(\S+) (chosen|rejected) \(.*?, (\d+) tokens, (\d+) trained.*\n([\s\S]*?)\n\n/.exec(block);
+    assert.ok(m, `unexpected data inspect output: ${block}`);
+    sides.push({ place: m[1], side: m[2], tokens: Number(m[3]), trained: Number(m[4]), text: m[5].replace(/[⟦⟧]/g, ''), marks: [...m[5].matchAll(/⟦([^⟧]*)⟧/g)].map((x) => x[1]) });
+  }
+  return sides;
+}
+
+test('the page previews preference pairs side by side, chosen and rejected, as webtune data inspect does', async () => {
+  const pairs = await page.$$eval('#records .pair', (ps) => ps.map((p) => [...p.children].map((c) => ({
+    side: c.dataset.side,
+    head: c.firstChild.textContent,
+    text: c.querySelector('pre').textContent,
+    marks: [...c.querySelectorAll('pre mark')].map((m) => m.textContent),
+  }))));
+  assert.equal(pairs.length, 3);
+  // The data as the page read it (its worker keeps it in the Origin Private File
+  // System for a reload), inspected natively.
+  const jsonl = await page.evaluate(async () => (await (await (await navigator.storage.getDirectory()).getFileHandle('data.jsonl')).getFile()).text());
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-pairs-'));
+  let native;
+  try {
+    fs.writeFileSync(path.join(tmp, 'pairs.jsonl'), jsonl);
+    native = nativePreview(['--model', 'demo', '--data', path.join(tmp, 'pairs.jsonl'), '--max-seq-len', await page.inputValue('#seq'), '--show', '3']);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+  assert.equal(jsonl.trim().split('\n').length, 512);
+  assert.equal(native.length, 6);
+  pairs.forEach((pair, i) => {
+    assert.deepEqual(pair.map((s) => s.side), ['chosen', 'rejected']);
+    pair.forEach((s, j) => {
+      const n = native[2 * i + j];
+      assert.equal(n.side, s.side);
+      assert.equal(s.head, `${s.side} · ${n.tokens} tokens, ${n.trained} trained`);
+      assert.equal(s.text, n.text);
+      assert.deepEqual(s.marks, n.marks);
+      // The completion alone is trained, with its end token; the prompt is context.
+      assert.equal(s.marks.length, 1, s.text);
+      assert.ok(/<\/s>\s*$/.test(s.marks[0]) && s.text.includes('<|user|>') && !s.marks[0].includes('<|user|>'), s.text);
+    });
+    // The demo's pairs alternate: a brief ask prefers the bare result ("tac"), a plain
+    // request the sentence SFT taught ("cat reversed is tac.").
+    const [chosen, rejected] = pair.map((s) => s.marks[0].replace(/<\/s>\s*$/, ''));
+    const sentence = (a) => /\.$/.test(a.trim());
+    assert.deepEqual([sentence(chosen), sentence(rejected)], i % 2 === 0 ? [false, true] : [true, false], `pair ${i + 1}: chosen ${chosen}, rejected ${rejected}`);
+  });
+  const summary = await page.textContent('#summary');
+  assert.match(summary, /records: 512 \(preference \(conversational\) 512\)/);
+  assert.match(await page.textContent('#log'), /data: 512 records → 1024 sequences \(512 preference pairs\)/);
+  // The pairs' prompts are there to ask both models.
+  const prompts = await page.$$eval('#promptPick option', (o) => o.map((x) => x.value).filter(Boolean));
+  assert.equal(prompts.length, 8);
+  assert.equal(await page.inputValue('#prompt'), prompts[0]);
+  pairs.forEach((pair, i) => assert.ok(pair[0].text.includes(prompts[i]), `${prompts[i]} / ${pair[0].text}`));
+});
+
+test('after a DPO run the page answers the pairs\' prompts before and after', async () => {
+  await page.waitForFunction(() => document.querySelector('#prefAnswers').dataset.after, null, { timeout: 300_000 });
+  assert.notEqual((await status()).state, 'error', (await status()).error);
+  assert.equal(await page.isVisible('#prefBox'), true);
+  const rows = await page.$$eval('#prefAnswers tr', (r) => r.map((tr) => [...tr.children].map((c) => c.textContent)));
+  assert.deepEqual(rows[0], ['prompt', 'chosen', 'rejected', 'before', 'after']);
+  assert.equal(rows.length, 5);
+  const prompts = await page.$$eval('#promptPick option', (o) => o.map((x) => x.value).filter(Boolean));
+  const d = await page.$eval('#prefAnswers', (t) => ({ ...t.dataset }));
+  const [before, after] = [JSON.parse(d.before), JSON.parse(d.after)];
+  rows.slice(1).forEach(([q, chosen, rejected, b, a], i) => {
+    assert.equal(q, prompts[i]);
+    assert.ok(chosen.length > 0 && rejected.length > 0 && chosen !== rejected);
+    assert.match(b, /^[✓✗·] /);
+    assert.match(a, /^[✓✗·] /);
+    assert.equal(b.slice(2), before[i].trim() || '(no text)');
+    assert.equal(a.slice(2), after[i].trim() || '(no text)');
+  });
+  // The base (before) has never seen a chat turn: it gives neither answer.
+  assert.equal(Number(d.chosenBefore), 0);
+  assert.ok(Number(d.chosenAfter) >= 0 && Number(d.chosenAfter) <= 4);
+  console.log(`DPO prompts, before → after: ${rows.slice(1).map(([q, , , b, a]) => `${JSON.stringify(q)}: ${JSON.stringify(b)} → ${JSON.stringify(a)}`).join('; ')}`);
+});
+
+// Preference pairs written out as a user would upload them, in TRL's two
+// conversational forms (explicit prompt; implicit, the prompt inside each conversation):
+// a request that asks for just the answer prefers the bare reversal.
+function pairsFile(dir, n) {
+  const words = ['cat', 'dog', 'sun', 'map', 'pen', 'cup', 'hat', 'box', 'egg', 'jam', 'kit', 'log', 'net', 'owl', 'pig', 'rug'];
+  const lines = [];
+  for (let i = 0; i < n; i++) {
+    const w = words[i % words.length];
+    const r = [...w].reverse().join('');
+    const brief = i % 2 === 0;
+    const user = { role: 'user', content: `Reverse the word ${w}.${brief ? ' Just the answer.' : ''}` };
+    const [chosen, rejected] = brief ? [r, `${w} reversed is ${r}.`] : [`${w} reversed is ${r}.`, r];
+    const turn = (c) => ({ role: 'assistant', content: c });
+    lines.push(JSON.stringify(i % 4 < 2 ? { prompt: [user], chosen: [turn(chosen)], rejected: [turn(rejected)] } : { chosen: [user, turn(chosen)], rejected: [user, turn(rejected)] }));
+  }
+  const file = path.join(dir, 'pairs.jsonl');
+  fs.writeFileSync(file, lines.join('\n') + '\n');
+  return file;
+}
+
+// SFT, then DPO continued from the adapter just trained (its reference) on preference
+// pairs from a file, in one session, as `webtune train --init-adapter` continues natively.
+test('SFT then DPO from the adapter just trained, in one session, as natively with --init-adapter', async () => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-stages-'));
+  try {
+    const pairs = pairsFile(tmp, 32);
+    const opts = 'model=demo&lr=0.002&rank=8&alpha=16&dropout=0&batch=4&seq=128&seed=42&schedule=constant&warmup=0&steps=2';
+    await page.goto(`${base}?${opts}&autostart=1`);
+    const sft = await waitFor(['done', 'error']);
+    assert.equal(sft.step, '2', sft.error);
+    assert.equal(sft.margins, undefined);
+    assert.equal(await page.isEnabled('#continueAdapter'), true);
+    await page.selectOption('#method', 'dpo');
+    assert.equal(await page.isVisible('#beta'), true);
+    await page.check('input[name=data][value=file]');
+    await page.setInputFiles('#datafile', pairs);
+    await page.check('#continueAdapter');
+    await page.click('#train');
+    await page.waitForFunction(() => {
+      const d = document.querySelector('#status').dataset;
+      return d.state === 'error' || (d.state === 'done' && d.margins);
+    }, null, { timeout: 600_000 });
+    const st = await status();
+    assert.notEqual(st.state, 'error', st.error);
+    assert.equal(st.step, '2');
+    assert.match(await page.textContent('#log'), /continuing from the adapter just trained \(LoRA rank 8, alpha 16, dropout 0\)/);
+    assert.match(await page.textContent('#log'), /data: 32 records → 64 sequences \(32 preference pairs\)/);
+    assert.match(await page.textContent('#summary'), /records: 32 \(preference \(conversational\) 16, preference \(implicit prompt\) 16\)/);
+    const got = dpoFigures(st);
+    // The reference is the SFT adapter, so step 1 starts from equal rewards again.
+    assertFirstStep(got);
+    const common = ['--model', 'demo', '--lr', '0.002', '--schedule', 'constant', '--warmup', '0', '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--steps', '2', '--f32-weights'];
+    const nativeSft = nativeMetrics([...common, '--data', 'demo', '--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0'], SWIFTSHADER, path.join(tmp, 'sft'));
+    const sftLosses = JSON.parse(sft.losses);
+    sftLosses.forEach((l, i) => assert.ok(Math.abs(l - nativeSft[i].loss) <= 1e-4 * Math.max(1, Math.abs(l)), `SFT page ${sftLosses}, native ${nativeSft.map((m) => m.loss)}`));
+    const native = nativeMetrics([...common, '--data', pairs, '--method', 'dpo', '--init-adapter', path.join(tmp, 'sft')], SWIFTSHADER);
+    const want = assertSameFigures(got, native, 1e-4, 'DPO after SFT on SwiftShader');
+    console.log(`SFT → DPO in the page: DPO loss ${got.loss.map((l) => l.toFixed(5)).join(' ')}, margins ${got.margins.map((m) => m.toFixed(5)).join(' ')}; native --init-adapter: ${want.loss.map((l) => l.toFixed(5)).join(' ')}, ${want.margins.map((m) => m.toFixed(5)).join(' ')}`);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+  // The answers before are the SFT adapter's, taken as the DPO run started; the prompts
+  // are the file's, from both forms.
+  await page.waitForFunction(() => document.querySelector('#prefAnswers').dataset.after, null, { timeout: 300_000 });
+  const d = await page.$eval('#prefAnswers', (t) => ({ ...t.dataset }));
+  assert.equal(JSON.parse(d.before).length, 4);
+  assert.equal(JSON.parse(d.after).length, 4);
+  const rows = await page.$$eval('#prefAnswers tr', (r) => r.map((tr) => [...tr.children].map((c) => c.textContent)));
+  assert.deepEqual(rows.slice(1).map((r) => r.slice(0, 3)), [
+    ['Reverse the word cat. Just the answer.', 'tac', 'cat reversed is tac.'],
+    ['Reverse the word dog.', 'dog reversed is god.', 'god'],
+    ['Reverse the word sun. Just the answer.', 'nus', 'sun reversed is nus.'],
+    ['Reverse the word map.', 'map reversed is pam.', 'pam'],
+  ]);
+  console.log(`SFT → DPO prompts, before → after: ${rows.slice(1).map(([q, , , b, a]) => `${JSON.stringify(q)}: ${JSON.stringify(b)} → ${JSON.stringify(a)}`).join('; ')}`);
+});
+
+// A DPO checkpoint holds the reference log-probabilities: a reload resumes the run on
+// the stored pairs, with the same losses and margins as a run straight through.
+test('a reload resumes a DPO run from its last checkpoint and continues exactly', async () => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-dpo-resume-'));
+  try {
+    const pairs = pairsFile(tmp, 8);
+    const start = async (until) => {
+      await page.goto(`${base}?model=demo&method=dpo&steps=14&batch=4&lr=0.0005`);
+      await page.waitForFunction(() => document.querySelector('#status').dataset.state === 'ready');
+      await page.check('input[name=data][value=file]');
+      await page.setInputFiles('#datafile', pairs);
+      await page.click('#train');
+      await until();
+    };
+    await start(() => waitFor(['done', 'error']));
+    const straight = dpoFigures(await status());
+    assert.equal(straight.loss.length, 14);
+    await start(() => page.waitForFunction(() => Number(document.querySelector('#status').dataset.step) >= 12, null, { timeout: 600_000 }));
+    await page.goto(`${base}?resume=1`);
+    const st = await waitFor(['done', 'error']);
+    assert.equal(st.resumedFrom, '10');
+    assert.equal(st.step, '14');
+    const resumed = dpoFigures(st);
+    for (const k of ['loss', 'margins', 'accuracies']) resumed[k].forEach((v, i) => assert.ok(Math.abs(v - straight[k][10 + i]) < 1e-6, `${k} at step ${11 + i}: resumed ${v}, straight ${straight[k][10 + i]}`));
+    assert.ok(straight.margins[13] > 0.5, `the margins grow: ${straight.margins}`);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+test('the page says which training method the data needs', async () => {
+  let err = await pageError(`${base}?model=demo&data=demo&method=dpo&steps=1&autostart=1`);
+  assert.match(err, /DPO trains on preference pairs .* this data holds none: choose SFT, or preference data/, err);
+  err = await pageError(`${base}?model=demo&data=demo-dpo&method=sft&steps=1&autostart=1`);
+  assert.match(err, /the data holds preference pairs \(chosen \+ rejected\): choose the training method DPO/, err);
 });
 
 // Serve the files of `dir` by name on a port of 127.0.0.1, with CORS (a model "from a URL").
