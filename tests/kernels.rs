@@ -699,7 +699,7 @@ fn attention_past_the_loop_budget() {
 /// match the CPU at ids on both sides of every part boundary and of 2^16 and 2^17.
 #[test]
 fn a_qwen_shaped_embedding_split_over_bindings_runs_forward_and_backward() {
-    let g = gpu_f32();
+    let g = f32_128mib_bindings();
     let (v, c) = (151_936, 896);
     let per = (g.caps.max_binding / (c as u64 * 4)) as usize;
     assert!(per < v, "the table must exceed one binding ({} bytes)", g.caps.max_binding);

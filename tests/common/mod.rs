@@ -40,6 +40,13 @@ pub fn small_bindings() -> &'static Gpu {
     G.get_or_init(|| make(GpuOptions { max_binding: Some(64 << 10), ..Default::default() }))
 }
 
+/// f32 weights with bindings capped at lavapipe's 128 MiB: a real vocabulary's table
+/// exceeds one binding on every device, GPUs with 2 GiB bindings included.
+pub fn f32_128mib_bindings() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { max_binding: Some(128 << 20), no_f16: true, ..Default::default() }))
+}
+
 pub fn up<T: bytemuck::Pod>(g: &Gpu, data: &[T]) -> Tensor {
     g.upload("test input", data, &[data.len()]).unwrap()
 }
