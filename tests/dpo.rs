@@ -84,13 +84,13 @@ fn trl_case(case: &Value) {
     trl_case_with(case, false)
 }
 
-/// `trl_case`; with `validate`, the data is also the validation set, evaluated after
-/// the last step against the reference taken before the first.
-fn trl_case_with(case: &Value, validate: bool) {
+/// `webtune train --method dpo` arguments for a fixture case (`tag` names its temp
+/// folders); with `validate`, the data is also the validation set, evaluated after
+/// the last step.
+fn dpo_args(case: &Value, tag: &str, validate: bool) -> TrainArgs {
     let name = case["name"].as_str().unwrap();
-    let g = gpu_f32();
-    let dir = qwen3_model(name);
-    let out = std::env::temp_dir().join(format!("webtune-dpo-out-{name}-{}", std::process::id()));
+    let dir = qwen3_model(&format!("{name}-{tag}"));
+    let out = std::env::temp_dir().join(format!("webtune-dpo-out-{name}-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let loss_type: Vec<&str> = case["loss_type"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     // cDPO is TRL's sigmoid and robust losses weighted together (see gen_dpo.py); here
@@ -99,6 +99,7 @@ fn trl_case_with(case: &Value, validate: bool) {
     let steps = case["steps"].as_u64().unwrap();
     let run = RunOptions {
         max_seq_len: 512,
+        eval_every: validate.then_some(steps),
         train: Options {
             lr: case["lr"].as_f64().unwrap(),
             schedule: "constant".into(),
@@ -117,20 +118,26 @@ fn trl_case_with(case: &Value, validate: bool) {
         ..RunOptions::default()
     };
     let data = fixture().join(format!("{}.jsonl", case["data"].as_str().unwrap()));
-    let mut run = run;
-    if validate {
-        run.eval_every = Some(steps);
-    }
-    let args = TrainArgs {
-        model: dir.clone(),
+    TrainArgs {
+        model: dir,
         data: data.clone(),
-        out: out.clone(),
+        out,
         valid: validate.then_some(data),
         resume: None,
         init_adapter: Some(fixture().join(case["adapter"].as_str().unwrap())),
         run,
         quiet: true,
-    };
+    }
+}
+
+/// `trl_case`; with `validate`, the data is also the validation set, evaluated after
+/// the last step against the reference taken before the first.
+fn trl_case_with(case: &Value, validate: bool) {
+    let name = case["name"].as_str().unwrap();
+    let g = gpu_f32();
+    let steps = case["steps"].as_u64().unwrap();
+    let args = dpo_args(case, "trl", validate);
+    let (dir, out) = (args.model.clone(), args.out.clone());
     let hist = futures::executor::block_on(cli::train(g, &args)).unwrap();
     assert_eq!(hist.len() as u64, steps);
     let series = |f: &dyn Fn(&webtune::train::StepStats) -> f64| hist.iter().map(|s| f(s) as f32).collect::<Vec<f32>>();
@@ -174,6 +181,33 @@ fn case(name: &str) -> Value {
 #[test]
 fn dpo_from_a_fresh_adapter_matches_trl() {
     trl_case_with(&case("sigmoid-fresh"), true);
+}
+
+/// A DPO run resumed from its step-2 checkpoint keeps the reference it started with
+/// (the SFT adapter's, which the resumed model no longer is), for the training and the
+/// validation pairs: steps 3–5 give TRL's losses and the same validation loss.
+#[test]
+fn a_resumed_dpo_run_keeps_its_references_and_continues_exactly() {
+    let c = case("sigmoid-sft");
+    let g = gpu_f32();
+    let mut args = dpo_args(&c, "resume", true);
+    args.run.save_every = Some(2);
+    let whole = futures::executor::block_on(cli::train(g, &args)).unwrap();
+    let ckpt = args.out.join("checkpoint-2");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["reference"].as_array().unwrap().len(), 4);
+    assert_eq!(state["valid_reference"].as_array().unwrap().len(), 4);
+    args.resume = Some(ckpt);
+    let resumed = futures::executor::block_on(cli::train(g, &args)).unwrap();
+    let losses = |h: &[webtune::train::StepStats]| h.iter().map(|s| s.loss as f32).collect::<Vec<f32>>();
+    let want: Vec<f32> = c["losses"].as_array().unwrap()[2..].iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    close("resumed losses (TRL)", &losses(&resumed), &want, 1e-6, 1e-4);
+    close("resumed losses (uninterrupted)", &losses(&resumed), &losses(&whole[2..]), 1e-6, 1e-5);
+    let valid = |h: &[webtune::train::StepStats]| vec![h.last().unwrap().valid_loss.unwrap() as f32];
+    close("validation loss after resuming", &valid(&resumed), &valid(&whole), 1e-6, 1e-5);
+    for p in [&args.model, &args.out] {
+        let _ = std::fs::remove_dir_all(p);
+    }
 }
 
 #[test]

@@ -22,6 +22,9 @@ pub struct TrainerState {
     /// before the first step; a resumed run keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference: Vec<[f32; 2]>,
+    /// DPO: the same for the validation pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid_reference: Vec<[f32; 2]>,
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename.

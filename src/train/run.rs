@@ -260,6 +260,7 @@ impl Run {
             base_model: self.source.name.clone(),
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
             reference: self.trainer.reference.clone(),
+            valid_reference: self.valid_reference.clone().unwrap_or_default(),
         }
     }
 
@@ -292,6 +293,7 @@ impl Run {
         }
         self.trainer.step = state.step;
         self.trainer.reference = state.reference;
+        self.valid_reference = Some(state.valid_reference).filter(|v| !v.is_empty());
         self.last_saved = Some(place.to_string());
         Ok(state.step)
     }
@@ -314,7 +316,10 @@ impl Run {
             if !v.pairs {
                 return Err(Error::Data("--method dpo validates on preference pairs; the validation data holds none".into()));
             }
-            // After a resume the model has moved: the validation reference is only exact when taken at step 0.
+            // Past step 0 the model has moved: the reference must come from the checkpoint.
+            if self.trainer.step > 0 {
+                return Err(Error::Config("the checkpoint holds no reference for the validation pairs: resume a DPO run with the validation data it started with (or none)".into()));
+            }
             self.valid_reference = Some(pair_logps(gpu, &self.model, v, b, pad).await?);
         }
         Ok(())
