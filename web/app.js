@@ -370,18 +370,21 @@ async function train() {
   try {
     // Continuing keeps the session's model and its adapter: only the data is read.
     const continued = $('continueAdapter').checked && !$('continueAdapter').disabled;
-    let options = runOptions();
     let model = null;
-    if (continued) {
-      options = { ...options, ...Object.fromEntries(LORA_KEYS.map((k) => [k, lastOptions[k]])) };
-      log(`continuing from the adapter just trained (LoRA rank ${options.lora_rank}, alpha ${options.lora_alpha}, dropout ${options.lora_dropout})`);
-    } else {
+    if (!continued) {
       const source = params.get('model') || radio('model');
       model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
       setModelSource(model.source);
     }
     const data = await dataSource();
     const summary = await prepare(model, data);
+    // The options are read once the worker has answered: its presets fill them (a
+    // click right after the page opens comes before they arrive).
+    let options = runOptions();
+    if (continued) {
+      options = { ...options, ...Object.fromEntries(LORA_KEYS.map((k) => [k, lastOptions[k]])) };
+      log(`continuing from the adapter just trained (LoRA rank ${options.lora_rank}, alpha ${options.lora_alpha}, dropout ${options.lora_dropout})`);
+    }
     checkMethod(summary, options.method);
     resetCharts();
     await showEstimate(options);
