@@ -345,8 +345,9 @@ pub fn cross_entropy_sequence_logps(row0: usize, rows: usize, t: usize, losses: 
     for r in 0..rows {
         sums[(row0 + r) / t] += losses[r] as f64;
     }
-    for (s, x) in sums.iter().enumerate().filter(|(s, _)| (row0 / t..=(row0 + rows - 1) / t).contains(s)) {
-        seq_logps[s] = (seq_logps[s] as f64 - x) as f32;
+    // Sequences outside the chunk subtract 0, which leaves them as they are.
+    for (l, x) in seq_logps.iter_mut().zip(sums) {
+        *l = (*l as f64 - x) as f32;
     }
 }
 

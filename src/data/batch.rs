@@ -169,6 +169,11 @@ impl Batch {
         batch
     }
 
+    /// Tokens that are not padding.
+    pub fn real_tokens(&self) -> usize {
+        self.seg.iter().filter(|&&s| s != u32::MAX).count()
+    }
+
     pub fn trained_tokens(&self) -> usize {
         self.targets.iter().filter(|&&t| t >= 0).count()
     }

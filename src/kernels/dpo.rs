@@ -56,9 +56,6 @@ impl Dpo {
     }
 }
 
-/// The metrics `dpo_forward` accumulates, in the order of its `stats`.
-pub const STATS: [&str; 7] = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"];
-
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -89,7 +86,7 @@ fn check_args(op: &str, pairs: usize, logps: &Tensor, ref_logps: &Tensor, counts
 }
 
 /// `stats` `[8]` += scale · Σ over the pairs of (loss, rewards/chosen, rewards/rejected,
-/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected) — see `STATS`.
+/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected), the last slot 0.
 #[allow(clippy::too_many_arguments)]
 pub fn dpo_forward(gpu: &Gpu, rec: &mut Recorder, d: &Dpo, pairs: usize, scale: f32, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor, stats: &Tensor) -> Result<()> {
     let op = "dpo_forward";

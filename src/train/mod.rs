@@ -13,7 +13,7 @@ pub use run::{Event, Run, RunOptions};
 use crate::rng::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Tensor};
 use crate::kernels::{AdamW, Dpo, DpoLoss};
 use crate::model::{Inputs, Model, Shape};
 use schedule::Schedule;
@@ -137,7 +137,7 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid_loss: Option<f64>,
-    /// DPO: the step's means, under TRL's names (`dpo::STATS`).
+    /// DPO: the step's means, under TRL's names (`dpo_forward`'s stats).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<Preference>,
 }
@@ -193,9 +193,23 @@ pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> (Batch, Vec<f32
     (Batch::new(&seqs, pad_id), counts)
 }
 
-/// Per-pair (chosen, rejected) values of the pairs `idx` in `pair_batch`'s order.
-fn batch_order(per_pair: &[[f32; 2]], idx: &[usize]) -> Vec<f32> {
-    [0, 1].iter().flat_map(|&side| idx.iter().map(move |&i| per_pair[i][side])).collect()
+/// The pairs `idx` as `pair_batch`, with the GPU inputs `dpo_forward` reads beside the
+/// policy's log-probabilities: the reference's `[2P]` and the completion tokens `[2P]`,
+/// in the batch's order.
+fn pair_inputs(gpu: &Gpu, data: &Dataset, idx: &[usize], reference: &[[f32; 2]], pad_id: u32) -> Result<(Batch, Tensor, Tensor)> {
+    let (b, counts) = pair_batch(data, idx, pad_id);
+    let refs: Vec<f32> = [0, 1].iter().flat_map(|&side| idx.iter().map(move |&i| reference[i][side])).collect();
+    let r = gpu.upload_temp("reference logps", &refs, &[refs.len()])?;
+    let c = gpu.upload_temp("completion tokens", &counts, &[counts.len()])?;
+    Ok((b, r, c))
+}
+
+/// A zeroed `[8]` for `dpo_forward` to accumulate into.
+fn dpo_stats(gpu: &Gpu) -> Result<Tensor> {
+    let mut rec = gpu.recorder("dpo stats");
+    let stats = gpu.temp(&mut rec, "dpo stats", crate::gpu::DType::F32, &[8])?;
+    gpu.submit(rec);
+    Ok(stats)
 }
 
 /// Each pair's (chosen, rejected) log-probability under `model` as it is now, in
@@ -256,33 +270,29 @@ impl Trainer {
         let micro = &self.plan[self.step as usize];
         model.zero_grads(gpu);
         let seed = |j: usize| crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32));
-        let (losses, tokens, dpo) = if let Some(d) = &self.dpo {
+        let (losses, tokens) = if let Some(d) = &self.dpo {
             // The means are over the step's pairs.
             if self.reference.len() != train.items() {
                 return Err(Error::Config(format!("DPO needs the reference log-probabilities of all {} pairs first (Trainer::reference)", train.items())));
             }
             let scale = 1.0 / micro.iter().map(|m| m.len()).sum::<usize>().max(1) as f32;
-            let mut rec = gpu.recorder("dpo stats");
-            let stats = gpu.temp(&mut rec, "dpo stats", crate::gpu::DType::F32, &[8])?;
-            gpu.submit(rec);
+            let stats = dpo_stats(gpu)?;
             let mut tokens = 0;
             for (j, idx) in micro.iter().enumerate() {
-                let (b, counts) = pair_batch(train, idx, self.pad_id);
-                tokens += b.seg.iter().filter(|&&s| s != u32::MAX).count();
-                let refs = batch_order(&self.reference, idx);
-                let (r, c) = (gpu.upload_temp("reference logps", &refs, &[refs.len()])?, gpu.upload_temp("completion tokens", &counts, &[counts.len()])?);
+                let (b, r, c) = pair_inputs(gpu, train, idx, &self.reference, self.pad_id)?;
+                tokens += b.real_tokens();
                 let mut inp = inputs(gpu, &b)?;
                 inp.dropout_seed = Some(seed(j));
                 model.dpo_forward_backward(gpu, &inp, &b.targets, d, &r, &c, scale, &stats)?;
             }
-            (vec![stats], tokens, true)
+            (vec![stats], tokens)
         } else {
             let batches: Vec<Batch> = micro
                 .iter()
                 .map(|idx| Batch::new(&idx.iter().map(|&i| &train.sequences[i]).collect::<Vec<&Sequence>>(), self.pad_id))
                 .collect();
             let count: usize = batches.iter().map(|b| b.trained_tokens()).sum();
-            let tokens: usize = batches.iter().map(|b| b.seg.iter().filter(|&&s| s != u32::MAX).count()).sum();
+            let tokens: usize = batches.iter().map(Batch::real_tokens).sum();
             let scale = 1.0 / count.max(1) as f32;
             let mut losses = Vec::new();
             for (j, b) in batches.iter().enumerate() {
@@ -290,7 +300,7 @@ impl Trainer {
                 inp.dropout_seed = Some(seed(j));
                 losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
             }
-            (losses, tokens, false)
+            (losses, tokens)
         };
         let lr = self.lr();
         let opt = AdamW { lr: lr as f32, weight_decay: self.opts.weight_decay as f32, ..AdamW::default() };
@@ -300,7 +310,7 @@ impl Trainer {
         for l in &losses {
             let v = gpu.read::<f32>(l).await?;
             loss += v[0] as f64;
-            if dpo {
+            if self.dpo.is_some() {
                 metrics = Some(Preference::from_stats(&v));
             }
         }
@@ -334,15 +344,11 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
         return Err(Error::Data(format!("nothing to evaluate: {} pairs, {} reference log-probabilities", data.items(), reference.len())));
     }
     let scale = 1.0 / data.items() as f32;
-    let mut rec = gpu.recorder("dpo stats");
-    let stats = gpu.temp(&mut rec, "dpo stats", crate::gpu::DType::F32, &[8])?;
-    gpu.submit(rec);
+    let stats = dpo_stats(gpu)?;
     let idx: Vec<usize> = (0..data.items()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
-        let (b, counts) = pair_batch(data, chunk, pad_id);
-        let refs = batch_order(reference, chunk);
+        let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
         let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
-        let (r, c) = (gpu.upload_temp("reference logps", &refs, &[refs.len()])?, gpu.upload_temp("completion tokens", &counts, &[counts.len()])?);
         let mut rec = gpu.recorder("dpo eval");
         crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, &logps, &r, &c, &stats)?;
         gpu.submit(rec);
