@@ -10,6 +10,11 @@
 //                  backward launcher; keeps the backward within 8 storage bindings)
 // The forward keeps a running max and sum (online softmax) and never writes a T×T
 // matrix; the backward recomputes probabilities from lse. Backward adds into dq, dk, dv.
+// Two variants of each pass, chosen by the launcher from the adapter (`Caps::variant`):
+// `*_row` kernels run one invocation per row reading keys straight from memory (no
+// barriers: CPU drivers); `*_tiled` kernels are FlashAttention-2: a workgroup owns 64
+// query rows (or 64 keys for dk/dv) and stages tiles of the other side in workgroup
+// memory, so each key (query) is read from memory once per 64 rows, not once per row.
 // Each dispatch covers the range r0..r1 of the loop axis (keys for the forward and dq,
 // queries for dk/dv): the launcher splits long sequences into ranges that fit the
 // driver's loop budget. The forward resumes from the (o, lse) of the previous range,
@@ -38,7 +43,7 @@ fn kv_base(bi: u32, s: u32, g: u32) -> u32 { return ((bi * p.tk + s) * p.nkv + g
 
 // One invocation per query row. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
-fn attention_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.x; let h = gid.y; let bi = gid.z;
     if (t >= p.t) { return; }
     let g = h / (p.nh / p.nkv);
@@ -102,7 +107,7 @@ fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // dq_t += scale · Σ_s P_ts (do_t·v_s − dsum_t) k_s. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
-fn attention_backward_dq(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn attention_backward_dq_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.x; let h = gid.y; let bi = gid.z;
     if (t >= p.t) { return; }
     let g = h / (p.nh / p.nkv);
@@ -132,7 +137,7 @@ fn attention_backward_dq(@builtin(global_invocation_id) gid: vec3<u32>) {
 //   dv_s += Σ_t P_ts do_t,   dk_s += scale · Σ_t P_ts (do_t·v_s − dsum_t) q_t.
 // Grid: (ceil(T/64), NKV, B).
 @compute @workgroup_size(64, 1, 1)
-fn attention_backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn attention_backward_dkv_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s = gid.x; let g = gid.y; let bi = gid.z;
     if (s >= p.t) { return; }
     let group = p.nh / p.nkv;
@@ -164,5 +169,175 @@ fn attention_backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var i = 0u; i < hs4; i++) {
         dk[kb + i] += dk_acc[i] * p.scale;
         dv[kb + i] += dv_acc[i];
+    }
+}
+
+// ---- FlashAttention-2 tiles ----------------------------------------------------
+// A tile is TILE4 vec4s of each staged operand: 512 / (HS/4) rows of it (32 at HS 64).
+// Both tiles together take 16 KiB, WebGPU's guaranteed workgroup memory.
+const TILE4: u32 = 512u;
+var<workgroup> tile_a: array<vec4<f32>, TILE4>; // k (forward, dq) or q (dk/dv): [rows, HS/4]
+var<workgroup> tile_b: array<vec4<f32>, TILE4>; // v (forward, dq) or do (dk/dv)
+
+fn tile_rows() -> u32 { return TILE4 / (p.hs / 4u); }
+
+// Stage keys s0..s0+n of kv head g (k into tile_a, v into tile_b).
+fn stage_kv(lid: u32, bi: u32, g: u32, s0: u32, n: u32) {
+    let hs4 = p.hs / 4u;
+    for (var e = lid; e < n * hs4; e += 64u) {
+        let kb = kv_base(bi, s0 + e / hs4, g) + e % hs4;
+        tile_a[e] = k[kb];
+        tile_b[e] = v[kb];
+    }
+}
+
+// The forward for 64 query rows of head h. Barriers sit in loops whose bounds are the
+// same for the whole workgroup; rows past T compute on a clamped row and write nothing.
+// Grid: (ceil(T/64), NH, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let t0 = wid.x * 64u; let h = wid.y; let bi = wid.z;
+    let live = t0 + lid < p.t;
+    let t = min(t0 + lid, p.t - 1u);
+    let g = h / (p.nh / p.nkv);
+    let hs4 = p.hs / 4u;
+    let qb = q_base(bi, t, h);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; }
+    let tpos = t + p.tk - p.t;
+    let st = seg[bi * p.tk + tpos];
+    let row = (bi * p.nh + h) * p.t + t;
+    var mx = -3.0e38;
+    var l = 0.0;
+    if (p.r0 > 0u && lse[row] > -1.0e38) {
+        mx = lse[row];
+        l = 1.0;
+        for (var i = 0u; i < hs4; i++) { acc[i] = o[qb + i]; }
+    }
+    // Keys up to the workgroup's last row, within this dispatch's range.
+    let s_end = min(min(t0 + 63u, p.t - 1u) + p.tk - p.t + 1u, p.r1);
+    let nk = tile_rows();
+    for (var s0 = p.r0; s0 < s_end; s0 += nk) {
+        let n = min(nk, s_end - s0);
+        stage_kv(lid, bi, g, s0, n);
+        workgroupBarrier();
+        // This row sees keys s0..=tpos of its own segment.
+        let mine = select(0u, min(n, tpos + 1u - s0), tpos >= s0);
+        for (var j = 0u; j < mine; j++) {
+            if (seg[bi * p.tk + s0 + j] != st) { continue; }
+            var score = 0.0;
+            for (var i = 0u; i < hs4; i++) { score += dot(qr[i], tile_a[j * hs4 + i]); }
+            let m_new = max(mx, score);
+            let corr = exp(mx - m_new);
+            let e = exp(score - m_new);
+            l = l * corr + e;
+            for (var i = 0u; i < hs4; i++) { acc[i] = acc[i] * corr + e * tile_b[j * hs4 + i]; }
+            mx = m_new;
+        }
+        workgroupBarrier();
+    }
+    // Rows with no key in this range keep the previous range's state.
+    if (live && p.r0 < min(tpos + 1u, p.r1)) {
+        let inv = select(0.0, 1.0 / l, l > 0.0);
+        for (var i = 0u; i < hs4; i++) { o[qb + i] = acc[i] * inv; }
+        lse[row] = select(-3.0e38, mx + log(l), l > 0.0);
+    }
+}
+
+// dq for 64 query rows of head h, staging k and v tiles. Grid: (ceil(T/64), NH, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let t0 = wid.x * 64u; let h = wid.y; let bi = wid.z;
+    let live = t0 + lid < p.t;
+    let t = min(t0 + lid, p.t - 1u);
+    let g = h / (p.nh / p.nkv);
+    let hs4 = p.hs / 4u;
+    let qb = q_base(bi, t, h);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var dor: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; dor[i] = dout[qb + i]; }
+    let row = (bi * p.nh + h) * p.t + t;
+    let l = stats[row];
+    let d = stats[n_rows() + row];
+    let st = seg[bi * p.t + t];
+    let s_end = min(min(t0 + 63u, p.t - 1u) + 1u, p.r1);
+    let nk = tile_rows();
+    for (var s0 = p.r0; s0 < s_end; s0 += nk) {
+        let n = min(nk, s_end - s0);
+        stage_kv(lid, bi, g, s0, n);
+        workgroupBarrier();
+        let mine = select(0u, min(n, t + 1u - s0), t >= s0);
+        for (var j = 0u; j < mine; j++) {
+            if (seg[bi * p.t + s0 + j] != st) { continue; }
+            var score = 0.0;
+            var dp = 0.0;
+            for (var i = 0u; i < hs4; i++) { score += dot(qr[i], tile_a[j * hs4 + i]); dp += dot(dor[i], tile_b[j * hs4 + i]); }
+            let ds = exp(score - l) * (dp - d);
+            for (var i = 0u; i < hs4; i++) { acc[i] += ds * tile_a[j * hs4 + i]; }
+        }
+        workgroupBarrier();
+    }
+    if (live) {
+        for (var i = 0u; i < hs4; i++) { dq[qb + i] += acc[i] * p.scale; }
+    }
+}
+
+// dk and dv for 64 keys of kv head g, summed over the group's query heads, staging
+// tiles of q and do (queries r0..r1 at or after the workgroup's first key).
+// Grid: (ceil(T/64), NKV, B).
+@compute @workgroup_size(64, 1, 1)
+fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let sb = wid.x * 64u; let g = wid.y; let bi = wid.z;
+    let live = sb + lid < p.t;
+    let s = min(sb + lid, p.t - 1u);
+    let group = p.nh / p.nkv;
+    let hs4 = p.hs / 4u;
+    let kb = kv_base(bi, s, g);
+    var kr: array<vec4<f32>, MAX_HS4>;
+    var vr: array<vec4<f32>, MAX_HS4>;
+    var dk_acc: array<vec4<f32>, MAX_HS4>;
+    var dv_acc: array<vec4<f32>, MAX_HS4>;
+    for (var i = 0u; i < hs4; i++) { kr[i] = k[kb + i] * p.scale; vr[i] = v[kb + i]; }
+    let ss = seg[bi * p.t + s];
+    let nq = tile_rows();
+    let t_end = min(p.t, p.r1);
+    for (var hh = 0u; hh < group; hh++) {
+        let h = g * group + hh;
+        for (var t0 = max(sb, p.r0); t0 < t_end; t0 += nq) {
+            let n = min(nq, t_end - t0);
+            for (var e = lid; e < n * hs4; e += 64u) {
+                let qe = q_base(bi, t0 + e / hs4, h) + e % hs4;
+                tile_a[e] = q[qe];
+                tile_b[e] = dout[qe];
+            }
+            workgroupBarrier();
+            // This key is seen by queries s.. of its own segment.
+            for (var j = select(s - t0, 0u, s <= t0); j < n; j++) {
+                let t = t0 + j;
+                if (seg[bi * p.t + t] != ss) { continue; }
+                let row = (bi * p.nh + h) * p.t + t;
+                var score = 0.0;
+                var dp = 0.0;
+                for (var i = 0u; i < hs4; i++) { score += dot(kr[i], tile_a[j * hs4 + i]); dp += dot(vr[i], tile_b[j * hs4 + i]); }
+                let pr = exp(score - stats[row]);
+                let ds = pr * (dp - stats[n_rows() + row]);
+                for (var i = 0u; i < hs4; i++) {
+                    dv_acc[i] += pr * tile_b[j * hs4 + i];
+                    dk_acc[i] += ds * tile_a[j * hs4 + i];
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    if (live) {
+        for (var i = 0u; i < hs4; i++) {
+            dk[kb + i] += dk_acc[i] * p.scale;
+            dv[kb + i] += dv_acc[i];
+        }
     }
 }

@@ -67,8 +67,11 @@ fn matmul_rejects_bad_shapes() {
     assert!(err.contains("`c`") && err.contains("needs 4"), "{err}");
 }
 
+/// Both variants: a row per invocation (CPU drivers) and FlashAttention-2 tiles (GPUs).
 fn attention_case(at: &Attention, seg: &[u32], seed: u64, mag: f32) {
-    attention_case_on(gpu(), at, seg, seed, mag)
+    for v in [Variant::Register, Variant::Tiled] {
+        attention_case_on(variant(v), at, seg, seed, mag)
+    }
 }
 
 fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64, mag: f32) {
@@ -88,7 +91,7 @@ fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u
     let (mut dq, mut dk, mut dv) = (dq0, dk0, dv0);
     cpu::attention_backward(at, &q, &kk, &v, seg, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
     let tol = 1e-4 * mag.max(1.0);
-    close(&format!("attention o {at:?}"), &read(g, &to), &o, tol, 1e-4);
+    close(&format!("attention o {at:?} on {:?}", g.caps.variant), &read(g, &to), &o, tol, 1e-4);
     close("attention lse", &read(g, &tl), &lse, tol * mag.max(1.0), 1e-4);
     // Scores of ±30² saturate the softmax; gradients then scale with mag².
     let gtol = 1e-4 * mag.max(1.0).powi(3);
@@ -109,21 +112,43 @@ fn attention_matches_reference() {
     attention_case(&Attention::new(1, 5, 2, 1, 128), &vec![0; 5], 5, 0.5);
 }
 
+/// FlashAttention-2 tiles at the edges of a 64-row workgroup and of a key tile (32 keys
+/// at HS 64), at SmolLM2's T = 512 and past it, for GQA groups of 1, 3 and 4, with
+/// packed segments, against the CPU; and the tiled kernels split into key and query
+/// ranges as on a driver with a loop budget.
+#[test]
+fn flash_attention_tiles_match_reference() {
+    for (i, t) in [1usize, 63, 64, 65, 512].into_iter().enumerate() {
+        attention_case(&Attention::new(1, t, 3, 1, 64), &vec![0; t], 200 + i as u64, 1.0);
+    }
+    // GQA groups 1 and 4, two sequences of three packed examples each.
+    let seg: Vec<u32> = (0..2 * 130).map(|i| [0, 1, 2][(i % 130 > 40) as usize + (i % 130 > 97) as usize]).collect();
+    attention_case(&Attention::new(2, 130, 4, 4, 32), &seg, 210, 1.0);
+    attention_case(&Attention::new(2, 130, 8, 2, 16), &seg, 211, 2.0);
+    let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
+    attention_case_on(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 212, 1.0);
+    attention_case_on(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 213, 1.0);
+}
+
 #[test]
 fn cached_attention_matches_reference() {
-    // Decoding: 3 new queries against 11 cached positions, one of 2 batches.
-    let g = gpu();
-    let at = Attention::new(2, 3, 4, 2, 8).cached(11);
-    let mut rng = Rng::new(9);
-    let (q, kk, v) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0));
-    let seg = vec![0u32; at.b * at.tk];
-    let (tq, tk, tv, ts) = (up(g, &q), up(g, &kk), up(g, &v), up(g, &seg));
-    let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
-    run(g, |r| k::attention_forward(g, r, &at, &tq, &tk, &tv, &ts, &to, &tl));
-    let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
-    cpu::attention_forward(&at, &q, &kk, &v, &seg, &mut o, &mut lse);
-    close("cached attention o", &read(g, &to), &o, 1e-5, 1e-4);
-    close("cached attention lse", &read(g, &tl), &lse, 1e-5, 1e-4);
+    // Decoding: 3 new queries against 11 cached positions, one of 2 batches; one query
+    // against 100 (more than a key tile), with two packed examples cached.
+    let seg100: Vec<u32> = (0..100).map(|i| u32::from(i >= 30)).collect();
+    for (at, seg) in [(Attention::new(2, 3, 4, 2, 8).cached(11), vec![0u32; 22]), (Attention::new(1, 1, 9, 3, 64).cached(100), seg100)] {
+        for v in [Variant::Register, Variant::Tiled] {
+            let g = variant(v);
+            let mut rng = Rng::new(9);
+            let (q, kk, vv) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0));
+            let (tq, tk, tv, ts) = (up(g, &q), up(g, &kk), up(g, &vv), up(g, &seg));
+            let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
+            run(g, |r| k::attention_forward(g, r, &at, &tq, &tk, &tv, &ts, &to, &tl));
+            let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
+            cpu::attention_forward(&at, &q, &kk, &vv, &seg, &mut o, &mut lse);
+            close(&format!("cached attention o {at:?} on {v:?}"), &read(g, &to), &o, 1e-5, 1e-4);
+            close("cached attention lse", &read(g, &tl), &lse, 1e-5, 1e-4);
+        }
+    }
 }
 
 #[test]
@@ -138,8 +163,9 @@ fn attention_rejects_bad_heads() {
 
 #[test]
 fn rmsnorm_matches_reference() {
-    let g = gpu();
-    for (rows, c, mag, seed) in [(7, 33, 1.0, 1), (64, 576, 30.0, 2), (3, 5, 0.01, 3)] {
+    // Both variants; 1,000 rows make several dw blocks of the tiled variant, one a part.
+    let cases = [(7, 33, 1.0, 1), (64, 576, 30.0, 2), (3, 5, 0.01, 3), (1000, 130, 1.0, 4)];
+    for (g, (rows, c, mag, seed)) in [variant(Variant::Register), variant(Variant::Tiled), tiled_small_loops()].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
         let mut rng = Rng::new(seed);
         let (x, w, dy) = (rng.vec(rows * c, mag), rng.vec(c, 2.0), rng.vec(rows * c, 1.0));
         let (dx0, dw0) = (rng.vec(rows * c, 0.1), rng.vec(c, 0.1));
@@ -152,7 +178,7 @@ fn rmsnorm_matches_reference() {
         let (mut y, mut rs, mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; rows], dx0, dw0);
         cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rs);
         cpu::rmsnorm_backward(rows, c, &x, &w, &rs, &dy, &mut dx, &mut dw);
-        close("rmsnorm y", &read(g, &ty), &y, 1e-5, 1e-4);
+        close(&format!("rmsnorm y [{rows}, {c}] on {:?}", g.caps.variant), &read(g, &ty), &y, 1e-5, 1e-4);
         close("rmsnorm rstd", &read(g, &trs), &rs, 0.0, 1e-4);
         close("rmsnorm dx", &read(g, &tdx), &dx, 1e-4 / mag, 1e-3);
         close("rmsnorm dw", &read(g, &tdw), &dw, 1e-4, 1e-3);
@@ -686,7 +712,7 @@ fn row_sums_past_the_loop_budget_and_65535_rows() {
 fn attention_past_the_loop_budget() {
     // 2,049 positions of head size 64: the forward loops 33 times per key, dk/dv 99 times
     // per query (three query heads share each kv head); lavapipe would stop at 65,535.
-    attention_case_on(gpu(), &Attention::new(1, 2049, 3, 1, 64), &vec![0; 2049], 70, 1.0);
+    attention_case(&Attention::new(1, 2049, 3, 1, 64), &vec![0; 2049], 70, 1.0);
     // Key and query ranges at small sizes, across packed segments.
     let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
     attention_case_on(small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 71, 1.0);

@@ -420,7 +420,9 @@ impl Gpu {
         Ok(t)
     }
 
-    fn pooled(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    /// A temporary from the pool whose contents are whatever its last holder left (for
+    /// kernels that write every element before anything reads it).
+    pub(crate) fn pooled(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         if self.caps.no_reuse {
             return Tensor::new(self, label, dtype, shape);
         }

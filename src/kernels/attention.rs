@@ -2,7 +2,7 @@
 
 use super::{check, check_binding, groups, loop_span, spans, ATTENTION};
 use crate::error::Result;
-use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor};
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
 /// Causal grouped-query attention over `[B, T, NH, HS]` queries and `[B, TK, NKV, HS]`
 /// keys and values, scores scaled by `scale` (usually 1/√HS). In training TK = T; in
@@ -76,6 +76,20 @@ impl Attention {
     }
 }
 
+/// The entry point of `pass` (`forward`, `backward_dq`, `backward_dkv`) for this
+/// adapter: FlashAttention-2 tiles on GPUs, a row per invocation on CPU drivers
+/// (where workgroup barriers cost more than the memory they save).
+fn entry(gpu: &Gpu, pass: &str) -> &'static str {
+    match (gpu.caps.variant, pass) {
+        (Variant::Tiled, "forward") => "attention_forward_tiled",
+        (Variant::Tiled, "backward_dq") => "attention_backward_dq_tiled",
+        (Variant::Tiled, _) => "attention_backward_dkv_tiled",
+        (Variant::Register, "forward") => "attention_forward_row",
+        (Variant::Register, "backward_dq") => "attention_backward_dq_row",
+        (Variant::Register, _) => "attention_backward_dkv_row",
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -117,13 +131,15 @@ pub fn attention_forward(
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o])?;
     // Key ranges that fit the loop budget; each range resumes from the last's (o, lse).
-    let pipeline = gpu.pipeline(&ATTENTION, op, &[]);
+    let name = entry(gpu, "forward");
+    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
     let hs4 = at.hs / 4;
-    for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 1, 3 * hs4 + 16) {
+    // Per key: the score and the update (2·HS/4) and the key's share of staging a tile.
+    for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 2, 3 * hs4 + 16) {
         gpu.dispatch(
             rec,
             &pipeline,
-            op,
+            name,
             &Params { r0: r0 as u32, r1: r1 as u32, ..at.params() },
             &[(1, q.into()), (2, k.into()), (3, v.into()), (4, seg.into()), (5, o.into()), (6, Bind::from(lse))],
             at.grid(at.nh),
@@ -178,8 +194,9 @@ pub fn attention_backward(
     // dq over key ranges, dk/dv over query ranges (each query head of the group
     // loops over the range), each range adding its part.
     let hs4 = at.hs / 4;
-    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dq", &[]);
-    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 1, 3 * hs4 + 16) {
+    let name = entry(gpu, "backward_dq");
+    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
+    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 3 * hs4 + 16) {
         let binds = [
             (1, q.into()),
             (2, k.into()),
@@ -190,11 +207,12 @@ pub fn attention_backward(
             (11, dq.into()),
         ];
         let p = Params { r0: r0 as u32, r1: r1 as u32, ..params };
-        gpu.dispatch(rec, &pipeline, "attention_backward_dq", &p, &binds, at.grid(at.nh))?;
+        gpu.dispatch(rec, &pipeline, name, &p, &binds, at.grid(at.nh))?;
     }
     let group = at.nh / at.nkv;
-    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dkv", &[]);
-    for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 1), group + 4 * hs4 + 16) {
+    let name = entry(gpu, "backward_dkv");
+    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
+    for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 2), group + 4 * hs4 + 16) {
         let binds = [
             (1, q.into()),
             (2, k.into()),
@@ -206,7 +224,7 @@ pub fn attention_backward(
             (13, dv.into()),
         ];
         let p = Params { r0: r0 as u32, r1: r1 as u32, ..params };
-        gpu.dispatch(rec, &pipeline, "attention_backward_dkv", &p, &binds, at.grid(at.nkv))?;
+        gpu.dispatch(rec, &pipeline, name, &p, &binds, at.grid(at.nkv))?;
     }
     Ok(())
 }

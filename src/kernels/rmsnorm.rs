@@ -2,7 +2,7 @@
 
 use super::{check, check_binding, groups, loop_span, spans, RMSNORM};
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Variant};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -15,12 +15,22 @@ struct Params {
 
 fn params(gpu: &Gpu, op: &str, rows: usize, c: usize, eps: f32) -> Result<Params> {
     check(rows > 0 && c > 0, op, || format!("empty shape [{rows}, {c}]"))?;
-    // A row's invocation loops over it twice.
-    check(2 * c + 16 <= gpu.caps.max_loop as usize, op, || {
+    // A row's invocation loops over it twice; in the tiled variant over a 64th of it,
+    // and sums the dw of DW_ROWS rows.
+    let loops = if gpu.caps.variant == Variant::Tiled { (2 * c.div_ceil(64)).max(DW_ROWS) } else { 2 * c };
+    check(loops + 16 <= gpu.caps.max_loop as usize, op, || {
         format!("rows of {c} exceed this driver's loop budget of {} iterations per invocation", gpu.caps.max_loop)
     })?;
     Ok(Params { rows: rows as u32, c: c as u32, eps, r0: 0 })
 }
+
+/// A grid of one workgroup per row, spilling past 65,535 rows into y.
+fn row_grid(rows: usize) -> [u32; 3] {
+    [rows.min(65535) as u32, rows.div_ceil(65535) as u32, 1]
+}
+
+/// Rows one `rmsnorm_backward_dw_part` workgroup sums (`DW_ROWS` in the WGSL).
+const DW_ROWS: usize = 64;
 
 /// `y = w · x · rstd` row by row; x, y `[rows, c]`, w `[c]`, saves rstd `[rows]`.
 #[allow(clippy::too_many_arguments)]
@@ -42,15 +52,12 @@ pub fn rmsnorm_forward(
     y.expect(op, "y", DType::F32, rows * c)?;
     rstd.expect(op, "rstd", DType::F32, rows)?;
     check_binding(gpu, op, &[x, y])?;
-    let pipeline = gpu.pipeline(&RMSNORM, op, &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        op,
-        &p,
-        &[(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into())],
-        [groups(rows, 64), 1, 1],
-    )
+    let (name, grid) = match gpu.caps.variant {
+        Variant::Register => ("rmsnorm_forward_row", [groups(rows, 64), 1, 1]),
+        Variant::Tiled => ("rmsnorm_forward_tiled", row_grid(rows)),
+    };
+    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into())], grid)
 }
 
 /// Adds into `dx` `[rows, c]` and `dw` `[c]` given x, w, the saved rstd and dy.
@@ -76,22 +83,32 @@ pub fn rmsnorm_backward(
     dx.expect(op, "dx", DType::F32, rows * c)?;
     dw.expect(op, "dw", DType::F32, c)?;
     check_binding(gpu, op, &[x, dy, dx])?;
-    let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dx", &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        "rmsnorm_backward_dx",
-        &p,
-        &[(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())],
-        [groups(rows, 64), 1, 1],
-    )?;
+    let tiled = gpu.caps.variant == Variant::Tiled;
+    let (name, grid) = if tiled { ("rmsnorm_backward_dx_tiled", row_grid(rows)) } else { ("rmsnorm_backward_dx_row", [groups(rows, 64), 1, 1]) };
+    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())], grid)?;
+    if tiled {
+        // Each block of DW_ROWS rows sums its columns, then the blocks are summed (in
+        // ranges of blocks that fit the loop budget).
+        let blocks = rows.div_ceil(DW_ROWS);
+        let part = gpu.pooled("rmsnorm dw blocks", DType::F32, &[blocks, c])?;
+        let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_part", &[]);
+        let binds = [(1, x.into()), (5, rstd.into()), (6, dy.into()), (9, (&part).into())];
+        gpu.dispatch(rec, &pipeline, "rmsnorm_backward_dw_part", &p, &binds, [groups(c, 64), blocks as u32, 1])?;
+        let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_sum", &[]);
+        for (b0, b1) in spans(blocks, loop_span(gpu, 1, 16)) {
+            let binds = [(8, dw.into()), (10, (&part).into())];
+            gpu.dispatch(rec, &pipeline, "rmsnorm_backward_dw_sum", &Params { rows: b1 as u32, r0: b0 as u32, ..p }, &binds, [groups(c, 64), 1, 1])?;
+        }
+        return Ok(());
+    }
     // Each column sums its rows in ranges that fit the loop budget (rows r0..r1).
-    let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw", &[]);
+    let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_row", &[]);
     for (r0, r1) in spans(rows, loop_span(gpu, 1, 16)) {
         gpu.dispatch(
             rec,
             &pipeline,
-            "rmsnorm_backward_dw",
+            "rmsnorm_backward_dw_row",
             &Params { rows: r1 as u32, r0: r0 as u32, ..p },
             &[(1, x.into()), (5, rstd.into()), (6, dy.into()), (8, dw.into())],
             [groups(c, 64), 1, 1],

@@ -77,3 +77,9 @@ pub fn small_loops() -> &'static Gpu {
     static G: OnceLock<Gpu> = OnceLock::new();
     G.get_or_init(|| make(GpuOptions { max_loop: Some(100), ..Default::default() }))
 }
+
+/// The tiled (GPU) kernels with the loop budget capped at 100, to run their split paths.
+pub fn tiled_small_loops() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { max_loop: Some(100), variant: Some(Variant::Tiled), ..Default::default() }))
+}
