@@ -205,6 +205,8 @@ impl StepRow {
 pub struct TrainBench {
     pub steps: Vec<StepRow>,
     pub gpu_ms: Option<(f64, u64)>,
+    /// The first measured step's dispatches by kernel entry point, most first.
+    pub by_kernel: Vec<(String, u64)>,
 }
 
 /// Time `steps` steps of `run` after one warm-up step (pipelines compile, buffers
@@ -217,11 +219,17 @@ pub async fn train(gpu: &Gpu, run: &mut crate::train::Run, steps: u64, mut repor
     run.profile_every = None;
     run.next(gpu).await?;
     let mut rows = Vec::new();
-    for _ in 0..steps {
+    let mut by_kernel = Vec::new();
+    for i in 0..steps {
         let before = gpu.counters();
+        let tally = gpu.dispatches_by_kernel();
         let start = crate::clock::now();
         let e = run.next(gpu).await?;
         let row = StepRow { step: e.stats.step, tokens: e.stats.tokens, secs: crate::clock::now() - start, counters: gpu.counters().since(&before) };
+        if i == 0 {
+            by_kernel = gpu.dispatches_by_kernel().into_iter().map(|(k, n)| (n - tally.get(&k).copied().unwrap_or(0), k)).filter(|(n, _)| *n > 0).map(|(n, k)| (k, n)).collect();
+            by_kernel.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
         report(&row);
         rows.push(row);
     }
@@ -234,5 +242,5 @@ pub async fn train(gpu: &Gpu, run: &mut crate::train::Run, steps: u64, mut repor
     } else {
         None
     };
-    Ok(TrainBench { steps: rows, gpu_ms })
+    Ok(TrainBench { steps: rows, gpu_ms, by_kernel })
 }

@@ -134,6 +134,13 @@ pub fn random_model(config: &Path, out: &Path, scale: f32, seed: u64) -> Result<
     let cfg = Config::parse(&text, &config.display().to_string(), None)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     weights::write_random_bf16(&out.join("model.safetensors"), &cfg.tensor_shapes(), scale, seed)?;
+    // The demo's character tokenizer where the directory has none, so the model trains
+    // on `--data demo` as it is (`bench train`); the ids fit any vocabulary of ≥ 103.
+    if !out.join("tokenizer.json").exists() && cfg.vocab >= crate::demo::VOCAB {
+        for (name, bytes) in crate::demo::files().into_iter().filter(|(n, _)| n.starts_with("tokenizer")) {
+            checkpoint::write_atomic(&out.join(name), &bytes)?;
+        }
+    }
     checkpoint::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 

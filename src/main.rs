@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use webtune::cli;
-use webtune::gpu::Gpu;
+use webtune::gpu::{Gpu, Variant};
 use webtune::model::generate::Sampling;
 use webtune::train::RunOptions;
 
@@ -152,7 +152,8 @@ enum Command {
         /// A Hugging Face config.json (e.g. configs/Qwen3-0.6B.json).
         #[arg(long)]
         config: PathBuf,
-        /// The directory to write: config.json and model.safetensors.
+        /// The directory to write: config.json and model.safetensors (and the demo's
+        /// character tokenizer where it holds no tokenizer.json).
         #[arg(long)]
         out: PathBuf,
         /// Weights are uniform in ±scale (norm weights are 1).
@@ -260,6 +261,9 @@ enum BenchWhat {
         /// Only the cases whose name contains this text (e.g. `matmul`, `attention`).
         #[arg(long, default_value = "")]
         only: String,
+        /// Kernel variants: `tiled` (GPUs) or `register` (CPU drivers); default: the adapter's.
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<Variant>,
     },
     /// Whole training steps (the options of `train`; --steps is how many to measure,
     /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
@@ -277,9 +281,20 @@ enum BenchWhat {
         /// Keep frozen weights in f32 even where the adapter has shader-f16.
         #[arg(long)]
         f32_weights: bool,
+        /// Kernel variants: `tiled` (GPUs) or `register` (CPU drivers); default: the adapter's.
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<Variant>,
         #[command(flatten)]
         run: RunOptions,
     },
+}
+
+fn parse_variant(s: &str) -> Result<Variant, String> {
+    match s {
+        "tiled" => Ok(Variant::Tiled),
+        "register" => Ok(Variant::Register),
+        _ => Err(format!("`{s}` is not a kernel variant: use tiled or register")),
+    }
 }
 
 fn main() {
@@ -405,8 +420,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
         }
-        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, mut run } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, mut run } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, ..Default::default() }).await?;
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
@@ -444,6 +459,11 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                     mean(&|s| s.tokens_per_s()), 1e3 * mean(&|s| s.secs), 1e3 * mean(&|s| s.counters.record_s), 1e3 * mean(&|s| s.counters.submit_s),
                     mean(&|s| s.us_per_dispatch()), mean(&|s| s.counters.buffers as f64), mean(&|s| s.counters.bind_groups as f64)
                 );
+                let total: u64 = b.by_kernel.iter().map(|(_, n)| n).sum();
+                println!("dispatches of step {} by kernel ({total} in all):", b.steps.first().map_or(0, |s| s.step));
+                for (kernel, n) in &b.by_kernel {
+                    println!("  {kernel:<48} {n:>6} {:>5.1}%", 100.0 * *n as f64 / total.max(1) as f64);
+                }
                 match b.gpu_ms {
                     Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
                     None => println!("GPU time: this adapter has no timestamp queries"),
@@ -457,8 +477,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 }
             }
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs, only } } => {
-            let gpu = Gpu::new().await?;
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
             webtune::bench::kernels(&gpu, min_secs, &only, |r| {

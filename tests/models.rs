@@ -226,6 +226,29 @@ fn split_weights_match_pytorch() {
     full_parity("qwen2", g);
 }
 
+/// The trainable params are views into flat groups (one binding each), and the
+/// gradient norm and AdamW run a dispatch per group: one group for a LoRA adapter,
+/// whatever its number of pairs; with bindings capped at 16 KiB, full tuning's params
+/// spread over several groups. (`split_weights_match_pytorch` checks those numbers.)
+#[test]
+fn the_optimizer_runs_a_dispatch_per_flat_group() {
+    let (default, small) = (Default::default(), webtune::gpu::GpuOptions { max_binding: Some(16 << 10), ..Default::default() });
+    for (opts, tuning, groups) in [(default, "lora", 1..=1), (small, "full", 2..=usize::MAX)] {
+        // A context of its own: other tests' dispatches would count on a shared one.
+        let g = futures::executor::block_on(Gpu::new_with(opts)).unwrap();
+        let f = fixture("llama");
+        let m = Model::load(&g, f.cfg.clone(), &f.weights, if tuning == "lora" { Tuning::Lora(f.lora.clone()) } else { Tuning::Full }, 0).unwrap();
+        let before = g.dispatches_by_kernel();
+        m.optimizer_step(&g, &AdamW::default(), 1, 1.0).unwrap();
+        let after = g.dispatches_by_kernel();
+        let calls = |k: &str| (after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)) as usize;
+        let steps = calls("adamw::adamw_step");
+        assert!(m.params().len() >= 14, "{tuning}: {} params", m.params().len());
+        assert!(groups.contains(&steps) && m.params().len() > steps, "{tuning}: {steps} AdamW dispatches for {} params", m.params().len());
+        assert_eq!((calls("adamw::sumsq_partial"), calls("adamw::grad_norm_finalize")), (steps, 1), "{tuning}");
+    }
+}
+
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     let g = gpu_f32();

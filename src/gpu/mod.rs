@@ -117,7 +117,7 @@ pub struct Bind<'a> {
 impl<'a> From<&'a Tensor> for Bind<'a> {
     /// The tensor's bytes, or its whole pooled buffer (`reuse::Lease::bind`).
     fn from(t: &'a Tensor) -> Self {
-        Bind { buffer: &t.buffer, offset: 0, size: Some(t.bind_size()) }
+        Bind { buffer: &t.buffer, offset: t.offset, size: Some(t.bind_size()) }
     }
 }
 
@@ -380,6 +380,11 @@ impl Gpu {
         self.state.lock().unwrap().counters
     }
 
+    /// Dispatches recorded so far by kernel entry point (`file::entry`).
+    pub fn dispatches_by_kernel(&self) -> HashMap<String, u64> {
+        self.state.lock().unwrap().by_kernel.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+    }
+
     /// Let go of every pooled buffer and cached bind group now (a new model replaces
     /// the old one: bind groups would keep its buffers alive).
     pub fn trim(&self) {
@@ -392,7 +397,7 @@ impl Gpu {
     /// holds what its last holder left).
     pub fn temp(&self, rec: &mut Recorder, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let t = self.pooled(label, dtype, shape)?;
-        rec.encoder().clear_buffer(&t.buffer, 0, Some(t.padded_bytes()));
+        rec.encoder().clear_buffer(&t.buffer, t.offset, Some(t.padded_bytes()));
         Ok(t)
     }
 
@@ -416,7 +421,7 @@ impl Gpu {
         if t.numel() != data.len() {
             return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
         }
-        self.write_padded(&t.buffer, 0, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, t.offset, bytemuck::cast_slice(data));
         Ok(t)
     }
 
@@ -438,7 +443,7 @@ impl Gpu {
         };
         let bind = if class <= self.caps.max_binding { class } else { bytes };
         let lease = reuse::Lease { class, index, bind, state: self.state.clone() };
-        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)) })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)) })
     }
 
     /// A new storage buffer (counted), checked against the adapter's maximum.
@@ -580,6 +585,7 @@ impl Gpu {
             }
         };
         st.counters.dispatches += 1;
+        *st.by_kernel.entry(pipeline.name.clone()).or_default() += 1;
         let own_pass = rec.profiled || self.caps.no_reuse;
         if own_pass || rec.pass.is_none() {
             st.counters.passes += 1;
@@ -645,7 +651,7 @@ impl Gpu {
         if t.numel() != data.len() {
             return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
         }
-        self.write_padded(&t.buffer, 0, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, t.offset, bytemuck::cast_slice(data));
         Ok(t)
     }
 
@@ -668,7 +674,7 @@ impl Gpu {
         if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || (offset * size) % 4 != 0 {
             return Err(Error::Shape(format!("{}: writing {} values at {offset} into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
         }
-        self.write_padded(&t.buffer, (offset * size) as u64, bytemuck::cast_slice(data));
+        self.write_padded(&t.buffer, t.offset + (offset * size) as u64, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -678,7 +684,7 @@ impl Gpu {
         if !matches!(t.dtype, DType::Q(_)) || offset % 4 != 0 || (offset + bytes.len()) as u64 > t.bytes() {
             return Err(Error::Shape(format!("{}: writing {} bytes at {offset} into {:?} {:?}", t.label, bytes.len(), t.dtype, t.shape)));
         }
-        self.write_padded(&t.buffer, offset as u64, bytes);
+        self.write_padded(&t.buffer, t.offset + offset as u64, bytes);
         Ok(())
     }
 
@@ -708,7 +714,7 @@ impl Gpu {
         if t.dtype != DType::of::<T>() {
             return Err(Error::Shape(format!("{}: reading {:?} as {:?}", t.label, t.dtype, DType::of::<T>())));
         }
-        let bytes = self.read_bytes(&t.buffer, 0, t.bytes()).await?;
+        let bytes = self.read_bytes(&t.buffer, t.offset, t.bytes()).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
 

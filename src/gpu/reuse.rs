@@ -109,6 +109,8 @@ pub(crate) struct State {
     pub generation: u64,
     pub binds: HashMap<(usize, Vec<BindEntry>), (wgpu::BindGroup, u64)>,
     pub counters: Counters,
+    /// Dispatches so far by kernel entry point (`file::entry`).
+    pub by_kernel: HashMap<Arc<str>, u64>,
 }
 
 impl State {

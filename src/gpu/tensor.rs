@@ -53,6 +53,9 @@ impl DType {
 #[derive(Clone)]
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
+    /// Where the tensor starts in `buffer`, in bytes: 0, or a multiple of the adapter's
+    /// storage offset alignment for a view into a larger buffer (`Tensor::view`).
+    pub offset: u64,
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub label: String,
@@ -63,7 +66,13 @@ impl Tensor {
     /// A zero-filled tensor in a buffer of its own (wgpu zero-initialises new buffers).
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let buffer = gpu.create_storage(label, Tensor::padded(dtype, shape))?;
-        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None })
+    }
+
+    /// A tensor of `shape` over this one's buffer from byte `offset` on (of this
+    /// tensor); the caller keeps it within the buffer and aligned for binding.
+    pub fn view(&self, label: &str, offset: u64, shape: &[usize]) -> Tensor {
+        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone() }
     }
 
     /// The bytes a tensor of `shape` occupies: bindings want a non-zero size that is a
@@ -79,7 +88,10 @@ impl Tensor {
 
     /// Bytes a whole-tensor binding covers (see `reuse::Lease::bind`).
     pub fn bind_size(&self) -> u64 {
-        self.lease.as_ref().map_or(self.padded_bytes(), |l| l.bind)
+        match &self.lease {
+            Some(l) if self.offset == 0 => l.bind,
+            _ => self.padded_bytes(),
+        }
     }
 
     pub fn numel(&self) -> usize {

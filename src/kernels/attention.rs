@@ -180,7 +180,7 @@ pub fn attention_backward(
     check_binding(gpu, op, &[q, k, v, o, dout, dq, dk, dv])?;
     // stats = [lse, dsum]: one binding for both keeps the dk/dv kernel at 8 storage buffers.
     let stats = gpu.temp(rec, "attention stats", DType::F32, &[2, at.rows()])?;
-    rec.encoder().copy_buffer_to_buffer(&lse.buffer, 0, &stats.buffer, 0, lse.bytes());
+    rec.encoder().copy_buffer_to_buffer(&lse.buffer, lse.offset, &stats.buffer, stats.offset, lse.bytes());
     let params = at.params();
     let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dsum", &[]);
     gpu.dispatch(

@@ -48,7 +48,7 @@ fn check_args(op: &str, n: usize, v: usize, logits: &Tensor, targets: &Tensor, l
 }
 
 fn chunk_bind(logits: &Tensor, r0: usize, rows: usize, v: usize) -> Bind<'_> {
-    Bind { buffer: &logits.buffer, offset: (r0 * v * 4) as u64, size: Some((rows * v * 4) as u64) }
+    Bind { buffer: &logits.buffer, offset: logits.offset + (r0 * v * 4) as u64, size: Some((rows * v * 4) as u64) }
 }
 
 /// Per-row losses `[n]` (0 where the target is negative, e.g. −100), the saved

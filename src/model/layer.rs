@@ -99,8 +99,8 @@ impl Model {
             Some(cache) => {
                 let at = self.attention(shape).cached(cache.len + shape.t);
                 let offset = (cache.len * kvd * 4) as u64;
-                rec.encoder().copy_buffer_to_buffer(&kk.buffer, 0, &cache.k[li].buffer, offset, kk.bytes());
-                rec.encoder().copy_buffer_to_buffer(&v.buffer, 0, &cache.v[li].buffer, offset, v.bytes());
+                rec.encoder().copy_buffer_to_buffer(&kk.buffer, kk.offset, &cache.k[li].buffer, cache.k[li].offset + offset, kk.bytes());
+                rec.encoder().copy_buffer_to_buffer(&v.buffer, v.offset, &cache.v[li].buffer, cache.v[li].offset + offset, v.bytes());
                 k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
             }
         }

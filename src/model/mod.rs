@@ -47,6 +47,8 @@ pub struct Model {
     pub adapter_enabled: bool,
     /// How the frozen matrices are held (a merge goes into the values trained against).
     pub frozen: Frozen,
+    /// The trainable params' values, gradients and moments, which `params()` view.
+    pub(crate) flat: Vec<params::Flat>,
 }
 
 /// Check that `w` has `name` with the shape the config implies.
@@ -172,7 +174,27 @@ impl Model {
         let embed = matrix("model.embed_tokens.weight", cfg.vocab, c)?;
         let lm_head = if cfg.tie_embeddings { None } else { Some(matrix("lm_head.weight", cfg.vocab, c)?) };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
-        Ok(Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, frozen, cfg })
+        let mut model =
+            Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, frozen, cfg, flat: Vec::new() };
+        let trainable: Vec<&mut Param> = model.all_params_mut().into_iter().filter(|p| p.train.is_some()).collect();
+        model.flat = params::pack(gpu, trainable)?;
+        Ok(model)
+    }
+
+    /// `all_params`, mutable, in the same order.
+    fn all_params_mut(&mut self) -> Vec<&mut Param> {
+        let mut out: Vec<&mut Param> = self.embed.parts.iter_mut().collect();
+        for l in &mut self.layers {
+            out.push(&mut l.ln1);
+            out.push(&mut l.ln2);
+            out.extend(l.q_norm.iter_mut().chain(l.k_norm.iter_mut()));
+            for x in &mut l.linears {
+                out.extend(x.w.parts.iter_mut().chain(x.bias.iter_mut()).chain(x.lora.iter_mut().flat_map(|l| [&mut l.a, &mut l.b])));
+            }
+        }
+        out.push(&mut self.norm);
+        out.extend(self.lm_head.iter_mut().flat_map(|w| w.parts.iter_mut()));
+        out
     }
 
     /// Every tensor the model holds, frozen or not.
@@ -513,8 +535,8 @@ impl Model {
     /// Zero every parameter gradient.
     pub fn zero_grads(&self, gpu: &Gpu) {
         let mut rec = gpu.recorder("zero grads");
-        for g in self.params().iter().filter_map(|p| p.grad()) {
-            rec.encoder().clear_buffer(&g.buffer, 0, None);
+        for f in &self.flat {
+            rec.encoder().clear_buffer(&f.grad.buffer, 0, None);
         }
         gpu.submit(rec);
     }
@@ -522,14 +544,13 @@ impl Model {
     /// Clip by the global gradient norm and take one AdamW step (1-based `step`).
     /// Returns the `[2]` tensor holding (norm before clipping, clip factor).
     pub fn optimizer_step(&self, gpu: &Gpu, opt: &k::AdamW, step: u64, max_grad_norm: f32) -> Result<Tensor> {
-        let params = self.params();
         let mut rec = gpu.recorder("optimizer");
         let norm = gpu.temp(&mut rec, "grad norm", DType::F32, &[2])?;
-        let grads: Vec<&Tensor> = params.iter().filter_map(|p| p.grad()).collect();
+        // Over the flat groups the params view: a dispatch or two per group.
+        let grads: Vec<&Tensor> = self.flat.iter().map(|f| &f.grad).collect();
         k::grad_norm(gpu, &mut rec, &grads, max_grad_norm, &norm)?;
-        for p in &params {
-            let t = p.train.as_ref().expect("params() are trainable");
-            k::adamw_step(gpu, &mut rec, opt, step, &p.value, &t.grad, &t.m, &t.v, &norm)?;
+        for f in &self.flat {
+            k::adamw_step(gpu, &mut rec, opt, step, &f.value, &f.grad, &f.m, &f.v, &norm)?;
         }
         gpu.submit(rec);
         Ok(norm)

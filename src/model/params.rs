@@ -119,14 +119,12 @@ impl Param {
         Self::holding(gpu, name, value, shape, trainable)
     }
 
-    /// `value` as a param, with a gradient and moments when `trainable`.
+    /// `value` as a param; when `trainable`, its gradient and moments are empty until
+    /// [`pack`] lays them out (every kernel refuses an empty one).
     pub(crate) fn holding(gpu: &Gpu, name: String, value: Tensor, shape: &[usize], trainable: bool) -> Result<Param> {
         let train = if trainable {
-            Some(Train {
-                grad: gpu.zeros(&format!("{name} grad"), DType::F32, shape)?,
-                m: gpu.zeros(&format!("{name} m"), DType::F32, shape)?,
-                v: gpu.zeros(&format!("{name} v"), DType::F32, shape)?,
-            })
+            let empty = |what: &str| gpu.zeros(&format!("{name} {what} (not packed)"), DType::F32, &[0]);
+            Some(Train { grad: empty("grad")?, m: empty("m")?, v: empty("v")? })
         } else {
             None
         };
@@ -149,6 +147,63 @@ impl Param {
     pub fn bytes(&self) -> u64 {
         self.value.bytes() * if self.train.is_some() { 4 } else { 1 }
     }
+}
+
+/// The trainable params' values, gradients and AdamW moments in flat buffers, one
+/// group of them per binding's worth: each param is a view into its group, so the
+/// gradient norm and AdamW run a dispatch per group, not one per param.
+pub struct Flat {
+    pub value: Tensor,
+    pub grad: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+/// Lay out `params` (trainable, f32) in [`Flat`] groups of at most one binding each,
+/// moving each value into its group and giving it a zeroed gradient and moments there.
+/// Each param starts at a multiple of the adapter's storage offset alignment; the gaps
+/// stay zero (zero gradients leave zero values where AdamW runs over them).
+pub(crate) fn pack(gpu: &Gpu, params: Vec<&mut Param>) -> Result<Vec<Flat>> {
+    let align = (gpu.caps.limits.min_storage_buffer_offset_alignment as u64).max(16);
+    let cap = gpu.caps.max_binding.min(gpu.caps.limits.max_buffer_size);
+    let mut groups: Vec<Vec<&mut Param>> = Vec::new();
+    let mut used = cap;
+    for p in params {
+        let bytes = p.value.padded_bytes().div_ceil(align) * align;
+        if used + bytes > cap {
+            groups.push(Vec::new());
+            used = 0;
+        }
+        used += bytes;
+        groups.last_mut().expect("a group").push(p);
+    }
+    let mut out = Vec::new();
+    for group in groups {
+        let n = group.iter().map(|p| p.value.padded_bytes().div_ceil(align) * align).sum::<u64>() as usize / 4;
+        let flat = |what: &str| gpu.zeros(&format!("trainable {what}"), DType::F32, &[n]);
+        let f = Flat { value: flat("values")?, grad: flat("gradients")?, m: flat("AdamW m")?, v: flat("AdamW v")? };
+        let mut rec = gpu.recorder("pack trainable params");
+        let mut at = 0;
+        for p in group {
+            check_packable(p)?;
+            rec.encoder().copy_buffer_to_buffer(&p.value.buffer, p.value.offset, &f.value.buffer, at, p.value.bytes());
+            let (name, shape) = (p.name.clone(), p.shape.clone());
+            let view = |t: &Tensor, what: &str| t.view(&format!("{name} {what}"), at, &shape);
+            p.train = Some(Train { grad: view(&f.grad, "grad"), m: view(&f.m, "m"), v: view(&f.v, "v") });
+            p.value = f.value.view(&name, at, &shape);
+            at += p.value.padded_bytes().div_ceil(align) * align;
+        }
+        gpu.submit(rec);
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn check_packable(p: &Param) -> Result<()> {
+    if p.value.dtype != DType::F32 || p.train.is_none() {
+        return Err(crate::Error::Shape(format!("{}: only trainable f32 params are packed", p.name)));
+    }
+    Ok(())
 }
 
 /// A matrix `[rows, cols]` split by rows into parts that each fit one storage
