@@ -181,6 +181,9 @@ var<workgroup> tile_b: array<vec4<f32>, TILE4>; // v (forward, dq) or do (dk/dv)
 
 fn tile_rows() -> u32 { return TILE4 / (p.hs / 4u); }
 
+// How many of a tile's n keys from s0 on a query at position tpos sees (keys ≤ tpos).
+fn keys_seen(n: u32, s0: u32, tpos: u32) -> u32 { return select(0u, min(n, tpos + 1u - s0), tpos >= s0); }
+
 // Stage keys s0..s0+n of kv head g (k into tile_a, v into tile_b).
 fn stage_kv(lid: u32, bi: u32, g: u32, s0: u32, n: u32) {
     let hs4 = p.hs / 4u;
@@ -224,7 +227,7 @@ fn attention_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
         stage_kv(lid, bi, g, s0, n);
         workgroupBarrier();
         // This row sees keys s0..=tpos of its own segment.
-        let mine = select(0u, min(n, tpos + 1u - s0), tpos >= s0);
+        let mine = keys_seen(n, s0, tpos);
         for (var j = 0u; j < mine; j++) {
             if (seg[bi * p.tk + s0 + j] != st) { continue; }
             var score = 0.0;
@@ -270,7 +273,7 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
         let n = min(nk, s_end - s0);
         stage_kv(lid, bi, g, s0, n);
         workgroupBarrier();
-        let mine = select(0u, min(n, t + 1u - s0), t >= s0);
+        let mine = keys_seen(n, s0, t);
         for (var j = 0u; j < mine; j++) {
             if (seg[bi * p.t + s0 + j] != st) { continue; }
             var score = 0.0;

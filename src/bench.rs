@@ -220,14 +220,21 @@ pub async fn train(gpu: &Gpu, run: &mut crate::train::Run, steps: u64, mut repor
     run.next(gpu).await?;
     let mut rows = Vec::new();
     let mut by_kernel = Vec::new();
+    let tally = gpu.dispatches_by_kernel();
     for i in 0..steps {
         let before = gpu.counters();
-        let tally = gpu.dispatches_by_kernel();
         let start = crate::clock::now();
         let e = run.next(gpu).await?;
         let row = StepRow { step: e.stats.step, tokens: e.stats.tokens, secs: crate::clock::now() - start, counters: gpu.counters().since(&before) };
         if i == 0 {
-            by_kernel = gpu.dispatches_by_kernel().into_iter().map(|(k, n)| (n - tally.get(&k).copied().unwrap_or(0), k)).filter(|(n, _)| *n > 0).map(|(n, k)| (k, n)).collect();
+            by_kernel = gpu
+                .dispatches_by_kernel()
+                .into_iter()
+                .filter_map(|(k, n)| {
+                    let d = n - tally.get(&k).copied().unwrap_or(0);
+                    (d > 0).then_some((k, d))
+                })
+                .collect();
             by_kernel.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         }
         report(&row);

@@ -76,17 +76,13 @@ impl Attention {
     }
 }
 
-/// The entry point of `pass` (`forward`, `backward_dq`, `backward_dkv`) for this
-/// adapter: FlashAttention-2 tiles on GPUs, a row per invocation on CPU drivers
-/// (where workgroup barriers cost more than the memory they save).
-fn entry(gpu: &Gpu, pass: &str) -> &'static str {
-    match (gpu.caps.variant, pass) {
-        (Variant::Tiled, "forward") => "attention_forward_tiled",
-        (Variant::Tiled, "backward_dq") => "attention_backward_dq_tiled",
-        (Variant::Tiled, _) => "attention_backward_dkv_tiled",
-        (Variant::Register, "forward") => "attention_forward_row",
-        (Variant::Register, "backward_dq") => "attention_backward_dq_row",
-        (Variant::Register, _) => "attention_backward_dkv_row",
+/// The (forward, backward dq, backward dk/dv) entry points for this adapter:
+/// FlashAttention-2 tiles on GPUs, a row per invocation on CPU drivers (where
+/// workgroup barriers cost more than the memory they save).
+fn entries(gpu: &Gpu) -> [&'static str; 3] {
+    match gpu.caps.variant {
+        Variant::Tiled => ["attention_forward_tiled", "attention_backward_dq_tiled", "attention_backward_dkv_tiled"],
+        Variant::Register => ["attention_forward_row", "attention_backward_dq_row", "attention_backward_dkv_row"],
     }
 }
 
@@ -131,7 +127,7 @@ pub fn attention_forward(
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o])?;
     // Key ranges that fit the loop budget; each range resumes from the last's (o, lse).
-    let name = entry(gpu, "forward");
+    let [name, _, _] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
     let hs4 = at.hs / 4;
     // Per key: the score and the update (2·HS/4) and the key's share of staging a tile.
@@ -194,7 +190,7 @@ pub fn attention_backward(
     // dq over key ranges, dk/dv over query ranges (each query head of the group
     // loops over the range), each range adding its part.
     let hs4 = at.hs / 4;
-    let name = entry(gpu, "backward_dq");
+    let [_, name, _] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
     for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 3 * hs4 + 16) {
         let binds = [
@@ -210,7 +206,7 @@ pub fn attention_backward(
         gpu.dispatch(rec, &pipeline, name, &p, &binds, at.grid(at.nh))?;
     }
     let group = at.nh / at.nkv;
-    let name = entry(gpu, "backward_dkv");
+    let [_, _, name] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
     for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 2), group + 4 * hs4 + 16) {
         let binds = [

@@ -44,7 +44,7 @@ pub fn embedding_forward(
     check(rows == v && parts.iter().all(|w| w.numel() % c == 0), op, || format!("table parts hold {rows} rows of {c}, expected {v}"))?;
     check_binding(gpu, op, &[out])?;
     check_binding(gpu, op, parts)?;
-    rec.encoder().clear_buffer(&out.buffer, out.offset, (out.offset > 0).then(|| out.padded_bytes()));
+    rec.encoder().clear_buffer(&out.buffer, out.offset, Some(out.padded_bytes()));
     let mut v0 = 0;
     for w in parts {
         check(matches!(w.dtype, DType::F32 | DType::Q(_)) || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {

@@ -166,10 +166,12 @@ pub struct Flat {
 pub(crate) fn pack(gpu: &Gpu, params: Vec<&mut Param>) -> Result<Vec<Flat>> {
     let align = (gpu.caps.limits.min_storage_buffer_offset_alignment as u64).max(16);
     let cap = gpu.caps.max_binding.min(gpu.caps.limits.max_buffer_size);
+    // The bytes a param takes in its group.
+    let region = |p: &Param| p.value.padded_bytes().div_ceil(align) * align;
     let mut groups: Vec<Vec<&mut Param>> = Vec::new();
     let mut used = cap;
     for p in params {
-        let bytes = p.value.padded_bytes().div_ceil(align) * align;
+        let bytes = region(p);
         if used + bytes > cap {
             groups.push(Vec::new());
             used = 0;
@@ -179,7 +181,7 @@ pub(crate) fn pack(gpu: &Gpu, params: Vec<&mut Param>) -> Result<Vec<Flat>> {
     }
     let mut out = Vec::new();
     for group in groups {
-        let n = group.iter().map(|p| p.value.padded_bytes().div_ceil(align) * align).sum::<u64>() as usize / 4;
+        let n = group.iter().map(|p| region(p)).sum::<u64>() as usize / 4;
         let flat = |what: &str| gpu.zeros(&format!("trainable {what}"), DType::F32, &[n]);
         let f = Flat { value: flat("values")?, grad: flat("gradients")?, m: flat("AdamW m")?, v: flat("AdamW v")? };
         let mut rec = gpu.recorder("pack trainable params");
@@ -191,7 +193,7 @@ pub(crate) fn pack(gpu: &Gpu, params: Vec<&mut Param>) -> Result<Vec<Flat>> {
             let view = |t: &Tensor, what: &str| t.view(&format!("{name} {what}"), at, &shape);
             p.train = Some(Train { grad: view(&f.grad, "grad"), m: view(&f.m, "m"), v: view(&f.v, "v") });
             p.value = f.value.view(&name, at, &shape);
-            at += p.value.padded_bytes().div_ceil(align) * align;
+            at += region(p);
         }
         gpu.submit(rec);
         out.push(f);
