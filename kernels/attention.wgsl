@@ -6,8 +6,9 @@
 //   seg            [B, TK] u32: a key s is visible to query t when s <= t + TK − T and
 //                  seg[s] == seg[t + TK − T] (packed examples never see each other)
 //   lse            [B, NH, T]: log-sum-exp of the scaled scores, saved for backward
-//   stats          [2, B, NH, T]: lse, then dsum = do·o per row (built by the
-//                  backward launcher; keeps the backward within 8 storage bindings)
+//   stats          [2, B, NH, T]: lse (copied in by the backward launcher), then
+//                  dsum = do·o per row, which the dq pass writes and the dk/dv pass
+//                  reads (one binding for both keeps each pass within 8 storage buffers)
 // The forward keeps a running max and sum (online softmax) and never writes a T×T
 // matrix; the backward recomputes probabilities from lse. Backward adds into dq, dk, dv.
 // Two variants of each pass, chosen by the launcher from the adapter (`Caps::variant`):
@@ -94,18 +95,16 @@ fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 fn n_rows() -> u32 { return p.b * p.nh * p.t; }
 
-// stats[1, b, h, t] = do_t · o_t. Grid: (ceil(T/64), NH, B).
-@compute @workgroup_size(64, 1, 1)
-fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let t = gid.x; let h = gid.y; let bi = gid.z;
-    if (t >= p.t) { return; }
-    let qb = q_base(bi, t, h);
+// dsum_t = do_t · o_t, which the dq pass computes for its row and writes to
+// stats[1, b, h, t] (in its first key range) for the dk/dv pass.
+fn dsum(qb: u32, dor: ptr<function, array<vec4<f32>, MAX_HS4>>) -> f32 {
     var d = 0.0;
-    for (var i = 0u; i < p.hs / 4u; i++) { d += dot(dout[qb + i], o_in[qb + i]); }
-    stats_rw[n_rows() + (bi * p.nh + h) * p.t + t] = d;
+    for (var i = 0u; i < p.hs / 4u; i++) { d += dot((*dor)[i], o_in[qb + i]); }
+    return d;
 }
 
-// dq_t += scale · Σ_s P_ts (do_t·v_s − dsum_t) k_s. Grid: (ceil(T/64), NH, B).
+// dq_t += scale · Σ_s P_ts (do_t·v_s − dsum_t) k_s, and stats' dsum_t.
+// Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
 fn attention_backward_dq_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = gid.x; let h = gid.y; let bi = gid.z;
@@ -118,8 +117,9 @@ fn attention_backward_dq_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc: array<vec4<f32>, MAX_HS4>;
     for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; dor[i] = dout[qb + i]; }
     let row = (bi * p.nh + h) * p.t + t;
-    let l = stats[row];
-    let d = stats[n_rows() + row];
+    let l = stats_rw[row];
+    let d = dsum(qb, &dor);
+    if (p.r0 == 0u) { stats_rw[n_rows() + row] = d; }
     let st = seg[bi * p.t + t];
     for (var s = p.r0; s < min(t + 1u, p.r1); s++) {
         if (seg[bi * p.t + s] != st) { continue; }
@@ -264,8 +264,9 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
     var acc: array<vec4<f32>, MAX_HS4>;
     for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; dor[i] = dout[qb + i]; }
     let row = (bi * p.nh + h) * p.t + t;
-    let l = stats[row];
-    let d = stats[n_rows() + row];
+    let l = stats_rw[row];
+    let d = dsum(qb, &dor);
+    if (live && p.r0 == 0u) { stats_rw[n_rows() + row] = d; }
     let st = seg[bi * p.t + t];
     let s_end = min(min(t0 + 63u, p.t - 1u) + 1u, p.r1);
     let nk = tile_rows();

@@ -3,7 +3,7 @@
 //   bias, dbias       [C];  rows of y / dy are [R, C]
 // Index for 1-D grids: y·65535·256 + x (the launcher spills past 65535 workgroups into y).
 
-// `aux` is dropout's seed, and bias_backward's first row.
+// `aux` is bias_backward's first row.
 struct Params {
     n: u32, c: u32, alpha: f32, aux: u32,
 }
@@ -61,26 +61,4 @@ fn bias_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc = 0.0;
     for (var i = p.aux * p.c + c; i < p.n; i += p.c) { acc += dy[i]; }
     dbias[c] += acc;
-}
-
-// lowbias32 (Chris Wellons): a good 32-bit integer hash.
-fn hash(v: u32) -> u32 {
-    var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
-
-// Inverted dropout with drop probability alpha: y += x / (1 − alpha) where
-// hash(i ^ hash(seed)) / 2³² ≥ alpha. The mask depends only on (seed, i), so the same
-// call applied to a gradient is the backward.
-@compute @workgroup_size(256, 1, 1)
-fn dropout(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = index(gid);
-    if (i >= p.n) { return; }
-    let u = f32(hash(i ^ hash(p.aux))) / 4294967296.0;
-    if (u >= p.alpha) { y[i] += x[i] / (1.0 - p.alpha); }
 }

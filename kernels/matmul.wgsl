@@ -7,6 +7,15 @@
 // matrix has ld > its width: the parts of a weight split by rows, a logits chunk).
 // Linear layer y = x·Wᵀ: A = x [BT, in], B = W [out, in], TRANS_B.
 //   dx += dy·W: A = dy [BT, out], B = W [out, in].  dW += dyᵀ·x: A = dy, TRANS_A, B = x.
+//
+// Two fusions serve LoRA (batch 1), so a pair costs no dispatches of its own:
+// - a second product of the same M×N and transposes, `+ alpha2 · op(A2)·op(B2)` over
+//   its own K2 (0 = none): the up product s·h·Bᵀ in the base layer's y = x·Wᵀ, and
+//   dx' = dh·A in dx += dy·W;
+// - inverted dropout (`DROP`): on A as loaded (h = x'·Aᵀ), on B as loaded
+//   (dA += dhᵀ·x'), or on the second product (dx += mask(dh·A)). Element i of the
+//   operand (its stored index less `drop_base`) is kept, as x[i] / (1 − p), where
+//   hash(i ^ key) / 2³² ≥ p; the launcher passes key = hash(seed).
 
 // The element type of B. The registry builds a variant with `enable f16;` and
 // `alias BElem = f16;` for frozen weights stored in f16 (B is always the weight).
@@ -16,20 +25,55 @@ struct Params {
     m: u32, n: u32, k: u32, batch: u32,
     a_off: u32, b_off: u32, c_off: u32, lda: u32,
     a_stride: u32, b_stride: u32, c_stride: u32, ldb: u32,
-    alpha: f32, beta: f32, ldc: u32, _p0: u32,
+    alpha: f32, beta: f32, ldc: u32, k2: u32,
+    a2_off: u32, b2_off: u32, lda2: u32, ldb2: u32,
+    alpha2: f32, drop_p: f32, drop_key: u32, drop_base: u32,
 }
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
+// Dropout: 0 none, 1 on A as loaded, 2 on B as loaded, 3 on the second product.
+override DROP: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;       // op(A) [M, K] per batch
 @group(0) @binding(2) var<storage, read> b: array<BElem>;     // op(B) [K, N] per batch
 @group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
+@group(0) @binding(4) var<storage, read> a2: array<f32>;      // op(A2) [M, K2]
+@group(0) @binding(5) var<storage, read> b2: array<f32>;      // op(B2) [K2, N]
+
+// lowbias32 (Chris Wellons): a good 32-bit integer hash (`crate::rng::hash`).
+fn hash(v: u32) -> u32 {
+    var h = v;
+    h ^= h >> 16u;
+    h *= 0x7feb352du;
+    h ^= h >> 15u;
+    h *= 0x846ca68bu;
+    h ^= h >> 16u;
+    return h;
+}
+
+// v, the operand's element at stored index i, after inverted dropout.
+fn dropped(i: u32, v: f32) -> f32 {
+    let u = f32(hash((i - p.drop_base) ^ p.drop_key)) / 4294967296.0;
+    return select(0.0, v / (1.0 - p.drop_p), u >= p.drop_p);
+}
 
 fn a_at(base: u32, m: u32, k: u32) -> f32 {
-    if (TRANS_A) { return a[base + k * p.lda + m]; }
-    return a[base + m * p.lda + k];
+    var i = base + m * p.lda + k;
+    if (TRANS_A) { i = base + k * p.lda + m; }
+    if (DROP == 1u) { return dropped(i, a[i]); }
+    return a[i];
+}
+
+fn a2_at(m: u32, k: u32) -> f32 {
+    if (TRANS_A) { return a2[p.a2_off + k * p.lda2 + m]; }
+    return a2[p.a2_off + m * p.lda2 + k];
+}
+
+fn b2_at(k: u32, n: u32) -> f32 {
+    if (TRANS_B) { return b2[p.b2_off + n * p.ldb2 + k]; }
+    return b2[p.b2_off + k * p.ldb2 + n];
 }
 
 // Element i of B as stored. `slot` (0–3) tells apart the invocation's loads that
@@ -39,12 +83,22 @@ fn weight(i: u32, slot: u32) -> f32 { return f32(b[i]); }
 fn weight4(i: u32, slot: u32) -> vec4<f32> { return vec4<f32>(f32(b[i]), f32(b[i + 1u]), f32(b[i + 2u]), f32(b[i + 3u])); }
 
 fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
-    if (TRANS_B) { return weight(base + n * p.ldb + k, slot); }
-    return weight(base + k * p.ldb + n, slot);
+    var i = base + k * p.ldb + n;
+    if (TRANS_B) { i = base + n * p.ldb + k; }
+    if (DROP == 2u) { return dropped(i, weight(i, slot)); }
+    return weight(i, slot);
 }
 
-// Write a 4×4 block at (m0, n0); rows and columns past the edge are dropped.
-fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>) {
+// `weight4` with B's dropout.
+fn b4_at(i: u32, slot: u32) -> vec4<f32> {
+    let w = weight4(i, slot);
+    if (DROP == 2u) { return vec4<f32>(dropped(i, w.x), dropped(i + 1u, w.y), dropped(i + 2u, w.z), dropped(i + 3u, w.w)); }
+    return w;
+}
+
+// Write a 4×4 block at (m0, n0): alpha·acc + beta·C + alpha2·acc2 (the second
+// product, through dropout under DROP 3); rows and columns past the edge are dropped.
+fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: array<vec4<f32>, 4>) {
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m >= p.m) { return; }
@@ -54,6 +108,11 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>) {
                 let idx = base + m * p.ldc + n;
                 var v = p.alpha * acc[i][j];
                 if (p.beta != 0.0) { v += p.beta * c[idx]; }
+                if (p.k2 > 0u) {
+                    var s = p.alpha2 * acc2[i][j];
+                    if (DROP == 3u) { s = dropped(idx, s); }
+                    v += s;
+                }
                 c[idx] = v;
             }
         }
@@ -82,8 +141,8 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (TRANS_B) {
             // Four weight rows, four steps of k each: w[j] is row ns[j] at k..k+3.
             for (; k + 4u <= p.k; k += 4u) {
-                let w = transpose(mat4x4<f32>(weight4(bb + ns.x * p.ldb + k, 0u), weight4(bb + ns.y * p.ldb + k, 1u),
-                                              weight4(bb + ns.z * p.ldb + k, 2u), weight4(bb + ns.w * p.ldb + k, 3u)));
+                let w = transpose(mat4x4<f32>(b4_at(bb + ns.x * p.ldb + k, 0u), b4_at(bb + ns.y * p.ldb + k, 1u),
+                                              b4_at(bb + ns.z * p.ldb + k, 2u), b4_at(bb + ns.w * p.ldb + k, 3u)));
                 for (var kk = 0u; kk < 4u; kk++) {
                     let av = vec4<f32>(a_at(ab, ms.x, k + kk), a_at(ab, ms.y, k + kk), a_at(ab, ms.z, k + kk), a_at(ab, ms.w, k + kk));
                     acc[0] += av.x * w[kk];
@@ -95,7 +154,7 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
         } else if (n0 + 3u < p.n) {
             for (; k < p.k; k++) {
                 let av = vec4<f32>(a_at(ab, ms.x, k), a_at(ab, ms.y, k), a_at(ab, ms.z, k), a_at(ab, ms.w, k));
-                let bv = weight4(bb + k * p.ldb + n0, 0u);
+                let bv = b4_at(bb + k * p.ldb + n0, 0u);
                 acc[0] += av.x * bv;
                 acc[1] += av.y * bv;
                 acc[2] += av.z * bv;
@@ -118,7 +177,16 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc[2] += av.z * bv;
         acc[3] += av.w * bv;
     }
-    store_block(p.c_off + bi * p.c_stride, m0, n0, acc);
+    var acc2: array<vec4<f32>, 4>;
+    for (var k2 = 0u; k2 < p.k2; k2++) {
+        let av = vec4<f32>(a2_at(ms.x, k2), a2_at(ms.y, k2), a2_at(ms.z, k2), a2_at(ms.w, k2));
+        let bv = vec4<f32>(b2_at(k2, ns.x), b2_at(k2, ns.y), b2_at(k2, ns.z), b2_at(k2, ns.w));
+        acc2[0] += av.x * bv;
+        acc2[1] += av.y * bv;
+        acc2[2] += av.z * bv;
+        acc2[3] += av.w * bv;
+    }
+    store_block(p.c_off + bi * p.c_stride, m0, n0, acc, acc2);
 }
 
 // Tiled variant for GPUs: a 16×16 workgroup computes a 64×64 tile of C, staging
@@ -137,38 +205,49 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let ab = p.a_off + bi * p.a_stride;
     let bb = p.b_off + bi * p.b_stride;
     let tid = lid.y * 16u + lid.x;
+    // Phase 0 sums op(A)·op(B) over K, phase 1 op(A2)·op(B2) over K2 (if any).
+    var acc1: array<vec4<f32>, 4>;
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        for (var r = 0u; r < 4u; r++) {
-            let e = tid + r * 256u;
-            // Walk k fastest when the stored operand is contiguous in k, else m/n.
-            var kk: u32; var mm: u32;
-            if (TRANS_A) { kk = e / TS; mm = e % TS; } else { kk = e % BK; mm = e / BK; }
-            let gm = tm + mm;
-            let gk = k0 + kk;
-            let va = a_at(ab, min(gm, p.m - 1u), min(gk, p.k - 1u));
-            tile_a[kk * TS + mm] = select(0.0, va, gm < p.m && gk < p.k);
-            var kb: u32; var nn: u32;
-            if (TRANS_B) { kb = e % BK; nn = e / BK; } else { kb = e / TS; nn = e % TS; }
-            let gn = tn + nn;
-            let gkb = k0 + kb;
-            let vb = b_at(bb, min(gkb, p.k - 1u), min(gn, p.n - 1u), r);
-            tile_b[kb * TS + nn] = select(0.0, vb, gn < p.n && gkb < p.k);
+    for (var ph = 0u; ph < 2u; ph++) {
+        let kn = select(p.k, p.k2, ph == 1u);
+        for (var k0 = 0u; k0 < kn; k0 += BK) {
+            for (var r = 0u; r < 4u; r++) {
+                let e = tid + r * 256u;
+                // Walk k fastest when the stored operand is contiguous in k, else m/n.
+                var kk: u32; var mm: u32;
+                if (TRANS_A) { kk = e / TS; mm = e % TS; } else { kk = e % BK; mm = e / BK; }
+                let gm = tm + mm;
+                let gk = k0 + kk;
+                var va: f32;
+                if (ph == 0u) { va = a_at(ab, min(gm, p.m - 1u), min(gk, kn - 1u)); } else { va = a2_at(min(gm, p.m - 1u), min(gk, kn - 1u)); }
+                tile_a[kk * TS + mm] = select(0.0, va, gm < p.m && gk < kn);
+                var kb: u32; var nn: u32;
+                if (TRANS_B) { kb = e % BK; nn = e / BK; } else { kb = e / TS; nn = e % TS; }
+                let gn = tn + nn;
+                let gkb = k0 + kb;
+                var vb: f32;
+                if (ph == 0u) { vb = b_at(bb, min(gkb, kn - 1u), min(gn, p.n - 1u), r); } else { vb = b2_at(min(gkb, kn - 1u), min(gn, p.n - 1u)); }
+                tile_b[kb * TS + nn] = select(0.0, vb, gn < p.n && gkb < kn);
+            }
+            workgroupBarrier();
+            for (var kk = 0u; kk < BK; kk++) {
+                let ao = kk * TS + lid.y * 4u;
+                let bo = kk * TS + lid.x * 4u;
+                let av = vec4<f32>(tile_a[ao], tile_a[ao + 1u], tile_a[ao + 2u], tile_a[ao + 3u]);
+                let bv = vec4<f32>(tile_b[bo], tile_b[bo + 1u], tile_b[bo + 2u], tile_b[bo + 3u]);
+                acc[0] += av.x * bv;
+                acc[1] += av.y * bv;
+                acc[2] += av.z * bv;
+                acc[3] += av.w * bv;
+            }
+            workgroupBarrier();
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let ao = kk * TS + lid.y * 4u;
-            let bo = kk * TS + lid.x * 4u;
-            let av = vec4<f32>(tile_a[ao], tile_a[ao + 1u], tile_a[ao + 2u], tile_a[ao + 3u]);
-            let bv = vec4<f32>(tile_b[bo], tile_b[bo + 1u], tile_b[bo + 2u], tile_b[bo + 3u]);
-            acc[0] += av.x * bv;
-            acc[1] += av.y * bv;
-            acc[2] += av.z * bv;
-            acc[3] += av.w * bv;
+        if (ph == 0u) {
+            acc1 = acc;
+            acc = array<vec4<f32>, 4>();
         }
-        workgroupBarrier();
     }
     if (bi < p.batch) {
-        store_block(p.c_off + bi * p.c_stride, tm + lid.y * 4u, tn + lid.x * 4u, acc);
+        store_block(p.c_off + bi * p.c_stride, tm + lid.y * 4u, tn + lid.x * 4u, acc1, acc);
     }
 }

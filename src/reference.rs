@@ -2,28 +2,46 @@
 //! same argument order (less the GPU and recorder), slices for tensors. Sums are
 //! accumulated in f64, so these are the ground truth the GPU is checked against.
 
-use crate::kernels::{AdamW, Attention, Dpo, DpoLoss, Lora, Matmul};
+use crate::kernels::{AdamW, Attention, DropOn, Dpo, DpoLoss, Lora, Matmul};
 
 fn sigmoid(g: f64) -> f64 {
     1.0 / (1.0 + (-g).exp())
 }
 
 pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
+    matmul_with(mm, a, b, c, None)
+}
+
+pub fn matmul_with(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {
     let (lda, ldb, ldc) = mm.strides();
+    let drop = |on: DropOn, i: usize, base: usize, v: f32| match mm.dropout {
+        Some(d) if d.on == on => d.apply(i - base, v),
+        _ => v,
+    };
     for bi in 0..mm.batch {
         let (ab, bb, cb) = (mm.a_off + bi * mm.a_stride, mm.b_off + bi * mm.b_stride, mm.c_off + bi * mm.c_stride);
         for i in 0..mm.m {
             for j in 0..mm.n {
                 let mut acc = 0.0f64;
                 for k in 0..mm.k {
-                    let av = if mm.trans_a { a[ab + k * lda + i] } else { a[ab + i * lda + k] };
-                    let bv = if mm.trans_b { b[bb + j * ldb + k] } else { b[bb + k * ldb + j] };
-                    acc += av as f64 * bv as f64;
+                    let ia = if mm.trans_a { ab + k * lda + i } else { ab + i * lda + k };
+                    let ib = if mm.trans_b { bb + j * ldb + k } else { bb + k * ldb + j };
+                    acc += drop(DropOn::A, ia, mm.a_off, a[ia]) as f64 * drop(DropOn::B, ib, mm.b_off, b[ib]) as f64;
                 }
                 let idx = cb + i * ldc + j;
                 let mut out = mm.alpha as f64 * acc;
                 if mm.beta != 0.0 {
                     out += mm.beta as f64 * c[idx] as f64;
+                }
+                if let (Some(s), Some((a2, b2))) = (mm.second, second) {
+                    let (lda2, ldb2) = s.strides(mm);
+                    let mut acc2 = 0.0f64;
+                    for k in 0..s.k {
+                        let av = if mm.trans_a { a2[s.a_off + k * lda2 + i] } else { a2[s.a_off + i * lda2 + k] };
+                        let bv = if mm.trans_b { b2[s.b_off + j * ldb2 + k] } else { b2[s.b_off + k * ldb2 + j] };
+                        acc2 += av as f64 * bv as f64;
+                    }
+                    out += drop(DropOn::Second, idx, mm.c_off, (s.alpha as f64 * acc2) as f32) as f64;
                 }
                 c[idx] = out as f32;
             }
@@ -158,7 +176,7 @@ pub fn rmsnorm_backward(
     rstd: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
 ) {
     let mut dw64 = vec![0f64; c];
     for r in 0..rows {
@@ -171,7 +189,7 @@ pub fn rmsnorm_backward(
             dw64[i] += dy[r * c + i] as f64 * n[i];
         }
     }
-    for (d, x) in dw.iter_mut().zip(dw64) {
+    for (d, x) in dw.into_iter().flatten().zip(dw64) {
         *d += x as f32;
     }
 }
@@ -193,12 +211,16 @@ fn rotate(n: usize, h: usize, hs: usize, x: &mut [f32], pos: &[u32], inv_freq: &
     }
 }
 
-pub fn rope_forward(n: usize, h: usize, hs: usize, x: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
-    rotate(n, h, hs, x, pos, inv_freq, 1.0)
+#[allow(clippy::too_many_arguments)]
+pub fn rope_forward(n: usize, (h, hk): (usize, usize), hs: usize, q: &mut [f32], k: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
+    rotate(n, h, hs, q, pos, inv_freq, 1.0);
+    rotate(n, hk, hs, k, pos, inv_freq, 1.0)
 }
 
-pub fn rope_backward(n: usize, h: usize, hs: usize, dx: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
-    rotate(n, h, hs, dx, pos, inv_freq, -1.0)
+#[allow(clippy::too_many_arguments)]
+pub fn rope_backward(n: usize, (h, hk): (usize, usize), hs: usize, dq: &mut [f32], dk: &mut [f32], pos: &[u32], inv_freq: &[f32]) {
+    rotate(n, h, hs, dq, pos, inv_freq, -1.0);
+    rotate(n, hk, hs, dk, pos, inv_freq, -1.0)
 }
 
 pub fn swiglu_forward(n: usize, gate: &[f32], up: &[f32], h: &mut [f32]) {
@@ -268,18 +290,6 @@ pub fn add_bias(rows: usize, c: usize, bias: &[f32], y: &mut [f32]) {
 pub fn bias_backward(rows: usize, c: usize, dy: &[f32], dbias: &mut [f32]) {
     for j in 0..c {
         dbias[j] += (0..rows).map(|r| dy[r * c + j] as f64).sum::<f64>() as f32;
-    }
-}
-
-pub use crate::rng::hash;
-
-pub fn dropout(n: usize, p: f32, seed: u32, x: &[f32], y: &mut [f32]) {
-    let hs = hash(seed);
-    for i in 0..n {
-        let u = hash(i as u32 ^ hs) as f32 / 4294967296.0;
-        if u >= p {
-            y[i] += x[i] / (1.0 - p);
-        }
     }
 }
 
@@ -405,32 +415,15 @@ pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps:
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn lora_forward(l: &Lora, x: &[f32], a: &[f32], b: &[f32], h: &mut [f32], y: &mut [f32]) {
-    let down = Matmul::linear(l.n, l.din, l.r);
-    matmul(&down, x, a, h);
-    let up = Matmul::linear(l.n, l.r, l.dout).alpha(l.s).accumulate();
-    matmul(&up, h, b, y);
+pub fn lora_down(l: &Lora, x: &[f32], a: &[f32], h: &mut [f32]) {
+    matmul(&l.down(), x, a, h);
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(
-    l: &Lora,
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    h: &[f32],
-    dy: &[f32],
-    dh: &mut [f32],
-    da: &mut [f32],
-    db: &mut [f32],
-    dx: &mut [f32],
-) {
-    // dh = s·dy·B;  dB += s·dyᵀ·h;  dA += dhᵀ·x;  dx += dh·A
-    matmul(&Matmul::new(l.n, l.r, l.dout).alpha(l.s), dy, b, dh);
-    matmul(&Matmul::new(l.dout, l.r, l.n).trans_a().alpha(l.s).accumulate(), dy, h, db);
-    matmul(&Matmul::new(l.r, l.din, l.n).trans_a().accumulate(), dh, x, da);
-    matmul(&Matmul::new(l.n, l.din, l.r).accumulate(), dh, a, dx);
+pub fn lora_backward(l: &Lora, x: &[f32], b: &[f32], h: &[f32], dy: &[f32], dh: &mut [f32], da: &mut [f32], db: &mut [f32]) {
+    matmul(&l.dh(), dy, b, dh);
+    matmul(&l.db(), dy, h, db);
+    matmul(&l.da(), dh, x, da);
 }
 
 pub fn grad_norm(grads: &[&[f32]], max_norm: f32, norm: &mut [f32]) {

@@ -82,23 +82,26 @@ fn rmsnorm_gradients_match_finite_differences() {
     let (mut y, mut rs) = (vec![0.0; rows * c], vec![0.0; rows]);
     cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rs);
     let (mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; c]);
-    cpu::rmsnorm_backward(rows, c, &x, &w, &rs, &r, &mut dx, &mut dw);
+    cpu::rmsnorm_backward(rows, c, &x, &w, &rs, &r, &mut dx, Some(&mut dw));
     fd("rmsnorm dx", &dx, &x, |x| fwd(x, &w));
     fd("rmsnorm dw", &dw, &w, |w| fwd(&x, w));
 }
 
 #[test]
 fn rope_gradient_matches_finite_differences() {
-    let (n, h, hs) = (4, 2, 8);
+    // q with 2 heads and k with 1: the loss is r·[rope(q), rope(k)].
+    let (n, h, hk, hs) = (4, 2, 1, 8);
     let mut rng = Rng::new(4);
-    let (x, r) = (rng.vec(n * h * hs, 1.0), rng.vec(n * h * hs, 1.0));
+    let (x, r) = (rng.vec(n * (h + hk) * hs, 1.0), rng.vec(n * (h + hk) * hs, 1.0));
     let pos = [0u32, 3, 1, 17];
     let inv = webtune::kernels::rope::inv_freq(hs, 10000.0);
     let mut dx = r.clone();
-    cpu::rope_backward(n, h, hs, &mut dx, &pos, &inv);
+    let (dq, dk) = dx.split_at_mut(n * h * hs);
+    cpu::rope_backward(n, (h, hk), hs, dq, dk, &pos, &inv);
     fd("rope dx", &dx, &x, |x| {
         let mut y = x.to_vec();
-        cpu::rope_forward(n, h, hs, &mut y, &pos, &inv);
+        let (q, k) = y.split_at_mut(n * h * hs);
+        cpu::rope_forward(n, (h, hk), hs, q, k, &pos, &inv);
         dot(&r, &y)
     });
 }
@@ -163,20 +166,27 @@ fn cross_entropy_gradient_matches_finite_differences() {
     assert!(dl[v..2 * v].iter().all(|&g| g == 0.0), "ignored row has gradient");
 }
 
+/// A linear layer with a LoRA pair and its dropout (a fixed mask), fused as the
+/// engine runs it: dx, dA and dB against finite differences.
 #[test]
 fn lora_gradients_match_finite_differences() {
-    let l = Lora { n: 4, din: 6, dout: 5, r: 2, s: 1.5 };
+    use webtune::kernels::Matmul;
+    let l = Lora::new(4, 6, 5, 2, 1.5).with_dropout(0.3, 11);
     let mut rng = Rng::new(8);
-    let (x, a, b, r) = (rng.vec(l.n * l.din, 1.0), rng.vec(l.r * l.din, 1.0), rng.vec(l.dout * l.r, 1.0), rng.vec(l.n * l.dout, 1.0));
-    let fwd = |x: &[f32], a: &[f32], b: &[f32]| {
-        let (mut h, mut y) = (vec![0.0; l.n * l.r], vec![0.0; l.n * l.dout]);
-        cpu::lora_forward(&l, x, a, b, &mut h, &mut y);
-        dot(&r, &y)
+    let (x, w, a, b, r) = (rng.vec(l.n * l.din, 1.0), rng.vec(l.dout * l.din, 1.0), rng.vec(l.r * l.din, 1.0), rng.vec(l.dout * l.r, 1.0), rng.vec(l.n * l.dout, 1.0));
+    let forward = |x: &[f32], a: &[f32], b: &[f32], h: &mut [f32]| {
+        let mut y = vec![0.0; l.n * l.dout];
+        cpu::lora_down(&l, x, a, h);
+        cpu::matmul_with(&Matmul::linear(l.n, l.din, l.dout).plus(l.up(0)), x, &w, &mut y, Some((h, b)));
+        y
     };
-    let (mut h, mut y) = (vec![0.0; l.n * l.r], vec![0.0; l.n * l.dout]);
-    cpu::lora_forward(&l, &x, &a, &b, &mut h, &mut y);
+    let fwd = |x: &[f32], a: &[f32], b: &[f32]| dot(&r, &forward(x, a, b, &mut vec![0.0; l.n * l.r]));
+    let mut h = vec![0.0; l.n * l.r];
+    forward(&x, &a, &b, &mut h);
     let (mut dh, mut da, mut db, mut dx) = (vec![0.0; l.n * l.r], vec![0.0; l.r * l.din], vec![0.0; l.dout * l.r], vec![0.0; l.n * l.din]);
-    cpu::lora_backward(&l, &x, &a, &b, &h, &r, &mut dh, &mut da, &mut db, &mut dx);
+    cpu::lora_backward(&l, &x, &b, &h, &r, &mut dh, &mut da, &mut db);
+    cpu::matmul_with(&l.dx(Matmul::new(l.n, l.din, l.dout).accumulate()), &r, &w, &mut dx, Some((&dh, &a)));
+    assert!(dx.iter().any(|&g| g != 0.0) && da.iter().filter(|&&g| g == 0.0).count() < da.len() / 2, "{dx:?} {da:?}");
     fd("lora dx", &dx, &x, |x| fwd(x, &a, &b));
     fd("lora dA", &da, &a, |a| fwd(&x, a, &b));
     fd("lora dB", &db, &b, |b| fwd(&x, &a, b));

@@ -174,32 +174,24 @@ pub fn attention_backward(
     seg.expect(op, "seg", DType::U32, at.b * at.t)?;
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o, dout, dq, dk, dv])?;
-    // stats = [lse, dsum]: one binding for both keeps the dk/dv kernel at 8 storage buffers.
+    // stats = [lse, dsum]: the dq pass writes dsum, the dk/dv pass reads it.
     let stats = gpu.temp(rec, "attention stats", DType::F32, &[2, at.rows()])?;
     rec.encoder().copy_buffer_to_buffer(&lse.buffer, lse.offset, &stats.buffer, stats.offset, lse.bytes());
     let params = at.params();
-    let pipeline = gpu.pipeline(&ATTENTION, "attention_backward_dsum", &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        "attention_backward_dsum",
-        &params,
-        &[(7, o.into()), (9, dout.into()), (10, Bind::from(&stats))],
-        at.grid(at.nh),
-    )?;
-    // dq over key ranges, dk/dv over query ranges (each query head of the group
-    // loops over the range), each range adding its part.
+    // dq (and dsum) over key ranges, dk/dv over query ranges (each query head of the
+    // group loops over the range), each range adding its part.
     let hs4 = at.hs / 4;
     let [_, name, _] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
-    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 3 * hs4 + 16) {
+    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 4 * hs4 + 16) {
         let binds = [
             (1, q.into()),
             (2, k.into()),
             (3, v.into()),
             (4, seg.into()),
-            (8, Bind::from(&stats)),
+            (7, o.into()),
             (9, dout.into()),
+            (10, Bind::from(&stats)),
             (11, dq.into()),
         ];
         let p = Params { r0: r0 as u32, r1: r1 as u32, ..params };

@@ -10,7 +10,7 @@ struct Params {
     n: u32,
     c: u32,
     alpha: f32,
-    /// dropout's seed; bias_backward's first row
+    /// bias_backward's first row
     aux: u32,
 }
 
@@ -72,13 +72,4 @@ pub fn bias_backward(gpu: &Gpu, rec: &mut Recorder, rows: usize, c: usize, dy: &
         run(gpu, rec, "bias_backward", p, &[(7, dbias.into()), (8, dy.into())], [groups(c, 256), 1, 1])?;
     }
     Ok(())
-}
-
-/// `y += dropout(x)`: inverted dropout with drop probability `p` and a mask fixed by
-/// `seed` (the same call on the gradient is the backward). Both `[n]`.
-pub fn dropout(gpu: &Gpu, rec: &mut Recorder, n: usize, p: f32, seed: u32, x: &Tensor, y: &Tensor) -> Result<()> {
-    check_all(gpu, "dropout", n, &[(x, "x"), (y, "y")])?;
-    check((0.0..1.0).contains(&p), "dropout", || format!("probability {p} must be in [0, 1)"))?;
-    let params = Params { n: n as u32, c: 0, alpha: p, aux: seed };
-    run(gpu, rec, "dropout", params, &[(4, x.into()), (5, y.into())], grid_1d(n))
 }

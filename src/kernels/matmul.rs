@@ -12,6 +12,10 @@ use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 ///
 /// Offsets, batch strides and row strides (`lda`, `ldb`, `ldc`; 0 = packed) are in
 /// elements; a batch stride of 0 broadcasts.
+///
+/// Two fusions serve LoRA (one product, no batch): a `second` product summed into the
+/// same C (`matmul_with` binds its operands), and inverted `dropout` on A or B as
+/// loaded, or on the second product.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Matmul {
     pub m: usize,
@@ -31,6 +35,79 @@ pub struct Matmul {
     pub lda: usize,
     pub ldb: usize,
     pub ldc: usize,
+    pub second: Option<Second>,
+    pub dropout: Option<Dropout>,
+}
+
+/// A second product `+ alpha · op(A2)·op(B2)` of the same M×N and transposes, over its
+/// own inner dimension `k`, with its own offsets and row strides (0 = packed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Second {
+    pub k: usize,
+    pub alpha: f32,
+    pub a_off: usize,
+    pub b_off: usize,
+    pub lda: usize,
+    pub ldb: usize,
+}
+
+impl Second {
+    pub fn new(k: usize, alpha: f32) -> Second {
+        Second { k, alpha, a_off: 0, b_off: 0, lda: 0, ldb: 0 }
+    }
+
+    /// Row strides as stored for an M×N product, with 0 meaning packed.
+    pub fn strides(&self, mm: &Matmul) -> (usize, usize) {
+        let lda = if self.lda > 0 { self.lda } else if mm.trans_a { mm.m } else { self.k };
+        let ldb = if self.ldb > 0 { self.ldb } else if mm.trans_b { self.k } else { mm.n };
+        (lda, ldb)
+    }
+
+    /// Elements A2 and B2 must hold.
+    pub fn extents(&self, mm: &Matmul) -> (usize, usize) {
+        let (lda, ldb) = self.strides(mm);
+        let (ra, ca) = if mm.trans_a { (self.k, mm.m) } else { (mm.m, self.k) };
+        let (rb, cb) = if mm.trans_b { (mm.n, self.k) } else { (self.k, mm.n) };
+        (self.a_off + (ra - 1) * lda + ca, self.b_off + (rb - 1) * ldb + cb)
+    }
+}
+
+/// Which operand LoRA's dropout applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropOn {
+    /// A as loaded (element i counted from `a_off`): h = dropout(x)·Aᵀ.
+    A,
+    /// B as loaded (from `b_off`): dA += dhᵀ·dropout(x).
+    B,
+    /// The second product, per element of C (from `c_off`): dx += dropout(dh·A).
+    Second,
+}
+
+/// Inverted dropout with drop probability `p`: element i is kept, as v / (1 − p),
+/// where `hash(i ^ hash(seed)) / 2³² ≥ p` (`crate::rng::hash`), so a mask depends only
+/// on (seed, i) and the forward's mask is found again in the backward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u32,
+    pub on: DropOn,
+}
+
+impl Dropout {
+    /// Whether element `i` is kept.
+    pub fn keeps(&self, i: usize) -> bool {
+        let key = crate::rng::hash(self.seed);
+        crate::rng::hash(i as u32 ^ key) as f32 / 4294967296.0 >= self.p
+    }
+
+    /// `v`, element `i`, after dropout.
+    pub fn apply(&self, i: usize, v: f32) -> f32 {
+        if self.keeps(i) {
+            v / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
 }
 
 impl Matmul {
@@ -54,6 +131,8 @@ impl Matmul {
             lda: 0,
             ldb: 0,
             ldc: 0,
+            second: None,
+            dropout: None,
         }
     }
 
@@ -113,8 +192,20 @@ impl Matmul {
         )
     }
 
+    /// Plus a second product (see `Second`).
+    pub fn plus(mut self, second: Second) -> Self {
+        self.second = Some(second);
+        self
+    }
+
+    /// Through dropout (see `Dropout`).
+    pub fn dropout(mut self, dropout: Dropout) -> Self {
+        self.dropout = Some(dropout);
+        self
+    }
+
     pub fn flops(&self) -> f64 {
-        2.0 * (self.m * self.n * self.k * self.batch) as f64
+        2.0 * ((self.k + self.second.map_or(0, |s| s.k)) * self.m * self.n * self.batch) as f64
     }
 }
 
@@ -136,14 +227,47 @@ struct Params {
     alpha: f32,
     beta: f32,
     ldc: u32,
-    _p0: u32,
+    k2: u32,
+    a2_off: u32,
+    b2_off: u32,
+    lda2: u32,
+    ldb2: u32,
+    alpha2: f32,
+    drop_p: f32,
+    drop_key: u32,
+    drop_base: u32,
 }
 
 /// Record `C = alpha·op(A)·op(B) + beta·C`; the variant (register-blocked or tiled)
 /// follows the adapter.
 pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
+    matmul_with(gpu, rec, mm, a, b, c, None)
+}
+
+/// `matmul`, with the operands (A2, B2) of `mm.second` when it has one.
+pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let op = "matmul";
     check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm:?}"))?;
+    check(mm.second.is_some() == second.is_some(), op, || format!("a second product needs its two operands: {mm:?}"))?;
+    check(mm.batch == 1 || (mm.second.is_none() && mm.dropout.is_none()), op, || format!("a fused product is not batched: {mm:?}"))?;
+    if let Some(d) = mm.dropout {
+        check((0.0..1.0).contains(&d.p), op, || format!("dropout probability {} must be in [0, 1)", d.p))?;
+        check(d.on != DropOn::Second || mm.second.is_some(), op, || format!("dropout on a second product that is absent: {mm:?}"))?;
+    }
+    let (k2, (lda2, ldb2)) = mm.second.map_or((0, (0, 0)), |s| (s.k, s.strides(mm)));
+    if let (Some(s), Some((a2, b2))) = (mm.second, second) {
+        check(s.k > 0 && lda2 >= if mm.trans_a { mm.m } else { s.k } && ldb2 >= if mm.trans_b { s.k } else { mm.n }, op, || {
+            format!("second product narrower than its rows in {mm:?}")
+        })?;
+        let (ea2, eb2) = s.extents(mm);
+        for (t, name, need) in [(a2, "a2", ea2), (b2, "b2", eb2)] {
+            check(t.dtype == DType::F32 && t.numel() >= need, op, || {
+                format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
+            })?;
+        }
+        check(ea2 <= u32::MAX as usize && eb2 <= u32::MAX as usize, op, || "operands exceed 2^32 elements".into())?;
+        check_binding(gpu, op, &[a2, b2])?;
+    }
     let (lda, ldb, ldc) = mm.strides();
     let (ca, cb) = (if mm.trans_a { mm.m } else { mm.k }, if mm.trans_b { mm.k } else { mm.n });
     check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm:?}"))?;
@@ -160,12 +284,18 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
         "operands exceed 2^32 elements".into()
     })?;
     check_binding(gpu, op, &[a, b, c])?;
-    let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64)];
+    let drop = mm.dropout.map_or(0, |d| match d.on {
+        DropOn::A => 1,
+        DropOn::B => 2,
+        DropOn::Second => 3,
+    });
+    let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64)];
     // The register variant loops once per k; the tiled one 21 times per 16 k (a
-    // slab load of 4, 16 products, the k0 step).
+    // slab load of 4, 16 products, the k0 step). The second product's loop runs
+    // beside the last k-range.
     let (entry, tile, k_span) = match gpu.caps.variant {
-        Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64)),
-        Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64) * 16),
+        Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
+        Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
     };
     let kernel = match b.dtype {
         DType::F16 => f16_variant(&MATMUL),
@@ -178,7 +308,12 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
     let pipeline = gpu.pipeline(kernel, entry, &constants);
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.
-    for (k0, k1) in spans(mm.k, k_span) {
+    let ranges: Vec<_> = spans(mm.k, k_span).collect();
+    let (a2, b2) = second.unwrap_or((a, a));
+    let d = mm.dropout.unwrap_or(Dropout { p: 0.0, seed: 0, on: DropOn::A });
+    for &(k0, k1) in &ranges {
+        let last = k1 == mm.k;
+        let s = mm.second.filter(|_| last).unwrap_or(Second::new(0, 0.0));
         let params = Params {
             m: mm.m as u32,
             n: mm.n as u32,
@@ -195,10 +330,23 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
             alpha: mm.alpha,
             beta: if k0 == 0 { mm.beta } else { 1.0 },
             ldc: ldc as u32,
-            _p0: 0,
+            k2: s.k as u32,
+            a2_off: s.a_off as u32,
+            b2_off: s.b_off as u32,
+            lda2: lda2 as u32,
+            ldb2: ldb2 as u32,
+            alpha2: s.alpha,
+            drop_p: d.p,
+            drop_key: crate::rng::hash(d.seed),
+            drop_base: match d.on {
+                DropOn::A => mm.a_off,
+                DropOn::B => mm.b_off,
+                DropOn::Second => mm.c_off,
+            } as u32,
         };
         let grid = [groups(mm.n, tile), groups(mm.m, tile), mm.batch as u32];
-        gpu.dispatch(rec, &pipeline, entry, &params, &[(1, a.into()), (2, b.into()), (3, Bind::from(c))], grid)?;
+        let binds = [(1, a.into()), (2, b.into()), (3, Bind::from(c)), (4, a2.into()), (5, b2.into())];
+        gpu.dispatch(rec, &pipeline, entry, &params, &binds, grid)?;
     }
     Ok(())
 }

@@ -60,7 +60,8 @@ pub fn rmsnorm_forward(
     gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into())], grid)
 }
 
-/// Adds into `dx` `[rows, c]` and `dw` `[c]` given x, w, the saved rstd and dy.
+/// Adds into `dx` `[rows, c]` and, where the weight trains, `dw` `[c]`, given x, w,
+/// the saved rstd and dy.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     gpu: &Gpu,
@@ -72,7 +73,7 @@ pub fn rmsnorm_backward(
     rstd: &Tensor,
     dy: &Tensor,
     dx: &Tensor,
-    dw: &Tensor,
+    dw: Option<&Tensor>,
 ) -> Result<()> {
     let op = "rmsnorm_backward";
     let p = params(gpu, op, rows, c, 0.0)?;
@@ -81,12 +82,15 @@ pub fn rmsnorm_backward(
     rstd.expect(op, "rstd", DType::F32, rows)?;
     dy.expect(op, "dy", DType::F32, rows * c)?;
     dx.expect(op, "dx", DType::F32, rows * c)?;
-    dw.expect(op, "dw", DType::F32, c)?;
+    if let Some(dw) = dw {
+        dw.expect(op, "dw", DType::F32, c)?;
+    }
     check_binding(gpu, op, &[x, dy, dx])?;
     let tiled = gpu.caps.variant == Variant::Tiled;
     let (name, grid) = if tiled { ("rmsnorm_backward_dx_tiled", row_grid(rows)) } else { ("rmsnorm_backward_dx_row", [groups(rows, 64), 1, 1]) };
     let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
     gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())], grid)?;
+    let Some(dw) = dw else { return Ok(()) };
     if tiled {
         // Each block of DW_ROWS rows sums its columns, then the blocks are summed (in
         // ranges of blocks that fit the loop budget).

@@ -10,7 +10,7 @@ struct Params {
     n: u32,
     h: u32,
     hs: u32,
-    _p0: u32,
+    hk: u32,
 }
 
 /// The inverse frequencies `1 / theta^(2i/HS)` for i in 0..HS/2 (no rope scaling).
@@ -24,55 +24,55 @@ fn rotate(
     rec: &mut Recorder,
     op: &'static str,
     n: usize,
-    h: usize,
+    (h, hk): (usize, usize),
     hs: usize,
-    x: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
     pos: &Tensor,
     inv_freq: &Tensor,
 ) -> Result<()> {
-    check(n > 0 && h > 0 && hs > 0 && hs % 2 == 0, op, || format!("shape [{n}, {h}, {hs}] needs an even head size"))?;
-    x.expect(op, "x", DType::F32, n * h * hs)?;
+    check(n > 0 && h > 0 && hk > 0 && hs > 0 && hs % 2 == 0, op, || format!("shapes [{n}, {h}, {hs}] and [{n}, {hk}, {hs}] need an even head size"))?;
+    q.expect(op, "q", DType::F32, n * h * hs)?;
+    k.expect(op, "k", DType::F32, n * hk * hs)?;
     pos.expect(op, "pos", DType::U32, n)?;
     inv_freq.expect(op, "inv_freq", DType::F32, hs / 2)?;
-    check_binding(gpu, op, &[x])?;
-    let p = Params { n: n as u32, h: h as u32, hs: hs as u32, _p0: 0 };
+    check_binding(gpu, op, &[q, k])?;
+    let p = Params { n: n as u32, h: h as u32, hs: hs as u32, hk: hk as u32 };
     let pipeline = gpu.pipeline(&ROPE, op, &[]);
-    gpu.dispatch(
-        rec,
-        &pipeline,
-        op,
-        &p,
-        &[(1, x.into()), (2, pos.into()), (3, inv_freq.into())],
-        grid_1d(n * h * hs / 2),
-    )
+    let binds = [(1, q.into()), (2, pos.into()), (3, inv_freq.into()), (4, k.into())];
+    gpu.dispatch(rec, &pipeline, op, &p, &binds, grid_1d(n * (h + hk) * hs / 2))
 }
 
-/// Rotate x `[n, h, hs]` in place by `pos[t] · inv_freq[i]` (rotate_half convention).
+/// Rotate q `[n, h, hs]` and k `[n, hk, hs]` in place by `pos[t] · inv_freq[i]`
+/// (rotate_half convention), in one dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_forward(
     gpu: &Gpu,
     rec: &mut Recorder,
     n: usize,
-    h: usize,
+    (h, hk): (usize, usize),
     hs: usize,
-    x: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
     pos: &Tensor,
     inv_freq: &Tensor,
 ) -> Result<()> {
-    rotate(gpu, rec, "rope_forward", n, h, hs, x, pos, inv_freq)
+    rotate(gpu, rec, "rope_forward", n, (h, hk), hs, q, k, pos, inv_freq)
 }
 
-/// Rotate the gradient dx `[n, h, hs]` back in place (the transpose of the forward).
+/// Rotate the gradients dq `[n, h, hs]` and dk `[n, hk, hs]` back in place (the
+/// transpose of the forward).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_backward(
     gpu: &Gpu,
     rec: &mut Recorder,
     n: usize,
-    h: usize,
+    (h, hk): (usize, usize),
     hs: usize,
-    dx: &Tensor,
+    dq: &Tensor,
+    dk: &Tensor,
     pos: &Tensor,
     inv_freq: &Tensor,
 ) -> Result<()> {
-    rotate(gpu, rec, "rope_backward", n, h, hs, dx, pos, inv_freq)
+    rotate(gpu, rec, "rope_backward", n, (h, hk), hs, dq, dk, pos, inv_freq)
 }

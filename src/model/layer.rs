@@ -90,8 +90,7 @@ impl Model {
             None
         };
         lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled)?;
-        k::rope_forward(gpu, rec, n, cfg.heads, hs, &q, &inp.pos, &self.inv_freq)?;
-        k::rope_forward(gpu, rec, n, cfg.kv_heads, hs, &kk, &inp.pos, &self.inv_freq)?;
+        k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
         match cache {
@@ -121,11 +120,6 @@ impl Model {
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }
 
-    /// Where a norm's weight gradient goes: its param's grad, or a scratch buffer.
-    pub(crate) fn norm_grad<'a>(p: &'a Param, scratch: &'a Tensor) -> &'a Tensor {
-        p.grad().unwrap_or(scratch)
-    }
-
     /// The gradient of one layer, in the reverse order of `layer_forward`: `dres`
     /// holds d(loss)/d(layer output) and becomes d(loss)/d(layer input).
     pub(crate) fn layer_backward(&self, gpu: &Gpu, rec: &mut Recorder, li: usize, inp: &Inputs, a: &Acts, dres: &Tensor) -> Result<()> {
@@ -137,7 +131,6 @@ impl Model {
         let back = |rec: &mut Recorder, i: usize, x: &Tensor, dy: &Tensor, dx: &Tensor| {
             lin[i].backward(gpu, rec, n, x, a.lora[i].as_ref(), dy, dx, inp.seed(li, i))
         };
-        let scratch_c = zeros(gpu, rec, "norm dw scratch", &[c])?;
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
         let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
         back(rec, DOWN, &a.m, dres, &dm)?;
@@ -146,20 +139,18 @@ impl Model {
         let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
         back(rec, GATE, &a.h2, &dg, &dh2)?;
         back(rec, UP, &a.h2, &du, &dh2)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, Self::norm_grad(&layer.ln2, &scratch_c))?;
+        k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, layer.ln2.grad())?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
         let datt = zeros(gpu, rec, "datt", &[n, qd])?;
         back(rec, O, &a.att, dres, &datt)?;
         let (dq, dk, dv) = (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?, zeros(gpu, rec, "dv", &[n, kvd])?);
         k::attention_backward(gpu, rec, &self.attention(inp.shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
-        k::rope_backward(gpu, rec, n, cfg.heads, hs, &dq, &inp.pos, &self.inv_freq)?;
-        k::rope_backward(gpu, rec, n, cfg.kv_heads, hs, &dk, &inp.pos, &self.inv_freq)?;
+        k::rope_backward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &dq, &dk, &inp.pos, &self.inv_freq)?;
         let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
         if let (Some((q_pre, rq, k_pre, rk)), Some(qn), Some(kn)) = (&a.q_pre, &layer.q_norm, &layer.k_norm) {
-            let scratch_hs = zeros(gpu, rec, "qk norm dw scratch", &[hs])?;
             let (dq_pre, dk_pre) = (zeros(gpu, rec, "dq_pre", &[n, qd])?, zeros(gpu, rec, "dk_pre", &[n, kvd])?);
-            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_pre, Self::norm_grad(qn, &scratch_hs))?;
-            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_pre, Self::norm_grad(kn, &scratch_hs))?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_pre, qn.grad())?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_pre, kn.grad())?;
             back(rec, Q, &a.h1, &dq_pre, &dh1)?;
             back(rec, K, &a.h1, &dk_pre, &dh1)?;
         } else {
@@ -167,7 +158,7 @@ impl Model {
             back(rec, K, &a.h1, &dk, &dh1)?;
         }
         back(rec, V, &a.h1, &dv, &dh1)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, Self::norm_grad(&layer.ln1, &scratch_c))
+        k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, layer.ln1.grad())
     }
 
 }

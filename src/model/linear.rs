@@ -59,19 +59,25 @@ pub struct Linear {
     pub dout: usize,
 }
 
-/// What a LoRA pair's forward saves: `h = x'·Aᵀ` and, with dropout, x' = dropout(x).
+/// What a LoRA pair's forward saves: `h = x'·Aᵀ`, x' = dropout(x) (the mask is made
+/// again from its seed in the backward).
 pub(crate) struct LoraSaved {
     pub(crate) h: Tensor,
-    pub(crate) xd: Option<Tensor>,
 }
 
 impl Linear {
-    fn lora_shape(&self, n: usize, l: &LoraPair) -> Lora {
-        Lora { n, din: self.din, dout: self.dout, r: l.r, s: l.scale }
+    /// The pair's shape on `n` rows, with dropout where a seed is given (training).
+    fn lora_shape(&self, n: usize, l: &LoraPair, dropout_seed: Option<u32>) -> Lora {
+        let shape = Lora::new(n, self.din, self.dout, l.r, l.scale);
+        match dropout_seed {
+            Some(seed) if l.dropout > 0.0 => shape.with_dropout(l.dropout, seed),
+            _ => shape,
+        }
     }
 
     /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
-    /// after LoRA dropout when `dropout_seed` is given (training).
+    /// after LoRA dropout when `dropout_seed` is given (training). The LoRA up product
+    /// is summed inside the base product (`Lora::up`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
@@ -83,31 +89,33 @@ impl Linear {
         dropout_seed: Option<u32>,
         use_lora: bool,
     ) -> Result<Option<LoraSaved>> {
+        let lora = match self.lora.as_ref().filter(|_| use_lora) {
+            Some(l) => {
+                let shape = self.lora_shape(n, l, dropout_seed);
+                let h = gpu.temp(rec, &format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
+                k::lora_down(gpu, rec, &shape, x, &l.a.value, &h)?;
+                Some((shape, &l.b.value, h))
+            }
+            None => None,
+        };
         for (r0, part) in self.w.row_parts() {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
             mm.ldc = self.dout;
             mm.c_off = r0;
-            k::matmul(gpu, rec, &mm, x, &part.value, y)?;
+            let second = lora.as_ref().map(|(shape, b, h)| {
+                mm.second = Some(shape.up(r0));
+                (h, *b)
+            });
+            k::matmul_with(gpu, rec, &mm, x, &part.value, y, second)?;
         }
         if let Some(b) = &self.bias {
             k::add_bias(gpu, rec, n, self.dout, &b.value, y)?;
         }
-        let Some(l) = self.lora.as_ref().filter(|_| use_lora) else { return Ok(None) };
-        let xd = match dropout_seed {
-            Some(seed) if l.dropout > 0.0 => {
-                let xd = gpu.temp(rec, "lora dropout x", DType::F32, &[n, self.din])?;
-                k::dropout(gpu, rec, n * self.din, l.dropout, seed, x, &xd)?;
-                Some(xd)
-            }
-            _ => None,
-        };
-        let h = gpu.temp(rec, &format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
-        k::lora_forward(gpu, rec, &self.lora_shape(n, l), xd.as_ref().unwrap_or(x), &l.a.value, &l.b.value, &h, y)?;
-        Ok(Some(LoraSaved { h, xd }))
+        Ok(lora.map(|(_, _, h)| LoraSaved { h }))
     }
 
-    /// Adds `dy·W` (and LoRA's share) into dx, and the gradients of whatever is
-    /// trainable (W, bias, LoRA A and B) into their params.
+    /// Adds `dy·W` (and LoRA's share, inside the same product: `Lora::dx`) into dx, and
+    /// the gradients of whatever is trainable (W, bias, LoRA A and B) into their params.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &self,
@@ -120,11 +128,26 @@ impl Linear {
         dx: &Tensor,
         dropout_seed: Option<u32>,
     ) -> Result<()> {
+        let mut lora = match (&self.lora, saved) {
+            (Some(l), Some(saved)) => {
+                let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
+                let shape = self.lora_shape(n, l, dropout_seed);
+                let dh = gpu.temp(rec, "lora dh", DType::F32, &[n, l.r])?;
+                k::lora_backward(gpu, rec, &shape, x, &l.b.value, &saved.h, dy, &dh, da, db)?;
+                Some((shape, dh, &l.a.value))
+            }
+            _ => None,
+        };
         for (r0, part) in self.w.row_parts() {
             let rows = part.shape[0];
             let mut mm = Matmul::new(n, self.din, rows).accumulate();
             (mm.lda, mm.a_off) = (self.dout, r0);
-            k::matmul(gpu, rec, &mm, dy, &part.value, dx)?;
+            // The first part's product carries LoRA's dx.
+            let second = lora.take().map(|(shape, dh, a)| {
+                mm = shape.dx(mm.clone());
+                (dh, a)
+            });
+            k::matmul_with(gpu, rec, &mm, dy, &part.value, dx, second.as_ref().map(|(dh, a)| (dh, *a)))?;
             if let Some(g) = part.grad() {
                 // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
                 let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
@@ -134,20 +157,6 @@ impl Linear {
         }
         if let Some(g) = self.bias.as_ref().and_then(|b| b.grad()) {
             k::bias_backward(gpu, rec, n, self.dout, dy, g)?;
-        }
-        if let (Some(l), Some(saved)) = (&self.lora, saved) {
-            let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
-            let dh = gpu.temp(rec, "lora dh", DType::F32, &[n, l.r])?;
-            let shape = self.lora_shape(n, l);
-            match (&saved.xd, dropout_seed) {
-                (Some(xd), Some(seed)) => {
-                    // Through the dropout: dx += dropout(dx') with the forward's mask.
-                    let dxd = gpu.temp(rec, "lora dropout dx", DType::F32, &[n, self.din])?;
-                    k::lora_backward(gpu, rec, &shape, xd, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, &dxd)?;
-                    k::dropout(gpu, rec, n * self.din, l.dropout, seed, &dxd, dx)?;
-                }
-                _ => k::lora_backward(gpu, rec, &shape, x, &l.a.value, &l.b.value, &saved.h, dy, &dh, da, db, dx)?,
-            }
         }
         Ok(())
     }

@@ -140,15 +140,15 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     }
     // The backward's temporaries for one layer.
     let mut layer_bwd = [inter, inter, inter, c, c, q, q, kv, kv].iter().map(|&k| f32b(n * k)).sum::<u64>()
-        + f32b(2 * plan.batch * nh * plan.seq)
-        + f32b(c);
+        + f32b(2 * plan.batch * nh * plan.seq);
     if cfg.qk_norm {
         layer_bwd += f32b(n * q) + f32b(n * kv);
     }
     if let Some(l) = lora {
-        for (din, _) in lora_targets(cfg, l) {
-            layer_fwd += f32b(n * l.r) + if l.dropout > 0.0 { f32b(n * din) } else { 0 };
-            layer_bwd += f32b(n * l.r) + if l.dropout > 0.0 { f32b(n * din) } else { 0 };
+        // h and dh per pair; dropout's mask is made inside the products (no x' copy).
+        for _ in lora_targets(cfg, l) {
+            layer_fwd += f32b(n * l.r);
+            layer_bwd += f32b(n * l.r);
         }
     }
     let head_rows = ((plan.max_binding.min(64 << 20) / (v as u64 * 4)) as usize).clamp(1, n);

@@ -330,8 +330,7 @@ impl Model {
     fn backward(&self, gpu: &Gpu, rec: &mut Recorder, inp: &Inputs, mut trunk: Trunk, dhf: &Tensor) -> Result<()> {
         let (n, c) = (inp.shape.n(), self.cfg.hidden);
         let dres = zeros(gpu, rec, "dres", &[n, c])?;
-        let scratch_c = zeros(gpu, rec, "norm dw scratch", &[c])?;
-        k::rmsnorm_backward(gpu, rec, n, c, &trunk.x, &self.norm.value, &trunk.rstd, dhf, &dres, Self::norm_grad(&self.norm, &scratch_c))?;
+        k::rmsnorm_backward(gpu, rec, n, c, &trunk.x, &self.norm.value, &trunk.rstd, dhf, &dres, self.norm.grad())?;
         for li in (0..self.layers.len()).rev() {
             match trunk.saved.pop().expect("one saved entry per layer") {
                 Saved::Acts(acts) => self.layer_backward(gpu, rec, li, inp, &acts, &dres)?,
