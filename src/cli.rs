@@ -212,7 +212,10 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     }
     if let Some(dir) = &a.resume {
         let get = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
-        run.resume(gpu, &get, &dir.display().to_string())?;
+        let resumed = run.resume(gpu, &get, &dir.display().to_string())?;
+        if !a.quiet {
+            println!("{}", resumed.note);
+        }
     }
     let total = run.total_steps();
     let (tok, data) = (&run.source.tokenizer, &run.data);

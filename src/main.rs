@@ -411,7 +411,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!("{}: {:?}, batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
+            println!("{}: {}, batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
             if method == "dpo" {
                 println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is the model as the run starts, its log-probabilities taken once before the first step (8 bytes a pair, host memory): no frozen copy, with LoRA or full tuning", plan.batch);
             }
@@ -429,7 +429,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("adapter: {}", gpu.describe());
             let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
             println!(
-                "{}: {} layers, hidden {}, vocab {}; {:?}; batch {} (sequences up to {longest} tokens); reuse {}",
+                "{}: {} layers, hidden {}, vocab {}; {}; batch {} (sequences up to {longest} tokens); reuse {}",
                 model.display(), md.cfg.layers, md.cfg.hidden, md.cfg.vocab, run.tuning(), run.train.batch_size, if no_reuse { "off" } else { "on" }
             );
             // `--quantize q4,q8,f16` measures each in turn, side by side.

@@ -270,14 +270,14 @@ impl Session {
     }
 
     /// Continue from a `files('checkpoint')` of a run started with the same options
-    /// (`names[i]` holds `bytes[i]`); returns the step it continues from.
-    pub fn resume(&mut self, names: Vec<String>, bytes: Vec<js_sys::Uint8Array>) -> Result<f64, JsError> {
+    /// (more steps allowed; `names[i]` holds `bytes[i]`): `{step, total, note}`.
+    pub fn resume(&mut self, names: Vec<String>, bytes: Vec<js_sys::Uint8Array>) -> Result<JsValue, JsError> {
         let run = self.run.as_mut().ok_or_else(|| JsError::new("start the run first"))?;
         let get = |f: &str| -> crate::error::Result<Vec<u8>> {
             let i = names.iter().position(|n| n == f).ok_or_else(|| Error::Io(format!("the saved checkpoint has no {f}")))?;
             Ok(bytes[i].to_vec())
         };
-        Ok(run.resume(&self.gpu, &get, "the saved checkpoint").map_err(js)? as f64)
+        out(&run.resume(&self.gpu, &get, "the saved checkpoint").map_err(js)?)
     }
 
     /// The GPU memory a training step of this run needs, estimated from the config

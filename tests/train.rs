@@ -166,10 +166,47 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     for (x, y) in straight[3..].iter().zip(&resumed) {
         assert_eq!((x.step, x.loss, x.lr, x.grad_norm), (y.step, y.loss, y.lr, y.grad_norm));
     }
+    // Each option that would change the results is refused by name, with both values.
     let mut changed = b.clone();
     changed.run.train.lr = 5e-3;
+    changed.run.train.shuffle = false;
+    changed.run.train.dpo_loss = "ipo".into();
     let err = block(cli::train(g, &changed)).unwrap_err().to_string();
-    assert!(err.contains("checkpoint-3") && err.contains("same options"), "{err}");
+    assert!(err.contains("checkpoint-3") && err.contains("other options"), "{err}");
+    for line in ["--lr: was 0.01, now 0.005", "--no-shuffle: was not given, now given", "--loss: was sigmoid, now ipo"] {
+        assert!(err.contains(line), "{line} in {err}");
+    }
+    assert_eq!(err.lines().count(), 4, "{err}");
+    assert!(!err.contains("Options {") && !err.contains("Some("), "{err}");
+    // More steps continue the finished run (its last checkpoint, step 6) to step 9 with
+    // the schedule over the new total: the first steps' losses of a 9-step run from
+    // checkpoint 3 are the same as the 6-step run's (the weights and data order are),
+    // and from step 7 on it trains on.
+    let mut longer = a.clone();
+    longer.out = root.join("longer");
+    longer.run.train.steps = Some(9);
+    longer.resume = Some(root.join("straight/checkpoint-6"));
+    let more = block(cli::train(g, &longer)).unwrap();
+    assert_eq!(more.iter().map(|s| s.step).collect::<Vec<_>>(), vec![7, 8, 9]);
+    let full9 = {
+        let mut c = a.clone();
+        c.out = root.join("nine");
+        c.run.train.steps = Some(9);
+        c.run.save_every = None;
+        block(cli::train(g, &c)).unwrap()
+    };
+    // Data order: step 7's tokens are those a 9-step run trains at step 7.
+    assert_eq!(more.iter().map(|s| s.tokens).collect::<Vec<_>>(), full9[6..].iter().map(|s| s.tokens).collect::<Vec<_>>());
+    // The learning rate follows the 9-step cosine from step 7 on.
+    for (x, y) in more.iter().zip(&full9[6..]) {
+        assert!((x.lr - y.lr).abs() < 1e-12, "step {}: lr {} vs {}", x.step, x.lr, y.lr);
+    }
+    assert!(more.iter().all(|s| s.loss.is_finite()));
+    // Fewer steps than the checkpoint holds cannot continue it.
+    let mut fewer = longer.clone();
+    fewer.run.train.steps = Some(5);
+    let err = block(cli::train(g, &fewer)).unwrap_err().to_string();
+    assert!(err.contains("is at step 6") && err.contains("plan 5 steps"), "{err}");
     cleanup(&[&model, &root]);
 }
 
@@ -214,13 +251,15 @@ fn the_run_says_what_is_due_exports_and_resumes_from_its_files() {
     // A run resumed from the step-2 files continues with the same losses.
     let mut resumed = Run::new(g, source.clone(), ds.clone(), valid(), opts.clone()).unwrap();
     let get = |f: &str| ckpt.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Io(f.into()));
-    assert_eq!(resumed.resume(g, &get, "step 2").unwrap(), 2);
+    let r = resumed.resume(g, &get, "step 2").unwrap();
+    assert_eq!((r.step, r.total, r.note.as_str()), (2, 5, "resumed at step 2 of 5"));
     for e in &events[2..] {
         let r = block(resumed.next(g)).unwrap();
         assert_eq!((r.stats.step, r.stats.loss, r.stats.grad_norm), (e.stats.step, e.stats.loss, e.stats.grad_norm));
     }
     let mut other = Run::new(g, source.clone(), ds.clone(), None, RunOptions { train: Options { lr: 5e-3, ..opts.train.clone() }, ..opts.clone() }).unwrap();
-    assert!(other.resume(g, &get, "step 2").unwrap_err().to_string().contains("same options"));
+    let err = other.resume(g, &get, "step 2").unwrap_err().to_string();
+    assert!(err.ends_with("\n  --lr: was 0.01, now 0.005"), "{err}");
 
     // A NaN stops the run and names where the front end saved last.
     let mut bad = opts.clone();

@@ -419,10 +419,14 @@ async function resumeSaved(saved) {
     // A continued run's starting adapter is not kept: its answers before are unknown.
     prefRun = saved.options.method === 'dpo' ? { prompts: (summary.prompts || []).slice(0, PREF_PROMPTS), before: saved.continued ? null : undefined } : null;
     if (prefRun) showPrefAnswers(prefRun, null);
-    await call('start', { options: saved.options, model: saved.model, data: saved.data, continued: saved.continued });
-    lastOptions = saved.options;
-    const { step } = await call('resumeSaved');
-    log(`resumed at step ${step}`);
+    // Steps set above the saved run's total continue it past its end (the learning-rate
+    // schedule then spans the new total, as transformers' Trainer does).
+    const more = num('steps', 'steps');
+    const options = more > (saved.total || 0) ? { ...saved.options, steps: more } : saved.options;
+    await call('start', { options, model: saved.model, data: saved.data, continued: saved.continued });
+    lastOptions = options;
+    const { step, note } = await call('resumeSaved');
+    log(note);
     $('status').dataset.step = step;
     $('status').dataset.resumedFrom = step;
     started = performance.now();
@@ -726,6 +730,7 @@ $('showNorms').onclick = async () => {
     const b = $('resumeSaved');
     b.hidden = false;
     b.textContent = `Resume saved run (step ${info.saved.step} of ${info.saved.total})`;
+    b.title = `Set Steps above ${info.saved.total} first to train past the saved run's end`;
     b.onclick = () => resumeSaved(info.saved);
     if (params.get('resume') === '1') return resumeSaved(info.saved);
   }

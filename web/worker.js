@@ -342,7 +342,7 @@ const commands = {
       if (!b) throw new Error(`the saved checkpoint has no ${name}`);
       bytes.push(b);
     }
-    return { step: session.resume(saved.files, bytes) };
+    return session.resume(saved.files, bytes);
   },
   async savedData() {
     const bytes = await readFile('data.jsonl');

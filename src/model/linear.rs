@@ -6,6 +6,23 @@ use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Lora, Matmul};
 
+impl std::fmt::Display for Tuning {
+    /// e.g. `LoRA r16, alpha 32, dropout 0.05 on q_proj, v_proj`, `full`, `frozen`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tuning::Frozen => write!(f, "frozen"),
+            Tuning::Full => write!(f, "full tuning"),
+            Tuning::Lora(l) => {
+                write!(f, "LoRA r{}, alpha {}, dropout {} on {}", l.r, l.alpha, l.dropout, l.targets.join(", "))?;
+                if l.use_rslora {
+                    write!(f, " (rsLoRA)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// LoRA hyper-parameters (PEFT's `LoraConfig`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {

@@ -8,7 +8,7 @@ pub mod export;
 pub mod run;
 pub mod schedule;
 
-pub use run::{Event, Run, RunOptions};
+pub use run::{Event, Resumed, Run, RunOptions};
 
 use crate::rng::Rng;
 use crate::data::batch::{Batch, Dataset, Sequence};
@@ -85,6 +85,36 @@ impl Default for Options {
             dpo_loss: "sigmoid".into(),
             label_smoothing: 0.0,
         }
+    }
+}
+
+impl Options {
+    /// The options of `new` that differ from these and would change what a resumed
+    /// run computes, one line each with the option's flag and both values
+    /// (`--lr: was 0.0002, now 0.001`). `--steps` and `--epochs` may change: they only
+    /// set how many steps the run has.
+    pub fn changes(&self, new: &Options) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(now))) = (serde_json::to_value(self), serde_json::to_value(new)) else {
+            return vec!["the options could not be compared".into()];
+        };
+        let show = |v: Option<&serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "unset".into(),
+        };
+        old.iter()
+            .filter(|(k, v)| !matches!(k.as_str(), "steps" | "epochs") && now.get(*k) != Some(*v))
+            .map(|(k, v)| match k.as_str() {
+                "shuffle" => {
+                    let given = |v: Option<&serde_json::Value>| if v == Some(&serde_json::Value::Bool(false)) { "given" } else { "not given" };
+                    format!("--no-shuffle: was {}, now {}", given(Some(v)), given(now.get(k)))
+                }
+                _ => {
+                    let flag = if k == "dpo_loss" { "loss".to_string() } else { k.replace('_', "-") };
+                    format!("--{flag}: was {}, now {}", show(Some(v)), show(now.get(k)))
+                }
+            })
+            .collect()
     }
 }
 

@@ -205,6 +205,14 @@ fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
     data.examples.iter().step_by(if data.pairs { 2 } else { 1 }).filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
 }
 
+/// Where a resumed run continues, and a line that says so.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Resumed {
+    pub step: u64,
+    pub total: u64,
+    pub note: String,
+}
+
 impl Run {
     /// Load the model with the adapter (or for full tuning) and plan the steps.
     pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
@@ -217,7 +225,7 @@ impl Run {
     /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load).
     pub fn with_model(source: Rc<Source>, mut model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         if model.tuning != opts.tuning() {
-            return Err(Error::Config(format!("the model was loaded as {:?}, the run wants {:?}", model.tuning, opts.tuning())));
+            return Err(Error::Config(format!("the model was loaded for {}, the run wants {}", model.tuning, opts.tuning())));
         }
         let trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         model.grad_checkpoint = opts.grad_checkpoint;
@@ -275,13 +283,22 @@ impl Run {
     }
 
     /// Continue from a checkpoint (`files`' `Export::Checkpoint`, read by `get`) of a
-    /// run with the same options; returns the step it continues from.
-    pub fn resume(&mut self, gpu: &Gpu, get: &dyn Fn(&str) -> Result<Vec<u8>>, place: &str) -> Result<u64> {
+    /// run with the same options, except that `--steps` or `--epochs` may plan more
+    /// steps (the schedule then spans the new total, as transformers' Trainer does).
+    pub fn resume(&mut self, gpu: &Gpu, get: &dyn Fn(&str) -> Result<Vec<u8>>, place: &str) -> Result<Resumed> {
         let state = checkpoint::load_files(get, place, gpu, &self.model)?;
-        if state.options != self.opts.train {
+        let changed = state.options.changes(&self.opts.train);
+        if !changed.is_empty() {
             return Err(Error::Config(format!(
-                "{place}: was trained with {:?}; resume with the same options (got {:?})",
-                state.options, self.opts.train
+                "{place}: was trained with other options; resume with the ones it was trained with (or start a new run):\n{}",
+                changed.iter().map(|c| format!("  {c}")).collect::<Vec<_>>().join("\n")
+            )));
+        }
+        let total = self.total_steps();
+        if total < state.step {
+            return Err(Error::Config(format!(
+                "{place}: is at step {} and --steps/--epochs now plan {total} steps; ask for at least {} to continue it",
+                state.step, state.step
             )));
         }
         if self.trainer.dpo.is_some() && state.reference.len() != self.data.items() {
@@ -295,7 +312,15 @@ impl Run {
         self.trainer.reference = state.reference;
         self.valid_reference = Some(state.valid_reference).filter(|v| !v.is_empty());
         self.last_saved = Some(place.to_string());
-        Ok(state.step)
+        let note = if total == state.total_steps {
+            format!("resumed at step {} of {total}", state.step)
+        } else {
+            format!(
+                "resumed at step {} of {total} (the checkpoint's run planned {}; the learning-rate schedule now spans {total} steps)",
+                state.step, state.total_steps
+            )
+        };
+        Ok(Resumed { step: state.step, total, note })
     }
 
     /// DPO: the reference log-probabilities of every pair (and of the validation

@@ -273,6 +273,13 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.equal(losses.length, steps - from);
   losses.forEach((l, i) => assert.ok(Math.abs(l - straight[from + i]) < 1e-6, `step ${from + i + 1}: resumed ${l}, straight ${straight[from + i]}`));
   await page.screenshot({ path: path.join(os.tmpdir(), 'webtune-page.png'), fullPage: true });
+  // Steps above the saved run's total continue it past its end, and the page says so.
+  await page.goto(`${base}?resume=1&steps=${steps + 4}`);
+  const more = await waitFor(['done', 'error']);
+  assert.equal(more.resumedFrom, String(steps), more.error);
+  assert.equal(more.step, String(steps + 4));
+  assert.equal(JSON.parse(more.losses).length, 4);
+  assert.match(await page.textContent('#log'), new RegExp(`resumed at step ${steps} of ${steps + 4} \\(the checkpoint's run planned ${steps}; the learning-rate schedule now spans ${steps + 4} steps\\)`));
 });
 
 // ---- DPO -----------------------------------------------------------------------------
