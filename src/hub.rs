@@ -14,9 +14,13 @@
 //! `$HF_HOME/token`), `HF_HUB_CACHE` (else `$HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`), `HF_HUB_OFFLINE=1` (the cache only). A download goes to
 //! `blobs/<etag>.incomplete`, resumes from there with a range request, is checked against
-//! the size the Hub announced and only then renamed into place: the cache never holds a
-//! partial blob. The Hub's `X-Error-Code` (gated, missing file or revision) becomes an
-//! error that says what to do.
+//! the size the Hub announced (and for LFS files, whose etag is one, the SHA-256) and
+//! only then renamed into place: the cache never holds a partial blob. Processes that
+//! share a cache wait for each other: a blob and its snapshot link are made under an
+//! exclusive lock on `.locks/models--org--name/<etag>.lock`, the file (and the `flock`)
+//! `huggingface_hub` takes, so Python and webtune respect each other's; links and refs
+//! are replaced by a rename. The Hub's `X-Error-Code` (gated, missing file or revision)
+//! becomes an error that says what to do.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -157,7 +161,7 @@ impl Hub {
         if commit != r.revision {
             let refs = dir.join("refs").join(&r.revision);
             std::fs::create_dir_all(refs.parent().expect("a parent")).map_err(|e| Error::io(&refs, e))?;
-            std::fs::write(&refs, &commit).map_err(|e| Error::io(&refs, e))?;
+            replace(&refs, |tmp| std::fs::write(tmp, &commit))?;
         }
         let snapshot = dir.join("snapshots").join(&commit);
         if let Ok(path) = self.complete(r, &snapshot) {
@@ -308,25 +312,37 @@ impl Hub {
             _ => url,
         };
         let blob = dir.join("blobs").join(&etag);
+        // Another process (or thread) may be making this blob: wait for it, then use it.
+        let _lock = self.lock(&r.repo, &etag)?;
         if !blob.is_file() {
-            self.download(r, file, &source, &blob, size)?;
+            self.download(r, file, &source, &blob, &etag, size)?;
         }
         std::fs::create_dir_all(link.parent().expect("a parent")).map_err(|e| Error::io(&link, e))?;
-        let _ = std::fs::remove_file(&link);
         #[cfg(unix)]
         {
             let up = "../".repeat(2 + file.matches('/').count());
-            std::os::unix::fs::symlink(format!("{up}blobs/{etag}"), &link).map_err(|e| Error::io(&link, e))?;
+            replace(&link, |tmp| std::os::unix::fs::symlink(format!("{up}blobs/{etag}"), tmp))?;
         }
         #[cfg(not(unix))]
-        std::fs::copy(&blob, &link).map_err(|e| Error::io(&link, e))?;
+        replace(&link, |tmp| std::fs::copy(&blob, tmp).map(|_| ()))?;
         Ok(link)
     }
 
+    /// The exclusive lock `huggingface_hub` takes on a blob (`filelock`, an `flock` on
+    /// `.locks/models--org--name/<etag>.lock`), held until the file is dropped.
+    fn lock(&self, repo: &str, etag: &str) -> Result<std::fs::File> {
+        let path = self.cache.join(".locks").join(format!("models--{}", repo.replace('/', "--"))).join(format!("{etag}.lock"));
+        std::fs::create_dir_all(path.parent().expect("a parent")).map_err(|e| Error::io(&path, e))?;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        f.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(f)
+    }
+
     /// Download `size` bytes from `url` into `blob`, through `blob.incomplete`: resumed
-    /// from what an earlier, cut download left there, checked against `size`, then
-    /// renamed into place.
-    fn download(&self, r: &RepoRef, file: &str, url: &str, blob: &Path, size: u64) -> Result<()> {
+    /// from what an earlier, cut download left there, checked against `size` (and
+    /// against `etag` where it is a SHA-256, as LFS files' are), then renamed into place.
+    /// The caller holds the blob's lock.
+    fn download(&self, r: &RepoRef, file: &str, url: &str, blob: &Path, etag: &str, size: u64) -> Result<()> {
         let part = PathBuf::from(format!("{}.incomplete", blob.display()));
         std::fs::create_dir_all(blob.parent().expect("a parent")).map_err(|e| Error::io(blob, e))?;
         let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
@@ -379,6 +395,42 @@ impl Hub {
             return Err(cut(have, &"the connection closed early"));
         }
         bar.finish();
+        if etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let got = sha256(&part)?;
+            if !got.eq_ignore_ascii_case(etag) {
+                let _ = std::fs::remove_file(&part);
+                return Err(Error::Io(format!("{r}: the downloaded {file} has SHA-256 {got}, the Hub announced {etag}; it was discarded, run again")));
+            }
+        }
         std::fs::rename(&part, blob).map_err(|e| Error::io(blob, e))
     }
+}
+
+/// The SHA-256 of a file, in hex.
+fn sha256(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf).map_err(|e| Error::io(path, e))? {
+            0 => break,
+            n => ctx.update(&buf[..n]),
+        }
+    }
+    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Make `path` by `make`-ing a file beside it and renaming that over it, so a reader
+/// sees the old file or the new one, never none or half of one.
+fn replace(path: &Path, make: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    make(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }

@@ -25,6 +25,8 @@ struct State {
     log: Vec<String>,
     /// Cut the next CDN download of this etag after this many bytes.
     cut: Option<(String, usize)>,
+    /// Serve the next CDN download of this etag with its last byte changed.
+    corrupt: Option<String>,
 }
 
 struct LoopbackHub {
@@ -32,8 +34,12 @@ struct LoopbackHub {
     state: Arc<Mutex<State>>,
 }
 
-/// A content hash standing in for the Hub's etags (git blob sha1, LFS sha256).
-fn etag(data: &[u8]) -> String {
+/// The Hub's etag of a file: an LFS file's SHA-256 (which the client checks), and for
+/// a small file a content hash standing in for its git blob sha1.
+fn etag(file: &str, data: &[u8]) -> String {
+    if is_lfs(file) {
+        return ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    }
     let mut h: u64 = 0xcbf29ce484222325;
     for &b in data {
         h = (h ^ b as u64).wrapping_mul(0x100000001b3);
@@ -128,9 +134,13 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, endpoint: &str) {
     }
     if let Some(tag) = path.strip_prefix("/cdn/") {
         // The CDN: no token wanted, ranges honoured.
-        let Some(data) = st.repos.values().flat_map(|(_, f)| f.values()).find(|d| etag(d) == tag).cloned() else {
+        let Some(mut data) = st.repos.values().flat_map(|(_, f)| f.iter()).find(|(f, d)| etag(f, d) == tag).map(|(_, d)| d.clone()) else {
             return respond(&mut stream, "404 Not Found", &[], b"", head);
         };
+        if st.corrupt.as_deref() == Some(tag) {
+            st.corrupt = None;
+            *data.last_mut().unwrap() ^= 1;
+        }
         let from = range.unwrap_or(0).min(data.len());
         let (status, extra) = if range.is_some() { ("206 Partial Content", vec![("Content-Range", format!("bytes {from}-{}/{}", data.len() - 1, data.len()))]) } else { ("200 OK", vec![]) };
         let body = &data[from..];
@@ -173,7 +183,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, endpoint: &str) {
         h.push(("X-Repo-Commit", COMMIT.into()));
         return respond(&mut stream, "404 Not Found", &h, b"", head);
     };
-    let tag = etag(data);
+    let tag = etag(file, data);
     if is_lfs(file) {
         let h = [
             // The CDN is another host, as the Hub's is (localhost: the same server).
@@ -255,7 +265,7 @@ fn a_model_downloads_once_into_the_hugging_face_cache() {
     assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap(), COMMIT);
     for (name, data) in &files {
         let link = dir.join(name);
-        assert_eq!(std::fs::read_link(&link).unwrap(), PathBuf::from(format!("../../blobs/{}", etag(data))), "{name}: a relative link into blobs/");
+        assert_eq!(std::fs::read_link(&link).unwrap(), PathBuf::from(format!("../../blobs/{}", etag(name, data))), "{name}: a relative link into blobs/");
         assert_eq!(&std::fs::read(&link).unwrap(), data, "{name}");
     }
     assert!(std::fs::read_dir(root.join("blobs")).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".incomplete")));
@@ -299,8 +309,8 @@ fn a_cache_python_filled_is_used_as_it_is() {
     std::fs::create_dir_all(root.join("snapshots").join(COMMIT)).unwrap();
     std::fs::write(root.join("refs/main"), COMMIT).unwrap();
     for (name, data) in &files {
-        std::fs::write(root.join("blobs").join(etag(data)), data).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{}", etag(data)), root.join("snapshots").join(COMMIT).join(name)).unwrap();
+        std::fs::write(root.join("blobs").join(etag(name, data)), data).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{}", etag(name, data)), root.join("snapshots").join(COMMIT).join(name)).unwrap();
     }
     let hub = Hub { endpoint: "http://127.0.0.1:9".into(), token: None, cache: cache.clone(), offline: true, progress: false };
     let dir = hub.fetch(&repo("someone/demo")).unwrap();
@@ -352,7 +362,7 @@ fn a_cut_download_resumes() {
     let server = LoopbackHub::start();
     let (files, _) = demo_repo(false);
     let weights = files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
-    let tag = etag(&weights);
+    let tag = etag("model.safetensors", &weights);
     server.add("org/demo", false, files);
     let half = weights.len() / 2;
     server.state.lock().unwrap().cut = Some((tag.clone(), half));
@@ -371,6 +381,62 @@ fn a_cut_download_resumes() {
     assert!(!blobs.join(format!("{tag}.incomplete")).exists());
     let log = server.log();
     assert!(log.iter().any(|l| l == &format!("GET /cdn/{tag} range={half}")), "{log:#?}");
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// Three processes' worth of fetches of one model on an empty cache, at once, several
+/// times over: each succeeds, each blob is fetched once (the others wait on its lock
+/// and use it), every cached file equals the served one, and the cache is in
+/// huggingface_hub's layout, its `.locks` included.
+#[test]
+fn concurrent_downloads_share_the_cache() {
+    let server = LoopbackHub::start();
+    let (files, _) = demo_repo(false);
+    server.add("org/demo", false, files.clone());
+    for round in 0..4 {
+        let cache = tmp(&format!("concurrent-{round}"));
+        let before = server.log().len();
+        let dirs: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3).map(|_| s.spawn(|| server.hub(&cache).fetch(&repo("org/demo")))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let root = cache.join("models--org--demo");
+        for d in dirs {
+            assert_eq!(d.unwrap(), root.join("snapshots").join(COMMIT), "round {round}");
+        }
+        let log = &server.log()[before..];
+        for (name, data) in &files {
+            let tag = etag(name, data);
+            let gets = log.iter().filter(|l| l.starts_with("GET ") && (l.ends_with(&format!("/{name}")) || l.ends_with(&format!("/cdn/{tag}")))).count();
+            assert_eq!(gets, 1, "round {round}: {name} fetched {gets} times: {log:#?}");
+            assert_eq!(&std::fs::read(root.join("snapshots").join(COMMIT).join(name)).unwrap(), data, "round {round}: {name}");
+            assert_eq!(std::fs::read_link(root.join("snapshots").join(COMMIT).join(name)).unwrap(), PathBuf::from(format!("../../blobs/{tag}")));
+            assert!(cache.join(".locks/models--org--demo").join(format!("{tag}.lock")).is_file(), "huggingface_hub's lock file for {name}");
+        }
+        assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap(), COMMIT);
+        let strays: Vec<_> = std::fs::read_dir(root.join("blobs")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains('.')).collect();
+        assert!(strays.is_empty(), "round {round}: {strays:?}");
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+}
+
+/// A download whose bytes do not have the SHA-256 the Hub announced is discarded, never
+/// cached; the next run downloads it again, whole.
+#[test]
+fn a_corrupted_download_is_discarded() {
+    let server = LoopbackHub::start();
+    let (files, _) = demo_repo(false);
+    let weights = files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
+    let tag = etag("model.safetensors", &weights);
+    server.add("org/demo", false, files);
+    server.state.lock().unwrap().corrupt = Some(tag.clone());
+    let cache = tmp("corrupt");
+    let err = server.hub(&cache).fetch(&repo("org/demo")).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains(&format!("the Hub announced {tag}")) && err.contains("run again"), "{err}");
+    let blobs = cache.join("models--org--demo/blobs");
+    assert!(!blobs.join(&tag).exists() && !blobs.join(format!("{tag}.incomplete")).exists());
+    let dir = server.hub(&cache).fetch(&repo("org/demo")).unwrap();
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), weights);
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
