@@ -206,7 +206,10 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     if !a.quiet {
         println!("{}: {loaded}", a.model.display());
     }
-    let mut run = Run::with_model(Rc::new(md.source), model, Rc::new(train_data), valid_data, opts)?;
+    let mut run = Run::with_model(gpu, Rc::new(md.source), model, Rc::new(train_data), valid_data, opts)?;
+    if let (Some(note), false) = (&run.plan_note, a.quiet) {
+        println!("{note}");
+    }
     if let Some((_, tensors)) = &init {
         run.init_adapter(gpu, tensors)?;
     }

@@ -17,6 +17,10 @@ pub enum Error {
     Launch(String),
     #[error("bad model config: {0}")]
     Config(String),
+    /// Options that cannot run as given (a resume's changed options, a plan that does
+    /// not fit); the message names them.
+    #[error("{0}")]
+    Options(String),
     #[error("bad weights: {0}")]
     Weights(String),
     #[error("{0}")]

@@ -189,6 +189,11 @@ enum Command {
         /// sft, or dpo (chosen and rejected in one batch: twice the sequences).
         #[arg(long, default_value = "sft")]
         method: String,
+        /// The plan `train` would choose within this budget (512MiB, 2GiB): its
+        /// micro-batches and whether it turns on gradient checkpointing (with 128 MiB
+        /// bindings, lavapipe's and WebGPU's default).
+        #[arg(long)]
+        memory_budget: Option<String>,
     },
 }
 
@@ -387,7 +392,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::random_model(&config, &out, scale, seed)?;
             println!("wrote {}", out.display());
         }
-        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method } => {
+        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method, memory_budget } => {
             use webtune::model::{gguf::Gguf, memory, weights::FileBytes, Config, TensorMap, Tensors};
             let name = config.display().to_string();
             let (text, weights): (String, Box<dyn Tensors>) = if config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -406,12 +411,19 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 max_seq_len,
                 train: webtune::train::Options { batch_size, method: method.clone(), ..Default::default() },
                 quantize,
+                memory_budget,
                 ..Default::default()
             };
-            let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+            let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+            if let Some(budget) = webtune::train::fit::budget(&run, false)? {
+                let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;
+                println!("{}", fit.note.as_deref().unwrap_or("plan: the options as given fit the budget"));
+                plan.batch = plan.batch / batch_size * fit.micro;
+                plan.grad_checkpoint = fit.grad_checkpoint;
+            }
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!("{}: {}, batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
+            println!("{}: {}, micro-batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
             if method == "dpo" {
                 println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is the model as the run starts, its log-probabilities taken once before the first step (8 bytes a pair, host memory): no frozen copy, with LoRA or full tuning", plan.batch);
             }

@@ -244,6 +244,12 @@ impl Session {
         self.run.as_ref().map_or(0, |r| r.total_steps()) as f64
     }
 
+    /// What the run's plan changed from the options given (micro-batches, gradient
+    /// checkpointing), and why; None when it runs them as given.
+    pub fn plan_note(&self) -> Option<String> {
+        self.run.as_ref().and_then(|r| r.plan_note.clone())
+    }
+
     /// The run's next step: its `Event` (stats, kernels where profiled, whether a
     /// checkpoint is due, whether the run is done). A loss that is not finite throws.
     pub async fn step(&mut self) -> Result<JsValue, JsError> {

@@ -495,3 +495,68 @@ fn a_bf16_checkpoint_evaluates_trains_and_merges_back_to_bf16() {
     close("bf16 merged vs adapter logits", &y, &x, 2e-2 * mag, 0.0);
     cleanup(&[&model, &root]);
 }
+
+/// A plan that fits, driven as `train` drives it: a batch whose activations exceed one
+/// binding (64 KiB here) runs in micro-batches, a memory budget below a step's estimate
+/// gives smaller ones still, and each trains exactly as the same micro-batches given
+/// explicitly (`--batch-size m --grad-accum k`); a budget nothing fits is refused by
+/// name, and a run that fits as given says nothing.
+#[test]
+fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
+    use webtune::model::memory::{estimate, Plan};
+    let (model, root) = (tiny_model("fit"), tmp("fit"));
+    // 12 records, each cut at 64 tokens.
+    std::fs::create_dir_all(&root).unwrap();
+    let data = root.join("long.jsonl");
+    let words = ["apple", "river", "stone", "cloud", "green", "tiger", "paper", "music", "ocean", "lemon", "piano", "zebra"];
+    let lines: Vec<String> = words.iter().map(|w| serde_json::json!({"messages": [{"role": "user", "content": format!("Say {w} many times.")}, {"role": "assistant", "content": format!("{w} ").repeat(60)}]}).to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let md = cli::ModelDir::open(&model).unwrap();
+    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap();
+    assert_eq!((ds.sequences.len(), longest), (12, 64));
+    let source = Rc::new(md.source);
+    let losses = |g: &webtune::gpu::Gpu, opts: &RunOptions| -> (usize, Option<String>, Vec<f32>) {
+        let mut run = Run::new(g, source.clone(), ds.clone(), None, opts.clone()).unwrap();
+        let mut l = Vec::new();
+        while !run.done() {
+            l.push(block(run.next(g)).unwrap().stats.loss as f32);
+        }
+        (run.micro, run.plan_note.clone(), l)
+    };
+    let mut given = args(&model, &data, &root, 2).run;
+    (given.lora_dropout, given.train.batch_size) = (0.0, 8);
+    let explicit = |m: usize, k: usize| RunOptions { train: Options { batch_size: m, grad_accum: k, ..given.train.clone() }, ..given.clone() };
+
+    // Bindings of 126 KiB: 8 sequences × 64 tokens × 64 values need 128 KiB, 4 need 64
+    // (a logits row needs 125).
+    let g = &max_binding(126 << 10);
+    let (micro, note, auto) = losses(g, &given);
+    assert_eq!(micro, 4);
+    let note = note.unwrap();
+    assert!(note.contains("batch 8 runs as 2 micro-batches of up to 4") && note.contains("storage binding"), "{note}");
+    let (_, none, want) = losses(g, &explicit(4, 2));
+    assert_eq!(none, None, "a plan that fits as given says nothing");
+    close("micro-batches for the binding = --batch-size 4 --grad-accum 2", &auto, &want, 0.0, 1e-5);
+
+    // A budget between a step of 2 and a step of 3 sequences (the estimate the plan uses).
+    let g = gpu();
+    let base = given.memory_plan(&source.cfg, &source.weights, longest, g.caps.shader_f16, g.caps.max_binding).unwrap();
+    let need = |m: usize| estimate(&source.cfg, &Plan { batch: m, seq: longest, ..base.clone() }).total();
+    assert!(need(2) < need(3) && need(3) < need(8));
+    let budget = RunOptions { memory_budget: Some(format!("{}", (need(2) + need(3)) / 2)), ..given.clone() };
+    let (micro, note, auto) = losses(g, &budget);
+    assert_eq!(micro, 2, "{note:?}");
+    assert!(note.as_deref().is_some_and(|n| n.contains("batch 8 runs as 4 micro-batches of up to 2") && n.contains("memory budget")), "{note:?}");
+    let (_, _, want) = losses(g, &explicit(2, 4));
+    close("micro-batches for the budget = --batch-size 2 --grad-accum 4", &auto, &want, 0.0, 1e-5);
+
+    // Nothing fits: a clear refusal, before any step.
+    let tiny = RunOptions { memory_budget: Some("1MiB".into()), ..given.clone() };
+    let err = Run::new(g, source.clone(), ds.clone(), None, tiny).err().unwrap().to_string();
+    assert!(err.contains("memory budget of 1 MiB") && err.contains("--memory-budget"), "{err}");
+    let bad = RunOptions { memory_budget: Some("lots".into()), ..given };
+    let err = Run::new(g, source.clone(), ds, None, bad).err().unwrap().to_string();
+    assert!(err.contains("--memory-budget `lots`"), "{err}");
+    cleanup(&[&model, &root]);
+}

@@ -306,12 +306,16 @@ const commands = {
   },
   async start({ options, model, data, continued }) {
     const total = session.start(options);
+    const note = session.plan_note();
+    if (note) log(note);
     runInfo = { options, model, data, total, ...(continued ? { continued } : {}) };
     return { total };
   },
   // A run from the adapter the session's run trained (DPO after SFT), on the same model.
   async startContinued({ options, data }) {
     const total = await session.start_continued(options);
+    const note = session.plan_note();
+    if (note) log(note);
     runInfo = { options, model: runInfo ? runInfo.model : null, data, total, continued: true };
     return { total };
   },

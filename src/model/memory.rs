@@ -73,6 +73,13 @@ fn lora_targets<'a>(cfg: &Config, l: &'a LoraConfig) -> impl Iterator<Item = (us
     cfg.projections().into_iter().filter(|(n, ..)| l.targets.iter().any(|t| t == n)).map(|(_, _, i, o)| (i, o))
 }
 
+/// The widest activation row of a layer, in values a token: the hidden state, q, k/v
+/// or the MLP's intermediate (a micro-batch's activations of this width must fit one
+/// storage binding).
+pub fn widest_row(cfg: &Config) -> usize {
+    cfg.hidden.max(cfg.heads * cfg.head_dim).max(cfg.kv_heads * cfg.head_dim).max(cfg.intermediate)
+}
+
 /// Bytes a tensor of `n` elements occupies (buffers are padded to 16 bytes).
 fn bytes(n: usize, elem: usize) -> u64 {
     ((n.max(1) * elem) as u64).div_ceil(16) * 16

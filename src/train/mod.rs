@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod export;
+pub mod fit;
 pub mod run;
 pub mod schedule;
 
@@ -281,6 +282,14 @@ impl Trainer {
 
     pub fn total_steps(&self) -> u64 {
         self.plan.len() as u64
+    }
+
+    /// Run each batch as micro-batches of at most `micro` sequences (pairs), in order
+    /// (`fit`): a step still trains the same sequences.
+    pub fn split(&mut self, micro: usize) {
+        for step in &mut self.plan {
+            *step = step.iter().flat_map(|m| m.chunks(micro.max(1)).map(<[usize]>::to_vec)).collect();
+        }
     }
 
     pub fn done(&self) -> bool {

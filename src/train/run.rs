@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use super::checkpoint::{self, TrainerState};
 use super::export::{self, Export, Files};
+use super::fit;
 use super::{evaluate, evaluate_pairs, pair_logps, Options, StepStats, Trainer};
 use crate::data::batch::Dataset;
 use crate::error::{Error, Result};
@@ -63,6 +64,12 @@ pub struct RunOptions {
     /// f32 to f32. Default: a GGUF's blocks packed, everything else f16 (or f32).
     #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
     pub quantize: Option<String>,
+    /// The memory a step may use (512MiB, 2GiB): the run picks its micro-batch, and
+    /// gradient checkpointing where needed, to fit. Default: the host's available
+    /// memory on CPU adapters; on GPUs, whose free memory wgpu does not report, only
+    /// the largest storage binding bounds the plan.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub memory_budget: Option<String>,
     #[cfg_attr(not(target_arch = "wasm32"), command(flatten))]
     #[serde(flatten)]
     pub train: Options,
@@ -84,6 +91,7 @@ impl Default for RunOptions {
             eval_every: None,
             save_every: None,
             quantize: None,
+            memory_budget: None,
             train: Options::default(),
         }
     }
@@ -198,6 +206,10 @@ pub struct Run {
     prompts: Vec<Vec<u32>>,
     /// DPO: the validation pairs' reference log-probabilities.
     valid_reference: Option<Vec<[f32; 2]>>,
+    /// Sequences (DPO: pairs) per micro-batch, as the plan chose (`fit`).
+    pub micro: usize,
+    /// What the plan changed from the options given, and why.
+    pub plan_note: Option<String>,
 }
 
 /// The prompts of the first two examples (pairs): their tokens before the first trained one.
@@ -219,25 +231,44 @@ impl Run {
         // Plan first: bad options fail before the model is loaded.
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let model = Model::load_with(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?)?;
-        Run::with_model(source, model, data, valid, opts)
+        Run::with_model(gpu, source, model, data, valid, opts)
     }
 
-    /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load).
-    pub fn with_model(source: Rc<Source>, mut model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+    /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load),
+    /// in micro-batches that fit the adapter's bindings and the memory budget (`fit`).
+    pub fn with_model(gpu: &Gpu, source: Rc<Source>, mut model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         if model.tuning != opts.tuning() {
-            return Err(Error::Config(format!("the model was loaded for {}, the run wants {}", model.tuning, opts.tuning())));
+            return Err(Error::Options(format!("the model was loaded for {}, the run wants {}", model.tuning, opts.tuning())));
         }
-        let trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
-        model.grad_checkpoint = opts.grad_checkpoint;
+        let mut trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
+        let longest = data.sequences.iter().chain(valid.iter().flat_map(|v| &v.sequences)).map(|s| s.ids.len()).max().unwrap_or(1);
+        let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        let budget = fit::budget(&opts, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
+        let plan = fit::fit(&source.cfg, &opts, &base, longest, budget)?;
+        trainer.split(plan.micro);
+        model.grad_checkpoint = plan.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
-        Ok(Run { source, opts, model, data, valid, trainer, profile_every: None, last_saved: None, prompts, valid_reference: None })
+        Ok(Run {
+            source,
+            opts,
+            model,
+            data,
+            valid,
+            trainer,
+            profile_every: None,
+            last_saved: None,
+            prompts,
+            valid_reference: None,
+            micro: plan.micro,
+            plan_note: plan.note,
+        })
     }
 
     /// A run of `opts` on `data` that starts from this run's trained adapter (the page's
     /// DPO after SFT; the CLI's `--init-adapter`): the adapter's shape is kept.
     pub async fn continued(&self, gpu: &Gpu, data: Rc<Dataset>, mut opts: RunOptions) -> Result<Run> {
         let Tuning::Lora(l) = &self.model.tuning else {
-            return Err(Error::Config("only a LoRA run can be continued from its adapter".into()));
+            return Err(Error::Options("only a LoRA run can be continued from its adapter".into()));
         };
         opts.set_lora(l);
         let tensors = checkpoint::trained_tensors(gpu, &self.model).await?;
@@ -289,20 +320,20 @@ impl Run {
         let state = checkpoint::load_files(get, place, gpu, &self.model)?;
         let changed = state.options.changes(&self.opts.train);
         if !changed.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::Options(format!(
                 "{place}: was trained with other options; resume with the ones it was trained with (or start a new run):\n{}",
                 changed.iter().map(|c| format!("  {c}")).collect::<Vec<_>>().join("\n")
             )));
         }
         let total = self.total_steps();
         if total < state.step {
-            return Err(Error::Config(format!(
+            return Err(Error::Options(format!(
                 "{place}: is at step {} and --steps/--epochs now plan {total} steps; ask for at least {} to continue it",
                 state.step, state.step
             )));
         }
         if self.trainer.dpo.is_some() && state.reference.len() != self.data.items() {
-            return Err(Error::Config(format!(
+            return Err(Error::Options(format!(
                 "{place}: holds the reference log-probabilities of {} pairs, the data has {}; resume a DPO run on its own data",
                 state.reference.len(),
                 self.data.items()
@@ -330,10 +361,10 @@ impl Run {
         if self.trainer.dpo.is_none() {
             return Ok(());
         }
-        let (b, pad) = (self.opts.train.batch_size, self.source.tokenizer.pad_id);
+        let (b, pad) = (self.micro, self.source.tokenizer.pad_id);
         if self.trainer.reference.is_empty() {
             if self.trainer.step > 0 {
-                return Err(Error::Config("a DPO run past its first step needs the reference it started with (resume from its checkpoint)".into()));
+                return Err(Error::Options("a DPO run past its first step needs the reference it started with (resume from its checkpoint)".into()));
             }
             self.trainer.reference = pair_logps(gpu, &self.model, &self.data, b, pad).await?;
         }
@@ -343,7 +374,7 @@ impl Run {
             }
             // Past step 0 the model has moved: the reference must come from the checkpoint.
             if self.trainer.step > 0 {
-                return Err(Error::Config("the checkpoint holds no reference for the validation pairs: resume a DPO run with the validation data it started with (or none)".into()));
+                return Err(Error::Options("the checkpoint holds no reference for the validation pairs: resume a DPO run with the validation data it started with (or none)".into()));
             }
             self.valid_reference = Some(pair_logps(gpu, &self.model, v, b, pad).await?);
         }
@@ -354,7 +385,7 @@ impl Run {
     /// sample replies, whether to save. A loss that is not finite stops the run.
     pub async fn next(&mut self, gpu: &Gpu) -> Result<Event> {
         if self.done() {
-            return Err(Error::Config("the run is done: every planned step has run".into()));
+            return Err(Error::Options("the run is done: every planned step has run".into()));
         }
         let step = self.trainer.step + 1;
         self.reference(gpu).await?;
@@ -366,7 +397,7 @@ impl Run {
             kernels = gpu.kernel_times().await?;
         }
         if !stats.loss.is_finite() {
-            return Err(Error::Config(format!(
+            return Err(Error::Options(format!(
                 "the loss became {} at step {}; stopping. The last good checkpoint is {}",
                 stats.loss,
                 stats.step,
@@ -380,8 +411,8 @@ impl Run {
             if step % every == 0 || done {
                 let tok = &self.source.tokenizer;
                 stats.valid_loss = Some(match (&self.trainer.dpo, &self.valid_reference) {
-                    (Some(d), Some(r)) => evaluate_pairs(gpu, &self.model, v, r, d, self.opts.train.batch_size, tok.pad_id).await?.0,
-                    _ => evaluate(gpu, &self.model, v, self.opts.train.batch_size, tok.pad_id).await?.0,
+                    (Some(d), Some(r)) => evaluate_pairs(gpu, &self.model, v, r, d, self.micro, tok.pad_id).await?.0,
+                    _ => evaluate(gpu, &self.model, v, self.micro, tok.pad_id).await?.0,
                 });
                 for p in &self.prompts {
                     let out = self.model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;

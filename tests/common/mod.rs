@@ -40,6 +40,11 @@ pub fn small_bindings() -> &'static Gpu {
     G.get_or_init(|| make(GpuOptions { max_binding: Some(64 << 10), ..Default::default() }))
 }
 
+/// Bindings capped at `bytes` (a new device each call).
+pub fn max_binding(bytes: u64) -> Gpu {
+    make(GpuOptions { max_binding: Some(bytes), ..Default::default() })
+}
+
 /// f32 weights with bindings capped at lavapipe's 128 MiB: a real vocabulary's table
 /// exceeds one binding on every device, GPUs with 2 GiB bindings included.
 pub fn f32_128mib_bindings() -> &'static Gpu {

@@ -1,0 +1,133 @@
+//! A plan that fits: before the first step, the micro-batch (and, where the memory
+//! budget needs it, gradient checkpointing) that a run's `--batch-size` is trained in,
+//! so that every activation fits one storage binding and a step fits the budget.
+//! `--batch-size` stays the effective batch: a batch of b runs as k micro-batches of
+//! at most ⌈b/k⌉, and since the loss is normalised by the step's trained tokens the
+//! step computes what `--batch-size ⌈b/k⌉ --grad-accum k` would.
+
+use super::RunOptions;
+use crate::error::{Error, Result};
+use crate::model::memory::{self, Plan};
+use crate::model::Config;
+
+/// The plan a run trains with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fit {
+    /// Sequences (DPO: pairs) per micro-batch.
+    pub micro: usize,
+    pub grad_checkpoint: bool,
+    /// What was changed from the options given, and why (None: nothing).
+    pub note: Option<String>,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// `2GiB`, `512MiB`, `1.5G`, `800M` or a count of bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(Error::Options(format!("--memory-budget `{s}`: expected a size such as 512MiB, 2GiB or 1.5G"))),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok((n * scale as f64) as u64),
+        _ => Err(Error::Options(format!("--memory-budget `{s}`: expected a size such as 512MiB, 2GiB or 1.5G"))),
+    }
+}
+
+/// The memory a step may use: `--memory-budget`, else, on a CPU adapter (whose device
+/// memory is host memory: lavapipe, SwiftShader), the memory the host has available;
+/// else none known (wgpu reports no free device memory), and only bindings bound the
+/// plan.
+pub fn budget(opts: &RunOptions, cpu_adapter: bool) -> Result<Option<u64>> {
+    if let Some(b) = opts.memory_budget.as_deref().filter(|b| !b.is_empty()) {
+        return parse_bytes(b).map(Some);
+    }
+    Ok(if cpu_adapter { available_memory() } else { None })
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn available_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// The plan for batches of `opts.train.batch_size` over sequences of up to `longest`
+/// tokens, given `base` (the memory plan of the options as given: its `batch` and
+/// `seq` are replaced here) and the `budget`.
+pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget: Option<u64>) -> Result<Fit> {
+    let b = opts.train.batch_size.max(1);
+    // DPO runs a pair's chosen and rejected sequence in one micro-batch.
+    let per = if opts.train.method == "dpo" { 2 } else { 1 };
+    let row = memory::widest_row(cfg) as u64 * 4;
+    let fits_binding = |m: usize| (m * per * longest) as u64 * row <= base.max_binding;
+    if cfg.vocab as u64 * 4 > base.max_binding {
+        return Err(Error::Options(format!(
+            "one token's logits over the vocabulary of {} take {} bytes, more than this adapter's largest storage binding ({} bytes): this model cannot train here",
+            cfg.vocab,
+            cfg.vocab * 4,
+            base.max_binding
+        )));
+    }
+    if !fits_binding(1) {
+        return Err(Error::Options(format!(
+            "one sequence of {longest} tokens needs {} for its widest activation ({} values a token), more than this adapter's largest storage binding ({}); lower --max-seq-len to {} or less",
+            mib(longest as u64 * row),
+            row / 4,
+            mib(base.max_binding),
+            base.max_binding / row
+        )));
+    }
+    let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m * per, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();
+    let mut tried = Vec::new();
+    for ckpt in if opts.grad_checkpoint { vec![true] } else { vec![false, true] } {
+        let mut last = 0;
+        for k in 1..=b {
+            let m = b.div_ceil(k);
+            if m == last || !fits_binding(m) {
+                continue;
+            }
+            last = m;
+            let need = step(m, ckpt);
+            if budget.is_some_and(|bud| need > bud) {
+                tried.push(need);
+                continue;
+            }
+            let mut why = Vec::new();
+            if m < b {
+                let k = b.div_ceil(m);
+                // The largest micro-batch the bindings allow: smaller is the budget's doing.
+                let m_bind = (1..=b).map(|k| b.div_ceil(k)).find(|&m| fits_binding(m)).unwrap_or(1);
+                let reason = if m == m_bind {
+                    format!("a micro-batch's widest activation must fit one {} storage binding", mib(base.max_binding))
+                } else {
+                    format!("a micro-batch of {m_bind} needs about {}, more than the memory budget of {}", mib(step(m_bind, ckpt)), mib(budget.unwrap_or(0)))
+                };
+                why.push(format!("batch {b} runs as {k} micro-batches of up to {m} (gradient accumulation ×{k}, the same effective batch): {reason}"));
+            }
+            if ckpt && !opts.grad_checkpoint {
+                why.push(format!("gradient checkpointing is on: without it, one sequence at a time needs about {}, more than the memory budget of {}", mib(step(1, false)), mib(budget.unwrap_or(0))));
+            }
+            let note = (!why.is_empty()).then(|| format!("plan: {} (about {} a step)", why.join("; "), mib(need)));
+            return Ok(Fit { micro: m, grad_checkpoint: ckpt, note });
+        }
+    }
+    Err(Error::Options(format!(
+        "a step does not fit the memory budget of {}: one sequence of {longest} tokens at a time, with gradient checkpointing, needs about {}; set a larger --memory-budget, lower --max-seq-len, or quantize the frozen weights (--quantize q4)",
+        mib(budget.unwrap_or(0)),
+        mib(tried.iter().copied().min().unwrap_or(0))
+    )))
+}
