@@ -234,6 +234,8 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
             gpu.describe()
         );
     }
+    // A run that fails before its first checkpoint leaves no directory it made.
+    let made_out = !a.out.exists();
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let metrics_path = a.out.join("metrics.jsonl");
     // On resume, keep the metrics of the steps the checkpoint covers.
@@ -263,9 +265,15 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
             Ok(e) => e,
             Err(err) => {
                 bar.abandon();
+                if made_out && !history.iter().any(|s: &StepStats| a.out.join(format!("checkpoint-{}", s.step)).exists()) {
+                    let _ = std::fs::remove_dir_all(&a.out);
+                }
                 return Err(err);
             }
         };
+        if let Some(note) = &e.note {
+            bar.println(note);
+        }
         let s = &e.stats;
         if let Some(loss) = s.valid_loss {
             if run.trainer.dpo.is_some() {

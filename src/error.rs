@@ -21,6 +21,9 @@ pub enum Error {
     /// not fit); the message names them.
     #[error("{0}")]
     Options(String),
+    /// The device ran out of memory during a step (a run steps down: `Run::next`).
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
     #[error("bad weights: {0}")]
     Weights(String),
     #[error("{0}")]

@@ -560,3 +560,59 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     assert!(err.contains("--memory-budget `lots`"), "{err}");
     cleanup(&[&model, &root]);
 }
+
+/// Out of memory is a step down, not a crash: an allocation refused at step 3 (the
+/// pool's test hook) halves the micro-batch and runs step 3 again from its start, and
+/// the run goes on with the losses of an uninterrupted one; at one sequence per
+/// micro-batch it stops with a clear error, and `train` leaves no directory it made.
+#[test]
+fn out_of_memory_halves_the_micro_batch_and_runs_the_step_again() {
+    let (model, root) = (tiny_model("oom"), tmp("oom"));
+    let data = data_file(&root);
+    let md = cli::ModelDir::open(&model).unwrap();
+    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let source = Rc::new(md.source);
+    let mut opts = args(&model, &data, &root, 5).run;
+    opts.lora_dropout = 0.0;
+    // A device of its own: the hook must not fire in another test's allocation.
+    let g = &max_binding(128 << 20);
+    let run = |inject: Option<u64>, opts: &RunOptions| -> (Vec<f64>, Vec<Option<String>>, usize) {
+        let mut run = Run::new(g, source.clone(), ds.clone(), None, opts.clone()).unwrap();
+        let (mut losses, mut notes) = (Vec::new(), Vec::new());
+        while !run.done() {
+            if inject == Some(run.trainer.step + 1) {
+                g.fail_next_allocation();
+            }
+            let e = block(run.next(g)).unwrap();
+            losses.push(e.stats.loss);
+            notes.push(e.note);
+        }
+        (losses, notes, run.micro)
+    };
+    let (straight, quiet, micro) = run(None, &opts);
+    assert!(quiet.iter().all(Option::is_none) && micro == 4);
+    let (stepped, notes, micro) = run(Some(3), &opts);
+    assert_eq!(micro, 2);
+    let note = notes[2].as_deref().unwrap_or_default();
+    assert!(note.contains("out of GPU memory at step 3") && note.contains("micro-batches of up to 4 are now up to 2") && note.contains("runs again"), "{note}");
+    assert!(notes.iter().enumerate().all(|(i, n)| i == 2 || n.is_none()), "{notes:?}");
+    assert_eq!(stepped[..2], straight[..2]);
+    let (s, w): (Vec<f32>, Vec<f32>) = (stepped.iter().map(|&x| x as f32).collect(), straight.iter().map(|&x| x as f32).collect());
+    close("losses after stepping down", &s, &w, 0.0, 1e-5);
+
+    // At one sequence per micro-batch the run stops: an error, not a panic.
+    let one = RunOptions { train: Options { batch_size: 1, ..opts.train.clone() }, ..opts.clone() };
+    let mut r = Run::new(g, source.clone(), ds.clone(), None, one).unwrap();
+    g.fail_next_allocation();
+    let err = block(r.next(g)).err().unwrap().to_string();
+    assert!(err.starts_with("out of GPU memory") && err.contains("even one sequence per micro-batch") && err.contains("none (no checkpoint was saved yet)"), "{err}");
+
+    // `train` failing before its first checkpoint leaves no output directory behind.
+    let mut a = args(&model, &data, &root.join("failed"), 2);
+    a.run.train.batch_size = 1;
+    g.fail_next_allocation();
+    let err = block(cli::train(g, &a)).unwrap_err().to_string();
+    assert!(err.starts_with("out of GPU memory"), "{err}");
+    assert!(!root.join("failed").exists(), "a failed run leaves no half-made output directory");
+    cleanup(&[&model, &root]);
+}

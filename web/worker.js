@@ -362,6 +362,7 @@ const commands = {
       await exclusive(async () => {
         const e = await session.step();
         done = e.done;
+        if (e.note) log(e.note);
         post({ event: 'step', stats: e.stats, total: e.total, memory: session.resident_bytes(), heap: wasm.memory.buffer.byteLength });
         if (e.kernels.length) post({ event: 'kernels', step: e.stats.step, kernels: e.kernels });
         if (e.save) await checkpoint();

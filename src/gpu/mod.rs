@@ -105,6 +105,10 @@ pub struct Gpu {
     state: Arc<Mutex<reuse::State>>,
     /// Readback staging buffers by size class, mapped and unmapped again.
     staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// Errors no scope caught (wgpu's default handler panics): `Gpu::scoped` reports them.
+    uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Test hook: the pool's next allocation fails as out-of-memory (`fail_next_allocation`).
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 /// One storage binding of a dispatch: a whole tensor or a byte range of its buffer.
@@ -216,6 +220,10 @@ impl Gpu {
             variant,
             no_reuse: opts.no_reuse,
         };
+        // An error no scope catches is kept for `scoped` to report, not a panic.
+        let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
+        let kept = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| kept.lock().unwrap().push(e.to_string())));
         let mut gpu = Gpu {
             device,
             queue,
@@ -225,6 +233,8 @@ impl Gpu {
             profiler: Mutex::default(),
             state: Arc::default(),
             staging: Mutex::default(),
+            uncaptured,
+            fail_next: Default::default(),
         };
         let measured = match gpu.loop_cap().await? {
             Some(cap) => cap / 2,
@@ -385,6 +395,30 @@ impl Gpu {
         self.state.lock().unwrap().by_kernel.iter().map(|(k, n)| (k.to_string(), *n)).collect()
     }
 
+    /// Run `work` (recording and submitting) with the device's errors caught: an
+    /// out-of-memory becomes `Error::OutOfMemory` (the caller may retry smaller), any
+    /// other error the device reports an `Error::Launch`, never a panic.
+    pub async fn scoped<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let out = work();
+        let (oom, validation) = (oom.pop().await, validation.pop().await);
+        let uncaptured = std::mem::take(&mut *self.uncaptured.lock().unwrap());
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        let out = out?;
+        match validation.map(|e| e.to_string()).or_else(|| uncaptured.into_iter().next()) {
+            Some(e) => Err(Error::Launch(e)),
+            None => Ok(out),
+        }
+    }
+
+    /// Test hook: the pool's next allocation fails as the device's out-of-memory would.
+    pub fn fail_next_allocation(&self) {
+        self.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Let go of every pooled buffer and cached bind group now (a new model replaces
     /// the old one: bind groups would keep its buffers alive).
     pub fn trim(&self) {
@@ -428,6 +462,9 @@ impl Gpu {
     /// A temporary from the pool whose contents are whatever its last holder left (for
     /// kernels that write every element before anything reads it).
     pub(crate) fn pooled(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::OutOfMemory(format!("{label}: allocation refused (injected by Gpu::fail_next_allocation)")));
+        }
         if self.caps.no_reuse {
             return Tensor::new(self, label, dtype, shape);
         }

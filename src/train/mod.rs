@@ -302,14 +302,12 @@ impl Trainer {
         self.opts.lr * schedule::factor(s, self.step, self.opts.warmup, self.total_steps())
     }
 
-    /// One optimizer step: zero the gradients, forward and backward every micro-batch
-    /// (the loss normalised by the trained tokens of the whole step), clip, AdamW.
-    pub async fn step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<StepStats> {
-        let started = crate::clock::now();
+    /// The forward and backward of every micro-batch of the next step, adding into the
+    /// gradients: its losses (DPO: its statistics) and real tokens.
+    fn forward_backward(&self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<(Vec<Tensor>, usize)> {
         let micro = &self.plan[self.step as usize];
-        model.zero_grads(gpu);
         let seed = |j: usize| crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32));
-        let (losses, tokens) = if let Some(d) = &self.dpo {
+        Ok(if let Some(d) = &self.dpo {
             // The means are over the step's pairs.
             if self.reference.len() != train.items() {
                 return Err(Error::Config(format!("DPO needs the reference log-probabilities of all {} pairs first (Trainer::reference)", train.items())));
@@ -340,7 +338,17 @@ impl Trainer {
                 losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
             }
             (losses, tokens)
-        };
+        })
+    }
+
+    /// One optimizer step: zero the gradients, forward and backward every micro-batch
+    /// (the loss normalised by the trained tokens of the whole step), clip, AdamW.
+    pub async fn step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<StepStats> {
+        let started = crate::clock::now();
+        model.zero_grads(gpu);
+        // Forward and backward under the device's error scopes: an out-of-memory returns
+        // here, before the optimizer has moved (`Run::next` steps down and runs it again).
+        let (losses, tokens) = gpu.scoped(|| self.forward_backward(gpu, model, train)).await?;
         let lr = self.lr();
         let opt = AdamW { lr: lr as f32, weight_decay: self.opts.weight_decay as f32, ..AdamW::default() };
         let norm = model.optimizer_step(gpu, &opt, self.step + 1, self.opts.max_grad_norm as f32)?;

@@ -189,6 +189,9 @@ pub struct Event {
     /// A checkpoint is due (every `save_every` steps, and at the end).
     pub save: bool,
     pub done: bool,
+    /// What the run changed on its own during the step (out of memory: smaller
+    /// micro-batches), for the front end to say.
+    pub note: Option<String>,
 }
 
 pub struct Run {
@@ -390,7 +393,32 @@ impl Run {
         let step = self.trainer.step + 1;
         self.reference(gpu).await?;
         let timed = self.profile_every.is_some_and(|every| step == 3 || step % every == 0) && gpu.set_profiling(true);
-        let mut stats = self.trainer.step(gpu, &self.model, &self.data).await?;
+        // Out of memory: free the step's temporaries, halve the micro-batch (doubling
+        // accumulation) and run the step again from its start; the optimizer has not
+        // moved. Only at one sequence (pair) per micro-batch does the run stop.
+        let mut note = None;
+        let mut stats = loop {
+            match self.trainer.step(gpu, &self.model, &self.data).await {
+                Err(Error::OutOfMemory(e)) if self.micro > 1 => {
+                    gpu.trim();
+                    let was = self.micro;
+                    self.micro = was.div_ceil(2);
+                    self.trainer.split(self.micro);
+                    let line = format!(
+                        "out of GPU memory at step {step} ({e}): micro-batches of up to {was} are now up to {} (gradient accumulation doubled, the same effective batch); step {step} runs again from its start",
+                        self.micro
+                    );
+                    note = Some(note.map_or(line.clone(), |n: String| format!("{n}\n{line}")));
+                }
+                Err(Error::OutOfMemory(e)) => {
+                    return Err(Error::OutOfMemory(format!(
+                        "{e}; at step {step} even one sequence per micro-batch does not fit: lower --max-seq-len or quantize the frozen weights (--quantize q4). The last checkpoint is {}",
+                        self.last_saved.clone().unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
+                    )))
+                }
+                other => break other?,
+            }
+        };
         let mut kernels = Vec::new();
         if timed {
             gpu.set_profiling(false);
@@ -421,6 +449,6 @@ impl Run {
             }
         }
         let save = done || self.opts.save_every.is_some_and(|e| step % e == 0);
-        Ok(Event { stats, total, samples, kernels, save, done })
+        Ok(Event { stats, total, samples, kernels, save, done, note })
     }
 }
