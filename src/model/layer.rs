@@ -4,7 +4,7 @@
 use super::inputs::{Inputs, KvCache};
 use super::linear::{Linear, LoraSaved};
 use super::params::Param;
-use super::{zeros, Model};
+use super::{residual, zeros, Model};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::kernels as k;
@@ -103,20 +103,18 @@ impl Model {
                 k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
             }
         }
-        let a = zeros(gpu, rec, "o_proj out", &[n, c])?;
-        lora[O] = lin[O].forward(gpu, rec, n, &att, &a, seed(O), self.adapter_enabled)?;
-        let x_mid = zeros(gpu, rec, "x_mid", &[n, c])?;
-        k::add(gpu, rec, n * c, &x, &a, &x_mid)?;
+        // The residual connections ride on o_proj's and down's products: a copy of the
+        // residual stream, then the product added into it (no add pass).
+        let x_mid = residual(gpu, rec, "x_mid", &x)?;
+        lora[O] = lin[O].forward_add(gpu, rec, n, &att, &x_mid, seed(O), self.adapter_enabled)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let (g, u, m) = (zeros(gpu, rec, "gate", &[n, inter])?, zeros(gpu, rec, "up", &[n, inter])?, zeros(gpu, rec, "swiglu", &[n, inter])?);
         lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled)?;
         lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled)?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let d = zeros(gpu, rec, "down out", &[n, c])?;
-        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &d, seed(DOWN), self.adapter_enabled)?;
-        let out = zeros(gpu, rec, "layer out", &[n, c])?;
-        k::add(gpu, rec, n * c, &x_mid, &d, &out)?;
+        let out = residual(gpu, rec, "layer out", &x_mid)?;
+        lora[DOWN] = lin[DOWN].forward_add(gpu, rec, n, &m, &out, seed(DOWN), self.adapter_enabled)?;
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }
 

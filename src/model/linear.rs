@@ -106,6 +106,36 @@ impl Linear {
         dropout_seed: Option<u32>,
         use_lora: bool,
     ) -> Result<Option<LoraSaved>> {
+        self.forward_with(gpu, rec, n, x, y, dropout_seed, use_lora, false)
+    }
+
+    /// `forward`, adding into y (`y += …`): a residual connection inside the product.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_add(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        y: &Tensor,
+        dropout_seed: Option<u32>,
+        use_lora: bool,
+    ) -> Result<Option<LoraSaved>> {
+        self.forward_with(gpu, rec, n, x, y, dropout_seed, use_lora, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        y: &Tensor,
+        dropout_seed: Option<u32>,
+        use_lora: bool,
+        accumulate: bool,
+    ) -> Result<Option<LoraSaved>> {
         let lora = match self.lora.as_ref().filter(|_| use_lora) {
             Some(l) => {
                 let shape = self.lora_shape(n, l, dropout_seed);
@@ -119,6 +149,7 @@ impl Linear {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
             mm.ldc = self.dout;
             mm.c_off = r0;
+            mm.beta = if accumulate { 1.0 } else { 0.0 };
             let second = lora.as_ref().map(|(shape, b, h)| {
                 mm.second = Some(shape.up(r0));
                 (h, *b)

@@ -138,8 +138,8 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         Tuning::Lora(l) => Some(l),
         _ => None,
     };
-    // What one layer's forward keeps (Acts) plus its two temporaries (o_proj and down outputs).
-    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, inter, c, c, c].iter().map(|&k| f32b(n * k)).sum::<u64>()
+    // What one layer's forward keeps (Acts: o_proj and down add into the residual copies).
+    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, inter, c].iter().map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(n) * 2
         + f32b(plan.batch * nh * plan.seq);
     if cfg.qk_norm {

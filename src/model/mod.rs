@@ -89,6 +89,14 @@ fn zeros(gpu: &Gpu, rec: &mut Recorder, label: &str, shape: &[usize]) -> Result<
     gpu.temp(rec, label, DType::F32, shape)
 }
 
+/// A temporary holding a copy of `x` (copied inside `rec`), for a product to add into:
+/// a residual connection without an add pass.
+fn residual(gpu: &Gpu, rec: &mut Recorder, label: &str, x: &Tensor) -> Result<Tensor> {
+    let t = gpu.pooled(label, DType::F32, &x.shape)?;
+    rec.encoder().copy_buffer_to_buffer(&x.buffer, x.offset, &t.buffer, t.offset, x.bytes());
+    Ok(t)
+}
+
 impl Model {
     /// Upload the weights. With LoRA, fresh pairs are initialised as PEFT does (A
     /// Kaiming-uniform with a = √5, B zero) from `seed`; with full tuning every weight
