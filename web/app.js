@@ -421,7 +421,8 @@ async function resumeSaved(saved) {
     if (prefRun) showPrefAnswers(prefRun, null);
     // Steps set above the saved run's total continue it past its end (the learning-rate
     // schedule then spans the new total, as transformers' Trainer does).
-    const more = num('steps', 'steps');
+    // (The field as the person set it, or ?steps=: a preset's value does not count.)
+    const more = Number(params.get('steps') ?? ($('steps').dataset.edited ? $('steps').value : 0));
     const options = more > (saved.total || 0) ? { ...saved.options, steps: more } : saved.options;
     await call('start', { options, model: saved.model, data: saved.data, continued: saved.continued });
     lastOptions = options;
@@ -731,6 +732,7 @@ $('showNorms').onclick = async () => {
     b.hidden = false;
     b.textContent = `Resume saved run (step ${info.saved.step} of ${info.saved.total})`;
     b.title = `Set Steps above ${info.saved.total} first to train past the saved run's end`;
+    $('steps').addEventListener('input', () => { $('steps').dataset.edited = '1'; });
     b.onclick = () => resumeSaved(info.saved);
     if (params.get('resume') === '1') return resumeSaved(info.saved);
   }
