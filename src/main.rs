@@ -164,8 +164,9 @@ enum Command {
     },
     /// Estimate the GPU memory of a training step from a model's config alone.
     Memory {
-        /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json), a model directory,
-        /// or a .gguf file (whose packed blocks are counted as they are kept).
+        /// A Hugging Face config.json (e.g. configs/SmolLM2-135M.json), or any model the
+        /// other commands take: a directory, a .gguf file (whose packed blocks are
+        /// counted as they are kept), `demo`, or a Hub id.
         #[arg(long, alias = "model")]
         config: PathBuf,
         #[arg(long, default_value_t = 4)]
@@ -303,6 +304,12 @@ fn parse_variant(s: &str) -> Result<Variant, String> {
 }
 
 fn main() {
+    // Output piped into a reader that stops (`| head`) ends the process as other Unix
+    // tools end, not with Rust's "failed printing to stdout" panic.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Err(e) = futures::executor::block_on(run(cli)) {
         eprintln!("error: {e}");
@@ -371,7 +378,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                     let md = cli::ModelDir::open(&dir)?;
                     let c = &md.cfg;
                     println!(
-                        "{}: {:?}, {} layers, hidden {}, {} heads ({} kv) of {}, vocab {}, tied embeddings {}",
+                        "{}: {}, {} layers, hidden {}, {} heads ({} kv) of {}, vocab {}, tied embeddings {}",
                         dir.display(),
                         c.arch,
                         c.layers,
@@ -395,14 +402,18 @@ async fn run(cli: Cli) -> webtune::Result<()> {
         Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method, memory_budget } => {
             use webtune::model::{gguf::Gguf, memory, weights::FileBytes, Config, TensorMap, Tensors};
             let name = config.display().to_string();
-            let (text, weights): (String, Box<dyn Tensors>) = if config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let (cfg, weights): (Config, Box<dyn Tensors>) = if config.is_file() && config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
                 let g = Gguf::open(Box::new(FileBytes::open(&config)?), &name)?;
-                (g.config_json()?, Box::new(g))
-            } else {
+                (Config::parse(&g.config_json()?, &name, None)?, Box::new(g))
+            } else if config.is_file() || config.join("config.json").is_file() {
                 let file = if config.is_dir() { config.join("config.json") } else { config.clone() };
-                (std::fs::read_to_string(&file).map_err(|e| webtune::Error::io(&file, e))?, Box::new(TensorMap::new()))
+                let text = std::fs::read_to_string(&file).map_err(|e| webtune::Error::io(&file, e))?;
+                (Config::parse(&text, &name, None)?, Box::new(TensorMap::new()))
+            } else {
+                // `demo`, a Hub id: opened as every other command opens a model.
+                let md = cli::ModelDir::open(&config)?;
+                (md.source.cfg.clone(), Box::new(md.source.weights))
             };
-            let cfg = Config::parse(&text, &name, None)?;
             let run = RunOptions {
                 lora_rank,
                 lora_alpha: 2.0 * lora_rank as f32,

@@ -14,6 +14,17 @@ pub enum Arch {
     Qwen3,
 }
 
+impl std::fmt::Display for Arch {
+    /// The transformers class name (`LlamaForCausalLM`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        })
+    }
+}
+
 /// Rope scaling variants we implement (others are refused by name).
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
