@@ -330,6 +330,11 @@ fn chat_gguf(path: &std::path::Path) {
         .meta("tokenizer.ggml.eos_token_id", Value::U32(257))
         .meta("tokenizer.ggml.padding_token_id", Value::U32(258))
         .meta("tokenizer.chat_template", Value::Str("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into()));
+    // What a base says about itself, as llama.cpp's converter writes it.
+    for (k, v) in [("general.name", "Tiny Chat"), ("general.basename", "tiny-chat"), ("general.finetune", "Instruct"), ("general.size_label", "1M"), ("general.license", "apache-2.0"), ("general.organization", "Webtune Tests")] {
+        g.meta(k, Value::Str(v.into()));
+    }
+    g.meta("general.quantization_version", Value::U32(2));
     for t in &f.tensors {
         g.tensor(&t.name, &t.shape(), GgmlType::F32, &f.file_rows(t, 0, t.dims[1..].iter().product::<usize>().max(1)).unwrap()).unwrap();
     }
@@ -397,6 +402,14 @@ fn a_gguf_file_trains_a_peft_adapter_and_merges_into_a_hugging_face_model() {
         webtune::cli::merge(&model, &out, &file, ty, webtune::model::Frozen::Auto).unwrap();
         let back = Gguf::open(Box::new(std::fs::read(&file).unwrap()), "merged").unwrap();
         assert!(back.tensors.iter().any(|t| t.name == "blk.1.attn_q.weight") && back.tensors.iter().any(|t| t.name == "output.weight"), "{ty}");
+        // The base's description carried over, the file marked as its fine-tune.
+        let meta = |k: &str| back.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        for (k, v) in [("general.name", "Tiny Chat"), ("general.basename", "tiny-chat"), ("general.size_label", "1M"), ("general.license", "apache-2.0"), ("general.organization", "Webtune Tests"), ("general.finetune", "Instruct-webtune"), ("general.type", "model"), ("general.base_model.0.name", "Tiny Chat"), ("general.base_model.0.organization", "Webtune Tests")] {
+            assert_eq!(meta(k).as_deref(), Some(v), "{ty}: {k}");
+        }
+        assert_eq!(back.get("general.quantization_version").and_then(|v| v.as_u64()), Some(2), "{ty}");
+        assert_eq!(back.get("general.base_model.count").and_then(|v| v.as_u64()), Some(1), "{ty}");
+        assert_eq!(back.meta.keys().filter(|k| *k == "general.name").count(), 1);
         let want_ty = webtune::model::gguf::export_type(ty).unwrap();
         assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.ffn_up.weight").unwrap().ty, want_ty, "{ty}");
         assert_eq!(back.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap().ty, GgmlType::F32, "{ty}: norms stay f32");

@@ -1022,11 +1022,49 @@ pub fn tokenizer_metadata(name: &str, tok: &crate::data::Tokenizer, tokenizer_js
     Ok(meta)
 }
 
+/// What a fine-tune's GGUF keeps of its base's metadata, as llama.cpp's converter
+/// writes a fine-tune: the base's `general.*` description (name, basename, size label,
+/// license, organization, …) and tokenizer flags the tokenizer.json does not say, and
+/// `general.base_model.*` naming the base; `general.finetune` gains "webtune".
+fn fine_tune_metadata(base_name: &str, base: Option<&BTreeMap<String, Value>>) -> Vec<(String, Value)> {
+    let str_of = |k: &str| base.and_then(|m| m.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+    let mut out: Vec<(String, Value)> = Vec::new();
+    for (k, v) in base.into_iter().flatten() {
+        let carried = (k.starts_with("general.") && !matches!(k.as_str(), "general.architecture" | "general.file_type" | "general.alignment" | "general.finetune" | "general.type"))
+            && !k.starts_with("general.base_model.")
+            || matches!(k.as_str(), "tokenizer.ggml.add_space_prefix" | "tokenizer.ggml.unknown_token_id");
+        if carried {
+            out.push((k.clone(), v.clone()));
+        }
+    }
+    out.push(("general.type".into(), Value::Str("model".into())));
+    let finetune = str_of("general.finetune").map_or("webtune".to_string(), |f| format!("{f}-webtune"));
+    out.push(("general.finetune".into(), Value::Str(finetune)));
+    out.push(("general.base_model.count".into(), Value::U32(1)));
+    out.push(("general.base_model.0.name".into(), Value::Str(str_of("general.name").unwrap_or_else(|| base_name.to_string()))));
+    for (from, to) in [("general.organization", "general.base_model.0.organization"), ("general.repo_url", "general.base_model.0.repo_url"), ("general.version", "general.base_model.0.version")] {
+        if let Some(v) = str_of(from) {
+            out.push((to.into(), Value::Str(v)));
+        }
+    }
+    out
+}
+
 /// A whole model as one GGUF file that llama.cpp and transformers' GGUF loader read:
 /// architecture metadata from `cfg`, the tokenizer from `tokenizer.json` (BPE,
 /// byte-level or SentencePiece; `tokenizer_metadata`) with the chat template, and `weights` (Hugging Face names) in llama.cpp's
-/// names and layout (llama's q/k rows permuted as its converter does) as `ty`.
-pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer, tokenizer_json: &[u8], weights: &super::TensorMap, ty: GgmlType) -> Result<Vec<u8>> {
+/// names and layout (llama's q/k rows permuted as its converter does) as `ty`. `base`:
+/// the base GGUF's metadata, whose description the file keeps (`fine_tune_metadata`).
+#[allow(clippy::too_many_arguments)]
+pub fn model_file(
+    name: &str,
+    cfg: &super::Config,
+    tok: &crate::data::Tokenizer,
+    tokenizer_json: &[u8],
+    weights: &super::TensorMap,
+    ty: GgmlType,
+    base: Option<&BTreeMap<String, Value>>,
+) -> Result<Vec<u8>> {
     use super::Arch;
     let arch = match cfg.arch {
         Arch::Llama => "llama",
@@ -1066,6 +1104,20 @@ pub fn model_file(name: &str, cfg: &super::Config, tok: &crate::data::Tokenizer,
     }
     for (key, v) in tokenizer_metadata(name, tok, tokenizer_json, cfg.vocab)? {
         w.meta(&key, v);
+    }
+    // The base's own description, where the lines above did not already say it
+    // (its general.name replaces the file stem).
+    for (key, v) in fine_tune_metadata(name, base) {
+        match w.meta.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) if key == "general.name" => slot.1 = v,
+            Some(_) => {}
+            None => {
+                w.meta(&key, v);
+            }
+        }
+    }
+    if ty != GgmlType::F32 && ty != GgmlType::F16 && !w.meta.iter().any(|(k, _)| k == "general.quantization_version") {
+        w.meta("general.quantization_version", Value::U32(2));
     }
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort_by_key(|n| (n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()), n.to_string()));

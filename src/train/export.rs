@@ -65,7 +65,11 @@ pub fn model_files(source: &Source, weights: &TensorMap, dtype: safetensors::Dty
     let Some(ty) = gguf else { return crate::peft::model_files(&source.files, weights, dtype) };
     let tokenizer = source.files.iter().find(|(n, _)| n == "tokenizer.json").map(|(_, b)| b.as_slice()).unwrap_or_default();
     let name = stem(source);
-    let bytes = gguf::model_file(&name, &source.cfg, &source.tokenizer, tokenizer, weights, ty)?;
+    let base = match &source.weights {
+        crate::model::source::Weights::Gguf(g) => Some(&g.meta),
+        _ => None,
+    };
+    let bytes = gguf::model_file(&name, &source.cfg, &source.tokenizer, tokenizer, weights, ty, base)?;
     Ok(vec![(format!("{name}-merged.{}.gguf", ty.name()), bytes)])
 }
 
