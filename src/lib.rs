@@ -17,7 +17,6 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod gpu;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod hub;
 pub mod kernels;
 pub mod model;

@@ -106,6 +106,15 @@ impl Session {
         Ok(())
     }
 
+    /// A Hugging Face repo id, `org/name[@revision][:file]`, as `{repo, revision, file}`
+    /// (`crate::hub::RepoRef`, the grammar the command line reads), or null.
+    pub fn repo_id(source: &str) -> Result<JsValue, JsError> {
+        match crate::hub::RepoRef::parse(source) {
+            Some(r) => out(&r),
+            None => Ok(JsValue::NULL),
+        }
+    }
+
     /// The small files a model is read from (`config.json` and `tokenizer.json` are
     /// required), for the page to pick from a folder or fetch.
     pub fn model_file_names() -> Vec<String> {

@@ -203,20 +203,15 @@ async function hubRevision(repo, rev) {
   return info;
 }
 
-// `org/name[@revision][:file]` → {repo, rev, file}, or null for anything else.
-function repoId(source) {
-  const m = /^([\w.-]+\/[\w.-]+)(?:@([^:]+))?(?::(.+))?$/.exec(source);
-  return m && { repo: m[1], rev: m[2] || 'main', file: m[3] || null };
-}
-
 // A model from the Hub (a repo id) or from a URL: a folder's files, or one GGUF file.
 async function remoteModel(source) {
-  const id = /^https?:/.test(source) ? null : repoId(source);
+  // `org/name[@revision][:file]`, parsed by the library (`hub::RepoRef`).
+  const id = /^https?:/.test(source) ? null : Session.repo_id(source);
   if (!id && !/^https?:/.test(source)) throw new Error(`${source}: not a Hugging Face repo id (org/name, org/name@revision, org/name:file.gguf) or a URL`);
   let base;
   let has = () => true;
   if (id) {
-    const info = await hubRevision(id.repo, id.rev);
+    const info = await hubRevision(id.repo, id.revision);
     base = `${hub.endpoint}/${id.repo}/resolve/${info.commit}`;
     has = (f) => info.siblings.includes(f);
     if (id.file) {

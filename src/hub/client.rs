@@ -1,30 +1,9 @@
-//! Models from the Hugging Face Hub, natively: `org/name[@revision]` (a model's config,
-//! tokenizer, chat template and safetensors, single or sharded) and
-//! `org/name[@revision]:file.gguf` (one file), in the standard Hugging Face cache in
-//! `huggingface_hub`'s own layout, so files Python downloaded are used as they are and
-//! the other way round:
-//!
-//! ```text
-//! $HF_HUB_CACHE/models--org--name/blobs/<etag>            a file's bytes
-//!                                /snapshots/<commit>/<file> → ../../blobs/<etag>
-//!                                /refs/<revision>          the revision's commit
-//! ```
-//!
-//! Settings as `huggingface_hub` reads them: `HF_ENDPOINT`, `HF_TOKEN` (else
-//! `$HF_HOME/token`), `HF_HUB_CACHE` (else `$HF_HOME/hub`, else
-//! `~/.cache/huggingface/hub`), `HF_HUB_OFFLINE=1` (the cache only). A download goes to
-//! `blobs/<etag>.incomplete`, resumes from there with a range request, is checked against
-//! the size the Hub announced (and for LFS files, whose etag is one, the SHA-256) and
-//! only then renamed into place: the cache never holds a partial blob. Processes that
-//! share a cache wait for each other: a blob and its snapshot link are made under an
-//! exclusive lock on `.locks/models--org--name/<etag>.lock`, the file (and the `flock`)
-//! `huggingface_hub` takes, so Python and webtune respect each other's; links and refs
-//! are replaced by a rename. The Hub's `X-Error-Code` (gated, missing file or revision)
-//! becomes an error that says what to do.
+//! The Hub client (native): requests, the cache, downloads and their locks.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::RepoRef;
 use crate::error::{Error, Result};
 use crate::model::source::SMALL_FILES;
 use crate::model::weights::index_shards;
@@ -66,44 +45,6 @@ impl Hub {
             offline: env("HF_HUB_OFFLINE").is_some_and(|v| ["1", "on", "yes", "true"].contains(&v.to_lowercase().as_str())),
             progress: true,
         }
-    }
-}
-
-/// A model named the way the Hub names it: `org/name`, a revision (branch, tag or
-/// commit; `main` by default) and, for a GGUF repository, one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RepoRef {
-    pub repo: String,
-    pub revision: String,
-    pub file: Option<String>,
-}
-
-impl RepoRef {
-    /// `org/name[@revision][:file]`, or `None` where `s` is not of that form.
-    pub fn parse(s: &str) -> Option<RepoRef> {
-        let (rest, file) = match s.split_once(':') {
-            Some((r, f)) if !f.is_empty() && !f.starts_with('/') && !f.split('/').any(|p| p == "..") => (r, Some(f.to_string())),
-            Some(_) => return None,
-            None => (s, None),
-        };
-        let (repo, revision) = match rest.split_once('@') {
-            Some((r, v)) if !v.is_empty() => (r, v.to_string()),
-            Some(_) => return None,
-            None => (rest, "main".to_string()),
-        };
-        let (org, name) = repo.split_once('/')?;
-        let part = |p: &str| !p.is_empty() && !p.starts_with('.') && !p.starts_with('-') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        (part(org) && part(name)).then(|| RepoRef { repo: repo.to_string(), revision, file })
-    }
-}
-
-impl std::fmt::Display for RepoRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.repo, self.revision)?;
-        if let Some(file) = &self.file {
-            write!(f, ":{file}")?;
-        }
-        Ok(())
     }
 }
 
