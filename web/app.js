@@ -28,13 +28,23 @@ function log(text) {
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
 let nextId = 1;
 const pending = new Map();
+let workerFailed = null; // why the worker could not load: every call fails with it
 function call(cmd, args = {}) {
+  if (workerFailed) return Promise.reject(workerFailed);
   const id = nextId++;
   return new Promise((resolve, reject) => {
     pending.set(id, { resolve, reject });
     worker.postMessage({ id, cmd, ...args });
   });
 }
+// A worker script or wasm package that fails to load (web/pkg not built, or not served
+// beside the page) says so instead of leaving the page at "starting…".
+worker.onerror = (e) => {
+  e.preventDefault();
+  workerFailed = new Error(`the page's worker or its wasm package failed to load${e.message ? ` (${e.message})` : ''}: build it with scripts/build-web.sh, and serve web/pkg beside the page (webtune serve does)`);
+  for (const p of pending.values()) p.reject(workerFailed);
+  pending.clear();
+};
 worker.onmessage = (e) => {
   const m = e.data;
   if (m.id) {

@@ -282,6 +282,27 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.match(await page.textContent('#log'), new RegExp(`resumed at step ${steps} of ${steps + 4} \\(the checkpoint's run planned ${steps}; the learning-rate schedule now spans ${steps + 4} steps\\)`));
 });
 
+// A page served without its wasm package (web/pkg not built) says so, instead of
+// sitting at "starting…".
+test('a page whose wasm package is missing says why it cannot start', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-nopkg-'));
+  fs.copyFileSync(path.join(root, 'index.html'), path.join(dir, 'index.html'));
+  fs.cpSync(path.join(root, 'web'), path.join(dir, 'web'), { recursive: true, filter: (f) => !f.includes(`${path.sep}pkg`) });
+  const bare = spawn(bin, ['serve', '--port', '0', '--root', dir], { stdio: ['ignore', 'pipe', 'ignore'] });
+  try {
+    const url = await new Promise((resolve) => bare.stdout.on('data', (d) => { const m = /serving (http:\/\/127\.0\.0\.1:\d+\/)/.exec(String(d)); if (m) resolve(m[1]); }));
+    const p = await context.newPage();
+    await p.goto(url);
+    await p.waitForFunction(() => document.querySelector('#status').dataset.state === 'error', null, { timeout: 60_000 });
+    const err = await p.evaluate(() => document.querySelector('#status').dataset.error);
+    assert.match(err, /worker or its wasm package failed to load.*scripts\/build-web\.sh/, err);
+    await p.close();
+  } finally {
+    bare.kill();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 // ---- DPO -----------------------------------------------------------------------------
 // The page's DPO figures after a run: loss, rewards/margins and rewards/accuracies per step.
 const dpoFigures = (st) => ({ loss: JSON.parse(st.losses), margins: JSON.parse(st.margins), accuracies: JSON.parse(st.accuracies) });
