@@ -760,3 +760,42 @@ fn a_packed_gguf_at_llama3_vocabulary_trains_as_peft_does_on_its_dequantized_twi
         close(&format!("packed GGUF (shader-f16 {}): AdamW losses against PEFT on the twin", g.caps.shader_f16), &got, &losses, 0.0, 1e-4);
     }
 }
+
+/// The plan for 32 × 2,048 tokens on 128 MiB bindings (lavapipe's, WebGPU's default),
+/// where one batch's activations (SmolLM2: 32 × 2,048 × 1,536 values, 384 MiB) exceed a
+/// binding: micro-batches whose widest activation fits one, with the same effective
+/// batch; within a budget, fewer sequences at a time and checkpointing; and the plan
+/// `webtune memory --memory-budget` prints.
+#[test]
+fn real_shapes_plan_micro_batches_that_fit_a_binding() {
+    use webtune::model::memory::{estimate, widest_row};
+    use webtune::train::{fit, RunOptions};
+    let cfg_of = |f: &str| {
+        let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(f)).unwrap();
+        Config::parse(&text, f, None).unwrap()
+    };
+    let mut opts = RunOptions::default();
+    (opts.train.batch_size, opts.max_seq_len) = (32, 2048);
+    for (config, micro) in [("SmolLM2-135M.json", 8), ("Qwen3-0.6B.json", 5)] {
+        let cfg = cfg_of(config);
+        let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20).unwrap();
+        let plan = fit::fit(&cfg, &opts, &base, 2048, None).unwrap();
+        assert_eq!((plan.micro, plan.grad_checkpoint), (micro, false), "{config}");
+        assert!((plan.micro * 2048 * widest_row(&cfg) * 4) as u64 <= 128 << 20, "{config}");
+        // The fewest micro-batches: one fewer would not fit.
+        let k = 32usize.div_ceil(micro);
+        assert!((32usize.div_ceil(k - 1) * 2048 * widest_row(&cfg) * 4) as u64 > 128 << 20, "{config}: {k} micro-batches are the fewest that fit");
+        let note = plan.note.unwrap();
+        assert!(note.contains(&format!("batch 32 runs as {} micro-batches of up to {micro}", 32usize.div_ceil(micro))) && note.contains("128 MiB storage binding"), "{note}");
+    }
+    // SmolLM2 within 2 GiB: checkpointing on, 5 sequences at a time, under the budget.
+    let cfg = cfg_of("SmolLM2-135M.json");
+    let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20).unwrap();
+    let plan = fit::fit(&cfg, &opts, &base, 2048, Some(2 << 30)).unwrap();
+    assert_eq!((plan.micro, plan.grad_checkpoint), (5, true));
+    let need = estimate(&cfg, &webtune::model::memory::Plan { batch: 5, seq: 2048, grad_checkpoint: true, ..base.clone() }).total();
+    assert!(need <= 2 << 30 && plan.note.as_deref().unwrap().contains("gradient checkpointing is on"));
+    assert_eq!(fit::parse_bytes("1.5G").unwrap(), 3 << 29);
+    assert_eq!(fit::parse_bytes("512MiB").unwrap(), 512 << 20);
+    assert!(fit::parse_bytes("5 parsecs").is_err());
+}

@@ -120,6 +120,8 @@ function runOptions() {
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
     quantize: params.get('quantize') ?? ($('quantize').value || null),
+    // The memory a step may use (?budget=2GiB): the run plans its micro-batches to fit it.
+    memory_budget: params.get('budget') || null,
     method: method(),
     beta: num('beta', 'beta'),
     dpo_loss: params.get('loss') ?? $('loss').value,

@@ -282,6 +282,15 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.match(await page.textContent('#log'), new RegExp(`resumed at step ${steps} of ${steps + 4} \\(the checkpoint's run planned ${steps}; the learning-rate schedule now spans ${steps + 4} steps\\)`));
 });
 
+// A memory budget the person sets (?budget=) plans the run's micro-batches; one that
+// nothing fits is refused before the first step, naming the budget.
+test('the page plans within a memory budget and refuses one nothing fits', async () => {
+  await page.goto(`${base}?${RUN}&steps=1&batch=8&budget=1MiB&autostart=1`);
+  await page.waitForFunction(() => document.querySelector('#status').dataset.state === 'error', null, { timeout: 120_000 });
+  const err = (await status()).error;
+  assert.match(err, /a step does not fit the memory budget of 1 MiB.*--memory-budget/, err);
+});
+
 // A page served without its wasm package (web/pkg not built) says so, instead of
 // sitting at "starting…".
 test('a page whose wasm package is missing says why it cannot start', async () => {
