@@ -355,15 +355,22 @@ fn missing_files_repositories_and_revisions_are_named() {
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
-/// A download cut in the middle leaves `blobs/<etag>.incomplete`, never a blob or a
-/// snapshot link; the next run resumes it with a range request and completes it.
-#[test]
-fn a_cut_download_resumes() {
+/// A loopback Hub serving the single-file demo as `org/demo`, with its weights' bytes
+/// and etag.
+fn demo_server() -> (LoopbackHub, Vec<u8>, String) {
     let server = LoopbackHub::start();
     let (files, _) = demo_repo(false);
     let weights = files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
     let tag = etag("model.safetensors", &weights);
     server.add("org/demo", false, files);
+    (server, weights, tag)
+}
+
+/// A download cut in the middle leaves `blobs/<etag>.incomplete`, never a blob or a
+/// snapshot link; the next run resumes it with a range request and completes it.
+#[test]
+fn a_cut_download_resumes() {
+    let (server, weights, tag) = demo_server();
     let half = weights.len() / 2;
     server.state.lock().unwrap().cut = Some((tag.clone(), half));
     let cache = tmp("cut");
@@ -424,11 +431,7 @@ fn concurrent_downloads_share_the_cache() {
 /// cached; the next run downloads it again, whole.
 #[test]
 fn a_corrupted_download_is_discarded() {
-    let server = LoopbackHub::start();
-    let (files, _) = demo_repo(false);
-    let weights = files.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
-    let tag = etag("model.safetensors", &weights);
-    server.add("org/demo", false, files);
+    let (server, weights, tag) = demo_server();
     server.state.lock().unwrap().corrupt = Some(tag.clone());
     let cache = tmp("corrupt");
     let err = server.hub(&cache).fetch(&repo("org/demo")).unwrap_err().to_string();

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::RepoRef;
+use crate::train::checkpoint::{replace, write_atomic};
 use crate::error::{Error, Result};
 use crate::model::source::SMALL_FILES;
 use crate::model::weights::index_shards;
@@ -102,7 +103,7 @@ impl Hub {
         if commit != r.revision {
             let refs = dir.join("refs").join(&r.revision);
             std::fs::create_dir_all(refs.parent().expect("a parent")).map_err(|e| Error::io(&refs, e))?;
-            replace(&refs, |tmp| std::fs::write(tmp, &commit))?;
+            write_atomic(&refs, commit.as_bytes())?;
         }
         let snapshot = dir.join("snapshots").join(&commit);
         if let Ok(path) = self.complete(r, &snapshot) {
@@ -359,19 +360,4 @@ fn sha256(path: &Path) -> Result<String> {
         }
     }
     Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Make `path` by `make`-ing a file beside it and renaming that over it, so a reader
-/// sees the old file or the new one, never none or half of one.
-fn replace(path: &Path, make: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    make(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }

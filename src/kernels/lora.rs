@@ -71,18 +71,20 @@ impl Lora {
         Matmul { second: Some(Second::new(self.r, 1.0)), dropout: self.drop(DropOn::Second), ..base }
     }
 
-    fn check(&self, op: &str, x: &Tensor, a: &Tensor, h: &Tensor) -> Result<()> {
+    /// The shape, the dropout, and x `[n, din]`, h `[n, r]` and an `[r, din]` tensor (A
+    /// or its gradient) named `a_name`.
+    fn check(&self, op: &str, x: &Tensor, (a_name, a): (&str, &Tensor), h: &Tensor) -> Result<()> {
         check(self.n > 0 && self.din > 0 && self.dout > 0 && self.r > 0, op, || format!("empty shape {self:?}"))?;
         check((0.0..1.0).contains(&self.dropout), op, || format!("dropout {} must be in [0, 1)", self.dropout))?;
         x.expect(op, "x", DType::F32, self.n * self.din)?;
-        a.expect(op, "a", DType::F32, self.r * self.din)?;
+        a.expect(op, a_name, DType::F32, self.r * self.din)?;
         h.expect(op, "h", DType::F32, self.n * self.r)
     }
 }
 
 /// `h = x'·Aᵀ` (saved for the backward): x `[n, din]`, A `[r, din]`, h `[n, r]`.
 pub fn lora_down(gpu: &Gpu, rec: &mut Recorder, l: &Lora, x: &Tensor, a: &Tensor, h: &Tensor) -> Result<()> {
-    l.check("lora_down", x, a, h)?;
+    l.check("lora_down", x, ("a", a), h)?;
     matmul(gpu, rec, &l.down(), x, a, h)
 }
 
@@ -102,7 +104,7 @@ pub fn lora_backward(
     db: &Tensor,
 ) -> Result<()> {
     let op = "lora_backward";
-    l.check(op, x, da, h)?;
+    l.check(op, x, ("da", da), h)?;
     b.expect(op, "b", DType::F32, l.dout * l.r)?;
     dy.expect(op, "dy", DType::F32, l.n * l.dout)?;
     dh.expect(op, "dh", DType::F32, l.n * l.r)?;

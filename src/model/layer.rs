@@ -79,17 +79,17 @@ impl Model {
         let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let (q_pre, k_pre) = (zeros(gpu, rec, "q_pre", &[n, qd])?, zeros(gpu, rec, "k_pre", &[n, kvd])?);
             let (rq, rk) = (zeros(gpu, rec, "q_rstd", &[n * cfg.heads])?, zeros(gpu, rec, "k_rstd", &[n * cfg.kv_heads])?);
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q), self.adapter_enabled)?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K), self.adapter_enabled)?;
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q), self.adapter_enabled, false)?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K), self.adapter_enabled, false)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, &kn.value, &kk, &rk)?;
             Some((q_pre, rq, k_pre, rk))
         } else {
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q), self.adapter_enabled)?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K), self.adapter_enabled)?;
+            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q), self.adapter_enabled, false)?;
+            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K), self.adapter_enabled, false)?;
             None
         };
-        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled)?;
+        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled, false)?;
         k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
@@ -106,15 +106,15 @@ impl Model {
         // The residual connections ride on o_proj's and down's products: a copy of the
         // residual stream, then the product added into it (no add pass).
         let x_mid = residual(gpu, rec, "x_mid", &x)?;
-        lora[O] = lin[O].forward_add(gpu, rec, n, &att, &x_mid, seed(O), self.adapter_enabled)?;
+        lora[O] = lin[O].forward(gpu, rec, n, &att, &x_mid, seed(O), self.adapter_enabled, true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let (g, u, m) = (zeros(gpu, rec, "gate", &[n, inter])?, zeros(gpu, rec, "up", &[n, inter])?, zeros(gpu, rec, "swiglu", &[n, inter])?);
-        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled)?;
-        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled)?;
+        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled, false)?;
+        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled, false)?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
         let out = residual(gpu, rec, "layer out", &x_mid)?;
-        lora[DOWN] = lin[DOWN].forward_add(gpu, rec, n, &m, &out, seed(DOWN), self.adapter_enabled)?;
+        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &out, seed(DOWN), self.adapter_enabled, true)?;
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }
 

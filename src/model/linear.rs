@@ -94,38 +94,10 @@ impl Linear {
 
     /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
     /// after LoRA dropout when `dropout_seed` is given (training). The LoRA up product
-    /// is summed inside the base product (`Lora::up`).
+    /// is summed inside the base product (`Lora::up`). With `accumulate` the product
+    /// adds into y (`y += …`: a residual connection inside the product).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
-        &self,
-        gpu: &Gpu,
-        rec: &mut Recorder,
-        n: usize,
-        x: &Tensor,
-        y: &Tensor,
-        dropout_seed: Option<u32>,
-        use_lora: bool,
-    ) -> Result<Option<LoraSaved>> {
-        self.forward_with(gpu, rec, n, x, y, dropout_seed, use_lora, false)
-    }
-
-    /// `forward`, adding into y (`y += …`): a residual connection inside the product.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward_add(
-        &self,
-        gpu: &Gpu,
-        rec: &mut Recorder,
-        n: usize,
-        x: &Tensor,
-        y: &Tensor,
-        dropout_seed: Option<u32>,
-        use_lora: bool,
-    ) -> Result<Option<LoraSaved>> {
-        self.forward_with(gpu, rec, n, x, y, dropout_seed, use_lora, true)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn forward_with(
         &self,
         gpu: &Gpu,
         rec: &mut Recorder,

@@ -27,11 +27,25 @@ pub struct TrainerState {
     pub valid_reference: Vec<[f32; 2]>,
 }
 
-/// Write `bytes` to `path` through a temporary file and a rename.
+/// Write `bytes` to `path` through a temporary file and a rename (`replace`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    replace(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Make `path` by `make`-ing a file beside it and renaming that over it, so a reader
+/// sees the old file or the new one, never none or half of one. Each call makes its own
+/// temporary (process id and a counter), so writers in several processes or threads
+/// (a shared Hub cache) never write into one another's.
+pub fn replace(path: &Path, make: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    make(&tmp).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 async fn host(gpu: &Gpu, t: &Tensor, shape: &[usize]) -> Result<HostTensor> {

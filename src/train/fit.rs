@@ -92,7 +92,6 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
         )));
     }
     let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m * per, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();
-    let mut tried = Vec::new();
     for ckpt in if opts.grad_checkpoint { vec![true] } else { vec![false, true] } {
         let mut last = 0;
         for k in 1..=b {
@@ -103,7 +102,6 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
             last = m;
             let need = step(m, ckpt);
             if budget.is_some_and(|bud| need > bud) {
-                tried.push(need);
                 continue;
             }
             let mut why = Vec::new();
@@ -128,6 +126,6 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
     Err(Error::Options(format!(
         "a step does not fit the memory budget of {}: one sequence of {longest} tokens at a time, with gradient checkpointing, needs about {}; set a larger --memory-budget, lower --max-seq-len, or quantize the frozen weights (--quantize q4)",
         mib(budget.unwrap_or(0)),
-        mib(tried.iter().copied().min().unwrap_or(0))
+        mib(step(1, true))
     )))
 }
