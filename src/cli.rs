@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::data::batch::{prepare, Dataset};
+use crate::data::batch::Dataset;
 use crate::data::{parse_records, Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -23,11 +23,6 @@ use std::rc::Rc;
 
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
-}
-
-/// A data file's text; not UTF-8 is an error naming the line.
-fn read_data(path: &Path) -> Result<String> {
-    crate::data::decode(std::fs::read(path).map_err(|e| Error::io(path, e))?, &path.display().to_string())
 }
 
 /// A model directory (or `demo`): its `Source`, with the weights opened lazily (only
@@ -157,24 +152,6 @@ pub fn load_for_inference(gpu: &Gpu, md: &ModelDir, adapter: Option<&Path>) -> R
     }
 }
 
-/// The text of a data file, or of the built-in data: `demo` (instructions),
-/// `demo-pretrain` (the base's statements), `demo-dpo` (the DPO stage's pairs).
-pub fn data_text(path: &Path) -> Result<String> {
-    Ok(match path.to_str() {
-        Some("demo") => crate::demo::data(),
-        Some("demo-pretrain") => crate::demo::pretrain_jsonl(3, crate::demo::PRETRAIN_RECORDS),
-        Some("demo-dpo") => crate::demo::preference_data(),
-        _ => read_data(path)?,
-    })
-}
-
-/// Read, validate and tokenize a data file (see `data_text` for the built-in ones).
-pub fn load_data(tok: &Tokenizer, path: &Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<Dataset> {
-    let text = data_text(path)?;
-    let records = parse_records(&text, &path.display().to_string())?;
-    prepare(tok, &records, max_seq_len, pack, train_on_prompt)
-}
-
 #[derive(Clone, Debug)]
 pub struct TrainArgs {
     pub model: PathBuf,
@@ -194,8 +171,8 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     let md = ModelDir::open(&a.model)?;
     let tok = &md.tokenizer;
     let o = &a.run;
-    let train_data = load_data(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?;
-    let valid_data = a.valid.as_ref().map(|v| load_data(tok, v, o.max_seq_len, false, o.train_on_prompt)).transpose()?;
+    let train_data = crate::data::load_path(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?;
+    let valid_data = a.valid.as_ref().map(|v| crate::data::load_path(tok, v, o.max_seq_len, false, o.train_on_prompt)).transpose()?;
     // An initial adapter is read once: its config shapes the model, its tensors fill it.
     let init = a.init_adapter.as_deref().map(read_adapter).transpose()?;
     let mut opts = a.run.clone();
@@ -413,8 +390,9 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     use std::io::IsTerminal;
     // Only the tokenizer and template are needed: skip the weights.
     let tok = if a.model.is_dir() { Tokenizer::from_dir(&a.model)? } else { ModelDir::open(&a.model)?.source.tokenizer };
-    let text = data_text(&a.data)?;
-    let records = parse_records(&text, &a.data.display().to_string())?;
+    let name = a.data.display().to_string();
+    let text = crate::data::text(&name, || std::fs::read(&a.data).map_err(|e| Error::io(&a.data, e)))?;
+    let records = parse_records(&text, &name)?;
     let (_, summary) = summarize(&tok, &records, a.max_seq_len, a.pack, a.train_on_prompt)?;
     if a.json {
         println!("{}", serde_json::to_string(&summary).expect("serialisable"));
@@ -521,9 +499,8 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, quiet: bool
     say("it has never seen a chat turn or an instruction.".into());
     say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
     let held = crate::demo::held_out(crate::demo::TEST_SEED, 32);
-    let records = parse_records(&crate::demo::data(), "demo")?;
     let opts = RunOptions::demo(steps);
-    let data = prepare(tok, &records, opts.max_seq_len, false, false)?;
+    let data = crate::data::load(tok, &crate::demo::data(), "demo", opts.max_seq_len, false, false)?;
     let mut run = Run::new(gpu, Rc::new(md.source), Rc::new(data), None, opts)?;
     run.profile_every = Some(u64::MAX);
     let source = run.source.clone();
@@ -581,7 +558,7 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     let say = |s: String| if !quiet { println!("{s}") };
     let tok = &sft.source.tokenizer;
     let opts = RunOptions::demo_dpo(steps);
-    let pairs = |text: String, name: &str| prepare(tok, &parse_records(&text, name)?, opts.max_seq_len, false, false);
+    let pairs = |text: String, name: &str| crate::data::load(tok, &text, name, opts.max_seq_len, false, false);
     let held = pairs(crate::demo::preference_jsonl(crate::demo::TEST_SEED, 64, true), "held-out pairs")?;
     let brief = crate::demo::held_out_brief(crate::demo::TEST_SEED, 32);
     say(format!("\nDPO stage: prefer the bare result when a request asks for it (\"{}\"), the sentence otherwise;", crate::demo::BRIEF_ASKS[0]));

@@ -130,9 +130,11 @@ enum Command {
     Serve {
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// The directory holding index.html and web/ (default: this repository).
-        #[arg(long, default_value = env!("CARGO_MANIFEST_DIR"))]
-        root: PathBuf,
+        /// A directory holding index.html and web/, read from disk (default: the page
+        /// built into this binary; a binary built before web/pkg serves the source
+        /// tree it was built from).
+        #[arg(long)]
+        root: Option<PathBuf>,
     },
     /// Measure the kernels on this adapter.
     Bench {
@@ -351,7 +353,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new().await?;
             let md = cli::ModelDir::open(&model)?;
             cli::report_template(&md.tokenizer);
-            let ds = cli::load_data(&md.tokenizer, &data, max_seq_len, false, false)?;
+            let ds = webtune::data::load_path(&md.tokenizer, &data, max_seq_len, false, false)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
             let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
             println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
@@ -368,7 +370,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
         Command::Data { what: DataCmd::Inspect { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json } } => {
             cli::inspect(&cli::InspectArgs { model, data, max_seq_len, pack, show, sample, seed, tokens, train_on_prompt, json })?;
         }
-        Command::Serve { port, root } => webtune::serve::serve(&root, port)?,
+        Command::Serve { port, root } => webtune::serve::serve(&webtune::serve::Root::choose(root), port)?,
         Command::Info { model } => {
             let gpu = Gpu::new().await?;
             println!("{}", gpu.describe());
@@ -448,7 +450,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
-            let ds = cli::load_data(&md.tokenizer, &data, run.max_seq_len, run.pack, run.train_on_prompt)?;
+            let ds = webtune::data::load_path(&md.tokenizer, &data, run.max_seq_len, run.pack, run.train_on_prompt)?;
             println!("adapter: {}", gpu.describe());
             let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
             println!(

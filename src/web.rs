@@ -157,30 +157,21 @@ impl Session {
         Ok(self.tok()?.template.describe())
     }
 
-    /// A data file's bytes as text; bytes that are not UTF-8 are an error naming the line.
-    pub fn data_text(bytes: &[u8], name: &str) -> Result<String, JsError> {
-        crate::data::decode(bytes.to_vec(), name).map_err(js)
-    }
-
-    /// The demo's synthetic instruction data, as JSONL (the same as `--data demo`).
-    pub fn demo_data() -> String {
-        crate::demo::data()
-    }
-
-    /// The demo's preference pairs for its DPO stage, as JSONL (`--data demo-dpo`).
-    pub fn demo_preference_data() -> String {
-        crate::demo::preference_data()
+    /// The text of the data called `name` (`crate::data::text`, as the CLI reads it):
+    /// a built-in set by its name (`demo`, `demo-dpo`), else the uploaded `bytes`, which
+    /// must be UTF-8 (an error names the line).
+    pub fn data_text(name: &str, bytes: Option<Vec<u8>>) -> Result<String, JsError> {
+        crate::data::text(name, || bytes.ok_or_else(|| crate::error::Error::Data(format!("{name}: no such built-in data set, and no file given")))).map_err(js)
     }
 
     /// Parse, validate and tokenize training data; returns `{records, sequences,
     /// skipped, tokens, trained_tokens}`.
     pub fn load_data(&mut self, text: &str, name: &str, max_seq_len: usize, pack: bool) -> Result<JsValue, JsError> {
-        let records = parse_records(text, name).map_err(js)?;
-        let ds = prepare(self.tok()?, &records, max_seq_len, pack, false).map_err(js)?;
+        let ds = crate::data::load(self.tok()?, text, name, max_seq_len, pack, false).map_err(js)?;
         let tokens: usize = ds.sequences.iter().map(|s| s.ids.len()).sum();
         let trained: usize = ds.examples.iter().map(|e| e.trained_count()).sum();
         let summary = serde_json::json!({
-            "records": records.len(), "sequences": ds.sequences.len(),
+            "records": ds.records, "sequences": ds.sequences.len(),
             "skipped": ds.skipped.no_trained_tokens, "tokens": tokens, "trained_tokens": trained,
             "pairs": if ds.pairs { Some(ds.items()) } else { None },
         });

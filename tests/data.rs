@@ -370,6 +370,27 @@ fn a_line_that_is_not_utf8_is_named() {
     assert_eq!(webtune::data::decode(b"{}\n".to_vec(), "d.jsonl").unwrap(), "{}\n");
 }
 
+/// Both front ends read data through `data::text`: a built-in set by its name (the
+/// bytes are never asked for), else the bytes, decoded with errors naming the line; and
+/// `data::load` counts the records it read beside the sequences it kept.
+#[test]
+fn data_text_serves_built_in_sets_by_name_and_decodes_files() {
+    let never = || -> webtune::Result<Vec<u8>> { panic!("a built-in set reads no bytes") };
+    let demo = webtune::data::text("demo", never).unwrap();
+    assert_eq!(demo.lines().count(), webtune::demo::DATA_RECORDS);
+    assert_eq!(webtune::data::text("demo-dpo", never).unwrap().lines().count(), webtune::demo::DPO_RECORDS);
+    let file = webtune::data::text("mine.jsonl", || Ok(b"{\"text\": \"hi\"}\n".to_vec())).unwrap();
+    assert_eq!(file, "{\"text\": \"hi\"}\n");
+    let err = webtune::data::text("bad.jsonl", || Ok(vec![b'{', 0xff, b'}'])).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:1: not valid UTF-8"), "{err}");
+    let tok = Tokenizer::new(webtune::demo::tokenizer_json().as_bytes(), Some(&webtune::demo::tokenizer_config_json()), "demo").unwrap();
+    let missing = webtune::data::load_path(&tok, std::path::Path::new("/nonexistent/d.jsonl"), 64, false, false).err().expect("no such file").to_string();
+    assert!(missing.contains("/nonexistent/d.jsonl"), "{missing}");
+    let ds = webtune::data::load(&tok, &demo, "demo", 512, true, false).unwrap();
+    assert_eq!(ds.records, webtune::demo::DATA_RECORDS);
+    assert!(ds.sequences.len() < ds.records / 4, "packed: {} sequences", ds.sequences.len());
+}
+
 /// Preference records: each of TRL's three forms is recognised, and a malformed one is
 /// an error naming the file, the line and the field.
 #[test]

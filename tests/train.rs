@@ -220,8 +220,8 @@ fn the_run_says_what_is_due_exports_and_resumes_from_its_files() {
     let (model, root) = (tiny_model("run"), tmp("run"));
     let data = data_file(&root);
     let md = cli::ModelDir::open(&model).unwrap();
-    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
-    let valid = || Some(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let ds = Rc::new(webtune::data::load_path(&md.tokenizer, &data, 64, false, false).unwrap());
+    let valid = || Some(webtune::data::load_path(&md.tokenizer, &data, 64, false, false).unwrap());
     let opts = RunOptions { eval_every: Some(3), save_every: Some(2), ..args(&model, &data, &root, 5).run };
     let source = Rc::new(cli::ModelDir::open(&model).unwrap().source);
     let mut run = Run::new(g, source.clone(), ds.clone(), valid(), opts.clone()).unwrap();
@@ -465,7 +465,7 @@ fn a_bf16_checkpoint_evaluates_trains_and_merges_back_to_bf16() {
     std::fs::write(&data, serde_json::json!({ "messages": expected["chat"]["messages"] }).to_string()).unwrap();
 
     // eval: the mean loss over the trained tokens is transformers' chat loss.
-    let ds = cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap();
+    let ds = webtune::data::load_path(&md.tokenizer, &data, 64, false, false).unwrap();
     let m = cli::load_for_inference(g, &md, None).unwrap();
     let (loss, tokens) = block(webtune::train::evaluate(g, &m, &ds, 1, md.tokenizer.pad_id)).unwrap();
     close("eval loss", &[loss as f32], &[expected["chat"]["loss"].as_f64().unwrap() as f32], 0.0, 1e-4);
@@ -512,7 +512,7 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     let lines: Vec<String> = words.iter().map(|w| serde_json::json!({"messages": [{"role": "user", "content": format!("Say {w} many times.")}, {"role": "assistant", "content": format!("{w} ").repeat(60)}]}).to_string()).collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let md = cli::ModelDir::open(&model).unwrap();
-    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let ds = Rc::new(webtune::data::load_path(&md.tokenizer, &data, 64, false, false).unwrap());
     let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap();
     assert_eq!((ds.sequences.len(), longest), (12, 64));
     let source = Rc::new(md.source);
@@ -570,7 +570,7 @@ fn out_of_memory_halves_the_micro_batch_and_runs_the_step_again() {
     let (model, root) = (tiny_model("oom"), tmp("oom"));
     let data = data_file(&root);
     let md = cli::ModelDir::open(&model).unwrap();
-    let ds = Rc::new(cli::load_data(&md.tokenizer, &data, 64, false, false).unwrap());
+    let ds = Rc::new(webtune::data::load_path(&md.tokenizer, &data, 64, false, false).unwrap());
     let source = Rc::new(md.source);
     let mut opts = args(&model, &data, &root, 5).run;
     opts.lora_dropout = 0.0;

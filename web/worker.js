@@ -292,8 +292,10 @@ const commands = {
     return { model: source, template: session.chat_template(), heap: wasm.memory.buffer.byteLength };
   },
   async loadData({ source, text, bytes, name, maxSeqLen, pack }) {
-    // A file's bytes are decoded in Rust, so bytes that are not UTF-8 name their line.
-    const body = source === 'demo' ? Session.demo_data() : source === 'demo-dpo' ? Session.demo_preference_data() : bytes ? Session.data_text(bytes, name) : text;
+    // The text comes from Rust as the CLI's does: a built-in set by its name, or a
+    // file's bytes decoded there (bytes that are not UTF-8 name their line).
+    const builtin = source === 'demo' || source === 'demo-dpo';
+    const body = builtin ? Session.data_text(source) : bytes ? Session.data_text(name, bytes) : text;
     const summary = session.load_data(body, name || source, maxSeqLen, !!pack);
     const preview = session.inspect(body, name || source, maxSeqLen, !!pack, 3);
     await saveFile('data.jsonl', body);

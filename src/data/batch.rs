@@ -83,6 +83,8 @@ pub struct Skipped {
 
 /// The examples of a data file, ready to batch.
 pub struct Dataset {
+    /// Records read, before any were skipped.
+    pub records: usize,
     pub examples: Vec<Example>,
     pub sequences: Vec<Sequence>,
     pub skipped: Skipped,
@@ -119,7 +121,7 @@ pub fn prepare(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize, pack_seq
         examples.push(e);
     }
     let sequences = if pack_sequences { pack(&examples, max_seq_len) } else { examples.iter().map(Sequence::from_example).collect() };
-    Ok(Dataset { examples, sequences, skipped, pairs: false })
+    Ok(Dataset { records: records.len(), examples, sequences, skipped, pairs: false })
 }
 
 /// Tokenize every preference pair (`Tokenizer::pair`), keep the first `max_seq_len`
@@ -139,7 +141,7 @@ pub fn prepare_pairs(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize) ->
         examples.extend([c, j]);
     }
     let sequences = examples.iter().map(Sequence::from_example).collect();
-    Ok(Dataset { examples, sequences, skipped, pairs: true })
+    Ok(Dataset { records: records.len(), examples, sequences, skipped, pairs: true })
 }
 
 /// A padded batch: `[b, t]` row-major, right-padded with `pad_id` (padding is its own

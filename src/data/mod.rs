@@ -2,6 +2,7 @@
 //! mask (which tokens are trained), then truncation, packing and batches.
 
 pub mod batch;
+pub mod demo;
 pub mod inspect;
 pub mod records;
 pub mod template;
@@ -10,6 +11,42 @@ pub use records::{decode, parse_records, Format, Message, Pair, Parsed, Record};
 pub use template::ChatTemplate;
 
 use crate::error::{Error, Result};
+
+/// A built-in data set's JSONL: `demo` (the demo's instructions), `demo-pretrain` (the
+/// statements its base was pretrained on), `demo-dpo` (its DPO stage's pairs).
+pub fn builtin(name: &str) -> Option<String> {
+    Some(match name {
+        "demo" => demo::data(),
+        "demo-pretrain" => demo::pretrain_jsonl(3, demo::PRETRAIN_RECORDS),
+        "demo-dpo" => demo::preference_data(),
+        _ => return None,
+    })
+}
+
+/// The text of the data called `name`, for both front ends: the built-in set of that
+/// name, or else the bytes `read` gives (a file's or an upload's), which must be
+/// UTF-8 (an error names the line).
+pub fn text(name: &str, read: impl FnOnce() -> Result<Vec<u8>>) -> Result<String> {
+    match builtin(name) {
+        Some(text) => Ok(text),
+        None => decode(read()?, name),
+    }
+}
+
+/// Parse, validate and tokenize the text of data `name` (`text`'s) into training
+/// sequences: records (`parse_records`), then template, mask, truncation and packing
+/// (`batch::prepare`).
+pub fn load(tok: &Tokenizer, text: &str, name: &str, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<batch::Dataset> {
+    let records = parse_records(text, name)?;
+    batch::prepare(tok, &records, max_seq_len, pack, train_on_prompt)
+}
+
+/// `load` of a data file, or of a built-in set by its name: what the CLI reads.
+pub fn load_path(tok: &Tokenizer, path: &std::path::Path, max_seq_len: usize, pack: bool, train_on_prompt: bool) -> Result<batch::Dataset> {
+    let name = path.display().to_string();
+    let text = text(&name, || std::fs::read(path).map_err(|e| Error::io(path, e)))?;
+    load(tok, &text, &name, max_seq_len, pack, train_on_prompt)
+}
 
 /// Tokens that close a turn in the templates we know; a trained span ends after the
 /// last one it contains (its trailing newline is left untrained).

@@ -312,6 +312,33 @@ test('a page whose wasm package is missing says why it cannot start', async () =
   }
 });
 
+// The binary carries the page (built in by build.rs once web/pkg is built): a copy of it,
+// run from an empty directory with no --root, serves the same bytes as the source tree,
+// and the page starts from them.
+test('a copied binary serves the page built into it', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-copied-'));
+  fs.copyFileSync(bin, path.join(dir, 'webtune'));
+  fs.chmodSync(path.join(dir, 'webtune'), 0o755);
+  const copy = spawn(path.join(dir, 'webtune'), ['serve', '--port', '0'], { cwd: dir, stdio: ['ignore', 'pipe', 'ignore'] });
+  try {
+    const url = await new Promise((resolve) => copy.stdout.on('data', (d) => { const m = /serving (http:\/\/127\.0\.0\.1:\d+\/)/.exec(String(d)); if (m) resolve(m[1]); }));
+    for (const f of ['index.html', 'web/app.js', 'web/worker.js', 'web/pkg/webtune_bg.wasm', 'web/vendor/uPlot.esm.js']) {
+      const got = Buffer.from(await (await fetch(url + (f === 'index.html' ? '' : f))).arrayBuffer());
+      assert.ok(got.equals(fs.readFileSync(path.join(root, f))), `${f}: ${got.length} bytes served, ${fs.statSync(path.join(root, f)).size} on disk`);
+    }
+    assert.equal((await fetch(url + 'web/../Cargo.toml')).status, 404);
+    assert.equal((await fetch(url + 'Cargo.toml')).status, 404);
+    const p = await context.newPage();
+    await p.goto(url);
+    await p.waitForFunction(() => ['ready', 'error'].includes(document.querySelector('#status').dataset.state), null, { timeout: 120_000 });
+    assert.equal(await p.evaluate(() => document.querySelector('#status').dataset.state), 'ready');
+    await p.close();
+  } finally {
+    copy.kill();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 // ---- DPO -----------------------------------------------------------------------------
 // The page's DPO figures after a run: loss, rewards/margins and rewards/accuracies per step.
 const dpoFigures = (st) => ({ loss: JSON.parse(st.losses), margins: JSON.parse(st.margins), accuracies: JSON.parse(st.accuracies) });
