@@ -179,12 +179,13 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     if let (Some((lora, _)), false) = (&init, opts.full) {
         opts.set_lora(lora);
     }
+    let lowered = opts.lower_frozen(gpu, &md.source, &train_data, valid_data.as_ref())?;
     let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed, opts.frozen()?)?;
     if !a.quiet {
         println!("{}: {loaded}", a.model.display());
     }
     let mut run = Run::with_model(gpu, Rc::new(md.source), model, Rc::new(train_data), valid_data, opts)?;
-    if let (Some(note), false) = (&run.plan_note, a.quiet) {
+    for note in lowered.iter().chain(&run.plan_note).filter(|_| !a.quiet) {
         println!("{note}");
     }
     if let Some((_, tensors)) = &init {

@@ -427,10 +427,21 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 memory_budget,
                 ..Default::default()
             };
+            let mut run = run;
             let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+            let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, webtune::train::fit::budget(&run, false)?)?;
+            if let Some((q, note)) = &lowered {
+                println!("{note}");
+                run.quantize = Some((*q).into());
+                plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+            }
             if let Some(budget) = webtune::train::fit::budget(&run, false)? {
                 let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;
-                println!("{}", fit.note.as_deref().unwrap_or("plan: the options as given fit the budget"));
+                match (&fit.note, &lowered) {
+                    (Some(note), _) => println!("{note}"),
+                    (None, None) => println!("plan: the options as given fit the budget"),
+                    (None, Some(_)) => {}
+                }
                 plan.batch = plan.batch / batch_size * fit.micro;
                 plan.grad_checkpoint = fit.grad_checkpoint;
             }

@@ -799,3 +799,50 @@ fn real_shapes_plan_micro_batches_that_fit_a_binding() {
     assert_eq!(fit::parse_bytes("512MiB").unwrap(), 512 << 20);
     assert!(fit::parse_bytes("5 parsecs").is_err());
 }
+
+/// Where even one sequence at a time with checkpointing does not fit the budget, a
+/// LoRA run that names no frozen-weight format packs its frozen weights: Q8_0 where
+/// that fits, else NF4; with nothing that fits, the refusal gives the NF4 figure. A run
+/// that names its format, or trains every weight, is not lowered.
+#[test]
+fn a_budget_below_one_checkpointed_sequence_packs_the_frozen_weights() {
+    use webtune::model::memory::{estimate, Plan};
+    use webtune::model::Frozen;
+    use webtune::quant::QType;
+    use webtune::train::{fit, RunOptions};
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/SmolLM2-135M.json")).unwrap();
+    let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
+    let mut opts = RunOptions::default();
+    (opts.train.batch_size, opts.max_seq_len) = (4, 512);
+    let base = opts.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20).unwrap();
+    let one = |frozen: Frozen| estimate(&cfg, &Plan { batch: 1, seq: 512, grad_checkpoint: true, frozen, ..base.clone() }).total();
+    let (f16, q8, nf4) = (one(Frozen::Auto), one(Frozen::Quantize(QType::Q8_0)), one(Frozen::Quantize(QType::Nf4)));
+    assert!(nf4 < q8 && q8 < f16, "{nf4} < {q8} < {f16}");
+    // Enough for f16: nothing lowered.
+    assert_eq!(fit::lower_frozen(&cfg, &opts, &base, 512, Some(f16)).unwrap(), None);
+    assert_eq!(fit::lower_frozen(&cfg, &opts, &base, 512, None).unwrap(), None);
+    for (budget, want) in [(f16 - 1, "q8"), (q8, "q8"), (q8 - 1, "nf4"), (nf4, "nf4")] {
+        let (q, note) = fit::lower_frozen(&cfg, &opts, &base, 512, Some(budget)).unwrap().expect("lowered");
+        assert_eq!(q, want, "budget {budget}");
+        assert!(note.contains(&format!("as --quantize {want}")) && note.contains("gradient checkpointing"), "{note}");
+        // The lowered options then plan a step within the budget.
+        let mut lowered = opts.clone();
+        lowered.quantize = Some(q.into());
+        let plan = lowered.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20).unwrap();
+        let fit = fit::fit(&cfg, &lowered, &plan, 512, Some(budget)).unwrap();
+        let need = estimate(&cfg, &Plan { batch: fit.micro, seq: 512, grad_checkpoint: fit.grad_checkpoint, ..plan.clone() }).total();
+        assert!(fit.micro < 4 && need <= budget, "budget {budget}: {fit:?} needs {need}");
+    }
+    // Below NF4's figure: not lowered, and the refusal gives that figure.
+    assert_eq!(fit::lower_frozen(&cfg, &opts, &base, 512, Some(nf4 - 1)).unwrap(), None);
+    let err = fit::fit(&cfg, &opts, &base, 512, Some(nf4 - 1)).unwrap_err().to_string();
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64);
+    assert!(err.contains(&format!("{} with the frozen weights packed as NF4", mib(nf4))), "{err}");
+    // A named format, or full tuning, is kept.
+    let named = RunOptions { quantize: Some("f16".into()), ..opts.clone() };
+    assert_eq!(fit::lower_frozen(&cfg, &named, &base, 512, Some(nf4)).unwrap(), None);
+    let err = fit::fit(&cfg, &named, &base, 512, Some(nf4)).unwrap_err().to_string();
+    assert!(err.contains("--quantize nf4"), "{err}");
+    let full = RunOptions { full: true, ..opts.clone() };
+    assert_eq!(fit::lower_frozen(&cfg, &full, &base, 512, Some(nf4)).unwrap(), None);
+}

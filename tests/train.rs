@@ -551,6 +551,20 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     let (_, _, want) = losses(g, &explicit(2, 4));
     close("micro-batches for the budget = --batch-size 2 --grad-accum 4", &auto, &want, 0.0, 1e-5);
 
+    // Below one checkpointed sequence with the frozen weights as they are, but above it
+    // with them packed as Q8_0: the run packs them, says so, and trains as a run that
+    // names --quantize q8 with the same budget.
+    let one = |frozen: webtune::model::Frozen| estimate(&source.cfg, &Plan { batch: 1, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total();
+    let (f16, q8) = (one(base.frozen.clone()), one(webtune::model::Frozen::Quantize(webtune::quant::QType::Q8_0)));
+    assert!(q8 < f16, "{q8} < {f16}");
+    let small = RunOptions { memory_budget: Some(format!("{}", (q8 + f16) / 2)), ..given.clone() };
+    let (micro, note, auto) = losses(g, &small);
+    let note = note.unwrap();
+    assert!(note.contains("packed as Q8_0 (as --quantize q8)") && note.contains("gradient checkpointing"), "{note}");
+    let (named_micro, _, want) = losses(g, &RunOptions { quantize: Some("q8".into()), ..small.clone() });
+    assert_eq!(micro, named_micro);
+    close("frozen weights packed for the budget = --quantize q8", &auto, &want, 0.0, 1e-5);
+
     // Nothing fits: a clear refusal, before any step.
     let tiny = RunOptions { memory_budget: Some("1MiB".into()), ..given.clone() };
     let err = Run::new(g, source.clone(), ds.clone(), None, tiny).err().unwrap().to_string();

@@ -3,12 +3,16 @@
 //! so that every activation fits one storage binding and a step fits the budget.
 //! `--batch-size` stays the effective batch: a batch of b runs as k micro-batches of
 //! at most ⌈b/k⌉, and since the loss is normalised by the step's trained tokens the
-//! step computes what `--batch-size ⌈b/k⌉ --grad-accum k` would.
+//! step computes what `--batch-size ⌈b/k⌉ --grad-accum k` would. Where even one
+//! sequence at a time with checkpointing does not fit, a LoRA run that names no
+//! frozen-weight format packs its frozen weights smaller (`lower_frozen`), before the
+//! model is loaded.
 
 use super::RunOptions;
 use crate::error::{Error, Result};
 use crate::model::memory::{self, Plan};
-use crate::model::Config;
+use crate::model::{Config, Frozen};
+use crate::quant::QType;
 
 /// The plan a run trains with.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +67,41 @@ fn available_memory() -> Option<u64> {
     }
     #[cfg(not(target_os = "linux"))]
     None
+}
+
+/// The frozen-weight formats a plan may lower to, in order: Q8_0, then NF4 (QLoRA's).
+const LOWER: [&str; 2] = ["q8", "nf4"];
+
+/// Where a LoRA run names no frozen-weight format (`--quantize`) and its step fits the
+/// budget in no other way (even one sequence at a time with gradient checkpointing
+/// does not), the first of `LOWER` its step fits with: the `--quantize` value, and a
+/// line saying why. None where the format as given fits, the run names its format or
+/// trains every weight, or there is no budget. `base` is the options' memory plan.
+pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget: Option<u64>) -> Result<Option<(&'static str, String)>> {
+    let Some(bud) = budget else { return Ok(None) };
+    if opts.full || opts.quantize.as_deref().is_some_and(|q| !q.is_empty() && q != "auto") {
+        return Ok(None);
+    }
+    let per = if opts.train.method == "dpo" { 2 } else { 1 };
+    let one = |frozen: Frozen| memory::estimate(cfg, &Plan { batch: per, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total();
+    let given = one(base.frozen.clone());
+    if given <= bud {
+        return Ok(None);
+    }
+    for q in LOWER {
+        let need = one(Frozen::Quantize(QType::parse_quantize(q)?));
+        if need <= bud {
+            let note = format!(
+                "plan: the frozen weights are packed as {} (as --quantize {q}): with them as given, one sequence of {longest} tokens at a time with gradient checkpointing needs about {}, more than the memory budget of {}; packed, about {}",
+                QType::parse_quantize(q)?.name().to_uppercase(),
+                mib(given),
+                mib(bud),
+                mib(need)
+            );
+            return Ok(Some((q, note)));
+        }
+    }
+    Ok(None)
 }
 
 /// The plan for batches of `opts.train.batch_size` over sequences of up to `longest`
@@ -123,9 +162,20 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
             return Ok(Fit { micro: m, grad_checkpoint: ckpt, note });
         }
     }
+    let packed = matches!(base.frozen, Frozen::Quantize(_));
+    let nf4 = Plan { batch: per, seq: longest, grad_checkpoint: true, frozen: Frozen::Quantize(QType::Nf4), ..base.clone() };
+    // A LoRA run that names no format has had its weights lowered as far as `LOWER`
+    // goes (`lower_frozen`); one that names f16 or f32 may still pack them.
+    let lowerable = !opts.full && opts.quantize.as_deref().is_none_or(|q| q.is_empty() || q == "auto");
+    let (with_nf4, advice) = match (packed, opts.full, lowerable) {
+        (false, false, true) => (format!(" ({} with the frozen weights packed as NF4)", mib(memory::estimate(cfg, &nf4).total())), ""),
+        (false, false, false) => (String::new(), ", or pack the frozen weights (--quantize nf4)"),
+        _ => (String::new(), ""),
+    };
     Err(Error::Options(format!(
-        "a step does not fit the memory budget of {}: one sequence of {longest} tokens at a time, with gradient checkpointing, needs about {}; set a larger --memory-budget, lower --max-seq-len, or quantize the frozen weights (--quantize q4)",
+        "a step does not fit the memory budget of {}: one sequence of {longest} tokens at a time, with gradient checkpointing{}, needs about {}{with_nf4}; set a larger --memory-budget or lower --max-seq-len{advice}",
         mib(budget.unwrap_or(0)),
-        mib(step(1, true))
+        if packed { " and the frozen weights packed" } else { "" },
+        mib(step(1, true)),
     )))
 }

@@ -151,6 +151,19 @@ impl RunOptions {
         Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding })
     }
 
+    /// Before the model is loaded: where the memory budget needs a smaller frozen-weight
+    /// format (`fit::lower_frozen`), `--quantize` becomes it, and the line saying so is
+    /// returned.
+    pub fn lower_frozen(&mut self, gpu: &Gpu, source: &Source, data: &Dataset, valid: Option<&Dataset>) -> Result<Option<String>> {
+        let longest = longest(data, valid);
+        let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        let budget = fit::budget(self, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
+        Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget)?.map(|(q, note)| {
+            self.quantize = Some(q.into());
+            note
+        }))
+    }
+
     /// How frozen matrices are held (`--quantize`).
     pub fn frozen(&self) -> Result<Frozen> {
         Ok(match self.quantize.as_deref() {
@@ -220,6 +233,11 @@ fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
     data.examples.iter().step_by(if data.pairs { 2 } else { 1 }).filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
 }
 
+/// The longest sequence of the training and validation data.
+fn longest(data: &Dataset, valid: Option<&Dataset>) -> usize {
+    data.sequences.iter().chain(valid.iter().flat_map(|v| &v.sequences)).map(|s| s.ids.len()).max().unwrap_or(1)
+}
+
 /// Where a resumed run continues, and a line that says so.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Resumed {
@@ -233,8 +251,12 @@ impl Run {
     pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         // Plan first: bad options fail before the model is loaded.
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
+        let mut opts = opts;
+        let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref())?;
         let model = Model::load_with(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?)?;
-        Run::with_model(gpu, source, model, data, valid, opts)
+        let mut run = Run::with_model(gpu, source, model, data, valid, opts)?;
+        run.plan_note = [lowered, run.plan_note.take()].into_iter().flatten().reduce(|a, b| format!("{a}\n{b}"));
+        Ok(run)
     }
 
     /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load),
@@ -244,7 +266,7 @@ impl Run {
             return Err(Error::Options(format!("the model was loaded for {}, the run wants {}", model.tuning, opts.tuning())));
         }
         let mut trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
-        let longest = data.sequences.iter().chain(valid.iter().flat_map(|v| &v.sequences)).map(|s| s.ids.len()).max().unwrap_or(1);
+        let longest = longest(&data, valid.as_ref());
         let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
         let budget = fit::budget(&opts, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
         let plan = fit::fit(&source.cfg, &opts, &base, longest, budget)?;
