@@ -138,11 +138,13 @@ function radio(name) {
   return document.querySelector(`input[name=${name}]:checked`).value;
 }
 
-async function modelFiles() {
+// The chosen model files as File objects: the worker reads them, so their bytes are
+// held once, there (a File crosses to the worker as a handle, not a copy).
+function modelFiles() {
   // A GGUF file chosen on its own, else the chosen folder's.
   const files = [...$('gguffile').files, ...$('modelfiles').files];
   const gguf = files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
-  if (gguf) return { name: gguf.name, gguf: new Uint8Array(await gguf.arrayBuffer()) };
+  if (gguf) return { name: gguf.name, gguf };
   const shards = files.filter((f) => f.name.endsWith('.safetensors')).sort((a, b) => a.name.localeCompare(b.name));
   if (!shards.length) throw new Error('the chosen files have no .safetensors weights and no .gguf file');
   // The small files go to the Rust loader, which reads those it knows and says what is missing.
@@ -150,8 +152,8 @@ async function modelFiles() {
   return {
     name: (files[0].webkitRelativePath || files[0].name).split('/')[0],
     names: small.map((f) => f.name),
-    bytes: await Promise.all(small.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
-    shards: await Promise.all(shards.map(async (f) => new Uint8Array(await f.arrayBuffer()))),
+    bytes: small,
+    shards,
   };
 }
 
@@ -385,7 +387,7 @@ async function train() {
     let model = null;
     if (!continued) {
       const source = params.get('model') || radio('model');
-      model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: await modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
+      model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
       setModelSource(model.source);
     }
     const data = await dataSource();

@@ -101,47 +101,113 @@ function blocked(url, e) {
   return new Error(`${url}: the browser could not fetch it (${e.message}). The server is down, or it does not allow this page's origin (CORS); download the files and choose them from disk instead`);
 }
 
+// A chosen file's bytes (a File from the page; read here, so held once).
+const readChosen = async (f) => new Uint8Array(await f.arrayBuffer());
+
+// Downloads stream into this browser's store in parts of this size, so a model's bytes
+// are held in the tab once: as the array the loader reads, not also as the download.
+const PART = 64 << 20;
+
 // The bytes at `url` (`what` names it in progress and errors): from this browser's
-// store, else downloaded with progress and stored. A download cut in the middle keeps
-// what arrived (stored under `url` + `?webtune-partial`), and the next try asks only for
-// the rest (`Range`). `optional`: null on a 404.
+// store, else downloaded with progress and stored. The download goes into the store a
+// part at a time (under `url` + `?webtune-part=N`); the parts then become the one stored
+// file (a Blob of stored Blobs: the browser copies them, not the tab), which is read
+// once. A download cut in the middle keeps its parts, and the next try asks only for
+// the rest (`Range`). Without a store (or with its quota full) the bytes are held in
+// memory instead. `optional`: null on a 404.
 async function download(url, what, optional = false) {
-  const cache = await store();
+  let cache = await store();
   const hit = cache && (await cache.match(url));
   if (hit) {
     const bytes = new Uint8Array(await hit.arrayBuffer());
     post({ event: 'progress', file: what, received: bytes.length, total: bytes.length, stored: true });
     return bytes;
   }
-  const partKey = `${url}${url.includes('?') ? '&' : '?'}webtune-partial`;
-  const part = cache && (await cache.match(partKey));
-  let prefix = part ? new Uint8Array(await part.arrayBuffer()) : null;
+  const partKey = (i) => `${url}${url.includes('?') ? '&' : '?'}webtune-part=${i}`;
+  // The parts a cut download left: consecutive, as Blobs (their bytes stay in the store).
+  const parts = [];
+  for (let i = 0; cache; i++) {
+    const r = await cache.match(partKey(i));
+    if (!r) break;
+    parts.push(await r.blob());
+  }
+  const dropParts = async (from = 0) => {
+    for (let i = from; cache; i++) if (!(await cache.delete(partKey(i)))) break;
+  };
+  const start = parts.reduce((n, b) => n + b.size, 0);
   let r;
   try {
-    r = await fetch(url, { headers: { ...authFor(url), ...(prefix ? { Range: `bytes=${prefix.length}-` } : {}) } });
+    r = await fetch(url, { headers: { ...authFor(url), ...(start ? { Range: `bytes=${start}-` } : {}) } });
   } catch (e) {
     throw blocked(url, e);
   }
-  if (prefix && r.status !== 206) prefix = null; // the whole file again
   if (r.status === 401 || r.status === 403) throw gated(what, r.status);
   if (r.status === 404) {
     if (optional) return null;
     throw new Error(`${what}: not found (HTTP 404 for ${url})`);
   }
   if (!r.ok) throw new Error(`${what}: HTTP ${r.status} for ${url}`);
-  const start = prefix ? prefix.length : 0;
-  const total = start + (Number(r.headers.get('content-length')) || 0);
-  if (prefix) log(`${what}: resuming after ${mb(start)} MB`);
-  const reader = r.body.getReader();
-  let bytes = new Uint8Array(total);
-  if (prefix) bytes.set(prefix);
-  prefix = null;
   let received = start;
-  let shown = 0;
+  if (start && r.status !== 206) {
+    // The whole file again: the stored parts are dropped.
+    parts.length = 0;
+    received = 0;
+    await dropParts();
+  }
+  const total = received + (Number(r.headers.get('content-length')) || 0);
+  if (received) log(`${what}: resuming after ${mb(received)} MB`);
+  // Held in memory when the store cannot take it: the whole file, grown as needed.
+  let held = null;
+  const notKept = (e) => {
+    const why = e.name === 'QuotaExceededError' ? "this site's storage quota is full: clear stored models to make room" : e.message;
+    log(`warning: ${what} is not kept in this browser (${why}); it will be downloaded again next time`);
+  };
+  const hold = async (e) => {
+    notKept(e);
+    held = new Uint8Array(Math.max(total, received));
+    let at = 0;
+    for (const b of parts) {
+      held.set(new Uint8Array(await b.arrayBuffer()), at);
+      at += b.size;
+    }
+    parts.length = 0;
+    await dropParts();
+    cache = null;
+  };
+  // The part being filled: at most PART, or what is left of a file that announced its size.
+  let buf = null;
+  let filled = 0;
+  // The buffer into the store as the next part (or into `held`).
+  const flush = async () => {
+    if (!filled) return;
+    if (cache) {
+      // (The Response takes a copy of the bytes, so the buffer is free again.)
+      try {
+        const key = partKey(parts.length);
+        await cache.put(key, new Response(buf.subarray(0, filled)));
+        parts.push(await (await cache.match(key)).blob());
+      } catch (e) {
+        await hold(e);
+      }
+    }
+    if (!cache) {
+      const at = received - filled;
+      if (!held) held = new Uint8Array(Math.max(total, received));
+      if (held.length < received) {
+        const grown = new Uint8Array(Math.max(2 * held.length, received));
+        grown.set(held.subarray(0, at));
+        held = grown;
+      }
+      held.set(buf.subarray(0, filled), at);
+    }
+    filled = 0;
+  };
   const cut = async (why) => {
-    if (cache && received > 0) await cache.put(partKey, new Response(bytes.slice(0, received))).catch(() => {});
+    await flush().catch(() => {});
     return new Error(`${what}: the download stopped after ${mb(received)} of ${mb(total)} MB (${why}); start again to resume it`);
   };
+  const reader = r.body.getReader();
+  let shown = 0;
   for (;;) {
     let chunk;
     try {
@@ -151,13 +217,16 @@ async function download(url, what, optional = false) {
     }
     const { done, value } = chunk;
     if (done) break;
-    if (received + value.length > bytes.length) {
-      const grown = new Uint8Array(Math.max(2 * bytes.length, received + value.length));
-      grown.set(bytes.subarray(0, received));
-      bytes = grown;
+    for (let off = 0; off < value.length; ) {
+      if (!buf) buf = new Uint8Array(Math.min(PART, total > received ? total - received : PART));
+      const n = Math.min(value.length - off, buf.length - filled);
+      buf.set(value.subarray(off, off + n), filled);
+      (filled += n), (off += n), (received += n);
+      if (filled === buf.length) {
+        await flush();
+        if (buf.length < PART) buf = null;
+      }
     }
-    bytes.set(value, received);
-    received += value.length;
     if (performance.now() - shown > 200) {
       post({ event: 'progress', file: what, received, total });
       shown = performance.now();
@@ -165,16 +234,18 @@ async function download(url, what, optional = false) {
   }
   post({ event: 'progress', file: what, received, total });
   if (total && received !== total) throw await cut('the connection closed early');
-  bytes = bytes.length === received ? bytes : bytes.slice(0, received);
-  if (cache) {
-    await cache.delete(partKey);
-    try {
-      await cache.put(url, new Response(bytes, { headers: { 'Content-Length': String(received) } }));
-    } catch (e) {
-      const why = e.name === 'QuotaExceededError' ? "this site's storage quota is full: clear stored models to make room" : e.message;
-      log(`warning: ${what} is not kept in this browser (${why}); it will be downloaded again next time`);
-    }
+  await flush();
+  buf = null;
+  if (held) return held.length === received ? held : held.slice(0, received);
+  // The parts become the stored file; what the loader reads is the one copy in the tab.
+  const whole = new Blob(parts, { type: 'application/octet-stream' });
+  try {
+    await cache.put(url, new Response(whole, { headers: { 'Content-Length': String(received) } }));
+  } catch (e) {
+    notKept(e);
   }
+  const bytes = new Uint8Array(await whole.arrayBuffer());
+  await dropParts();
   return bytes;
 }
 
@@ -281,9 +352,9 @@ const commands = {
     if (source === 'demo') {
       session.load_demo_model();
     } else if (source === 'files' && files.gguf) {
-      session.load_gguf(files.name, files.gguf);
+      session.load_gguf(files.name, await readChosen(files.gguf));
     } else if (source === 'files') {
-      session.load_model(files.name, files.names, files.bytes, files.shards);
+      session.load_model(files.name, files.names, await Promise.all(files.bytes.map(readChosen)), await Promise.all(files.shards.map(readChosen)));
     } else {
       const m = await remoteModel(source);
       if (m.gguf) session.load_gguf(m.name, m.gguf);
@@ -324,7 +395,7 @@ const commands = {
     for (const req of cache ? await cache.keys() : []) {
       if (req.url.includes(REF)) continue;
       const r = await cache.match(req);
-      files.push({ url: req.url, bytes: Number(r.headers.get('content-length')) || (await r.arrayBuffer()).byteLength });
+      files.push({ url: req.url, bytes: Number(r.headers.get('content-length')) || (await r.blob()).size });
     }
     const estimate = navigator.storage && navigator.storage.estimate ? await navigator.storage.estimate() : {};
     return { files, usage: estimate.usage || 0, quota: estimate.quota || 0 };
