@@ -8,7 +8,7 @@ use std::rc::Rc;
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
-use crate::data::batch::{prepare, Dataset};
+use crate::data::batch::Dataset;
 use crate::data::{parse_records, Tokenizer};
 use crate::error::Error;
 use crate::gpu::Gpu;
@@ -233,6 +233,22 @@ impl Session {
 
     fn run(&self) -> Result<&Run, JsError> {
         self.run.as_ref().ok_or_else(|| JsError::new("start a run first"))
+    }
+
+    /// Why the GPU device was lost, once it is (the page then starts a new `Session`
+    /// and continues from the last checkpoint).
+    pub fn device_lost(&self) -> Option<String> {
+        self.gpu.lost()
+    }
+
+    /// Test hook (`?test-lose-device-at=N`): lose the GPU device now.
+    pub fn lose_device(&self) {
+        self.gpu.lose_device();
+    }
+
+    /// Test hook (`?test-oom-at=N`): the next GPU allocation fails as out-of-memory.
+    pub fn fail_next_allocation(&self) {
+        self.gpu.fail_next_allocation();
     }
 
     // Counts are f64 on the JS side (a u64 would arrive as a BigInt).

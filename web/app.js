@@ -61,6 +61,8 @@ worker.onmessage = (e) => {
     log(m.text);
   } else if (m.event === 'progress') {
     onProgress(m);
+  } else if (m.event === 'recovered') {
+    onRecovered(m.step, m.total);
   }
 };
 
@@ -266,6 +268,25 @@ function resetCharts() {
   for (const k of ['losses', 'margins', 'accuracies', 'resumedFrom']) delete st.dataset[k];
 }
 
+// The worker rebuilt the run on a new GPU device from its checkpoint at `step` (0: from
+// the start): the figures after it are dropped, and the run's steps follow on.
+function onRecovered(step, total) {
+  const st = $('status');
+  const keep = Math.max(0, step - Number(st.dataset.resumedFrom || 0));
+  losses.length = Math.min(losses.length, keep);
+  margins.length = Math.min(margins.length, keep);
+  accuracies.length = Math.min(accuracies.length, keep);
+  st.dataset.step = step;
+  st.dataset.total = total;
+  st.dataset.recovered = step;
+  st.dataset.losses = JSON.stringify(losses);
+  if (margins.length || accuracies.length) {
+    st.dataset.margins = JSON.stringify(margins);
+    st.dataset.accuracies = JSON.stringify(accuracies);
+  }
+  drawChart();
+}
+
 // Download progress, a line per file; window.webtune.downloads keeps the figures.
 const mb = (b) => (b / 2 ** 20).toFixed(1);
 window.webtune.downloads = {};
@@ -419,7 +440,9 @@ async function train() {
 // The worker's loop until the run is done or paused; a DPO run then answers its
 // prompts again.
 async function runToEnd(pref) {
-  const { done } = await call('run');
+  // Test hooks: an out-of-memory, or a lost device, injected before step N.
+  const hook = (name) => (params.get(name) ? Number(params.get(name)) : null);
+  const { done } = await call('run', { testHooks: { oomAt: hook('test-oom-at'), loseAt: hook('test-lose-device-at') } });
   if (done && pref) await afterDpo(pref);
 }
 

@@ -9,6 +9,14 @@ let wasm; // the module's exports: its memory is the wasm heap the page reports
 let session = null;
 let running = false;
 let runInfo = null; // what the page needs to rebuild this run after a reload
+// What a lost GPU device needs to rebuild the run in a new session: the model and data
+// as last loaded, and whether this run has saved a checkpoint yet.
+let lastModel = null;
+let lastData = null;
+let savedThisRun = false;
+// Test hooks (`?test-oom-at=N`, `?test-lose-device-at=N`): before step N, an injected
+// out-of-memory, or a lost device.
+let hooks = {};
 
 const post = (m) => self.postMessage(m);
 const log = (text) => post({ event: 'log', text });
@@ -77,6 +85,35 @@ async function checkpoint() {
   if (!(await saveFile('run.json', JSON.stringify({ ...runInfo, step, files: files.map(([n]) => n), stored })))) return removeFiles(stored);
   if (before && before.stored && before.step !== step) await removeFiles(before.stored);
   session.saved(`step ${step}, kept in this browser`);
+  savedThisRun = true;
+}
+
+// The GPU device was lost (`why`): a new session on a new device, the same model, data
+// and options, and the run continues from its last checkpoint in OPFS (from its start
+// when it has saved none). The page then drops the steps after that checkpoint.
+async function recover(why) {
+  log(`the GPU device was lost (${why}): starting a new one; the run goes on from its last checkpoint`);
+  const old = session;
+  session = await Session.create();
+  try {
+    old.free();
+  } catch {
+    // already gone with its device
+  }
+  const { options, model, data, continued } = runInfo;
+  if (continued && !savedThisRun) throw new Error(`the GPU device was lost (${why}) before this run, continued from the adapter trained before it, saved a checkpoint: that adapter is gone with the device; train again`);
+  await commands.loadModel(lastModel);
+  await commands.loadData(lastData);
+  const hadSaved = savedThisRun;
+  await commands.start({ options, model, data, continued });
+  let step = 0;
+  if (hadSaved) {
+    const r = await commands.resumeSaved();
+    log(r.note);
+    step = r.step;
+    savedThisRun = true;
+  }
+  post({ event: 'recovered', step, total: session.total_steps() });
 }
 
 // ---- models from the Hub or a URL, kept in this browser -----------------------------
@@ -347,7 +384,9 @@ const commands = {
     session = await Session.create();
     return { adapter: session.adapter(), timestamps: session.timestamps(), presets: Session.presets(), saved: await readJson('run.json') };
   },
-  async loadModel({ source, files, endpoint, token }) {
+  async loadModel(args) {
+    const { source, files, endpoint, token } = args;
+    lastModel = args;
     hub = { endpoint: (endpoint || 'https://huggingface.co').replace(/\/$/, ''), token: token || '' };
     if (source === 'demo') {
       session.load_demo_model();
@@ -362,7 +401,9 @@ const commands = {
     }
     return { model: source, template: session.chat_template(), heap: wasm.memory.buffer.byteLength };
   },
-  async loadData({ source, text, bytes, name, maxSeqLen, pack }) {
+  async loadData(args) {
+    const { source, text, bytes, name, maxSeqLen, pack } = args;
+    lastData = args;
     // The text comes from Rust as the CLI's does: a built-in set by its name, or a
     // file's bytes decoded there (bytes that are not UTF-8 name their line).
     const builtin = source === 'demo' || source === 'demo-dpo';
@@ -373,6 +414,7 @@ const commands = {
     return { ...summary, preview, prompts: summary.pairs != null ? preferencePrompts(body, 8) : [] };
   },
   async start({ options, model, data, continued }) {
+    savedThisRun = false;
     const total = session.start(options);
     const note = session.plan_note();
     if (note) log(note);
@@ -422,13 +464,30 @@ const commands = {
   },
   // The loop: one `Run` step per turn (so pause gets through); the run says when a
   // checkpoint is due, which kernels it timed, and when it is done.
-  async run() {
+  async run({ testHooks } = {}) {
+    if (testHooks) hooks = { ...testHooks };
     running = true;
     post({ event: 'state', state: 'training' });
     let done = session.step_count() >= session.total_steps();
     while (running && !done) {
       await exclusive(async () => {
-        const e = await session.step();
+        const next = session.step_count() + 1;
+        if (hooks.oomAt === next) {
+          hooks.oomAt = null;
+          session.fail_next_allocation();
+        }
+        if (hooks.loseAt === next) {
+          hooks.loseAt = null;
+          session.lose_device();
+        }
+        let e;
+        try {
+          e = await session.step();
+        } catch (err) {
+          const why = session.device_lost();
+          if (!why) throw err;
+          return recover(why);
+        }
         done = e.done;
         if (e.note) log(e.note);
         post({ event: 'step', stats: e.stats, total: e.total, memory: session.resident_bytes(), heap: wasm.memory.buffer.byteLength });

@@ -107,6 +107,8 @@ pub struct Gpu {
     staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// Errors no scope caught (wgpu's default handler panics): `Gpu::scoped` reports them.
     uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Why the device was lost, once it is (its lost callback).
+    lost: Arc<Mutex<Option<String>>>,
     /// Test hook: the pool's next allocation fails as out-of-memory (`fail_next_allocation`).
     fail_next: std::sync::atomic::AtomicBool,
 }
@@ -224,6 +226,16 @@ impl Gpu {
         let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
         let kept = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| kept.lock().unwrap().push(e.to_string())));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let told = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let why = match reason {
+                wgpu::DeviceLostReason::Destroyed => "destroyed".to_string(),
+                wgpu::DeviceLostReason::Unknown if message.is_empty() => "no reason given".to_string(),
+                wgpu::DeviceLostReason::Unknown => message,
+            };
+            *told.lock().unwrap() = Some(why);
+        });
         let mut gpu = Gpu {
             device,
             queue,
@@ -234,6 +246,7 @@ impl Gpu {
             state: Arc::default(),
             staging: Mutex::default(),
             uncaptured,
+            lost,
             fail_next: Default::default(),
         };
         let measured = match gpu.loop_cap().await? {
@@ -417,6 +430,17 @@ impl Gpu {
     /// Test hook: the pool's next allocation fails as the device's out-of-memory would.
     pub fn fail_next_allocation(&self) {
         self.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the device was lost (a driver reset, a browser reclaiming the GPU), once it
+    /// is: nothing recorded on it runs any more, and a new `Gpu` is needed.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap().clone()
+    }
+
+    /// Test hook: lose the device now (`destroy`), as a driver reset would.
+    pub fn lose_device(&self) {
+        self.device.destroy();
     }
 
     /// Let go of every pooled buffer and cached bind group now (a new model replaces

@@ -258,10 +258,19 @@ test('the merged model downloads as a Hugging Face model directory', async () =>
   assert.match(await page.textContent('#estimate'), /Estimated GPU memory for a step: \d+ MiB/);
 });
 
+// The demo's 30 steps straight through (the reference for resumed and recovered runs).
+let straightLosses = null;
+async function straight30() {
+  if (!straightLosses) {
+    await page.goto(`${base}?${RUN}&steps=30&autostart=1`);
+    straightLosses = JSON.parse((await waitFor(['done', 'error'])).losses);
+  }
+  return straightLosses;
+}
+
 test('a reload resumes the run from its last checkpoint and continues exactly', async () => {
   const steps = 30;
-  await page.goto(`${base}?${RUN}&steps=${steps}&autostart=1`);
-  const straight = JSON.parse((await waitFor(['done', 'error'])).losses);
+  const straight = await straight30();
   await page.goto(`${base}?${RUN}&steps=${steps}&autostart=1`);
   await page.waitForFunction(() => Number(document.querySelector('#status').dataset.step) >= 12, null, { timeout: 600_000 });
   await page.goto(`${base}?resume=1`);
@@ -280,6 +289,26 @@ test('a reload resumes the run from its last checkpoint and continues exactly', 
   assert.equal(more.step, String(steps + 4));
   assert.equal(JSON.parse(more.losses).length, 4);
   assert.match(await page.textContent('#log'), new RegExp(`resumed at step ${steps} of ${steps + 4} \\(the checkpoint's run planned ${steps}; the learning-rate schedule now spans ${steps + 4} steps\\)`));
+});
+
+// Out of memory at step 3 (the pool's test hook): the run halves its micro-batches and
+// goes on. The GPU device lost before step 14 (destroyed through the test hook, as a
+// driver reset would lose it): the worker starts a new device, loads the model and data
+// again and continues from the checkpoint of step 10, by itself. The losses are the
+// uninterrupted run's.
+test('the page steps down on out-of-memory and recovers from a lost device, with the uninterrupted losses', async () => {
+  const straight = await straight30();
+  await page.goto(`${base}?${RUN}&steps=30&autostart=1&test-oom-at=3&test-lose-device-at=14`);
+  const st = await waitFor(['done', 'error']);
+  assert.equal(st.step, '30', st.error);
+  assert.equal(st.recovered, '10');
+  const losses = JSON.parse(st.losses);
+  assert.equal(losses.length, 30);
+  losses.forEach((l, i) => assert.ok(Math.abs(l - straight[i]) < 1e-5 * Math.max(1, Math.abs(straight[i])), `step ${i + 1}: ${l}, uninterrupted ${straight[i]}`));
+  const log = await page.textContent('#log');
+  assert.match(log, /out of GPU memory at step 3 .*micro-batches of up to 4 are now up to 2/);
+  assert.match(log, /the GPU device was lost \(destroyed\): starting a new one; the run goes on from its last checkpoint/);
+  assert.match(log, /resumed at step 10 of 30/);
 });
 
 // A memory budget the person sets (?budget=) plans the run's micro-batches; one that
