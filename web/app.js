@@ -122,8 +122,9 @@ function runOptions() {
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
     quantize: params.get('quantize') ?? ($('quantize').value || null),
-    // The memory a step may use (?budget=2GiB): the run plans its micro-batches to fit it.
-    memory_budget: params.get('budget') || null,
+    // The memory a step may use (the Memory budget field, or ?budget=2GiB): the run plans
+    // its micro-batches, checkpointing and frozen-weight format to fit it.
+    memory_budget: $('budget').value.trim() || null,
     method: method(),
     beta: num('beta', 'beta'),
     dpo_loss: params.get('loss') ?? $('loss').value,
@@ -747,6 +748,7 @@ $('showNorms').onclick = async () => {
     return fail(err);
   }
   presets = info.presets;
+  if (params.get('budget')) $('budget').value = params.get('budget');
   // The demo's preference pairs come with DPO, its tasks with SFT.
   $('method').value = params.get('method') || ((params.get('data') || radio('data')) === 'demo-dpo' ? 'dpo' : 'sft');
   showMethod();

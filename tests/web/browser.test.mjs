@@ -318,6 +318,8 @@ test('the page plans within a memory budget and refuses one nothing fits', async
   await page.waitForFunction(() => document.querySelector('#status').dataset.state === 'error', null, { timeout: 120_000 });
   const err = (await status()).error;
   assert.match(err, /a step does not fit the memory budget of 1 MiB.*--memory-budget/, err);
+  // The parameter fills the page's Memory budget field, which is what the run reads.
+  assert.equal(await page.inputValue('#budget'), '1MiB');
 });
 
 // A page served without its wasm package (web/pkg not built) says so, instead of
