@@ -597,3 +597,71 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     say(format!("DPO adapter written to {}", out.display()));
     Ok(DpoReport { brief_before, brief_after, plain_before, plain_after, answers_before, answers_after, losses, margins })
 }
+
+/// `webtune lora-change`: what an adapter changed. Per layer and projection ‖ΔW‖/‖W‖
+/// (a shaded table, the largest named), then, for `prompt` (a user turn with the chat
+/// template) and `answer` (default: the tuned model's greedy answer), the base's and
+/// the tuned model's top `top` next tokens at each answer token. `json`: one object
+/// `{changes, positions}` instead.
+pub async fn lora_change(gpu: &Gpu, md: &ModelDir, adapter: &Path, prompt: &str, answer: Option<&str>, top: usize, json: bool) -> Result<()> {
+    use crate::model::change::{lora_change, next_token_top};
+    let tok = &md.tokenizer;
+    let mut model = load_for_inference(gpu, md, Some(adapter))?;
+    let changes = lora_change(gpu, &model, &md.weights).await?;
+    let mut ids = tok.prompt_ids(prompt, true)?;
+    let from = ids.len();
+    match answer {
+        Some(a) => ids.extend(tok.encode(a, false)?.0),
+        None => ids.extend(model.generate(gpu, &ids.clone(), 24, &Sampling::default(), |_| {}).await?),
+    }
+    if ids.len() == from {
+        return Err(Error::Options("the answer has no tokens: give one with --answer".into()));
+    }
+    let positions = next_token_top(gpu, &mut model, &ids, from, top).await?;
+    if json {
+        println!("{}", serde_json::json!({ "changes": changes, "positions": positions }));
+        return Ok(());
+    }
+    let projections: Vec<String> = {
+        let mut p: Vec<String> = Vec::new();
+        for c in &changes {
+            if !p.contains(&c.projection) {
+                p.push(c.projection.clone());
+            }
+        }
+        p
+    };
+    let max = changes.iter().map(|c| c.relative).fold(0f32, f32::max);
+    println!("What LoRA changed: ‖ΔW‖ / ‖W‖ per layer and projection (ΔW = s·B·A, from the adapter; shade: against the largest, {max:.2e})");
+    print!("layer");
+    for p in &projections {
+        print!(" {p:>11}");
+    }
+    println!();
+    let layers = changes.iter().map(|c| c.layer).max().unwrap_or(0);
+    for li in 0..=layers {
+        print!("{li:>5}");
+        for p in &projections {
+            match changes.iter().find(|c| c.layer == li && &c.projection == p) {
+                Some(c) => {
+                    let shade = [' ', '░', '▒', '▓', '█'][((c.relative / max.max(f32::MIN_POSITIVE)) * 4.0).round().clamp(0.0, 4.0) as usize];
+                    print!(" {shade}{:>10.2e}", c.relative);
+                }
+                None => print!(" {:>11}", "-"),
+            }
+        }
+        println!();
+    }
+    let mut largest: Vec<_> = changes.iter().collect();
+    largest.sort_by(|a, b| b.relative.total_cmp(&a.relative));
+    let named: Vec<String> = largest.iter().take(3).map(|c| format!("layer {} {} ({:.2e})", c.layer, c.projection, c.relative)).collect();
+    println!("largest: {}", named.join(", "));
+    let show = |t: u32| format!("{:?}", tok.decode_with_special(&[t]));
+    let list = |cands: &[(u32, f32)]| cands.iter().map(|&(t, p)| format!("{} {p:.2}", show(t))).collect::<Vec<_>>().join(", ");
+    println!("\nNext-token top {top} at each answer token, base → tuned, for {prompt:?}:");
+    for c in &positions {
+        println!("{:>14}  base: {}", show(c.token), list(&c.base));
+        println!("{:>14}  tuned: {}", "", list(&c.tuned));
+    }
+    Ok(())
+}

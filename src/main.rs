@@ -60,6 +60,25 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// What an adapter changed: ‖ΔW‖/‖W‖ per layer and projection, and the base's and
+    /// the tuned model's next-token top-k along an answer.
+    LoraChange {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        /// A user turn (the chat template wraps it).
+        #[arg(long, default_value = "Hello! What can you do?")]
+        prompt: String,
+        /// The answer to follow (default: the tuned model's greedy answer).
+        #[arg(long)]
+        answer: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// One JSON object `{changes, positions}` instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Talk with a model; /reset starts over, /exit leaves.
     Chat {
         #[arg(long)]
@@ -341,6 +360,11 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let ids = md.tokenizer.prompt_ids(&prompt, chat)?;
             cli::generate_print(&gpu, &m, &md.tokenizer, &ids, sampling.max_new_tokens, &sampling.sampling()).await?;
             println!();
+        }
+        Command::LoraChange { model, adapter, prompt, answer, top, json } => {
+            let gpu = Gpu::new().await?;
+            let md = cli::ModelDir::open(&model)?;
+            cli::lora_change(&gpu, &md, &adapter, &prompt, answer.as_deref(), top, json).await?;
         }
         Command::Chat { model, adapter, sampling } => {
             let gpu = Gpu::new().await?;

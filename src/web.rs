@@ -235,6 +235,32 @@ impl Session {
         self.run.as_ref().ok_or_else(|| JsError::new("start a run first"))
     }
 
+    /// What the run's adapter changed, per layer and projection (`model::change`):
+    /// `[{layer, projection, delta, weight, relative}]`, relative = ‖s·B·A‖ / ‖W‖.
+    pub async fn lora_change(&self) -> Result<JsValue, JsError> {
+        let run = self.run()?;
+        let changes = crate::model::change::lora_change(&self.gpu, &run.model, &run.source.weights).await.map_err(js)?;
+        out(&changes)
+    }
+
+    /// For `prompt` (a user turn with the chat template) and the tuned model's greedy
+    /// answer (up to 24 tokens), the base's and the tuned model's top `k` next tokens at
+    /// each answer token: `[{token, text, base: [[text, p]…], tuned: [[text, p]…]}]`.
+    pub async fn next_token_top(&mut self, prompt: &str, k: usize) -> Result<JsValue, JsError> {
+        let run = self.run.as_mut().ok_or_else(|| JsError::new("start a run first"))?;
+        let tok = &run.source.tokenizer;
+        let mut ids = tok.prompt_ids(prompt, true).map_err(js)?;
+        let from = ids.len();
+        let answer = run.model.generate(&self.gpu, &ids, 24, &crate::model::generate::Sampling::default(), |_| {}).await.map_err(js)?;
+        ids.extend(answer);
+        let positions = crate::model::change::next_token_top(&self.gpu, &mut run.model, &ids, from, k).await.map_err(js)?;
+        let text = |t: u32| tok.decode_with_special(&[t]);
+        let list = |c: &[(u32, f32)]| c.iter().map(|&(t, p)| serde_json::json!([text(t), p])).collect::<Vec<_>>();
+        let rows: Vec<serde_json::Value> =
+            positions.iter().map(|c| serde_json::json!({"token": c.token, "text": text(c.token), "base": list(&c.base), "tuned": list(&c.tuned)})).collect();
+        out(&rows)
+    }
+
     /// Why the GPU device was lost, once it is (the page then starts a new `Session`
     /// and continues from the last checkpoint).
     pub fn device_lost(&self) -> Option<String> {

@@ -846,3 +846,70 @@ fn a_budget_below_one_checkpointed_sequence_packs_the_frozen_weights() {
     let full = RunOptions { full: true, ..opts.clone() };
     assert_eq!(fit::lower_frozen(&cfg, &full, &base, 512, Some(nf4)).unwrap(), None);
 }
+
+/// "What did LoRA change?": ‖s·B·A‖ from the GPU's r×r products equals the norm of
+/// the update formed on the CPU, against ‖W‖ of the base; the next-token top-k of the
+/// base (adapter off) and the tuned model are the softmax of each one's own logits,
+/// sorted, and differ once B is not zero.
+#[test]
+fn lora_change_matches_the_update_formed_on_the_cpu() {
+    use webtune::model::change::{lora_change, next_token_top, top_k};
+    use webtune::model::{HostTensor, LoraConfig, Model, Tuning};
+    let g = gpu_f32();
+    let cfg = webtune::demo::config().unwrap();
+    let w = webtune::demo::weights(5).unwrap();
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: LoraConfig::ALL_TARGETS.iter().map(|s| s.to_string()).collect(), use_rslora: false };
+    let mut model = Model::load(g, cfg.clone(), &w, Tuning::Lora(lora), 0).unwrap();
+    // Random A and B (a fresh pair has B = 0).
+    let mut rng = webtune::rng::Rng::new(9);
+    let mut set = TensorMap::new();
+    for p in model.params() {
+        let n: usize = p.shape.iter().product();
+        set.insert(p.name.clone(), HostTensor { shape: p.shape.clone(), data: rng.vec(n, 0.1) });
+    }
+    model.set_params(g, &set).unwrap();
+    let got = futures::executor::block_on(lora_change(g, &model, &w)).unwrap();
+    assert_eq!(got.len(), cfg.layers * 7);
+    for c in &got {
+        let lin = model.layers[c.layer].linears.iter().find(|l| l.name.ends_with(&format!(".{}", c.projection))).unwrap();
+        let pre = format!("base_model.model.{}", lin.name);
+        let (a, b) = (&set[&format!("{pre}.lora_A.weight")].data, &set[&format!("{pre}.lora_B.weight")].data);
+        let (r, din, dout) = (4, lin.din, lin.dout);
+        let mut sq = 0f64;
+        for i in 0..dout {
+            for j in 0..din {
+                let d: f64 = (0..r).map(|q| b[i * r + q] as f64 * a[q * din + j] as f64).sum::<f64>() * 2.0;
+                sq += d * d;
+            }
+        }
+        let want = sq.sqrt() as f32;
+        let weight = w[&format!("{}.weight", lin.name)].data.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+        assert!((c.delta - want).abs() <= 1e-4 * want, "{} layer {}: {} vs {want}", c.projection, c.layer, c.delta);
+        assert!((c.weight - weight).abs() <= 1e-5 * weight && (c.relative - want / weight).abs() <= 1e-4 * c.relative, "{c:?}");
+    }
+    // Top-5 at each answer position, base and tuned, against each one's own logits.
+    let ids: Vec<u32> = (0..12).map(|i| 3 + (i * 7) % 90).collect();
+    let top = futures::executor::block_on(next_token_top(g, &mut model, &ids, 8, 5)).unwrap();
+    assert!(model.adapter_enabled, "the adapter is on again");
+    assert_eq!(top.iter().map(|c| (c.position, c.token)).collect::<Vec<_>>(), (8..12).map(|i| (i - 1, ids[i])).collect::<Vec<_>>());
+    let inp = webtune::model::Inputs::new(g, webtune::model::Shape { b: 1, t: 12 }, &ids, &(0..12).collect::<Vec<_>>(), &[0; 12]).unwrap();
+    let tuned = futures::executor::block_on(model.logits(g, &inp)).unwrap();
+    let plain = Model::load(g, cfg.clone(), &w, Tuning::Frozen, 0).unwrap();
+    let base = futures::executor::block_on(plain.logits(g, &inp)).unwrap();
+    let v = cfg.vocab;
+    for c in &top {
+        let row = |l: &[f32]| l[c.position * v..(c.position + 1) * v].to_vec();
+        for (got, logits) in [(&c.base, row(&base)), (&c.tuned, row(&tuned))] {
+            let want = top_k(&logits, 5);
+            assert_eq!(got.iter().map(|t| t.0).collect::<Vec<_>>(), want.iter().map(|t| t.0).collect::<Vec<_>>());
+            got.iter().zip(&want).for_each(|(x, y)| assert!((x.1 - y.1).abs() < 1e-5));
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            let z: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            assert!((got[0].1 - 1.0 / z).abs() < 1e-5, "the top token's probability is its softmax");
+            assert!(got.windows(2).all(|p| p[0].1 >= p[1].1));
+        }
+    }
+    assert!(top.iter().any(|c| c.base != c.tuned), "the adapter changes the predictions");
+    // A model without an adapter has nothing to show.
+    assert!(futures::executor::block_on(lora_change(g, &plain, &w)).unwrap_err().to_string().contains("no LoRA adapter"));
+}

@@ -211,6 +211,7 @@ function onState(state) {
   $('ask').disabled = training;
   $('demoTest').disabled = training || modelSource !== 'demo';
   for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
+  $('showChange').disabled = training || !lastOptions || lastOptions.full || losses.length === 0;
   $('train').disabled = training;
   $('continueAdapter').disabled = training || !lastOptions || lastOptions.full || losses.length === 0;
   if ($('continueAdapter').disabled) $('continueAdapter').checked = false;
@@ -717,6 +718,52 @@ $('showAttention').onclick = async () => {
       g.fillText(s, 2, 60 + (i + 0.8) * cell);
     });
     c.dataset.tokens = String(t);
+  } catch (e) {
+    fail(e);
+  }
+};
+
+// "What did LoRA change?": a heat map of ‖ΔW‖/‖W‖ (layers × projections) and the
+// base's and tuned model's top-5 next tokens along the tuned answer.
+$('showChange').onclick = async () => {
+  try {
+    const { changes, top } = await call('loraChange', { prompt: $('changePrompt').value, k: 5 });
+    const projections = [...new Set(changes.map((c) => c.projection))];
+    const layers = Math.max(...changes.map((c) => c.layer)) + 1;
+    const max = Math.max(...changes.map((c) => c.relative)) || 1;
+    const map = $('changeMap');
+    map.replaceChildren();
+    const head = map.insertRow();
+    for (const h of ['layer', ...projections]) head.appendChild(Object.assign(document.createElement('th'), { textContent: h }));
+    for (let l = 0; l < layers; l++) {
+      const row = map.insertRow();
+      row.insertCell().textContent = l;
+      for (const p of projections) {
+        const c = changes.find((x) => x.layer === l && x.projection === p);
+        const cell = row.insertCell();
+        if (!c) continue;
+        cell.textContent = c.relative.toExponential(1);
+        cell.dataset.relative = c.relative;
+        cell.title = `layer ${l} ${p}: ‖ΔW‖ ${c.delta.toExponential(3)}, ‖W‖ ${c.weight.toFixed(3)}`;
+        cell.style.background = `rgba(43, 108, 176, ${(0.9 * c.relative) / max})`;
+        if (c.relative / max > 0.55) cell.style.color = '#fff';
+      }
+    }
+    map.dataset.changes = JSON.stringify(changes);
+    const t = $('changeTop');
+    t.replaceChildren();
+    const th = t.insertRow();
+    for (const h of ['answer token', 'base: top 5', 'tuned: top 5']) th.appendChild(Object.assign(document.createElement('th'), { textContent: h }));
+    const list = (c) => c.map(([text, p]) => `${JSON.stringify(text)} ${p.toFixed(2)}`).join(', ');
+    for (const r of top) {
+      const row = t.insertRow();
+      row.insertCell().textContent = JSON.stringify(r.text);
+      row.insertCell().textContent = list(r.base);
+      row.insertCell().textContent = list(r.tuned);
+      // The token the model wrote: where it leads the tuned list but not the base's.
+      if (r.tuned[0][0] === r.text && r.base[0][0] !== r.text) row.className = 'changed';
+    }
+    t.dataset.top = JSON.stringify(top);
   } catch (e) {
     fail(e);
   }

@@ -447,6 +447,7 @@ const commands = {
   tokenLosses: ({ index }) => session.token_losses(index),
   attention: ({ prompt, layer, head }) => session.attention_map(prompt, layer, head),
   gradNorms: () => session.layer_grad_norms(),
+  loraChange: async ({ prompt, k }) => ({ changes: await session.lora_change(), top: await session.next_token_top(prompt, k) }),
   async resumeSaved() {
     const saved = await readJson('run.json');
     if (!saved || !saved.stored) throw new Error('no saved checkpoint');

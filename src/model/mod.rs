@@ -10,6 +10,7 @@
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod change;
 mod inputs;
 mod layer;
 mod linear;

@@ -144,6 +144,44 @@ test('the demo trains in the page, with the same losses as native, and the loss 
   console.log(`page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max relative |page − native|: ${diff(same).toExponential(2)} on SwiftShader, ${diff(lavapipe).toExponential(2)} on lavapipe`);
 });
 
+// "What did LoRA change?" after 8 steps: the heat map of ‖ΔW‖/‖W‖ (4 layers × 7
+// projections) and the top-5 along the tuned answer, against `webtune lora-change
+// --json` on the adapter the same options train natively (SwiftShader, the page's own
+// driver).
+test('the page shows what LoRA changed, as webtune lora-change does', async () => {
+  await page.goto(`${base}?${RUN}&steps=8&autostart=1`);
+  assert.equal((await waitFor(['done', 'error'])).step, '8');
+  const prompt = 'Reverse the word cat.';
+  await page.fill('#changePrompt', prompt);
+  await page.click('#showChange');
+  await page.waitForFunction(() => document.querySelector('#changeTop').dataset.top, null, { timeout: 120_000 });
+  const changes = JSON.parse(await page.getAttribute('#changeMap', 'data-changes'));
+  const top = JSON.parse(await page.getAttribute('#changeTop', 'data-top'));
+  assert.equal(changes.length, 28);
+  assert.equal(await page.locator('#changeMap td[data-relative]').count(), 28);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-change-'));
+  try {
+    nativeMetrics(['--model', 'demo', '--data', 'demo', '--steps', '8', '--lr', '0.002', '--schedule', 'constant', '--warmup', '0', '--lora-rank', '8',
+      '--lora-alpha', '16', '--lora-dropout', '0', '--batch-size', '4', '--max-seq-len', '128', '--seed', '42', '--f32-weights'], SWIFTSHADER, dir);
+    const env = { ...process.env, VK_ICD_FILENAMES: SWIFTSHADER };
+    const native = JSON.parse(execFileSync(bin, ['lora-change', '--model', 'demo', '--adapter', dir, '--prompt', prompt, '--json'], { env }).toString());
+    for (const c of changes) {
+      const n = native.changes.find((x) => x.layer === c.layer && x.projection === c.projection);
+      assert.ok(c.relative > 0 && Math.abs(c.relative - n.relative) <= 1e-3 * n.relative, `layer ${c.layer} ${c.projection}: page ${c.relative}, native ${n.relative}`);
+    }
+    // The same answer, token by token, with the same candidates first.
+    assert.deepEqual(top.map((r) => r.token), native.positions.map((p) => p.token));
+    top.forEach((r, i) => {
+      const n = native.positions[i];
+      assert.ok(Math.abs(r.tuned[0][1] - n.tuned[0][1]) < 1e-3 && Math.abs(r.base[0][1] - n.base[0][1]) < 1e-3, `position ${i}: ${JSON.stringify(r)} vs ${JSON.stringify(n)}`);
+    });
+    assert.ok(top.some((r) => r.tuned[0][0] !== r.base[0][0]), 'the adapter changes what comes first somewhere');
+    await page.locator('#changeMap').screenshot({ path: path.join(os.tmpdir(), 'webtune-lora-change.png') });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('the page previews what will be trained', async () => {
   const marks = await page.$$eval('#records mark', (m) => m.map((x) => x.textContent));
   assert.equal(marks.length, 3, 'one trained answer per record');
