@@ -36,6 +36,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("GPU readback failed: {0}")]
     Map(String),
+    /// The GPU device was lost (a driver reset, a browser reclaiming the GPU); the
+    /// message says where to resume.
+    #[error("{0}")]
+    DeviceLost(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -630,3 +630,20 @@ fn out_of_memory_halves_the_micro_batch_and_runs_the_step_again() {
     assert!(!root.join("failed").exists(), "a failed run leaves no half-made output directory");
     cleanup(&[&model, &root]);
 }
+
+/// A device lost in the middle of a run (destroyed through the test hook, as a driver
+/// reset would lose it) ends the run with an error that says so and names the last
+/// checkpoint: no panic, no hang.
+#[test]
+fn a_lost_device_stops_the_run_with_the_last_checkpoint_named() {
+    let g = max_binding(128 << 20);
+    let md = cli::ModelDir::open(Path::new("demo")).unwrap();
+    let ds = Rc::new(webtune::data::load(&md.tokenizer, &webtune::demo::data(), "demo", 96, false, false).unwrap());
+    let mut run = Run::new(&g, Rc::new(md.source), ds, None, RunOptions::demo(4)).unwrap();
+    block(run.next(&g)).unwrap();
+    run.saved("checkpoint-1".into());
+    g.lose_device();
+    let err = block(run.next(&g)).err().expect("the step fails").to_string();
+    assert!(g.lost().is_some());
+    assert!(err.contains("the GPU device was lost at step 2 (destroyed)") && err.contains("checkpoint-1") && err.contains("--resume"), "{err}");
+}

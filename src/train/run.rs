@@ -438,6 +438,13 @@ impl Run {
                         self.last_saved.clone().unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
                     )))
                 }
+                Err(e) if gpu.lost().is_some() => {
+                    return Err(Error::DeviceLost(format!(
+                        "the GPU device was lost at step {step} ({}): {e}. The run cannot go on on this device; resume from the last checkpoint ({}) with --resume",
+                        gpu.lost().unwrap_or_default(),
+                        self.last_saved.clone().unwrap_or_else(|| "none was saved yet".into())
+                    )))
+                }
                 other => break other?,
             }
         };
