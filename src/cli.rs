@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::data::batch::Dataset;
 use crate::data::{parse_records, Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -449,19 +448,6 @@ pub struct DpoReport {
     pub margins: Vec<f64>,
 }
 
-/// The fraction of the pairs in `data` whose chosen completion `model` gives the higher
-/// log-probability, for the pairs whose prompt has the held-out brief ask and the rest.
-async fn prefers_chosen(gpu: &Gpu, model: &Model, data: &Dataset, pad: u32) -> Result<(f64, f64)> {
-    let lp = crate::train::pair_logps(gpu, model, data, 16, pad).await?;
-    let (mut brief, mut plain) = ((0, 0), (0, 0));
-    for (i, [c, r]) in lp.iter().enumerate() {
-        let k = if data.examples[2 * i].text.contains(crate::demo::BRIEF_HELD_OUT) { &mut brief } else { &mut plain };
-        *k = (k.0 + (c > r) as usize, k.1 + 1);
-    }
-    let f = |(a, n): (usize, usize)| a as f64 / n.max(1) as f64;
-    Ok((f(brief), f(plain)))
-}
-
 /// A loss curve for a terminal: one column per bucket of steps, 8 rows.
 pub fn loss_curve(losses: &[f64], width: usize) -> String {
     if losses.is_empty() {
@@ -560,13 +546,10 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     let tok = &sft.source.tokenizer;
     let opts = RunOptions::demo_dpo(steps);
     let pairs = |text: String, name: &str| crate::data::load(tok, &text, name, opts.max_seq_len, false, false);
-    let held = pairs(crate::demo::preference_jsonl(crate::demo::TEST_SEED, 64, true), "held-out pairs")?;
     let brief = crate::demo::held_out_brief(crate::demo::TEST_SEED, 32);
     say(format!("\nDPO stage: prefer the bare result when a request asks for it (\"{}\"), the sentence otherwise;", crate::demo::BRIEF_ASKS[0]));
     say(format!("the SFT data never asked. The test uses the held-out ask \"{}\", phrasings and words.", crate::demo::BRIEF_HELD_OUT));
-    let (brief_before, plain_before) = prefers_chosen(gpu, &sft.model, &held, tok.pad_id).await?;
-    let answers = crate::demo::answers(gpu, &sft.model, tok, &brief, crate::demo::ANSWER_TOKENS).await?;
-    let answers_before = crate::demo::accuracy(&answers, &brief);
+    let before = crate::demo::dpo_test(gpu, &sft.model, tok, brief.len()).await?;
     let data = pairs(crate::demo::preference_data(), "demo-dpo")?;
     let mut run = sft.continued(gpu, Rc::new(data), opts).await?;
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
@@ -582,10 +565,10 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     }
     bar.finish_and_clear();
     say(format!("DPO loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
-    let (brief_after, plain_after) = prefers_chosen(gpu, &run.model, &held, tok.pad_id).await?;
-    let answers = crate::demo::answers(gpu, &run.model, tok, &brief, crate::demo::ANSWER_TOKENS).await?;
-    let answers_after = crate::demo::accuracy(&answers, &brief);
-    say(format!("held-out pairs where the model prefers the chosen answer, before → after DPO:"));
+    let after = crate::demo::dpo_test(gpu, &run.model, tok, brief.len()).await?;
+    let (brief_before, plain_before, answers_before) = (before.prefers_brief, before.prefers_plain, before.bare);
+    let (brief_after, plain_after, answers_after, answers) = (after.prefers_brief, after.prefers_plain, after.bare, after.answers);
+    say("held-out pairs where the model prefers the chosen answer, before → after DPO:".into());
     say(format!("  asked for the bare result:  {:>3.0}% → {:.0}%", 100.0 * brief_before, 100.0 * brief_after));
     say(format!("  plain requests (sentence):  {:>3.0}% → {:.0}%", 100.0 * plain_before, 100.0 * plain_after));
     say(format!("greedy answers to held-out brief requests that are the bare result: {:.0}% → {:.0}%", 100.0 * answers_before, 100.0 * answers_after));

@@ -124,8 +124,33 @@ pub fn accuracy(answers: &[String], expected: &[(String, String)]) -> f64 {
 /// `abcdef in capital letters is ABCDEF.`, is 36.
 pub const ANSWER_TOKENS: usize = 48;
 
-/// The demo's sequence length: the longest request, chat markup and answer fit.
-pub const MAX_SEQ_LEN: usize = 96;
+/// The DPO stage's held-out measures of a model: the fraction of held-out pairs whose
+/// chosen completion it gives the higher log-probability, for requests with the
+/// held-out brief ask and for plain ones, and the fraction of held-out brief requests
+/// it answers greedily with the bare result (`answers`, to `held_out_brief(TEST_SEED,
+/// n)`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DpoTest {
+    pub prefers_brief: f64,
+    pub prefers_plain: f64,
+    pub bare: f64,
+    pub answers: Vec<String>,
+}
+
+/// `DpoTest` of `model` on 64 held-out pairs and `n` held-out brief requests.
+pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Result<DpoTest> {
+    let held = crate::data::load(tok, &preference_jsonl(TEST_SEED, 64, true), "held-out pairs", MAX_SEQ_LEN, false, false)?;
+    let lp = crate::train::pair_logps(gpu, model, &held, 16, tok.pad_id).await?;
+    let (mut brief, mut plain) = ((0, 0), (0, 0));
+    for (i, [c, r]) in lp.iter().enumerate() {
+        let k = if held.examples[2 * i].text.contains(BRIEF_HELD_OUT) { &mut brief } else { &mut plain };
+        *k = (k.0 + (c > r) as usize, k.1 + 1);
+    }
+    let f = |(a, n): (usize, usize)| a as f64 / n.max(1) as f64;
+    let asked = held_out_brief(TEST_SEED, n);
+    let answers = answers(gpu, model, tok, &asked, ANSWER_TOKENS).await?;
+    Ok(DpoTest { prefers_brief: f(brief), prefers_plain: f(plain), bare: accuracy(&answers, &asked), answers })
+}
 
 /// The pretrained base of the demo, made by `scripts/pretrain-demo.sh` and embedded.
 const BASE: &[u8] = include_bytes!("../assets/demo-base/model.safetensors");

@@ -350,11 +350,21 @@ impl Session {
     /// The demo's held-out test, the first `n` of the requests `webtune` asks (phrasings
     /// and words never trained on): greedy answers with or without the adapter, as
     /// `{accuracy, answers: [{question, expected, answer}]}`.
+    /// After a DPO run, `dpo` holds the DPO stage's held-out measures too
+    /// (`demo::DpoTest`: pairs preferring the chosen answer, brief requests answered with
+    /// the bare result, on `n` of them).
     pub async fn demo_test(&mut self, n: usize, adapter: bool) -> Result<JsValue, JsError> {
         let held = crate::demo::held_out(crate::demo::TEST_SEED, n);
         let answers = self.answers(&held, crate::demo::ANSWER_TOKENS, adapter).await?;
         let rows: Vec<_> = held.iter().zip(&answers).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a})).collect();
-        out(&serde_json::json!({"accuracy": crate::demo::accuracy(&answers, &held), "answers": rows}))
+        let mut result = serde_json::json!({"accuracy": crate::demo::accuracy(&answers, &held), "answers": rows});
+        if let Some(run) = self.run.as_mut().filter(|r| r.opts.train.method == "dpo") {
+            run.model.adapter_enabled = adapter;
+            let test = crate::demo::dpo_test(&self.gpu, &run.model, &run.source.tokenizer, n).await;
+            run.model.adapter_enabled = true;
+            result["dpo"] = serde_json::to_value(test.map_err(js)?).map_err(|e| JsError::new(&e.to_string()))?;
+        }
+        out(&result)
     }
 
     /// Teaching view: one training record's tokens with the loss of each trained one,

@@ -594,6 +594,17 @@ $('demoTest').onclick = async () => {
     const pct = (a) => `${(100 * a).toFixed(0)}%`;
     score.textContent = `exact answers: base ${pct(base.accuracy)}, fine-tuned ${pct(tuned.accuracy)}`;
     Object.assign(score.dataset, { base: base.accuracy, tuned: tuned.accuracy });
+    // After a DPO run: the DPO stage's held-out measures, as `webtune` reports them.
+    const d = $('demoDpo');
+    d.textContent = '';
+    delete d.dataset.base;
+    delete d.dataset.tuned;
+    if (base.dpo && tuned.dpo) {
+      const m = (x) => `brief ask ${pct(x.prefers_brief)}, plain ${pct(x.prefers_plain)}`;
+      d.textContent = `DPO, held out: pairs whose chosen answer the model finds likelier — base ${m(base.dpo)}; fine-tuned ${m(tuned.dpo)}. Brief requests answered with the bare result: base ${pct(base.dpo.bare)}, fine-tuned ${pct(tuned.dpo.bare)}.`;
+      d.dataset.base = JSON.stringify(base.dpo);
+      d.dataset.tuned = JSON.stringify(tuned.dpo);
+    }
     const table = $('demoAnswers');
     table.replaceChildren();
     const row = (cells, tag) => {

@@ -142,6 +142,9 @@ pub fn held_out(seed: u64, n: usize) -> Vec<(String, String)> {
     (0..n).map(|_| instruction(&mut rng, true)).collect()
 }
 
+/// The demo's sequence length: the longest request, chat markup and answer fit.
+pub const MAX_SEQ_LEN: usize = 96;
+
 /// Records in the demo data set (`webtune train --data demo`, the page's demo data).
 pub const DATA_RECORDS: usize = 2048;
 

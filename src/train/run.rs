@@ -103,7 +103,7 @@ impl RunOptions {
     pub fn demo(steps: u64) -> RunOptions {
         RunOptions {
             lora_dropout: 0.1,
-            max_seq_len: crate::demo::MAX_SEQ_LEN,
+            max_seq_len: crate::data::demo::MAX_SEQ_LEN,
             train: Options { lr: 1e-2, batch_size: 16, steps: Some(steps), ..Options::default() },
             ..RunOptions::default()
         }

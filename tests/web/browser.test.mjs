@@ -465,6 +465,18 @@ test('a DPO run in the page gives the native losses and reward margins, and char
   assert.ok((await strokePixels('#chart canvas', [0x2b, 0x6c, 0xb0])) > 50, 'the loss line');
   assert.ok((await strokePixels('#dpoChart canvas', [0x2f, 0x85, 0x5a])) > 50, 'the margin line');
   assert.ok((await strokePixels('#dpoChart canvas', [0xc0, 0x56, 0x21])) > 20, 'the accuracy line');
+  // The held-out test adds the DPO stage's measures (as `webtune`'s demo reports them):
+  // 64 held-out pairs preferring the chosen answer, and brief requests answered bare.
+  await page.click('#demoTest');
+  await page.waitForFunction(() => document.querySelector('#demoDpo').dataset.tuned, null, { timeout: 300_000 });
+  const [b, t] = await Promise.all(['base', 'tuned'].map(async (k) => JSON.parse(await page.getAttribute('#demoDpo', `data-${k}`))));
+  for (const x of [b, t]) {
+    for (const k of ['prefers_brief', 'prefers_plain', 'bare']) assert.ok(x[k] >= 0 && x[k] <= 1, `${k} ${x[k]}`);
+    assert.equal(x.answers.length, 16);
+  }
+  // Two steps toward the bare result on brief asks already move the held-out pairs.
+  assert.ok(t.prefers_brief > b.prefers_brief, `brief: base ${b.prefers_brief}, tuned ${t.prefers_brief}`);
+  assert.match(await page.textContent('#demoDpo'), /DPO, held out: pairs whose chosen answer the model finds likelier — base brief ask \d+%/);
 });
 
 // The records of `webtune data inspect` (plain output): per side its header's counts,
