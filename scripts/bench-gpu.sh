@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 24's measurement on a GPU machine, in one call of at most 8 minutes: webtune's
+# kernels and a SmolLM2-135M-shaped LoRA step (random weights, r16 on all seven
+# projections, batch 4 x 512 packed tokens, with and without gradient checkpointing),
+# then PyTorch + PEFT on the same step (tests/reference/bench_pytorch.py: f32 with TF32
+# off, and bf16 autocast), and the ratios. Needs the release binary built elsewhere
+# (the GPU machine has no Rust) and the Vulkan loader: where `ldconfig -p` lists no
+# libvulkan, unpack the loader debs carried in .gl/ (see the device tool's README).
+# Writes every output under $OUT (default /tmp/bench-gpu).
+#
+#   bash scripts/bench-gpu.sh            # on the GPU machine, from the repository root
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/bench-gpu}
+mkdir -p "$out"
+if ! ldconfig -p | grep -q libvulkan && [ -d .gl ]; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+nv=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$nv" ] && export VK_DRIVER_FILES=${VK_DRIVER_FILES:-$nv}
+bin=${WEBTUNE_BIN:-target/release/webtune}
+[ -x "$bin" ] || { echo "error: $bin is not built (cargo build --release, then carry target/release/webtune)" >&2; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+"$bin" info | tee "$out/info.txt"
+model=$(mktemp -d)
+"$bin" random-model --config configs/SmolLM2-135M.json --out "$model" >/dev/null
+timeout 120 "$bin" bench kernels --min-secs 0.3 2>&1 | tee "$out/kernels.txt"
+for ck in none grad-checkpoint; do
+  flag=(); [ "$ck" = grad-checkpoint ] && flag=(--grad-checkpoint)
+  timeout 150 "$bin" bench train --model "$model" --data demo --batch-size 4 --max-seq-len 512 --pack --steps 5 "${flag[@]}" 2>&1 | tee "$out/train-$ck.txt"
+done
+PYTHONUNBUFFERED=1 timeout 150 python3 tests/reference/bench_pytorch.py --config configs/SmolLM2-135M.json --batch 4 --seq 512 2>&1 | tee "$out/pytorch.jsonl"
+python3 - "$out" <<'EOF'
+import json, re, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def ours(name):
+    m = re.search(r"^mean: ([\d.]+) tokens/s", (out / name).read_text(), re.M) if (out / name).exists() else None
+    return float(m.group(1)) if m else None
+torch = {}
+for line in (out / "pytorch.jsonl").read_text().splitlines() if (out / "pytorch.jsonl").exists() else []:
+    try:
+        j = json.loads(line)
+        torch[j["variant"]] = j["tokens_per_s"]
+    except (ValueError, KeyError):
+        pass
+for ck, suffix in (("none", ""), ("grad-checkpoint", ", checkpointing")):
+    w = ours(f"train-{ck}.txt")
+    for dtype in ("f32", "bf16 autocast"):
+        t = torch.get(dtype + suffix)
+        ratio = f"{w / t:.3f}" if w and t else "n/a"
+        print(f"webtune {w} tokens/s vs PyTorch {dtype}{suffix} {t} tokens/s: ratio {ratio}")
+EOF
+rm -rf "$model"
