@@ -8,6 +8,9 @@
 //                 (scale = 1 / pairs in the step: means, accumulated over micro-batches)
 //   coef    [2P]  −d(loss · scale)/d(logps): each sequence's factor in the
 //                 cross-entropy backward (cross_entropy_backward_scaled)
+//   sft           RPO's NLL term on the chosen completions (TRL's loss_type "sft",
+//                 older TRL's rpo_alpha α): the loss += sft · Σ −πc, sft = α / the
+//                 step's chosen completion tokens (their mean NLL, weighted α)
 // With h = (πc − rc) − (πr − rr) and σ the logistic function, the losses (TRL's names):
 //   sigmoid  −(1−ε) log σ(βh) − ε log σ(−βh)      (ε > 0: conservative DPO, cDPO)
 //   ipo      (hc/nc − hr/nr − 1/(2β))², hc = πc − rc, nc its completion tokens
@@ -15,7 +18,7 @@
 
 struct Params {
     pairs: u32, loss: u32, _p0: u32, _p1: u32,
-    beta: f32, eps: f32, scale: f32, _p2: u32,
+    beta: f32, eps: f32, scale: f32, sft: f32,
 }
 
 const SIGMOID: u32 = 0u;
@@ -58,7 +61,9 @@ fn pair(i: u32) -> vec3<f32> {
 @compute @workgroup_size(1, 1, 1)
 fn dpo_forward() {
     var s = array<f32, 7>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    var nll = 0.0;
     for (var i = 0u; i < p.pairs; i++) {
+        nll -= logps[i];
         let rc = p.beta * (logps[i] - ref_logps[i]);
         let rr = p.beta * (logps[p.pairs + i] - ref_logps[p.pairs + i]);
         s[0] += pair(i).x;
@@ -70,6 +75,7 @@ fn dpo_forward() {
         s[6] += logps[p.pairs + i];
     }
     for (var k = 0u; k < 7u; k++) { stats[k] += s[k] * p.scale; }
+    stats[0] += nll * p.sft;
 }
 
 // Grid: (ceil(P/64), 1, 1).
@@ -78,6 +84,6 @@ fn dpo_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
     if (i >= p.pairs) { return; }
     let g = pair(i);
-    coef[i] = -g.y * p.scale;
+    coef[i] = -g.y * p.scale + p.sft;
     coef[p.pairs + i] = -g.z * p.scale;
 }

@@ -390,9 +390,10 @@ fn dpo_pair(d: &Dpo, pairs: usize, i: usize, logps: &[f32], ref_logps: &[f32], c
 }
 
 /// `stats[k] += scale · Σ` over pairs of (loss, rewards/chosen, rewards/rejected,
-/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected).
+/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected); the loss also
+/// `+= sft · Σ −logps/chosen` (RPO's NLL term: `sft` = α / the step's chosen tokens).
 #[allow(clippy::too_many_arguments)]
-pub fn dpo_forward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], stats: &mut [f32]) {
+pub fn dpo_forward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], stats: &mut [f32]) {
     let mut s = [0.0f64; 7];
     for i in 0..pairs {
         let rc = d.beta as f64 * (logps[i] as f64 - ref_logps[i] as f64);
@@ -400,17 +401,19 @@ pub fn dpo_forward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps: 
         let terms = [dpo_pair(d, pairs, i, logps, ref_logps, counts).0, rc, rr, if rc > rr { 1.0 } else { 0.0 }, rc - rr, logps[i] as f64, logps[pairs + i] as f64];
         s.iter_mut().zip(terms).for_each(|(a, t)| *a += t);
     }
+    let nll: f64 = (0..pairs).map(|i| -(logps[i] as f64)).sum();
     for k in 0..7 {
-        stats[k] = (stats[k] as f64 + s[k] * scale as f64) as f32;
+        let sft_term = if k == 0 { nll * sft as f64 } else { 0.0 };
+        stats[k] = (stats[k] as f64 + s[k] * scale as f64 + sft_term) as f32;
     }
 }
 
-/// `coef` = −d(loss · scale)/d(logps).
+/// `coef` = −d(loss · scale + sft · Σ −logps/chosen)/d(logps).
 #[allow(clippy::too_many_arguments)]
-pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], coef: &mut [f32]) {
+pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], ref_logps: &[f32], counts: &[f32], coef: &mut [f32]) {
     for i in 0..pairs {
         let (_, dc, dr) = dpo_pair(d, pairs, i, logps, ref_logps, counts);
-        coef[i] = (-dc * scale as f64) as f32;
+        coef[i] = (-dc * scale as f64 + sft as f64) as f32;
         coef[pairs + i] = (-dr * scale as f64) as f32;
     }
 }

@@ -96,6 +96,8 @@ fn dpo_args(case: &Value, tag: &str, validate: bool) -> TrainArgs {
     // cDPO is TRL's sigmoid and robust losses weighted together (see gen_dpo.py); here
     // it is the sigmoid loss with label smoothing.
     let loss = if loss_type == ["sigmoid", "robust"] { "sigmoid" } else { loss_type[0] };
+    // RPO is TRL's sigmoid and sft losses, the second weighted α: --rpo-alpha α.
+    let rpo_alpha = if loss_type == ["sigmoid", "sft"] { case["loss_weights"][1].as_f64().unwrap() } else { 0.0 };
     let steps = case["steps"].as_u64().unwrap();
     let run = RunOptions {
         max_seq_len: 512,
@@ -113,6 +115,7 @@ fn dpo_args(case: &Value, tag: &str, validate: bool) -> TrainArgs {
             beta: case["beta"].as_f64().unwrap(),
             dpo_loss: loss.into(),
             label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+            rpo_alpha,
             ..Options::default()
         },
         ..RunOptions::default()
@@ -226,3 +229,11 @@ fn conservative_and_robust_dpo_match_trl() {
     trl_case(&case("robust"));
 }
 
+
+/// RPO: DPO plus the mean NLL of the chosen completions weighted 0.5 (`--rpo-alpha
+/// 0.5`; TRL's loss_type ["sigmoid", "sft"], loss_weights [1, 0.5]), from the SFT-like
+/// adapter: TRL's losses, gradient norms and metrics step by step.
+#[test]
+fn rpo_matches_trl() {
+    trl_case(&case("rpo"));
+}

@@ -199,6 +199,7 @@ fn dpo_losses() -> Vec<webtune::kernels::Dpo> {
         Dpo::new(DpoLoss::Sigmoid, 0.5, 0.2).unwrap(),
         Dpo::new(DpoLoss::Ipo, 0.1, 0.0).unwrap(),
         Dpo::new(DpoLoss::Robust, 0.3, 0.1).unwrap(),
+        Dpo::new(DpoLoss::Sigmoid, 0.1, 0.0).unwrap().with_rpo(0.7).unwrap(),
     ]
 }
 
@@ -212,13 +213,14 @@ fn dpo_gradient_matches_finite_differences() {
     let counts = [3.0, 7.0, 1.0, 5.0, 2.0, 9.0];
     let scale = 1.0 / pairs as f32;
     for d in dpo_losses() {
+        let sft = d.sft_scale(counts[..pairs].iter().sum::<f32>() as usize);
         let loss_of = |l: &[f32]| {
             let mut stats = vec![0.0; 8];
-            cpu::dpo_forward(&d, pairs, scale, l, &refs, &counts, &mut stats);
+            cpu::dpo_forward(&d, pairs, scale, sft, l, &refs, &counts, &mut stats);
             stats[0] as f64
         };
         let mut coef = vec![0.0; 2 * pairs];
-        cpu::dpo_backward(&d, pairs, scale, &logps, &refs, &counts, &mut coef);
+        cpu::dpo_backward(&d, pairs, scale, sft, &logps, &refs, &counts, &mut coef);
         let grad: Vec<f32> = coef.iter().map(|c| -c).collect();
         assert!(grad.iter().any(|g| g.abs() > 1e-3), "{d:?}: {grad:?}");
         fd(&format!("dpo {d:?} d/dlogps"), &grad, &logps, loss_of);
@@ -245,14 +247,15 @@ fn dpo_loss_gradient_by_the_logits_matches_finite_differences() {
         (lp, lse)
     };
     for d in dpo_losses() {
+        let sft = d.sft_scale(counts[..pairs].iter().sum::<f32>() as usize);
         let loss_of = |z: &[f32]| {
             let mut stats = vec![0.0; 8];
-            cpu::dpo_forward(&d, pairs, 0.5, &seq_logps(z).0, &refs, &counts, &mut stats);
+            cpu::dpo_forward(&d, pairs, 0.5, sft, &seq_logps(z).0, &refs, &counts, &mut stats);
             stats[0] as f64
         };
         let (lp, lse) = seq_logps(&logits);
         let mut coef = vec![0.0; 2 * pairs];
-        cpu::dpo_backward(&d, pairs, 0.5, &lp, &refs, &counts, &mut coef);
+        cpu::dpo_backward(&d, pairs, 0.5, sft, &lp, &refs, &counts, &mut coef);
         let mut dl = logits.clone();
         cpu::cross_entropy_backward_scaled(n, v, 1.0, &mut dl, &targets, &lse, 0, t, &coef);
         fd(&format!("dpo {d:?} d/dlogits"), &dl, &logits, loss_of);

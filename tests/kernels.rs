@@ -418,16 +418,17 @@ fn dpo_case(g: &webtune::gpu::Gpu, d: &k::Dpo, pairs: usize, seed: u64) {
     let refs: Vec<f32> = rng.vec(2 * pairs, 10.0).iter().map(|x| x - 40.0).collect();
     let counts: Vec<f32> = (0..2 * pairs).map(|_| rng.below(30) as f32 + 1.0).collect();
     let scale = 1.0 / (pairs + 3) as f32;
+    let sft = d.sft_scale(counts[..pairs].iter().sum::<f32>() as usize + 5);
     let (tl, tr, tc) = (up(g, &logps), up(g, &refs), up(g, &counts));
     let init = [0.25f32, -1.0, 2.0, 0.0, 1.0, -3.0, 4.0, 0.0];
     let (tstats, tcoef) = (up(g, &init), zeros(g, 2 * pairs));
     run(g, |r| {
-        k::dpo_forward(g, r, d, pairs, scale, &tl, &tr, &tc, &tstats)?;
-        k::dpo_backward(g, r, d, pairs, scale, &tl, &tr, &tc, &tcoef)
+        k::dpo_forward(g, r, d, pairs, scale, sft, &tl, &tr, &tc, &tstats)?;
+        k::dpo_backward(g, r, d, pairs, scale, sft, &tl, &tr, &tc, &tcoef)
     });
     let (mut stats, mut coef) = (init.to_vec(), vec![0.0; 2 * pairs]);
-    cpu::dpo_forward(d, pairs, scale, &logps, &refs, &counts, &mut stats);
-    cpu::dpo_backward(d, pairs, scale, &logps, &refs, &counts, &mut coef);
+    cpu::dpo_forward(d, pairs, scale, sft, &logps, &refs, &counts, &mut stats);
+    cpu::dpo_backward(d, pairs, scale, sft, &logps, &refs, &counts, &mut coef);
     close(&format!("dpo stats {d:?}"), &read(g, &tstats), &stats, 1e-5, 1e-4);
     close(&format!("dpo coef {d:?}"), &read(g, &tcoef), &coef, 1e-7, 1e-4);
 }
@@ -439,7 +440,14 @@ fn dpo_matches_reference() {
         dpo_case(gpu(), &d, 4, 70 + i as u64);
         dpo_case(gpu(), &d, 130, 80 + i as u64);
     }
+    // RPO's NLL term on the chosen completions, beside sigmoid and IPO.
+    for (i, loss) in [k::DpoLoss::Sigmoid, k::DpoLoss::Ipo].into_iter().enumerate() {
+        let d = k::Dpo::new(loss, 0.1, 0.0).unwrap().with_rpo(0.5).unwrap();
+        dpo_case(gpu(), &d, 4, 90 + i as u64);
+        dpo_case(gpu(), &d, 130, 95 + i as u64);
+    }
     assert!(k::Dpo::new(k::DpoLoss::Ipo, 0.1, 0.1).is_err() && k::Dpo::new(k::DpoLoss::Sigmoid, 0.0, 0.0).is_err());
+    assert!(k::Dpo::new(k::DpoLoss::Sigmoid, 0.1, 0.0).unwrap().with_rpo(-1.0).is_err());
 }
 
 #[test]

@@ -70,7 +70,7 @@ worker.onmessage = (e) => {
 // The defaults and the demo's preset come from Rust (`RunOptions`, `Session::presets`);
 // the form shows them and query parameters override them.
 let presets = null;
-const FIELDS = { rank: 'lora_rank', alpha: 'lora_alpha', dropout: 'lora_dropout', lr: 'lr', steps: 'steps', epochs: 'epochs', batch: 'batch_size', seq: 'max_seq_len', seed: 'seed', beta: 'beta', smoothing: 'label_smoothing' };
+const FIELDS = { rank: 'lora_rank', alpha: 'lora_alpha', dropout: 'lora_dropout', lr: 'lr', steps: 'steps', epochs: 'epochs', batch: 'batch_size', seq: 'max_seq_len', seed: 'seed', beta: 'beta', smoothing: 'label_smoothing', rpo: 'rpo_alpha' };
 const num = (id, param) => Number(params.get(param) ?? $(id).value);
 
 function showPreset(p) {
@@ -129,6 +129,7 @@ function runOptions() {
     beta: num('beta', 'beta'),
     dpo_loss: params.get('loss') ?? $('loss').value,
     label_smoothing: num('smoothing', 'smoothing'),
+    rpo_alpha: num('rpo', 'rpo'),
   };
 }
 

@@ -35,6 +35,9 @@ pub struct Dpo {
     pub beta: f32,
     /// Label smoothing ε (sigmoid: cDPO; robust: the flip probability).
     pub eps: f32,
+    /// RPO's weight α of the NLL on the chosen completions (TRL's `loss_type` "sft"
+    /// with this `loss_weights` entry; older TRL's `rpo_alpha`); 0: none.
+    pub rpo_alpha: f32,
 }
 
 impl Dpo {
@@ -52,7 +55,21 @@ impl Dpo {
                 "--label-smoothing {eps} does not fit --loss {loss:?}: sigmoid takes [0, 0.5], robust [0, 0.5), ipo none"
             )));
         }
-        Ok(Dpo { loss, beta, eps })
+        Ok(Dpo { loss, beta, eps, rpo_alpha: 0.0 })
+    }
+
+    /// With RPO's NLL term on the chosen completions, weighted `alpha` (≥ 0).
+    pub fn with_rpo(self, alpha: f32) -> Result<Dpo> {
+        if !(alpha >= 0.0 && alpha.is_finite()) {
+            return Err(Error::Config(format!("--rpo-alpha must be 0 or more, got {alpha}")));
+        }
+        Ok(Dpo { rpo_alpha: alpha, ..self })
+    }
+
+    /// The NLL term's factor for a step of `chosen_tokens` chosen completion tokens: α /
+    /// chosen_tokens (their mean NLL, as TRL takes it over the batch), 0 without RPO.
+    pub fn sft_scale(&self, chosen_tokens: usize) -> f32 {
+        if self.rpo_alpha == 0.0 { 0.0 } else { self.rpo_alpha / chosen_tokens.max(1) as f32 }
     }
 }
 
@@ -66,16 +83,16 @@ struct Params {
     beta: f32,
     eps: f32,
     scale: f32,
-    _p2: u32,
+    sft: f32,
 }
 
-fn params(d: &Dpo, pairs: usize, scale: f32) -> Params {
+fn params(d: &Dpo, pairs: usize, scale: f32, sft: f32) -> Params {
     let loss = match d.loss {
         DpoLoss::Sigmoid => 0,
         DpoLoss::Ipo => 1,
         DpoLoss::Robust => 2,
     };
-    Params { pairs: pairs as u32, loss, _p0: 0, _p1: 0, beta: d.beta, eps: d.eps, scale, _p2: 0 }
+    Params { pairs: pairs as u32, loss, _p0: 0, _p1: 0, beta: d.beta, eps: d.eps, scale, sft }
 }
 
 fn check_args(op: &str, pairs: usize, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor) -> Result<()> {
@@ -86,23 +103,24 @@ fn check_args(op: &str, pairs: usize, logps: &Tensor, ref_logps: &Tensor, counts
 }
 
 /// `stats` `[8]` += scale · Σ over the pairs of (loss, rewards/chosen, rewards/rejected,
-/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected), the last slot 0.
+/// rewards/accuracies, rewards/margins, logps/chosen, logps/rejected), the last slot 0;
+/// the loss also += sft · Σ −logps/chosen (RPO's NLL term, `Dpo::sft_scale`).
 #[allow(clippy::too_many_arguments)]
-pub fn dpo_forward(gpu: &Gpu, rec: &mut Recorder, d: &Dpo, pairs: usize, scale: f32, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor, stats: &Tensor) -> Result<()> {
+pub fn dpo_forward(gpu: &Gpu, rec: &mut Recorder, d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor, stats: &Tensor) -> Result<()> {
     let op = "dpo_forward";
     check_args(op, pairs, logps, ref_logps, counts)?;
     stats.expect(op, "stats", DType::F32, 8)?;
     check(pairs + 16 <= gpu.caps.max_loop as usize, op, || format!("{pairs} pairs exceed this driver's loop budget"))?;
     let pipeline = gpu.pipeline(&DPO, op, &[]);
-    gpu.dispatch(rec, &pipeline, op, &params(d, pairs, scale), &[(1, logps.into()), (2, ref_logps.into()), (3, counts.into()), (4, stats.into())], [1, 1, 1])
+    gpu.dispatch(rec, &pipeline, op, &params(d, pairs, scale, sft), &[(1, logps.into()), (2, ref_logps.into()), (3, counts.into()), (4, stats.into())], [1, 1, 1])
 }
 
-/// `coef` `[2P]` = −d(loss · scale)/d(logps).
+/// `coef` `[2P]` = −d(loss · scale + sft · Σ −logps/chosen)/d(logps).
 #[allow(clippy::too_many_arguments)]
-pub fn dpo_backward(gpu: &Gpu, rec: &mut Recorder, d: &Dpo, pairs: usize, scale: f32, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor, coef: &Tensor) -> Result<()> {
+pub fn dpo_backward(gpu: &Gpu, rec: &mut Recorder, d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &Tensor, ref_logps: &Tensor, counts: &Tensor, coef: &Tensor) -> Result<()> {
     let op = "dpo_backward";
     check_args(op, pairs, logps, ref_logps, counts)?;
     coef.expect(op, "coef", DType::F32, 2 * pairs)?;
     let pipeline = gpu.pipeline(&DPO, op, &[]);
-    gpu.dispatch(rec, &pipeline, op, &params(d, pairs, scale), &[(1, logps.into()), (2, ref_logps.into()), (3, counts.into()), (5, coef.into())], [groups(pairs, 64), 1, 1])
+    gpu.dispatch(rec, &pipeline, op, &params(d, pairs, scale, sft), &[(1, logps.into()), (2, ref_logps.into()), (3, counts.into()), (5, coef.into())], [groups(pairs, 64), 1, 1])
 }

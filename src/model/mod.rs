@@ -456,7 +456,7 @@ impl Model {
     /// the head runs again per chunk for the cross-entropy backward scaled by it.
     /// `ref_logps` and `counts` (completion tokens) are `[2P]` in the batch's order.
     #[allow(clippy::too_many_arguments)]
-    pub fn dpo_forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], dpo: &k::Dpo, ref_logps: &Tensor, counts: &Tensor, scale: f32, stats: &Tensor) -> Result<()> {
+    pub fn dpo_forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], dpo: &k::Dpo, ref_logps: &Tensor, counts: &Tensor, (scale, sft): (f32, f32), stats: &Tensor) -> Result<()> {
         if !self.adapter_enabled {
             return Err(Error::Config("cannot train with the adapter disabled".into()));
         }
@@ -471,8 +471,8 @@ impl Model {
         let trunk = self.forward(gpu, &mut rec, inp, None, keep, true)?;
         let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, t)?;
         let coef = zeros(gpu, &mut rec, "dpo coef", &[b])?;
-        k::dpo_forward(gpu, &mut rec, dpo, pairs, scale, &logps, ref_logps, counts, stats)?;
-        k::dpo_backward(gpu, &mut rec, dpo, pairs, scale, &logps, ref_logps, counts, &coef)?;
+        k::dpo_forward(gpu, &mut rec, dpo, pairs, scale, sft, &logps, ref_logps, counts, stats)?;
+        k::dpo_backward(gpu, &mut rec, dpo, pairs, scale, sft, &logps, ref_logps, counts, &coef)?;
         let (n, vocab) = (targets.len(), self.cfg.vocab);
         let dhf = zeros(gpu, &mut rec, "dhf", &[n, self.cfg.hidden])?;
         let per = self.head_chunk_rows(gpu);

@@ -65,6 +65,11 @@ pub struct Options {
     /// DPO label smoothing ε: conservative DPO with sigmoid, the flip rate with robust.
     #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().label_smoothing))]
     pub label_smoothing: f64,
+    /// DPO: weight of an NLL term on the chosen completions (RPO; TRL's rpo_alpha, or
+    /// loss_type [.., "sft"] with this loss weight), which keeps the chosen answers
+    /// likely while the preference moves. 0: none.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().rpo_alpha))]
+    pub rpo_alpha: f64,
 }
 
 impl Default for Options {
@@ -85,6 +90,7 @@ impl Default for Options {
             beta: 0.1,
             dpo_loss: "sigmoid".into(),
             label_smoothing: 0.0,
+            rpo_alpha: 0.0,
         }
     }
 }
@@ -258,7 +264,7 @@ pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: us
 
 /// The DPO loss of `opts`, checked.
 pub fn dpo_of(opts: &Options) -> Result<Dpo> {
-    Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Config)?, opts.beta as f32, opts.label_smoothing as f32)
+    Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Config)?, opts.beta as f32, opts.label_smoothing as f32)?.with_rpo(opts.rpo_alpha as f32)
 }
 
 impl Trainer {
@@ -313,6 +319,8 @@ impl Trainer {
                 return Err(Error::Config(format!("DPO needs the reference log-probabilities of all {} pairs first (Trainer::reference)", train.items())));
             }
             let scale = 1.0 / micro.iter().map(|m| m.len()).sum::<usize>().max(1) as f32;
+            // RPO's NLL is the mean over the step's chosen completion tokens.
+            let sft = d.sft_scale(micro.iter().flatten().map(|&i| train.sequences[2 * i].trained_targets()).sum());
             let stats = dpo_stats(gpu)?;
             let mut tokens = 0;
             for (j, idx) in micro.iter().enumerate() {
@@ -320,7 +328,7 @@ impl Trainer {
                 tokens += b.real_tokens();
                 let mut inp = inputs(gpu, &b)?;
                 inp.dropout_seed = Some(seed(j));
-                model.dpo_forward_backward(gpu, &inp, &b.targets, d, &r, &c, scale, &stats)?;
+                model.dpo_forward_backward(gpu, &inp, &b.targets, d, &r, &c, (scale, sft), &stats)?;
             }
             (vec![stats], tokens)
         } else {
@@ -391,13 +399,14 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
         return Err(Error::Data(format!("nothing to evaluate: {} pairs, {} reference log-probabilities", data.items(), reference.len())));
     }
     let scale = 1.0 / data.items() as f32;
+    let sft = dpo.sft_scale((0..data.items()).map(|i| data.sequences[2 * i].trained_targets()).sum());
     let stats = dpo_stats(gpu)?;
     let idx: Vec<usize> = (0..data.items()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
         let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
         let mut rec = gpu.recorder("dpo eval");
-        crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, &logps, &r, &c, &stats)?;
+        crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, sft, &logps, &r, &c, &stats)?;
         gpu.submit(rec);
     }
     let s = gpu.read::<f32>(&stats).await?;

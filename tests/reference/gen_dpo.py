@@ -79,6 +79,11 @@ CASES = [
          label_smoothing=LABEL_SMOOTHING, lr=1e-2),
     dict(name="robust", data="conversational", adapter="fresh", loss_type=["robust"],
          loss_weights=None, beta=0.1, label_smoothing=LABEL_SMOOTHING, lr=1e-2),
+    # RPO (older TRL's rpo_alpha): DPO plus an NLL term on the chosen completions, the
+    # mean over the batch's chosen completion tokens, weighted 0.5; from the SFT-like
+    # adapter, so that the NLL's gradient is not the only thing moving B.
+    dict(name="rpo", data="conversational", adapter="sft", loss_type=["sigmoid", "sft"],
+         loss_weights=[1.0, 0.5], beta=0.1, label_smoothing=0.0, lr=1e-2),
 ]
 
 
@@ -249,7 +254,7 @@ def expected_loss(case, pairs, tokens):
         ls = lambda v: F.logsigmoid(torch.tensor(v, dtype=torch.float64)).item()  # noqa: E731
         if case["name"] == "cdpo":
             total += -(1 - eps) * ls(x) - eps * ls(-x)
-        elif case["loss_type"] == ["sigmoid"]:
+        elif case["loss_type"] in (["sigmoid"], ["sigmoid", "sft"]):
             total += -ls(x)
         elif case["loss_type"] == ["robust"]:
             total += (-(1 - eps) * ls(x) + eps * ls(-x)) / (1 - 2 * eps)
@@ -258,7 +263,12 @@ def expected_loss(case, pairs, tokens):
             total += (d - 1 / (2 * beta)) ** 2
         else:
             raise ValueError(case["name"])
-    return total / len(tokens)
+    loss = total / len(tokens)
+    if case["loss_type"] == ["sigmoid", "sft"]:
+        # The mean NLL over the batch's chosen completion tokens, weighted.
+        nll = -sum(pairs["logps/chosen"]) / sum(len(t["chosen"]) for t in tokens)
+        loss += case["loss_weights"][1] * nll
+    return loss
 
 
 def close(a, b, tol):
@@ -306,7 +316,9 @@ def run_case(case, data, tokenizer):
             assert abs(logs[s][key] - value) < 1e-4, (case["name"], s + 1, key, logs[s][key], value)
         want = expected_loss(case, p, tokens)
         assert close(trainer.step_losses[s], want, 1e-5), (case["name"], s + 1, trainer.step_losses[s], want)
-    if case["loss_type"] != ["ipo"]:
+    if case["loss_type"] == ["sigmoid", "sft"]:
+        pass  # log 2 plus the NLL term at step 1: the formula above checks it
+    elif case["loss_type"] != ["ipo"]:
         # At step 1, h = 0: every loss here is log 2 there.
         assert close(trainer.step_losses[0], math.log(2), 1e-6), trainer.step_losses[0]
     else:
