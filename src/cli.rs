@@ -566,19 +566,26 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     bar.finish_and_clear();
     say(format!("DPO loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
     let after = crate::demo::dpo_test(gpu, &run.model, tok, brief.len()).await?;
-    let (brief_before, plain_before, answers_before) = (before.prefers_brief, before.prefers_plain, before.bare);
-    let (brief_after, plain_after, answers_after, answers) = (after.prefers_brief, after.prefers_plain, after.bare, after.answers);
     say("held-out pairs where the model prefers the chosen answer, before → after DPO:".into());
-    say(format!("  asked for the bare result:  {:>3.0}% → {:.0}%", 100.0 * brief_before, 100.0 * brief_after));
-    say(format!("  plain requests (sentence):  {:>3.0}% → {:.0}%", 100.0 * plain_before, 100.0 * plain_after));
-    say(format!("greedy answers to held-out brief requests that are the bare result: {:.0}% → {:.0}%", 100.0 * answers_before, 100.0 * answers_after));
+    say(format!("  asked for the bare result:  {:>3.0}% → {:.0}%", 100.0 * before.prefers_brief, 100.0 * after.prefers_brief));
+    say(format!("  plain requests (sentence):  {:>3.0}% → {:.0}%", 100.0 * before.prefers_plain, 100.0 * after.prefers_plain));
+    say(format!("greedy answers to held-out brief requests that are the bare result: {:.0}% → {:.0}%", 100.0 * before.bare, 100.0 * after.bare));
     for (i, (q, a)) in brief.iter().enumerate().take(3) {
-        let mark = if answers[i].trim() == a { "✓" } else { "✗" };
-        say(format!("  {mark} {q:<60} → {:?}", answers[i]));
+        let mark = if after.answers[i].trim() == a { "✓" } else { "✗" };
+        say(format!("  {mark} {q:<60} → {:?}", after.answers[i]));
     }
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     say(format!("DPO adapter written to {}", out.display()));
-    Ok(DpoReport { brief_before, brief_after, plain_before, plain_after, answers_before, answers_after, losses, margins })
+    Ok(DpoReport {
+        brief_before: before.prefers_brief,
+        brief_after: after.prefers_brief,
+        plain_before: before.prefers_plain,
+        plain_after: after.prefers_plain,
+        answers_before: before.bare,
+        answers_after: after.bare,
+        losses,
+        margins,
+    })
 }
 
 /// `webtune lora-change`: what an adapter changed. Per layer and projection ‖ΔW‖/‖W‖
@@ -587,19 +594,11 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
 /// the tuned model's top `top` next tokens at each answer token. `json`: one object
 /// `{changes, positions}` instead.
 pub async fn lora_change(gpu: &Gpu, md: &ModelDir, adapter: &Path, prompt: &str, answer: Option<&str>, top: usize, json: bool) -> Result<()> {
-    use crate::model::change::{lora_change, next_token_top};
+    use crate::model::change::{lora_change, next_token_top, prompt_and_answer};
     let tok = &md.tokenizer;
     let mut model = load_for_inference(gpu, md, Some(adapter))?;
     let changes = lora_change(gpu, &model, &md.weights).await?;
-    let mut ids = tok.prompt_ids(prompt, true)?;
-    let from = ids.len();
-    match answer {
-        Some(a) => ids.extend(tok.encode(a, false)?.0),
-        None => ids.extend(model.generate(gpu, &ids.clone(), 24, &Sampling::default(), |_| {}).await?),
-    }
-    if ids.len() == from {
-        return Err(Error::Options("the answer has no tokens: give one with --answer".into()));
-    }
+    let (ids, from) = prompt_and_answer(gpu, &model, tok, prompt, answer).await?;
     let positions = next_token_top(gpu, &mut model, &ids, from, top).await?;
     if json {
         println!("{}", serde_json::json!({ "changes": changes, "positions": positions }));

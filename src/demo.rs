@@ -139,7 +139,9 @@ pub struct DpoTest {
 
 /// `DpoTest` of `model` on 64 held-out pairs and `n` held-out brief requests.
 pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Result<DpoTest> {
-    let held = crate::data::load(tok, &preference_jsonl(TEST_SEED, 64, true), "held-out pairs", MAX_SEQ_LEN, false, false)?;
+    // At the DPO stage's sequence length, as it trains them.
+    let seq = crate::train::RunOptions::demo_dpo(0).max_seq_len;
+    let held = crate::data::load(tok, &preference_jsonl(TEST_SEED, 64, true), "held-out pairs", seq, false, false)?;
     let lp = crate::train::pair_logps(gpu, model, &held, 16, tok.pad_id).await?;
     let (mut brief, mut plain) = ((0, 0), (0, 0));
     for (i, [c, r]) in lp.iter().enumerate() {

@@ -440,7 +440,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 let md = cli::ModelDir::open(&config)?;
                 (md.source.cfg.clone(), Box::new(md.source.weights))
             };
-            let run = RunOptions {
+            let mut run = RunOptions {
                 lora_rank,
                 lora_alpha: 2.0 * lora_rank as f32,
                 full,
@@ -451,15 +451,15 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 memory_budget,
                 ..Default::default()
             };
-            let mut run = run;
             let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
-            let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, webtune::train::fit::budget(&run, false)?)?;
+            let budget = webtune::train::fit::budget(&run, false)?;
+            let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);
             if let Some((q, note)) = &lowered {
                 println!("{note}");
                 run.quantize = Some((*q).into());
                 plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
             }
-            if let Some(budget) = webtune::train::fit::budget(&run, false)? {
+            if let Some(budget) = budget {
                 let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;
                 match (&fit.note, &lowered) {
                     (Some(note), _) => println!("{note}"),

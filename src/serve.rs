@@ -5,8 +5,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::borrow::Cow;
 use std::path::{Component, Path, PathBuf};
-
 
 use crate::error::{Error, Result};
 
@@ -61,18 +61,11 @@ impl Root {
         Some(format!("web/{rel}"))
     }
 
-    /// The bytes of a page path, if it exists.
-    pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
+    /// The bytes of a page path, if it exists (a directory does not read).
+    pub fn read(&self, rel: &str) -> Option<Cow<'static, [u8]>> {
         match self {
-            Root::BuiltIn => built_in::PAGE.iter().find(|(p, _)| *p == rel).map(|(_, b)| b.to_vec()),
-            Root::Dir(d) => {
-                let full = d.join(rel);
-                if full.is_file() {
-                    std::fs::read(full).ok()
-                } else {
-                    None
-                }
-            }
+            Root::BuiltIn => built_in::PAGE.iter().find(|(p, _)| *p == rel).map(|(_, b)| Cow::Borrowed(*b)),
+            Root::Dir(d) => std::fs::read(d.join(rel)).ok().map(Cow::Owned),
         }
     }
 
@@ -103,7 +96,7 @@ fn respond(mut stream: TcpStream, root: &Root) {
     let found = if method == "GET" || method == "HEAD" { Root::resolve(path) } else { None };
     let (status, body, ctype) = match found.and_then(|p| root.read(&p).map(|b| (p, b))) {
         Some((p, bytes)) => ("200 OK", bytes, content_type(Path::new(&p))),
-        None => ("404 Not Found", b"not found\n".to_vec(), "text/plain"),
+        None => ("404 Not Found", Cow::Borrowed(&b"not found\n"[..]), "text/plain"),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",

@@ -249,10 +249,7 @@ impl Session {
     pub async fn next_token_top(&mut self, prompt: &str, k: usize) -> Result<JsValue, JsError> {
         let run = self.run.as_mut().ok_or_else(|| JsError::new("start a run first"))?;
         let tok = &run.source.tokenizer;
-        let mut ids = tok.prompt_ids(prompt, true).map_err(js)?;
-        let from = ids.len();
-        let answer = run.model.generate(&self.gpu, &ids, 24, &crate::model::generate::Sampling::default(), |_| {}).await.map_err(js)?;
-        ids.extend(answer);
+        let (ids, from) = crate::model::change::prompt_and_answer(&self.gpu, &run.model, tok, prompt, None).await.map_err(js)?;
         let positions = crate::model::change::next_token_top(&self.gpu, &mut run.model, &ids, from, k).await.map_err(js)?;
         let text = |t: u32| tok.decode_with_special(&[t]);
         let list = |c: &[(u32, f32)]| c.iter().map(|&(t, p)| serde_json::json!([text(t), p])).collect::<Vec<_>>();

@@ -168,8 +168,8 @@ async function download(url, what, optional = false) {
     if (!r) break;
     parts.push(await r.blob());
   }
-  const dropParts = async (from = 0) => {
-    for (let i = from; cache; i++) if (!(await cache.delete(partKey(i)))) break;
+  const dropParts = async () => {
+    for (let i = 0; cache; i++) if (!(await cache.delete(partKey(i)))) break;
   };
   const start = parts.reduce((n, b) => n + b.size, 0);
   let r;

@@ -109,6 +109,25 @@ pub async fn next_token_top(gpu: &Gpu, model: &mut Model, ids: &[u32], from: usi
         .collect())
 }
 
+/// `prompt` as a user turn with the chat template, then `answer` (its tokens), or the
+/// model's greedy answer of up to 24 tokens where none is given: the ids, and where the
+/// answer starts (what `next_token_top` takes).
+pub async fn prompt_and_answer(gpu: &Gpu, model: &Model, tok: &crate::data::Tokenizer, prompt: &str, answer: Option<&str>) -> Result<(Vec<u32>, usize)> {
+    let mut ids = tok.prompt_ids(prompt, true)?;
+    let from = ids.len();
+    let given = answer.is_some();
+    let answer = match answer {
+        Some(a) => tok.encode(a, false)?.0,
+        None => model.generate(gpu, &ids, 24, &super::generate::Sampling::default(), |_| {}).await?,
+    };
+    if answer.is_empty() {
+        let why = if given { "the answer given has no tokens" } else { "the model ended its answer at once: there is no answer to follow" };
+        return Err(Error::Options(why.into()));
+    }
+    ids.extend(answer);
+    Ok((ids, from))
+}
+
 /// The `k` most probable tokens of one row of logits, with their softmax probabilities.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

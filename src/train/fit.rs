@@ -69,39 +69,50 @@ fn available_memory() -> Option<u64> {
     None
 }
 
-/// The frozen-weight formats a plan may lower to, in order: Q8_0, then NF4 (QLoRA's).
-const LOWER: [&str; 2] = ["q8", "nf4"];
+/// The frozen-weight formats a plan may lower to, in order: Q8_0, then NF4 (QLoRA's),
+/// by their `--quantize` names.
+const LOWER: [(&str, QType); 2] = [("q8", QType::Q8_0), ("nf4", QType::Nf4)];
+
+/// Whether the plan may pack the frozen weights itself: a LoRA run whose options name
+/// no frozen-weight format (`--quantize` unset or `auto`: `RunOptions::frozen` is `Auto`).
+fn may_lower(opts: &RunOptions) -> bool {
+    !opts.full && matches!(opts.frozen(), Ok(Frozen::Auto))
+}
+
+/// A step's estimate at one sequence (pair) of `longest` tokens with gradient
+/// checkpointing, the frozen weights held as `frozen`: the least any plan can need.
+fn one_checkpointed(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, frozen: Frozen) -> u64 {
+    let per = if opts.train.method == "dpo" { 2 } else { 1 };
+    memory::estimate(cfg, &Plan { batch: per, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total()
+}
 
 /// Where a LoRA run names no frozen-weight format (`--quantize`) and its step fits the
 /// budget in no other way (even one sequence at a time with gradient checkpointing
 /// does not), the first of `LOWER` its step fits with: the `--quantize` value, and a
 /// line saying why. None where the format as given fits, the run names its format or
 /// trains every weight, or there is no budget. `base` is the options' memory plan.
-pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget: Option<u64>) -> Result<Option<(&'static str, String)>> {
-    let Some(bud) = budget else { return Ok(None) };
-    if opts.full || opts.quantize.as_deref().is_some_and(|q| !q.is_empty() && q != "auto") {
-        return Ok(None);
+pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget: Option<u64>) -> Option<(&'static str, String)> {
+    let bud = budget?;
+    if !may_lower(opts) {
+        return None;
     }
-    let per = if opts.train.method == "dpo" { 2 } else { 1 };
-    let one = |frozen: Frozen| memory::estimate(cfg, &Plan { batch: per, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total();
-    let given = one(base.frozen.clone());
+    let given = one_checkpointed(cfg, opts, base, longest, base.frozen.clone());
     if given <= bud {
-        return Ok(None);
+        return None;
     }
-    for q in LOWER {
-        let need = one(Frozen::Quantize(QType::parse_quantize(q)?));
-        if need <= bud {
+    LOWER.into_iter().find_map(|(q, t)| {
+        let need = one_checkpointed(cfg, opts, base, longest, Frozen::Quantize(t));
+        (need <= bud).then(|| {
             let note = format!(
                 "plan: the frozen weights are packed as {} (as --quantize {q}): with them as given, one sequence of {longest} tokens at a time with gradient checkpointing needs about {}, more than the memory budget of {}; packed, about {}",
-                QType::parse_quantize(q)?.name().to_uppercase(),
+                t.name().to_uppercase(),
                 mib(given),
                 mib(bud),
                 mib(need)
             );
-            return Ok(Some((q, note)));
-        }
-    }
-    Ok(None)
+            (q, note)
+        })
+    })
 }
 
 /// The plan for batches of `opts.train.batch_size` over sequences of up to `longest`
@@ -163,12 +174,10 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
         }
     }
     let packed = matches!(base.frozen, Frozen::Quantize(_));
-    let nf4 = Plan { batch: per, seq: longest, grad_checkpoint: true, frozen: Frozen::Quantize(QType::Nf4), ..base.clone() };
     // A LoRA run that names no format has had its weights lowered as far as `LOWER`
     // goes (`lower_frozen`); one that names f16 or f32 may still pack them.
-    let lowerable = !opts.full && opts.quantize.as_deref().is_none_or(|q| q.is_empty() || q == "auto");
-    let (with_nf4, advice) = match (packed, opts.full, lowerable) {
-        (false, false, true) => (format!(" ({} with the frozen weights packed as NF4)", mib(memory::estimate(cfg, &nf4).total())), ""),
+    let (with_nf4, advice) = match (packed, opts.full, may_lower(opts)) {
+        (false, false, true) => (format!(" ({} with the frozen weights packed as NF4)", mib(one_checkpointed(cfg, opts, base, longest, Frozen::Quantize(QType::Nf4)))), ""),
         (false, false, false) => (String::new(), ", or pack the frozen weights (--quantize nf4)"),
         _ => (String::new(), ""),
     };

@@ -158,7 +158,7 @@ impl RunOptions {
         let longest = longest(data, valid);
         let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
         let budget = fit::budget(self, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
-        Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget)?.map(|(q, note)| {
+        Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget).map(|(q, note)| {
             self.quantize = Some(q.into());
             note
         }))
