@@ -16,6 +16,12 @@
 //   (dA += dhᵀ·x'), or on the second product (dx += mask(dh·A)). Element i of the
 //   operand (its stored index less `drop_base`) is kept, as x[i] / (1 − p), where
 //   hash(i ^ key) / 2³² ≥ p; the launcher passes key = hash(seed).
+//
+// A group (`GROUPED`) is up to 8 unbatched products of one kind (transposes, dropout
+// operand, second product or not) over the same five bindings, each with its own
+// Params: workgroup z picks the product, and a product's workgroups past its own M×N
+// return at once. LoRA's products for the projections that share an input (q/k/v,
+// gate/up) run as one dispatch this way.
 
 // The element type of B. The registry builds a variant with `enable f16;` and
 // `alias BElem = f16;` for frozen weights stored in f16 (B is always the weight).
@@ -34,8 +40,14 @@ override TRANS_A: bool = false;
 override TRANS_B: bool = false;
 // Dropout: 0 none, 1 on A as loaded, 2 on B as loaded, 3 on the second product.
 override DROP: u32 = 0u;
+// Workgroup z picks the product (ps[z]) instead of the batch.
+override GROUPED: bool = false;
+const GROUP_MAX: u32 = 8u;
 
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
+// The product this invocation computes (ps[0], or ps[z] in a group), for the loads'
+// and stores' indexing; loop bounds read the uniform copy, so barriers stay uniform.
+var<private> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;       // op(A) [M, K] per batch
 @group(0) @binding(2) var<storage, read> b: array<BElem>;     // op(B) [K, N] per batch
 @group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
@@ -121,12 +133,13 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: arra
 
 // Register-blocked variant for CPU drivers: each invocation owns a 4×4 block of C and
 // reads A and B straight from memory; no workgroup memory, no barriers.
-// Grid: (ceil(N/32), ceil(M/32), batch); a workgroup covers 32×32 of C.
+// Grid: (ceil(N/32), ceil(M/32), batch or products); a workgroup covers 32×32 of C.
 @compute @workgroup_size(8, 8, 1)
 fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
+    p = ps[select(0u, gid.z, GROUPED)];
     let n0 = gid.x * 4u;
     let m0 = gid.y * 4u;
-    let bi = gid.z;
+    let bi = select(gid.z, 0u, GROUPED);
     if (m0 >= p.m || n0 >= p.n || bi >= p.batch) { return; }
     let ab = p.a_off + bi * p.a_stride;
     let bb = p.b_off + bi * p.b_stride;
@@ -191,7 +204,7 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // Tiled variant for GPUs: a 16×16 workgroup computes a 64×64 tile of C, staging
 // 64×16 slabs of op(A) and op(B) in workgroup memory; each invocation owns 4×4.
-// Grid: (ceil(N/64), ceil(M/64), batch).
+// Grid: (ceil(N/64), ceil(M/64), batch or products).
 const TS: u32 = 64u;
 const BK: u32 = 16u;
 var<workgroup> tile_a: array<f32, 1024>; // [BK][TS]: tile_a[k * TS + m]
@@ -199,9 +212,13 @@ var<workgroup> tile_b: array<f32, 1024>; // [BK][TS]: tile_b[k * TS + n]
 
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let q = ps[select(0u, wid.z, GROUPED)];
+    p = q;
     let tm = wid.y * TS;
     let tn = wid.x * TS;
-    let bi = wid.z;
+    // A grouped product smaller than the grid's largest has nothing here.
+    if (tm >= q.m || tn >= q.n) { return; }
+    let bi = select(wid.z, 0u, GROUPED);
     let ab = p.a_off + bi * p.a_stride;
     let bb = p.b_off + bi * p.b_stride;
     let tid = lid.y * 16u + lid.x;
@@ -209,7 +226,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     var acc1: array<vec4<f32>, 4>;
     var acc: array<vec4<f32>, 4>;
     for (var ph = 0u; ph < 2u; ph++) {
-        let kn = select(p.k, p.k2, ph == 1u);
+        let kn = select(q.k, q.k2, ph == 1u);
         for (var k0 = 0u; k0 < kn; k0 += BK) {
             for (var r = 0u; r < 4u; r++) {
                 let e = tid + r * 256u;

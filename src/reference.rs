@@ -418,6 +418,13 @@ pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], 
     }
 }
 
+/// Products of one group over the same operands (`kernels::matmul_group`), in turn.
+pub fn matmul_group(mms: &[Matmul], a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {
+    for mm in mms {
+        matmul_with(mm, a, b, c, second);
+    }
+}
+
 pub fn lora_down(l: &Lora, x: &[f32], a: &[f32], h: &mut [f32]) {
     matmul(&l.down(), x, a, h);
 }

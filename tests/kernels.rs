@@ -94,6 +94,133 @@ fn fused_products_match_reference_for_both_variants() {
     matmul_case(small_loops(), &mm, 340, 1.0);
 }
 
+/// One group's products (`matmul_group`) over shared operands at their own offsets,
+/// against the CPU's products in turn; returns C.
+fn group_case(g: &webtune::gpu::Gpu, mms: &[Matmul], seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let most = |f: &dyn Fn(&Matmul) -> usize| mms.iter().map(f).max().unwrap();
+    let (ea, eb, ec) = (most(&|m| m.extents().0), most(&|m| m.extents().1), most(&|m| m.extents().2));
+    let (ea2, eb2) = (most(&|m| m.second.map_or(1, |s| s.extents(m).0)), most(&|m| m.second.map_or(1, |s| s.extents(m).1)));
+    let (a, b, c0, a2, b2) = (rng.vec(ea, 1.0), rng.vec(eb, 1.0), rng.vec(ec, 1.0), rng.vec(ea2, 1.0), rng.vec(eb2, 1.0));
+    let (ta, tb, tc, ta2, tb2) = (up(g, &a), up(g, &b), up(g, &c0), up(g, &a2), up(g, &b2));
+    let second = mms[0].second.map(|_| (&ta2, &tb2));
+    run(g, |r| k::matmul_group(g, r, mms, &ta, &tb, &tc, second));
+    let mut want = c0.clone();
+    cpu::matmul_group(mms, &a, &b, &mut want, mms[0].second.map(|_| (a2.as_slice(), b2.as_slice())));
+    let got = read(g, &tc);
+    close(&format!("group of {} on {:?}: {mms:?}", mms.len(), g.caps.variant), &got, &want, 2e-5 * (most(&|m| m.k) as f32).sqrt() * 2.0, 1e-4);
+    got
+}
+
+/// A group of products of one kind in one dispatch, each with its own shape, offsets,
+/// scale and dropout seed (LoRA's q/k/v and gate/up): every transpose and dropout
+/// operand, products of different sizes (the grid is the largest one's), more than
+/// `GROUP_MAX` (two dispatches), and a k past the loop budget (each alone).
+#[test]
+fn grouped_products_match_reference_for_both_variants() {
+    // Three products side by side in A, B and C (C's column blocks of one wide matrix).
+    let three = |ta: bool, tb: bool, drop: Option<DropOn>, second: bool| -> Vec<Matmul> {
+        [(7, 13, 5, 0usize), (70, 6, 40, 1), (33, 65, 17, 2)]
+            .iter()
+            .map(|&(m, n, kk, i)| {
+                let mut mm = Matmul::new(m, n, kk).alpha(0.5 + i as f32);
+                (mm.trans_a, mm.trans_b) = (ta, tb);
+                (mm.a_off, mm.b_off, mm.c_off, mm.ldc) = (3000 * i + 1, 3000 * i + 2, 70 * i, 300);
+                mm.beta = (i % 2) as f32;
+                if second {
+                    mm.second = Some(Second { a_off: 1000 * i, b_off: 2000 * i, ..Second::new(3 + i, 0.75) });
+                }
+                mm.dropout = drop.map(|on| Dropout { p: 0.3, seed: 10 + i as u32, on });
+                mm
+            })
+            .collect()
+    };
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        let mut seed = 500;
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            group_case(g, &three(ta, tb, None, false), seed);
+            for on in [DropOn::A, DropOn::B, DropOn::Second] {
+                group_case(g, &three(ta, tb, Some(on), true), seed + 1);
+            }
+            seed += 2;
+        }
+        // Ten products: a full group of eight, then two.
+        let ten: Vec<Matmul> = (0..10).map(|i| Matmul { c_off: 40 * i, ldc: 400, a_off: 100 * i, ..Matmul::linear(5 + i, 4 + i, 9) }).collect();
+        group_case(g, &ten, 520);
+    }
+    // k past the loop budget: each product runs alone, in k-ranges.
+    let long: Vec<Matmul> = (0..2).map(|i| Matmul { c_off: 90 * i, a_off: 9 * 301 * i, ..Matmul::new(9, 10, 301).accumulate() }).collect();
+    group_case(small_loops(), &long, 530);
+    // Products of different kinds are refused.
+    let g = gpu();
+    let (a, c) = (zeros(g, 64), zeros(g, 64));
+    let mut rec = g.recorder("mixed");
+    let err = k::matmul_group(g, &mut rec, &[Matmul::new(2, 2, 2), Matmul::new(2, 2, 2).trans_a()], &a, &a, &c, None).unwrap_err().to_string();
+    assert!(err.contains("different kinds"), "{err}");
+}
+
+/// LoRA pairs on projections that read one x (q/k/v at different widths), with every
+/// role's tensors as views into one buffer: the grouped down product and backward
+/// (one dispatch each of down, dh, dB, dA) against the CPU's pair by pair, with
+/// dropout and without; and with the tensors apart (a dispatch each) the same.
+#[test]
+fn grouped_lora_matches_reference_pair_by_pair() {
+    // Views at the adapter's storage alignment into one uploaded buffer.
+    fn packed(g: &webtune::gpu::Gpu, parts: &[Vec<f32>]) -> Vec<webtune::gpu::Tensor> {
+        let align = (g.caps.limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let mut flat = Vec::new();
+        let mut starts = Vec::new();
+        for p in parts {
+            flat.resize(flat.len().div_ceil(align) * align, 0.0);
+            starts.push(flat.len());
+            flat.extend_from_slice(p);
+        }
+        let whole = up(g, &flat);
+        parts.iter().zip(starts).map(|(p, s)| whole.view("part", (s * 4) as u64, &[p.len()])).collect()
+    }
+    fn refs(t: &[webtune::gpu::Tensor]) -> Vec<&webtune::gpu::Tensor> {
+        t.iter().collect()
+    }
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = &own_variant(v);
+        for (p, seed) in [(0.0, 1u64), (0.2, 2)] {
+            let (n, din, r) = (19, 24, 4);
+            let ls: Vec<Lora> = [12, 8, 8].iter().enumerate().map(|(i, &dout)| Lora::new(n, din, dout, r, 2.0).with_dropout(p, 70 + i as u32)).collect();
+            let mut rng = Rng::new(seed);
+            let x = rng.vec(n * din, 2.0);
+            let a: Vec<_> = ls.iter().map(|l| rng.vec(l.r * din, 0.5)).collect();
+            let b: Vec<_> = ls.iter().map(|l| rng.vec(l.dout * l.r, 0.5)).collect();
+            let dy: Vec<_> = ls.iter().map(|l| rng.vec(n * l.dout, 1.0)).collect();
+            let da0: Vec<_> = ls.iter().map(|l| rng.vec(l.r * din, 0.1)).collect();
+            let db0: Vec<_> = ls.iter().map(|l| rng.vec(l.dout * l.r, 0.1)).collect();
+            let hz: Vec<_> = ls.iter().map(|l| vec![0.0; n * l.r]).collect();
+            let mut outs = Vec::new();
+            for together in [true, false] {
+                let pack = |parts: &[Vec<f32>]| if together { packed(g, parts) } else { parts.iter().map(|p| up(g, p)).collect() };
+                let (tx, ta, tb, tdy, tda, tdb, th, tdh) = (up(g, &x), pack(&a), pack(&b), pack(&dy), pack(&da0), pack(&db0), pack(&hz), pack(&hz));
+                let before = g.counters().dispatches;
+                run(g, |rec| {
+                    k::lora_down_group(g, rec, &ls, &tx, &refs(&ta), &refs(&th))?;
+                    k::lora_backward_group(g, rec, &ls, &tx, &refs(&tb), &refs(&th), &refs(&tdy), &refs(&tdh), &refs(&tda), &refs(&tdb))
+                });
+                assert_eq!(g.counters().dispatches - before, if together { 4 } else { 12 }, "dispatches, together: {together}");
+                let got: Vec<Vec<Vec<f32>>> = [&th, &tdh, &tda, &tdb].iter().map(|ts| ts.iter().map(|t| read(g, t)).collect()).collect();
+                for (i, l) in ls.iter().enumerate() {
+                    let (mut h, mut dh, mut da, mut db) = (hz[i].clone(), hz[i].clone(), da0[i].clone(), db0[i].clone());
+                    cpu::lora_down(l, &x, &a[i], &mut h);
+                    cpu::lora_backward(l, &x, &b[i], &h, &dy[i], &mut dh, &mut da, &mut db);
+                    for (what, got, want) in [("h", &got[0][i], &h), ("dh", &got[1][i], &dh), ("dA", &got[2][i], &da), ("dB", &got[3][i], &db)] {
+                        close(&format!("pair {i} {what} (p {p}, together {together}) on {v:?}"), &got[..want.len()], want, 1e-4, 1e-4);
+                    }
+                }
+                outs.push(got);
+            }
+            assert_eq!(outs[0], outs[1], "grouped and apart differ");
+        }
+    }
+}
+
 /// Dropout in a product keeps 1 − p of the elements, each scaled by 1 / (1 − p), with
 /// a mask fixed by the seed: h = dropout(x)·I.
 #[test]

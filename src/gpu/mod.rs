@@ -459,6 +459,25 @@ impl Gpu {
         Ok(t)
     }
 
+    /// Zero-filled f32 temporaries of `shapes` as views into one pooled buffer, each at
+    /// the adapter's storage offset alignment, so products over all of them bind it
+    /// once (`Tensor::span`); one buffer each where together they exceed a binding.
+    pub fn temps(&self, rec: &mut Recorder, label: &str, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
+        let align = (self.caps.limits.min_storage_buffer_offset_alignment as u64).max(16);
+        let mut starts = Vec::with_capacity(shapes.len());
+        let mut end = 0u64;
+        for shape in shapes {
+            let start = end.div_ceil(align) * align;
+            starts.push(start);
+            end = start + Tensor::padded(DType::F32, shape);
+        }
+        if shapes.len() < 2 || end > self.caps.max_binding {
+            return shapes.iter().map(|shape| self.temp(rec, label, DType::F32, shape)).collect();
+        }
+        let whole = self.temp(rec, label, DType::F32, &[(end / 4) as usize])?;
+        Ok(starts.iter().zip(shapes).map(|(&start, shape)| whole.view(label, start, shape)).collect())
+    }
+
     /// A temporary from the pool holding `data`, copied in inside `rec` from the arena.
     pub fn upload_in<T: bytemuck::Pod>(&self, rec: &mut Recorder, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = self.pooled(label, DType::of::<T>(), shape)?;

@@ -75,6 +75,23 @@ impl Tensor {
         Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone() }
     }
 
+    /// One f32 tensor over the bytes of `parts` that lie in one buffer (views into a
+    /// flat group of params, or into one temporary: `Gpu::temps`), from the first
+    /// one's start to the last one's end, with each part's offset in it in elements;
+    /// None where they do not. A group of products binds it once
+    /// (`kernels::matmul_group`).
+    pub fn span(label: &str, parts: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
+        let first = parts.first()?;
+        if parts.iter().any(|t| t.dtype != DType::F32 || t.buffer != first.buffer) {
+            return None;
+        }
+        let lo = parts.iter().map(|t| t.offset).min()?;
+        let hi = parts.iter().map(|t| t.offset + t.padded_bytes()).max()?;
+        let offsets = parts.iter().map(|t| ((t.offset - lo) / 4) as usize).collect();
+        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / 4) as usize], label: label.to_string(), ..(*first).clone() };
+        Some((whole, offsets))
+    }
+
     /// The bytes a tensor of `shape` occupies: bindings want a non-zero size that is a
     /// multiple of 4; vec4 views want 16.
     pub fn padded(dtype: DType, shape: &[usize]) -> u64 {

@@ -6,9 +6,11 @@
 //! Forward: `lora_down` (h = x'·Aᵀ), then the base product with `Lora::up` as its
 //! second product. Backward: `lora_backward` (dh, dA, dB), then the base dx += dy·W
 //! with `Lora::dx` (+ dropout(dh·A)) as its second. So a pair costs 1 + 3 dispatches
-//! a step, not 6 + 2 dropout passes.
+//! a step, not 6 + 2 dropout passes. Pairs on projections that read the same x
+//! (q/k/v, gate/up) run each of these products for all of them as one grouped
+//! dispatch (`lora_down_group`, `lora_backward_group`: `matmul_group`).
 
-use super::{check, matmul, DropOn, Dropout, Matmul, Second};
+use super::{check, matmul, matmul_group, DropOn, Dropout, Matmul, Second};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -84,8 +86,7 @@ impl Lora {
 
 /// `h = x'·Aᵀ` (saved for the backward): x `[n, din]`, A `[r, din]`, h `[n, r]`.
 pub fn lora_down(gpu: &Gpu, rec: &mut Recorder, l: &Lora, x: &Tensor, a: &Tensor, h: &Tensor) -> Result<()> {
-    l.check("lora_down", x, ("a", a), h)?;
-    matmul(gpu, rec, &l.down(), x, a, h)
+    lora_down_group(gpu, rec, &[*l], x, &[a], &[h])
 }
 
 /// The pair's own gradients: `dh = s·dy·B` (into scratch `dh` `[n, r]`, which the
@@ -103,13 +104,76 @@ pub fn lora_backward(
     da: &Tensor,
     db: &Tensor,
 ) -> Result<()> {
+    lora_backward_group(gpu, rec, &[*l], x, &[b], &[h], &[dy], &[dh], &[da], &[db])
+}
+
+/// `lora_down` for pairs on projections that read the same x (q/k/v, gate/up): one
+/// grouped dispatch where their A's lie in one buffer (a flat group of params) and so
+/// do their h's (`Gpu::temps`), else a dispatch each.
+pub fn lora_down_group(gpu: &Gpu, rec: &mut Recorder, ls: &[Lora], x: &Tensor, a: &[&Tensor], h: &[&Tensor]) -> Result<()> {
+    let op = "lora_down";
+    check(a.len() == ls.len() && h.len() == ls.len(), op, || format!("{} pairs, {} A's and {} h's", ls.len(), a.len(), h.len()))?;
+    for (i, l) in ls.iter().enumerate() {
+        l.check(op, x, ("a", a[i]), h[i])?;
+    }
+    match (alike(ls), span(gpu, "LoRA A", a), span(gpu, "LoRA h", h)) {
+        (true, Some((ta, oa)), Some((th, oh))) => {
+            let mms: Vec<Matmul> = ls.iter().enumerate().map(|(i, l)| Matmul { b_off: oa[i], c_off: oh[i], ..l.down() }).collect();
+            matmul_group(gpu, rec, &mms, x, &ta, &th, None)
+        }
+        _ => ls.iter().enumerate().try_for_each(|(i, l)| matmul(gpu, rec, &l.down(), x, a[i], h[i])),
+    }
+}
+
+/// `lora_backward` for pairs on projections that read the same x: dh, dB and dA each
+/// as one grouped dispatch where each role's tensors lie in one buffer (the dy's and
+/// dh's in one temporary each, the B's, A and B gradients and h's in one group), else
+/// three dispatches a pair.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_group(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    ls: &[Lora],
+    x: &Tensor,
+    b: &[&Tensor],
+    h: &[&Tensor],
+    dy: &[&Tensor],
+    dh: &[&Tensor],
+    da: &[&Tensor],
+    db: &[&Tensor],
+) -> Result<()> {
     let op = "lora_backward";
-    l.check(op, x, ("da", da), h)?;
-    b.expect(op, "b", DType::F32, l.dout * l.r)?;
-    dy.expect(op, "dy", DType::F32, l.n * l.dout)?;
-    dh.expect(op, "dh", DType::F32, l.n * l.r)?;
-    db.expect(op, "db", DType::F32, l.dout * l.r)?;
-    matmul(gpu, rec, &l.dh(), dy, b, dh)?;
-    matmul(gpu, rec, &l.db(), dy, h, db)?;
-    matmul(gpu, rec, &l.da(), dh, x, da)
+    let n = ls.len();
+    check([b.len(), h.len(), dy.len(), dh.len(), da.len(), db.len()].iter().all(|&k| k == n), op, || format!("{n} pairs and a different count of some tensor"))?;
+    for (i, l) in ls.iter().enumerate() {
+        l.check(op, x, ("da", da[i]), h[i])?;
+        b[i].expect(op, "b", DType::F32, l.dout * l.r)?;
+        dy[i].expect(op, "dy", DType::F32, l.n * l.dout)?;
+        dh[i].expect(op, "dh", DType::F32, l.n * l.r)?;
+        db[i].expect(op, "db", DType::F32, l.dout * l.r)?;
+    }
+    let spans = [("LoRA B", b), ("LoRA h", h), ("LoRA dy", dy), ("LoRA dh", dh), ("LoRA dA", da), ("LoRA dB", db)].map(|(label, t)| span(gpu, label, t));
+    if let (true, [Some((tb, ob)), Some((th, oh)), Some((tdy, ody)), Some((tdh, odh)), Some((tda, oda)), Some((tdb, odb))]) = (alike(ls), spans) {
+        let each = |f: &dyn Fn(usize, &Lora) -> Matmul| ls.iter().enumerate().map(|(i, l)| f(i, l)).collect::<Vec<_>>();
+        matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
+        matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: oh[i], c_off: odb[i], ..l.db() }), &tdy, &th, &tdb, None)?;
+        return matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: odh[i], c_off: oda[i], ..l.da() }), &tdh, x, &tda, None);
+    }
+    for (i, l) in ls.iter().enumerate() {
+        matmul(gpu, rec, &l.dh(), dy[i], b[i], dh[i])?;
+        matmul(gpu, rec, &l.db(), dy[i], h[i], db[i])?;
+        matmul(gpu, rec, &l.da(), dh[i], x, da[i])?;
+    }
+    Ok(())
+}
+
+/// Whether the pairs' products are of one kind (dropout on all or none), so a group
+/// of them is one dispatch.
+fn alike(ls: &[Lora]) -> bool {
+    ls.iter().all(|l| (l.dropout > 0.0) == (ls[0].dropout > 0.0))
+}
+
+/// `Tensor::span` of `parts`, where it fits one binding.
+fn span(gpu: &Gpu, label: &str, parts: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
+    Tensor::span(label, parts).filter(|(t, _)| t.bytes() <= gpu.caps.max_binding)
 }

@@ -238,6 +238,9 @@ struct Params {
     drop_base: u32,
 }
 
+/// Products one grouped dispatch computes at most (`ps` in `kernels/matmul.wgsl`).
+pub const GROUP_MAX: usize = 8;
+
 /// Record `C = alpha·op(A)·op(B) + beta·C`; the variant (register-blocked or tiled)
 /// follows the adapter.
 pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
@@ -246,6 +249,54 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
 
 /// `matmul`, with the operands (A2, B2) of `mm.second` when it has one.
 pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    validate(gpu, mm, a, b, c, second)?;
+    let launch = Launch::new(gpu, mm, b, false);
+    // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
+    // k-ranges that fit the loop budget, each adding into C after the first.
+    for (k0, k1) in spans(mm.k, launch.k_span) {
+        let mut params = [Params::zeroed(); GROUP_MAX];
+        params[0] = Params::of(mm, k0, k1);
+        launch.record(gpu, rec, &params, [groups(mm.n, launch.tile), groups(mm.m, launch.tile), mm.batch as u32], a, b, c, second)?;
+    }
+    Ok(())
+}
+
+/// Several products of one kind (the same transposes, dropout operand, and second
+/// product or none) over the same five tensors, each with its own shape, offsets,
+/// scale and dropout seed, in one dispatch per `GROUP_MAX` (workgroup z picks the
+/// product): LoRA's products for the projections that share an input. Products are
+/// unbatched; where one needs its k split for the loop budget, each runs alone.
+/// Products that write C must not overlap (they run at once).
+pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    let op = "matmul_group";
+    let Some(first) = mms.first() else { return Ok(()) };
+    for mm in mms {
+        validate(gpu, mm, a, b, c, second)?;
+        check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm:?}"))?;
+        let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
+        check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
+    }
+    if mms.len() == 1 {
+        return matmul_with(gpu, rec, first, a, b, c, second);
+    }
+    let launch = Launch::new(gpu, first, b, true);
+    if mms.iter().any(|mm| mm.k > launch.k_span) {
+        return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, second));
+    }
+    for chunk in mms.chunks(GROUP_MAX) {
+        let mut params = [Params::zeroed(); GROUP_MAX];
+        for (p, mm) in params.iter_mut().zip(chunk) {
+            *p = Params::of(mm, 0, mm.k);
+        }
+        let most = |f: fn(&Matmul) -> usize| chunk.iter().map(f).max().unwrap_or(1);
+        let grid = [groups(most(|m| m.n), launch.tile), groups(most(|m| m.m), launch.tile), chunk.len() as u32];
+        launch.record(gpu, rec, &params, grid, a, b, c, second)?;
+    }
+    Ok(())
+}
+
+/// The shape and operand checks of one product.
+fn validate(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let op = "matmul";
     check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm:?}"))?;
     check(mm.second.is_some() == second.is_some(), op, || format!("a second product needs its two operands: {mm:?}"))?;
@@ -254,8 +305,8 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
         check((0.0..1.0).contains(&d.p), op, || format!("dropout probability {} must be in [0, 1)", d.p))?;
         check(d.on != DropOn::Second || mm.second.is_some(), op, || format!("dropout on a second product that is absent: {mm:?}"))?;
     }
-    let (k2, (lda2, ldb2)) = mm.second.map_or((0, (0, 0)), |s| (s.k, s.strides(mm)));
     if let (Some(s), Some((a2, b2))) = (mm.second, second) {
+        let (lda2, ldb2) = s.strides(mm);
         check(s.k > 0 && lda2 >= if mm.trans_a { mm.m } else { s.k } && ldb2 >= if mm.trans_b { s.k } else { mm.n }, op, || {
             format!("second product narrower than its rows in {mm:?}")
         })?;
@@ -283,38 +334,22 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
     check(ec <= u32::MAX as usize && ea <= u32::MAX as usize && eb <= u32::MAX as usize, op, || {
         "operands exceed 2^32 elements".into()
     })?;
-    check_binding(gpu, op, &[a, b, c])?;
-    let drop = mm.dropout.map_or(0, |d| match d.on {
-        DropOn::A => 1,
-        DropOn::B => 2,
-        DropOn::Second => 3,
-    });
-    let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64)];
-    // The register variant loops once per k; the tiled one 21 times per 16 k (a
-    // slab load of 4, 16 products, the k0 step). The second product's loop runs
-    // beside the last k-range.
-    let (entry, tile, k_span) = match gpu.caps.variant {
-        Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
-        Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
-    };
-    let kernel = match b.dtype {
-        DType::F16 => f16_variant(&MATMUL),
-        DType::Q(q) => {
-            constants.push(("QTYPE", q.id() as f64));
-            packed_variant(&MATMUL)
-        }
-        _ => &MATMUL,
-    };
-    let pipeline = gpu.pipeline(kernel, entry, &constants);
-    // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
-    // k-ranges that fit the loop budget, each adding into C after the first.
-    let ranges: Vec<_> = spans(mm.k, k_span).collect();
-    let (a2, b2) = second.unwrap_or((a, a));
-    let d = mm.dropout.unwrap_or(Dropout { p: 0.0, seed: 0, on: DropOn::A });
-    for &(k0, k1) in &ranges {
+    check_binding(gpu, op, &[a, b, c])
+}
+
+impl Params {
+    fn zeroed() -> Params {
+        bytemuck::Zeroable::zeroed()
+    }
+
+    /// The uniform of `mm`'s k-range `k0..k1` (the second product rides on the last).
+    fn of(mm: &Matmul, k0: usize, k1: usize) -> Params {
+        let (lda, ldb, ldc) = mm.strides();
         let last = k1 == mm.k;
         let s = mm.second.filter(|_| last).unwrap_or(Second::new(0, 0.0));
-        let params = Params {
+        let (lda2, ldb2) = mm.second.map_or((0, 0), |s| s.strides(mm));
+        let d = mm.dropout.unwrap_or(Dropout { p: 0.0, seed: 0, on: DropOn::A });
+        Params {
             m: mm.m as u32,
             n: mm.n as u32,
             k: (k1 - k0) as u32,
@@ -343,10 +378,52 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
                 DropOn::B => mm.b_off,
                 DropOn::Second => mm.c_off,
             } as u32,
-        };
-        let grid = [groups(mm.n, tile), groups(mm.m, tile), mm.batch as u32];
-        let binds = [(1, a.into()), (2, b.into()), (3, Bind::from(c)), (4, a2.into()), (5, b2.into())];
-        gpu.dispatch(rec, &pipeline, entry, &params, &binds, grid)?;
+        }
     }
-    Ok(())
+}
+
+/// The pipeline of one kind of product on this adapter, and how far its k may run in
+/// one dispatch.
+struct Launch {
+    pipeline: std::sync::Arc<crate::gpu::Pipeline>,
+    entry: &'static str,
+    tile: usize,
+    k_span: usize,
+}
+
+impl Launch {
+    /// `grouped`: workgroup z picks the product (`matmul_group`), not the batch.
+    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool) -> Launch {
+        let k2 = mm.second.map_or(0, |s| s.k);
+        let drop = mm.dropout.map_or(0, |d| match d.on {
+            DropOn::A => 1,
+            DropOn::B => 2,
+            DropOn::Second => 3,
+        });
+        let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64), ("GROUPED", grouped as u32 as f64)];
+        // The register variant loops once per k; the tiled one 21 times per 16 k (a
+        // slab load of 4, 16 products, the k0 step). The second product's loop runs
+        // beside the last k-range.
+        let (entry, tile, k_span) = match gpu.caps.variant {
+            Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
+            Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
+        };
+        let kernel = match b.dtype {
+            DType::F16 => f16_variant(&MATMUL),
+            DType::Q(q) => {
+                constants.push(("QTYPE", q.id() as f64));
+                packed_variant(&MATMUL)
+            }
+            _ => &MATMUL,
+        };
+        Launch { pipeline: gpu.pipeline(kernel, entry, &constants), entry, tile, k_span }
+    }
+
+    /// One dispatch of `params` (a product's k-range in `[0]`, or a group's products).
+    #[allow(clippy::too_many_arguments)]
+    fn record(&self, gpu: &Gpu, rec: &mut Recorder, params: &[Params; GROUP_MAX], grid: [u32; 3], a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+        let (a2, b2) = second.unwrap_or((a, a));
+        let binds = [(1, a.into()), (2, b.into()), (3, Bind::from(c)), (4, a2.into()), (5, b2.into())];
+        gpu.dispatch(rec, &self.pipeline, self.entry, params, &binds, grid)
+    }
 }

@@ -2,7 +2,7 @@
 //! steps of `layer_forward` in reverse, from what `Acts` saved.
 
 use super::inputs::{Inputs, KvCache};
-use super::linear::{Linear, LoraSaved};
+use super::linear::{backwards, downs, Linear, LoraSaved};
 use super::params::Param;
 use super::{residual, zeros, Model};
 use crate::error::Result;
@@ -75,21 +75,23 @@ impl Model {
         let rstd1 = zeros(gpu, rec, "rstd1", &[n])?;
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
         let (q, kk, v) = (zeros(gpu, rec, "q", &[n, qd])?, zeros(gpu, rec, "k", &[n, kvd])?, zeros(gpu, rec, "v", &[n, kvd])?);
-        let mut lora: Vec<Option<LoraSaved>> = (0..7).map(|_| None).collect();
+        // LoRA's down products for q, k and v (one input) as one dispatch, then each base
+        // product with its pair's up product inside.
+        let lora_qkv = downs(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[seed(Q), seed(K), seed(V)], self.adapter_enabled)?;
         let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let (q_pre, k_pre) = (zeros(gpu, rec, "q_pre", &[n, qd])?, zeros(gpu, rec, "k_pre", &[n, kvd])?);
             let (rq, rk) = (zeros(gpu, rec, "q_rstd", &[n * cfg.heads])?, zeros(gpu, rec, "k_rstd", &[n * cfg.kv_heads])?);
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q_pre, seed(Q), self.adapter_enabled, false)?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &k_pre, seed(K), self.adapter_enabled, false)?;
+            lin[Q].forward(gpu, rec, n, &h1, &q_pre, lora_qkv[0].as_ref(), false)?;
+            lin[K].forward(gpu, rec, n, &h1, &k_pre, lora_qkv[1].as_ref(), false)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
             k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, &kn.value, &kk, &rk)?;
             Some((q_pre, rq, k_pre, rk))
         } else {
-            lora[Q] = lin[Q].forward(gpu, rec, n, &h1, &q, seed(Q), self.adapter_enabled, false)?;
-            lora[K] = lin[K].forward(gpu, rec, n, &h1, &kk, seed(K), self.adapter_enabled, false)?;
+            lin[Q].forward(gpu, rec, n, &h1, &q, lora_qkv[0].as_ref(), false)?;
+            lin[K].forward(gpu, rec, n, &h1, &kk, lora_qkv[1].as_ref(), false)?;
             None
         };
-        lora[V] = lin[V].forward(gpu, rec, n, &h1, &v, seed(V), self.adapter_enabled, false)?;
+        lin[V].forward(gpu, rec, n, &h1, &v, lora_qkv[2].as_ref(), false)?;
         k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
@@ -106,15 +108,19 @@ impl Model {
         // The residual connections ride on o_proj's and down's products: a copy of the
         // residual stream, then the product added into it (no add pass).
         let x_mid = residual(gpu, rec, "x_mid", &x)?;
-        lora[O] = lin[O].forward(gpu, rec, n, &att, &x_mid, seed(O), self.adapter_enabled, true)?;
+        let [lora_o] = downs(gpu, rec, &[&lin[O]], n, &att, &[seed(O)], self.adapter_enabled)?.try_into().ok().expect("one");
+        lin[O].forward(gpu, rec, n, &att, &x_mid, lora_o.as_ref(), true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let (g, u, m) = (zeros(gpu, rec, "gate", &[n, inter])?, zeros(gpu, rec, "up", &[n, inter])?, zeros(gpu, rec, "swiglu", &[n, inter])?);
-        lora[GATE] = lin[GATE].forward(gpu, rec, n, &h2, &g, seed(GATE), self.adapter_enabled, false)?;
-        lora[UP] = lin[UP].forward(gpu, rec, n, &h2, &u, seed(UP), self.adapter_enabled, false)?;
+        let lora_mlp = downs(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[seed(GATE), seed(UP)], self.adapter_enabled)?;
+        lin[GATE].forward(gpu, rec, n, &h2, &g, lora_mlp[0].as_ref(), false)?;
+        lin[UP].forward(gpu, rec, n, &h2, &u, lora_mlp[1].as_ref(), false)?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
         let out = residual(gpu, rec, "layer out", &x_mid)?;
-        lora[DOWN] = lin[DOWN].forward(gpu, rec, n, &m, &out, seed(DOWN), self.adapter_enabled, true)?;
+        let [lora_down] = downs(gpu, rec, &[&lin[DOWN]], n, &m, &[seed(DOWN)], self.adapter_enabled)?.try_into().ok().expect("one");
+        lin[DOWN].forward(gpu, rec, n, &m, &out, lora_down.as_ref(), true)?;
+        let lora = lora_qkv.into_iter().chain([lora_o]).chain(lora_mlp).chain([lora_down]).collect();
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }
 
@@ -126,36 +132,41 @@ impl Model {
         let n = inp.shape.n();
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
-        let back = |rec: &mut Recorder, i: usize, x: &Tensor, dy: &Tensor, dx: &Tensor| {
-            lin[i].backward(gpu, rec, n, x, a.lora[i].as_ref(), dy, dx, inp.seed(li, i))
+        // The layers given read one x; their LoRA products run grouped (`backwards`).
+        let back = |rec: &mut Recorder, idx: &[usize], x: &Tensor, dys: &[&Tensor], dx: &Tensor| {
+            let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
+            let saved: Vec<_> = idx.iter().map(|&i| a.lora[i].as_ref()).collect();
+            let seeds: Vec<_> = idx.iter().map(|&i| inp.seed(li, i)).collect();
+            backwards(gpu, rec, &lins, n, x, &saved, dys, dx, &seeds)
         };
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
         let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
-        back(rec, DOWN, &a.m, dres, &dm)?;
-        let (dg, du) = (zeros(gpu, rec, "dgate", &[n, inter])?, zeros(gpu, rec, "dup", &[n, inter])?);
+        back(rec, &[DOWN], &a.m, &[dres], &dm)?;
+        // dgate and dup in one temporary, so their LoRA products bind it once.
+        let [dg, du] = gpu.temps(rec, "dgate, dup", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
         k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
         let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
-        back(rec, GATE, &a.h2, &dg, &dh2)?;
-        back(rec, UP, &a.h2, &du, &dh2)?;
+        back(rec, &[GATE, UP], &a.h2, &[&dg, &du], &dh2)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, layer.ln2.grad())?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
         let datt = zeros(gpu, rec, "datt", &[n, qd])?;
-        back(rec, O, &a.att, dres, &datt)?;
-        let (dq, dk, dv) = (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?, zeros(gpu, rec, "dv", &[n, kvd])?);
+        back(rec, &[O], &a.att, &[dres], &datt)?;
+        // The gradients that reach q, k and v's products share one temporary (with
+        // Qwen3's per-head norms, those before the norms: dq and dk are apart).
+        let [dq_in, dk_in, dv] = gpu.temps(rec, "dq, dk, dv", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
+        let qk_norm = a.q_pre.as_ref().zip(layer.q_norm.as_ref().zip(layer.k_norm.as_ref()));
+        let (dq, dk) = match qk_norm {
+            Some(_) => (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?),
+            None => (dq_in.clone(), dk_in.clone()),
+        };
         k::attention_backward(gpu, rec, &self.attention(inp.shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
         k::rope_backward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &dq, &dk, &inp.pos, &self.inv_freq)?;
-        let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
-        if let (Some((q_pre, rq, k_pre, rk)), Some(qn), Some(kn)) = (&a.q_pre, &layer.q_norm, &layer.k_norm) {
-            let (dq_pre, dk_pre) = (zeros(gpu, rec, "dq_pre", &[n, qd])?, zeros(gpu, rec, "dk_pre", &[n, kvd])?);
-            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_pre, qn.grad())?;
-            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_pre, kn.grad())?;
-            back(rec, Q, &a.h1, &dq_pre, &dh1)?;
-            back(rec, K, &a.h1, &dk_pre, &dh1)?;
-        } else {
-            back(rec, Q, &a.h1, &dq, &dh1)?;
-            back(rec, K, &a.h1, &dk, &dh1)?;
+        if let Some(((q_pre, rq, k_pre, rk), (qn, kn))) = qk_norm {
+            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_in, qn.grad())?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_in, kn.grad())?;
         }
-        back(rec, V, &a.h1, &dv, &dh1)?;
+        let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
+        back(rec, &[Q, K, V], &a.h1, &[&dq_in, &dk_in, &dv], &dh1)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, layer.ln1.grad())
     }
 

@@ -3,7 +3,7 @@
 
 use super::params::{Param, Weight};
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Lora, Matmul};
 
 impl std::fmt::Display for Tuning {
@@ -92,72 +92,35 @@ impl Linear {
         }
     }
 
-    /// `y = x·Wᵀ (+ b) (+ s·(x'·Aᵀ)·Bᵀ)`, x `[n, din]`, y `[n, dout]`, where x' is x
-    /// after LoRA dropout when `dropout_seed` is given (training). The LoRA up product
-    /// is summed inside the base product (`Lora::up`). With `accumulate` the product
-    /// adds into y (`y += …`: a residual connection inside the product).
+    /// `y = x·Wᵀ (+ b) (+ s·h·Bᵀ)`, x `[n, din]`, y `[n, dout]`, with the LoRA up
+    /// product summed inside the base product (`Lora::up`) from the h that `downs`
+    /// saved (None: no pair in use). With `accumulate` the product adds into y
+    /// (`y += …`: a residual connection inside the product).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
-        &self,
-        gpu: &Gpu,
-        rec: &mut Recorder,
-        n: usize,
-        x: &Tensor,
-        y: &Tensor,
-        dropout_seed: Option<u32>,
-        use_lora: bool,
-        accumulate: bool,
-    ) -> Result<Option<LoraSaved>> {
-        let lora = match self.lora.as_ref().filter(|_| use_lora) {
-            Some(l) => {
-                let shape = self.lora_shape(n, l, dropout_seed);
-                let h = gpu.temp(rec, &format!("{} lora h", self.name), DType::F32, &[n, l.r])?;
-                k::lora_down(gpu, rec, &shape, x, &l.a.value, &h)?;
-                Some((shape, &l.b.value, h))
-            }
-            None => None,
-        };
+    pub(crate) fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, y: &Tensor, saved: Option<&LoraSaved>, accumulate: bool) -> Result<()> {
+        let lora = self.lora.as_ref().zip(saved).map(|(l, saved)| (self.lora_shape(n, l, None), &l.b.value, &saved.h));
         for (r0, part) in self.w.row_parts() {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
             mm.ldc = self.dout;
             mm.c_off = r0;
             mm.beta = if accumulate { 1.0 } else { 0.0 };
-            let second = lora.as_ref().map(|(shape, b, h)| {
+            let second = lora.map(|(shape, b, h)| {
                 mm.second = Some(shape.up(r0));
-                (h, *b)
+                (h, b)
             });
             k::matmul_with(gpu, rec, &mm, x, &part.value, y, second)?;
         }
         if let Some(b) = &self.bias {
             k::add_bias(gpu, rec, n, self.dout, &b.value, y)?;
         }
-        Ok(lora.map(|(_, _, h)| LoraSaved { h }))
+        Ok(())
     }
 
-    /// Adds `dy·W` (and LoRA's share, inside the same product: `Lora::dx`) into dx, and
-    /// the gradients of whatever is trainable (W, bias, LoRA A and B) into their params.
+    /// Adds `dy·W` (and LoRA's share, inside the same product: `Lora::dx`, from the dh
+    /// that `backwards` made) into dx, and the gradients of a trainable W and bias.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn backward(
-        &self,
-        gpu: &Gpu,
-        rec: &mut Recorder,
-        n: usize,
-        x: &Tensor,
-        saved: Option<&LoraSaved>,
-        dy: &Tensor,
-        dx: &Tensor,
-        dropout_seed: Option<u32>,
-    ) -> Result<()> {
-        let mut lora = match (&self.lora, saved) {
-            (Some(l), Some(saved)) => {
-                let (da, db) = (l.a.grad().expect("LoRA A trains"), l.b.grad().expect("LoRA B trains"));
-                let shape = self.lora_shape(n, l, dropout_seed);
-                let dh = gpu.temp(rec, "lora dh", DType::F32, &[n, l.r])?;
-                k::lora_backward(gpu, rec, &shape, x, &l.b.value, &saved.h, dy, &dh, da, db)?;
-                Some((shape, dh, &l.a.value))
-            }
-            _ => None,
-        };
+    fn backward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, dy: &Tensor, dx: &Tensor, lora: Option<(Lora, &Tensor)>) -> Result<()> {
+        let mut lora = lora.zip(self.lora.as_ref()).map(|((shape, dh), l)| (shape, dh, &l.a.value));
         for (r0, part) in self.w.row_parts() {
             let rows = part.shape[0];
             let mut mm = Matmul::new(n, self.din, rows).accumulate();
@@ -167,7 +130,7 @@ impl Linear {
                 mm = shape.dx(mm.clone());
                 (dh, a)
             });
-            k::matmul_with(gpu, rec, &mm, dy, &part.value, dx, second.as_ref().map(|(dh, a)| (dh, *a)))?;
+            k::matmul_with(gpu, rec, &mm, dy, &part.value, dx, second)?;
             if let Some(g) = part.grad() {
                 // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
                 let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
@@ -184,5 +147,57 @@ impl Linear {
     pub(crate) fn params(&self) -> impl Iterator<Item = &Param> {
         self.w.parts.iter().chain(&self.bias).chain(self.lora.iter().flat_map(|l| [&l.a, &l.b]))
     }
+}
+
+/// LoRA's down products `h = x'·Aᵀ` for the layers in `lins`, which read the same x
+/// `[n, din]` (q/k/v, or gate/up), as one grouped dispatch (`k::lora_down_group`); x'
+/// is x after each pair's dropout where `seeds` gives one (training). None for a layer
+/// without a pair, or all when `use_lora` is off.
+pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x: &Tensor, seeds: &[Option<u32>], use_lora: bool) -> Result<Vec<Option<LoraSaved>>> {
+    let pairs: Vec<(usize, &LoraPair)> = lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().filter(|_| use_lora).map(|l| (i, l))).collect();
+    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l)| lins[i].lora_shape(n, l, seeds[i])).collect();
+    let hs = gpu.temps(rec, &format!("{} lora h", lins[0].name), &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
+    let a: Vec<&Tensor> = pairs.iter().map(|(_, l)| &l.a.value).collect();
+    k::lora_down_group(gpu, rec, &shapes, x, &a, &hs.iter().collect::<Vec<_>>())?;
+    let mut saved: Vec<Option<LoraSaved>> = lins.iter().map(|_| None).collect();
+    for ((i, _), h) in pairs.iter().zip(hs) {
+        saved[*i] = Some(LoraSaved { h });
+    }
+    Ok(saved)
+}
+
+/// The backward of layers that read the same x, in the order given: their LoRA pairs'
+/// dh, dB and dA as grouped dispatches (`k::lora_backward_group`), then each layer's
+/// `dx += dy·W` (with LoRA's dx inside) and its W and bias gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backwards(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    lins: &[&Linear],
+    n: usize,
+    x: &Tensor,
+    saved: &[Option<&LoraSaved>],
+    dys: &[&Tensor],
+    dx: &Tensor,
+    seeds: &[Option<u32>],
+) -> Result<()> {
+    let pairs: Vec<(usize, &LoraPair, &LoraSaved)> =
+        lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().zip(saved[i]).map(|(l, s)| (i, l, s))).collect();
+    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l, _)| lins[i].lora_shape(n, l, seeds[i])).collect();
+    let dhs = gpu.temps(rec, "lora dh", &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
+    if !pairs.is_empty() {
+        let grads = |f: fn(&LoraPair) -> &Param| -> Vec<&Tensor> { pairs.iter().map(|(_, l, _)| f(l).grad().expect("LoRA trains")).collect() };
+        let (da, db) = (grads(|l| &l.a), grads(|l| &l.b));
+        let b: Vec<&Tensor> = pairs.iter().map(|(_, l, _)| &l.b.value).collect();
+        let h: Vec<&Tensor> = pairs.iter().map(|(_, _, s)| &s.h).collect();
+        let dy: Vec<&Tensor> = pairs.iter().map(|&(i, _, _)| dys[i]).collect();
+        k::lora_backward_group(gpu, rec, &shapes, x, &b, &h, &dy, &dhs.iter().collect::<Vec<_>>(), &da, &db)?;
+    }
+    let mut lora = pairs.iter().map(|(i, _, _)| *i).zip(shapes.into_iter().zip(&dhs)).peekable();
+    for (i, lin) in lins.iter().enumerate() {
+        let pair = lora.next_if(|(j, _)| *j == i).map(|(_, p)| p);
+        lin.backward(gpu, rec, n, x, dys[i], dx, pair)?;
+    }
+    Ok(())
 }
 

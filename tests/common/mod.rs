@@ -34,6 +34,12 @@ pub fn variant(v: Variant) -> &'static Gpu {
     cell.get_or_init(|| make(GpuOptions { variant: Some(v), ..Default::default() }))
 }
 
+/// A variant on a device of its own (a new one each call): its counters count only
+/// what the caller records.
+pub fn own_variant(v: Variant) -> Gpu {
+    make(GpuOptions { variant: Some(v), ..Default::default() })
+}
+
 /// A context whose storage bindings are capped at 64 KiB, to run the split paths.
 pub fn small_bindings() -> &'static Gpu {
     static G: OnceLock<Gpu> = OnceLock::new();
