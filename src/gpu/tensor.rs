@@ -60,19 +60,23 @@ pub struct Tensor {
     pub dtype: DType,
     pub label: String,
     pub(crate) lease: Option<std::sync::Arc<super::reuse::Lease>>,
+    /// A temporary as the pool handed it out (not a view into one): a binding of it may
+    /// cover its whole pooled buffer (`bind_size`). A view binds its own bytes only, so
+    /// views of one buffer never overlap as writable bindings (WebGPU refuses that).
+    pub(crate) whole: bool,
 }
 
 impl Tensor {
     /// A zero-filled tensor in a buffer of its own (wgpu zero-initialises new buffers).
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let buffer = gpu.create_storage(label, Tensor::padded(dtype, shape))?;
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None, whole: true })
     }
 
     /// A tensor of `shape` over this one's buffer from byte `offset` on (of this
     /// tensor); the caller keeps it within the buffer and aligned for binding.
     pub fn view(&self, label: &str, offset: u64, shape: &[usize]) -> Tensor {
-        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone() }
+        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone(), whole: false }
     }
 
     /// One f32 tensor over the bytes of `parts` that lie in one buffer (views into a
@@ -88,7 +92,7 @@ impl Tensor {
         let lo = parts.iter().map(|t| t.offset).min()?;
         let hi = parts.iter().map(|t| t.offset + t.padded_bytes()).max()?;
         let offsets = parts.iter().map(|t| ((t.offset - lo) / 4) as usize).collect();
-        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / 4) as usize], label: label.to_string(), ..(*first).clone() };
+        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / 4) as usize], label: label.to_string(), whole: false, ..(*first).clone() };
         Some((whole, offsets))
     }
 
@@ -106,7 +110,7 @@ impl Tensor {
     /// Bytes a whole-tensor binding covers (see `reuse::Lease::bind`).
     pub fn bind_size(&self) -> u64 {
         match &self.lease {
-            Some(l) if self.offset == 0 => l.bind,
+            Some(l) if self.offset == 0 && self.whole => l.bind,
             _ => self.padded_bytes(),
         }
     }

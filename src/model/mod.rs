@@ -98,6 +98,26 @@ fn residual(gpu: &Gpu, rec: &mut Recorder, label: &str, x: &Tensor) -> Result<Te
     Ok(t)
 }
 
+/// A fresh adapter as PEFT initialises one: each A Kaiming-uniform with a = √5
+/// (uniform in ±1/√din), drawn from `seed` layer by layer in the projections' order, each
+/// B zero; under PEFT's names. `Model::load` starts LoRA from it, and `export-run` hands
+/// it to TRL so both start alike.
+pub fn fresh_lora(cfg: &Config, l: &LoraConfig, seed: u64) -> TensorMap {
+    let mut rng = Rng::new(seed);
+    let mut out = TensorMap::new();
+    for i in 0..cfg.layers {
+        for (short, module, din, dout) in cfg.projections() {
+            if l.targets.iter().any(|t| t == short) {
+                let peft = format!("base_model.model.model.layers.{i}.{module}.{short}");
+                let a = rng.vec(l.r * din, 1.0 / (din as f32).sqrt());
+                out.insert(format!("{peft}.lora_A.weight"), HostTensor { shape: vec![l.r, din], data: a });
+                out.insert(format!("{peft}.lora_B.weight"), HostTensor { shape: vec![dout, l.r], data: vec![0.0; dout * l.r] });
+            }
+        }
+    }
+    out
+}
+
 impl Model {
     /// Upload the weights. With LoRA, fresh pairs are initialised as PEFT does (A
     /// Kaiming-uniform with a = √5, B zero) from `seed`; with full tuning every weight
@@ -125,7 +145,10 @@ impl Model {
             }
         }
         let full = tuning == Tuning::Full;
-        let mut rng = Rng::new(seed);
+        let fresh = match &tuning {
+            Tuning::Lora(l) => fresh_lora(&cfg, l, seed),
+            _ => TensorMap::new(),
+        };
         let vec = |name: &str, n: usize| -> Result<Param> {
             expect(w, name, &[n])?;
             Param::read(gpu, name.to_string(), w, name, 0, &[n], full, false)
@@ -149,11 +172,10 @@ impl Model {
                 };
                 let lora = match &tuning {
                     Tuning::Lora(l) if l.targets.iter().any(|t| t == short) => {
-                        let bound = 1.0 / (din as f32).sqrt();
-                        let a = rng.vec(l.r * din, bound);
                         let peft = format!("base_model.model.{name}");
+                        let a = &fresh[&format!("{peft}.lora_A.weight")].data;
                         Some(LoraPair {
-                            a: Param::new(gpu, format!("{peft}.lora_A.weight"), &a, &[l.r, din], true)?,
+                            a: Param::new(gpu, format!("{peft}.lora_A.weight"), a, &[l.r, din], true)?,
                             b: Param::new(gpu, format!("{peft}.lora_B.weight"), &vec![0.0; dout * l.r], &[dout, l.r], true)?,
                             r: l.r,
                             scale: l.scale(),

@@ -125,7 +125,11 @@ pub fn write_dir(dir: &std::path::Path, files: &Files) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     for (f, bytes) in files {
-        std::fs::write(tmp.join(f), bytes).map_err(|e| Error::io(&tmp.join(f), e))?;
+        let path = tmp.join(f);
+        if let Some(sub) = path.parent().filter(|p| *p != tmp) {
+            std::fs::create_dir_all(sub).map_err(|e| Error::io(sub, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod export;
 pub mod fit;
+pub mod handover;
 pub mod run;
 pub mod schedule;
 

