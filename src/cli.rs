@@ -196,20 +196,7 @@ pub fn export_run(a: &TrainArgs) -> Result<Vec<String>> {
     }
     let Prepared { md, train_data, valid_data, init, opts } = prepare(a)?;
     let base = crate::train::handover::Base::of(&md.source, &a.model.display().to_string())?;
-    // The adapter the run starts from: the initial one, or fresh pairs from the seed.
-    let adapter = match (opts.tuning(), init) {
-        (Tuning::Lora(l), init) => {
-            let tensors = match init {
-                Some((_, t)) => t,
-                None => crate::model::fresh_lora(&md.cfg, &l, opts.train.seed),
-            };
-            vec![
-                ("adapter_config.json".to_string(), crate::peft::config_json(&l, &base.model).into_bytes()),
-                ("adapter_model.safetensors".to_string(), weights::serialize(&tensors, None)?),
-            ]
-        }
-        _ => Vec::new(),
-    };
+    let adapter = crate::train::handover::initial_adapter(&md.cfg, &opts, init.map(|(_, t)| t), &base)?;
     let files = crate::train::handover::files(&md.source, &base, &opts, &train_data, valid_data.as_ref(), adapter)?;
     export::write_dir(&a.out, &files)?;
     Ok(files.into_iter().map(|(name, _)| name).collect())

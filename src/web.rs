@@ -301,7 +301,14 @@ impl Session {
     /// model), `checkpoint` (all a resume needs), `merged` (the base with the adapter
     /// merged in, in the base's dtype), `merged-gguf-{f16,q8_0,f32}` (the same as one
     /// GGUF) or `lora-gguf` (a llama.cpp LoRA adapter), as `[name, Uint8Array]` pairs.
+    ///
+    /// `run-trl`: the run handed over to TRL + accelerate (`webtune export-run`'s files,
+    /// `train::handover`) as one ZIP archive.
     pub async fn files(&self, what: &str) -> Result<js_sys::Array, JsError> {
+        if what == "run-trl" {
+            let zip = crate::train::export::zip(&self.run()?.handover().map_err(js)?).map_err(js)?;
+            return Ok(file_array(&[("webtune-run.zip".to_string(), zip)]));
+        }
         let what: Export = what.parse().map_err(|e: String| JsError::new(&e))?;
         let files = self.run()?.files(&self.gpu, what).await.map_err(js)?;
         Ok(file_array(&files))

@@ -198,6 +198,36 @@ fn options_trl_cannot_express_are_refused_by_name() {
     refuse(args(&model, &dpo, &out, short), "--batch-size 3");
 }
 
+/// The page's download of the same files: one stored ZIP archive that Python's
+/// zipfile reads back file for file, folders included.
+#[test]
+fn the_files_zip_as_the_page_downloads_them() {
+    let files = vec![
+        ("run.json".to_string(), b"{\"steps\": 3}".to_vec()),
+        ("initial-adapter/adapter_model.safetensors".to_string(), (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect()),
+        ("accelerate/ddp.yaml".to_string(), Vec::new()),
+    ];
+    let zip = webtune::train::export::zip(&files).unwrap();
+    // The end record counts the three entries.
+    let end = &zip[zip.len() - 22..];
+    assert_eq!(&end[..4], &[0x50, 0x4b, 0x05, 0x06]);
+    assert_eq!(u16::from_le_bytes([end[10], end[11]]), 3);
+    let dir = temp("zip");
+    std::fs::write(dir.join("run.zip"), &zip).unwrap();
+    if std::process::Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("no python3 here: the archive is not read back");
+        return;
+    }
+    let read = "import sys, zipfile, json\nz = zipfile.ZipFile(sys.argv[1])\nassert z.testzip() is None\nprint(json.dumps({i.filename: list(z.read(i)) for i in z.infolist()}))";
+    let out = std::process::Command::new("python3").args(["-c", read]).arg(dir.join("run.zip")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let back: std::collections::BTreeMap<String, Vec<u8>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(back.len(), 3);
+    for (name, bytes) in &files {
+        assert_eq!(&back[name], bytes, "{name}");
+    }
+}
+
 /// `train.py` compiles and the accelerate configs are YAML, where Python is here.
 fn python_parses(dir: &Path) {
     let python = std::process::Command::new("python3").arg("--version").output();

@@ -107,6 +107,64 @@ pub async fn files(gpu: &Gpu, source: &Source, model: &Model, state: &TrainerSta
     Ok(out)
 }
 
+/// `files` as one ZIP archive, stored uncompressed (the page's "multi-GPU run" download:
+/// one file where a folder would be many). Names keep their `/` folders; each file and
+/// the archive stay under 4 GiB (no ZIP64).
+pub fn zip(files: &Files) -> Result<Vec<u8>> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+    let too_large = || Error::Io("the run's files exceed the 4 GiB a ZIP archive holds without ZIP64: export it with `webtune export-run` instead".into());
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    // Version 2.0, UTF-8 names (flag bit 11), stored, 1980-01-01 00:00.
+    let common = |crc: u32, size: u32, name: &str| {
+        let mut h = Vec::new();
+        for v in [20u16, 0x0800, 0, 0, 0x21] {
+            h.extend(v.to_le_bytes());
+        }
+        for v in [crc, size, size] {
+            h.extend(v.to_le_bytes());
+        }
+        h.extend((name.len() as u16).to_le_bytes());
+        h.extend(0u16.to_le_bytes());
+        h
+    };
+    for (name, bytes) in files {
+        let size = u32::try_from(bytes.len()).map_err(|_| too_large())?;
+        let offset = u32::try_from(out.len()).map_err(|_| too_large())?;
+        let fields = common(crc32(bytes), size, name);
+        out.extend(0x0403_4b50u32.to_le_bytes());
+        out.extend(&fields);
+        out.extend(name.as_bytes());
+        out.extend(bytes);
+        central.extend(0x0201_4b50u32.to_le_bytes());
+        central.extend(20u16.to_le_bytes());
+        central.extend(&fields);
+        // Comment length, disk, internal and external attributes, the local header.
+        central.extend([0u8; 2 + 2 + 2 + 4]);
+        central.extend(offset.to_le_bytes());
+        central.extend(name.as_bytes());
+    }
+    let (start, size) = (u32::try_from(out.len()).map_err(|_| too_large())?, central.len() as u32);
+    out.extend(central);
+    out.extend(0x0605_4b50u32.to_le_bytes());
+    let n = files.len() as u16;
+    for v in [0u16, 0, n, n] {
+        out.extend(v.to_le_bytes());
+    }
+    out.extend(size.to_le_bytes());
+    out.extend(start.to_le_bytes());
+    out.extend(0u16.to_le_bytes());
+    Ok(out)
+}
+
 fn gguf_type(what: Export) -> Option<GgmlType> {
     match what {
         Export::MergedGguf(ty) => Some(ty),

@@ -338,6 +338,18 @@ and the page takes it under "Start from an adapter".
     )
 }
 
+/// The PEFT adapter a run of `o` starts from: `init` (`--init-adapter`, or the adapter
+/// a continued run took over), else fresh pairs from the seed (`model::fresh_lora`);
+/// nothing with full tuning.
+pub fn initial_adapter(cfg: &crate::model::Config, o: &RunOptions, init: Option<crate::model::TensorMap>, base: &Base) -> Result<Files> {
+    let crate::model::Tuning::Lora(l) = o.tuning() else { return Ok(Vec::new()) };
+    let tensors = init.unwrap_or_else(|| crate::model::fresh_lora(cfg, &l, o.train.seed));
+    Ok(vec![
+        ("adapter_config.json".to_string(), crate::peft::config_json(&l, &base.model).into_bytes()),
+        ("adapter_model.safetensors".to_string(), crate::model::weights::serialize(&tensors, None)?),
+    ])
+}
+
 /// The files of a run handed over to TRL + accelerate: `data` and `valid` prepared as
 /// the run prepares them, `initial_adapter` the adapter it starts from (LoRA).
 pub fn files(source: &Source, base: &Base, o: &RunOptions, data: &Dataset, valid: Option<&Dataset>, initial_adapter: Files) -> Result<Files> {

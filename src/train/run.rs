@@ -226,6 +226,8 @@ pub struct Run {
     pub micro: usize,
     /// What the plan changed from the options given, and why.
     pub plan_note: Option<String>,
+    /// The adapter the run started from (`init_adapter`), kept for `handover`.
+    initial_adapter: Option<TensorMap>,
 }
 
 /// The prompts of the first two examples (pairs): their tokens before the first trained one.
@@ -286,6 +288,7 @@ impl Run {
             valid_reference: None,
             micro: plan.micro,
             plan_note: plan.note,
+            initial_adapter: None,
         })
     }
 
@@ -297,14 +300,24 @@ impl Run {
         };
         opts.set_lora(l);
         let tensors = checkpoint::trained_tensors(gpu, &self.model).await?;
-        let run = Run::new(gpu, self.source.clone(), data, None, opts)?;
+        let mut run = Run::new(gpu, self.source.clone(), data, None, opts)?;
         run.init_adapter(gpu, &tensors)?;
         Ok(run)
     }
 
     /// Start from an existing adapter's weights instead of fresh LoRA ones.
-    pub fn init_adapter(&self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
-        self.model.set_params(gpu, tensors)
+    pub fn init_adapter(&mut self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
+        self.model.set_params(gpu, tensors)?;
+        self.initial_adapter = Some(tensors.clone());
+        Ok(())
+    }
+
+    /// This run handed over to TRL + accelerate (`handover::files`), from the adapter
+    /// it started from, with the base named as the front end opened it.
+    pub fn handover(&self) -> Result<super::export::Files> {
+        let base = super::handover::Base::of(&self.source, &self.source.name)?;
+        let adapter = super::handover::initial_adapter(&self.source.cfg, &self.opts, self.initial_adapter.clone(), &base)?;
+        super::handover::files(&self.source, &base, &self.opts, &self.data, self.valid.as_ref(), adapter)
     }
 
     pub fn total_steps(&self) -> u64 {

