@@ -256,13 +256,7 @@ test('the teaching views show token losses, attention, gradient norms and kernel
 });
 
 test('the adapter downloads as PEFT files', async () => {
-  const downloads = [];
-  const onDownload = (d) => downloads.push(d);
-  page.on('download', onDownload);
-  await page.selectOption('#exportWhat', 'output');
-  await page.click('#download');
-  for (let i = 0; i < 50 && downloads.length < 2; i++) await new Promise((r) => setTimeout(r, 100));
-  page.off('download', onDownload);
+  const downloads = await exportFiles('output', 2, 50);
   assert.equal(downloads.length, 2);
   const files = {};
   for (const d of downloads) files[d.suggestedFilename()] = fs.readFileSync(await d.path());
@@ -280,13 +274,7 @@ test('the adapter downloads as PEFT files', async () => {
 });
 
 test('the merged model downloads as a Hugging Face model directory', async () => {
-  const downloads = [];
-  const onDownload = (d) => downloads.push(d);
-  page.on('download', onDownload);
-  await page.selectOption('#exportWhat', 'merged');
-  await page.click('#download');
-  for (let i = 0; i < 100 && downloads.length < 4; i++) await new Promise((r) => setTimeout(r, 100));
-  page.off('download', onDownload);
+  const downloads = await exportFiles('merged', 4, 100);
   const names = downloads.map((d) => d.suggestedFilename()).sort();
   assert.deepEqual(names, ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']);
   const model = downloads.find((d) => d.suggestedFilename() === 'model.safetensors');
@@ -295,6 +283,19 @@ test('the merged model downloads as a Hugging Face model directory', async () =>
   assert.equal(JSON.parse(fs.readFileSync(await downloads.find((d) => d.suggestedFilename() === 'config.json').path(), 'utf8')).torch_dtype, 'float32');
   assert.match(await page.textContent('#estimate'), /Estimated GPU memory for a step: \d+ MiB/);
 });
+
+// What the Download button saves for `what` (#exportWhat): up to `count` files, waiting
+// at most `tries` tenths of a second for them.
+async function exportFiles(what, count, tries) {
+  const downloads = [];
+  const onDownload = (d) => downloads.push(d);
+  page.on('download', onDownload);
+  await page.selectOption('#exportWhat', what);
+  await page.click('#download');
+  for (let i = 0; i < tries && downloads.length < count; i++) await new Promise((r) => setTimeout(r, 100));
+  page.off('download', onDownload);
+  return downloads;
+}
 
 // The demo's 30 steps straight through (the reference for resumed and recovered runs).
 let straightLosses = null;
@@ -776,13 +777,7 @@ test('the page exports its run for TRL + accelerate as the native export-run doe
     await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=2&batch=2&seq=64&rank=4&alpha=8&dropout=0&schedule=constant&warmup=0&autostart=1`);
     const st = await waitFor(['done', 'error']);
     assert.equal(st.step, '2', st.error);
-    const downloads = [];
-    const onDownload = (d) => downloads.push(d);
-    page.on('download', onDownload);
-    await page.selectOption('#exportWhat', 'run-trl');
-    await page.click('#download');
-    for (let i = 0; i < 100 && downloads.length < 1; i++) await new Promise((r) => setTimeout(r, 100));
-    page.off('download', onDownload);
+    const downloads = await exportFiles('run-trl', 1, 100);
     assert.equal(downloads.length, 1);
     assert.equal(downloads[0].suggestedFilename(), 'webtune-run.zip');
     const zip = unzip(fs.readFileSync(await downloads[0].path()));
@@ -873,13 +868,7 @@ test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () =
     // GGUF. Natively, the merged file's loss on a record is the base's with the PEFT
     // adapter, to within q8_0's rounding.
     const grab = async (what, n) => {
-      const downloads = [];
-      const onDownload = (d) => downloads.push(d);
-      page.on('download', onDownload);
-      await page.selectOption('#exportWhat', what);
-      await page.click('#download');
-      for (let i = 0; i < 1200 && downloads.length < n; i++) await new Promise((r) => setTimeout(r, 100));
-      page.off('download', onDownload);
+      const downloads = await exportFiles(what, n, 1200);
       const out = {};
       for (const d of downloads) out[d.suggestedFilename()] = fs.readFileSync(await d.path());
       return out;
