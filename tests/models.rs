@@ -249,6 +249,25 @@ fn the_optimizer_runs_a_dispatch_per_flat_group() {
     }
 }
 
+/// The frozen weights of the projections that read one input share a buffer (q/k/v,
+/// and gate/up), so their base products run as one dispatch each, as their LoRA
+/// products do; o and down stay apart, and so do packed (QLoRA) weights, which run a
+/// product each.
+#[test]
+fn projections_that_read_one_input_share_a_buffer() {
+    let g = gpu();
+    let f = fixture("llama");
+    for frozen in [webtune::model::Frozen::Auto, webtune::model::Frozen::F32, webtune::model::Frozen::Quantize(webtune::quant::QType::Q8_0)] {
+        let m = Model::load_with(g, f.cfg.clone(), &f.weights, Tuning::Lora(f.lora.clone()), 0, frozen).unwrap();
+        for layer in &m.layers {
+            let buf = |i: usize| layer.linears[i].w.parts[0].value.buffer.clone();
+            let packed = matches!(frozen, webtune::model::Frozen::Quantize(_));
+            assert_eq!((buf(0) == buf(1), buf(1) == buf(2), buf(4) == buf(5)), (!packed, !packed, !packed), "{frozen:?}");
+            assert!(buf(3) != buf(0) && buf(3) != buf(4) && buf(6) != buf(4), "{frozen:?}: o or down shares a buffer");
+        }
+    }
+}
+
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     let g = gpu_f32();

@@ -79,20 +79,24 @@ impl Tensor {
         Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone(), whole: false }
     }
 
-    /// One f32 tensor over the bytes of `parts` that lie in one buffer (views into a
-    /// flat group of params, or into one temporary: `Gpu::temps`), from the first
-    /// one's start to the last one's end, with each part's offset in it in elements;
-    /// None where they do not. A group of products binds it once
-    /// (`kernels::matmul_group`).
+    /// One tensor over the bytes of `parts` (f32 or f16 alike) that lie in one buffer
+    /// (views into a flat group of params, into one temporary, `Gpu::temps`, or into
+    /// one buffer of frozen weights, `model::params::colocate`), from the first one's
+    /// start to the last one's end, with each part's offset in it in elements; None
+    /// where they do not. A group of products binds it once (`kernels::matmul_group`).
     pub fn span(label: &str, parts: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
         let first = parts.first()?;
-        if parts.iter().any(|t| t.dtype != DType::F32 || t.buffer != first.buffer) {
+        let size = match first.dtype {
+            DType::F32 | DType::F16 => first.dtype.size() as u64,
+            _ => return None,
+        };
+        if parts.iter().any(|t| t.dtype != first.dtype || t.buffer != first.buffer || t.offset % size != 0) {
             return None;
         }
         let lo = parts.iter().map(|t| t.offset).min()?;
         let hi = parts.iter().map(|t| t.offset + t.padded_bytes()).max()?;
-        let offsets = parts.iter().map(|t| ((t.offset - lo) / 4) as usize).collect();
-        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / 4) as usize], label: label.to_string(), whole: false, ..(*first).clone() };
+        let offsets = parts.iter().map(|t| ((t.offset - lo) / size) as usize).collect();
+        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / size) as usize], label: label.to_string(), whole: false, ..(*first).clone() };
         Some((whole, offsets))
     }
 

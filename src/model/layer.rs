@@ -2,7 +2,7 @@
 //! steps of `layer_forward` in reverse, from what `Acts` saved.
 
 use super::inputs::{Inputs, KvCache};
-use super::linear::{backwards, downs, Linear, LoraSaved};
+use super::linear::{backwards, downs, forwards, Linear, LoraSaved};
 use super::params::Param;
 use super::{residual, zeros, Model};
 use crate::error::Result;
@@ -74,24 +74,23 @@ impl Model {
         let h1 = zeros(gpu, rec, "h1", &[n, c])?;
         let rstd1 = zeros(gpu, rec, "rstd1", &[n])?;
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
-        let (q, kk, v) = (zeros(gpu, rec, "q", &[n, qd])?, zeros(gpu, rec, "k", &[n, kvd])?, zeros(gpu, rec, "v", &[n, kvd])?);
-        // LoRA's down products for q, k and v (one input) as one dispatch, then each base
-        // product with its pair's up product inside.
+        // LoRA's down products for q, k and v (one input) as one dispatch, then their
+        // base products, with each pair's up product inside, as one more (`forwards`):
+        // their outputs share one temporary (with Qwen3's per-head norms, the outputs
+        // before the norms do).
+        let [q_out, k_out, v] = gpu.temps(rec, "q, k, v", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
         let lora_qkv = downs(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[seed(Q), seed(K), seed(V)], self.adapter_enabled)?;
-        let q_pre = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            let (q_pre, k_pre) = (zeros(gpu, rec, "q_pre", &[n, qd])?, zeros(gpu, rec, "k_pre", &[n, kvd])?);
+        let saved_qkv: Vec<_> = lora_qkv.iter().map(|s| s.as_ref()).collect();
+        forwards(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[&q_out, &k_out, &v], &saved_qkv)?;
+        let (q, kk, q_pre) = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (q, kk) = (zeros(gpu, rec, "q", &[n, qd])?, zeros(gpu, rec, "k", &[n, kvd])?);
             let (rq, rk) = (zeros(gpu, rec, "q_rstd", &[n * cfg.heads])?, zeros(gpu, rec, "k_rstd", &[n * cfg.kv_heads])?);
-            lin[Q].forward(gpu, rec, n, &h1, &q_pre, lora_qkv[0].as_ref(), false)?;
-            lin[K].forward(gpu, rec, n, &h1, &k_pre, lora_qkv[1].as_ref(), false)?;
-            k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_pre, &qn.value, &q, &rq)?;
-            k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_pre, &kn.value, &kk, &rk)?;
-            Some((q_pre, rq, k_pre, rk))
+            k::rmsnorm_forward(gpu, rec, n * cfg.heads, hs, cfg.eps, &q_out, &qn.value, &q, &rq)?;
+            k::rmsnorm_forward(gpu, rec, n * cfg.kv_heads, hs, cfg.eps, &k_out, &kn.value, &kk, &rk)?;
+            (q, kk, Some((q_out, rq, k_out, rk)))
         } else {
-            lin[Q].forward(gpu, rec, n, &h1, &q, lora_qkv[0].as_ref(), false)?;
-            lin[K].forward(gpu, rec, n, &h1, &kk, lora_qkv[1].as_ref(), false)?;
-            None
+            (q_out, k_out, None)
         };
-        lin[V].forward(gpu, rec, n, &h1, &v, lora_qkv[2].as_ref(), false)?;
         k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
@@ -112,10 +111,10 @@ impl Model {
         lin[O].forward(gpu, rec, n, &att, &x_mid, lora_o.as_ref(), true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
-        let (g, u, m) = (zeros(gpu, rec, "gate", &[n, inter])?, zeros(gpu, rec, "up", &[n, inter])?, zeros(gpu, rec, "swiglu", &[n, inter])?);
+        let [g, u] = gpu.temps(rec, "gate, up", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
+        let m = zeros(gpu, rec, "swiglu", &[n, inter])?;
         let lora_mlp = downs(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[seed(GATE), seed(UP)], self.adapter_enabled)?;
-        lin[GATE].forward(gpu, rec, n, &h2, &g, lora_mlp[0].as_ref(), false)?;
-        lin[UP].forward(gpu, rec, n, &h2, &u, lora_mlp[1].as_ref(), false)?;
+        forwards(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[&g, &u], &[lora_mlp[0].as_ref(), lora_mlp[1].as_ref()])?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
         let out = residual(gpu, rec, "layer out", &x_mid)?;
         let [lora_down] = downs(gpu, rec, &[&lin[DOWN]], n, &m, &[seed(DOWN)], self.adapter_enabled)?.try_into().ok().expect("one");

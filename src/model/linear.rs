@@ -166,6 +166,62 @@ pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x
     Ok(saved)
 }
 
+/// The forward of layers that read the same x `[n, din]` (q/k/v, gate/up) into `ys`,
+/// with LoRA's up products (from the h's `downs` saved) inside: one grouped dispatch
+/// (`k::matmul_group`) where their weights lie in one buffer (`params::colocate`), their
+/// outputs in one temporary, and their pairs' h's and B's likewise; else `forward` each.
+pub(crate) fn forwards(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x: &Tensor, ys: &[&Tensor], saved: &[Option<&LoraSaved>]) -> Result<()> {
+    if let Some((mms, w, y, second)) = group_forward(lins, n, ys, saved) {
+        k::matmul_group(gpu, rec, &mms, x, &w, &y, second.as_ref().map(|(h, b)| (h, b)))?;
+        for (lin, y) in lins.iter().zip(ys) {
+            if let Some(b) = &lin.bias {
+                k::add_bias(gpu, rec, n, lin.dout, &b.value, y)?;
+            }
+        }
+        return Ok(());
+    }
+    for ((lin, y), s) in lins.iter().zip(ys).zip(saved) {
+        lin.forward(gpu, rec, n, x, y, *s, false)?;
+    }
+    Ok(())
+}
+
+/// The grouped products of `forwards`, and the spans they bind (weights, outputs, and
+/// LoRA's h's and B's), where the tensors allow one dispatch.
+#[allow(clippy::type_complexity)]
+fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&LoraSaved>]) -> Option<(Vec<Matmul>, Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+    if lins.len() < 2 || lins.iter().any(|l| l.w.parts.len() != 1) {
+        return None;
+    }
+    let pairs: Vec<Option<(&LoraPair, &LoraSaved)>> = lins.iter().zip(saved).map(|(l, s)| l.lora.as_ref().zip(*s)).collect();
+    let with_lora = pairs[0].is_some();
+    if pairs.iter().any(|p| p.is_some() != with_lora) {
+        return None;
+    }
+    let (w, ow) = Tensor::span("weights", &lins.iter().map(|l| &l.w.parts[0].value).collect::<Vec<_>>())?;
+    let (y, oy) = Tensor::span("outputs", ys)?;
+    let second = if with_lora {
+        let (h, oh) = Tensor::span("LoRA h", &pairs.iter().flatten().map(|(_, s)| &s.h).collect::<Vec<_>>())?;
+        let (b, ob) = Tensor::span("LoRA B", &pairs.iter().flatten().map(|(l, _)| &l.b.value).collect::<Vec<_>>())?;
+        Some(((h, oh), (b, ob)))
+    } else {
+        None
+    };
+    let mms = lins
+        .iter()
+        .enumerate()
+        .map(|(i, lin)| {
+            let mut mm = Matmul { b_off: ow[i], c_off: oy[i], ..Matmul::linear(n, lin.din, lin.dout) };
+            if let (Some(((_, oh), (_, ob))), Some((l, _))) = (&second, pairs[i]) {
+                let up = lin.lora_shape(n, l, None).up(0);
+                mm.second = Some(crate::kernels::Second { a_off: oh[i], b_off: ob[i] + up.b_off, ..up });
+            }
+            mm
+        })
+        .collect();
+    Some((mms, w, y, second.map(|((h, _), (b, _))| (h, b))))
+}
+
 /// The backward of layers that read the same x, in the order given: their LoRA pairs'
 /// dh, dB and dA as grouped dispatches (`k::lora_backward_group`), then each layer's
 /// `dx += dy·W` (with LoRA's dx inside) and its W and bias gradients.

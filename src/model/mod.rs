@@ -186,6 +186,10 @@ impl Model {
                 };
                 linears.push(Linear { name, w: weight, bias, lora, din, dout });
             }
+            // q/k/v and gate/up each in one buffer: their base products run as one dispatch.
+            let (qkv, rest) = linears.split_at_mut(3);
+            params::colocate(gpu, &mut qkv.iter_mut().map(|l| &mut l.w).collect::<Vec<_>>())?;
+            params::colocate(gpu, &mut rest[1..3].iter_mut().map(|l| &mut l.w).collect::<Vec<_>>())?;
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
                     Some(vec(&format!("{p}.self_attn.q_norm.weight"), cfg.head_dim)?),

@@ -97,6 +97,40 @@ fn upload_rows(gpu: &Gpu, label: &str, w: &dyn Tensors, name: &str, r0: usize, s
     Ok(t)
 }
 
+/// Move the frozen matrices `ws` (one part each, all f16 or all f32) into one buffer,
+/// each at the adapter's storage offset alignment, so the products of the projections
+/// that read one input (q/k/v, gate/up) bind it once and run as one dispatch
+/// (`linear::forwards`). Anything else (packed, trained, split in row parts, or too
+/// large for one binding together) stays as it is.
+pub(crate) fn colocate(gpu: &Gpu, ws: &mut [&mut Weight]) -> Result<()> {
+    let Some(dtype) = ws.first().and_then(|w| w.parts.first()).map(|p| p.value.dtype) else { return Ok(()) };
+    let alike = |w: &Weight| w.parts.len() == 1 && w.parts[0].train.is_none() && w.parts[0].value.dtype == dtype;
+    if ws.len() < 2 || !matches!(dtype, DType::F16 | DType::F32) || !ws.iter().all(|w| alike(w)) {
+        return Ok(());
+    }
+    let align = (gpu.caps.limits.min_storage_buffer_offset_alignment as u64).max(16);
+    let mut starts = Vec::with_capacity(ws.len());
+    let mut end = 0u64;
+    for w in ws.iter() {
+        let start = end.div_ceil(align) * align;
+        starts.push(start);
+        end = start + w.parts[0].value.padded_bytes();
+    }
+    if end > gpu.caps.max_binding {
+        return Ok(());
+    }
+    let label = ws.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ");
+    let whole = gpu.zeros(&label, dtype, &[(end / dtype.size() as u64) as usize])?;
+    let mut rec = gpu.recorder("colocate");
+    for (w, &start) in ws.iter_mut().zip(&starts) {
+        let v = &w.parts[0].value;
+        rec.encoder().copy_buffer_to_buffer(&v.buffer, v.offset, &whole.buffer, start, v.padded_bytes());
+        w.parts[0].value = whole.view(&v.label.clone(), start, &v.shape.clone());
+    }
+    gpu.submit(rec);
+    Ok(())
+}
+
 /// A named f32 tensor; trainable ones carry a gradient and AdamW moments.
 pub struct Param {
     /// The Hugging Face or PEFT name, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
