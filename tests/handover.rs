@@ -19,10 +19,7 @@ fn root() -> PathBuf {
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("webtune-handover-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_dir(&format!("handover-{name}"))
 }
 
 /// The tiny Qwen3 with the real tokenizer, a copy per test (they run at once).

@@ -5,6 +5,8 @@
 //! `X-Linked-Etag` / `X-Linked-Size` for weights, `X-Error-Code` on refusals — serving the
 //! demo model, single and sharded. Each test has its own server and cache directory.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -224,10 +226,7 @@ fn demo_repo(sharded: bool) -> (Vec<(String, Vec<u8>)>, TensorMap) {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("webtune-hub-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_dir(&format!("hub-{name}"))
 }
 
 fn repo(s: &str) -> RepoRef {

@@ -1,6 +1,8 @@
 //! Weights in other layouts and dtypes than the fixtures: sharded checkpoints, f16 and
 //! bf16 files; and the sampler.
 
+mod common;
+
 use std::path::PathBuf;
 
 use webtune::check::Rng;
@@ -12,10 +14,7 @@ fn fixture_weights() -> TensorMap {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("webtune-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir(&format!("test-{name}"))
 }
 
 #[test]

@@ -83,8 +83,9 @@ impl Tensor {
     /// (views into a flat group of params, into one temporary, `Gpu::temps`, or into
     /// one buffer of frozen weights, `model::params::colocate`), from the first one's
     /// start to the last one's end, with each part's offset in it in elements; None
-    /// where they do not. A group of products binds it once (`kernels::matmul_group`).
-    pub fn span(label: &str, parts: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
+    /// where they do not, or where it would be wider than `max_binding` bytes. A group
+    /// of products binds it once (`kernels::matmul_group`).
+    pub fn span(label: &str, parts: &[&Tensor], max_binding: u64) -> Option<(Tensor, Vec<usize>)> {
         let first = parts.first()?;
         let size = match first.dtype {
             DType::F32 | DType::F16 => first.dtype.size() as u64,
@@ -95,6 +96,9 @@ impl Tensor {
         }
         let lo = parts.iter().map(|t| t.offset).min()?;
         let hi = parts.iter().map(|t| t.offset + t.padded_bytes()).max()?;
+        if hi - lo > max_binding {
+            return None;
+        }
         let offsets = parts.iter().map(|t| ((t.offset - lo) / size) as usize).collect();
         let whole = Tensor { offset: lo, shape: vec![((hi - lo) / size) as usize], label: label.to_string(), whole: false, ..(*first).clone() };
         Some((whole, offsets))

@@ -116,7 +116,7 @@ pub fn lora_down_group(gpu: &Gpu, rec: &mut Recorder, ls: &[Lora], x: &Tensor, a
     for (i, l) in ls.iter().enumerate() {
         l.check(op, x, ("a", a[i]), h[i])?;
     }
-    match (alike(ls), span(gpu, "LoRA A", a), span(gpu, "LoRA h", h)) {
+    match (alike(ls), Tensor::span("LoRA A", a, gpu.caps.max_binding), Tensor::span("LoRA h", h, gpu.caps.max_binding)) {
         (true, Some((ta, oa)), Some((th, oh))) => {
             let mms: Vec<Matmul> = ls.iter().enumerate().map(|(i, l)| Matmul { b_off: oa[i], c_off: oh[i], ..l.down() }).collect();
             matmul_group(gpu, rec, &mms, x, &ta, &th, None)
@@ -152,7 +152,7 @@ pub fn lora_backward_group(
         dh[i].expect(op, "dh", DType::F32, l.n * l.r)?;
         db[i].expect(op, "db", DType::F32, l.dout * l.r)?;
     }
-    let spans = [("LoRA B", b), ("LoRA h", h), ("LoRA dy", dy), ("LoRA dh", dh), ("LoRA dA", da), ("LoRA dB", db)].map(|(label, t)| span(gpu, label, t));
+    let spans = [("LoRA B", b), ("LoRA h", h), ("LoRA dy", dy), ("LoRA dh", dh), ("LoRA dA", da), ("LoRA dB", db)].map(|(label, t)| Tensor::span(label, t, gpu.caps.max_binding));
     if let (true, [Some((tb, ob)), Some((th, oh)), Some((tdy, ody)), Some((tdh, odh)), Some((tda, oda)), Some((tdb, odb))]) = (alike(ls), spans) {
         let each = |f: &dyn Fn(usize, &Lora) -> Matmul| ls.iter().enumerate().map(|(i, l)| f(i, l)).collect::<Vec<_>>();
         matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
@@ -173,7 +173,3 @@ fn alike(ls: &[Lora]) -> bool {
     ls.iter().all(|l| (l.dropout > 0.0) == (ls[0].dropout > 0.0))
 }
 
-/// `Tensor::span` of `parts`, where it fits one binding.
-fn span(gpu: &Gpu, label: &str, parts: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
-    Tensor::span(label, parts).filter(|(t, _)| t.bytes() <= gpu.caps.max_binding)
-}

@@ -45,14 +45,17 @@ pub(crate) struct Acts {
     pub(crate) g: Tensor,
     pub(crate) u: Tensor,
     pub(crate) m: Tensor,
-    pub(crate) out: Tensor,
+    /// The layer's output (None in the backward's recompute, which needs none).
+    pub(crate) out: Option<Tensor>,
     pub(crate) lora: Vec<Option<LoraSaved>>,
 }
 
 impl Model {
     /// One decoder layer. With `cache`, the new keys and values are appended to it
     /// and the queries attend to everything cached (decoding, B = 1). LoRA dropout
-    /// applies only when `train`.
+    /// applies only when `train`. `recompute`: the forward that checkpointing runs
+    /// again before the layer's backward, which reads the activations but not the
+    /// output, so down's base product is left out (its LoRA down product stays).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn layer_forward(
         &self,
@@ -63,6 +66,7 @@ impl Model {
         x: Tensor,
         cache: Option<&KvCache>,
         train: bool,
+        recompute: bool,
     ) -> Result<Acts> {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
@@ -116,9 +120,14 @@ impl Model {
         let lora_mlp = downs(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[seed(GATE), seed(UP)], self.adapter_enabled)?;
         forwards(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[&g, &u], &[lora_mlp[0].as_ref(), lora_mlp[1].as_ref()])?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let out = residual(gpu, rec, "layer out", &x_mid)?;
         let [lora_down] = downs(gpu, rec, &[&lin[DOWN]], n, &m, &[seed(DOWN)], self.adapter_enabled)?.try_into().ok().expect("one");
-        lin[DOWN].forward(gpu, rec, n, &m, &out, lora_down.as_ref(), true)?;
+        let out = if recompute {
+            None
+        } else {
+            let out = residual(gpu, rec, "layer out", &x_mid)?;
+            lin[DOWN].forward(gpu, rec, n, &m, &out, lora_down.as_ref(), true)?;
+            Some(out)
+        };
         let lora = lora_qkv.into_iter().chain([lora_o]).chain(lora_mlp).chain([lora_down]).collect();
         Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
     }

@@ -171,7 +171,7 @@ pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x
 /// (`k::matmul_group`) where their weights lie in one buffer (`params::colocate`), their
 /// outputs in one temporary, and their pairs' h's and B's likewise; else `forward` each.
 pub(crate) fn forwards(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x: &Tensor, ys: &[&Tensor], saved: &[Option<&LoraSaved>]) -> Result<()> {
-    if let Some((mms, w, y, second)) = group_forward(lins, n, ys, saved) {
+    if let Some((mms, w, y, second)) = group_forward(lins, n, ys, saved, gpu.caps.max_binding) {
         k::matmul_group(gpu, rec, &mms, x, &w, &y, second.as_ref().map(|(h, b)| (h, b)))?;
         for (lin, y) in lins.iter().zip(ys) {
             if let Some(b) = &lin.bias {
@@ -187,9 +187,10 @@ pub(crate) fn forwards(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize
 }
 
 /// The grouped products of `forwards`, and the spans they bind (weights, outputs, and
-/// LoRA's h's and B's), where the tensors allow one dispatch.
+/// LoRA's h's and B's), where the tensors allow one dispatch (each span within a
+/// binding of `max_binding` bytes).
 #[allow(clippy::type_complexity)]
-fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&LoraSaved>]) -> Option<(Vec<Matmul>, Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&LoraSaved>], max_binding: u64) -> Option<(Vec<Matmul>, Tensor, Tensor, Option<(Tensor, Tensor)>)> {
     if lins.len() < 2 || lins.iter().any(|l| l.w.parts.len() != 1) {
         return None;
     }
@@ -198,11 +199,11 @@ fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&Lo
     if pairs.iter().any(|p| p.is_some() != with_lora) {
         return None;
     }
-    let (w, ow) = Tensor::span("weights", &lins.iter().map(|l| &l.w.parts[0].value).collect::<Vec<_>>())?;
-    let (y, oy) = Tensor::span("outputs", ys)?;
+    let (w, ow) = Tensor::span("weights", &lins.iter().map(|l| &l.w.parts[0].value).collect::<Vec<_>>(), max_binding)?;
+    let (y, oy) = Tensor::span("outputs", ys, max_binding)?;
     let second = if with_lora {
-        let (h, oh) = Tensor::span("LoRA h", &pairs.iter().flatten().map(|(_, s)| &s.h).collect::<Vec<_>>())?;
-        let (b, ob) = Tensor::span("LoRA B", &pairs.iter().flatten().map(|(l, _)| &l.b.value).collect::<Vec<_>>())?;
+        let (h, oh) = Tensor::span("LoRA h", &pairs.iter().flatten().map(|(_, s)| &s.h).collect::<Vec<_>>(), max_binding)?;
+        let (b, ob) = Tensor::span("LoRA B", &pairs.iter().flatten().map(|(l, _)| &l.b.value).collect::<Vec<_>>(), max_binding)?;
         Some(((h, oh), (b, ob)))
     } else {
         None

@@ -341,8 +341,8 @@ impl Model {
         let mut x = self.embed(gpu, rec, inp)?;
         let mut saved = Vec::new();
         for li in 0..self.layers.len() {
-            let acts = self.layer_forward(gpu, rec, li, inp, x, cache, train)?;
-            x = acts.out.clone();
+            let acts = self.layer_forward(gpu, rec, li, inp, x, cache, train, false)?;
+            x = acts.out.clone().expect("a forward's output");
             match keep {
                 Keep::Nothing => {}
                 Keep::Activations => saved.push(Saved::Acts(acts)),
@@ -370,7 +370,7 @@ impl Model {
             match trunk.saved.pop().expect("one saved entry per layer") {
                 Saved::Acts(acts) => self.layer_backward(gpu, rec, li, inp, &acts, &dres)?,
                 Saved::Input(x) => {
-                    let acts = self.layer_forward(gpu, rec, li, inp, x, None, true)?;
+                    let acts = self.layer_forward(gpu, rec, li, inp, x, None, true, true)?;
                     self.layer_backward(gpu, rec, li, inp, &acts, &dres)?;
                     drop(acts);
                     gpu.flush(rec, "backward");

