@@ -66,3 +66,12 @@ pub fn mark() -> Mark {
 pub fn peak_since(m: &Mark) -> Option<usize> {
     INSTALLED.load(Relaxed).then(|| PEAK.load(Relaxed).saturating_sub(m.0))
 }
+
+/// This process's peak resident memory (`VmHWM` of `/proc/self/status`), in bytes;
+/// None where there is no such file (other systems, wasm).
+pub fn peak_resident() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}

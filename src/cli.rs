@@ -461,18 +461,13 @@ pub struct DemoReport {
     pub dpo: Option<DpoReport>,
 }
 
-/// What the demo's DPO stage measured on held-out pairs (phrasings, ask and words it
-/// never trained on), before and after: how often the model gives the chosen answer
-/// the higher log-probability, for requests with the brief ask and without; and how
-/// often its greedy answer to a brief request is the bare result.
+/// What the demo's DPO stage measured on held-out pairs and requests (phrasings, ask
+/// and words it never trained on), before and after (`demo::DpoTest`), and its curves.
 #[derive(Clone, Debug)]
 pub struct DpoReport {
-    pub brief_before: f64,
-    pub brief_after: f64,
-    pub plain_before: f64,
-    pub plain_after: f64,
-    pub answers_before: f64,
-    pub answers_after: f64,
+    pub before: crate::demo::DpoTest,
+    pub after: crate::demo::DpoTest,
+    pub rpo_alpha: f64,
     pub losses: Vec<f64>,
     pub margins: Vec<f64>,
 }
@@ -505,7 +500,8 @@ pub fn loss_curve(losses: &[f64], width: usize) -> String {
 /// `webtune` with no arguments: instruction-tune the built-in demo model (pretrained
 /// on `reverse(word) = drow` text, never on instructions) with LoRA, and show the
 /// accuracy on held-out phrasings and fresh words before and after.
-pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, quiet: bool) -> Result<DemoReport> {
+/// `rpo_alpha`: the DPO stage's RPO weight (None: the `demo_dpo` preset's).
+pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, rpo_alpha: Option<f64>, quiet: bool) -> Result<DemoReport> {
     let started = crate::clock::now();
     let say = |s: String| if !quiet { println!("{s}") };
     let md = ModelDir::open(Path::new("demo"))?;
@@ -561,7 +557,7 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, quiet: bool
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     let tps = tokens as f64 / busy.max(1e-9);
     say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}", out.display()));
-    let dpo = if dpo_steps > 0 { Some(demo_dpo(gpu, &run, &out.join("dpo"), dpo_steps, quiet).await?) } else { None };
+    let dpo = if dpo_steps > 0 { Some(demo_dpo(gpu, &run, &out.join("dpo"), dpo_steps, rpo_alpha, quiet).await?) } else { None };
     let secs = crate::clock::now() - started;
     say(format!("{secs:.0} s in all"));
     Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs, kernels, dpo })
@@ -570,16 +566,21 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, quiet: bool
 /// The demo's DPO stage: the SFT adapter of `sft` continued on preference pairs that
 /// ask for the bare result when a request says so (which the SFT data never did),
 /// measured on held-out pairs and brief requests before and after.
-async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> Result<DpoReport> {
+async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Option<f64>, quiet: bool) -> Result<DpoReport> {
     let say = |s: String| if !quiet { println!("{s}") };
     let tok = &sft.source.tokenizer;
-    let opts = RunOptions::demo_dpo(steps);
+    let mut opts = RunOptions::demo_dpo(steps);
+    if let Some(a) = rpo_alpha {
+        opts.train.rpo_alpha = a;
+    }
     let pairs = |text: String, name: &str| crate::data::load(tok, &text, name, opts.max_seq_len, false, false);
-    let brief = crate::demo::held_out_brief(crate::demo::TEST_SEED, 32);
+    let n = 32;
     say(format!("\nDPO stage: prefer the bare result when a request asks for it (\"{}\"), the sentence otherwise;", crate::demo::BRIEF_ASKS[0]));
     say(format!("the SFT data never asked. The test uses the held-out ask \"{}\", phrasings and words.", crate::demo::BRIEF_HELD_OUT));
-    let before = crate::demo::dpo_test(gpu, &sft.model, tok, brief.len()).await?;
+    say(format!("sigmoid DPO, beta {}, with an NLL term on the chosen answers (RPO) of weight {}", opts.train.beta, opts.train.rpo_alpha));
+    let before = crate::demo::dpo_test(gpu, &sft.model, tok, n).await?;
     let data = pairs(crate::demo::preference_data(), "demo-dpo")?;
+    let rpo = opts.train.rpo_alpha;
     let mut run = sft.continued(gpu, Rc::new(data), opts).await?;
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
@@ -594,27 +595,26 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, quiet: bool) -> 
     }
     bar.finish_and_clear();
     say(format!("DPO loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
-    let after = crate::demo::dpo_test(gpu, &run.model, tok, brief.len()).await?;
+    let after = crate::demo::dpo_test(gpu, &run.model, tok, n).await?;
+    let pct = |x: f64| format!("{:.0}%", 100.0 * x);
     say("held-out pairs where the model prefers the chosen answer, before → after DPO:".into());
-    say(format!("  asked for the bare result:  {:>3.0}% → {:.0}%", 100.0 * before.prefers_brief, 100.0 * after.prefers_brief));
-    say(format!("  plain requests (sentence):  {:>3.0}% → {:.0}%", 100.0 * before.prefers_plain, 100.0 * after.prefers_plain));
-    say(format!("greedy answers to held-out brief requests that are the bare result: {:.0}% → {:.0}%", 100.0 * before.bare, 100.0 * after.bare));
+    say(format!("  asked for the bare result:  {:>4} → {}", pct(before.prefers_brief), pct(after.prefers_brief)));
+    say(format!("  plain requests (sentence):  {:>4} → {}", pct(before.prefers_plain), pct(after.prefers_plain)));
+    say(format!("greedy answers to {n} held-out brief and {n} plain requests, before → after DPO:"));
+    say(format!("  brief, a bare result:       {:>4} → {} (the right one: {} → {})", pct(before.bare_form), pct(after.bare_form), pct(before.bare), pct(after.bare)));
+    say(format!("  plain, the sentence:        {:>4} → {}", pct(before.sentence_form), pct(after.sentence_form)));
+    say(format!("  garbled (neither form):     {:>4} → {}", pct(before.garbled), pct(after.garbled)));
+    let brief = crate::demo::held_out_brief(crate::demo::TEST_SEED, n);
     for (i, (q, a)) in brief.iter().enumerate().take(3) {
         let mark = if after.answers[i].trim() == a { "✓" } else { "✗" };
         say(format!("  {mark} {q:<60} → {:?}", after.answers[i]));
     }
+    for (r, a) in crate::demo::held_out_requests(crate::demo::TEST_SEED, n, false).iter().zip(&after.plain_answers).take(2) {
+        say(format!("    {:<60} → {a:?}", r.question));
+    }
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     say(format!("DPO adapter written to {}", out.display()));
-    Ok(DpoReport {
-        brief_before: before.prefers_brief,
-        brief_after: after.prefers_brief,
-        plain_before: before.prefers_plain,
-        plain_after: after.prefers_plain,
-        answers_before: before.bare,
-        answers_after: after.bare,
-        losses,
-        margins,
-    })
+    Ok(DpoReport { before, after, rpo_alpha: rpo, losses, margins })
 }
 
 /// `webtune lora-change`: what an adapter changed. Per layer and projection ‖ΔW‖/‖W‖

@@ -126,18 +126,26 @@ pub const ANSWER_TOKENS: usize = 48;
 
 /// The DPO stage's held-out measures of a model: the fraction of held-out pairs whose
 /// chosen completion it gives the higher log-probability, for requests with the
-/// held-out brief ask and for plain ones, and the fraction of held-out brief requests
-/// it answers greedily with the bare result (`answers`, to `held_out_brief(TEST_SEED,
-/// n)`).
+/// held-out brief ask and for plain ones; and its greedy answers (`answers`) to `n`
+/// held-out brief requests (`held_out_requests(TEST_SEED, n, true)`) and `n` plain
+/// ones, by `form`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct DpoTest {
     pub prefers_brief: f64,
     pub prefers_plain: f64,
+    /// Brief requests answered with exactly the bare result.
     pub bare: f64,
+    /// Brief requests answered in the bare form, right or wrong.
+    pub bare_form: f64,
+    /// Plain requests answered in the sentence form, right or wrong.
+    pub sentence_form: f64,
+    /// Answers in neither form (garbled), of brief and plain requests together.
+    pub garbled: f64,
     pub answers: Vec<String>,
+    pub plain_answers: Vec<String>,
 }
 
-/// `DpoTest` of `model` on 64 held-out pairs and `n` held-out brief requests.
+/// `DpoTest` of `model` on 64 held-out pairs and `n` held-out brief and plain requests.
 pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Result<DpoTest> {
     // At the DPO stage's sequence length, as it trains them.
     let seq = crate::train::RunOptions::demo_dpo(0).max_seq_len;
@@ -149,9 +157,24 @@ pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Re
         *k = (k.0 + (c > r) as usize, k.1 + 1);
     }
     let f = |(a, n): (usize, usize)| a as f64 / n.max(1) as f64;
-    let asked = held_out_brief(TEST_SEED, n);
-    let answers = answers(gpu, model, tok, &asked, ANSWER_TOKENS).await?;
-    Ok(DpoTest { prefers_brief: f(brief), prefers_plain: f(plain), bare: accuracy(&answers, &asked), answers })
+    let ask = |brief: bool| held_out_requests(TEST_SEED, n, brief);
+    let (asked, plain_asked) = (ask(true), ask(false));
+    let questions = |rs: &[Request]| rs.iter().map(|r| (r.question.clone(), apply(r.op, &r.word))).collect::<Vec<_>>();
+    let answers_to = |rs: Vec<(String, String)>| async move { answers(gpu, model, tok, &rs, ANSWER_TOKENS).await };
+    let (answers, plain_answers) = (answers_to(questions(&asked)).await?, answers_to(questions(&plain_asked)).await?);
+    let forms = |rs: &[Request], a: &[String]| rs.iter().zip(a).map(|(r, a)| form(r.op, &r.word, a)).collect::<Vec<_>>();
+    let (bf, pf) = (forms(&asked, &answers), forms(&plain_asked, &plain_answers));
+    let share = |fs: &[Form], x: Form| fs.iter().filter(|&&g| g == x).count() as f64 / fs.len().max(1) as f64;
+    Ok(DpoTest {
+        prefers_brief: f(brief),
+        prefers_plain: f(plain),
+        bare: accuracy(&answers, &questions(&asked)),
+        bare_form: share(&bf, Form::Bare),
+        sentence_form: share(&pf, Form::Sentence),
+        garbled: (share(&bf, Form::Other) + share(&pf, Form::Other)) / 2.0,
+        answers,
+        plain_answers,
+    })
 }
 
 /// The pretrained base of the demo, made by `scripts/pretrain-demo.sh` and embedded.

@@ -143,6 +143,10 @@ enum Command {
         /// Steps of the optional DPO stage after SFT (0: none).
         #[arg(long, default_value_t = 0)]
         dpo_steps: u64,
+        /// The DPO stage's RPO weight (an NLL term on the chosen answers; default: the
+        /// demo_dpo preset's).
+        #[arg(long)]
+        rpo_alpha: Option<f64>,
     },
     /// Look at data before training on it.
     Data {
@@ -343,11 +347,11 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> webtune::Result<()> {
-    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300, dpo_steps: 0 });
+    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300, dpo_steps: 0, rpo_alpha: None });
     match command {
-        Command::Demo { out, steps, dpo_steps } => {
+        Command::Demo { out, steps, dpo_steps, rpo_alpha } => {
             let gpu = Gpu::new().await?;
-            cli::demo(&gpu, &out, steps, dpo_steps, false).await?;
+            cli::demo(&gpu, &out, steps, dpo_steps, rpo_alpha, false).await?;
         }
         Command::Train(t) => {
             let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
@@ -536,6 +540,17 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 match b.gpu_ms {
                     Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
                     None => println!("GPU time: this adapter has no timestamp queries"),
+                }
+                // The device memory the step held (the model's buffers, and the pool of
+                // temporaries at its largest) beside the plan's estimate.
+                let (est, mib) = (r.estimate(&gpu)?, |b: u64| b as f64 / (1u64 << 20) as f64);
+                let (held, pool) = (r.model.resident_bytes(), gpu.counters().pool_bytes);
+                println!(
+                    "device memory: {:.1} MiB measured (weights and training state {:.1}, a step's temporaries {:.1}); estimated {:.1} (weights {:.1}, training state {:.1}, activations {:.1}) for micro-batch {} with checkpointing {}",
+                    mib(held + pool), mib(held), mib(pool), mib(est.total()), mib(est.weights), mib(est.training_state), mib(est.activations), r.micro, if r.model.grad_checkpoint { "on" } else { "off" }
+                );
+                if let Some(peak) = webtune::alloc::peak_resident() {
+                    println!("process peak resident memory: {:.1} MiB (on a CPU adapter the device's memory is this process's)", mib(peak));
                 }
                 summary.push((quantize.unwrap_or_else(|| "as loaded".into()), mean(&|s| s.tokens_per_s()), r.model.resident_bytes()));
             }

@@ -34,18 +34,36 @@ fn run_options(v: JsValue) -> Result<RunOptions, JsError> {
 /// The page keeps a checkpoint in its Origin Private File System this often.
 const PAGE_SAVE_EVERY: u64 = 10;
 
-/// A safetensors file the page fetched or read, left in its JS array (outside the wasm
-/// heap): the loader copies one tensor's rows at a time.
-struct JsBytes(js_sys::Uint8Array);
+/// A weights file the page fetched or read, as a `Blob`: one from disk, or the copy in
+/// this browser's Cache Storage. The browser keeps its bytes (on disk, or in its own
+/// process), not the tab: the loader reads one tensor's rows at a time, synchronously
+/// (`FileReaderSync`, in the worker), so the tab holds a model's bytes at most once
+/// and only a tensor's worth at a time.
+struct JsBlob {
+    blob: web_sys::Blob,
+    name: String,
+}
 
-impl weights::Bytes for JsBytes {
+impl weights::Bytes for JsBlob {
     fn len(&self) -> u64 {
-        self.0.length() as u64
+        self.blob.size() as u64
     }
 
     fn read(&self, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
-        Ok(self.0.subarray(offset as u32, (offset + len as u64) as u32).to_vec())
+        let fail = |e: JsValue| crate::error::Error::Io(format!("{}: reading {len} bytes at {offset}: {}", self.name, js_message(&e)));
+        let part = self.blob.slice_with_f64_and_f64(offset as f64, (offset + len as u64) as f64).map_err(fail)?;
+        let buf = web_sys::FileReaderSync::new().map_err(fail)?.read_as_array_buffer(&part).map_err(fail)?;
+        let bytes = js_sys::Uint8Array::new(&buf).to_vec();
+        if bytes.len() != len {
+            return Err(crate::error::Error::Io(format!("{}: read {} of {len} bytes at {offset} (the file changed or was removed)", self.name, bytes.len())));
+        }
+        Ok(bytes)
     }
+}
+
+/// A thrown JS value as text (an Error's message).
+fn js_message(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).or_else(|| e.as_string()).unwrap_or_else(|| "unknown error".into())
 }
 
 /// Named files as a JS array of `[name, Uint8Array]` pairs.
@@ -124,21 +142,22 @@ impl Session {
     /// A Hugging Face model from its small files (`names[i]` holds `bytes[i]`; see
     /// `model_file_names`) and its safetensors files (one, or every shard), through
     /// the loader the command line uses.
-    pub fn load_model(&mut self, name: &str, names: Vec<String>, bytes: Vec<js_sys::Uint8Array>, shards: Vec<js_sys::Uint8Array>) -> Result<(), JsError> {
+    pub fn load_model(&mut self, name: &str, names: Vec<String>, bytes: Vec<js_sys::Uint8Array>, shards: Vec<web_sys::Blob>) -> Result<(), JsError> {
         let files = names.into_iter().zip(bytes.iter().map(|b| b.to_vec())).collect();
         let mut w = Checkpoint::new();
-        for (i, s) in shards.into_iter().enumerate() {
-            w.add(&format!("{name} safetensors file {}", i + 1), Box::new(JsBytes(s))).map_err(js)?;
+        for (i, blob) in shards.into_iter().enumerate() {
+            let file = format!("{name} safetensors file {}", i + 1);
+            w.add(&file, Box::new(JsBlob { blob, name: file.clone() })).map_err(js)?;
         }
         let s = crate::model::source::open(name, files, w).map_err(js)?;
         self.set_source(s);
         Ok(())
     }
 
-    /// A GGUF file the page fetched or read, left in its JS array: config, tokenizer and
-    /// chat template come from its metadata, tensors are dequantized as they load.
-    pub fn load_gguf(&mut self, name: &str, bytes: js_sys::Uint8Array) -> Result<(), JsError> {
-        let s = crate::model::source::open_gguf(name, Box::new(JsBytes(bytes))).map_err(js)?;
+    /// A GGUF file the page fetched or read, as a Blob (see `JsBlob`): config, tokenizer
+    /// and chat template come from its metadata, tensors are dequantized as they load.
+    pub fn load_gguf(&mut self, name: &str, blob: web_sys::Blob) -> Result<(), JsError> {
+        let s = crate::model::source::open_gguf(name, Box::new(JsBlob { blob, name: name.to_string() })).map_err(js)?;
         self.set_source(s);
         Ok(())
     }

@@ -19,6 +19,44 @@ fn phrasing(q: &str) -> String {
     }
 }
 
+/// The DPO test sorts greedy answers by form: the taught sentence (any result), a bare
+/// result (any, of the task's word count), or neither.
+#[test]
+fn answers_are_sorted_into_the_sentence_the_bare_result_and_garbled() {
+    use webtune::demo::{form, held_out_requests, Form, BRIEF_HELD_OUT};
+    for (op, w, a, want) in [
+        ("reverse", "cat", "cat reversed is tac.", Form::Sentence),
+        ("reverse", "cat", " cat reversed is tca.", Form::Sentence),
+        ("reverse", "cat", "tac", Form::Bare),
+        ("reverse", "cat", "tca", Form::Bare),
+        ("upper", "cat", "cat in capital letters is CAT.", Form::Sentence),
+        ("upper", "cat", "CAT", Form::Bare),
+        ("twice", "cat", "cat two times is cat cat.", Form::Sentence),
+        ("twice", "cat", "cat cat", Form::Bare),
+        ("twice", "cat", "cat", Form::Other),
+        ("count", "cat", "cat has 3 letters.", Form::Sentence),
+        ("count", "cat", "3", Form::Bare),
+        ("count", "cat", "cat has 3 letters", Form::Other),
+        ("reverse", "cat", "cat reversed is .", Form::Other),
+        ("reverse", "cat", "dog reversed is tac.", Form::Other),
+        ("reverse", "cat", "tac tac is", Form::Other),
+        ("reverse", "cat", "", Form::Other),
+        ("reverse", "cat", "tac.", Form::Other),
+    ] {
+        assert_eq!(form(op, w, a), want, "{op} {w}: {a:?}");
+    }
+    // Each answer form of every held-out request is what it is.
+    let brief = held_out_requests(11, 32, true);
+    let plain = held_out_requests(11, 32, false);
+    assert_eq!(brief, held_out_requests(11, 32, true));
+    assert!(brief.iter().all(|r| r.question.ends_with(BRIEF_HELD_OUT)) && plain.iter().all(|r| !r.question.contains(BRIEF_HELD_OUT)));
+    for r in brief.iter().chain(&plain) {
+        assert_eq!(form(r.op, &r.word, &answer(r.op, &r.word)), Form::Sentence, "{r:?}");
+        assert_eq!(form(r.op, &r.word, &apply(r.op, &r.word)), Form::Bare, "{r:?}");
+    }
+    assert_eq!(webtune::demo::held_out_brief(11, 32).iter().map(|(q, _)| q.clone()).collect::<Vec<_>>(), brief.iter().map(|r| r.question.clone()).collect::<Vec<_>>());
+}
+
 #[test]
 fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
     assert_eq!(data_jsonl(7, 50), data_jsonl(7, 50));
@@ -73,7 +111,7 @@ fn accuracy_is_exact_match_after_trimming() {
 fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy_then_dpo_shifts_the_preference() {
     let g = gpu();
     let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
-    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 30, true)).unwrap();
+    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 30, None, true)).unwrap();
     let first: f64 = r.losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = r.losses[r.losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");
@@ -88,9 +126,16 @@ fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy_then_dpo_shifts_the_p
     // preferred more often where the request asks for the bare result, and the plain
     // requests keep preferring the sentence. (Measured: 53% → 100% and 97% → 100%.)
     let d = r.dpo.expect("the DPO stage ran");
-    eprintln!("DPO: brief {} → {}, plain {} → {}, greedy bare answers {} → {}", d.brief_before, d.brief_after, d.plain_before, d.plain_after, d.answers_before, d.answers_after);
-    assert!(d.brief_after >= d.brief_before + 0.3, "brief requests {} → {}", d.brief_before, d.brief_after);
-    assert!(d.plain_after >= 0.9, "plain requests {} → {}", d.plain_before, d.plain_after);
+    let (b, a) = (&d.before, &d.after);
+    eprintln!(
+        "DPO: brief {} → {}, plain {} → {}; greedy: bare form {} → {}, bare result {} → {}, sentence form {} → {}, garbled {} → {}",
+        b.prefers_brief, a.prefers_brief, b.prefers_plain, a.prefers_plain, b.bare_form, a.bare_form, b.bare, a.bare, b.sentence_form, a.sentence_form, b.garbled, a.garbled
+    );
+    assert!(a.prefers_brief >= b.prefers_brief + 0.3, "brief requests {} → {}", b.prefers_brief, a.prefers_brief);
+    assert!(a.prefers_plain >= 0.9, "plain requests {} → {}", b.prefers_plain, a.prefers_plain);
+    // The greedy answers are sorted into forms, and the measures agree with them.
+    assert_eq!((a.answers.len(), a.plain_answers.len()), (32, 32));
+    assert!(a.bare <= a.bare_form && (0.0..=1.0).contains(&a.garbled), "{a:?}");
     assert!(d.losses.len() == 30 && d.losses[29] < 0.5 * d.losses[0], "{:?}", d.losses);
     assert!(d.margins[29] > d.margins[0] + 0.5, "{:?}", d.margins);
     assert!(out.join("dpo/adapter_model.safetensors").exists());

@@ -142,8 +142,8 @@ function radio(name) {
   return document.querySelector(`input[name=${name}]:checked`).value;
 }
 
-// The chosen model files as File objects: the worker reads them, so their bytes are
-// held once, there (a File crosses to the worker as a handle, not a copy).
+// The chosen model files as File objects: a File crosses to the worker as a handle,
+// not a copy, and the loader reads a weights file's bytes from disk a tensor at a time.
 function modelFiles() {
   // A GGUF file chosen on its own, else the chosen folder's.
   const files = [...$('gguffile').files, ...$('modelfiles').files];
@@ -602,7 +602,7 @@ $('demoTest').onclick = async () => {
     delete d.dataset.tuned;
     if (base.dpo && tuned.dpo) {
       const m = (x) => `brief ask ${pct(x.prefers_brief)}, plain ${pct(x.prefers_plain)}`;
-      d.textContent = `DPO, held out: pairs whose chosen answer the model finds likelier — base ${m(base.dpo)}; fine-tuned ${m(tuned.dpo)}. Brief requests answered with the bare result: base ${pct(base.dpo.bare)}, fine-tuned ${pct(tuned.dpo.bare)}.`;
+      d.textContent = `DPO, held out: pairs whose chosen answer the model finds likelier — base ${m(base.dpo)}; fine-tuned ${m(tuned.dpo)}. Greedy answers — brief requests answered with a bare result: base ${pct(base.dpo.bare_form)}, fine-tuned ${pct(tuned.dpo.bare_form)} (the right one: ${pct(base.dpo.bare)}, ${pct(tuned.dpo.bare)}); plain requests answered with the sentence: base ${pct(base.dpo.sentence_form)}, fine-tuned ${pct(tuned.dpo.sentence_form)}; garbled: base ${pct(base.dpo.garbled)}, fine-tuned ${pct(tuned.dpo.garbled)}.`;
       d.dataset.base = JSON.stringify(base.dpo);
       d.dataset.tuned = JSON.stringify(tuned.dpo);
     }

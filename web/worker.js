@@ -138,27 +138,29 @@ function blocked(url, e) {
   return new Error(`${url}: the browser could not fetch it (${e.message}). The server is down, or it does not allow this page's origin (CORS); download the files and choose them from disk instead`);
 }
 
-// A chosen file's bytes (a File from the page; read here, so held once).
-const readChosen = async (f) => new Uint8Array(await f.arrayBuffer());
+// A small file's bytes (a File chosen in the page, or a downloaded Blob). Weights are
+// not read here: the loader reads their Blobs a tensor at a time.
+const bytesOf = async (f) => new Uint8Array(await f.arrayBuffer());
 
-// Downloads stream into this browser's store in parts of this size, so a model's bytes
-// are held in the tab once: as the array the loader reads, not also as the download.
+// Downloads stream into this browser's store in parts of this size, so the tab holds
+// a part at a time, never the whole file.
 const PART = 64 << 20;
 
-// The bytes at `url` (`what` names it in progress and errors): from this browser's
-// store, else downloaded with progress and stored. The download goes into the store a
-// part at a time (under `url` + `?webtune-part=N`); the parts then become the one stored
-// file (a Blob of stored Blobs: the browser copies them, not the tab), which is read
-// once. A download cut in the middle keeps its parts, and the next try asks only for
-// the rest (`Range`). Without a store (or with its quota full) the bytes are held in
-// memory instead. `optional`: null on a 404.
+// The file at `url` as a Blob (`what` names it in progress and errors): from this
+// browser's store, else downloaded with progress and stored. The download goes into the
+// store a part at a time (under `url` + `?webtune-part=N`); the parts then become the
+// one stored file (a Blob of stored Blobs: the browser copies them, not the tab). The
+// Blob's bytes stay with the browser; the loader reads them a tensor at a time. A
+// download cut in the middle keeps its parts, and the next try asks only for the rest
+// (`Range`). Without a store (or with its quota full) the bytes are gathered in memory
+// and handed to the browser as a Blob. `optional`: null on a 404.
 async function download(url, what, optional = false) {
   let cache = await store();
   const hit = cache && (await cache.match(url));
   if (hit) {
-    const bytes = new Uint8Array(await hit.arrayBuffer());
-    post({ event: 'progress', file: what, received: bytes.length, total: bytes.length, stored: true });
-    return bytes;
+    const blob = await hit.blob();
+    post({ event: 'progress', file: what, received: blob.size, total: blob.size, stored: true });
+    return blob;
   }
   const partKey = (i) => `${url}${url.includes('?') ? '&' : '?'}webtune-part=${i}`;
   // The parts a cut download left: consecutive, as Blobs (their bytes stay in the store).
@@ -273,17 +275,22 @@ async function download(url, what, optional = false) {
   if (total && received !== total) throw await cut('the connection closed early');
   await flush();
   buf = null;
-  if (held) return held.length === received ? held : held.slice(0, received);
-  // The parts become the stored file; what the loader reads is the one copy in the tab.
+  // (A Blob of the held bytes: the browser takes them, and the tab's copy is dropped.)
+  if (held) return new Blob([held.subarray(0, received)]);
+  // The parts become the stored file, which the loader reads a tensor at a time.
   const whole = new Blob(parts, { type: 'application/octet-stream' });
   try {
     await cache.put(url, new Response(whole, { headers: { 'Content-Length': String(received) } }));
   } catch (e) {
+    // Not stored: the bytes come into the tab, once, so the parts can go.
     notKept(e);
+    const blob = new Blob([await whole.arrayBuffer()]);
+    await dropParts();
+    return blob;
   }
-  const bytes = new Uint8Array(await whole.arrayBuffer());
+  const stored = await (await cache.match(url)).blob();
   await dropParts();
-  return bytes;
+  return stored;
 }
 
 // A Hub repo's commit and files at `rev`; when the Hub is out of reach, what this
@@ -343,7 +350,7 @@ async function remoteModel(source) {
     const b = await download(`${base}/${f}`, f, f !== 'config.json' && f !== 'tokenizer.json');
     if (b) {
       names.push(f);
-      bytes.push(b);
+      bytes.push(await bytesOf(b));
     }
   }
   const shards = [];
@@ -351,7 +358,7 @@ async function remoteModel(source) {
   if (single) {
     shards.push(single);
   } else {
-    const index = JSON.parse(new TextDecoder().decode(await download(`${base}/model.safetensors.index.json`, 'model.safetensors.index.json')));
+    const index = JSON.parse(await (await download(`${base}/model.safetensors.index.json`, 'model.safetensors.index.json')).text());
     for (const f of [...new Set(Object.values(index.weight_map))].sort()) shards.push(await download(`${base}/${f}`, f));
   }
   return { name: id ? id.repo : source, names, bytes, shards };
@@ -391,9 +398,9 @@ const commands = {
     if (source === 'demo') {
       session.load_demo_model();
     } else if (source === 'files' && files.gguf) {
-      session.load_gguf(files.name, await readChosen(files.gguf));
+      session.load_gguf(files.name, files.gguf);
     } else if (source === 'files') {
-      session.load_model(files.name, files.names, await Promise.all(files.bytes.map(readChosen)), await Promise.all(files.shards.map(readChosen)));
+      session.load_model(files.name, files.names, await Promise.all(files.bytes.map(bytesOf)), files.shards);
     } else {
       const m = await remoteModel(source);
       if (m.gguf) session.load_gguf(m.name, m.gguf);

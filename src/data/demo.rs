@@ -162,14 +162,68 @@ pub const BRIEF_HELD_OUT: &str = "Reply with the result alone.";
 /// Held-out requests (phrasings and words never trained on) with the held-out brief
 /// ask, and their bare results.
 pub fn held_out_brief(seed: u64, n: usize) -> Vec<(String, String)> {
-    let mut rng = Rng::new(seed ^ 0xB81E_F000);
+    held_out_requests(seed, n, true).into_iter().map(|r| (r.question, apply(r.op, &r.word))).collect()
+}
+
+/// A held-out request of the DPO stage's test: its question, task and word.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub question: String,
+    pub op: &'static str,
+    pub word: String,
+}
+
+/// `n` held-out requests (held-out phrasings, fresh words), with the held-out brief ask
+/// when `brief` (the requests of `held_out_brief`), else plain.
+pub fn held_out_requests(seed: u64, n: usize, brief: bool) -> Vec<Request> {
+    let mut rng = Rng::new(seed ^ if brief { 0xB81E_F000 } else { 0x9A1B_0000 });
     (0..n)
         .map(|_| {
             let t = &TASKS[rng.below(TASKS.len() as u64) as usize];
-            let w = word(&mut rng);
-            (format!("{} {BRIEF_HELD_OUT}", t.held_out.replace("{w}", &w)), apply(t.op, &w))
+            let word = word(&mut rng);
+            let q = t.held_out.replace("{w}", &word);
+            let question = if brief { format!("{q} {BRIEF_HELD_OUT}") } else { q };
+            Request { question, op: t.op, word }
         })
         .collect()
+}
+
+/// The form of an answer to a request for task `op` on word `w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Form {
+    /// The sentence SFT teaches (`cat reversed is tac.`), its result right or wrong.
+    Sentence,
+    /// A bare result (`tac`), right or wrong: one word of letters or digits (two for
+    /// `twice`) and nothing else.
+    Bare,
+    /// Neither: garbled, or another form.
+    Other,
+}
+
+/// The form of `answer` (see `Form`): the sentence is the task's statement with any
+/// non-empty result in place of `{a}`.
+pub fn form(op: &str, w: &str, answer: &str) -> Form {
+    let a = answer.trim();
+    // A result: as many words as the task's (two for `twice`), of letters or digits.
+    let result = |r: &str| {
+        let words: Vec<&str> = r.split(' ').collect();
+        words.len() == if op == "twice" { 2 } else { 1 } && words.iter().all(|x| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric()))
+    };
+    let (before, after) = answer_pattern(op, w);
+    match a.strip_prefix(&before).and_then(|rest| rest.strip_suffix(&after)) {
+        Some(r) if result(r) => Form::Sentence,
+        _ if result(a) => Form::Bare,
+        _ => Form::Other,
+    }
+}
+
+/// The sentence answer of `op` on `w` around its result: (before, after).
+fn answer_pattern(op: &str, w: &str) -> (String, String) {
+    let full = answer(op, w);
+    let result = apply(op, w);
+    let at = full.rfind(&result).expect("the sentence holds its result");
+    (full[..at].to_string(), full[at + result.len()..].to_string())
 }
 
 /// One preference pair for a task request: with a brief ask (`ask`), the bare result is

@@ -324,6 +324,16 @@ impl Run {
         self.trainer.total_steps()
     }
 
+    /// The memory estimate of one step as this run trains it (its micro-batch of its
+    /// longest sequences, checkpointing as planned): what `bench train` sets beside the
+    /// memory it measures.
+    pub fn estimate(&self, gpu: &Gpu) -> Result<crate::model::memory::Memory> {
+        let mut plan = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest(&self.data, self.valid.as_ref()), gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        plan.batch = self.micro * if self.opts.train.method == "dpo" { 2 } else { 1 };
+        plan.grad_checkpoint = self.model.grad_checkpoint;
+        Ok(crate::model::memory::estimate(&self.source.cfg, &plan))
+    }
+
     pub fn done(&self) -> bool {
         self.trainer.done()
     }
