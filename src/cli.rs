@@ -467,7 +467,6 @@ pub struct DemoReport {
 pub struct DpoReport {
     pub before: crate::demo::DpoTest,
     pub after: crate::demo::DpoTest,
-    pub rpo_alpha: f64,
     pub losses: Vec<f64>,
     pub margins: Vec<f64>,
 }
@@ -580,7 +579,6 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Optio
     say(format!("sigmoid DPO, beta {}, with an NLL term on the chosen answers (RPO) of weight {}", opts.train.beta, opts.train.rpo_alpha));
     let before = crate::demo::dpo_test(gpu, &sft.model, tok, n).await?;
     let data = pairs(crate::demo::preference_data(), "demo-dpo")?;
-    let rpo = opts.train.rpo_alpha;
     let mut run = sft.continued(gpu, Rc::new(data), opts).await?;
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
@@ -614,7 +612,7 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Optio
     }
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     say(format!("DPO adapter written to {}", out.display()));
-    Ok(DpoReport { before, after, rpo_alpha: rpo, losses, margins })
+    Ok(DpoReport { before, after, losses, margins })
 }
 
 /// `webtune lora-change`: what an adapter changed. Per layer and projection ‖ΔW‖/‖W‖

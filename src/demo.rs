@@ -159,20 +159,22 @@ pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Re
     let f = |(a, n): (usize, usize)| a as f64 / n.max(1) as f64;
     let ask = |brief: bool| held_out_requests(TEST_SEED, n, brief);
     let (asked, plain_asked) = (ask(true), ask(false));
+    // (question, bare result) pairs, as `answers` and `accuracy` take them.
     let questions = |rs: &[Request]| rs.iter().map(|r| (r.question.clone(), apply(r.op, &r.word))).collect::<Vec<_>>();
-    let answers_to = |rs: Vec<(String, String)>| async move { answers(gpu, model, tok, &rs, ANSWER_TOKENS).await };
-    let (answers, plain_answers) = (answers_to(questions(&asked)).await?, answers_to(questions(&plain_asked)).await?);
+    let (brief_qs, plain_qs) = (questions(&asked), questions(&plain_asked));
+    let brief_answers = answers(gpu, model, tok, &brief_qs, ANSWER_TOKENS).await?;
+    let plain_answers = answers(gpu, model, tok, &plain_qs, ANSWER_TOKENS).await?;
     let forms = |rs: &[Request], a: &[String]| rs.iter().zip(a).map(|(r, a)| form(r.op, &r.word, a)).collect::<Vec<_>>();
-    let (bf, pf) = (forms(&asked, &answers), forms(&plain_asked, &plain_answers));
+    let (bf, pf) = (forms(&asked, &brief_answers), forms(&plain_asked, &plain_answers));
     let share = |fs: &[Form], x: Form| fs.iter().filter(|&&g| g == x).count() as f64 / fs.len().max(1) as f64;
     Ok(DpoTest {
         prefers_brief: f(brief),
         prefers_plain: f(plain),
-        bare: accuracy(&answers, &questions(&asked)),
+        bare: accuracy(&brief_answers, &brief_qs),
         bare_form: share(&bf, Form::Bare),
         sentence_form: share(&pf, Form::Sentence),
         garbled: (share(&bf, Form::Other) + share(&pf, Form::Other)) / 2.0,
-        answers,
+        answers: brief_answers,
         plain_answers,
     })
 }

@@ -218,12 +218,12 @@ pub fn form(op: &str, w: &str, answer: &str) -> Form {
     }
 }
 
-/// The sentence answer of `op` on `w` around its result: (before, after).
+/// The sentence answer of `op` on `w` around its result (`answer`'s statement split at
+/// `{a}`): (before, after).
 fn answer_pattern(op: &str, w: &str) -> (String, String) {
-    let full = answer(op, w);
-    let result = apply(op, w);
-    let at = full.rfind(&result).expect("the sentence holds its result");
-    (full[..at].to_string(), full[at + result.len()..].to_string())
+    let (_, forms) = STATEMENTS.iter().find(|(o, _)| *o == op).expect("a task op");
+    let (before, after) = forms[0].split_once("{a}").expect("a statement holds its result");
+    (before.replace("{w}", w), after.replace("{w}", w))
 }
 
 /// One preference pair for a task request: with a brief ask (`ask`), the bare result is
