@@ -541,10 +541,10 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                     Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
                     None => println!("GPU time: this adapter has no timestamp queries"),
                 }
-                // The device memory the step held (the model's buffers, and the pool of
+                // The device memory the run held (the model's buffers, and the pool of
                 // temporaries at its largest) beside the plan's estimate.
                 let (est, mib) = (r.estimate(&gpu)?, |b: u64| b as f64 / (1u64 << 20) as f64);
-                let (held, pool) = (r.model.resident_bytes(), gpu.counters().pool_bytes);
+                let (held, pool) = (r.model.resident_bytes(), gpu.counters().pool_peak);
                 println!(
                     "device memory: {:.1} MiB measured (weights and training state {:.1}, a step's temporaries {:.1}); estimated {:.1} (weights {:.1}, training state {:.1}, activations {:.1}) for micro-batch {} with checkpointing {}",
                     mib(held + pool), mib(held), mib(pool), mib(est.total()), mib(est.weights), mib(est.training_state), mib(est.activations), r.micro, if r.model.grad_checkpoint { "on" } else { "off" }

@@ -575,6 +575,46 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     cleanup(&[&model, &root]);
 }
 
+/// The plan's estimate holds for a whole run, not one step: batches of every length
+/// size their temporaries for the run's largest micro-batch, so after the first step
+/// no step creates a buffer, and the pool's peak stays within the estimate of the
+/// plan's shape, SFT and DPO, with and without checkpointing. (Sized as they came,
+/// the pool kept a buffer of each length it met: 41 MiB against an estimate of 25.)
+#[test]
+fn a_runs_temporaries_stay_within_the_plans_estimate_over_batches_of_varied_length() {
+    let md = cli::ModelDir::open(Path::new("demo")).unwrap();
+    let dpo = RunOptions::demo_dpo(5);
+    let runs: Vec<_> = [("demo", RunOptions::demo(5)), ("demo-dpo", RunOptions { train: Options { batch_size: 4, ..dpo.train.clone() }, ..dpo })]
+        .into_iter()
+        .map(|(data, opts)| {
+            // The records the steps train (DPO's reference covers every pair given).
+            let text: Vec<String> = webtune::data::builtin(data).unwrap().lines().take(5 * opts.train.batch_size).map(String::from).collect();
+            let text = text.join("\n");
+            (data, Rc::new(webtune::data::load(&md.tokenizer, &text, data, opts.max_seq_len, false, false).unwrap()), opts)
+        })
+        .collect();
+    let source = Rc::new(md.source);
+    for (data, ds, opts) in runs {
+        for ckpt in [false, true] {
+            let opts = RunOptions { grad_checkpoint: ckpt, ..opts.clone() };
+            let g = max_binding(128 << 20);
+            let mut run = Run::new(&g, source.clone(), ds.clone(), None, opts).unwrap();
+            let mut lengths = std::collections::BTreeSet::new();
+            block(run.next(&g)).unwrap();
+            let after_first = g.counters();
+            while !run.done() {
+                lengths.insert(block(run.next(&g)).unwrap().stats.tokens);
+            }
+            let c = g.counters();
+            let est = run.estimate(&g).unwrap().activations;
+            eprintln!("{data}, checkpointing {ckpt}: pool peak {} of an estimate {est}; {} buffers after step 1", c.pool_peak, c.buffers - after_first.buffers);
+            assert!(lengths.len() > 2, "{data}: the steps' batches vary: {lengths:?}");
+            assert_eq!(c.buffers - after_first.buffers, 0, "{data}, checkpointing {ckpt}: buffers created after step 1");
+            assert!(c.pool_peak <= est && est as f64 <= 1.25 * c.pool_peak as f64, "{data}, checkpointing {ckpt}: pool peak {} against the estimate {est}", c.pool_peak);
+        }
+    }
+}
+
 /// Out of memory is a step down, not a crash: an allocation refused at step 3 (the
 /// pool's test hook) halves the micro-batch and runs step 3 again from its start, and
 /// the run goes on with the losses of an uninterrupted one; at one sequence per

@@ -61,6 +61,37 @@ pub struct Caps {
     pub no_reuse: bool,
 }
 
+impl Caps {
+    /// The most bytes a logits chunk binds: a binding, at most 64 MiB.
+    pub fn chunk_bytes(&self) -> u64 {
+        Caps::chunk_bytes_of(self.max_binding)
+    }
+
+    pub fn chunk_bytes_of(max_binding: u64) -> u64 {
+        max_binding.min(64 << 20)
+    }
+}
+
+/// Temporaries sized for the largest batch of a loop (`Gpu::sizing`); as they come
+/// again once dropped.
+pub struct Sizing<'a> {
+    gpu: &'a Gpu,
+    largest: usize,
+}
+
+impl Sizing<'_> {
+    /// The next batch has `rows` token rows.
+    pub fn batch(&self, rows: usize) {
+        self.gpu.set_scale((self.largest as f64 / rows.max(1) as f64).max(1.0));
+    }
+}
+
+impl Drop for Sizing<'_> {
+    fn drop(&mut self) {
+        self.gpu.set_scale(1.0);
+    }
+}
+
 /// Options for [`Gpu::new_with`].
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -443,6 +474,19 @@ impl Gpu {
         self.device.destroy();
     }
 
+    /// While the `Sizing` lives, temporaries are sized for a batch of `largest` token
+    /// rows (`Sizing::batch` says the current one's): batches vary in length, and
+    /// sized for the longest, every batch's temporaries find the same pooled buffers,
+    /// so the pool holds one batch at the largest shape (what the plan estimates)
+    /// rather than buffers of every length met.
+    pub fn sizing(&self, largest: usize) -> Sizing<'_> {
+        Sizing { gpu: self, largest }
+    }
+
+    fn set_scale(&self, scale: f64) {
+        self.state.lock().unwrap().scale = scale;
+    }
+
     /// Let go of every pooled buffer and cached bind group now (a new model replaces
     /// the old one: bind groups would keep its buffers alive).
     pub fn trim(&self) {
@@ -512,7 +556,7 @@ impl Gpu {
             return Tensor::new(self, label, dtype, shape);
         }
         let bytes = Tensor::padded(dtype, shape);
-        let class = reuse::size_class(bytes);
+        let class = reuse::size_class(self.state.lock().unwrap().sized_for(bytes, self.caps.chunk_bytes()));
         let taken = self.state.lock().unwrap().take(class);
         let (buffer, class, index) = match taken {
             Some(t) => t,

@@ -40,6 +40,8 @@ pub struct Counters {
     /// Bytes of the pooled buffers held now (the pool grows only when no free buffer
     /// fits, so after a step it is the step's peak of temporaries).
     pub pool_bytes: u64,
+    /// The most `pool_bytes` has been (a run's peak of temporaries).
+    pub pool_peak: u64,
     /// Host seconds spent recording dispatches and in `submit`.
     pub record_s: f64,
     pub submit_s: f64,
@@ -55,6 +57,7 @@ impl Counters {
             bind_groups: self.bind_groups - before.bind_groups,
             submits: self.submits - before.submits,
             pool_bytes: self.pool_bytes,
+            pool_peak: self.pool_peak,
             record_s: self.record_s - before.record_s,
             submit_s: self.submit_s - before.submit_s,
         }
@@ -97,6 +100,8 @@ pub(crate) struct State {
     /// longest so far), so a step that allocates and frees as one before did gets the
     /// same buffer in each role, and finds the bind groups it made then.
     pub classes: BTreeMap<u64, Vec<Slot>>,
+    /// Temporaries are sized for this many times their rows (`Gpu::sizing`).
+    pub scale: f64,
     /// Dispatch parameters (UNIFORM) and small uploads (COPY_SRC), apart so that an
     /// upload's size does not move the parameters' offsets (and miss their bind groups).
     pub params: Arena,
@@ -127,9 +132,19 @@ impl State {
         None
     }
 
+    /// The bytes to pool a temporary of `bytes` in: scaled by `scale`, but not past
+    /// `bound` (a logits chunk's largest, `Model::head_chunk_rows`) where it was under.
+    pub fn sized_for(&self, bytes: u64, bound: u64) -> u64 {
+        if self.scale <= 1.0 {
+            return bytes;
+        }
+        ((bytes as f64 * self.scale) as u64).min(bytes.max(bound))
+    }
+
     /// A new busy buffer of `class`; its index.
     pub fn add(&mut self, class: u64, buffer: wgpu::Buffer) -> usize {
         self.counters.pool_bytes += class;
+        self.counters.pool_peak = self.counters.pool_peak.max(self.counters.pool_bytes);
         let slots = self.classes.entry(class).or_default();
         slots.push(Slot { buffer, busy: true, after: 0, freed: 0 });
         slots.len() - 1

@@ -134,6 +134,8 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
 
     let n = plan.batch * plan.seq;
     let (nh, nkv) = (cfg.heads, cfg.kv_heads);
+    // A temporary is a pooled buffer of its size class (up to an eighth more).
+    let f32b = |n: usize| crate::gpu::reuse::size_class(bytes(n, 4));
     let lora = match &plan.tuning {
         Tuning::Lora(l) => Some(l),
         _ => None,
@@ -158,7 +160,7 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
             layer_bwd += f32b(n * l.r);
         }
     }
-    let head_rows = ((plan.max_binding.min(64 << 20) / (v as u64 * 4)) as usize).clamp(1, n);
+    let head_rows = ((crate::gpu::Caps::chunk_bytes_of(plan.max_binding) / (v as u64 * 4)) as usize).clamp(1, n);
     // hf, dhf, dres, the embeddings, the final rstd, one logits chunk and its rows.
     let head = 4 * f32b(n * c) + f32b(n) + f32b(head_rows * v) + 3 * f32b(head_rows);
     let layers = cfg.layers as u64;

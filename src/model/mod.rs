@@ -309,7 +309,7 @@ impl Model {
     /// Rows of logits per chunk: each `[rows, V]` chunk fits one binding and 64 MiB.
     fn head_chunk_rows(&self, gpu: &Gpu) -> usize {
         let row = (self.cfg.vocab * 4) as u64;
-        ((gpu.caps.max_binding.min(64 << 20) / row) as usize).max(1)
+        ((gpu.caps.chunk_bytes() / row) as usize).max(1)
     }
 
     /// logits `[rows, V]` = hf[r0..r0+rows] · headᵀ.
@@ -334,8 +334,8 @@ impl Model {
 
     /// The trunk: embed → every layer → final norm. One path serves logits, the loss,
     /// training, attention maps and decoding; `keep` says what `backward` will need.
-    /// LoRA dropout applies only when `train`. With checkpointing, `rec` is submitted
-    /// and replaced after each layer.
+    /// LoRA dropout applies only when `train`. With checkpointing, or keeping nothing
+    /// outside decoding, `rec` is submitted and replaced after each layer.
     #[allow(clippy::too_many_arguments)]
     fn forward(&self, gpu: &Gpu, rec: &mut Recorder, inp: &Inputs, cache: Option<&KvCache>, keep: Keep, train: bool) -> Result<Trunk> {
         let mut x = self.embed(gpu, rec, inp)?;
@@ -344,6 +344,12 @@ impl Model {
             let acts = self.layer_forward(gpu, rec, li, inp, x, cache, train, false)?;
             x = acts.out.clone().expect("a forward's output");
             match keep {
+                // A batch's forward alone (evaluation, DPO's reference, logits): the
+                // layer's temporaries serve the next layer, as with checkpointing.
+                Keep::Nothing if cache.is_none() => {
+                    drop(acts);
+                    gpu.flush(rec, "forward");
+                }
                 Keep::Nothing => {}
                 Keep::Activations => saved.push(Saved::Acts(acts)),
                 Keep::Inputs => {

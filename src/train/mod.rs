@@ -223,6 +223,18 @@ fn inputs(gpu: &Gpu, b: &Batch) -> Result<Inputs> {
     Inputs::new(gpu, Shape { b: b.b, t: b.t }, &b.ids, &b.pos, &b.seg)
 }
 
+/// The token rows of a batch of the sequences `idx` (as `Batch` pads them: each to
+/// the longest).
+fn batch_rows(data: &Dataset, idx: &[usize]) -> usize {
+    idx.len() * idx.iter().map(|&i| data.sequences[i].ids.len()).max().unwrap_or(1)
+}
+
+/// The token rows of `pair_batch` of the pairs `idx`: chosen and rejected.
+fn pair_rows(data: &Dataset, idx: &[usize]) -> usize {
+    let len = |i: usize| data.sequences[i].ids.len();
+    2 * idx.len() * idx.iter().map(|&i| len(2 * i).max(len(2 * i + 1))).max().unwrap_or(1)
+}
+
 /// The pairs `idx` of a preference dataset as one batch: their chosen sequences, then
 /// their rejected ones, with each sequence's completion tokens.
 pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> (Batch, Vec<f32>) {
@@ -255,8 +267,10 @@ fn dpo_stats(gpu: &Gpu) -> Result<Tensor> {
 pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<Vec<[f32; 2]>> {
     let mut out = Vec::with_capacity(data.items());
     let idx: Vec<usize> = (0..data.items()).collect();
+    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| pair_rows(data, c)).max().unwrap_or(1));
     for chunk in idx.chunks(batch_size.max(1)) {
         let (b, _) = pair_batch(data, chunk, pad_id);
+        sizing.batch(b.b * b.t);
         let lp = gpu.read::<f32>(&model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?).await?;
         out.extend((0..chunk.len()).map(|i| [lp[i], lp[chunk.len() + i]]));
     }
@@ -310,8 +324,12 @@ impl Trainer {
     }
 
     /// The forward and backward of every micro-batch of the next step, adding into the
-    /// gradients: its losses (DPO: its statistics) and real tokens.
+    /// gradients: its losses (DPO: its statistics) and real tokens. Its temporaries are
+    /// sized for the run's largest micro-batch, so each step finds the same pooled
+    /// buffers and the pool holds what the plan estimates.
     fn forward_backward(&self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<(Vec<Tensor>, usize)> {
+        let rows = |m: &Vec<usize>| if self.dpo.is_some() { pair_rows(train, m) } else { batch_rows(train, m) };
+        let sizing = gpu.sizing(self.plan.iter().flatten().map(rows).max().unwrap_or(1));
         let micro = &self.plan[self.step as usize];
         let seed = |j: usize| crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32));
         Ok(if let Some(d) = &self.dpo {
@@ -326,6 +344,7 @@ impl Trainer {
             let mut tokens = 0;
             for (j, idx) in micro.iter().enumerate() {
                 let (b, r, c) = pair_inputs(gpu, train, idx, &self.reference, self.pad_id)?;
+                sizing.batch(b.b * b.t);
                 tokens += b.real_tokens();
                 let mut inp = inputs(gpu, &b)?;
                 inp.dropout_seed = Some(seed(j));
@@ -342,6 +361,7 @@ impl Trainer {
             let scale = 1.0 / count.max(1) as f32;
             let mut losses = Vec::new();
             for (j, b) in batches.iter().enumerate() {
+                sizing.batch(b.b * b.t);
                 let mut inp = inputs(gpu, b)?;
                 inp.dropout_seed = Some(seed(j));
                 losses.push(model.forward_backward(gpu, &inp, &b.targets, scale)?);
@@ -381,8 +401,11 @@ impl Trainer {
 pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<(f64, usize)> {
     let mut total = 0.0;
     let mut count = 0;
+    let idx: Vec<usize> = (0..data.sequences.len()).collect();
+    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| batch_rows(data, c)).max().unwrap_or(1));
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = Batch::new(&chunk.iter().collect::<Vec<_>>(), pad_id);
+        sizing.batch(b.b * b.t);
         let loss = model.loss(gpu, &inputs(gpu, &b)?, &b.targets, 1.0)?;
         total += gpu.read::<f32>(&loss).await?[0] as f64;
         count += b.trained_tokens();
@@ -403,8 +426,10 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
     let sft = dpo.sft_scale((0..data.items()).map(|i| data.sequences[2 * i].trained_targets()).sum());
     let stats = dpo_stats(gpu)?;
     let idx: Vec<usize> = (0..data.items()).collect();
+    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| pair_rows(data, c)).max().unwrap_or(1));
     for chunk in idx.chunks(batch_size.max(1)) {
         let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
+        sizing.batch(b.b * b.t);
         let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
         let mut rec = gpu.recorder("dpo eval");
         crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, sft, &logps, &r, &c, &stats)?;
