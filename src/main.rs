@@ -465,7 +465,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 ..Default::default()
             };
             let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
-            let budget = webtune::train::fit::budget(&run, false)?;
+            let budget = webtune::train::fit::budget(&run, None)?;
             let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);
             if let Some((q, note)) = &lowered {
                 println!("{note}");

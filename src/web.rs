@@ -222,13 +222,13 @@ impl Session {
 
     /// Start a run (`RunOptions`): load the model with its adapter and plan the
     /// steps; returns how many. Step 3 and every 25th are timed kernel by kernel.
-    pub fn start(&mut self, options: JsValue) -> Result<f64, JsError> {
+    pub async fn start(&mut self, options: JsValue) -> Result<f64, JsError> {
         let o = run_options(options)?;
         let source = self.source()?.clone();
         let data = self.data.clone().ok_or_else(|| JsError::new("load data first"))?;
         (self.run, self.frozen) = (None, None);
         self.gpu.trim();
-        let mut run = Run::new(&self.gpu, source, data, None, o).map_err(js)?;
+        let mut run = Run::new_async(&self.gpu, source, data, None, o).await.map_err(js)?;
         run.profile_every = Some(25);
         let total = run.total_steps();
         self.run = Some(run);

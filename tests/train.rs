@@ -575,6 +575,28 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     cleanup(&[&model, &root]);
 }
 
+/// Without --memory-budget the plan's budget comes from the device: on a CPU adapter
+/// (lavapipe) the host's available memory, and on a GPU 90% of the device-local heap
+/// the Vulkan driver reports, which lavapipe reports too (2,048 MiB), so the query is
+/// checked here; --memory-budget overrides both.
+#[test]
+fn without_a_budget_given_the_plan_takes_the_devices_memory() {
+    use webtune::train::fit;
+    let g = gpu();
+    let heap = g.caps.device_heap.expect("the Vulkan driver reports a device-local heap");
+    assert!(heap >= 256 << 20, "device-local heap {heap}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb = |key: &str| meminfo.lines().find(|l| l.starts_with(key)).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024;
+    let host = g.caps.memory().expect("a CPU adapter's memory is the host's");
+    assert!(host > 0 && host <= kb("MemTotal:"), "available {host}");
+    let gpu_like = webtune::gpu::Caps { adapter: wgpu::AdapterInfo { device_type: wgpu::DeviceType::DiscreteGpu, ..g.caps.adapter.clone() }, ..g.caps.clone() };
+    assert_eq!(gpu_like.memory(), Some(heap / 10 * 9));
+    let opts = RunOptions::default();
+    assert_eq!(fit::budget(&opts, gpu_like.memory()).unwrap(), Some(heap / 10 * 9));
+    let given = RunOptions { memory_budget: Some("1GiB".into()), ..opts };
+    assert_eq!(fit::budget(&given, gpu_like.memory()).unwrap(), Some(1 << 30));
+}
+
 /// The plan's estimate holds for a whole run, not one step: batches of every length
 /// size their temporaries for the run's largest micro-batch, so after the first step
 /// no step creates a buffer, and the pool's peak stays within the estimate of the

@@ -422,7 +422,7 @@ const commands = {
   },
   async start({ options, model, data, continued }) {
     savedThisRun = false;
-    const total = session.start(options);
+    const total = await session.start(options);
     const note = session.plan_note();
     if (note) log(note);
     runInfo = { options, model, data, total, ...(continued ? { continued } : {}) };

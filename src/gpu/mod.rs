@@ -59,9 +59,23 @@ pub struct Caps {
     pub variant: Variant,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
+    /// The largest device-local memory heap the driver reports (Vulkan), in bytes;
+    /// None where wgpu says nothing (Metal, DX12, WebGPU).
+    pub device_heap: Option<u64>,
 }
 
 impl Caps {
+    /// The memory a run may plan for on this device, where known: on a CPU adapter
+    /// (lavapipe, SwiftShader; its device memory is the host's) what the host has
+    /// available; else 90% of the largest device-local heap (the rest for the driver
+    /// and what else shares the GPU).
+    pub fn memory(&self) -> Option<u64> {
+        if self.adapter.device_type == wgpu::DeviceType::Cpu {
+            return available_memory();
+        }
+        self.device_heap.map(|h| h / 10 * 9)
+    }
+
     /// The most bytes a logits chunk binds: a binding, at most 64 MiB.
     pub fn chunk_bytes(&self) -> u64 {
         Caps::chunk_bytes_of(self.max_binding)
@@ -90,6 +104,35 @@ impl Drop for Sizing<'_> {
     fn drop(&mut self) {
         self.gpu.set_scale(1.0);
     }
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn available_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// The size of the adapter's largest device-local heap, from the Vulkan driver
+/// (`vkGetPhysicalDeviceMemoryProperties`); None on other backends.
+#[cfg(any(target_os = "linux", target_os = "windows", target_os = "android"))]
+fn device_heap(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: the raw instance and physical device are only read, while `adapter`
+    // (which owns them) lives.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe { hal.shared_instance().raw_instance().get_physical_device_memory_properties(hal.raw_physical_device()) };
+    let heaps = &props.memory_heaps[..props.memory_heap_count as usize];
+    heaps.iter().filter(|h| h.flags.contains(ash::vk::MemoryHeapFlags::DEVICE_LOCAL)).map(|h| h.size).max()
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "windows", target_os = "android")))]
+fn device_heap(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 /// Options for [`Gpu::new_with`].
@@ -252,6 +295,7 @@ impl Gpu {
             max_loop: u32::MAX,
             variant,
             no_reuse: opts.no_reuse,
+            device_heap: device_heap(&adapter),
         };
         // An error no scope catches is kept for `scoped` to report, not a panic.
         let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -318,7 +362,7 @@ impl Gpu {
             self.caps.timestamps,
             self.caps.variant,
             if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }
-        )
+        ) + &self.caps.device_heap.map_or(String::new(), |h| format!("; device-local heap {} MiB", h >> 20))
     }
 
     /// The compute pipeline for `entry` of `kernel` with the given override constants,
@@ -880,6 +924,22 @@ impl Gpu {
         staging.unmap();
         self.staging.lock().unwrap().entry(staging.size()).or_default().push(staging.clone());
         Ok(data)
+    }
+
+    /// Wait until the queue has done what was submitted. In the browser this lets the
+    /// event loop run, which hands back the transfer memory of the uploads so far (a
+    /// synchronous load holds all of it until it returns); natively uploads hold
+    /// nothing afterwards, so it returns at once.
+    pub async fn settle(&self) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            self.queue.on_submitted_work_done(move || {
+                let _ = tx.send(());
+            });
+            rx.await.map_err(|_| Error::Map("the queue's done callback was dropped".into()))?;
+        }
+        Ok(())
     }
 
     /// Natively, block until submitted work is done (callbacks fire). In the browser

@@ -129,6 +129,19 @@ impl Model {
 
     /// `load`, with frozen matrices held as `frozen` says (packed for QLoRA).
     pub fn load_with(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen) -> Result<Model> {
+        use futures::FutureExt;
+        Self::load_settled(gpu, cfg, w, tuning, seed, frozen, false).now_or_never().expect("a load that does not settle never waits")
+    }
+
+    /// `load_with`, waiting for the queue after each layer (`Gpu::settle`): in the
+    /// browser the uploads' transfer memory goes back as the load goes, instead of
+    /// the whole model's at its end (the page's loader).
+    pub async fn load_async(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen) -> Result<Model> {
+        Self::load_settled(gpu, cfg, w, tuning, seed, frozen, true).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn load_settled(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen, settle: bool) -> Result<Model> {
         let c = cfg.hidden;
         if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {
@@ -205,8 +218,14 @@ impl Model {
                 k_norm,
                 linears,
             });
+            if settle {
+                gpu.settle().await?;
+            }
         }
         let embed = matrix("model.embed_tokens.weight", cfg.vocab, c)?;
+        if settle {
+            gpu.settle().await?;
+        }
         let lm_head = if cfg.tie_embeddings { None } else { Some(matrix("lm_head.weight", cfg.vocab, c)?) };
         let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
         let mut model =

@@ -46,27 +46,28 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     }
 }
 
-/// The memory a step may use: `--memory-budget`, else, on a CPU adapter (whose device
-/// memory is host memory: lavapipe, SwiftShader), the memory the host has available;
-/// else none known (wgpu reports no free device memory), and only bindings bound the
-/// plan.
-pub fn budget(opts: &RunOptions, cpu_adapter: bool) -> Result<Option<u64>> {
+/// The memory a step may use: `--memory-budget`, else what the device has
+/// (`Caps::memory`: the host's available memory on a CPU adapter, 90% of the largest
+/// device-local heap on Vulkan); else none known (Metal, DX12 and WebGPU report no
+/// memory through wgpu), and only bindings bound the plan.
+pub fn budget(opts: &RunOptions, device: Option<u64>) -> Result<Option<u64>> {
     if let Some(b) = opts.memory_budget.as_deref().filter(|b| !b.is_empty()) {
         return parse_bytes(b).map(Some);
     }
-    Ok(if cpu_adapter { available_memory() } else { None })
+    Ok(device)
 }
 
-/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
-fn available_memory() -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+/// Where a budget that no option set came from, for the plan's note.
+pub fn budget_origin(opts: &RunOptions, caps: &crate::gpu::Caps) -> Option<String> {
+    if opts.memory_budget.as_deref().is_some_and(|b| !b.is_empty()) {
+        return None;
     }
-    #[cfg(not(target_os = "linux"))]
-    None
+    let what = if caps.adapter.device_type == wgpu::DeviceType::Cpu {
+        "the host's available memory (a CPU adapter's device memory is the host's)".to_string()
+    } else {
+        format!("90% of the GPU's device-local heap of {}", mib(caps.device_heap?))
+    };
+    Some(format!("the memory budget is {what}; --memory-budget sets another"))
 }
 
 /// The frozen-weight formats a plan may lower to, in order: Q8_0, then NF4 (QLoRA's),

@@ -157,7 +157,7 @@ impl RunOptions {
     pub fn lower_frozen(&mut self, gpu: &Gpu, source: &Source, data: &Dataset, valid: Option<&Dataset>) -> Result<Option<String>> {
         let longest = longest(data, valid);
         let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
-        let budget = fit::budget(self, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
+        let budget = fit::budget(self, gpu.caps.memory())?;
         Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget).map(|(q, note)| {
             self.quantize = Some(q.into());
             note
@@ -251,13 +251,35 @@ pub struct Resumed {
 impl Run {
     /// Load the model with the adapter (or for full tuning) and plan the steps.
     pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+        use futures::FutureExt;
+        Self::create(gpu, source, data, valid, opts, false).now_or_never().expect("a load that does not settle never waits")
+    }
+
+    /// `new`, loading the model with `Model::load_async` (the page: the uploads'
+    /// transfer memory goes back layer by layer).
+    pub async fn new_async(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+        Self::create(gpu, source, data, valid, opts, true).await
+    }
+
+    async fn create(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions, settle: bool) -> Result<Run> {
         // Plan first: bad options fail before the model is loaded.
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let mut opts = opts;
         let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref())?;
-        let model = Model::load_with(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?)?;
+        let (cfg, tuning, seed, frozen) = (source.cfg.clone(), opts.tuning(), opts.train.seed, opts.frozen()?);
+        let model = if settle {
+            Model::load_async(gpu, cfg, &source.weights, tuning, seed, frozen).await?
+        } else {
+            Model::load_with(gpu, cfg, &source.weights, tuning, seed, frozen)?
+        };
         let mut run = Run::with_model(gpu, source, model, data, valid, opts)?;
         run.plan_note = [lowered, run.plan_note.take()].into_iter().flatten().reduce(|a, b| format!("{a}\n{b}"));
+        // A budget no option set: say whose it is.
+        if let (Some(note), Some(origin)) = (run.plan_note.as_mut(), fit::budget_origin(&run.opts, &gpu.caps)) {
+            if note.contains("memory budget") {
+                note.push_str(&format!("\n{origin}"));
+            }
+        }
         Ok(run)
     }
 
@@ -270,8 +292,11 @@ impl Run {
         let mut trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let longest = longest(&data, valid.as_ref());
         let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
-        let budget = fit::budget(&opts, gpu.caps.adapter.device_type == wgpu::DeviceType::Cpu)?;
-        let plan = fit::fit(&source.cfg, &opts, &base, longest, budget)?;
+        let budget = fit::budget(&opts, gpu.caps.memory())?;
+        let plan = fit::fit(&source.cfg, &opts, &base, longest, budget).map_err(|e| match (e, fit::budget_origin(&opts, &gpu.caps)) {
+            (Error::Options(m), Some(origin)) if m.contains("memory budget") => Error::Options(format!("{m} ({origin})")),
+            (e, _) => e,
+        })?;
         trainer.split(plan.micro);
         model.grad_checkpoint = plan.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
@@ -300,7 +325,7 @@ impl Run {
         };
         opts.set_lora(l);
         let tensors = checkpoint::trained_tensors(gpu, &self.model).await?;
-        let mut run = Run::new(gpu, self.source.clone(), data, None, opts)?;
+        let mut run = Run::new_async(gpu, self.source.clone(), data, None, opts).await?;
         run.init_adapter(gpu, &tensors)?;
         Ok(run)
     }
