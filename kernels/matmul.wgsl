@@ -23,8 +23,9 @@
 // return at once. LoRA's products for the projections that share an input (q/k/v,
 // gate/up) run as one dispatch this way.
 
-// The element type of B. The registry builds a variant with `enable f16;` and
-// `alias BElem = f16;` for frozen weights stored in f16 (B is always the weight).
+// The element type of B. For frozen weights stored in f16 (B is always the weight)
+// the registry builds a variant whose B is `array<u32>`, two halves a word, that
+// `weight` and `weight4` widen (`kernels::f16_variant`).
 alias BElem = f32;
 
 struct Params {

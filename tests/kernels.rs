@@ -712,7 +712,9 @@ fn f16_weights_in_matmul_and_embedding() {
     let round = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
     for v in [Variant::Register, Variant::Tiled] {
         let g = variant(v);
-        for mm in [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37)] {
+        // Odd sizes read one half at a time (`weight`); sizes in fours, four at once from
+        // two words (`weight4`), both orientations.
+        for mm in [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37), Matmul::linear(13, 36, 28), Matmul::new(13, 28, 36)] {
             let (ea, eb, ec) = mm.extents();
             let (a, b) = (rng.vec(ea, 1.0), rng.vec(eb, 3.0));
             let (ta, tb, tc) = (up(g, &a), g.upload_f16("w", &b, &[eb]).unwrap(), zeros(g, ec));

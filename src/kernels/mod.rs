@@ -57,21 +57,40 @@ kernel!(SWIGLU, "swiglu.wgsl");
 /// Every kernel file, for validation and pipeline warm-up.
 pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, DPO, ELEMENTWISE, EMBEDDING, MATMUL, PROBE, RMSNORM, ROPE, SWIGLU];
 
-/// The variant of a kernel that reads its weight operand as f16 (`enable f16;` and
-/// the file's `alias BElem = f32;` / `alias WElem = f32;` switched to f16). Built once
-/// per kernel; needs the `shader-f16` feature.
+/// The variant of a kernel that reads its weight operand as f16: the weight's binding
+/// (`array<BElem>` or `array<WElem>`) becomes `array<u32>`, two halves a word, and the
+/// file's `fn weight` (and `fn weight4`) read words and widen them (`unpack2x16float`)
+/// rather than 16-bit elements one at a time, which CPU drivers turn into slow gathers
+/// (lavapipe: about 5× slower than f32). Exact: every half widens to the same f32.
+/// Built once per kernel; the f16 weights themselves are kept where the adapter has
+/// `shader-f16`.
 pub fn f16_variant(k: &Kernel) -> &'static Kernel {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
     cache.entry(k.name).or_insert_with(|| {
-        let body = k.source.replace("alias BElem = f32;", "alias BElem = f16;").replace("alias WElem = f32;", "alias WElem = f16;");
-        assert_ne!(body, k.source, "{} has no element alias to switch to f16", k.name);
+        let (decl, load, buf) = weight_binding(k);
+        let half = load.replace(&format!("f32({buf}[i])"), &format!("unpack2x16float({buf}[i >> 1u] >> ((i & 1u) * 16u)).x"));
+        assert_ne!(half, load, "{}: `fn weight` does not read `{buf}[i]`", k.name);
+        let mut body = k.source.replace(decl, &decl.replace("array<BElem>", "array<u32>").replace("array<WElem>", "array<u32>")).replace(load, &half);
+        if let Some(load4) = k.source.lines().find(|l| l.starts_with("fn weight4(i: u32, slot: u32)")) {
+            let four = format!("fn weight4(i: u32, slot: u32) -> vec4<f32> {{ return vec4<f32>(unpack2x16float({buf}[i >> 1u]), unpack2x16float({buf}[(i >> 1u) + 1u])); }}");
+            body = body.replace(load4, &four);
+        }
         let name: &'static str = Box::leak(format!("{} (f16 weights)", k.name).into_boxed_str());
-        let source: &'static str = Box::leak(format!("enable f16;\n{body}").into_boxed_str());
-        Box::leak(Box::new(Kernel { name, source }))
+        Box::leak(Box::new(Kernel { name, source: Box::leak(body.into_boxed_str()) }))
     })
+}
+
+/// A kernel's weight binding declaration, its `fn weight` line, and the binding's name.
+fn weight_binding(k: &Kernel) -> (&'static str, &'static str, &'static str) {
+    let decl = k.source.lines().find(|l| l.contains(": array<BElem>;") || l.contains(": array<WElem>;"));
+    let load = k.source.lines().find(|l| l.starts_with("fn weight(i: u32"));
+    let (Some(decl), Some(load)) = (decl, load) else { panic!("{} has no weight binding and `fn weight`", k.name) };
+    // `var<storage, read> NAME: array<..>;`
+    let buf = decl.split("var<storage, read> ").nth(1).and_then(|r| r.split(':').next()).expect("a named binding").trim();
+    (decl, load, buf)
 }
 
 /// The kernels that have an f16-weight variant, and a packed one.
@@ -88,11 +107,7 @@ pub fn packed_variant(k: &Kernel) -> &'static Kernel {
     static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
     cache.entry(k.name).or_insert_with(|| {
-        let decl = k.source.lines().find(|l| l.contains(": array<BElem>;") || l.contains(": array<WElem>;"));
-        let load = k.source.lines().find(|l| l.starts_with("fn weight(i: u32"));
-        let (Some(decl), Some(load)) = (decl, load) else { panic!("{} has no weight binding and `fn weight` to pack", k.name) };
-        // `var<storage, read> NAME: array<..>;`
-        let buf = decl.split("var<storage, read> ").nth(1).and_then(|r| r.split(':').next()).expect("a named binding").trim();
+        let (decl, load, buf) = weight_binding(k);
         // `f32(NAME[i])` becomes a dequantizing load (with the caller's slot, if it has one).
         let packed_load = load.replace(&format!("f32({buf}[i])"), if load.contains("slot") { "q_load_slot(i, slot)" } else { "q_load(i)" });
         assert_ne!(packed_load, load, "{}: `fn weight` does not read `{buf}[i]`", k.name);
