@@ -808,7 +808,7 @@ test('the page exports its run for TRL + accelerate as the native export-run doe
 // time, and waits for the queue after each layer, so WebGPU hands back the uploads'
 // transfer memory as the load goes. The renderer's peak resident memory (sampled from
 // /proc) stays under the issue's goals, 2.5 GiB from the URL and 1.5 GiB from disk
-// (measured 1.23 and 1.19; it was 3.77 GiB when the response, Cache Storage's copy and
+// (measured 1.23–1.41 and 1.16–1.19; it was 3.77 GiB when the response, Cache Storage's copy and
 // the arrays each held the bytes, 2.67 GiB with one array, and 1.61–1.85 and
 // 1.30–1.51 while the load was one synchronous call), and the wasm heap under 1 GiB.
 test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL and from disk trains a step, the tab never holding its bytes whole', async () => {
