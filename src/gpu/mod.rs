@@ -600,11 +600,14 @@ impl Gpu {
             return Tensor::new(self, label, dtype, shape);
         }
         let bytes = Tensor::padded(dtype, shape);
-        let class = reuse::size_class(self.state.lock().unwrap().sized_for(bytes, self.caps.chunk_bytes()));
-        let taken = self.state.lock().unwrap().take(class);
+        let taken = {
+            let mut st = self.state.lock().unwrap();
+            let class = reuse::size_class(st.sized_for(bytes, self.caps.chunk_bytes()));
+            st.take(class).ok_or(class)
+        };
         let (buffer, class, index) = match taken {
-            Some(t) => t,
-            None => {
+            Ok(t) => t,
+            Err(class) => {
                 let b = self.create_storage(label, class)?;
                 (b.clone(), class, self.state.lock().unwrap().add(class, b))
             }

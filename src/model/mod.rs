@@ -133,15 +133,11 @@ impl Model {
         Self::load_settled(gpu, cfg, w, tuning, seed, frozen, false).now_or_never().expect("a load that does not settle never waits")
     }
 
-    /// `load_with`, waiting for the queue after each layer (`Gpu::settle`): in the
-    /// browser the uploads' transfer memory goes back as the load goes, instead of
-    /// the whole model's at its end (the page's loader).
-    pub async fn load_async(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen) -> Result<Model> {
-        Self::load_settled(gpu, cfg, w, tuning, seed, frozen, true).await
-    }
-
+    /// `load_with`; with `settle`, waiting for the queue after each layer
+    /// (`Gpu::settle`): in the browser the uploads' transfer memory goes back as the
+    /// load goes, instead of the whole model's at its end (the page's loader).
     #[allow(clippy::too_many_arguments)]
-    async fn load_settled(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen, settle: bool) -> Result<Model> {
+    pub(crate) async fn load_settled(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen, settle: bool) -> Result<Model> {
         let c = cfg.hidden;
         if let Tuning::Lora(l) = &tuning {
             if l.r == 0 {

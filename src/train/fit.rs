@@ -51,15 +51,20 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 /// device-local heap on Vulkan); else none known (Metal, DX12 and WebGPU report no
 /// memory through wgpu), and only bindings bound the plan.
 pub fn budget(opts: &RunOptions, device: Option<u64>) -> Result<Option<u64>> {
-    if let Some(b) = opts.memory_budget.as_deref().filter(|b| !b.is_empty()) {
-        return parse_bytes(b).map(Some);
+    match given(opts) {
+        Some(b) => parse_bytes(b).map(Some),
+        None => Ok(device),
     }
-    Ok(device)
+}
+
+/// `--memory-budget`, where set.
+fn given(opts: &RunOptions) -> Option<&str> {
+    opts.memory_budget.as_deref().filter(|b| !b.is_empty())
 }
 
 /// Where a budget that no option set came from, for the plan's note.
 pub fn budget_origin(opts: &RunOptions, caps: &crate::gpu::Caps) -> Option<String> {
-    if opts.memory_budget.as_deref().is_some_and(|b| !b.is_empty()) {
+    if given(opts).is_some() {
         return None;
     }
     let what = if caps.adapter.device_type == wgpu::DeviceType::Cpu {

@@ -235,6 +235,12 @@ fn pair_rows(data: &Dataset, idx: &[usize]) -> usize {
     2 * idx.len() * idx.iter().map(|&i| len(2 * i).max(len(2 * i + 1))).max().unwrap_or(1)
 }
 
+/// Temporaries sized for the largest of `batches` (`Gpu::sizing`), each's token rows
+/// counted by `rows`.
+fn sizing_for<'a, 'b>(gpu: &'a Gpu, data: &Dataset, batches: impl Iterator<Item = &'b [usize]>, rows: fn(&Dataset, &[usize]) -> usize) -> crate::gpu::Sizing<'a> {
+    gpu.sizing(batches.map(|b| rows(data, b)).max().unwrap_or(1))
+}
+
 /// The pairs `idx` of a preference dataset as one batch: their chosen sequences, then
 /// their rejected ones, with each sequence's completion tokens.
 pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> (Batch, Vec<f32>) {
@@ -267,7 +273,7 @@ fn dpo_stats(gpu: &Gpu) -> Result<Tensor> {
 pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<Vec<[f32; 2]>> {
     let mut out = Vec::with_capacity(data.items());
     let idx: Vec<usize> = (0..data.items()).collect();
-    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| pair_rows(data, c)).max().unwrap_or(1));
+    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), pair_rows);
     for chunk in idx.chunks(batch_size.max(1)) {
         let (b, _) = pair_batch(data, chunk, pad_id);
         sizing.batch(b.b * b.t);
@@ -328,8 +334,7 @@ impl Trainer {
     /// sized for the run's largest micro-batch, so each step finds the same pooled
     /// buffers and the pool holds what the plan estimates.
     fn forward_backward(&self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<(Vec<Tensor>, usize)> {
-        let rows = |m: &Vec<usize>| if self.dpo.is_some() { pair_rows(train, m) } else { batch_rows(train, m) };
-        let sizing = gpu.sizing(self.plan.iter().flatten().map(rows).max().unwrap_or(1));
+        let sizing = sizing_for(gpu, train, self.plan.iter().flatten().map(Vec::as_slice), if self.dpo.is_some() { pair_rows } else { batch_rows });
         let micro = &self.plan[self.step as usize];
         let seed = |j: usize| crate::rng::hash((self.opts.seed as u32) ^ crate::rng::hash((self.step * 64 + j as u64) as u32));
         Ok(if let Some(d) = &self.dpo {
@@ -402,7 +407,7 @@ pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usiz
     let mut total = 0.0;
     let mut count = 0;
     let idx: Vec<usize> = (0..data.sequences.len()).collect();
-    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| batch_rows(data, c)).max().unwrap_or(1));
+    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), batch_rows);
     for chunk in data.sequences.chunks(batch_size.max(1)) {
         let b = Batch::new(&chunk.iter().collect::<Vec<_>>(), pad_id);
         sizing.batch(b.b * b.t);
@@ -426,7 +431,7 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
     let sft = dpo.sft_scale((0..data.items()).map(|i| data.sequences[2 * i].trained_targets()).sum());
     let stats = dpo_stats(gpu)?;
     let idx: Vec<usize> = (0..data.items()).collect();
-    let sizing = gpu.sizing(idx.chunks(batch_size.max(1)).map(|c| pair_rows(data, c)).max().unwrap_or(1));
+    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), pair_rows);
     for chunk in idx.chunks(batch_size.max(1)) {
         let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
         sizing.batch(b.b * b.t);

@@ -255,8 +255,8 @@ impl Run {
         Self::create(gpu, source, data, valid, opts, false).now_or_never().expect("a load that does not settle never waits")
     }
 
-    /// `new`, loading the model with `Model::load_async` (the page: the uploads'
-    /// transfer memory goes back layer by layer).
+    /// `new`, the load waiting for the queue after each layer (`Model::load_settled`;
+    /// the page: the uploads' transfer memory goes back layer by layer).
     pub async fn new_async(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         Self::create(gpu, source, data, valid, opts, true).await
     }
@@ -266,12 +266,7 @@ impl Run {
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let mut opts = opts;
         let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref())?;
-        let (cfg, tuning, seed, frozen) = (source.cfg.clone(), opts.tuning(), opts.train.seed, opts.frozen()?);
-        let model = if settle {
-            Model::load_async(gpu, cfg, &source.weights, tuning, seed, frozen).await?
-        } else {
-            Model::load_with(gpu, cfg, &source.weights, tuning, seed, frozen)?
-        };
+        let model = Model::load_settled(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?, settle).await?;
         let mut run = Run::with_model(gpu, source, model, data, valid, opts)?;
         run.plan_note = [lowered, run.plan_note.take()].into_iter().flatten().reduce(|a, b| format!("{a}\n{b}"));
         // A budget no option set: say whose it is.
