@@ -21,7 +21,9 @@
 // operand, second product or not) over the same five bindings, each with its own
 // Params: workgroup z picks the product, and a product's workgroups past its own M×N
 // return at once. LoRA's products for the projections that share an input (q/k/v,
-// gate/up) run as one dispatch this way.
+// gate/up) run as one dispatch this way. A group may hold two operand sets (`ALT`):
+// a product with `alt` set reads its A and B from a2 and b2 (it has no second
+// product), so LoRA's dA += dhᵀ·x' and dB += s·dyᵀ·h run as one dispatch.
 
 // The element type of B. For frozen weights stored in f16 (B is always the weight)
 // the registry builds a variant whose B is `array<u32>`, two halves a word, that
@@ -35,6 +37,7 @@ struct Params {
     alpha: f32, beta: f32, ldc: u32, k2: u32,
     a2_off: u32, b2_off: u32, lda2: u32, ldb2: u32,
     alpha2: f32, drop_p: f32, drop_key: u32, drop_base: u32,
+    alt: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 override TRANS_A: bool = false;
@@ -43,6 +46,8 @@ override TRANS_B: bool = false;
 override DROP: u32 = 0u;
 // Workgroup z picks the product (ps[z]) instead of the batch.
 override GROUPED: bool = false;
+// Products of the group may read A and B from a2 and b2 (their `alt`).
+override ALT: bool = false;
 const GROUP_MAX: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
@@ -72,11 +77,17 @@ fn dropped(i: u32, v: f32) -> f32 {
     return select(0.0, v / (1.0 - p.drop_p), u >= p.drop_p);
 }
 
+// Element i of A as stored (of a2 for an `alt` product).
+fn a_elem(i: u32) -> f32 {
+    if (ALT && p.alt != 0u) { return a2[i]; }
+    return a[i];
+}
+
 fn a_at(base: u32, m: u32, k: u32) -> f32 {
     var i = base + m * p.lda + k;
     if (TRANS_A) { i = base + k * p.lda + m; }
-    if (DROP == 1u) { return dropped(i, a[i]); }
-    return a[i];
+    if (DROP == 1u) { return dropped(i, a_elem(i)); }
+    return a_elem(i);
 }
 
 fn a2_at(m: u32, k: u32) -> f32 {
@@ -95,16 +106,23 @@ fn weight(i: u32, slot: u32) -> f32 { return f32(b[i]); }
 // Elements i..i+3 of B, i a multiple of 4 (the packed variant decodes them at once).
 fn weight4(i: u32, slot: u32) -> vec4<f32> { return vec4<f32>(f32(b[i]), f32(b[i + 1u]), f32(b[i + 2u]), f32(b[i + 3u])); }
 
-fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
-    var i = base + k * p.ldb + n;
-    if (TRANS_B) { i = base + n * p.ldb + k; }
-    if (DROP == 2u) { return dropped(i, weight(i, slot)); }
+// `weight`, or b2's element i for an `alt` product.
+fn b_elem(i: u32, slot: u32) -> f32 {
+    if (ALT && p.alt != 0u) { return b2[i]; }
     return weight(i, slot);
 }
 
-// `weight4` with B's dropout.
+fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
+    var i = base + k * p.ldb + n;
+    if (TRANS_B) { i = base + n * p.ldb + k; }
+    if (DROP == 2u) { return dropped(i, b_elem(i, slot)); }
+    return b_elem(i, slot);
+}
+
+// `weight4` (b2's for an `alt` product) with B's dropout.
 fn b4_at(i: u32, slot: u32) -> vec4<f32> {
-    let w = weight4(i, slot);
+    var w: vec4<f32>;
+    if (ALT && p.alt != 0u) { w = vec4<f32>(b2[i], b2[i + 1u], b2[i + 2u], b2[i + 3u]); } else { w = weight4(i, slot); }
     if (DROP == 2u) { return vec4<f32>(dropped(i, w.x), dropped(i + 1u, w.y), dropped(i + 2u, w.z), dropped(i + 3u, w.w)); }
     return w;
 }

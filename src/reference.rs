@@ -418,10 +418,14 @@ pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], 
     }
 }
 
-/// Products of one group over the same operands (`kernels::matmul_group`), in turn.
+/// Products of one group over the same operands (`kernels::matmul_group`), in turn:
+/// an `alt` product reads `second` as its A and B.
 pub fn matmul_group(mms: &[Matmul], a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {
     for mm in mms {
-        matmul_with(mm, a, b, c, second);
+        match (mm.alt, second) {
+            (true, Some((a2, b2))) => matmul(&Matmul { alt: false, ..mm.clone() }, a2, b2, c),
+            _ => matmul_with(mm, a, b, c, second.filter(|_| mm.second.is_some())),
+        }
     }
 }
 

@@ -100,13 +100,15 @@ fn group_case(g: &webtune::gpu::Gpu, mms: &[Matmul], seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let most = |f: &dyn Fn(&Matmul) -> usize| mms.iter().map(f).max().unwrap();
     let (ea, eb, ec) = (most(&|m| m.extents().0), most(&|m| m.extents().1), most(&|m| m.extents().2));
-    let (ea2, eb2) = (most(&|m| m.second.map_or(1, |s| s.extents(m).0)), most(&|m| m.second.map_or(1, |s| s.extents(m).1)));
+    // The second operands: the second products', or an `alt` product's A and B.
+    let second_of = |m: &Matmul| if m.alt { Some((m.extents().0, m.extents().1)) } else { m.second.map(|s| s.extents(m)) };
+    let (ea2, eb2) = (most(&|m| second_of(m).map_or(1, |e| e.0)), most(&|m| second_of(m).map_or(1, |e| e.1)));
     let (a, b, c0, a2, b2) = (rng.vec(ea, 1.0), rng.vec(eb, 1.0), rng.vec(ec, 1.0), rng.vec(ea2, 1.0), rng.vec(eb2, 1.0));
     let (ta, tb, tc, ta2, tb2) = (up(g, &a), up(g, &b), up(g, &c0), up(g, &a2), up(g, &b2));
-    let second = mms[0].second.map(|_| (&ta2, &tb2));
-    run(g, |r| k::matmul_group(g, r, mms, &ta, &tb, &tc, second));
+    let bound = mms.iter().any(|m| m.alt || m.second.is_some());
+    run(g, |r| k::matmul_group(g, r, mms, &ta, &tb, &tc, bound.then_some((&ta2, &tb2))));
     let mut want = c0.clone();
-    cpu::matmul_group(mms, &a, &b, &mut want, mms[0].second.map(|_| (a2.as_slice(), b2.as_slice())));
+    cpu::matmul_group(mms, &a, &b, &mut want, bound.then_some((a2.as_slice(), b2.as_slice())));
     let got = read(g, &tc);
     close(&format!("group of {} on {:?}: {mms:?}", mms.len(), g.caps.variant), &got, &want, 2e-5 * (most(&|m| m.k) as f32).sqrt() * 2.0, 1e-4);
     got
@@ -145,13 +147,29 @@ fn grouped_products_match_reference_for_both_variants() {
             }
             seed += 2;
         }
-        // Ten products: a full group of eight, then two.
-        let ten: Vec<Matmul> = (0..10).map(|i| Matmul { c_off: 40 * i, ldc: 400, a_off: 100 * i, ..Matmul::linear(5 + i, 4 + i, 9) }).collect();
+        // Over two operand sets: the second product of the three reads A and B from
+        // the second pair (LoRA's dA and dB), with and without dropout, each transpose.
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for drop in [None, Some(DropOn::A), Some(DropOn::B)] {
+                let mut mms = three(ta, tb, drop, false);
+                mms[1].alt = true;
+                group_case(g, &mms, seed);
+                seed += 1;
+            }
+        }
+        // Ten products: a full group of eight, then two; then the same, every third
+        // on the second operands.
+        let mut ten: Vec<Matmul> = (0..10).map(|i| Matmul { c_off: 40 * i, ldc: 400, a_off: 100 * i, ..Matmul::linear(5 + i, 4 + i, 9) }).collect();
         group_case(g, &ten, 520);
+        ten.iter_mut().step_by(3).for_each(|m| m.alt = true);
+        group_case(g, &ten, 521);
     }
-    // k past the loop budget: each product runs alone, in k-ranges.
-    let long: Vec<Matmul> = (0..2).map(|i| Matmul { c_off: 90 * i, a_off: 9 * 301 * i, ..Matmul::new(9, 10, 301).accumulate() }).collect();
+    // k past the loop budget: each product runs alone, in k-ranges (one of them on
+    // the second operands).
+    let mut long: Vec<Matmul> = (0..2).map(|i| Matmul { c_off: 90 * i, a_off: 9 * 301 * i, ..Matmul::new(9, 10, 301).accumulate() }).collect();
     group_case(small_loops(), &long, 530);
+    long[1].alt = true;
+    group_case(small_loops(), &long, 531);
     // Products of different kinds are refused.
     let g = gpu();
     let (a, c) = (zeros(g, 64), zeros(g, 64));
@@ -198,13 +216,17 @@ fn grouped_lora_matches_reference_pair_by_pair() {
             let mut outs = Vec::new();
             for together in [true, false] {
                 let pack = |parts: &[Vec<f32>]| if together { packed(g, parts) } else { parts.iter().map(|p| up(g, p)).collect() };
-                let (tx, ta, tb, tdy, tda, tdb, th, tdh) = (up(g, &x), pack(&a), pack(&b), pack(&dy), pack(&da0), pack(&db0), pack(&hz), pack(&hz));
+                // The A and B gradients in one buffer, as `params::pack` lays them out.
+                let mut grads = pack(&da0.iter().chain(&db0).cloned().collect::<Vec<_>>());
+                let tdb = grads.split_off(da0.len());
+                let (tx, ta, tb, tdy, tda, th, tdh) = (up(g, &x), pack(&a), pack(&b), pack(&dy), grads, pack(&hz), pack(&hz));
                 let before = g.counters().dispatches;
                 run(g, |rec| {
                     k::lora_down_group(g, rec, &ls, &tx, &refs(&ta), &refs(&th))?;
                     k::lora_backward_group(g, rec, &ls, &tx, &refs(&tb), &refs(&th), &refs(&tdy), &refs(&tdh), &refs(&tda), &refs(&tdb))
                 });
-                assert_eq!(g.counters().dispatches - before, if together { 4 } else { 12 }, "dispatches, together: {together}");
+                // Together: h; dh; dA and dB as one product over two operand sets.
+                assert_eq!(g.counters().dispatches - before, if together { 3 } else { 12 }, "dispatches, together: {together}");
                 let got: Vec<Vec<Vec<f32>>> = [&th, &tdh, &tda, &tdb].iter().map(|ts| ts.iter().map(|t| read(g, t)).collect()).collect();
                 for (i, l) in ls.iter().enumerate() {
                     let (mut h, mut dh, mut da, mut db) = (hz[i].clone(), hz[i].clone(), da0[i].clone(), db0[i].clone());

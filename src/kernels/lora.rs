@@ -156,8 +156,19 @@ pub fn lora_backward_group(
     if let (true, [Some((tb, ob)), Some((th, oh)), Some((tdy, ody)), Some((tdh, odh)), Some((tda, oda)), Some((tdb, odb))]) = (alike(ls), spans) {
         let each = |f: &dyn Fn(usize, &Lora) -> Matmul| ls.iter().enumerate().map(|(i, l)| f(i, l)).collect::<Vec<_>>();
         matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
+        let da_mms = each(&|i, l| Matmul { a_off: odh[i], c_off: oda[i], ..l.da() });
+        // dB reads dy and h where dA reads dh and x: where the gradients lie in one
+        // buffer, both as one dispatch over two operand sets (`Matmul::alt`), dB under
+        // dA's dropout kind at p = 0 (which keeps every element as it is).
+        let grads: Vec<&Tensor> = da.iter().chain(db).copied().collect();
+        if let Some((tg, og)) = Tensor::span("LoRA dA, dB", &grads, gpu.caps.max_binding) {
+            let kind = da_mms[0].dropout.map(|d| Dropout { p: 0.0, ..d });
+            let db_mms = each(&|i, l| Matmul { a_off: ody[i], b_off: oh[i], c_off: og[n + i], alt: true, dropout: kind, ..l.db() });
+            let mms: Vec<Matmul> = da_mms.into_iter().enumerate().map(|(i, mm)| Matmul { c_off: og[i], ..mm }).chain(db_mms).collect();
+            return matmul_group(gpu, rec, &mms, &tdh, x, &tg, Some((&tdy, &th)));
+        }
         matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: oh[i], c_off: odb[i], ..l.db() }), &tdy, &th, &tdb, None)?;
-        return matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: odh[i], c_off: oda[i], ..l.da() }), &tdh, x, &tda, None);
+        return matmul_group(gpu, rec, &da_mms, &tdh, x, &tda, None);
     }
     for (i, l) in ls.iter().enumerate() {
         matmul(gpu, rec, &l.dh(), dy[i], b[i], dh[i])?;

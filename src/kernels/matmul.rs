@@ -37,6 +37,9 @@ pub struct Matmul {
     pub ldc: usize,
     pub second: Option<Second>,
     pub dropout: Option<Dropout>,
+    /// In a group (`matmul_group`): A and B are the group's second operand pair
+    /// (bindings 4 and 5), so one dispatch serves products over two sets of operands.
+    pub alt: bool,
 }
 
 /// A second product `+ alpha · op(A2)·op(B2)` of the same M×N and transposes, over its
@@ -133,6 +136,7 @@ impl Matmul {
             ldc: 0,
             second: None,
             dropout: None,
+            alt: false,
         }
     }
 
@@ -236,6 +240,8 @@ struct Params {
     drop_p: f32,
     drop_key: u32,
     drop_base: u32,
+    alt: u32,
+    pad: [u32; 3],
 }
 
 /// Products one grouped dispatch computes at most (`ps` in `kernels/matmul.wgsl`).
@@ -249,8 +255,12 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
 
 /// `matmul`, with the operands (A2, B2) of `mm.second` when it has one.
 pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    if mm.alt {
+        let Some((a2, b2)) = second else { return check(false, "matmul", || format!("a product on the second operands needs them: {mm:?}")) };
+        return matmul_with(gpu, rec, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None);
+    }
     validate(gpu, mm, a, b, c, second)?;
-    let launch = Launch::new(gpu, mm, b, false);
+    let launch = Launch::new(gpu, mm, b, false, false);
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.
     for (k0, k1) in spans(mm.k, launch.k_span) {
@@ -266,22 +276,34 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
 /// scale and dropout seed, in one dispatch per `GROUP_MAX` (workgroup z picks the
 /// product): LoRA's products for the projections that share an input. Products are
 /// unbatched; where one needs its k split for the loop budget, each runs alone.
-/// Products that write C must not overlap (they run at once).
+/// Products that write C must not overlap (they run at once). `second` holds the
+/// second products' operands, or, for products marked `alt` (which have none), their
+/// A and B.
 pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let op = "matmul_group";
     let Some(first) = mms.first() else { return Ok(()) };
+    let alt = mms.iter().any(|mm| mm.alt);
     for mm in mms {
-        validate(gpu, mm, a, b, c, second)?;
+        match (mm.alt, second) {
+            (true, Some((a2, b2))) => validate(gpu, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None)?,
+            (true, None) => check(false, op, || format!("a product on the second operands needs them: {mm:?}"))?,
+            (false, _) if alt => validate(gpu, mm, a, b, c, None)?,
+            (false, _) => validate(gpu, mm, a, b, c, second)?,
+        }
+        check(!alt || (mm.second.is_none() && b.dtype == DType::F32), op, || format!("a group over two operand sets has f32 operands and no second products: {mm:?}"))?;
         check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm:?}"))?;
         let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
         check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
     }
+    // Alone, a product binds the second operands only as its own A and B, or as
+    // its second product's.
+    let own = |mm: &Matmul| if alt && !mm.alt { None } else { second };
     if mms.len() == 1 {
-        return matmul_with(gpu, rec, first, a, b, c, second);
+        return matmul_with(gpu, rec, first, a, b, c, own(first));
     }
-    let launch = Launch::new(gpu, first, b, true);
+    let launch = Launch::new(gpu, first, b, true, alt);
     if mms.iter().any(|mm| mm.k > launch.k_span) {
-        return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, second));
+        return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
     }
     for chunk in mms.chunks(GROUP_MAX) {
         let mut params = [Params::zeroed(); GROUP_MAX];
@@ -378,6 +400,8 @@ impl Params {
                 DropOn::B => mm.b_off,
                 DropOn::Second => mm.c_off,
             } as u32,
+            alt: mm.alt as u32,
+            pad: [0; 3],
         }
     }
 }
@@ -393,14 +417,15 @@ struct Launch {
 
 impl Launch {
     /// `grouped`: workgroup z picks the product (`matmul_group`), not the batch.
-    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool) -> Launch {
+    /// `alt`: some products read the second operand pair (`Matmul::alt`).
+    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool) -> Launch {
         let k2 = mm.second.map_or(0, |s| s.k);
         let drop = mm.dropout.map_or(0, |d| match d.on {
             DropOn::A => 1,
             DropOn::B => 2,
             DropOn::Second => 3,
         });
-        let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64), ("GROUPED", grouped as u32 as f64)];
+        let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64), ("GROUPED", grouped as u32 as f64), ("ALT", alt as u32 as f64)];
         // The register variant loops once per k; the tiled one 21 times per 16 k (a
         // slab load of 4, 16 products, the k0 step). The second product's loop runs
         // beside the last k-range.

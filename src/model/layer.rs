@@ -27,6 +27,17 @@ pub struct Layer {
     pub linears: Vec<Linear>,
 }
 
+/// Which forward `layer_forward` runs.
+pub(crate) enum Pass {
+    /// The forward proper.
+    Forward,
+    /// Checkpointing's forward again before the layer's backward, from the LoRA h's
+    /// (`x'·Aᵀ`, by projection) that the forward kept beside the layer's input: it
+    /// runs no LoRA down product, and since the backward reads the activations but not
+    /// the output, no down base product either.
+    Recompute(Vec<Option<LoraSaved>>),
+}
+
 /// What one layer's forward saves for its backward.
 pub(crate) struct Acts {
     pub(crate) x: Tensor,
@@ -53,9 +64,8 @@ pub(crate) struct Acts {
 impl Model {
     /// One decoder layer. With `cache`, the new keys and values are appended to it
     /// and the queries attend to everything cached (decoding, B = 1). LoRA dropout
-    /// applies only when `train`. `recompute`: the forward that checkpointing runs
-    /// again before the layer's backward, which reads the activations but not the
-    /// output, so down's base product is left out (its LoRA down product stays).
+    /// applies only when `train`. `pass`: the forward proper, or the one that
+    /// checkpointing runs again before the layer's backward (`Pass::Recompute`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn layer_forward(
         &self,
@@ -66,7 +76,7 @@ impl Model {
         x: Tensor,
         cache: Option<&KvCache>,
         train: bool,
-        recompute: bool,
+        pass: Pass,
     ) -> Result<Acts> {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
@@ -75,6 +85,19 @@ impl Model {
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
         let seed = |i: usize| if train { inp.seed(li, i) } else { None };
+        let recompute = matches!(pass, Pass::Recompute(_));
+        // LoRA's down products for the projections `idx` (which read x), or the h's
+        // the forward saved when this is checkpointing's recompute.
+        let mut kept = match pass {
+            Pass::Forward => None,
+            Pass::Recompute(lora) => Some(lora),
+        };
+        let mut lora_downs = |rec: &mut Recorder, idx: &[usize], x: &Tensor| -> Result<Vec<Option<LoraSaved>>> {
+            match kept.as_mut() {
+                Some(lora) => Ok(idx.iter().map(|&i| lora[i].take()).collect()),
+                None => downs(gpu, rec, &idx.iter().map(|&i| &lin[i]).collect::<Vec<_>>(), n, x, &idx.iter().map(|&i| seed(i)).collect::<Vec<_>>(), self.adapter_enabled),
+            }
+        };
         let h1 = zeros(gpu, rec, "h1", &[n, c])?;
         let rstd1 = zeros(gpu, rec, "rstd1", &[n])?;
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
@@ -83,7 +106,7 @@ impl Model {
         // their outputs share one temporary (with Qwen3's per-head norms, the outputs
         // before the norms do).
         let [q_out, k_out, v] = gpu.temps(rec, "q, k, v", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
-        let lora_qkv = downs(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[seed(Q), seed(K), seed(V)], self.adapter_enabled)?;
+        let lora_qkv = lora_downs(rec, &[Q, K, V], &h1)?;
         let saved_qkv: Vec<_> = lora_qkv.iter().map(|s| s.as_ref()).collect();
         forwards(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[&q_out, &k_out, &v], &saved_qkv)?;
         let (q, kk, q_pre) = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -111,16 +134,16 @@ impl Model {
         // The residual connections ride on o_proj's and down's products: a copy of the
         // residual stream, then the product added into it (no add pass).
         let x_mid = residual(gpu, rec, "x_mid", &x)?;
-        let [lora_o] = downs(gpu, rec, &[&lin[O]], n, &att, &[seed(O)], self.adapter_enabled)?.try_into().ok().expect("one");
+        let [lora_o] = lora_downs(rec, &[O], &att)?.try_into().ok().expect("one");
         lin[O].forward(gpu, rec, n, &att, &x_mid, lora_o.as_ref(), true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let [g, u] = gpu.temps(rec, "gate, up", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
         let m = zeros(gpu, rec, "swiglu", &[n, inter])?;
-        let lora_mlp = downs(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[seed(GATE), seed(UP)], self.adapter_enabled)?;
+        let lora_mlp = lora_downs(rec, &[GATE, UP], &h2)?;
         forwards(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[&g, &u], &[lora_mlp[0].as_ref(), lora_mlp[1].as_ref()])?;
         k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let [lora_down] = downs(gpu, rec, &[&lin[DOWN]], n, &m, &[seed(DOWN)], self.adapter_enabled)?.try_into().ok().expect("one");
+        let [lora_down] = lora_downs(rec, &[DOWN], &m)?.try_into().ok().expect("one");
         let out = if recompute {
             None
         } else {

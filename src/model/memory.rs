@@ -153,20 +153,18 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     if cfg.qk_norm {
         layer_bwd += f32b(n * q) + f32b(n * kv);
     }
-    if let Some(l) = lora {
-        // h and dh per pair; dropout's mask is made inside the products (no x' copy).
-        for _ in lora_targets(cfg, l) {
-            layer_fwd += f32b(n * l.r);
-            layer_bwd += f32b(n * l.r);
-        }
-    }
+    // h and dh per pair; dropout's mask is made inside the products (no x' copy).
+    let lora_h: u64 = lora.map_or(0, |l| lora_targets(cfg, l).map(|_| f32b(n * l.r)).sum());
+    layer_fwd += lora_h;
+    layer_bwd += lora_h;
     let head_rows = ((crate::gpu::Caps::chunk_bytes_of(plan.max_binding) / (v as u64 * 4)) as usize).clamp(1, n);
     // hf, dhf, dres, the embeddings, the final rstd, one logits chunk and its rows.
     let head = 4 * f32b(n * c) + f32b(n) + f32b(head_rows * v) + 3 * f32b(head_rows);
     let layers = cfg.layers as u64;
     let activations = if plan.grad_checkpoint {
-        // Each layer's input stays; one layer is recomputed and differentiated at a time.
-        layers * f32b(n * c) + layer_fwd + layer_bwd + head
+        // Each layer's input and LoRA h's stay; one layer is recomputed (from its h's)
+        // and differentiated at a time.
+        layers * (f32b(n * c) + lora_h) + layer_fwd - lora_h + layer_bwd + head
     } else {
         // One command buffer holds every layer's activations and temporaries.
         layers * (layer_fwd + layer_bwd) + head

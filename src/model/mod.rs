@@ -24,7 +24,7 @@ use crate::rng::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Attention, Matmul};
-use layer::Acts;
+use layer::{Acts, Pass};
 
 pub use config::{Arch, Config};
 pub use inputs::{Inputs, KvCache, Shape};
@@ -74,7 +74,8 @@ enum Keep {
 /// What the trunk kept of one layer.
 enum Saved {
     Acts(Acts),
-    Input(Tensor),
+    /// Checkpointing: the layer's input, and its LoRA h's (`layer::Pass::Recompute`).
+    Input(Tensor, Vec<Option<linear::LoraSaved>>),
 }
 
 /// The trunk's output: the final-normed hidden states `hf` `[N, C]`, and for
@@ -356,7 +357,7 @@ impl Model {
         let mut x = self.embed(gpu, rec, inp)?;
         let mut saved = Vec::new();
         for li in 0..self.layers.len() {
-            let acts = self.layer_forward(gpu, rec, li, inp, x, cache, train, false)?;
+            let mut acts = self.layer_forward(gpu, rec, li, inp, x, cache, train, Pass::Forward)?;
             x = acts.out.clone().expect("a forward's output");
             match keep {
                 // A batch's forward alone (evaluation, DPO's reference, logits): the
@@ -368,7 +369,7 @@ impl Model {
                 Keep::Nothing => {}
                 Keep::Activations => saved.push(Saved::Acts(acts)),
                 Keep::Inputs => {
-                    saved.push(Saved::Input(acts.x.clone()));
+                    saved.push(Saved::Input(acts.x.clone(), std::mem::take(&mut acts.lora)));
                     // Freed before the flush, the layer's temporaries serve the next layer.
                     drop(acts);
                     gpu.flush(rec, "forward");
@@ -390,8 +391,8 @@ impl Model {
         for li in (0..self.layers.len()).rev() {
             match trunk.saved.pop().expect("one saved entry per layer") {
                 Saved::Acts(acts) => self.layer_backward(gpu, rec, li, inp, &acts, &dres)?,
-                Saved::Input(x) => {
-                    let acts = self.layer_forward(gpu, rec, li, inp, x, None, true, true)?;
+                Saved::Input(x, lora) => {
+                    let acts = self.layer_forward(gpu, rec, li, inp, x, None, true, Pass::Recompute(lora))?;
                     self.layer_backward(gpu, rec, li, inp, &acts, &dres)?;
                     drop(acts);
                     gpu.flush(rec, "backward");
