@@ -103,15 +103,12 @@ pub fn weights(seed: u64) -> Result<TensorMap> {
     Ok(w)
 }
 
-/// Greedy answers of `model` to each question, as a user turn with the chat template.
+/// Greedy answers of `model` to each question, as a user turn with the chat template
+/// (all decoded at once, `Model::generate_batch`).
 pub async fn answers(gpu: &Gpu, model: &Model, tok: &Tokenizer, questions: &[(String, String)], max_new: usize) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(questions.len());
-    for (q, _) in questions {
-        let ids = tok.prompt_ids(q, true)?;
-        let new = model.generate(gpu, &ids, max_new, &Sampling::default(), |_| {}).await?;
-        out.push(tok.decode(&new));
-    }
-    Ok(out)
+    let prompts = questions.iter().map(|(q, _)| tok.prompt_ids(q, true)).collect::<Result<Vec<_>>>()?;
+    let new = model.generate_batch(gpu, &prompts, max_new, &Sampling::default()).await?;
+    Ok(new.iter().map(|ids| tok.decode(ids)).collect())
 }
 
 /// Exact-match accuracy: the answer, trimmed, equals the expected one.

@@ -86,4 +86,47 @@ impl Model {
         }
         Ok(out)
     }
+
+    /// `generate` for each of `prompts` (each its own sampler, seeded alike), all at
+    /// once: the sequences share one KV cache as packed segments, and each step runs
+    /// one pass over a token of every sequence still going, so B answers take as
+    /// many passes as the longest of them, not their sum. Each row attends to its own
+    /// sequence's keys in the order `generate` would, so the tokens are the same.
+    pub async fn generate_batch(&self, gpu: &Gpu, prompts: &[Vec<u32>], max_new: usize, sampling: &Sampling) -> Result<Vec<Vec<u32>>> {
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        if prompts.is_empty() || max_new == 0 {
+            return Ok(out);
+        }
+        let room = prompts.iter().map(|p| p.len() + max_new).sum();
+        let mut cache = self.kv_cache(gpu, room)?;
+        let mut rngs: Vec<Rng> = prompts.iter().map(|_| Rng::new(sampling.seed)).collect();
+        let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        // Each prompt into the cache as its own segment; its last row's logits.
+        let mut logits = Vec::new();
+        for (j, p) in prompts.iter().enumerate() {
+            let pos: Vec<u32> = (0..p.len() as u32).collect();
+            logits.push(self.decode_rows(gpu, &mut cache, p, &pos, &vec![j as u32; p.len()], true).await?);
+        }
+        let mut live: Vec<usize> = (0..prompts.len()).collect();
+        loop {
+            let (mut ids, mut pos, mut going) = (Vec::new(), Vec::new(), Vec::new());
+            for (row, &j) in live.iter().enumerate() {
+                let next = sample(&logits[row], sampling, &mut rngs[j]);
+                out[j].push(next);
+                if !self.cfg.eos.contains(&next) && out[j].len() < max_new {
+                    ids.push(next);
+                    pos.push(lens[j] as u32);
+                    lens[j] += 1;
+                    going.push(j);
+                }
+            }
+            if going.is_empty() {
+                return Ok(out);
+            }
+            let seg: Vec<u32> = going.iter().map(|&j| j as u32).collect();
+            let rows = self.decode_rows(gpu, &mut cache, &ids, &pos, &seg, false).await?;
+            logits = rows.chunks(self.cfg.vocab).map(<[f32]>::to_vec).collect();
+            live = going;
+        }
+    }
 }

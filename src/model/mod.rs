@@ -628,16 +628,26 @@ impl Model {
     /// Run `ids` (one sequence, continuing the cache) and return the logits `[V]` of
     /// the last token.
     pub async fn decode(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let pos: Vec<u32> = (cache.len..cache.len + ids.len()).map(|p| p as u32).collect();
+        self.decode_rows(gpu, cache, ids, &pos, &vec![0; ids.len()], true).await
+    }
+
+    /// Append `ids` to the cache at positions `pos`, each attending to the cached
+    /// tokens of its own segment `seg` (several sequences share one cache as packed
+    /// segments: `generate_batch`), and return the logits of the last row `[V]`, or of
+    /// every row `[T, V]` unless `last`.
+    pub(crate) async fn decode_rows(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], last: bool) -> Result<Vec<f32>> {
         let t = ids.len();
         if t == 0 || cache.len + t > cache.max_t {
             return Err(Error::Shape(format!("decoding {t} tokens into a KV cache holding {} of {}", cache.len, cache.max_t)));
         }
-        let shape = Shape { b: 1, t };
-        let pos: Vec<u32> = (cache.len..cache.len + t).map(|p| p as u32).collect();
-        let inp = Inputs::new(gpu, shape, ids, &pos, &vec![0; t])?;
+        let inp = Inputs::new(gpu, Shape { b: 1, t }, ids, pos, seg)?;
         let mut rec = gpu.recorder("decode");
+        // The new rows' segments join the cache's, which attention reads for every key.
+        rec.encoder().copy_buffer_to_buffer(&inp.seg.buffer, inp.seg.offset, &cache.seg.buffer, cache.seg.offset + (cache.len * 4) as u64, (t * 4) as u64);
         let trunk = self.forward(gpu, &mut rec, &inp, Some(cache), Keep::Nothing, false)?;
-        let logits = self.head_forward(gpu, &mut rec, &trunk.hf, t - 1, 1)?;
+        let (r0, rows) = if last { (t - 1, 1) } else { (0, t) };
+        let logits = self.head_forward(gpu, &mut rec, &trunk.hf, r0, rows)?;
         gpu.submit(rec);
         cache.len += t;
         gpu.read::<f32>(&logits).await
