@@ -17,6 +17,11 @@
 //   operand (its stored index less `drop_base`) is kept, as x[i] / (1 − p), where
 //   hash(i ^ key) / 2³² ≥ p; the launcher passes key = hash(seed).
 //
+// SwiGLU on an operand as loaded (`GLU`: 1 on A, 2 on B): element i is silu(v[i]) ·
+// v[i + glu_up], the gate and up outputs lying in one buffer, so the products that read
+// the MLP's hidden h = silu(gate)·up (down's, LoRA's down and dA) make it themselves and
+// no pass stores it.
+//
 // A group (`GROUPED`) is up to 8 unbatched products of one kind (transposes, dropout
 // operand, second product or not) over the same five bindings, each with its own
 // Params: workgroup z picks the product, and a product's workgroups past its own M×N
@@ -37,7 +42,7 @@ struct Params {
     alpha: f32, beta: f32, ldc: u32, k2: u32,
     a2_off: u32, b2_off: u32, lda2: u32, ldb2: u32,
     alpha2: f32, drop_p: f32, drop_key: u32, drop_base: u32,
-    alt: u32, pad0: u32, pad1: u32, pad2: u32,
+    alt: u32, glu_up: u32, pad1: u32, pad2: u32,
 }
 
 override TRANS_A: bool = false;
@@ -48,6 +53,8 @@ override DROP: u32 = 0u;
 override GROUPED: bool = false;
 // Products of the group may read A and B from a2 and b2 (their `alt`).
 override ALT: bool = false;
+// SwiGLU on A as loaded (1), or on B (2).
+override GLU: u32 = 0u;
 const GROUP_MAX: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
@@ -77,9 +84,17 @@ fn dropped(i: u32, v: f32) -> f32 {
     return select(0.0, v / (1.0 - p.drop_p), u >= p.drop_p);
 }
 
-// Element i of A as stored (of a2 for an `alt` product).
+// silu(g) · u, as kernels/swiglu.wgsl makes it (never forming exp(+large)).
+fn glu(g: f32, u: f32) -> f32 {
+    var sg: f32;
+    if (g >= 0.0) { sg = 1.0 / (1.0 + exp(-g)); } else { let e = exp(g); sg = e / (1.0 + e); }
+    return g * sg * u;
+}
+
+// Element i of A as stored (of a2 for an `alt` product; through SwiGLU under GLU 1).
 fn a_elem(i: u32) -> f32 {
     if (ALT && p.alt != 0u) { return a2[i]; }
+    if (GLU == 1u) { return glu(a[i], a[i + p.glu_up]); }
     return a[i];
 }
 
@@ -106,9 +121,10 @@ fn weight(i: u32, slot: u32) -> f32 { return f32(b[i]); }
 // Elements i..i+3 of B, i a multiple of 4 (the packed variant decodes them at once).
 fn weight4(i: u32, slot: u32) -> vec4<f32> { return vec4<f32>(f32(b[i]), f32(b[i + 1u]), f32(b[i + 2u]), f32(b[i + 3u])); }
 
-// `weight`, or b2's element i for an `alt` product.
+// `weight`, or b2's element i for an `alt` product; through SwiGLU under GLU 2.
 fn b_elem(i: u32, slot: u32) -> f32 {
     if (ALT && p.alt != 0u) { return b2[i]; }
+    if (GLU == 2u) { return glu(weight(i, slot), weight(i + p.glu_up, slot)); }
     return weight(i, slot);
 }
 
@@ -122,7 +138,11 @@ fn b_at(base: u32, k: u32, n: u32, slot: u32) -> f32 {
 // `weight4` (b2's for an `alt` product) with B's dropout.
 fn b4_at(i: u32, slot: u32) -> vec4<f32> {
     var w: vec4<f32>;
-    if (ALT && p.alt != 0u) { w = vec4<f32>(b2[i], b2[i + 1u], b2[i + 2u], b2[i + 3u]); } else { w = weight4(i, slot); }
+    if ((ALT && p.alt != 0u) || GLU == 2u) {
+        w = vec4<f32>(b_elem(i, slot), b_elem(i + 1u, slot), b_elem(i + 2u, slot), b_elem(i + 3u, slot));
+    } else {
+        w = weight4(i, slot);
+    }
     if (DROP == 2u) { return vec4<f32>(dropped(i, w.x), dropped(i + 1u, w.y), dropped(i + 2u, w.z), dropped(i + 3u, w.w)); }
     return w;
 }

@@ -2,10 +2,16 @@
 //! same argument order (less the GPU and recorder), slices for tensors. Sums are
 //! accumulated in f64, so these are the ground truth the GPU is checked against.
 
-use crate::kernels::{AdamW, Attention, DropOn, Dpo, DpoLoss, Lora, Matmul};
+use crate::kernels::{AdamW, Attention, DropOn, Dpo, DpoLoss, GluOn, Lora, Matmul};
 
 fn sigmoid(g: f64) -> f64 {
     1.0 / (1.0 + (-g).exp())
+}
+
+/// SwiGLU's `silu(g) · u`.
+fn silu_mul(g: f32, u: f32) -> f32 {
+    let g = g as f64;
+    (g * sigmoid(g) * u as f64) as f32
 }
 
 pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -18,6 +24,11 @@ pub fn matmul_with(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Opt
         Some(d) if d.on == on => d.apply(i - base, v),
         _ => v,
     };
+    // An operand's element i, through SwiGLU where the product says so.
+    let elem = |on: GluOn, v: &[f32], i: usize| match mm.glu {
+        Some(g) if g.on == on => silu_mul(v[i], v[i + g.up]),
+        _ => v[i],
+    };
     for bi in 0..mm.batch {
         let (ab, bb, cb) = (mm.a_off + bi * mm.a_stride, mm.b_off + bi * mm.b_stride, mm.c_off + bi * mm.c_stride);
         for i in 0..mm.m {
@@ -26,7 +37,7 @@ pub fn matmul_with(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Opt
                 for k in 0..mm.k {
                     let ia = if mm.trans_a { ab + k * lda + i } else { ab + i * lda + k };
                     let ib = if mm.trans_b { bb + j * ldb + k } else { bb + k * ldb + j };
-                    acc += drop(DropOn::A, ia, mm.a_off, a[ia]) as f64 * drop(DropOn::B, ib, mm.b_off, b[ib]) as f64;
+                    acc += drop(DropOn::A, ia, mm.a_off, elem(GluOn::A, a, ia)) as f64 * drop(DropOn::B, ib, mm.b_off, elem(GluOn::B, b, ib)) as f64;
                 }
                 let idx = cb + i * ldc + j;
                 let mut out = mm.alpha as f64 * acc;
@@ -225,8 +236,7 @@ pub fn rope_backward(n: usize, (h, hk): (usize, usize), hs: usize, dq: &mut [f32
 
 pub fn swiglu_forward(n: usize, gate: &[f32], up: &[f32], h: &mut [f32]) {
     for i in 0..n {
-        let g = gate[i] as f64;
-        h[i] = (g * sigmoid(g) * up[i] as f64) as f32;
+        h[i] = silu_mul(gate[i], up[i]);
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use webtune::check::Rng;
 use webtune::gpu::Variant;
-use webtune::kernels::{self as k, AdamW, Attention, DropOn, Dropout, Lora, Matmul, Second};
+use webtune::kernels::{self as k, AdamW, Attention, DropOn, Dropout, Glu, GluOn, Lora, Matmul, Second};
 use webtune::quant::{self, QType};
 use webtune::reference as cpu;
 
@@ -92,6 +92,37 @@ fn fused_products_match_reference_for_both_variants() {
     let mut mm = Matmul::new(9, 11, 301).accumulate().plus(Second::new(20, 1.0));
     mm.dropout = Some(Dropout { p: 0.2, seed: 4, on: DropOn::B });
     matmul_case(small_loops(), &mm, 340, 1.0);
+}
+
+/// SwiGLU on an operand as loaded (`Glu`: silu(gate)·up, up stored `up` elements past
+/// the gate): on A (down's forward, LoRA's down) or on B (LoRA's dA, a trained down's
+/// dW), every transpose, with dropout on that operand, a second product, and in a
+/// group over two operand sets (dA beside dB), against the CPU reference.
+#[test]
+fn swiglu_on_an_operand_as_loaded_matches_reference_for_both_variants() {
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        let mut seed = 900;
+        for (m, n, kk) in [(7, 13, 5), (33, 65, 17), (20, 8, 36)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for on in [GluOn::A, GluOn::B] {
+                    let mut mm = Matmul::new(m, n, kk).accumulate();
+                    (mm.trans_a, mm.trans_b) = (ta, tb);
+                    mm.glu = Some(Glu { on, up: m * kk + 8 });
+                    matmul_case(g, &mm, seed, 2.0);
+                    let drop_on = if on == GluOn::A { DropOn::A } else { DropOn::B };
+                    let dropped = mm.clone().dropout(Dropout { p: 0.3, seed: seed as u32, on: drop_on });
+                    matmul_case(g, &dropped, seed + 1, 2.0);
+                    matmul_case(g, &mm.plus(Second::new(4, 0.5)), seed + 2, 2.0);
+                    seed += 3;
+                }
+            }
+        }
+        // LoRA's dA (SwiGLU and dropout on B) beside dB (the second operands, plain).
+        let da = Matmul { glu: Some(Glu { on: GluOn::B, up: 40 * 24 + 4 }), ..Matmul::new(4, 24, 40).trans_a().accumulate() }.dropout(Dropout { p: 0.2, seed: 3, on: DropOn::B });
+        let db = Matmul { alt: true, c_off: 200, ..Matmul::new(12, 4, 40).trans_a().accumulate().alpha(2.0) }.dropout(Dropout { p: 0.0, seed: 0, on: DropOn::B });
+        group_case(g, &[da, db], 950);
+    }
 }
 
 /// One group's products (`matmul_group`) over shared operands at their own offsets,
@@ -736,7 +767,10 @@ fn f16_weights_in_matmul_and_embedding() {
         let g = variant(v);
         // Odd sizes read one half at a time (`weight`); sizes in fours, four at once from
         // two words (`weight4`), both orientations.
-        for mm in [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37), Matmul::linear(13, 36, 28), Matmul::new(13, 28, 36)] {
+        let linears = [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37), Matmul::linear(13, 36, 28), Matmul::new(13, 28, 36)];
+        // And with SwiGLU on A as loaded (down's forward over f16 weights).
+        let glu = linears.clone().map(|mm| Matmul { glu: Some(Glu { on: GluOn::A, up: 13 * mm.k + 6 }), ..mm });
+        for mm in linears.into_iter().chain(glu) {
             let (ea, eb, ec) = mm.extents();
             let (a, b) = (rng.vec(ea, 1.0), rng.vec(eb, 3.0));
             let (ta, tb, tc) = (up(g, &a), g.upload_f16("w", &b, &[eb]).unwrap(), zeros(g, ec));

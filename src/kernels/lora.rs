@@ -10,7 +10,7 @@
 //! (q/k/v, gate/up) run each of these products for all of them as one grouped
 //! dispatch (`lora_down_group`, `lora_backward_group`: `matmul_group`).
 
-use super::{check, matmul, matmul_group, DropOn, Dropout, Matmul, Second};
+use super::{check, matmul, matmul_group, DropOn, Dropout, Glu, GluOn, Matmul, Second};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -25,16 +25,28 @@ pub struct Lora {
     pub s: f32,
     pub dropout: f32,
     pub seed: u32,
+    /// x is SwiGLU's `silu(gate)·up` of the gate outputs x holds and the up outputs
+    /// this many elements further on, made as the products load it (`Glu`).
+    pub glu: Option<usize>,
 }
 
 impl Lora {
     /// No dropout.
     pub fn new(n: usize, din: usize, dout: usize, r: usize, s: f32) -> Lora {
-        Lora { n, din, dout, r, s, dropout: 0.0, seed: 0 }
+        Lora { n, din, dout, r, s, dropout: 0.0, seed: 0, glu: None }
     }
 
     pub fn with_dropout(self, dropout: f32, seed: u32) -> Lora {
         Lora { dropout, seed, ..self }
+    }
+
+    /// x through SwiGLU, its up outputs `up` elements past the gate's.
+    pub fn with_glu(self, up: Option<usize>) -> Lora {
+        Lora { glu: up, ..self }
+    }
+
+    fn x_glu(&self, on: GluOn) -> Option<Glu> {
+        self.glu.map(|up| Glu { on, up })
     }
 
     fn drop(&self, on: DropOn) -> Option<Dropout> {
@@ -43,7 +55,7 @@ impl Lora {
 
     /// `h = x'·Aᵀ`: x `[n, din]`, A `[r, din]`, h `[n, r]`.
     pub fn down(&self) -> Matmul {
-        Matmul { dropout: self.drop(DropOn::A), ..Matmul::linear(self.n, self.din, self.r) }
+        Matmul { dropout: self.drop(DropOn::A), glu: self.x_glu(GluOn::A), ..Matmul::linear(self.n, self.din, self.r) }
     }
 
     /// `dh = s·dy·B`: dy `[n, dout]`, B `[dout, r]`.
@@ -58,7 +70,7 @@ impl Lora {
 
     /// `dA += dhᵀ·x'`: dh `[n, r]`, x `[n, din]` through the forward's mask.
     pub fn da(&self) -> Matmul {
-        Matmul { dropout: self.drop(DropOn::B), ..Matmul::new(self.r, self.din, self.n).trans_a().accumulate() }
+        Matmul { dropout: self.drop(DropOn::B), glu: self.x_glu(GluOn::B), ..Matmul::new(self.r, self.din, self.n).trans_a().accumulate() }
     }
 
     /// The up product `+ s·h·Bᵀ` for y's columns from `r0`, as the second product of
@@ -78,7 +90,7 @@ impl Lora {
     fn check(&self, op: &str, x: &Tensor, (a_name, a): (&str, &Tensor), h: &Tensor) -> Result<()> {
         check(self.n > 0 && self.din > 0 && self.dout > 0 && self.r > 0, op, || format!("empty shape {self:?}"))?;
         check((0.0..1.0).contains(&self.dropout), op, || format!("dropout {} must be in [0, 1)", self.dropout))?;
-        x.expect(op, "x", DType::F32, self.n * self.din)?;
+        x.expect(op, "x", DType::F32, self.n * self.din + self.glu.unwrap_or(0))?;
         a.expect(op, a_name, DType::F32, self.r * self.din)?;
         h.expect(op, "h", DType::F32, self.n * self.r)
     }
@@ -181,6 +193,6 @@ pub fn lora_backward_group(
 /// Whether the pairs' products are of one kind (dropout on all or none), so a group
 /// of them is one dispatch.
 fn alike(ls: &[Lora]) -> bool {
-    ls.iter().all(|l| (l.dropout > 0.0) == (ls[0].dropout > 0.0))
+    ls.iter().all(|l| (l.dropout > 0.0) == (ls[0].dropout > 0.0) && l.glu.is_some() == ls[0].glu.is_some())
 }
 

@@ -40,6 +40,23 @@ pub struct Matmul {
     /// In a group (`matmul_group`): A and B are the group's second operand pair
     /// (bindings 4 and 5), so one dispatch serves products over two sets of operands.
     pub alt: bool,
+    /// SwiGLU on A or B as loaded (see `Glu`).
+    pub glu: Option<Glu>,
+}
+
+/// SwiGLU on an operand as loaded: its element i is `silu(v[i]) · v[i + up]`, where the
+/// stored operand holds the gate and, `up` elements further on, the up outputs. The
+/// products that read the MLP's hidden `silu(gate)·up` make it so, and no pass stores it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Glu {
+    pub on: GluOn,
+    pub up: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GluOn {
+    A,
+    B,
 }
 
 /// A second product `+ alpha · op(A2)·op(B2)` of the same M×N and transposes, over its
@@ -137,6 +154,7 @@ impl Matmul {
             second: None,
             dropout: None,
             alt: false,
+            glu: None,
         }
     }
 
@@ -183,15 +201,17 @@ impl Matmul {
         self
     }
 
-    /// Elements each operand must hold.
+    /// Elements each operand must hold (an operand under SwiGLU holds its up
+    /// outputs too).
     pub fn extents(&self) -> (usize, usize, usize) {
         let last = self.batch.saturating_sub(1);
         let (lda, ldb, ldc) = self.strides();
         let (ra, ca) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (rb, cb) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
+        let up = |on: GluOn| self.glu.filter(|g| g.on == on).map_or(0, |g| g.up);
         (
-            self.a_off + last * self.a_stride + (ra - 1) * lda + ca,
-            self.b_off + last * self.b_stride + (rb - 1) * ldb + cb,
+            self.a_off + last * self.a_stride + (ra - 1) * lda + ca + up(GluOn::A),
+            self.b_off + last * self.b_stride + (rb - 1) * ldb + cb + up(GluOn::B),
             self.c_off + last * self.c_stride + (self.m - 1) * ldc + self.n,
         )
     }
@@ -241,7 +261,8 @@ struct Params {
     drop_key: u32,
     drop_base: u32,
     alt: u32,
-    pad: [u32; 3],
+    glu_up: u32,
+    pad: [u32; 2],
 }
 
 /// Products one grouped dispatch computes at most (`ps` in `kernels/matmul.wgsl`).
@@ -292,8 +313,11 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         }
         check(!alt || (mm.second.is_none() && b.dtype == DType::F32), op, || format!("a group over two operand sets has f32 operands and no second products: {mm:?}"))?;
         check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm:?}"))?;
-        let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
-        check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
+        // An `alt` product reads its own operands, never through SwiGLU.
+        let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some(), if m.alt { None } else { m.glu.map(|g| g.on) });
+        let glu_kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
+        check(if mm.alt || first.alt { glu_kind(mm) == glu_kind(first) } else { kind(mm) == kind(first) }, op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
+        check(!mm.alt || mm.glu.is_none(), op, || format!("SwiGLU on the second operands in {mm:?}"))?;
     }
     // Alone, a product binds the second operands only as its own A and B, or as
     // its second product's.
@@ -301,7 +325,9 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
     if mms.len() == 1 {
         return matmul_with(gpu, rec, first, a, b, c, own(first));
     }
-    let launch = Launch::new(gpu, first, b, true, alt);
+    let glu = mms.iter().filter(|m| !m.alt).find_map(|m| m.glu);
+    check(mms.iter().filter(|m| !m.alt).all(|m| m.glu.map(|g| g.on) == glu.map(|g| g.on)), op, || format!("products with and without SwiGLU in one group: {mms:?}"))?;
+    let launch = Launch::new(gpu, &Matmul { glu, ..first.clone() }, b, true, alt);
     if mms.iter().any(|mm| mm.k > launch.k_span) {
         return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
     }
@@ -347,6 +373,7 @@ fn validate(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: 
     let (ea, eb, ec) = mm.extents();
     // B may be an f16 or packed weight; A and C are f32 activations.
     check(b.dtype != DType::F16 || gpu.caps.shader_f16, op, || format!("`b` ({}) is f16 but the device has no shader-f16", b.label))?;
+    check(mm.glu.is_none_or(|g| g.on == GluOn::A || b.dtype == DType::F32), op, || format!("SwiGLU on a weight ({}) in {mm:?}", b.label))?;
     for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
         let dtype_ok = t.dtype == DType::F32 || (name == "b" && matches!(t.dtype, DType::F16 | DType::Q(_)));
         check(dtype_ok && t.numel() >= need, op, || {
@@ -401,7 +428,8 @@ impl Params {
                 DropOn::Second => mm.c_off,
             } as u32,
             alt: mm.alt as u32,
-            pad: [0; 3],
+            glu_up: mm.glu.map_or(0, |g| g.up) as u32,
+            pad: [0; 2],
         }
     }
 }
@@ -426,6 +454,11 @@ impl Launch {
             DropOn::Second => 3,
         });
         let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64), ("GROUPED", grouped as u32 as f64), ("ALT", alt as u32 as f64)];
+        let glu = mm.glu.map_or(0, |g| match g.on {
+            GluOn::A => 1,
+            GluOn::B => 2,
+        });
+        constants.push(("GLU", glu as f64));
         // The register variant loops once per k; the tiled one 21 times per 16 k (a
         // slab load of 4, 16 products, the k0 step). The second product's loop runs
         // beside the last k-range.

@@ -55,7 +55,9 @@ pub(crate) struct Acts {
     pub(crate) rstd2: Tensor,
     pub(crate) g: Tensor,
     pub(crate) u: Tensor,
+    /// The MLP's hidden silu(g)·u as down's products read it (`mlp_hidden`).
     pub(crate) m: Tensor,
+    pub(crate) m_glu: Option<usize>,
     /// The layer's output (None in the backward's recompute, which needs none).
     pub(crate) out: Option<Tensor>,
     pub(crate) lora: Vec<Option<LoraSaved>>,
@@ -92,10 +94,13 @@ impl Model {
             Pass::Forward => None,
             Pass::Recompute(lora) => Some(lora),
         };
-        let mut lora_downs = |rec: &mut Recorder, idx: &[usize], x: &Tensor| -> Result<Vec<Option<LoraSaved>>> {
+        let mut lora_downs = |rec: &mut Recorder, idx: &[usize], x: &Tensor, x_glu: Option<usize>| -> Result<Vec<Option<LoraSaved>>> {
             match kept.as_mut() {
                 Some(lora) => Ok(idx.iter().map(|&i| lora[i].take()).collect()),
-                None => downs(gpu, rec, &idx.iter().map(|&i| &lin[i]).collect::<Vec<_>>(), n, x, &idx.iter().map(|&i| seed(i)).collect::<Vec<_>>(), self.adapter_enabled),
+                None => {
+                    let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
+                    downs(gpu, rec, &lins, n, x, x_glu, &idx.iter().map(|&i| seed(i)).collect::<Vec<_>>(), self.adapter_enabled)
+                }
             }
         };
         let h1 = zeros(gpu, rec, "h1", &[n, c])?;
@@ -106,7 +111,7 @@ impl Model {
         // their outputs share one temporary (with Qwen3's per-head norms, the outputs
         // before the norms do).
         let [q_out, k_out, v] = gpu.temps(rec, "q, k, v", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
-        let lora_qkv = lora_downs(rec, &[Q, K, V], &h1)?;
+        let lora_qkv = lora_downs(rec, &[Q, K, V], &h1, None)?;
         let saved_qkv: Vec<_> = lora_qkv.iter().map(|s| s.as_ref()).collect();
         forwards(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[&q_out, &k_out, &v], &saved_qkv)?;
         let (q, kk, q_pre) = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -134,25 +139,24 @@ impl Model {
         // The residual connections ride on o_proj's and down's products: a copy of the
         // residual stream, then the product added into it (no add pass).
         let x_mid = residual(gpu, rec, "x_mid", &x)?;
-        let [lora_o] = lora_downs(rec, &[O], &att)?.try_into().ok().expect("one");
-        lin[O].forward(gpu, rec, n, &att, &x_mid, lora_o.as_ref(), true)?;
+        let [lora_o] = lora_downs(rec, &[O], &att, None)?.try_into().ok().expect("one");
+        lin[O].forward(gpu, rec, n, &att, None, &x_mid, lora_o.as_ref(), true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
         k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let [g, u] = gpu.temps(rec, "gate, up", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
-        let m = zeros(gpu, rec, "swiglu", &[n, inter])?;
-        let lora_mlp = lora_downs(rec, &[GATE, UP], &h2)?;
+        let lora_mlp = lora_downs(rec, &[GATE, UP], &h2, None)?;
         forwards(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[&g, &u], &[lora_mlp[0].as_ref(), lora_mlp[1].as_ref()])?;
-        k::swiglu_forward(gpu, rec, n * inter, &g, &u, &m)?;
-        let [lora_down] = lora_downs(rec, &[DOWN], &m)?.try_into().ok().expect("one");
+        let (m, m_glu) = mlp_hidden(gpu, rec, n, inter, &g, &u)?;
+        let [lora_down] = lora_downs(rec, &[DOWN], &m, m_glu)?.try_into().ok().expect("one");
         let out = if recompute {
             None
         } else {
             let out = residual(gpu, rec, "layer out", &x_mid)?;
-            lin[DOWN].forward(gpu, rec, n, &m, &out, lora_down.as_ref(), true)?;
+            lin[DOWN].forward(gpu, rec, n, &m, m_glu, &out, lora_down.as_ref(), true)?;
             Some(out)
         };
         let lora = lora_qkv.into_iter().chain([lora_o]).chain(lora_mlp).chain([lora_down]).collect();
-        Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, out, lora })
+        Ok(Acts { x, h1, rstd1, q_pre, q, k: kk, v, att, lse, x_mid, h2, rstd2, g, u, m, m_glu, out, lora })
     }
 
     /// The gradient of one layer, in the reverse order of `layer_forward`: `dres`
@@ -164,7 +168,7 @@ impl Model {
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
         // The layers given read one x; their LoRA products run grouped (`backwards`).
-        let back = |rec: &mut Recorder, idx: &[usize], x: &Tensor, dys: &[&Tensor], dx: &Tensor| {
+        let back = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor| {
             let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
             let saved: Vec<_> = idx.iter().map(|&i| a.lora[i].as_ref()).collect();
             let seeds: Vec<_> = idx.iter().map(|&i| inp.seed(li, i)).collect();
@@ -172,16 +176,16 @@ impl Model {
         };
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
         let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
-        back(rec, &[DOWN], &a.m, &[dres], &dm)?;
+        back(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dm)?;
         // dgate and dup in one temporary, so their LoRA products bind it once.
         let [dg, du] = gpu.temps(rec, "dgate, dup", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
         k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
         let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
-        back(rec, &[GATE, UP], &a.h2, &[&dg, &du], &dh2)?;
+        back(rec, &[GATE, UP], (&a.h2, None), &[&dg, &du], &dh2)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, layer.ln2.grad())?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
         let datt = zeros(gpu, rec, "datt", &[n, qd])?;
-        back(rec, &[O], &a.att, &[dres], &datt)?;
+        back(rec, &[O], (&a.att, None), &[dres], &datt)?;
         // The gradients that reach q, k and v's products share one temporary (with
         // Qwen3's per-head norms, those before the norms: dq and dk are apart).
         let [dq_in, dk_in, dv] = gpu.temps(rec, "dq, dk, dv", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
@@ -197,8 +201,23 @@ impl Model {
             k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_in, kn.grad())?;
         }
         let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
-        back(rec, &[Q, K, V], &a.h1, &[&dq_in, &dk_in, &dv], &dh1)?;
+        back(rec, &[Q, K, V], (&a.h1, None), &[&dq_in, &dk_in, &dv], &dh1)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, layer.ln1.grad())
     }
 
+}
+
+/// The MLP's hidden h = silu(gate)·up as down's products read it: where gate and up lie
+/// in one buffer, that span and up's offset in it, so the products make h as they load
+/// it (`kernels::Glu`) and no pass stores it; else h from a SwiGLU pass.
+fn mlp_hidden(gpu: &Gpu, rec: &mut Recorder, n: usize, inter: usize, g: &Tensor, u: &Tensor) -> Result<(Tensor, Option<usize>)> {
+    if let Some((gu, offsets)) = Tensor::span("gate, up", &[g, u], gpu.caps.max_binding) {
+        if offsets[0] == 0 {
+            // Exactly gate's start to up's last element (the span ends at up's padding).
+            return Ok((Tensor { shape: vec![offsets[1] + n * inter], ..gu }, Some(offsets[1])));
+        }
+    }
+    let m = zeros(gpu, rec, "swiglu", &[n, inter])?;
+    k::swiglu_forward(gpu, rec, n * inter, g, u, &m)?;
+    Ok((m, None))
 }

@@ -4,7 +4,7 @@
 use super::params::{Param, Weight};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::kernels::{self as k, Lora, Matmul};
+use crate::kernels::{self as k, Glu, GluOn, Lora, Matmul};
 
 impl std::fmt::Display for Tuning {
     /// e.g. `LoRA r16, alpha 32, dropout 0.05 on q_proj, v_proj`, `full`, `frozen`.
@@ -83,9 +83,10 @@ pub(crate) struct LoraSaved {
 }
 
 impl Linear {
-    /// The pair's shape on `n` rows, with dropout where a seed is given (training).
-    fn lora_shape(&self, n: usize, l: &LoraPair, dropout_seed: Option<u32>) -> Lora {
-        let shape = Lora::new(n, self.din, self.dout, l.r, l.scale);
+    /// The pair's shape on `n` rows, with dropout where a seed is given (training), its
+    /// input through SwiGLU where `x_glu` says (`Lora::glu`).
+    fn lora_shape(&self, n: usize, l: &LoraPair, dropout_seed: Option<u32>, x_glu: Option<usize>) -> Lora {
+        let shape = Lora::new(n, self.din, self.dout, l.r, l.scale).with_glu(x_glu);
         match dropout_seed {
             Some(seed) if l.dropout > 0.0 => shape.with_dropout(l.dropout, seed),
             _ => shape,
@@ -95,12 +96,14 @@ impl Linear {
     /// `y = x·Wᵀ (+ b) (+ s·h·Bᵀ)`, x `[n, din]`, y `[n, dout]`, with the LoRA up
     /// product summed inside the base product (`Lora::up`) from the h that `downs`
     /// saved (None: no pair in use). With `accumulate` the product adds into y
-    /// (`y += …`: a residual connection inside the product).
+    /// (`y += …`: a residual connection inside the product). `x_glu`: x is SwiGLU's
+    /// of the gate outputs x holds and the up outputs that many elements on (`Glu`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, y: &Tensor, saved: Option<&LoraSaved>, accumulate: bool) -> Result<()> {
-        let lora = self.lora.as_ref().zip(saved).map(|(l, saved)| (self.lora_shape(n, l, None), &l.b.value, &saved.h));
+    pub(crate) fn forward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, x_glu: Option<usize>, y: &Tensor, saved: Option<&LoraSaved>, accumulate: bool) -> Result<()> {
+        let lora = self.lora.as_ref().zip(saved).map(|(l, saved)| (self.lora_shape(n, l, None, None), &l.b.value, &saved.h));
         for (r0, part) in self.w.row_parts() {
             let mut mm = Matmul::linear(n, self.din, part.shape[0]);
+            mm.glu = x_glu.map(|up| Glu { on: GluOn::A, up });
             mm.ldc = self.dout;
             mm.c_off = r0;
             mm.beta = if accumulate { 1.0 } else { 0.0 };
@@ -119,7 +122,7 @@ impl Linear {
     /// Adds `dy·W` (and LoRA's share, inside the same product: `Lora::dx`, from the dh
     /// that `backwards` made) into dx, and the gradients of a trainable W and bias.
     #[allow(clippy::too_many_arguments)]
-    fn backward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, dy: &Tensor, dx: &Tensor, lora: Option<(Lora, &Tensor)>) -> Result<()> {
+    fn backward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, x_glu: Option<usize>, dy: &Tensor, dx: &Tensor, lora: Option<(Lora, &Tensor)>) -> Result<()> {
         let mut lora = lora.zip(self.lora.as_ref()).map(|((shape, dh), l)| (shape, dh, &l.a.value));
         for (r0, part) in self.w.row_parts() {
             let rows = part.shape[0];
@@ -134,6 +137,7 @@ impl Linear {
             if let Some(g) = part.grad() {
                 // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
                 let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
+                mm.glu = x_glu.map(|up| Glu { on: GluOn::B, up });
                 (mm.lda, mm.a_off) = (self.dout, r0);
                 k::matmul(gpu, rec, &mm, dy, x, g)?;
             }
@@ -151,11 +155,12 @@ impl Linear {
 
 /// LoRA's down products `h = x'·Aᵀ` for the layers in `lins`, which read the same x
 /// `[n, din]` (q/k/v, or gate/up), as one grouped dispatch (`k::lora_down_group`); x'
-/// is x after each pair's dropout where `seeds` gives one (training). None for a layer
-/// without a pair, or all when `use_lora` is off.
-pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x: &Tensor, seeds: &[Option<u32>], use_lora: bool) -> Result<Vec<Option<LoraSaved>>> {
+/// is x after each pair's dropout where `seeds` gives one (training), x through SwiGLU
+/// where `x_glu` says. None for a layer without a pair, or all when `use_lora` is off.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x: &Tensor, x_glu: Option<usize>, seeds: &[Option<u32>], use_lora: bool) -> Result<Vec<Option<LoraSaved>>> {
     let pairs: Vec<(usize, &LoraPair)> = lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().filter(|_| use_lora).map(|l| (i, l))).collect();
-    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l)| lins[i].lora_shape(n, l, seeds[i])).collect();
+    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l)| lins[i].lora_shape(n, l, seeds[i], x_glu)).collect();
     let hs = gpu.temps(rec, &format!("{} lora h", lins[0].name), &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
     let a: Vec<&Tensor> = pairs.iter().map(|(_, l)| &l.a.value).collect();
     k::lora_down_group(gpu, rec, &shapes, x, &a, &hs.iter().collect::<Vec<_>>())?;
@@ -181,7 +186,7 @@ pub(crate) fn forwards(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize
         return Ok(());
     }
     for ((lin, y), s) in lins.iter().zip(ys).zip(saved) {
-        lin.forward(gpu, rec, n, x, y, *s, false)?;
+        lin.forward(gpu, rec, n, x, None, y, *s, false)?;
     }
     Ok(())
 }
@@ -214,7 +219,7 @@ fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&Lo
         .map(|(i, lin)| {
             let mut mm = Matmul { b_off: ow[i], c_off: oy[i], ..Matmul::linear(n, lin.din, lin.dout) };
             if let (Some(((_, oh), (_, ob))), Some((l, _))) = (&second, pairs[i]) {
-                let up = lin.lora_shape(n, l, None).up(0);
+                let up = lin.lora_shape(n, l, None, None).up(0);
                 mm.second = Some(crate::kernels::Second { a_off: oh[i], b_off: ob[i] + up.b_off, ..up });
             }
             mm
@@ -232,7 +237,7 @@ pub(crate) fn backwards(
     rec: &mut Recorder,
     lins: &[&Linear],
     n: usize,
-    x: &Tensor,
+    (x, x_glu): (&Tensor, Option<usize>),
     saved: &[Option<&LoraSaved>],
     dys: &[&Tensor],
     dx: &Tensor,
@@ -240,7 +245,7 @@ pub(crate) fn backwards(
 ) -> Result<()> {
     let pairs: Vec<(usize, &LoraPair, &LoraSaved)> =
         lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().zip(saved[i]).map(|(l, s)| (i, l, s))).collect();
-    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l, _)| lins[i].lora_shape(n, l, seeds[i])).collect();
+    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l, _)| lins[i].lora_shape(n, l, seeds[i], x_glu)).collect();
     let dhs = gpu.temps(rec, "lora dh", &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
     if !pairs.is_empty() {
         let grads = |f: fn(&LoraPair) -> &Param| -> Vec<&Tensor> { pairs.iter().map(|(_, l, _)| f(l).grad().expect("LoRA trains")).collect() };
@@ -253,7 +258,7 @@ pub(crate) fn backwards(
     let mut lora = pairs.iter().map(|(i, _, _)| *i).zip(shapes.into_iter().zip(&dhs)).peekable();
     for (i, lin) in lins.iter().enumerate() {
         let pair = lora.next_if(|(j, _)| *j == i).map(|(_, p)| p);
-        lin.backward(gpu, rec, n, x, dys[i], dx, pair)?;
+        lin.backward(gpu, rec, n, x, x_glu, dys[i], dx, pair)?;
     }
     Ok(())
 }

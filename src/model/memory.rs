@@ -140,8 +140,10 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         Tuning::Lora(l) => Some(l),
         _ => None,
     };
-    // What one layer's forward keeps (Acts: o_proj and down add into the residual copies).
-    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, inter, c].iter().map(|&k| f32b(n * k)).sum::<u64>()
+    // What one layer's forward keeps (Acts: o_proj and down add into the residual copies;
+    // SwiGLU's hidden is stored only where gate and up exceed a binding together).
+    let hidden: &[usize] = if (2 * n * inter * 4) as u64 <= plan.max_binding { &[] } else { &[inter] };
+    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, c].iter().chain(hidden).map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(n) * 2
         + f32b(plan.batch * nh * plan.seq);
     if cfg.qk_norm {

@@ -514,10 +514,8 @@ impl Run {
                     (Some(d), Some(r)) => evaluate_pairs(gpu, &self.model, v, r, d, self.micro, tok.pad_id).await?.0,
                     _ => evaluate(gpu, &self.model, v, self.micro, tok.pad_id).await?.0,
                 });
-                for p in &self.prompts {
-                    let out = self.model.generate(gpu, p, 48, &Sampling::default(), |_| {}).await?;
-                    samples.push(Sample { prompt: tok.decode(p), reply: tok.decode(&out) });
-                }
+                let replies = self.model.generate_batch(gpu, &self.prompts, 48, &Sampling::default()).await?;
+                samples.extend(self.prompts.iter().zip(&replies).map(|(p, out)| Sample { prompt: tok.decode(p), reply: tok.decode(out) }));
             }
         }
         let save = done || self.opts.save_every.is_some_and(|e| step % e == 0);
