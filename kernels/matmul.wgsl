@@ -22,6 +22,12 @@
 // the MLP's hidden h = silu(gate)·up (down's, LoRA's down and dA) make it themselves and
 // no pass stores it.
 //
+// SwiGLU's backward in the store (`EPI` 1): the product is dh, the gradient of
+// h = silu(gate)·up, at (m, n) of an [M, N] matrix laid out as gate and up are (row
+// stride ldc). `aux` holds gate from `epi_g` and up `glu_up` further on; the store adds
+// dgate into C and dup `epi_du` elements further on, as kernels/swiglu.wgsl does, and
+// no pass stores dh (down's dx product).
+//
 // A group (`GROUPED`) is up to 8 unbatched products of one kind (transposes, dropout
 // operand, second product or not) over the same five bindings, each with its own
 // Params: workgroup z picks the product, and a product's workgroups past its own M×N
@@ -42,7 +48,7 @@ struct Params {
     alpha: f32, beta: f32, ldc: u32, k2: u32,
     a2_off: u32, b2_off: u32, lda2: u32, ldb2: u32,
     alpha2: f32, drop_p: f32, drop_key: u32, drop_base: u32,
-    alt: u32, glu_up: u32, pad1: u32, pad2: u32,
+    alt: u32, glu_up: u32, epi_g: u32, epi_du: u32,
 }
 
 override TRANS_A: bool = false;
@@ -55,6 +61,8 @@ override GROUPED: bool = false;
 override ALT: bool = false;
 // SwiGLU on A as loaded (1), or on B (2).
 override GLU: u32 = 0u;
+// SwiGLU's backward in the store (1).
+override EPI: u32 = 0u;
 const GROUP_MAX: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
@@ -66,6 +74,7 @@ var<private> p: Params;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>; // C [M, N] per batch
 @group(0) @binding(4) var<storage, read> a2: array<f32>;      // op(A2) [M, K2]
 @group(0) @binding(5) var<storage, read> b2: array<f32>;      // op(B2) [K2, N]
+@group(0) @binding(6) var<storage, read> aux: array<f32>;     // EPI 1: gate, up
 
 // lowbias32 (Chris Wellons): a good 32-bit integer hash (`crate::rng::hash`).
 fn hash(v: u32) -> u32 {
@@ -84,11 +93,16 @@ fn dropped(i: u32, v: f32) -> f32 {
     return select(0.0, v / (1.0 - p.drop_p), u >= p.drop_p);
 }
 
-// silu(g) · u, as kernels/swiglu.wgsl makes it (never forming exp(+large)).
+// As kernels/swiglu.wgsl: never forms exp(+large).
+fn sigmoid(g: f32) -> f32 {
+    if (g >= 0.0) { return 1.0 / (1.0 + exp(-g)); }
+    let e = exp(g);
+    return e / (1.0 + e);
+}
+
+// silu(g) · u, as kernels/swiglu.wgsl makes it.
 fn glu(g: f32, u: f32) -> f32 {
-    var sg: f32;
-    if (g >= 0.0) { sg = 1.0 / (1.0 + exp(-g)); } else { let e = exp(g); sg = e / (1.0 + e); }
-    return g * sg * u;
+    return g * sigmoid(g) * u;
 }
 
 // Element i of A as stored (of a2 for an `alt` product; through SwiGLU under GLU 1).
@@ -164,7 +178,16 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: arra
                     if (DROP == 3u) { s = dropped(idx, s); }
                     v += s;
                 }
-                c[idx] = v;
+                if (EPI == 1u) {
+                    let e = m * p.ldc + n;
+                    let g = aux[p.epi_g + e];
+                    let u = aux[p.epi_g + p.glu_up + e];
+                    let sg = sigmoid(g);
+                    c[idx] += v * u * sg * (1.0 + g * (1.0 - sg));
+                    c[idx + p.epi_du] += v * g * sg;
+                } else {
+                    c[idx] = v;
+                }
             }
         }
     }

@@ -428,6 +428,24 @@ pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], 
     }
 }
 
+/// `matmul_with` of a product with SwiGLU's backward in its store
+/// (`kernels::matmul_swiglu_back`): dh as the product would store it, then
+/// `swiglu_backward` of it into dgate (at C) and dup.
+pub fn matmul_swiglu_back(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>, aux: &[f32]) {
+    let e = mm.swiglu_back.expect("a product with SwiGLU's backward");
+    let (_, _, ldc) = mm.strides();
+    let plain = Matmul { swiglu_back: None, c_off: 0, beta: 0.0, ..mm.clone() };
+    let mut dh = vec![0.0; plain.extents().2];
+    matmul_with(&plain, a, b, &mut dh, second);
+    for i in 0..mm.m {
+        let rows = |base: usize| base + i * ldc..base + i * ldc + mm.n;
+        let (mut dg, mut du) = (c[rows(mm.c_off)].to_vec(), c[rows(mm.c_off + e.du)].to_vec());
+        swiglu_backward(mm.n, &aux[rows(e.g)], &aux[rows(e.g + e.up)], &dh[rows(0)], &mut dg, &mut du);
+        c[rows(mm.c_off)].copy_from_slice(&dg);
+        c[rows(mm.c_off + e.du)].copy_from_slice(&du);
+    }
+}
+
 /// Products of one group over the same operands (`kernels::matmul_group`), in turn:
 /// an `alt` product reads `second` as its A and B.
 pub fn matmul_group(mms: &[Matmul], a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {

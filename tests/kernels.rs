@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use webtune::check::Rng;
 use webtune::gpu::Variant;
-use webtune::kernels::{self as k, AdamW, Attention, DropOn, Dropout, Glu, GluOn, Lora, Matmul, Second};
+use webtune::kernels::{self as k, AdamW, Attention, DropOn, Dropout, Glu, GluOn, Lora, Matmul, Second, SwigluBack};
 use webtune::quant::{self, QType};
 use webtune::reference as cpu;
 
@@ -123,6 +123,46 @@ fn swiglu_on_an_operand_as_loaded_matches_reference_for_both_variants() {
         let db = Matmul { alt: true, c_off: 200, ..Matmul::new(12, 4, 40).trans_a().accumulate().alpha(2.0) }.dropout(Dropout { p: 0.0, seed: 0, on: DropOn::B });
         group_case(g, &[da, db], 950);
     }
+}
+
+/// SwiGLU's backward in a product's store (`SwigluBack`: down's dx product adds dgate
+/// and dup, never storing dh), against the product then `swiglu_backward` on the CPU:
+/// with LoRA's dx inside (dropout on it), f16 weights, row strides, and k split into
+/// ranges for the loop budget.
+#[test]
+fn swiglu_backward_in_the_store_matches_reference() {
+    let case = |g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, f16: bool| {
+        let mut rng = Rng::new(seed);
+        let e = mm.swiglu_back.unwrap();
+        let (ea, eb, ec) = mm.extents();
+        let (_, _, ldc) = mm.strides();
+        let (ea2, eb2) = mm.second.map_or((1, 1), |s| s.extents(mm));
+        let round = |v: Vec<f32>| if f16 { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() } else { v };
+        let (a, b, c0, a2, b2) = (rng.vec(ea, 1.0), round(rng.vec(eb, 1.0)), rng.vec(ec, 1.0), rng.vec(ea2, 1.0), rng.vec(eb2, 1.0));
+        let aux = rng.vec(e.g + e.up + (mm.m - 1) * ldc + mm.n, 3.0);
+        let tb = if f16 { g.upload_f16("w", &b, &[eb]).unwrap() } else { up(g, &b) };
+        let (ta, tc, ta2, tb2, taux) = (up(g, &a), up(g, &c0), up(g, &a2), up(g, &b2), up(g, &aux));
+        run(g, |r| k::matmul_swiglu_back(g, r, mm, &ta, &tb, &tc, mm.second.map(|_| (&ta2, &tb2)), &taux));
+        let mut want = c0.clone();
+        cpu::matmul_swiglu_back(mm, &a, &b, &mut want, mm.second.map(|_| (a2.as_slice(), b2.as_slice())), &aux);
+        close(&format!("{mm:?} (f16 {f16}) on {:?}", g.caps.variant), &read(g, &tc), &want, 1e-4, 1e-4);
+    };
+    for v in [Variant::Register, Variant::Tiled] {
+        let g = variant(v);
+        for (i, (m, n, kk)) in [(7, 13, 5), (33, 65, 17), (20, 8, 36)].into_iter().enumerate() {
+            let mm = Matmul { swiglu_back: Some(SwigluBack { g: 3, up: m * n + 5, du: m * n + 2 }), ..Matmul::new(m, n, kk) };
+            case(g, &mm, 960 + i as u64, false);
+            case(g, &mm, 970 + i as u64, true);
+            let lora = mm.clone().plus(Second::new(4, 1.0)).dropout(Dropout { p: 0.25, seed: 5, on: DropOn::Second });
+            case(g, &lora, 980 + i as u64, false);
+            let mut wide = mm.clone();
+            (wide.ldc, wide.c_off) = (n + 3, 2);
+            wide.swiglu_back = Some(SwigluBack { g: 0, up: m * (n + 3), du: m * (n + 3) + 1 });
+            case(g, &wide, 990 + i as u64, false);
+        }
+    }
+    let mm = Matmul { swiglu_back: Some(SwigluBack { g: 0, up: 9 * 11, du: 9 * 11 }), ..Matmul::new(9, 11, 301) }.plus(Second::new(6, 1.0));
+    case(small_loops(), &mm, 999, false);
 }
 
 /// One group's products (`matmul_group`) over shared operands at their own offsets,

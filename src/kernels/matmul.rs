@@ -42,6 +42,20 @@ pub struct Matmul {
     pub alt: bool,
     /// SwiGLU on A or B as loaded (see `Glu`).
     pub glu: Option<Glu>,
+    /// SwiGLU's backward in the store (see `SwigluBack`; `matmul_swiglu_back`).
+    pub swiglu_back: Option<SwigluBack>,
+}
+
+/// SwiGLU's backward in a product's store: the product is dh, the gradient of
+/// `h = silu(gate)·up`, at (m, n) of an [M, N] matrix laid out as gate and up are (row
+/// stride ldc); the store reads gate at element `g` of its extra operand and up `up`
+/// further on, and adds dgate into C and dup `du` elements further on (as
+/// `swiglu_backward`), so no pass stores dh. Down's dx product with SwiGLU's backward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SwigluBack {
+    pub g: usize,
+    pub up: usize,
+    pub du: usize,
 }
 
 /// SwiGLU on an operand as loaded: its element i is `silu(v[i]) · v[i + up]`, where the
@@ -155,6 +169,7 @@ impl Matmul {
             dropout: None,
             alt: false,
             glu: None,
+            swiglu_back: None,
         }
     }
 
@@ -212,7 +227,7 @@ impl Matmul {
         (
             self.a_off + last * self.a_stride + (ra - 1) * lda + ca + up(GluOn::A),
             self.b_off + last * self.b_stride + (rb - 1) * ldb + cb + up(GluOn::B),
-            self.c_off + last * self.c_stride + (self.m - 1) * ldc + self.n,
+            self.c_off + last * self.c_stride + (self.m - 1) * ldc + self.n + self.swiglu_back.map_or(0, |e| e.du),
         )
     }
 
@@ -262,7 +277,8 @@ struct Params {
     drop_base: u32,
     alt: u32,
     glu_up: u32,
-    pad: [u32; 2],
+    epi_g: u32,
+    epi_du: u32,
 }
 
 /// Products one grouped dispatch computes at most (`ps` in `kernels/matmul.wgsl`).
@@ -276,6 +292,25 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
 
 /// `matmul`, with the operands (A2, B2) of `mm.second` when it has one.
 pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    check(mm.swiglu_back.is_none(), "matmul", || format!("SwiGLU's backward needs its gate and up (matmul_swiglu_back): {mm:?}"))?;
+    matmul_on(gpu, rec, mm, a, b, c, second, None)
+}
+
+/// `matmul_with` of a product with SwiGLU's backward in its store (`mm.swiglu_back`),
+/// reading gate and up from `aux`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_swiglu_back(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>, aux: &Tensor) -> Result<()> {
+    let op = "matmul";
+    let Some(e) = mm.swiglu_back else { return check(false, op, || format!("no SwiGLU backward in {mm:?}")) };
+    check(mm.batch == 1 && mm.beta == 0.0 && !mm.alt, op, || format!("SwiGLU's backward in an unbatched product that overwrites dh: {mm:?}"))?;
+    let (_, _, ldc) = mm.strides();
+    aux.expect_min(op, "aux", DType::F32, e.g + e.up + (mm.m - 1) * ldc + mm.n)?;
+    check_binding(gpu, op, &[aux])?;
+    matmul_on(gpu, rec, mm, a, b, c, second, Some(aux))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>, aux: Option<&Tensor>) -> Result<()> {
     if mm.alt {
         let Some((a2, b2)) = second else { return check(false, "matmul", || format!("a product on the second operands needs them: {mm:?}")) };
         return matmul_with(gpu, rec, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None);
@@ -287,7 +322,7 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
     for (k0, k1) in spans(mm.k, launch.k_span) {
         let mut params = [Params::zeroed(); GROUP_MAX];
         params[0] = Params::of(mm, k0, k1);
-        launch.record(gpu, rec, &params, [groups(mm.n, launch.tile), groups(mm.m, launch.tile), mm.batch as u32], a, b, c, second)?;
+        launch.record(gpu, rec, &params, [groups(mm.n, launch.tile), groups(mm.m, launch.tile), mm.batch as u32], a, b, c, second, aux)?;
     }
     Ok(())
 }
@@ -318,6 +353,7 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         let glu_kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
         check(if mm.alt || first.alt { glu_kind(mm) == glu_kind(first) } else { kind(mm) == kind(first) }, op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
         check(!mm.alt || mm.glu.is_none(), op, || format!("SwiGLU on the second operands in {mm:?}"))?;
+        check(mm.swiglu_back.is_none(), op, || format!("SwiGLU's backward in a grouped product: {mm:?}"))?;
     }
     // Alone, a product binds the second operands only as its own A and B, or as
     // its second product's.
@@ -338,7 +374,7 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         }
         let most = |f: fn(&Matmul) -> usize| chunk.iter().map(f).max().unwrap_or(1);
         let grid = [groups(most(|m| m.n), launch.tile), groups(most(|m| m.m), launch.tile), chunk.len() as u32];
-        launch.record(gpu, rec, &params, grid, a, b, c, second)?;
+        launch.record(gpu, rec, &params, grid, a, b, c, second, None)?;
     }
     Ok(())
 }
@@ -412,7 +448,9 @@ impl Params {
             c_stride: mm.c_stride as u32,
             ldb: ldb as u32,
             alpha: mm.alpha,
-            beta: if k0 == 0 { mm.beta } else { 1.0 },
+            // Each k-range adds its share (C holds no earlier share under SwiGLU's
+            // backward, which adds a function linear in it).
+            beta: if k0 == 0 || mm.swiglu_back.is_some() { mm.beta } else { 1.0 },
             ldc: ldc as u32,
             k2: s.k as u32,
             a2_off: s.a_off as u32,
@@ -428,8 +466,9 @@ impl Params {
                 DropOn::Second => mm.c_off,
             } as u32,
             alt: mm.alt as u32,
-            glu_up: mm.glu.map_or(0, |g| g.up) as u32,
-            pad: [0; 2],
+            glu_up: mm.glu.map(|g| g.up).or(mm.swiglu_back.map(|e| e.up)).unwrap_or(0) as u32,
+            epi_g: mm.swiglu_back.map_or(0, |e| e.g) as u32,
+            epi_du: mm.swiglu_back.map_or(0, |e| e.du) as u32,
         }
     }
 }
@@ -459,6 +498,7 @@ impl Launch {
             GluOn::B => 2,
         });
         constants.push(("GLU", glu as f64));
+        constants.push(("EPI", mm.swiglu_back.is_some() as u32 as f64));
         // The register variant loops once per k; the tiled one 21 times per 16 k (a
         // slab load of 4, 16 products, the k0 step). The second product's loop runs
         // beside the last k-range.
@@ -479,9 +519,9 @@ impl Launch {
 
     /// One dispatch of `params` (a product's k-range in `[0]`, or a group's products).
     #[allow(clippy::too_many_arguments)]
-    fn record(&self, gpu: &Gpu, rec: &mut Recorder, params: &[Params; GROUP_MAX], grid: [u32; 3], a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    fn record(&self, gpu: &Gpu, rec: &mut Recorder, params: &[Params; GROUP_MAX], grid: [u32; 3], a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>, aux: Option<&Tensor>) -> Result<()> {
         let (a2, b2) = second.unwrap_or((a, a));
-        let binds = [(1, a.into()), (2, b.into()), (3, Bind::from(c)), (4, a2.into()), (5, b2.into())];
+        let binds = [(1, a.into()), (2, b.into()), (3, Bind::from(c)), (4, a2.into()), (5, b2.into()), (6, aux.unwrap_or(a).into())];
         gpu.dispatch(rec, &self.pipeline, self.entry, params, &binds, grid)
     }
 }

@@ -7,7 +7,7 @@ use super::params::Param;
 use super::{residual, zeros, Model};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::kernels as k;
+use crate::kernels::{self as k, SwigluBack};
 
 /// The seven projections in a fixed order, so saved LoRA activations can be indexed.
 pub(crate) const Q: usize = 0;
@@ -168,18 +168,30 @@ impl Model {
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
         // The layers given read one x; their LoRA products run grouped (`backwards`).
-        let back = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor| {
+        let back_with = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor, swiglu_back: Option<(SwigluBack, &Tensor)>| {
             let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
             let saved: Vec<_> = idx.iter().map(|&i| a.lora[i].as_ref()).collect();
             let seeds: Vec<_> = idx.iter().map(|&i| inp.seed(li, i)).collect();
-            backwards(gpu, rec, &lins, n, x, &saved, dys, dx, &seeds)
+            backwards(gpu, rec, &lins, n, x, &saved, dys, dx, &seeds, swiglu_back)
         };
+        let back = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor| back_with(rec, idx, x, dys, dx, None);
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
-        let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
-        back(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dm)?;
         // dgate and dup in one temporary, so their LoRA products bind it once.
         let [dg, du] = gpu.temps(rec, "dgate, dup", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
-        k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
+        let dgu = Tensor::span("dgate, dup", &[&dg, &du], gpu.caps.max_binding).filter(|(_, o)| o[0] == 0);
+        match (a.m_glu, dgu) {
+            // Down's dx product adds SwiGLU's backward of its dh into dgate and dup, from
+            // the gate and up its forward read (a.m, `mlp_hidden`): no dh, no pass.
+            (Some(up), Some((dgu, o))) if lin[DOWN].w.parts.len() == 1 => {
+                let dgu = Tensor { shape: vec![o[1] + n * inter], ..dgu };
+                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dgu, Some((SwigluBack { g: 0, up, du: o[1] }, &a.m)))?;
+            }
+            _ => {
+                let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
+                back(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dm)?;
+                k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
+            }
+        }
         let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
         back(rec, &[GATE, UP], (&a.h2, None), &[&dg, &du], &dh2)?;
         k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, layer.ln2.grad())?;

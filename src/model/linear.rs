@@ -4,7 +4,7 @@
 use super::params::{Param, Weight};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder, Tensor};
-use crate::kernels::{self as k, Glu, GluOn, Lora, Matmul};
+use crate::kernels::{self as k, Glu, GluOn, Lora, Matmul, SwigluBack};
 
 impl std::fmt::Display for Tuning {
     /// e.g. `LoRA r16, alpha 32, dropout 0.05 on q_proj, v_proj`, `full`, `frozen`.
@@ -121,8 +121,23 @@ impl Linear {
 
     /// Adds `dy·W` (and LoRA's share, inside the same product: `Lora::dx`, from the dh
     /// that `backwards` made) into dx, and the gradients of a trainable W and bias.
+    /// With `swiglu_back` (one row part only) that sum is SwiGLU's dh: the product adds
+    /// SwiGLU's backward of it into dx, which holds dgate and dup (`SwigluBack`, gate
+    /// and up read from the tensor given).
     #[allow(clippy::too_many_arguments)]
-    fn backward(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor, x_glu: Option<usize>, dy: &Tensor, dx: &Tensor, lora: Option<(Lora, &Tensor)>) -> Result<()> {
+    fn backward(
+        &self,
+        gpu: &Gpu,
+        rec: &mut Recorder,
+        n: usize,
+        x: &Tensor,
+        x_glu: Option<usize>,
+        dy: &Tensor,
+        dx: &Tensor,
+        lora: Option<(Lora, &Tensor)>,
+        swiglu_back: Option<(SwigluBack, &Tensor)>,
+    ) -> Result<()> {
+        let swiglu_back = swiglu_back.filter(|_| self.w.parts.len() == 1);
         let mut lora = lora.zip(self.lora.as_ref()).map(|((shape, dh), l)| (shape, dh, &l.a.value));
         for (r0, part) in self.w.row_parts() {
             let rows = part.shape[0];
@@ -133,7 +148,13 @@ impl Linear {
                 mm = shape.dx(mm.clone());
                 (dh, a)
             });
-            k::matmul_with(gpu, rec, &mm, dy, &part.value, dx, second)?;
+            match swiglu_back {
+                Some((e, gate_up)) => {
+                    let mm = Matmul { swiglu_back: Some(e), beta: 0.0, ..mm };
+                    k::matmul_swiglu_back(gpu, rec, &mm, dy, &part.value, dx, second, gate_up)?;
+                }
+                None => k::matmul_with(gpu, rec, &mm, dy, &part.value, dx, second)?,
+            }
             if let Some(g) = part.grad() {
                 // dW[r0..r0+rows] += dy[:, r0..r0+rows]ᵀ · x
                 let mut mm = Matmul::new(rows, self.din, n).trans_a().accumulate();
@@ -230,7 +251,9 @@ fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&Lo
 
 /// The backward of layers that read the same x, in the order given: their LoRA pairs'
 /// dh, dB and dA as grouped dispatches (`k::lora_backward_group`), then each layer's
-/// `dx += dy·W` (with LoRA's dx inside) and its W and bias gradients.
+/// `dx += dy·W` (with LoRA's dx inside; with SwiGLU's backward in the store where
+/// `swiglu_back` is given and the weight is whole, `Linear::backward`) and its W and
+/// bias gradients.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backwards(
     gpu: &Gpu,
@@ -242,6 +265,7 @@ pub(crate) fn backwards(
     dys: &[&Tensor],
     dx: &Tensor,
     seeds: &[Option<u32>],
+    swiglu_back: Option<(SwigluBack, &Tensor)>,
 ) -> Result<()> {
     let pairs: Vec<(usize, &LoraPair, &LoraSaved)> =
         lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().zip(saved[i]).map(|(l, s)| (i, l, s))).collect();
@@ -258,7 +282,7 @@ pub(crate) fn backwards(
     let mut lora = pairs.iter().map(|(i, _, _)| *i).zip(shapes.into_iter().zip(&dhs)).peekable();
     for (i, lin) in lins.iter().enumerate() {
         let pair = lora.next_if(|(j, _)| *j == i).map(|(_, p)| p);
-        lin.backward(gpu, rec, n, x, x_glu, dys[i], dx, pair)?;
+        lin.backward(gpu, rec, n, x, x_glu, dys[i], dx, pair, swiglu_back)?;
     }
     Ok(())
 }

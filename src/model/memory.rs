@@ -150,7 +150,8 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         layer_fwd += f32b(n * q) + f32b(n * kv) + f32b(n * nh) + f32b(n * nkv);
     }
     // The backward's temporaries for one layer.
-    let mut layer_bwd = [inter, inter, inter, c, c, q, q, kv, kv].iter().map(|&k| f32b(n * k)).sum::<u64>()
+    // (SwiGLU's dh likewise: down's dx product adds its backward into dgate and dup.)
+    let mut layer_bwd = [inter, inter, c, c, q, q, kv, kv].iter().chain(hidden).map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(2 * plan.batch * nh * plan.seq);
     if cfg.qk_norm {
         layer_bwd += f32b(n * q) + f32b(n * kv);
