@@ -30,8 +30,9 @@
 //
 // A group (`GROUPED`) is up to 8 unbatched products of one kind (transposes, dropout
 // operand, second product or not) over the same five bindings, each with its own
-// Params: workgroup z picks the product, and a product's workgroups past its own M×N
-// return at once. LoRA's products for the projections that share an input (q/k/v,
+// Params: the grid is every product's tiles in turn (product i's are tile0 ..
+// tile0 + tiles, tiles_n to a row), a flat workgroup index over x, then y past 65,535,
+// so products of different shapes launch no idle workgroups. LoRA's products for the projections that share an input (q/k/v,
 // gate/up) run as one dispatch this way. A group may hold two operand sets (`ALT`):
 // a product with `alt` set reads its A and B from a2 and b2 (it has no second
 // product), so LoRA's dA += dhᵀ·x' and dB += s·dyᵀ·h run as one dispatch.
@@ -49,6 +50,7 @@ struct Params {
     a2_off: u32, b2_off: u32, lda2: u32, ldb2: u32,
     alpha2: f32, drop_p: f32, drop_key: u32, drop_base: u32,
     alt: u32, glu_up: u32, epi_g: u32, epi_du: u32,
+    tile0: u32, tiles: u32, tiles_n: u32, pad0: u32,
 }
 
 override TRANS_A: bool = false;
@@ -66,6 +68,18 @@ override EPI: u32 = 0u;
 const GROUP_MAX: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
+
+// In a group: the product whose tiles hold flat tile t (GROUP_MAX past the last), and
+// t's (column, row) of tiles in it.
+fn group_tile(t: u32) -> vec3<u32> {
+    for (var i = 0u; i < GROUP_MAX; i++) {
+        if (t >= ps[i].tile0 && t < ps[i].tile0 + ps[i].tiles) {
+            let lt = t - ps[i].tile0;
+            return vec3<u32>(i, lt % ps[i].tiles_n, lt / ps[i].tiles_n);
+        }
+    }
+    return vec3<u32>(GROUP_MAX, 0u, 0u);
+}
 // The product this invocation computes (ps[0], or ps[z] in a group), for the loads'
 // and stores' indexing; loop bounds read the uniform copy, so barriers stay uniform.
 var<private> p: Params;
@@ -89,6 +103,8 @@ fn hash(v: u32) -> u32 {
 
 // v, the operand's element at stored index i, after inverted dropout.
 fn dropped(i: u32, v: f32) -> f32 {
+    // p = 0 keeps every element as it is (a group's products without dropout).
+    if (p.drop_p == 0.0) { return v; }
     let u = f32(hash((i - p.drop_base) ^ p.drop_key)) / 4294967296.0;
     return select(0.0, v / (1.0 - p.drop_p), u >= p.drop_p);
 }
@@ -197,10 +213,18 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: arra
 // reads A and B straight from memory; no workgroup memory, no barriers.
 // Grid: (ceil(N/32), ceil(M/32), batch or products); a workgroup covers 32×32 of C.
 @compute @workgroup_size(8, 8, 1)
-fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>) {
-    p = ps[select(0u, gid.z, GROUPED)];
-    let n0 = gid.x * 4u;
-    let m0 = gid.y * 4u;
+fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    var z = 0u;
+    var blk = gid.xy;
+    if (GROUPED) {
+        let g = group_tile(wid.y * 65535u + wid.x);
+        if (g.x >= GROUP_MAX) { return; }
+        z = g.x;
+        blk = g.yz * 8u + lid.xy;
+    }
+    p = ps[z];
+    let n0 = blk.x * 4u;
+    let m0 = blk.y * 4u;
     let bi = select(gid.z, 0u, GROUPED);
     if (m0 >= p.m || n0 >= p.n || bi >= p.batch) { return; }
     let ab = p.a_off + bi * p.a_stride;
@@ -274,11 +298,18 @@ var<workgroup> tile_b: array<f32, 1024>; // [BK][TS]: tile_b[k * TS + n]
 
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let q = ps[select(0u, wid.z, GROUPED)];
+    var z = 0u;
+    var tile = wid.xy;
+    if (GROUPED) {
+        let g = group_tile(wid.y * 65535u + wid.x);
+        if (g.x >= GROUP_MAX) { return; }
+        z = g.x;
+        tile = g.yz;
+    }
+    let q = ps[z];
     p = q;
-    let tm = wid.y * TS;
-    let tn = wid.x * TS;
-    // A grouped product smaller than the grid's largest has nothing here.
+    let tm = tile.y * TS;
+    let tn = tile.x * TS;
     if (tm >= q.m || tn >= q.n) { return; }
     let bi = select(wid.z, 0u, GROUPED);
     let ab = p.a_off + bi * p.a_stride;

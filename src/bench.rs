@@ -205,6 +205,8 @@ impl StepRow {
 pub struct TrainBench {
     pub steps: Vec<StepRow>,
     pub gpu_ms: Option<(f64, u64)>,
+    /// That step's GPU time by kernel (pipeline), slowest first.
+    pub gpu_by_kernel: Vec<crate::gpu::KernelTime>,
     /// The first measured step's dispatches by kernel entry point, most first.
     pub by_kernel: Vec<(String, u64)>,
 }
@@ -240,14 +242,16 @@ pub async fn train(gpu: &Gpu, run: &mut crate::train::Run, steps: u64, mut repor
         report(&row);
         rows.push(row);
     }
+    let mut gpu_by_kernel = Vec::new();
     let gpu_ms = if gpu.set_profiling(true) {
         let before = gpu.counters();
         run.next(gpu).await?;
         gpu.set_profiling(false);
-        let ms = gpu.kernel_times().await?.iter().map(|k| k.ms).sum();
+        gpu_by_kernel = gpu.kernel_times().await?;
+        let ms = gpu_by_kernel.iter().map(|k| k.ms).sum();
         Some((ms, gpu.counters().since(&before).dispatches))
     } else {
         None
     };
-    Ok(TrainBench { steps: rows, gpu_ms, by_kernel })
+    Ok(TrainBench { steps: rows, gpu_ms, gpu_by_kernel, by_kernel })
 }

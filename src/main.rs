@@ -538,7 +538,12 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                     println!("  {kernel:<48} {n:>6} {:>5.1}%", 100.0 * *n as f64 / total.max(1) as f64);
                 }
                 match b.gpu_ms {
-                    Some((ms, d)) => println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches"),
+                    Some((ms, d)) => {
+                        println!("GPU time of one more step (timestamp queries, a pass per dispatch): {ms:.1} ms over {d} dispatches");
+                        for k in &b.gpu_by_kernel {
+                            println!("  {:<64} {:>10.2} ms {:>5.1}% {:>6} dispatches", k.kernel, k.ms, 100.0 * k.ms / ms.max(1e-9), k.calls);
+                        }
+                    }
                     None => println!("GPU time: this adapter has no timestamp queries"),
                 }
                 // The device memory the run held (the model's buffers, and the pool of

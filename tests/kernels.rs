@@ -187,8 +187,9 @@ fn group_case(g: &webtune::gpu::Gpu, mms: &[Matmul], seed: u64) -> Vec<f32> {
 
 /// A group of products of one kind in one dispatch, each with its own shape, offsets,
 /// scale and dropout seed (LoRA's q/k/v and gate/up): every transpose and dropout
-/// operand, products of different sizes (the grid is the largest one's), more than
-/// `GROUP_MAX` (two dispatches), and a k past the loop budget (each alone).
+/// operand, products of different sizes (each launches its own tiles), more than
+/// `GROUP_MAX` (two dispatches), tiles past 65,535 workgroups, and a k past the loop
+/// budget (each alone).
 #[test]
 fn grouped_products_match_reference_for_both_variants() {
     // Three products side by side in A, B and C (C's column blocks of one wide matrix).
@@ -235,6 +236,11 @@ fn grouped_products_match_reference_for_both_variants() {
         ten.iter_mut().step_by(3).for_each(|m| m.alt = true);
         group_case(g, &ten, 521);
     }
+    // Tall, thin products whose tiles together pass 65,535 workgroups: the flat grid
+    // spills into y.
+    let rows = 8200 * 32;
+    let tall: Vec<Matmul> = (0..8).map(|i| Matmul { c_off: i * rows, a_off: i * rows, b_off: i, ..Matmul::new(rows, 1, 1) }).collect();
+    group_case(gpu(), &tall, 525);
     // k past the loop budget: each product runs alone, in k-ranges (one of them on
     // the second operands).
     let mut long: Vec<Matmul> = (0..2).map(|i| Matmul { c_off: 90 * i, a_off: 9 * 301 * i, ..Matmul::new(9, 10, 301).accumulate() }).collect();

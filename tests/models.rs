@@ -195,6 +195,14 @@ fn llama_matches_pytorch() {
     parity("llama", gpu_f32());
 }
 
+/// The GPU kernels (forced on lavapipe): tiled products and attention, SwiGLU made as
+/// down's products load it (`Glu`), against the same PyTorch fixture.
+#[test]
+fn llama_matches_pytorch_with_the_gpu_kernels() {
+    let g = make(webtune::gpu::GpuOptions { no_f16: true, variant: Some(webtune::gpu::Variant::Tiled), ..Default::default() });
+    parity("llama", &g);
+}
+
 #[test]
 fn qwen2_matches_pytorch() {
     parity("qwen2", gpu_f32());

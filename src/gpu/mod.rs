@@ -389,7 +389,12 @@ impl Gpu {
                 }))
             })
             .clone();
-        let label = format!("{}::{}", kernel.name.replace(".wgsl", ""), entry);
+        // The overrides set (non-zero) tell apart a kernel's variants in the tallies.
+        let set: Vec<String> = constants.iter().filter(|(_, v)| *v != 0.0).map(|(k, v)| if *v == 1.0 { k.to_string() } else { format!("{k} {v}") }).collect();
+        let label = match set.is_empty() {
+            true => format!("{}::{}", kernel.name.replace(".wgsl", ""), entry),
+            false => format!("{}::{} ({})", kernel.name.replace(".wgsl", ""), entry, set.join(", ")),
+        };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: None,

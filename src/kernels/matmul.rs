@@ -279,6 +279,10 @@ struct Params {
     glu_up: u32,
     epi_g: u32,
     epi_du: u32,
+    tile0: u32,
+    tiles: u32,
+    tiles_n: u32,
+    pad: u32,
 }
 
 /// Products one grouped dispatch computes at most (`ps` in `kernels/matmul.wgsl`).
@@ -368,12 +372,16 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
     }
     for chunk in mms.chunks(GROUP_MAX) {
+        // Each product's tiles in turn, as one flat grid (`group_tile` in the kernel).
         let mut params = [Params::zeroed(); GROUP_MAX];
+        let mut total = 0u32;
         for (p, mm) in params.iter_mut().zip(chunk) {
             *p = Params::of(mm, 0, mm.k);
+            (p.tile0, p.tiles_n) = (total, groups(mm.n, launch.tile));
+            p.tiles = p.tiles_n * groups(mm.m, launch.tile);
+            total += p.tiles;
         }
-        let most = |f: fn(&Matmul) -> usize| chunk.iter().map(f).max().unwrap_or(1);
-        let grid = [groups(most(|m| m.n), launch.tile), groups(most(|m| m.m), launch.tile), chunk.len() as u32];
+        let grid = [total.min(65535), total.div_ceil(65535), 1];
         launch.record(gpu, rec, &params, grid, a, b, c, second, None)?;
     }
     Ok(())
@@ -469,6 +477,11 @@ impl Params {
             glu_up: mm.glu.map(|g| g.up).or(mm.swiglu_back.map(|e| e.up)).unwrap_or(0) as u32,
             epi_g: mm.swiglu_back.map_or(0, |e| e.g) as u32,
             epi_du: mm.swiglu_back.map_or(0, |e| e.du) as u32,
+            // A group's tiles (`matmul_group` sets them).
+            tile0: 0,
+            tiles: 0,
+            tiles_n: 1,
+            pad: 0,
         }
     }
 }

@@ -179,12 +179,12 @@ impl Model {
         // dgate and dup in one temporary, so their LoRA products bind it once.
         let [dg, du] = gpu.temps(rec, "dgate, dup", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
         let dgu = Tensor::span("dgate, dup", &[&dg, &du], gpu.caps.max_binding).filter(|(_, o)| o[0] == 0);
-        match (a.m_glu, dgu) {
+        match (gate_up(gpu, n, inter, &a.g, &a.u), dgu) {
             // Down's dx product adds SwiGLU's backward of its dh into dgate and dup, from
-            // the gate and up its forward read (a.m, `mlp_hidden`): no dh, no pass.
-            (Some(up), Some((dgu, o))) if lin[DOWN].w.parts.len() == 1 => {
+            // gate and up: no dh, no pass.
+            (Some((gu, up)), Some((dgu, o))) if lin[DOWN].w.parts.len() == 1 => {
                 let dgu = Tensor { shape: vec![o[1] + n * inter], ..dgu };
-                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dgu, Some((SwigluBack { g: 0, up, du: o[1] }, &a.m)))?;
+                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dgu, Some((SwigluBack { g: 0, up, du: o[1] }, &gu)))?;
             }
             _ => {
                 let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
@@ -219,14 +219,23 @@ impl Model {
 
 }
 
-/// The MLP's hidden h = silu(gate)·up as down's products read it: where gate and up lie
-/// in one buffer, that span and up's offset in it, so the products make h as they load
-/// it (`kernels::Glu`) and no pass stores it; else h from a SwiGLU pass.
+/// Gate and up as one tensor (gate from its start, up the offset returned further on),
+/// where they lie in one buffer.
+fn gate_up(gpu: &Gpu, n: usize, inter: usize, g: &Tensor, u: &Tensor) -> Option<(Tensor, usize)> {
+    let (gu, offsets) = Tensor::span("gate, up", &[g, u], gpu.caps.max_binding).filter(|(_, o)| o[0] == 0)?;
+    // Exactly gate's start to up's last element (the span ends at up's padding).
+    Some((Tensor { shape: vec![offsets[1] + n * inter], ..gu }, offsets[1]))
+}
+
+/// The MLP's hidden h = silu(gate)·up as down's products read it. With the GPU kernels,
+/// gate and up (`gate_up`) and up's offset, so the products make h as they load it
+/// (`kernels::Glu`) and no pass stores it. On CPU drivers, whose kernels load each
+/// element of A once per 4 columns of the product, h from a SwiGLU pass: made 144
+/// times over in down's forward, it cost more than the pass.
 fn mlp_hidden(gpu: &Gpu, rec: &mut Recorder, n: usize, inter: usize, g: &Tensor, u: &Tensor) -> Result<(Tensor, Option<usize>)> {
-    if let Some((gu, offsets)) = Tensor::span("gate, up", &[g, u], gpu.caps.max_binding) {
-        if offsets[0] == 0 {
-            // Exactly gate's start to up's last element (the span ends at up's padding).
-            return Ok((Tensor { shape: vec![offsets[1] + n * inter], ..gu }, Some(offsets[1])));
+    if gpu.caps.variant == crate::gpu::Variant::Tiled {
+        if let Some((gu, up)) = gate_up(gpu, n, inter, g, u) {
+            return Ok((gu, Some(up)));
         }
     }
     let m = zeros(gpu, rec, "swiglu", &[n, inter])?;

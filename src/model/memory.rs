@@ -141,16 +141,18 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         _ => None,
     };
     // What one layer's forward keeps (Acts: o_proj and down add into the residual copies;
-    // SwiGLU's hidden is stored only where gate and up exceed a binding together).
-    let hidden: &[usize] = if (2 * n * inter * 4) as u64 <= plan.max_binding { &[] } else { &[inter] };
-    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, c].iter().chain(hidden).map(|&k| f32b(n * k)).sum::<u64>()
+    // SwiGLU's hidden is counted, as CPU drivers store it: GPUs' kernels make it as
+    // they load it, so there the count is one [n, intermediate] high).
+    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, inter, c].iter().map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(n) * 2
         + f32b(plan.batch * nh * plan.seq);
     if cfg.qk_norm {
         layer_fwd += f32b(n * q) + f32b(n * kv) + f32b(n * nh) + f32b(n * nkv);
     }
     // The backward's temporaries for one layer.
-    // (SwiGLU's dh likewise: down's dx product adds its backward into dgate and dup.)
+    // (No SwiGLU dh where gate and up fit a binding together: down's dx product adds its
+    // backward into dgate and dup.)
+    let hidden: &[usize] = if (2 * n * inter * 4) as u64 <= plan.max_binding { &[] } else { &[inter] };
     let mut layer_bwd = [inter, inter, c, c, q, q, kv, kv].iter().chain(hidden).map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(2 * plan.batch * nh * plan.seq);
     if cfg.qk_norm {

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use webtune::gpu::{DType, Gpu, GpuOptions, Tensor, Variant};
 
-fn make(opts: GpuOptions) -> Gpu {
+pub fn make(opts: GpuOptions) -> Gpu {
     match futures::executor::block_on(Gpu::new_with(opts)) {
         Ok(g) => g,
         Err(e) => panic!("GPU tests need a GPU adapter: {e}"),
