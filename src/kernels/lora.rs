@@ -12,7 +12,7 @@
 
 use super::{check, matmul, matmul_group, DropOn, Dropout, Glu, GluOn, Matmul, Second};
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Variant};
 
 /// A LoRA pair on a linear layer `din → dout` applied to `n` rows, rank `r`, scale `s`,
 /// LoRA dropout `dropout` (0 = none) with the mask of `seed`.
@@ -169,11 +169,14 @@ pub fn lora_backward_group(
         let each = |f: &dyn Fn(usize, &Lora) -> Matmul| ls.iter().enumerate().map(|(i, l)| f(i, l)).collect::<Vec<_>>();
         matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
         let da_mms = each(&|i, l| Matmul { a_off: odh[i], c_off: oda[i], ..l.da() });
-        // dB reads dy and h where dA reads dh and x: where the gradients lie in one
-        // buffer, both as one dispatch over two operand sets (`Matmul::alt`), dB under
-        // dA's dropout kind at p = 0 (which keeps every element as it is).
+        // dB reads dy and h where dA reads dh and x: with the GPU kernels, where the
+        // gradients lie in one buffer, both as one dispatch over two operand sets
+        // (`Matmul::alt`), dB under dA's dropout kind at p = 0 (which keeps every
+        // element as it is). CPU drivers run each load's choice of operand for every
+        // lane (both loads): there the two dispatches cost less.
         let grads: Vec<&Tensor> = da.iter().chain(db).copied().collect();
-        if let Some((tg, og)) = Tensor::span("LoRA dA, dB", &grads, gpu.caps.max_binding) {
+        let two_sets = gpu.caps.variant == Variant::Tiled;
+        if let Some((tg, og)) = Tensor::span("LoRA dA, dB", &grads, gpu.caps.max_binding).filter(|_| two_sets) {
             let kind = da_mms[0].dropout.map(|d| Dropout { p: 0.0, ..d });
             let db_mms = each(&|i, l| Matmul { a_off: ody[i], b_off: oh[i], c_off: og[n + i], alt: true, dropout: kind, ..l.db() });
             let mms: Vec<Matmul> = da_mms.into_iter().enumerate().map(|(i, mm)| Matmul { c_off: og[i], ..mm }).chain(db_mms).collect();
