@@ -464,13 +464,13 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 memory_budget,
                 ..Default::default()
             };
-            let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+            let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
             let budget = webtune::train::fit::budget(&run, None)?;
             let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);
             if let Some((q, note)) = &lowered {
                 println!("{note}");
                 run.quantize = Some((*q).into());
-                plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20)?;
+                plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
             }
             if let Some(budget) = budget {
                 let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;

@@ -427,7 +427,7 @@ fn memory_estimate_matches_the_loaded_model() {
         let f = fixture(name);
         for tuning in [Tuning::Frozen, Tuning::Lora(f.lora.clone()), Tuning::Full] {
             let m = Model::load(g, f.cfg.clone(), &f.weights, tuning.clone(), 0).unwrap();
-            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding };
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
             let est = estimate(&f.cfg, &plan);
             assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {:?}", plan.tuning);
             assert!(est.activations > 0);
@@ -436,7 +436,7 @@ fn memory_estimate_matches_the_loaded_model() {
         for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
             let tuning = Tuning::Lora(f.lora.clone());
             let m = Model::load_with(g, f.cfg.clone(), &f.weights, tuning.clone(), 0, Frozen::Quantize(q)).unwrap();
-            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: g.caps.max_binding };
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
             let est = estimate(&f.cfg, &plan);
             assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {q:?}");
             let float = estimate(&f.cfg, &Plan { frozen: Frozen::Auto, ..plan });
@@ -453,7 +453,7 @@ fn memory_estimate_matches_the_loaded_model() {
     for (g, frozen) in [(gpu(), Frozen::Auto), (gpu_f32(), Frozen::Auto), (gpu(), Frozen::Float), (gpu_f32(), Frozen::F32), (gpu(), Frozen::Quantize(QType::Nf4))] {
         let tuning = Tuning::Lora(lora.clone());
         let m = Model::load_with(g, cfg.clone(), &file, tuning.clone(), 0, frozen).unwrap();
-        let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16 && frozen != Frozen::F32, frozen, stored: stored.clone(), max_binding: g.caps.max_binding };
+        let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16 && frozen != Frozen::F32, frozen, stored: stored.clone(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
         let est = estimate(&cfg, &plan);
         assert_eq!(est.weights + est.training_state, m.resident_bytes(), "GGUF, {frozen:?}, shader-f16 {}", g.caps.shader_f16);
     }
@@ -468,7 +468,7 @@ fn smollm2_135m_lora_step_fits_in_one_gib() {
     let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/SmolLM2-135M.json")).unwrap();
     let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
     let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
-    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Auto, stored: Default::default(), max_binding: 128 << 20 };
+    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Auto, stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false };
     let m = estimate(&cfg, &plan);
     eprintln!("SmolLM2-135M LoRA r16: {m:?}, total {} MiB", m.total() >> 20);
     // 134.5M weights in f16, 4.9M LoRA parameters with gradients and moments.
@@ -490,7 +490,7 @@ fn four_bit_bases_meet_the_qlora_budgets() {
         Config::parse(&text, f, None).unwrap()
     };
     for q in [QType::Q4_0, QType::Nf4] {
-        let plan = |batch| Plan { tuning: Tuning::Lora(lora.clone()), batch, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: 128 << 20 };
+        let plan = |batch| Plan { tuning: Tuning::Lora(lora.clone()), batch, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false };
         let m = estimate(&cfg_of("SmolLM2-135M.json"), &plan(4));
         assert!(m.weights <= 80 << 20 && m.total() <= 600 << 20, "SmolLM2 {q:?}: {} weights, {} total", m.weights, m.total());
         let m = estimate(&cfg_of("Qwen3-1.7B.json"), &plan(1));
@@ -614,8 +614,11 @@ fn memory_estimate_of_activations_matches_a_measured_step() {
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 90) as u32 + 3).collect();
     let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
     let lora = webtune::model::LoraConfig { r: 16, alpha: 32.0, dropout: 0.1, targets: webtune::model::LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
-    for (tuning, ckpt) in [(Tuning::Lora(lora.clone()), false), (Tuning::Lora(lora), true), (Tuning::Full, false)] {
-        let g = futures::executor::block_on(webtune::gpu::Gpu::new()).unwrap();
+    // The adapter's kernels, and the GPU kernels (which never store SwiGLU's hidden).
+    let tiled = webtune::gpu::GpuOptions { variant: Some(webtune::gpu::Variant::Tiled), ..Default::default() };
+    let cases = [(Tuning::Lora(lora.clone()), false, None), (Tuning::Lora(lora.clone()), true, None), (Tuning::Full, false, None), (Tuning::Lora(lora), false, Some(tiled))];
+    for (tuning, ckpt, opts) in cases {
+        let g = futures::executor::block_on(webtune::gpu::Gpu::new_with(opts.unwrap_or_default())).unwrap();
         let mut m = Model::load(&g, md.cfg.clone(), &md.weights, tuning.clone(), 0).unwrap();
         m.grad_checkpoint = ckpt;
         let mut inp = Inputs::sequences(&g, Shape { b, t }, &ids).unwrap();
@@ -623,7 +626,7 @@ fn memory_estimate_of_activations_matches_a_measured_step() {
         let loss = m.forward_backward(&g, &inp, &targets, 1.0).unwrap();
         futures::executor::block_on(g.read::<f32>(&loss)).unwrap();
         let measured = g.counters().pool_bytes;
-        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding };
+        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
         let est = estimate(&md.cfg, &plan).activations;
         eprintln!("{:?} checkpointing {ckpt}: estimate {est}, measured {measured} ({:.3})", plan.tuning, est as f64 / measured as f64);
         // An upper bound (the page warns from it), and a close one.
@@ -805,7 +808,7 @@ fn real_shapes_plan_micro_batches_that_fit_a_binding() {
     (opts.train.batch_size, opts.max_seq_len) = (32, 2048);
     for (config, micro) in [("SmolLM2-135M.json", 8), ("Qwen3-0.6B.json", 5)] {
         let cfg = cfg_of(config);
-        let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20).unwrap();
+        let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20, false).unwrap();
         let plan = fit::fit(&cfg, &opts, &base, 2048, None).unwrap();
         assert_eq!((plan.micro, plan.grad_checkpoint), (micro, false), "{config}");
         assert!((plan.micro * 2048 * widest_row(&cfg) * 4) as u64 <= 128 << 20, "{config}");
@@ -817,7 +820,7 @@ fn real_shapes_plan_micro_batches_that_fit_a_binding() {
     }
     // SmolLM2 within 2 GiB: checkpointing on, 5 sequences at a time, under the budget.
     let cfg = cfg_of("SmolLM2-135M.json");
-    let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20).unwrap();
+    let base = opts.memory_plan(&cfg, &TensorMap::new(), 2048, true, 128 << 20, false).unwrap();
     let plan = fit::fit(&cfg, &opts, &base, 2048, Some(2 << 30)).unwrap();
     assert_eq!((plan.micro, plan.grad_checkpoint), (5, true));
     let need = estimate(&cfg, &webtune::model::memory::Plan { batch: 5, seq: 2048, grad_checkpoint: true, ..base.clone() }).total();
@@ -841,7 +844,7 @@ fn a_budget_below_one_checkpointed_sequence_packs_the_frozen_weights() {
     let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
     let mut opts = RunOptions::default();
     (opts.train.batch_size, opts.max_seq_len) = (4, 512);
-    let base = opts.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20).unwrap();
+    let base = opts.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20, false).unwrap();
     let one = |frozen: Frozen| estimate(&cfg, &Plan { batch: 1, seq: 512, grad_checkpoint: true, frozen, ..base.clone() }).total();
     let (f16, q8, nf4) = (one(Frozen::Auto), one(Frozen::Quantize(QType::Q8_0)), one(Frozen::Quantize(QType::Nf4)));
     assert!(nf4 < q8 && q8 < f16, "{nf4} < {q8} < {f16}");
@@ -855,7 +858,7 @@ fn a_budget_below_one_checkpointed_sequence_packs_the_frozen_weights() {
         // The lowered options then plan a step within the budget.
         let mut lowered = opts.clone();
         lowered.quantize = Some(q.into());
-        let plan = lowered.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20).unwrap();
+        let plan = lowered.memory_plan(&cfg, &TensorMap::new(), 512, true, 128 << 20, false).unwrap();
         let fit = fit::fit(&cfg, &lowered, &plan, 512, Some(budget)).unwrap();
         let need = estimate(&cfg, &Plan { batch: fit.micro, seq: 512, grad_checkpoint: fit.grad_checkpoint, ..plan.clone() }).total();
         assert!(fit.micro < 4 && need <= budget, "budget {budget}: {fit:?} needs {need}");

@@ -541,7 +541,7 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
 
     // A budget between a step of 2 and a step of 3 sequences (the estimate the plan uses).
     let g = gpu();
-    let base = given.memory_plan(&source.cfg, &source.weights, longest, g.caps.shader_f16, g.caps.max_binding).unwrap();
+    let base = given.memory_plan(&source.cfg, &source.weights, longest, g.caps.shader_f16, g.caps.max_binding, false).unwrap();
     let need = |m: usize| estimate(&source.cfg, &Plan { batch: m, seq: longest, ..base.clone() }).total();
     assert!(need(2) < need(3) && need(3) < need(8));
     let budget = RunOptions { memory_budget: Some(format!("{}", (need(2) + need(3)) / 2)), ..given.clone() };

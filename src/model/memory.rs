@@ -22,6 +22,9 @@ pub struct Plan {
     pub stored: BTreeMap<String, QType>,
     /// The adapter's largest storage binding (bounds the logits chunk).
     pub max_binding: u64,
+    /// SwiGLU's hidden is made as down's products load it, never stored (the GPU
+    /// kernels, `Caps::variant` tiled); CPU drivers store it.
+    pub swiglu_in_loads: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -141,9 +144,10 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         _ => None,
     };
     // What one layer's forward keeps (Acts: o_proj and down add into the residual copies;
-    // SwiGLU's hidden is counted, as CPU drivers store it: GPUs' kernels make it as
-    // they load it, so there the count is one [n, intermediate] high).
-    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, inter, c].iter().map(|&k| f32b(n * k)).sum::<u64>()
+    // SwiGLU's hidden where it is stored, `swiglu_in_loads`).
+    let fits = (2 * n * inter * 4) as u64 <= plan.max_binding;
+    let stored_hidden: &[usize] = if plan.swiglu_in_loads && fits { &[] } else { &[inter] };
+    let mut layer_fwd = [c, c, q, kv, kv, q, c, c, inter, inter, c].iter().chain(stored_hidden).map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(n) * 2
         + f32b(plan.batch * nh * plan.seq);
     if cfg.qk_norm {
@@ -152,7 +156,7 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
     // The backward's temporaries for one layer.
     // (No SwiGLU dh where gate and up fit a binding together: down's dx product adds its
     // backward into dgate and dup.)
-    let hidden: &[usize] = if (2 * n * inter * 4) as u64 <= plan.max_binding { &[] } else { &[inter] };
+    let hidden: &[usize] = if fits { &[] } else { &[inter] };
     let mut layer_bwd = [inter, inter, c, c, q, q, kv, kv].iter().chain(hidden).map(|&k| f32b(n * k)).sum::<u64>()
         + f32b(2 * plan.batch * nh * plan.seq);
     if cfg.qk_norm {

@@ -141,14 +141,16 @@ impl RunOptions {
 
     /// The memory plan of a step of this run on `cfg` (its weights in `w`, which say
     /// what a GGUF keeps packed) over sequences of `seq` tokens, on an adapter with (or
-    /// without) f16 weights and this largest binding.
-    pub fn memory_plan(&self, cfg: &crate::model::Config, w: &dyn crate::model::Tensors, seq: usize, f16_weights: bool, max_binding: u64) -> Result<crate::model::memory::Plan> {
+    /// without) f16 weights, this largest binding and (or not) the GPU kernels, which
+    /// never store SwiGLU's hidden.
+    #[allow(clippy::too_many_arguments)]
+    pub fn memory_plan(&self, cfg: &crate::model::Config, w: &dyn crate::model::Tensors, seq: usize, f16_weights: bool, max_binding: u64, gpu_kernels: bool) -> Result<crate::model::memory::Plan> {
         let frozen = self.frozen()?;
         let f16_weights = f16_weights && frozen != Frozen::F32;
         let stored = crate::model::memory::Plan::stored(cfg, w);
         // DPO runs a pair's chosen and rejected sequence in one batch.
         let batch = self.train.batch_size * if self.train.method == "dpo" { 2 } else { 1 };
-        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding })
+        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding, swiglu_in_loads: gpu_kernels })
     }
 
     /// Before the model is loaded: where the memory budget needs a smaller frozen-weight
@@ -156,7 +158,7 @@ impl RunOptions {
     /// returned.
     pub fn lower_frozen(&mut self, gpu: &Gpu, source: &Source, data: &Dataset, valid: Option<&Dataset>) -> Result<Option<String>> {
         let longest = longest(data, valid);
-        let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
         let budget = fit::budget(self, gpu.caps.memory())?;
         Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget).map(|(q, note)| {
             self.quantize = Some(q.into());
@@ -286,7 +288,7 @@ impl Run {
         }
         let mut trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let longest = longest(&data, valid.as_ref());
-        let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
         let budget = fit::budget(&opts, gpu.caps.memory())?;
         let plan = fit::fit(&source.cfg, &opts, &base, longest, budget).map_err(|e| match (e, fit::budget_origin(&opts, &gpu.caps)) {
             (Error::Options(m), Some(origin)) if m.contains("memory budget") => Error::Options(format!("{m} ({origin})")),
@@ -348,7 +350,7 @@ impl Run {
     /// longest sequences, checkpointing as planned): what `bench train` sets beside the
     /// memory it measures.
     pub fn estimate(&self, gpu: &Gpu) -> Result<crate::model::memory::Memory> {
-        let mut plan = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest(&self.data, self.valid.as_ref()), gpu.caps.shader_f16, gpu.caps.max_binding)?;
+        let mut plan = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest(&self.data, self.valid.as_ref()), gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
         plan.batch = self.micro * if self.opts.train.method == "dpo" { 2 } else { 1 };
         plan.grad_checkpoint = self.model.grad_checkpoint;
         Ok(crate::model::memory::estimate(&self.source.cfg, &plan))
