@@ -69,9 +69,12 @@ const GROUP_MAX: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> ps: array<Params, GROUP_MAX>;
 
-// In a group: the product whose tiles hold flat tile t (GROUP_MAX past the last), and
-// t's (column, row) of tiles in it.
-fn group_tile(t: u32) -> vec3<u32> {
+// The product workgroup `wid` computes (x; GROUP_MAX for a group's spare workgroup)
+// and its tile's column and row of tiles (y, z): in a group, flat tile
+// wid.y·65535 + wid.x of the products' tiles in turn; else (0, wid.x, wid.y).
+fn product_tile(wid: vec3<u32>) -> vec3<u32> {
+    if (!GROUPED) { return vec3<u32>(0u, wid.x, wid.y); }
+    let t = wid.y * 65535u + wid.x;
     for (var i = 0u; i < GROUP_MAX; i++) {
         if (t >= ps[i].tile0 && t < ps[i].tile0 + ps[i].tiles) {
             let lt = t - ps[i].tile0;
@@ -211,21 +214,17 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: arra
 
 // Register-blocked variant for CPU drivers: each invocation owns a 4×4 block of C and
 // reads A and B straight from memory; no workgroup memory, no barriers.
-// Grid: (ceil(N/32), ceil(M/32), batch or products); a workgroup covers 32×32 of C.
+// Grid: (ceil(N/32), ceil(M/32), batch), or a group's tiles (`product_tile`); a
+// workgroup covers 32×32 of C.
 @compute @workgroup_size(8, 8, 1)
-fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    var z = 0u;
-    var blk = gid.xy;
-    if (GROUPED) {
-        let g = group_tile(wid.y * 65535u + wid.x);
-        if (g.x >= GROUP_MAX) { return; }
-        z = g.x;
-        blk = g.yz * 8u + lid.xy;
-    }
-    p = ps[z];
+fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let pt = product_tile(wid);
+    if (pt.x >= GROUP_MAX) { return; }
+    p = ps[pt.x];
+    let blk = pt.yz * 8u + lid.xy;
     let n0 = blk.x * 4u;
     let m0 = blk.y * 4u;
-    let bi = select(gid.z, 0u, GROUPED);
+    let bi = select(wid.z, 0u, GROUPED);
     if (m0 >= p.m || n0 >= p.n || bi >= p.batch) { return; }
     let ab = p.a_off + bi * p.a_stride;
     let bb = p.b_off + bi * p.b_stride;
@@ -290,7 +289,7 @@ fn matmul_reg(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
 
 // Tiled variant for GPUs: a 16×16 workgroup computes a 64×64 tile of C, staging
 // 64×16 slabs of op(A) and op(B) in workgroup memory; each invocation owns 4×4.
-// Grid: (ceil(N/64), ceil(M/64), batch or products).
+// Grid: (ceil(N/64), ceil(M/64), batch), or a group's tiles (`product_tile`).
 const TS: u32 = 64u;
 const BK: u32 = 16u;
 var<workgroup> tile_a: array<f32, 1024>; // [BK][TS]: tile_a[k * TS + m]
@@ -298,18 +297,12 @@ var<workgroup> tile_b: array<f32, 1024>; // [BK][TS]: tile_b[k * TS + n]
 
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    var z = 0u;
-    var tile = wid.xy;
-    if (GROUPED) {
-        let g = group_tile(wid.y * 65535u + wid.x);
-        if (g.x >= GROUP_MAX) { return; }
-        z = g.x;
-        tile = g.yz;
-    }
-    let q = ps[z];
+    let pt = product_tile(wid);
+    if (pt.x >= GROUP_MAX) { return; }
+    let q = ps[pt.x];
     p = q;
-    let tm = tile.y * TS;
-    let tn = tile.x * TS;
+    let tm = pt.z * TS;
+    let tn = pt.y * TS;
     if (tm >= q.m || tn >= q.n) { return; }
     let bi = select(wid.z, 0u, GROUPED);
     let ab = p.a_off + bi * p.a_stride;

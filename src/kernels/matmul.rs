@@ -333,8 +333,8 @@ fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor,
 
 /// Several products of one kind (the same transposes, dropout operand, and second
 /// product or none) over the same five tensors, each with its own shape, offsets,
-/// scale and dropout seed, in one dispatch per `GROUP_MAX` (workgroup z picks the
-/// product): LoRA's products for the projections that share an input. Products are
+/// scale and dropout seed, in one dispatch per `GROUP_MAX` (a grid of each product's
+/// tiles in turn): LoRA's products for the projections that share an input. Products are
 /// unbatched; where one needs its k split for the loop budget, each runs alone.
 /// Products that write C must not overlap (they run at once). `second` holds the
 /// second products' operands, or, for products marked `alt` (which have none), their
@@ -352,10 +352,10 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         }
         check(!alt || (mm.second.is_none() && b.dtype == DType::F32), op, || format!("a group over two operand sets has f32 operands and no second products: {mm:?}"))?;
         check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm:?}"))?;
-        // An `alt` product reads its own operands, never through SwiGLU.
-        let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some(), if m.alt { None } else { m.glu.map(|g| g.on) });
-        let glu_kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
-        check(if mm.alt || first.alt { glu_kind(mm) == glu_kind(first) } else { kind(mm) == kind(first) }, op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
+        // SwiGLU is of the kind too: checked below over the products on the first
+        // operands (an `alt` product reads its own, never through SwiGLU).
+        let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
+        check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
         check(!mm.alt || mm.glu.is_none(), op, || format!("SwiGLU on the second operands in {mm:?}"))?;
         check(mm.swiglu_back.is_none(), op, || format!("SwiGLU's backward in a grouped product: {mm:?}"))?;
     }
@@ -372,7 +372,7 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
     }
     for chunk in mms.chunks(GROUP_MAX) {
-        // Each product's tiles in turn, as one flat grid (`group_tile` in the kernel).
+        // Each product's tiles in turn, as one flat grid (`product_tile` in the kernel).
         let mut params = [Params::zeroed(); GROUP_MAX];
         let mut total = 0u32;
         for (p, mm) in params.iter_mut().zip(chunk) {
@@ -496,7 +496,7 @@ struct Launch {
 }
 
 impl Launch {
-    /// `grouped`: workgroup z picks the product (`matmul_group`), not the batch.
+    /// `grouped`: the grid is a group's tiles (`matmul_group`), not the batch.
     /// `alt`: some products read the second operand pair (`Matmul::alt`).
     fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool) -> Launch {
         let k2 = mm.second.map_or(0, |s| s.k);
@@ -505,13 +505,20 @@ impl Launch {
             DropOn::B => 2,
             DropOn::Second => 3,
         });
-        let mut constants = vec![("TRANS_A", mm.trans_a as u32 as f64), ("TRANS_B", mm.trans_b as u32 as f64), ("DROP", drop as f64), ("GROUPED", grouped as u32 as f64), ("ALT", alt as u32 as f64)];
         let glu = mm.glu.map_or(0, |g| match g.on {
             GluOn::A => 1,
             GluOn::B => 2,
         });
-        constants.push(("GLU", glu as f64));
-        constants.push(("EPI", mm.swiglu_back.is_some() as u32 as f64));
+        let flag = |on: bool| on as u32 as f64;
+        let mut constants = vec![
+            ("TRANS_A", flag(mm.trans_a)),
+            ("TRANS_B", flag(mm.trans_b)),
+            ("DROP", drop as f64),
+            ("GROUPED", flag(grouped)),
+            ("ALT", flag(alt)),
+            ("GLU", glu as f64),
+            ("EPI", flag(mm.swiglu_back.is_some())),
+        ];
         // The register variant loops once per k; the tiled one 21 times per 16 k (a
         // slab load of 4, 16 products, the k0 step). The second product's loop runs
         // beside the last k-range.
