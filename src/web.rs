@@ -104,11 +104,18 @@ impl Session {
         self.gpu.caps.timestamps
     }
 
-    /// The run options the page starts from: `{default, demo}` (`RunOptions`), with a
+    /// The run options the page starts from: `{default, demo, demo_dpo, tools}`
+    /// (`RunOptions`; `tools`: the real-model demo's, `webtune demo --model`), with a
     /// checkpoint kept every `PAGE_SAVE_EVERY` steps.
     pub fn presets() -> Result<JsValue, JsError> {
         let page = |o: RunOptions| RunOptions { save_every: Some(PAGE_SAVE_EVERY), ..o };
-        out(&serde_json::json!({"default": page(RunOptions::default()), "demo": page(RunOptions::demo(300)), "demo_dpo": page(RunOptions::demo_dpo(60)), "targets": crate::model::LoraConfig::ALL_TARGETS}))
+        out(&serde_json::json!({
+            "default": page(RunOptions::default()),
+            "demo": page(RunOptions::demo(300)),
+            "demo_dpo": page(RunOptions::demo_dpo(60)),
+            "tools": page(RunOptions::tools(crate::data::tools::STEPS)),
+            "targets": crate::model::LoraConfig::ALL_TARGETS,
+        }))
     }
 
     fn set_source(&mut self, s: Source) {
@@ -370,18 +377,27 @@ impl Session {
         Ok(out.remove(0))
     }
 
-    /// The demo's held-out test, the first `n` of the requests `webtune` asks (phrasings
-    /// and words never trained on): greedy answers with or without the adapter, as
-    /// `{accuracy, answers: [{question, expected, answer}]}`.
+    /// A demo's held-out test, the first `n` of the requests `webtune` asks: for `task`
+    /// `demo`, the built-in demo's (phrasings and words never trained on, exact
+    /// answers); for `tools`, the real-model demo's (`webtune demo --model`: phrasings
+    /// and arguments never trained on, tool calls checked field by field). Greedy
+    /// answers with or without the adapter, as `{accuracy, answers: [{question,
+    /// expected, answer, right}]}`.
     /// After a DPO run, `dpo` holds the DPO stage's held-out measures too
     /// (`demo::DpoTest`: pairs preferring the chosen answer, brief requests answered with
     /// the bare result, on `n` of them).
-    pub async fn demo_test(&mut self, n: usize, adapter: bool) -> Result<JsValue, JsError> {
-        let held = crate::demo::held_out(crate::demo::TEST_SEED, n);
-        let answers = self.answers(&held, crate::demo::ANSWER_TOKENS, adapter).await?;
-        let rows: Vec<_> = held.iter().zip(&answers).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a})).collect();
-        let mut result = serde_json::json!({"accuracy": crate::demo::accuracy(&answers, &held), "answers": rows});
-        if let Some(run) = self.run.as_mut().filter(|r| r.opts.train.method == "dpo") {
+    pub async fn demo_test(&mut self, task: &str, n: usize, adapter: bool) -> Result<JsValue, JsError> {
+        use crate::data::tools;
+        let (held, tokens, correct): (_, _, fn(&str, &str) -> bool) = match task {
+            "demo" => (crate::demo::held_out(crate::demo::TEST_SEED, n), crate::demo::ANSWER_TOKENS, |a, e| a.trim() == e),
+            "tools" => (tools::held_out(tools::TEST_SEED, n), tools::ANSWER_TOKENS, tools::correct),
+            _ => return Err(JsError::new(&format!("no held-out test called “{task}” (demo or tools)"))),
+        };
+        let answers = self.answers(&held, tokens, adapter).await?;
+        let rows: Vec<_> = held.iter().zip(&answers).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a, "right": correct(a, e)})).collect();
+        let right = rows.iter().filter(|r| r["right"] == true).count();
+        let mut result = serde_json::json!({"accuracy": right as f64 / held.len().max(1) as f64, "answers": rows});
+        if let Some(run) = self.run.as_mut().filter(|r| task == "demo" && r.opts.train.method == "dpo") {
             run.model.adapter_enabled = adapter;
             let test = crate::demo::dpo_test(&self.gpu, &run.model, &run.source.tokenizer, n).await;
             run.model.adapter_enabled = true;

@@ -115,3 +115,34 @@ fn one_lora_step_on_smollm2_matches_peft() {
     close("loss before the step", &[before], &[step["loss_before"].as_f64().unwrap() as f32], 0.0, 1e-3);
     close("loss after the step", &[after], &[step["loss_after"].as_f64().unwrap() as f32], 0.0, 1e-3);
 }
+
+/// `webtune demo --model smollm2`, shortened (16 steps of 4 requests, 16 held-out
+/// requests): SmolLM2 cannot answer with tool calls before, and the tuned model answers
+/// held-out requests (phrasings and arguments never trained) with exactly the right
+/// call; the merged GGUF it writes answers as the tuned model does.
+#[test]
+fn the_real_model_demo_teaches_smollm2_tool_calls() {
+    let g = gpu();
+    let (md, _) = smollm2();
+    let out = std::env::temp_dir().join(format!("webtune-real-demo-{}", std::process::id()));
+    let r = block(webtune::cli::demo_real(g, &md.dir, &out, 16, 16, true)).unwrap();
+    for a in &r.answers {
+        eprintln!("{} | {} | {}", a.question, a.before.trim(), a.after.trim());
+    }
+    eprintln!("held-out tool calls {} → {} in 16 steps; losses {:?}", r.before, r.after, r.losses);
+    assert_eq!(r.answers.len(), 16);
+    assert!(r.before < 0.1, "before {}", r.before);
+    assert!(r.after >= 0.5, "after {}", r.after);
+    assert_eq!(r.after, r.answers.iter().filter(|a| a.right).count() as f64 / 16.0);
+    assert!(r.losses[15] < 0.1 * r.losses[0], "{:?}", r.losses);
+    // The merged model (Q8_0) gives the tuned model's greedy answer to the first request
+    // it got right.
+    let right = r.answers.iter().find(|a| a.right).unwrap();
+    let md = webtune::cli::ModelDir::open(&out.join("merged.gguf")).unwrap();
+    assert_eq!(md.cfg.layers, 30);
+    let model = Model::load(g, md.cfg.clone(), &md.weights, Tuning::Frozen, 0).unwrap();
+    let prompt = md.tokenizer.prompt_ids(&right.question, true).unwrap();
+    let new = block(model.generate_batch(g, &[prompt], webtune::data::tools::ANSWER_TOKENS, &Sampling::default())).unwrap();
+    assert_eq!(md.tokenizer.decode(&new[0]).trim(), right.after.trim());
+    std::fs::remove_dir_all(&out).ok();
+}

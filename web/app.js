@@ -93,11 +93,17 @@ function showPreset(p) {
 const method = () => params.get('method') || $('method').value;
 
 // The preset of the chosen model and method: the demo's (or its DPO stage's) for the
-// demo model, else the defaults.
+// demo model, the real-model demo's for SmolLM2's tool calls, else the defaults.
 function preset() {
-  if ((params.get('model') || radio('model')) !== 'demo') return presets.default;
+  const m = params.get('model') || radio('model');
+  if (m === 'smollm2' && method() === 'sft') return presets.tools;
+  if (m !== 'demo') return presets.default;
   return method() === 'dpo' ? presets.demo_dpo : presets.demo;
 }
+
+// The real model the "Real model" preset tunes (?real= names another source: a Hub id
+// or a URL, as the Hub field takes them).
+const REAL_MODEL = 'HuggingFaceTB/SmolLM2-135M-Instruct';
 
 function showMethod() {
   $('dpoOptions').hidden = method() !== 'dpo';
@@ -121,7 +127,7 @@ function runOptions() {
     epochs: num('epochs', 'epochs'),
     steps: steps > 0 ? steps : null,
     seed: num('seed', 'seed'),
-    quantize: params.get('quantize') ?? ($('quantize').value || null),
+    quantize: params.get('quantize') ?? ($('quantize').value || p.quantize || null),
     // The memory a step may use (the Memory budget field, or ?budget=2GiB): the run plans
     // its micro-batches, checkpointing and frozen-weight format to fit it.
     memory_budget: $('budget').value.trim() || null,
@@ -163,7 +169,7 @@ function modelFiles() {
 
 async function dataSource() {
   const choice = params.get('data') || radio('data');
-  if (choice === 'demo' || choice === 'demo-dpo') return { source: choice };
+  if (['demo', 'demo-dpo', 'tools'].includes(choice)) return { source: choice };
   if (choice === 'file') {
     const f = $('datafile').files[0];
     if (!f) throw new Error('choose a JSONL file');
@@ -174,7 +180,7 @@ async function dataSource() {
 
 // ---- a run ---------------------------------------------------------------------------
 let started = 0;
-let modelSource = null; // 'demo', 'files' or a Hub id, once a run starts
+let modelSource = null; // 'demo', 'smollm2' (the real-model preset), 'files' or a Hub id, once a run starts
 const stepTimes = [];
 function onStep(s, total, memory, heap) {
   losses.push(s.loss);
@@ -210,7 +216,7 @@ function onState(state) {
   $('continue').disabled = state !== 'paused';
   $('download').disabled = training || losses.length === 0;
   $('ask').disabled = training;
-  $('demoTest').disabled = training || modelSource !== 'demo';
+  $('demoTest').disabled = training || !heldOutTask();
   for (const id of ['showLosses', 'showAttention', 'showNorms']) $(id).disabled = training;
   $('showChange').disabled = training || !lastOptions || lastOptions.full || losses.length === 0;
   $('train').disabled = training;
@@ -411,8 +417,9 @@ async function train() {
     let model = null;
     if (!continued) {
       const source = params.get('model') || radio('model');
-      model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: modelFiles() } : { source: source === 'hub' ? $('hub').value : source };
-      setModelSource(model.source);
+      model = source === 'demo' ? { source: 'demo' } : source === 'files' ? { source: 'files', files: modelFiles() }
+        : source === 'smollm2' ? { source: params.get('real') || REAL_MODEL, task: 'tools' } : { source: source === 'hub' ? $('hub').value : source };
+      setModelSource(model.task ? 'smollm2' : model.source);
     }
     const data = await dataSource();
     const summary = await prepare(model, data);
@@ -452,8 +459,8 @@ async function runToEnd(pref) {
 async function resumeSaved(saved) {
   try {
     if (!saved.model) throw new Error('this run used files from disk; choose them again and train');
-    const data = ['demo', 'demo-dpo'].includes(saved.data.source) ? { source: saved.data.source } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
-    setModelSource(saved.model.source);
+    const data = ['demo', 'demo-dpo', 'tools'].includes(saved.data.source) ? { source: saved.data.source } : { source: 'saved', text: await call('savedData'), name: 'saved data' };
+    setModelSource(saved.model.task ? 'smollm2' : saved.model.source);
     const summary = await prepare(saved.model, data);
     resetCharts();
     // A continued run's starting adapter is not kept: its answers before are unknown.
@@ -581,17 +588,20 @@ function showPrompts(prompts) {
 }
 $('promptPick').onchange = () => { if ($('promptPick').value) $('prompt').value = $('promptPick').value; };
 
-// The demo's held-out test, shown when the demo model is loaded.
+// A demo's held-out test, shown when the demo model is loaded (its tasks) or the real
+// model (its tool calls).
+const heldOutTask = () => ({ demo: 'demo', smollm2: 'tools' })[modelSource];
 function setModelSource(source) {
   modelSource = source;
-  $('demoTestBox').hidden = source !== 'demo';
+  $('demoTestBox').hidden = !heldOutTask();
+  for (const p of $('demoTestBox').querySelectorAll('p[data-task]')) p.hidden = p.dataset.task !== heldOutTask();
 }
 $('demoTest').onclick = async () => {
   const score = $('demoScore');
   score.textContent = 'answering…';
   $('demoTest').disabled = true;
   try {
-    const { base, tuned } = await call('demoTest', { n: 16 });
+    const { base, tuned } = await call('demoTest', { task: heldOutTask(), n: Number(params.get('heldout') || 16) });
     const pct = (a) => `${(100 * a).toFixed(0)}%`;
     score.textContent = `exact answers: base ${pct(base.accuracy)}, fine-tuned ${pct(tuned.accuracy)}`;
     Object.assign(score.dataset, { base: base.accuracy, tuned: tuned.accuracy });
@@ -616,7 +626,7 @@ $('demoTest').onclick = async () => {
     row(['request', 'expected', 'base', 'fine-tuned'], 'th');
     base.answers.forEach((b, i) => {
       const t = tuned.answers[i];
-      const mark = (a) => `${a.answer.trim() === a.expected ? '✓' : '✗'} ${a.answer.trim()}`;
+      const mark = (a) => `${a.right ? '✓' : '✗'} ${a.answer.trim()}`;
       row([b.question, b.expected, mark(b), mark(t)], 'td');
     });
   } catch (e) {
@@ -808,15 +818,30 @@ $('showNorms').onclick = async () => {
   }
   presets = info.presets;
   if (params.get('budget')) $('budget').value = params.get('budget');
+  // ?model=smollm2: the real-model preset, with its tool calls unless ?data= says otherwise.
+  if (params.get('model') === 'smollm2') {
+    document.querySelector('input[name=model][value=smollm2]').checked = true;
+    if (!params.get('data')) document.querySelector('input[name=data][value=tools]').checked = true;
+  }
   // The demo's preference pairs come with DPO, its tasks with SFT.
   $('method').value = params.get('method') || ((params.get('data') || radio('data')) === 'demo-dpo' ? 'dpo' : 'sft');
   showMethod();
-  for (const r of document.querySelectorAll('input[name=model]')) r.onchange = () => showPreset(preset());
+  for (const r of document.querySelectorAll('input[name=model]')) {
+    r.onchange = () => {
+      // The real model's preset comes with its data.
+      if (r.value === 'smollm2') {
+        document.querySelector('input[name=data][value=tools]').checked = true;
+        $('method').value = 'sft';
+        return showMethod();
+      }
+      showPreset(preset());
+    };
+  }
   $('method').onchange = showMethod;
   for (const r of document.querySelectorAll('input[name=data]')) {
     r.addEventListener('change', () => {
-      if (r.value !== 'demo' && r.value !== 'demo-dpo') return;
-      $('method').value = r.value === 'demo' ? 'sft' : 'dpo';
+      if (!['demo', 'demo-dpo', 'tools'].includes(r.value)) return;
+      $('method').value = r.value === 'demo-dpo' ? 'dpo' : 'sft';
       showMethod();
     });
   }

@@ -413,7 +413,7 @@ const commands = {
     lastData = args;
     // The text comes from Rust as the CLI's does: a built-in set by its name, or a
     // file's bytes decoded there (bytes that are not UTF-8 name their line).
-    const builtin = source === 'demo' || source === 'demo-dpo';
+    const builtin = ['demo', 'demo-dpo', 'tools'].includes(source);
     const body = builtin ? Session.data_text(source) : bytes ? Session.data_text(name, bytes) : text;
     const summary = session.load_data(body, name || source, maxSeqLen, !!pack);
     const preview = session.inspect(body, name || source, maxSeqLen, !!pack, 3);
@@ -523,8 +523,8 @@ const commands = {
     for (const p of prompts) out.push(await session.generate(p, maxNew, adapter));
     return out;
   },
-  async demoTest({ n }) {
-    return { base: await session.demo_test(n, false), tuned: await session.demo_test(n, true) };
+  async demoTest({ task, n }) {
+    return { base: await session.demo_test(task, n, false), tuned: await session.demo_test(task, n, true) };
   },
   async clearSaved() {
     const saved = await readJson('run.json');

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod inspect;
 pub mod records;
 pub mod template;
+pub mod tools;
 
 pub use records::{decode, parse_records, Format, Message, Pair, Parsed, Record};
 pub use template::ChatTemplate;
@@ -13,12 +14,14 @@ pub use template::ChatTemplate;
 use crate::error::{Error, Result};
 
 /// A built-in data set's JSONL: `demo` (the demo's instructions), `demo-pretrain` (the
-/// statements its base was pretrained on), `demo-dpo` (its DPO stage's pairs).
+/// statements its base was pretrained on), `demo-dpo` (its DPO stage's pairs),
+/// `tools` (the real-model demo's requests and tool calls).
 pub fn builtin(name: &str) -> Option<String> {
     Some(match name {
         "demo" => demo::data(),
         "demo-pretrain" => demo::pretrain_jsonl(3, demo::PRETRAIN_RECORDS),
         "demo-dpo" => demo::preference_data(),
+        "tools" => tools::data(),
         _ => return None,
     })
 }

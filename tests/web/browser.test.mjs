@@ -860,71 +860,117 @@ test('a Qwen3-0.6B-shaped bf16 checkpoint from a URL and from disk trains a step
 // A real pretrained model from one GGUF file (SmolLM2-135M-Instruct, Q4_1, fetched by
 // scripts/fetch-models.sh): the page loads it from a URL with its tokenizer and chat
 // template, trains a LoRA step on it, and the base answers as it does natively.
-test('SmolLM2 from a GGUF URL trains a step in the page and answers', async () => {
+// SmolLM2's GGUF (scripts/fetch-models.sh) served on loopback for `body(url, dir,
+// name)`; the server closes after it.
+async function withSmolLM2Url(body) {
   const dir = path.join(root, 'target/models');
   const name = 'SmolLM2-135M-Instruct.Q4_1.gguf';
   assert.ok(fs.existsSync(path.join(dir, name)), `${dir}/${name}: run bash scripts/fetch-models.sh`);
   const files = await serveDir(dir);
   try {
-    const url = `http://127.0.0.1:${files.address().port}/${name}`;
-    await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=80&rank=4&alpha=8&dropout=0&lr=0.0001&schedule=constant&warmup=0&autostart=1`);
-    const st = await waitFor(['done', 'error'], 1_200_000);
-    assert.equal(st.step, '1', st.error);
-    const loss = JSON.parse(st.losses)[0];
-    assert.ok(loss > 0.1 && loss < 6, `a pretrained model's loss on the demo data, not a random one's (ln 49,152 = 10.8): ${loss}`);
-    assert.match(await page.textContent('#log'), /chat template: .*\.gguf \(tokenizer\.chat_template\)/);
-    await page.fill('#prompt', 'What is the capital of France?');
-    await page.click('#ask');
-    await page.waitForFunction(() => !['', '…'].includes(document.querySelector('#tuned').textContent.trim()), null, { timeout: 600_000 });
-    const answer = await page.textContent('#base');
-    console.log(`SmolLM2 GGUF in the page: loss ${loss.toFixed(4)} after a step; base answers ${JSON.stringify(answer.trim())}`);
-    assert.equal(answer.trim(), 'The capital of France is Paris.');
-
-    // The downloads a llama.cpp user wants: a LoRA GGUF and the merged model as a q8_0
-    // GGUF. Natively, the merged file's loss on a record is the base's with the PEFT
-    // adapter, to within q8_0's rounding.
-    const grab = async (what, n) => {
-      const downloads = await exportFiles(what, n, 1200);
-      const out = {};
-      for (const d of downloads) out[d.suggestedFilename()] = fs.readFileSync(await d.path());
-      return out;
-    };
-    const lora = await grab('lora-gguf', 1);
-    assert.deepEqual(Object.keys(lora), ['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
-    const lh = ggufHeader(lora['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
-    assert.equal(lh.kv['general.type'], 'adapter');
-    assert.equal(lh.kv['adapter.type'], 'lora');
-    assert.equal(lh.kv['adapter.lora.alpha'], 8);
-    assert.equal(Object.keys(lh.tensors).length, 30 * 7 * 2);
-    assert.deepEqual(lh.tensors['blk.0.attn_q.weight.lora_a'].shape, [576, 4]);
-    assert.deepEqual(lh.tensors['blk.29.ffn_down.weight.lora_b'].shape, [4, 576]);
-    const merged = await grab('merged-gguf-q8_0', 1);
-    const mergedName = 'SmolLM2-135M-Instruct.Q4_1-merged.q8_0.gguf';
-    assert.deepEqual(Object.keys(merged), [mergedName]);
-    const mh = ggufHeader(merged[mergedName]);
-    assert.equal(mh.kv['general.architecture'], 'llama');
-    assert.equal(mh.kv['llama.block_count'], 30);
-    assert.equal(mh.kv['tokenizer.ggml.pre'], 'smollm');
-    assert.equal(mh.tensors['blk.3.ffn_up.weight'].type, 8, 'q8_0');
-    const adapter = await grab('output', 2);
-    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-gguf-'));
-    try {
-      fs.mkdirSync(path.join(tmp, 'adapter'));
-      for (const [n, bytes] of Object.entries(adapter)) fs.writeFileSync(path.join(tmp, 'adapter', n), bytes);
-      fs.writeFileSync(path.join(tmp, mergedName), merged[mergedName]);
-      fs.writeFileSync(path.join(tmp, 'one.jsonl'), JSON.stringify({ messages: [{ role: 'user', content: 'Name a primary color.' }, { role: 'assistant', content: 'Blue is a primary color.' }] }) + '\n');
-      const evalLoss = (args) => JSON.parse(execFileSync(bin, ['eval', ...args, '--data', path.join(tmp, 'one.jsonl')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim().split('\n').pop()).loss;
-      const withAdapter = evalLoss(['--model', path.join(dir, name), '--adapter', path.join(tmp, 'adapter')]);
-      const fromMerged = evalLoss(['--model', path.join(tmp, mergedName)]);
-      console.log(`SmolLM2 in the page: eval loss ${withAdapter.toFixed(4)} with the PEFT adapter, ${fromMerged.toFixed(4)} from the merged q8_0 GGUF`);
-      assert.ok(Math.abs(withAdapter - fromMerged) < 0.02 * withAdapter, `${withAdapter} vs ${fromMerged}`);
-    } finally {
-      fs.rmSync(tmp, { recursive: true, force: true });
-    }
+    return await body(`http://127.0.0.1:${files.address().port}/${name}`, dir, name);
   } finally {
     files.close();
   }
-});
+}
+
+test('SmolLM2 from a GGUF URL trains a step in the page and answers', () => withSmolLM2Url(async (url, dir, name) => {
+  await page.goto(`${base}?model=${encodeURIComponent(url)}&data=demo&steps=1&batch=1&seq=80&rank=4&alpha=8&dropout=0&lr=0.0001&schedule=constant&warmup=0&autostart=1`);
+  const st = await waitFor(['done', 'error'], 1_200_000);
+  assert.equal(st.step, '1', st.error);
+  const loss = JSON.parse(st.losses)[0];
+  assert.ok(loss > 0.1 && loss < 6, `a pretrained model's loss on the demo data, not a random one's (ln 49,152 = 10.8): ${loss}`);
+  assert.match(await page.textContent('#log'), /chat template: .*\.gguf \(tokenizer\.chat_template\)/);
+  await page.fill('#prompt', 'What is the capital of France?');
+  await page.click('#ask');
+  await page.waitForFunction(() => !['', '…'].includes(document.querySelector('#tuned').textContent.trim()), null, { timeout: 600_000 });
+  const answer = await page.textContent('#base');
+  console.log(`SmolLM2 GGUF in the page: loss ${loss.toFixed(4)} after a step; base answers ${JSON.stringify(answer.trim())}`);
+  assert.equal(answer.trim(), 'The capital of France is Paris.');
+
+  // The downloads a llama.cpp user wants: a LoRA GGUF and the merged model as a q8_0
+  // GGUF. Natively, the merged file's loss on a record is the base's with the PEFT
+  // adapter, to within q8_0's rounding.
+  const grab = async (what, n) => {
+    const downloads = await exportFiles(what, n, 1200);
+    const out = {};
+    for (const d of downloads) out[d.suggestedFilename()] = fs.readFileSync(await d.path());
+    return out;
+  };
+  const lora = await grab('lora-gguf', 1);
+  assert.deepEqual(Object.keys(lora), ['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
+  const lh = ggufHeader(lora['SmolLM2-135M-Instruct.Q4_1-lora.gguf']);
+  assert.equal(lh.kv['general.type'], 'adapter');
+  assert.equal(lh.kv['adapter.type'], 'lora');
+  assert.equal(lh.kv['adapter.lora.alpha'], 8);
+  assert.equal(Object.keys(lh.tensors).length, 30 * 7 * 2);
+  assert.deepEqual(lh.tensors['blk.0.attn_q.weight.lora_a'].shape, [576, 4]);
+  assert.deepEqual(lh.tensors['blk.29.ffn_down.weight.lora_b'].shape, [4, 576]);
+  const merged = await grab('merged-gguf-q8_0', 1);
+  const mergedName = 'SmolLM2-135M-Instruct.Q4_1-merged.q8_0.gguf';
+  assert.deepEqual(Object.keys(merged), [mergedName]);
+  const mh = ggufHeader(merged[mergedName]);
+  assert.equal(mh.kv['general.architecture'], 'llama');
+  assert.equal(mh.kv['llama.block_count'], 30);
+  assert.equal(mh.kv['tokenizer.ggml.pre'], 'smollm');
+  assert.equal(mh.tensors['blk.3.ffn_up.weight'].type, 8, 'q8_0');
+  const adapter = await grab('output', 2);
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-gguf-'));
+  try {
+    fs.mkdirSync(path.join(tmp, 'adapter'));
+    for (const [n, bytes] of Object.entries(adapter)) fs.writeFileSync(path.join(tmp, 'adapter', n), bytes);
+    fs.writeFileSync(path.join(tmp, mergedName), merged[mergedName]);
+    fs.writeFileSync(path.join(tmp, 'one.jsonl'), JSON.stringify({ messages: [{ role: 'user', content: 'Name a primary color.' }, { role: 'assistant', content: 'Blue is a primary color.' }] }) + '\n');
+    const evalLoss = (args) => JSON.parse(execFileSync(bin, ['eval', ...args, '--data', path.join(tmp, 'one.jsonl')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim().split('\n').pop()).loss;
+    const withAdapter = evalLoss(['--model', path.join(dir, name), '--adapter', path.join(tmp, 'adapter')]);
+    const fromMerged = evalLoss(['--model', path.join(tmp, mergedName)]);
+    console.log(`SmolLM2 in the page: eval loss ${withAdapter.toFixed(4)} with the PEFT adapter, ${fromMerged.toFixed(4)} from the merged q8_0 GGUF`);
+    assert.ok(Math.abs(withAdapter - fromMerged) < 0.02 * withAdapter, `${withAdapter} vs ${fromMerged}`);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}));
+
+// The "Real model" preset (`webtune demo --model smollm2` in the page): SmolLM2, its
+// GGUF served as a URL in place of the Hub (?real=), learns tool calls with the CLI's
+// preset, and two steps give the native build's losses on the same file and driver.
+// Then the real model's held-out test answers: the base in prose, the strict check
+// scoring each answer against a call whose every field it names.
+test('the Real model preset tunes SmolLM2 on tool calls as natively, and asks its held-out test', () => withSmolLM2Url(async (url, dir, name) => {
+  await page.goto(`${base}?model=smollm2&real=${encodeURIComponent(url)}&steps=2&batch=1&heldout=4&autostart=1`);
+  const st = await waitFor(['done', 'error'], 1_200_000);
+  assert.equal(st.step, '2', st.error);
+  // The form shows the CLI's preset (RunOptions::tools; one request a batch here, for
+  // time: a SmolLM2 step runs at about 2 tokens/s on SwiftShader), and the data is the
+  // tool calls.
+  assert.deepEqual(await Promise.all(['#lr', '#batch', '#seq', '#rank', '#dropout'].map((id) => page.inputValue(id))), ['0.002', '1', '96', '16', '0.05']);
+  assert.equal(await page.evaluate(() => document.querySelector('input[name=data]:checked').value), 'tools');
+  const losses = JSON.parse(st.losses);
+  const native = nativeTrain(['--model', path.join(dir, name), '--data', 'tools', '--steps', '2', '--batch-size', '1', '--max-seq-len', '96',
+    '--lr', '0.002', '--warmup', '0', '--quantize', 'f16'], SWIFTSHADER);
+  const diff = Math.max(...losses.map((l, i) => Math.abs(l - native[i]) / Math.abs(native[i])));
+  console.log(`Real model preset: page losses ${losses.map((l) => l.toFixed(4)).join(' ')}, native on SwiftShader ${native.map((l) => l.toFixed(4)).join(' ')}; max relative difference ${diff.toExponential(2)}`);
+  assert.ok(diff <= 1e-4, `page ${losses}\nnative ${native}`);
+  assert.ok(losses[1] < losses[0], `${losses}`);
+
+  assert.equal(await page.isVisible('#demoTestBox'), true);
+  assert.equal(await page.isVisible('#demoTestBox p[data-task=tools]'), true);
+  assert.equal(await page.isVisible('#demoTestBox p[data-task=demo]'), false);
+  await page.click('#demoTest');
+  await page.waitForFunction(() => document.querySelector('#demoScore').dataset.tuned != null, null, { timeout: 600_000 });
+  const d = await page.$eval('#demoScore', (e) => ({ ...e.dataset }));
+  assert.notEqual((await status()).state, 'error');
+  const rows = await page.$$eval('#demoAnswers tr', (r) => r.map((tr) => [...tr.children].map((c) => c.textContent)));
+  assert.equal(rows.length, 5);
+  const tools = rows.slice(1).map(([, expected]) => JSON.parse(expected).tool);
+  assert.deepEqual(tools, ['weather', 'timer', 'call', 'translate']);
+  for (const [q, , b, t] of rows.slice(1)) {
+    assert.match(b, /^✗ /, `the base answers ${q} in prose: ${b}`);
+    assert.match(t, /^[✓✗] /);
+  }
+  assert.equal(Number(d.base), 0);
+  console.log(`Real model held-out test after 2 steps: base ${d.base}, fine-tuned ${d.tuned}; ${JSON.stringify(rows.slice(1))}`);
+}));
 
 // QLoRA on a real 4-bit GGUF chosen from disk (the page's single-file picker): SmolLM2's
 // Q4_1 blocks (and its Q8_0 embedding) stay packed in the tab (the estimate counts them
