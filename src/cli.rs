@@ -648,6 +648,13 @@ async fn demo_run(gpu: &Gpu, task: DemoTask, out: &Path, quiet: bool) -> Result<
     for h in answers.iter().take(8) {
         say(format!("  {} {}\n      base:  {}\n      tuned: {}", if h.right { "✓" } else { "✗" }, h.question, one_line(&h.before), one_line(&h.after)));
     }
+    let missed: Vec<&HeldOutAnswer> = answers.iter().skip(8).filter(|h| !h.right).collect();
+    if !missed.is_empty() {
+        say(format!("the other {} tuned answers that are wrong (expected → answered):", missed.len()));
+        for h in missed {
+            say(format!("  ✗ {}\n      expected: {}\n      tuned:    {}", h.question, h.expected, one_line(&h.after)));
+        }
+    }
     if !kernels.is_empty() {
         let total: f64 = kernels.iter().map(|k| k.ms).sum();
         say(format!("GPU time per kernel in step 3 (timestamp queries), {total:.1} ms in all:"));
