@@ -20,12 +20,20 @@
 // queries for dk/dv): the launcher splits long sequences into ranges that fit the
 // driver's loop budget. The forward resumes from the (o, lse) of the previous range,
 // which are exactly the online softmax state with the running sum normalised to 1.
+// RoPE on load (`ROPE`, the tiled kernels in training): q and k are stored before the
+// rotation, and each pass rotates them as it loads them, as kernels/rope.wgsl does
+// (rotate_half, angle = position · inv_freq[i]); the backward rotates dq and dk back
+// before adding them, so no rope pass runs. `seg` then holds the positions too, from
+// `pos_off` on ([B, T] u32), and `inv_freq` [HS/2] rides in the uniform.
 
 struct Params {
     b: u32, t: u32, nh: u32, nkv: u32,
     hs: u32, scale: f32, tk: u32, r0: u32,
-    r1: u32, _p0: u32, _p1: u32, _p2: u32,
+    r1: u32, pos_off: u32, _p1: u32, _p2: u32,
+    inv_freq: array<vec4<f32>, 16>,
 }
+
+override ROPE: bool = false;
 
 const MAX_HS4: u32 = 32u;
 
@@ -41,6 +49,23 @@ const MAX_HS4: u32 = 32u;
 
 fn q_base(bi: u32, t: u32, h: u32) -> u32 { return ((bi * p.t + t) * p.nh + h) * (p.hs / 4u); }
 fn kv_base(bi: u32, s: u32, g: u32) -> u32 { return ((bi * p.tk + s) * p.nkv + g) * (p.hs / 4u); }
+
+// ROPE: vec4 i of a head row, x, rotated with its partner (vec4 i ± HS/8 of the row)
+// by position `ps` (sign 1), or back (sign −1, the transpose); as kernels/rope.wgsl.
+fn rope4(x: vec4<f32>, partner: vec4<f32>, i: u32, ps: u32, sign: f32) -> vec4<f32> {
+    let half4 = p.hs / 8u;
+    let angle = f32(ps) * p.inv_freq[i % half4];
+    let c = cos(angle);
+    let s = sin(angle) * sign;
+    if (i < half4) { return x * c - partner * s; }
+    return x * c + partner * s;
+}
+
+// The index of vec4 i's partner in a head row (ROPE).
+fn partner(i: u32) -> u32 { let h = p.hs / 8u; return select(i - h, i + h, i < h); }
+
+// The position of token t of sequence bi (ROPE; training, so TK = T).
+fn position(bi: u32, t: u32) -> u32 { return seg[p.pos_off + bi * p.t + t]; }
 
 // One invocation per query row. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
@@ -184,12 +209,23 @@ fn tile_rows() -> u32 { return TILE4 / (p.hs / 4u); }
 // How many of a tile's n keys from s0 on a query at position tpos sees (keys ≤ tpos).
 fn keys_seen(n: u32, s0: u32, tpos: u32) -> u32 { return select(0u, min(n, tpos + 1u - s0), tpos >= s0); }
 
+// vec4 i of the query row at qb (token t of sequence bi), rotated under ROPE.
+fn load_q(qb: u32, i: u32, bi: u32, t: u32) -> vec4<f32> {
+    if (ROPE) { return rope4(q[qb + i], q[qb + partner(i)], i, position(bi, t), 1.0); }
+    return q[qb + i];
+}
+
 // Stage keys s0..s0+n of kv head g (k into tile_a, v into tile_b).
 fn stage_kv(lid: u32, bi: u32, g: u32, s0: u32, n: u32) {
     let hs4 = p.hs / 4u;
     for (var e = lid; e < n * hs4; e += 64u) {
         let kb = kv_base(bi, s0 + e / hs4, g) + e % hs4;
-        tile_a[e] = k[kb];
+        if (ROPE) {
+            let i = e % hs4;
+            tile_a[e] = rope4(k[kb], k[kb - i + partner(i)], i, position(bi, s0 + e / hs4), 1.0);
+        } else {
+            tile_a[e] = k[kb];
+        }
         tile_b[e] = v[kb];
     }
 }
@@ -208,7 +244,7 @@ fn attention_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     let qb = q_base(bi, t, h);
     var qr: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
-    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; }
+    for (var i = 0u; i < hs4; i++) { qr[i] = load_q(qb, i, bi, t) * p.scale; }
     let tpos = t + p.tk - p.t;
     let st = seg[bi * p.tk + tpos];
     let row = (bi * p.nh + h) * p.t + t;
@@ -262,7 +298,7 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
     var qr: array<vec4<f32>, MAX_HS4>;
     var dor: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
-    for (var i = 0u; i < hs4; i++) { qr[i] = q[qb + i] * p.scale; dor[i] = dout[qb + i]; }
+    for (var i = 0u; i < hs4; i++) { qr[i] = load_q(qb, i, bi, t) * p.scale; dor[i] = dout[qb + i]; }
     let row = (bi * p.nh + h) * p.t + t;
     let l = stats_rw[row];
     let d = dsum(qb, &dor);
@@ -286,7 +322,12 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
         workgroupBarrier();
     }
     if (live) {
-        for (var i = 0u; i < hs4; i++) { dq[qb + i] += acc[i] * p.scale; }
+        if (ROPE) {
+            let ps = position(bi, t);
+            for (var i = 0u; i < hs4; i++) { dq[qb + i] += rope4(acc[i], acc[partner(i)], i, ps, -1.0) * p.scale; }
+        } else {
+            for (var i = 0u; i < hs4; i++) { dq[qb + i] += acc[i] * p.scale; }
+        }
     }
 }
 
@@ -306,7 +347,10 @@ fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     var vr: array<vec4<f32>, MAX_HS4>;
     var dk_acc: array<vec4<f32>, MAX_HS4>;
     var dv_acc: array<vec4<f32>, MAX_HS4>;
-    for (var i = 0u; i < hs4; i++) { kr[i] = k[kb + i] * p.scale; vr[i] = v[kb + i]; }
+    for (var i = 0u; i < hs4; i++) {
+        if (ROPE) { kr[i] = rope4(k[kb + i], k[kb + partner(i)], i, position(bi, s), 1.0) * p.scale; } else { kr[i] = k[kb + i] * p.scale; }
+        vr[i] = v[kb + i];
+    }
     let ss = seg[bi * p.t + s];
     let nq = tile_rows();
     let t_end = min(p.t, p.r1);
@@ -316,7 +360,7 @@ fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
             let n = min(nq, t_end - t0);
             for (var e = lid; e < n * hs4; e += 64u) {
                 let qe = q_base(bi, t0 + e / hs4, h) + e % hs4;
-                tile_a[e] = q[qe];
+                tile_a[e] = load_q(qe - e % hs4, e % hs4, bi, t0 + e / hs4);
                 tile_b[e] = dout[qe];
             }
             workgroupBarrier();
@@ -339,8 +383,9 @@ fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
         }
     }
     if (live) {
+        let ps = position(bi, s);
         for (var i = 0u; i < hs4; i++) {
-            dk[kb + i] += dk_acc[i] * p.scale;
+            if (ROPE) { dk[kb + i] += rope4(dk_acc[i], dk_acc[partner(i)], i, ps, -1.0) * p.scale; } else { dk[kb + i] += dk_acc[i] * p.scale; }
             dv[kb + i] += dv_acc[i];
         }
     }

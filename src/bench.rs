@@ -126,10 +126,10 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
     // Causal: half of QKᵀ and of P·V; the backward has twice the forward's products.
     let fwd_flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * 64.0 * 9.0;
     case!(format!("attention forward T={t} 9×64 heads, 3 kv"), fwd_flops, "GFLOP/s", |g, r| {
-        kernels::attention_forward(g, r, &at, &q, &k, &v, &seg, &o, &lse)
+        kernels::attention_forward(g, r, &at, None, &q, &k, &v, &seg, &o, &lse)
     });
     case!(format!("attention backward T={t} 9×64 heads, 3 kv"), 2.0 * fwd_flops, "GFLOP/s", |g, r| {
-        kernels::attention_backward(g, r, &at, &q, &k, &v, &seg, &o, &lse, &q, &dq, &dk, &dv)
+        kernels::attention_backward(g, r, &at, None, &q, &k, &v, &seg, &o, &lse, &q, &dq, &dk, &dv)
     });
 
     let c = 576;

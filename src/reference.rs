@@ -166,6 +166,49 @@ pub fn attention_backward(
     }
 }
 
+/// `attention_forward_roped`: q and k rotated (`rope_forward`), then attended; `seg_pos`
+/// holds the segments, then the positions (`[2, B, T]`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_roped(at: &Attention, inv_freq: &[f32], q: &[f32], k: &[f32], v: &[f32], seg_pos: &[u32], o: &mut [f32], lse: &mut [f32]) {
+    let (qr, kr) = roped(at, inv_freq, q, k, seg_pos);
+    attention_forward(at, &qr, &kr, v, &seg_pos[..at.b * at.t], o, lse)
+}
+
+/// `attention_backward_roped`: the attention's gradients of the rotated q and k,
+/// rotated back (`rope_backward`) and added into dq and dk.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_roped(
+    at: &Attention,
+    inv_freq: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seg_pos: &[u32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (qr, kr) = roped(at, inv_freq, q, k, seg_pos);
+    let (mut dqr, mut dkr) = (vec![0.0; dq.len()], vec![0.0; dk.len()]);
+    let n = at.b * at.t;
+    attention_backward(at, &qr, &kr, v, &seg_pos[..n], o, lse, dout, &mut dqr, &mut dkr, dv);
+    rope_backward(n, (at.nh, at.nkv), at.hs, &mut dqr, &mut dkr, &seg_pos[n..], inv_freq);
+    for (d, x) in dq.iter_mut().zip(dqr).chain(dk.iter_mut().zip(dkr)) {
+        *d += x;
+    }
+}
+
+/// q and k rotated by the positions that follow the segments in `seg_pos`.
+fn roped(at: &Attention, inv_freq: &[f32], q: &[f32], k: &[f32], seg_pos: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let n = at.b * at.t;
+    let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
+    rope_forward(n, (at.nh, at.nkv), at.hs, &mut qr, &mut kr, &seg_pos[n..], inv_freq);
+    (qr, kr)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_forward(rows: usize, c: usize, eps: f32, x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32]) {
     for r in 0..rows {
@@ -202,6 +245,39 @@ pub fn rmsnorm_backward(
     }
     for (d, x) in dw.into_iter().flatten().zip(dw64) {
         *d += x as f32;
+    }
+}
+
+/// `rmsnorm_forward_lora_down`: `rmsnorm_forward`, then each pair's `lora_down` of y.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_lora_down(rows: usize, c: usize, eps: f32, x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], ls: &[Lora], a: &[&[f32]], h: &mut [Vec<f32>]) {
+    rmsnorm_forward(rows, c, eps, x, w, y, rstd);
+    for ((l, a), h) in ls.iter().zip(a).zip(h) {
+        lora_down(l, y, a, h);
+    }
+}
+
+/// `rmsnorm_backward_dh`: `rmsnorm_backward`, then `dh = s·dx·B` (B `[c, rank]`) from
+/// the finished dx.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward_dh(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+    (s, rank, b): (f32, usize, &[f32]),
+    dh: &mut [f32],
+) {
+    rmsnorm_backward(rows, c, x, w, rstd, dy, dx, dw);
+    for r in 0..rows {
+        for j in 0..rank {
+            let acc: f64 = (0..c).map(|i| dx[r * c + i] as f64 * b[i * rank + j] as f64).sum();
+            dh[r * rank + j] = (s as f64 * acc) as f32;
+        }
     }
 }
 

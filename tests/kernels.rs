@@ -300,7 +300,7 @@ fn grouped_lora_matches_reference_pair_by_pair() {
                 let before = g.counters().dispatches;
                 run(g, |rec| {
                     k::lora_down_group(g, rec, &ls, &tx, &refs(&ta), &refs(&th))?;
-                    k::lora_backward_group(g, rec, &ls, &tx, &refs(&tb), &refs(&th), &refs(&tdy), &refs(&tdh), &refs(&tda), &refs(&tdb))
+                    k::lora_backward_group(g, rec, &ls, &tx, &refs(&tb), &refs(&th), &refs(&tdy), &refs(&tdh), false, &refs(&tda), &refs(&tdb))
                 });
                 // Together: h; dh; dA and dB (with the GPU kernels as one product over
                 // two operand sets).
@@ -372,8 +372,8 @@ fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u
     let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
     let (tdq, tdk, tdv) = (up(g, &dq0), up(g, &dk0), up(g, &dv0));
     run(g, |r| {
-        k::attention_forward(g, r, at, &tq, &tk, &tv, &ts, &to, &tl)?;
-        k::attention_backward(g, r, at, &tq, &tk, &tv, &ts, &to, &tl, &tdo, &tdq, &tdk, &tdv)
+        k::attention_forward(g, r, at, None, &tq, &tk, &tv, &ts, &to, &tl)?;
+        k::attention_backward(g, r, at, None, &tq, &tk, &tv, &ts, &to, &tl, &tdo, &tdq, &tdk, &tdv)
     });
     let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
     cpu::attention_forward(at, &q, &kk, &v, seg, &mut o, &mut lse);
@@ -419,6 +419,77 @@ fn flash_attention_tiles_match_reference() {
     attention_case_on(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 213, 1.0);
 }
 
+/// Attention with RoPE on load (the tiled kernels; q and k as stored are before the
+/// rotation) against RoPE then attention on the CPU, for q, k and v's gradients too.
+fn roped_attention_case(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64) {
+    let mut rng = Rng::new(seed);
+    let n = at.b * at.t;
+    // Positions restart at each packed example, as a packed batch's do.
+    let mut pos = vec![0u32; n];
+    for i in 1..n {
+        if i % at.t != 0 && seg[i] == seg[i - 1] {
+            pos[i] = pos[i - 1] + 1;
+        }
+    }
+    let seg_pos = [seg, &pos].concat();
+    let inv_freq = k::rope::inv_freq(at.hs, 10000.0);
+    let (q, kk, v) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0));
+    let dout = rng.vec(at.q_len(), 1.0);
+    let (dq0, dk0, dv0) = (rng.vec(at.q_len(), 0.1), rng.vec(at.kv_len(), 0.1), rng.vec(at.kv_len(), 0.1));
+    let (tq, tk, tv, ts, tdo) = (up(g, &q), up(g, &kk), up(g, &v), up(g, &seg_pos), up(g, &dout));
+    let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
+    let (tdq, tdk, tdv) = (up(g, &dq0), up(g, &dk0), up(g, &dv0));
+    let rope = k::RopeOnLoad { inv_freq: &inv_freq };
+    run(g, |r| {
+        k::attention_forward(g, r, at, Some(rope), &tq, &tk, &tv, &ts, &to, &tl)?;
+        k::attention_backward(g, r, at, Some(rope), &tq, &tk, &tv, &ts, &to, &tl, &tdo, &tdq, &tdk, &tdv)
+    });
+    let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
+    cpu::attention_forward_roped(at, &inv_freq, &q, &kk, &v, &seg_pos, &mut o, &mut lse);
+    let (mut dq, mut dk, mut dv) = (dq0, dk0, dv0);
+    cpu::attention_backward_roped(at, &inv_freq, &q, &kk, &v, &seg_pos, &o, &lse, &dout, &mut dq, &mut dk, &mut dv);
+    close(&format!("roped attention o {at:?}"), &read(g, &to), &o, 1e-4, 1e-4);
+    close("roped attention lse", &read(g, &tl), &lse, 1e-4, 1e-4);
+    close("roped attention dq", &read(g, &tdq), &dq, 1e-4, 1e-3);
+    close("roped attention dk", &read(g, &tdk), &dk, 1e-4, 1e-3);
+    close("roped attention dv", &read(g, &tdv), &dv, 1e-4, 1e-3);
+    // RoPE on load changes nothing but where the rotation happens: the rope pass, then
+    // attention, on the GPU, agree with it.
+    let (rq, rk, ro, rl) = (up(g, &q), up(g, &kk), zeros(g, at.q_len()), zeros(g, at.rows()));
+    let (tpos, tinv, tseg) = (up(g, &pos), up(g, &inv_freq), up(g, seg));
+    run(g, |r| {
+        k::rope_forward(g, r, n, (at.nh, at.nkv), at.hs, &rq, &rk, &tpos, &tinv)?;
+        k::attention_forward(g, r, at, None, &rq, &rk, &tv, &tseg, &ro, &rl)
+    });
+    close("roped attention o against the rope pass", &read(g, &to), &read(g, &ro), 1e-5, 1e-5);
+}
+
+/// RoPE on load at the tiles' edges (T = 1, 63, 64, 65, 512, 2,049), GQA groups 1, 3
+/// and 4, head sizes 8 to 128, packed examples whose positions restart, and split into
+/// loop-budget ranges; the row kernels refuse it.
+#[test]
+fn roped_attention_matches_reference() {
+    let g = variant(Variant::Tiled);
+    for (i, t) in [1usize, 63, 64, 65, 512, 2049].into_iter().enumerate() {
+        roped_attention_case(g, &Attention::new(1, t, 3, 1, 64), &vec![0; t], 300 + i as u64);
+    }
+    let seg: Vec<u32> = (0..2 * 130).map(|i| [0, 1, 2][(i % 130 > 40) as usize + (i % 130 > 97) as usize]).collect();
+    roped_attention_case(g, &Attention::new(2, 130, 4, 4, 32), &seg, 310);
+    roped_attention_case(g, &Attention::new(2, 130, 8, 2, 16), &seg, 311);
+    roped_attention_case(g, &Attention::new(1, 20, 2, 1, 8), &vec![0; 20], 312);
+    roped_attention_case(g, &Attention::new(1, 33, 2, 2, 128), &vec![0; 33], 313);
+    let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
+    roped_attention_case(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 314);
+    roped_attention_case(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 315);
+    // The row kernels (CPU drivers) have no RoPE on load, and say so.
+    let row = variant(Variant::Register);
+    let at = Attention::new(1, 2, 2, 2, 8);
+    let (t, sp, l) = (zeros(row, at.q_len()), up(row, &[0u32, 0, 0, 1]), zeros(row, at.rows()));
+    let mut rec = row.recorder("row");
+    let err = k::attention_forward(row, &mut rec, &at, Some(k::RopeOnLoad { inv_freq: &[1.0; 4] }), &t, &t, &t, &sp, &t, &l).unwrap_err().to_string();
+    assert!(err.contains("RoPE on load is the tiled kernels'"), "{err}");
+}
+
 #[test]
 fn cached_attention_matches_reference() {
     // Decoding: 3 new queries against 11 cached positions, one of 2 batches; one query
@@ -431,7 +502,7 @@ fn cached_attention_matches_reference() {
             let (q, kk, vv) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0));
             let (tq, tk, tv, ts) = (up(g, &q), up(g, &kk), up(g, &vv), up(g, &seg));
             let (to, tl) = (zeros(g, at.q_len()), zeros(g, at.rows()));
-            run(g, |r| k::attention_forward(g, r, &at, &tq, &tk, &tv, &ts, &to, &tl));
+            run(g, |r| k::attention_forward(g, r, &at, None, &tq, &tk, &tv, &ts, &to, &tl));
             let (mut o, mut lse) = (vec![0.0; at.q_len()], vec![0.0; at.rows()]);
             cpu::attention_forward(&at, &q, &kk, &vv, &seg, &mut o, &mut lse);
             close(&format!("cached attention o {at:?} on {v:?}"), &read(g, &to), &o, 1e-5, 1e-4);
@@ -446,8 +517,64 @@ fn attention_rejects_bad_heads() {
     let t = zeros(g, 64);
     let mut rec = g.recorder("bad");
     let at = Attention::new(1, 2, 3, 2, 8);
-    let err = k::attention_forward(g, &mut rec, &at, &t, &t, &t, &t, &t, &t).unwrap_err().to_string();
+    let err = k::attention_forward(g, &mut rec, &at, None, &t, &t, &t, &t, &t, &t).unwrap_err().to_string();
     assert!(err.contains("must divide"), "{err}");
+}
+
+/// The norm's forward with the LoRA down products of the layers that read its output
+/// (q/k/v: three pairs, each with its own dropout mask), both variants, against the
+/// CPU; and the fallbacks (pairs of different ranks, more than four) give the same.
+#[test]
+fn rmsnorm_forward_makes_lora_downs() {
+    // (rows, c, ranks, dropout)
+    let cases: [(usize, usize, &[usize], f32); 5] =
+        [(7, 33, &[16, 16, 16], 0.0), (64, 576, &[16, 16, 16], 0.1), (130, 130, &[20, 20], 0.05), (5, 64, &[8, 4], 0.2), (3, 8, &[1, 1, 1, 1, 1], 0.0)];
+    for (g, (rows, c, ranks, p)) in [variant(Variant::Register), variant(Variant::Tiled)].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
+        let mut rng = Rng::new(rows as u64);
+        let (x, w) = (rng.vec(rows * c, 3.0), rng.vec(c, 2.0));
+        let ls: Vec<Lora> = ranks.iter().enumerate().map(|(i, &r)| Lora::new(rows, c, 7, r, 2.0).with_dropout(p, 40 + i as u32)).collect();
+        let a: Vec<Vec<f32>> = ls.iter().map(|l| rng.vec(l.r * c, 1.0)).collect();
+        // The A's in one buffer and the h's in one temporary, as a model's lie.
+        let ta = up(g, &a.concat());
+        let mut off = 0;
+        let ta_parts: Vec<_> = ls.iter().map(|l| { let t = ta.view("a", (off * 4) as u64, &[l.r, c]); off += l.r * c; t }).collect();
+        let (tx, tw, ty, trs) = (up(g, &x), up(g, &w), zeros(g, rows * c), zeros(g, rows));
+        let mut rec = g.recorder("h");
+        let th = g.temps(&mut rec, "h", &ls.iter().map(|l| vec![rows, l.r]).collect::<Vec<_>>()).unwrap();
+        drop(rec);
+        run(g, |r| {
+            let (ap, hp): (Vec<_>, Vec<_>) = (ta_parts.iter().collect(), th.iter().collect());
+            k::rmsnorm_forward_lora_down(g, r, rows, c, 1e-5, (&tx, &tw, &ty, &trs), &ls, &ap, &hp)
+        });
+        let (mut y, mut rs) = (vec![0.0; rows * c], vec![0.0; rows]);
+        let mut h: Vec<Vec<f32>> = ls.iter().map(|l| vec![0.0; rows * l.r]).collect();
+        cpu::rmsnorm_forward_lora_down(rows, c, 1e-5, &x, &w, &mut y, &mut rs, &ls, &a.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut h);
+        let what = format!("[{rows}, {c}] ranks {ranks:?} dropout {p} on {:?}", g.caps.variant);
+        close(&format!("rmsnorm y {what}"), &read(g, &ty), &y, 1e-5, 1e-4);
+        for (i, want) in h.iter().enumerate() {
+            close(&format!("LoRA h {i} {what}"), &read(g, &th[i]), want, 1e-4 * (c as f32).sqrt(), 1e-3);
+        }
+    }
+}
+
+/// The norm's backward with a LoRA pair's dh = s·dx·B made from each finished row of dx
+/// (o_proj's pair after the post-attention norm), both variants, ranks below, at and
+/// past the kernels' 16 columns at a time, against the CPU.
+#[test]
+fn rmsnorm_backward_makes_lora_dh() {
+    let cases = [(7, 33, 16, 1), (64, 576, 16, 2), (130, 130, 20, 3), (5, 576, 64, 4), (3, 8, 1, 5)];
+    for (g, (rows, c, rank, seed)) in [variant(Variant::Register), variant(Variant::Tiled)].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
+        let mut rng = Rng::new(seed);
+        let (x, w, dy, b) = (rng.vec(rows * c, 1.0), rng.vec(c, 2.0), rng.vec(rows * c, 1.0), rng.vec(c * rank, 1.0));
+        let (dx0, rs) = (rng.vec(rows * c, 0.5), rng.vec(rows, 1.0).iter().map(|v| 1.0 + v.abs()).collect::<Vec<f32>>());
+        let (tx, tw, tdy, tdx, tb, trs, tdh) = (up(g, &x), up(g, &w), up(g, &dy), up(g, &dx0), up(g, &b), up(g, &rs), zeros(g, rows * rank));
+        let lora = k::LoraDh { s: 0.75, rank, b: &tb, dh: &tdh };
+        run(g, |r| k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trs, &tdy, &tdx, None, Some(lora)));
+        let (mut dx, mut dh) = (dx0, vec![0.0; rows * rank]);
+        cpu::rmsnorm_backward_dh(rows, c, &x, &w, &rs, &dy, &mut dx, None, (0.75, rank, &b), &mut dh);
+        close(&format!("rmsnorm dx [{rows}, {c}] with dh on {:?}", g.caps.variant), &read(g, &tdx), &dx, 1e-4, 1e-3);
+        close(&format!("rmsnorm's LoRA dh rank {rank}"), &read(g, &tdh), &dh, 1e-4 * (c as f32).sqrt(), 1e-3);
+    }
 }
 
 #[test]
@@ -463,7 +590,7 @@ fn rmsnorm_matches_reference() {
         let (ty, trs) = (zeros(g, rows * c), zeros(g, rows));
         run(g, |r| {
             k::rmsnorm_forward(g, r, rows, c, 1e-5, &tx, &tw, &ty, &trs)?;
-            k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trs, &tdy, &tdx, Some(&tdw))
+            k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trs, &tdy, &tdx, Some(&tdw), None)
         });
         let (mut y, mut rs, mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; rows], dx0, dw0);
         cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rs);
@@ -1015,7 +1142,7 @@ fn row_sums_case(g: &webtune::gpu::Gpu, rows: usize, c: usize, seed: u64) {
     let (tids, temb, tout, tdemb) = (up(g, &ids), up(g, &w.repeat(2)), zeros(g, rows * c), zeros(g, 2 * c));
     run(g, |r| {
         k::rmsnorm_forward(g, r, rows, c, 1e-5, &tx, &tw, &ty, &trstd)?;
-        k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trstd, &tdy, &tdx, Some(&tdw))?;
+        k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trstd, &tdy, &tdx, Some(&tdw), None)?;
         k::bias_backward(g, r, rows, c, &tdy, &tdb)?;
         k::embedding_forward(g, r, rows, c, 2, &tids, &[&temb], &tout)?;
         k::embedding_backward(g, r, rows, c, 0, 2, &ids, &tdy, &tdemb)

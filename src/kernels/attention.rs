@@ -60,7 +60,9 @@ impl Attention {
             tk: self.tk as u32,
             r0: 0,
             r1: self.tk as u32,
-            _p: [0; 3],
+            pos_off: 0,
+            _p: [0; 2],
+            inv_freq: [0.0; 64],
         }
     }
 
@@ -98,16 +100,52 @@ struct Params {
     tk: u32,
     r0: u32,
     r1: u32,
-    _p: [u32; 3],
+    pos_off: u32,
+    _p: [u32; 2],
+    inv_freq: [f32; 64],
+}
+
+/// RoPE on load (the tiled kernels' `ROPE`): q and k as stored are before the rotation;
+/// the attention rotates them as it loads them (and dq, dk back), by the positions that
+/// follow the segments in `seg` (`[2, B, T]`: segments, then positions) and these
+/// inverse frequencies (`[HS/2]`, at most 64).
+#[derive(Clone, Copy)]
+pub struct RopeOnLoad<'a> {
+    pub inv_freq: &'a [f32],
+}
+
+impl RopeOnLoad<'_> {
+    /// Whether the adapter's kernels take RoPE on load for this shape: the tiled ones
+    /// (`Variant::Tiled`), with a head size that is a multiple of 8.
+    pub fn offered(gpu: &Gpu, hs: usize) -> bool {
+        gpu.caps.variant == Variant::Tiled && hs % 8 == 0 && hs <= 128
+    }
+
+    /// The kernels' parameters and overrides for `at`, checking `seg` holds positions.
+    fn apply(rope: Option<Self>, gpu: &Gpu, op: &str, at: &Attention, seg: &Tensor, mut p: Params) -> Result<(Params, &'static [(&'static str, f64)])> {
+        let Some(r) = rope else {
+            return Ok((p, &[]));
+        };
+        check(RopeOnLoad::offered(gpu, at.hs), op, || format!("RoPE on load is the tiled kernels' (head size a multiple of 8, at most 128); head size {} on the {:?} kernels", at.hs, gpu.caps.variant))?;
+        check(at.tk == at.t, op, || "RoPE on load is for training, where keys = queries".into())?;
+        check(r.inv_freq.len() == at.hs / 2, op, || format!("{} inverse frequencies for head size {}", r.inv_freq.len(), at.hs))?;
+        seg.expect(op, "seg (segments, then positions)", DType::U32, 2 * at.b * at.t)?;
+        p.pos_off = (at.b * at.t) as u32;
+        p.inv_freq[..r.inv_freq.len()].copy_from_slice(r.inv_freq);
+        Ok((p, &[("ROPE", 1.0)]))
+    }
 }
 
 /// `o = softmax(scale · q·kᵀ + causal/segment mask) · v`, saving `lse` `[B, NH, T]`.
-/// `seg` `[B, T]` u32: keys in another segment (packed example) are masked.
+/// `seg` `[B, T]` u32: keys in another segment (packed example) are masked. With
+/// `rope`, q and k are before RoPE and rotated as loaded (`RopeOnLoad`), and `seg`
+/// holds the segments, then the positions (`[2, B, T]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     gpu: &Gpu,
     rec: &mut Recorder,
     at: &Attention,
+    rope: Option<RopeOnLoad>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -122,13 +160,16 @@ pub fn attention_forward(
     let kv_expect = if at.b == 1 { Tensor::expect_min } else { Tensor::expect };
     kv_expect(k, op, "k", DType::F32, at.kv_len())?;
     kv_expect(v, op, "v", DType::F32, at.kv_len())?;
-    kv_expect(seg, op, "seg", DType::U32, at.b * at.tk)?;
+    if rope.is_none() {
+        kv_expect(seg, op, "seg", DType::U32, at.b * at.tk)?;
+    }
     o.expect(op, "o", DType::F32, at.q_len())?;
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o])?;
+    let (params, overrides) = RopeOnLoad::apply(rope, gpu, op, at, seg, at.params())?;
     // Key ranges that fit the loop budget; each range resumes from the last's (o, lse).
     let [name, _, _] = entries(gpu);
-    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
+    let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
     let hs4 = at.hs / 4;
     // Per key: the score and the update (2·HS/4) and the key's share of staging a tile.
     for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 2, 3 * hs4 + 16) {
@@ -136,7 +177,7 @@ pub fn attention_forward(
             rec,
             &pipeline,
             name,
-            &Params { r0: r0 as u32, r1: r1 as u32, ..at.params() },
+            &Params { r0: r0 as u32, r1: r1 as u32, ..params },
             &[(1, q.into()), (2, k.into()), (3, v.into()), (4, seg.into()), (5, o.into()), (6, Bind::from(lse))],
             at.grid(at.nh),
         )?;
@@ -145,12 +186,15 @@ pub fn attention_forward(
 }
 
 /// Adds the gradients of `attention_forward` into `dq`, `dk`, `dv`, given its
-/// inputs, its output `o`, the saved `lse` and the output gradient `dout`.
+/// inputs, its output `o`, the saved `lse` and the output gradient `dout`. With `rope`
+/// (`attention_forward`'s), dq and dk are the gradients of q and k as stored, rotated
+/// back in the kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     gpu: &Gpu,
     rec: &mut Recorder,
     at: &Attention,
+    rope: Option<RopeOnLoad>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -171,18 +215,20 @@ pub fn attention_backward(
     for (t, name) in [(k, "k"), (v, "v"), (dk, "dk"), (dv, "dv")] {
         t.expect(op, name, DType::F32, at.kv_len())?;
     }
-    seg.expect(op, "seg", DType::U32, at.b * at.t)?;
+    if rope.is_none() {
+        seg.expect(op, "seg", DType::U32, at.b * at.t)?;
+    }
     lse.expect(op, "lse", DType::F32, at.rows())?;
     check_binding(gpu, op, &[q, k, v, o, dout, dq, dk, dv])?;
+    let (params, overrides) = RopeOnLoad::apply(rope, gpu, op, at, seg, at.params())?;
     // stats = [lse, dsum]: the dq pass writes dsum, the dk/dv pass reads it.
     let stats = gpu.temp(rec, "attention stats", DType::F32, &[2, at.rows()])?;
     rec.encoder().copy_buffer_to_buffer(&lse.buffer, lse.offset, &stats.buffer, stats.offset, lse.bytes());
-    let params = at.params();
     // dq (and dsum) over key ranges, dk/dv over query ranges (each query head of the
     // group loops over the range), each range adding its part.
     let hs4 = at.hs / 4;
     let [_, name, _] = entries(gpu);
-    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
+    let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
     for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 4 * hs4 + 16) {
         let binds = [
             (1, q.into()),
@@ -199,7 +245,7 @@ pub fn attention_backward(
     }
     let group = at.nh / at.nkv;
     let [_, _, name] = entries(gpu);
-    let pipeline = gpu.pipeline(&ATTENTION, name, &[]);
+    let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
     for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 2), group + 4 * hs4 + 16) {
         let binds = [
             (1, q.into()),

@@ -116,7 +116,7 @@ pub fn lora_backward(
     da: &Tensor,
     db: &Tensor,
 ) -> Result<()> {
-    lora_backward_group(gpu, rec, &[*l], x, &[b], &[h], &[dy], &[dh], &[da], &[db])
+    lora_backward_group(gpu, rec, &[*l], x, &[b], &[h], &[dy], &[dh], false, &[da], &[db])
 }
 
 /// `lora_down` for pairs on projections that read the same x (q/k/v, gate/up): one
@@ -141,6 +141,8 @@ pub fn lora_down_group(gpu: &Gpu, rec: &mut Recorder, ls: &[Lora], x: &Tensor, a
 /// as one grouped dispatch where each role's tensors lie in one buffer (the dy's and
 /// dh's in one temporary each, the B's, A and B gradients and h's in one group), else
 /// three dispatches a pair.
+/// `dh_made`: each pair's dh is made already (by the norm whose dx is the layer's output
+/// gradient, `rmsnorm_backward`'s `LoraDh`), so only dB and dA are computed.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward_group(
     gpu: &Gpu,
@@ -151,6 +153,7 @@ pub fn lora_backward_group(
     h: &[&Tensor],
     dy: &[&Tensor],
     dh: &[&Tensor],
+    dh_made: bool,
     da: &[&Tensor],
     db: &[&Tensor],
 ) -> Result<()> {
@@ -167,7 +170,9 @@ pub fn lora_backward_group(
     let spans = [("LoRA B", b), ("LoRA h", h), ("LoRA dy", dy), ("LoRA dh", dh), ("LoRA dA", da), ("LoRA dB", db)].map(|(label, t)| Tensor::span(label, t, gpu.caps.max_binding));
     if let (true, [Some((tb, ob)), Some((th, oh)), Some((tdy, ody)), Some((tdh, odh)), Some((tda, oda)), Some((tdb, odb))]) = (alike(ls), spans) {
         let each = |f: &dyn Fn(usize, &Lora) -> Matmul| ls.iter().enumerate().map(|(i, l)| f(i, l)).collect::<Vec<_>>();
-        matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
+        if !dh_made {
+            matmul_group(gpu, rec, &each(&|i, l| Matmul { a_off: ody[i], b_off: ob[i], c_off: odh[i], ..l.dh() }), &tdy, &tb, &tdh, None)?;
+        }
         let da_mms = each(&|i, l| Matmul { a_off: odh[i], c_off: oda[i], ..l.da() });
         // dB reads dy and h where dA reads dh and x: with the GPU kernels, where the
         // gradients lie in one buffer, both as one dispatch over two operand sets
@@ -186,7 +191,9 @@ pub fn lora_backward_group(
         return matmul_group(gpu, rec, &da_mms, &tdh, x, &tda, None);
     }
     for (i, l) in ls.iter().enumerate() {
-        matmul(gpu, rec, &l.dh(), dy[i], b[i], dh[i])?;
+        if !dh_made {
+            matmul(gpu, rec, &l.dh(), dy[i], b[i], dh[i])?;
+        }
         matmul(gpu, rec, &l.db(), dy[i], h[i], db[i])?;
         matmul(gpu, rec, &l.da(), dh[i], x, da[i])?;
     }

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/rmsnorm.wgsl`.
 
-use super::{check, check_binding, groups, loop_span, spans, RMSNORM};
+use super::{check, check_binding, groups, lora_down_group, loop_span, spans, Lora, RMSNORM};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Variant};
 
@@ -11,6 +11,13 @@ struct Params {
     c: u32,
     eps: f32,
     r0: u32,
+    rank: u32,
+    s: f32,
+    pairs: u32,
+    drop_p: f32,
+    a_off: [u32; 4],
+    h_off: [u32; 4],
+    key: [u32; 4],
 }
 
 fn params(gpu: &Gpu, op: &str, rows: usize, c: usize, eps: f32) -> Result<Params> {
@@ -21,7 +28,7 @@ fn params(gpu: &Gpu, op: &str, rows: usize, c: usize, eps: f32) -> Result<Params
     check(loops + 16 <= gpu.caps.max_loop as usize, op, || {
         format!("rows of {c} exceed this driver's loop budget of {} iterations per invocation", gpu.caps.max_loop)
     })?;
-    Ok(Params { rows: rows as u32, c: c as u32, eps, r0: 0 })
+    Ok(Params { rows: rows as u32, c: c as u32, eps, r0: 0, rank: 0, s: 0.0, pairs: 0, drop_p: 0.0, a_off: [0; 4], h_off: [0; 4], key: [0; 4] })
 }
 
 /// A grid of one workgroup per row, spilling past 65,535 rows into y.
@@ -60,8 +67,85 @@ pub fn rmsnorm_forward(
     gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into())], grid)
 }
 
+/// `rmsnorm_forward`, then the LoRA down products `h = dropout(y)·Aᵀ` of the pairs `ls`
+/// on the layers that read y (`lora_down_group`'s, which it is where it cannot be one
+/// dispatch): the row kernels make each pair's h from the finished row, where the
+/// pairs are of one rank and dropout, at most 4, their A's and h's each in one binding,
+/// within the driver's loop budget.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_lora_down(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    rows: usize,
+    c: usize,
+    eps: f32,
+    (x, w, y, rstd): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ls: &[Lora],
+    a: &[&Tensor],
+    h: &[&Tensor],
+) -> Result<()> {
+    let op = "rmsnorm_forward_lora_down";
+    check(a.len() == ls.len() && h.len() == ls.len(), op, || format!("{} pairs, {} A's and {} h's", ls.len(), a.len(), h.len()))?;
+    let alike = ls.iter().all(|l| l.r == ls[0].r && l.dropout == ls[0].dropout && l.n == rows && l.din == c && l.glu.is_none());
+    let spans = (Tensor::span("LoRA A", a, gpu.caps.max_binding), Tensor::span("LoRA h", h, gpu.caps.max_binding));
+    let (Some((ta, oa)), Some((th, oh))) = spans.clone() else {
+        rmsnorm_forward(gpu, rec, rows, c, eps, x, w, y, rstd)?;
+        return lora_down_group(gpu, rec, ls, y, a, h);
+    };
+    let rank = ls.first().map_or(0, |l| l.r);
+    if !(alike && (1..=4).contains(&ls.len()) && LoraDh::fits(gpu, c, ls.len() * rank)) {
+        rmsnorm_forward(gpu, rec, rows, c, eps, x, w, y, rstd)?;
+        return lora_down_group(gpu, rec, ls, y, a, h);
+    }
+    let mut p = params(gpu, op, rows, c, eps)?;
+    x.expect(op, "x", DType::F32, rows * c)?;
+    w.expect(op, "w", DType::F32, c)?;
+    y.expect(op, "y", DType::F32, rows * c)?;
+    rstd.expect(op, "rstd", DType::F32, rows)?;
+    for (i, l) in ls.iter().enumerate() {
+        a[i].expect(op, "a", DType::F32, l.r * c)?;
+        h[i].expect(op, "h", DType::F32, rows * l.r)?;
+        p.a_off[i] = oa[i] as u32;
+        p.h_off[i] = oh[i] as u32;
+        p.key[i] = crate::rng::hash(l.seed);
+    }
+    (p.rank, p.pairs, p.drop_p) = (rank as u32, ls.len() as u32, ls[0].dropout);
+    check_binding(gpu, op, &[x, y, &ta, &th])?;
+    let (name, grid) = match gpu.caps.variant {
+        Variant::Register => ("rmsnorm_forward_down_row", [groups(rows, 64), 1, 1]),
+        Variant::Tiled => ("rmsnorm_forward_down_tiled", row_grid(rows)),
+    };
+    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    let binds = [(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into()), (13, (&ta).into()), (14, (&th).into())];
+    gpu.dispatch(rec, &pipeline, name, &p, &binds, grid)
+}
+
+/// A LoRA pair's `dh = s·dx·B` that `rmsnorm_backward` makes from the finished dx:
+/// B `[c, rank]` (the pair of the linear layer whose output gradient dx is), dh
+/// `[rows, rank]` (written).
+#[derive(Clone, Copy)]
+pub struct LoraDh<'a> {
+    pub s: f32,
+    pub rank: usize,
+    pub b: &'a Tensor,
+    pub dh: &'a Tensor,
+}
+
+impl LoraDh<'_> {
+    /// Whether the row kernels make this dh within the driver's loop budget (a row
+    /// invocation of the CPU drivers' kernel sums c · rank products).
+    pub fn fits(gpu: &Gpu, c: usize, rank: usize) -> bool {
+        let per_row = if gpu.caps.variant == Variant::Tiled { c.div_ceil(64) * DH_COLS + 64 } else { c * DH_COLS };
+        rank > 0 && 2 * c + per_row + 16 <= gpu.caps.max_loop as usize
+    }
+}
+
+/// Columns of dh a row kernel sums at once (`DH_COLS` in the WGSL).
+const DH_COLS: usize = 16;
+
 /// Adds into `dx` `[rows, c]` and, where the weight trains, `dw` `[c]`, given x, w,
-/// the saved rstd and dy.
+/// the saved rstd and dy; with `lora`, then makes a LoRA pair's dh from each finished
+/// row of dx (`LoraDh`: dx is the output gradient of the linear layer the pair is on).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     gpu: &Gpu,
@@ -74,6 +158,7 @@ pub fn rmsnorm_backward(
     dy: &Tensor,
     dx: &Tensor,
     dw: Option<&Tensor>,
+    lora: Option<LoraDh>,
 ) -> Result<()> {
     let op = "rmsnorm_backward";
     let p = params(gpu, op, rows, c, 0.0)?;
@@ -87,9 +172,26 @@ pub fn rmsnorm_backward(
     }
     check_binding(gpu, op, &[x, dy, dx])?;
     let tiled = gpu.caps.variant == Variant::Tiled;
-    let (name, grid) = if tiled { ("rmsnorm_backward_dx_tiled", row_grid(rows)) } else { ("rmsnorm_backward_dx_row", [groups(rows, 64), 1, 1]) };
+    let name = match (tiled, lora.is_some()) {
+        (true, false) => "rmsnorm_backward_dx_tiled",
+        (true, true) => "rmsnorm_backward_dx_dh_tiled",
+        (false, false) => "rmsnorm_backward_dx_row",
+        (false, true) => "rmsnorm_backward_dx_dh_row",
+    };
+    let grid = if tiled { row_grid(rows) } else { [groups(rows, 64), 1, 1] };
+    let mut binds = vec![(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())];
+    let p_dx = match lora {
+        None => p,
+        Some(l) => {
+            check(LoraDh::fits(gpu, c, l.rank), op, || format!("LoRA dh of rank {} on rows of {c} exceeds this driver's loop budget of {} iterations", l.rank, gpu.caps.max_loop))?;
+            l.b.expect(op, "lora_b", DType::F32, c * l.rank)?;
+            l.dh.expect(op, "dh", DType::F32, rows * l.rank)?;
+            binds.extend([(11, l.b.into()), (12, l.dh.into())]);
+            Params { rank: l.rank as u32, s: l.s, ..p }
+        }
+    };
     let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
-    gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (5, rstd.into()), (6, dy.into()), (7, dx.into())], grid)?;
+    gpu.dispatch(rec, &pipeline, name, &p_dx, &binds, grid)?;
     let Some(dw) = dw else { return Ok(()) };
     if tiled {
         // Each block of DW_ROWS rows sums its columns, then the blocks are summed (in

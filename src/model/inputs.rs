@@ -27,6 +27,9 @@ pub struct Inputs {
     pub pos: Tensor,
     /// segment ids `[N]`: tokens attend only within their segment
     pub seg: Tensor,
+    /// the segment ids, then the positions (`[2, N]`; `seg` is its first half): what
+    /// attention with RoPE on load reads (`kernels::RopeOnLoad`)
+    pub seg_pos: Tensor,
     /// Training: the seed of this pass's LoRA dropout masks. None: no dropout.
     pub dropout_seed: Option<u32>,
 }
@@ -37,12 +40,14 @@ impl Inputs {
         if ids.len() != n || pos.len() != n || seg.len() != n {
             return Err(Error::Shape(format!("inputs: {} ids, {} positions, {} segments for {n} tokens", ids.len(), pos.len(), seg.len())));
         }
+        let seg_pos = gpu.upload_temp("segments, positions", &[seg, pos].concat(), &[2, n])?;
         Ok(Inputs {
             shape,
             ids_host: ids.to_vec(),
             ids: gpu.upload_temp("ids", ids, &[n])?,
             pos: gpu.upload_temp("positions", pos, &[n])?,
-            seg: gpu.upload_temp("segments", seg, &[n])?,
+            seg: seg_pos.view("segments", 0, &[n]),
+            seg_pos,
             dropout_seed: None,
         })
     }
@@ -51,6 +56,16 @@ impl Inputs {
     pub fn sequences(gpu: &Gpu, shape: Shape, ids: &[u32]) -> Result<Inputs> {
         let pos: Vec<u32> = (0..shape.n()).map(|i| (i % shape.t) as u32).collect();
         Self::new(gpu, shape, ids, &pos, &vec![0; shape.n()])
+    }
+
+    /// What attention reads as its segments: with RoPE on load (`with_pos`) the
+    /// segments and then the positions (`seg_pos`), else the segments alone.
+    pub fn segments(&self, with_pos: bool) -> &Tensor {
+        if with_pos {
+            &self.seg_pos
+        } else {
+            &self.seg
+        }
     }
 
     /// The dropout seed of projection `idx` of layer `li`.

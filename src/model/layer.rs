@@ -2,7 +2,7 @@
 //! steps of `layer_forward` in reverse, from what `Acts` saved.
 
 use super::inputs::{Inputs, KvCache};
-use super::linear::{backwards, downs, forwards, Linear, LoraSaved};
+use super::linear::{backwards, downs, forwards, norm_backward_made_dh, norm_downs, Linear, LoraSaved};
 use super::params::Param;
 use super::{residual, zeros, Model};
 use crate::error::Result;
@@ -103,15 +103,25 @@ impl Model {
                 }
             }
         };
+        // A norm and the LoRA down products of the layers that read its output, as one
+        // row kernel (`norm_downs`); checkpointing's recompute has the h's already.
+        let norm_downs_of = |rec: &mut Recorder, (x, w, y, rstd): (&Tensor, &Tensor, &Tensor, &Tensor), idx: &[usize]| {
+            let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
+            norm_downs(gpu, rec, (n, c, cfg.eps), (x, w, y, rstd), &lins, &idx.iter().map(|&i| seed(i)).collect::<Vec<_>>(), self.adapter_enabled)
+        };
         let h1 = zeros(gpu, rec, "h1", &[n, c])?;
         let rstd1 = zeros(gpu, rec, "rstd1", &[n])?;
-        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
-        // LoRA's down products for q, k and v (one input) as one dispatch, then their
-        // base products, with each pair's up product inside, as one more (`forwards`):
-        // their outputs share one temporary (with Qwen3's per-head norms, the outputs
-        // before the norms do).
+        // The input norm with LoRA's down products for q, k and v (one input), then
+        // their base products, with each pair's up product inside, as one more
+        // (`forwards`): their outputs share one temporary (with Qwen3's per-head norms,
+        // the outputs before the norms do).
         let [q_out, k_out, v] = gpu.temps(rec, "q, k, v", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
-        let lora_qkv = lora_downs(rec, &[Q, K, V], &h1, None)?;
+        let lora_qkv = if recompute {
+            k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x, &layer.ln1.value, &h1, &rstd1)?;
+            lora_downs(rec, &[Q, K, V], &h1, None)?
+        } else {
+            norm_downs_of(rec, (&x, &layer.ln1.value, &h1, &rstd1), &[Q, K, V])?
+        };
         let saved_qkv: Vec<_> = lora_qkv.iter().map(|s| s.as_ref()).collect();
         forwards(gpu, rec, &[&lin[Q], &lin[K], &lin[V]], n, &h1, &[&q_out, &k_out, &v], &saved_qkv)?;
         let (q, kk, q_pre) = if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -123,17 +133,23 @@ impl Model {
         } else {
             (q_out, k_out, None)
         };
-        k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
+        // With the GPU kernels attention rotates q and k as it loads them (q and k are
+        // kept before RoPE); else a pass rotates them in place (and the KV cache holds
+        // rotated keys).
+        let rope = self.rope_on_load(gpu).filter(|_| cache.is_none());
+        if rope.is_none() {
+            k::rope_forward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &q, &kk, &inp.pos, &self.inv_freq)?;
+        }
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
         match cache {
-            None => k::attention_forward(gpu, rec, &self.attention(shape), &q, &kk, &v, &inp.seg, &att, &lse)?,
+            None => k::attention_forward(gpu, rec, &self.attention(shape), rope, &q, &kk, &v, inp.segments(rope.is_some()), &att, &lse)?,
             Some(cache) => {
                 let at = self.attention(shape).cached(cache.len + shape.t);
                 let offset = (cache.len * kvd * 4) as u64;
                 rec.encoder().copy_buffer_to_buffer(&kk.buffer, kk.offset, &cache.k[li].buffer, cache.k[li].offset + offset, kk.bytes());
                 rec.encoder().copy_buffer_to_buffer(&v.buffer, v.offset, &cache.v[li].buffer, cache.v[li].offset + offset, v.bytes());
-                k::attention_forward(gpu, rec, &at, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
+                k::attention_forward(gpu, rec, &at, None, &q, &cache.k[li], &cache.v[li], &cache.seg, &att, &lse)?;
             }
         }
         // The residual connections ride on o_proj's and down's products: a copy of the
@@ -142,9 +158,13 @@ impl Model {
         let [lora_o] = lora_downs(rec, &[O], &att, None)?.try_into().ok().expect("one");
         lin[O].forward(gpu, rec, n, &att, None, &x_mid, lora_o.as_ref(), true)?;
         let (h2, rstd2) = (zeros(gpu, rec, "h2", &[n, c])?, zeros(gpu, rec, "rstd2", &[n])?);
-        k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
         let [g, u] = gpu.temps(rec, "gate, up", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
-        let lora_mlp = lora_downs(rec, &[GATE, UP], &h2, None)?;
+        let lora_mlp = if recompute {
+            k::rmsnorm_forward(gpu, rec, n, c, cfg.eps, &x_mid, &layer.ln2.value, &h2, &rstd2)?;
+            lora_downs(rec, &[GATE, UP], &h2, None)?
+        } else {
+            norm_downs_of(rec, (&x_mid, &layer.ln2.value, &h2, &rstd2), &[GATE, UP])?
+        };
         forwards(gpu, rec, &[&lin[GATE], &lin[UP]], n, &h2, &[&g, &u], &[lora_mlp[0].as_ref(), lora_mlp[1].as_ref()])?;
         let (m, m_glu) = mlp_hidden(gpu, rec, n, inter, &g, &u)?;
         let [lora_down] = lora_downs(rec, &[DOWN], &m, m_glu)?.try_into().ok().expect("one");
@@ -160,21 +180,24 @@ impl Model {
     }
 
     /// The gradient of one layer, in the reverse order of `layer_forward`: `dres`
-    /// holds d(loss)/d(layer output) and becomes d(loss)/d(layer input).
-    pub(crate) fn layer_backward(&self, gpu: &Gpu, rec: &mut Recorder, li: usize, inp: &Inputs, a: &Acts, dres: &Tensor) -> Result<()> {
+    /// holds d(loss)/d(layer output) and becomes d(loss)/d(layer input). `down_dh`:
+    /// down_proj's LoRA dh where the norm after the layer made it; returns the previous
+    /// layer's, which this layer's input norm makes (`norm_backward_made_dh`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_backward(&self, gpu: &Gpu, rec: &mut Recorder, li: usize, inp: &Inputs, a: &Acts, dres: &Tensor, down_dh: Option<Tensor>) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         let layer = &self.layers[li];
         let n = inp.shape.n();
         let (c, qd, kvd, hs, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.intermediate);
         let lin = &layer.linears;
         // The layers given read one x; their LoRA products run grouped (`backwards`).
-        let back_with = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor, swiglu_back: Option<(SwigluBack, &Tensor)>| {
+        let back_with = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor, swiglu_back: Option<(SwigluBack, &Tensor)>, dh: Option<Tensor>| {
             let lins: Vec<_> = idx.iter().map(|&i| &lin[i]).collect();
             let saved: Vec<_> = idx.iter().map(|&i| a.lora[i].as_ref()).collect();
             let seeds: Vec<_> = idx.iter().map(|&i| inp.seed(li, i)).collect();
-            backwards(gpu, rec, &lins, n, x, &saved, dys, dx, &seeds, swiglu_back)
+            backwards(gpu, rec, &lins, n, x, &saved, dys, dx, &seeds, swiglu_back, dh)
         };
-        let back = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor| back_with(rec, idx, x, dys, dx, None);
+        let back = |rec: &mut Recorder, idx: &[usize], x: (&Tensor, Option<usize>), dys: &[&Tensor], dx: &Tensor| back_with(rec, idx, x, dys, dx, None, None);
         // MLP: out = x_mid + down(silu(gate(h2)) · up(h2)), h2 = norm(x_mid)
         // dgate and dup in one temporary, so their LoRA products bind it once.
         let [dg, du] = gpu.temps(rec, "dgate, dup", &[vec![n, inter], vec![n, inter]])?.try_into().ok().expect("two");
@@ -184,20 +207,23 @@ impl Model {
             // gate and up: no dh, no pass.
             (Some((gu, up)), Some((dgu, o))) if lin[DOWN].w.parts.len() == 1 => {
                 let dgu = Tensor { shape: vec![o[1] + n * inter], ..dgu };
-                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dgu, Some((SwigluBack { g: 0, up, du: o[1] }, &gu)))?;
+                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dgu, Some((SwigluBack { g: 0, up, du: o[1] }, &gu)), down_dh)?;
             }
             _ => {
                 let dm = zeros(gpu, rec, "dswiglu", &[n, inter])?;
-                back(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dm)?;
+                back_with(rec, &[DOWN], (&a.m, a.m_glu), &[dres], &dm, None, down_dh)?;
                 k::swiglu_backward(gpu, rec, n * inter, &a.g, &a.u, &dm, &dg, &du)?;
             }
         }
         let dh2 = zeros(gpu, rec, "dh2", &[n, c])?;
         back(rec, &[GATE, UP], (&a.h2, None), &[&dg, &du], &dh2)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x_mid, &layer.ln2.value, &a.rstd2, &dh2, dres, layer.ln2.grad())?;
+        // The post-attention norm's backward finishes o_proj's output gradient, and
+        // makes o_proj's LoRA dh from it.
+        let o_pair = a.lora[O].as_ref().map(|_| &lin[O]);
+        let o_dh = norm_backward_made_dh(gpu, rec, (n, c), (&a.x_mid, &layer.ln2, &a.rstd2), &dh2, dres, o_pair)?;
         // Attention: x_mid = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
         let datt = zeros(gpu, rec, "datt", &[n, qd])?;
-        back(rec, &[O], (&a.att, None), &[dres], &datt)?;
+        back_with(rec, &[O], (&a.att, None), &[dres], &datt, None, o_dh)?;
         // The gradients that reach q, k and v's products share one temporary (with
         // Qwen3's per-head norms, those before the norms: dq and dk are apart).
         let [dq_in, dk_in, dv] = gpu.temps(rec, "dq, dk, dv", &[vec![n, qd], vec![n, kvd], vec![n, kvd]])?.try_into().ok().expect("three");
@@ -206,15 +232,22 @@ impl Model {
             Some(_) => (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?),
             None => (dq_in.clone(), dk_in.clone()),
         };
-        k::attention_backward(gpu, rec, &self.attention(inp.shape), &a.q, &a.k, &a.v, &inp.seg, &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
-        k::rope_backward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &dq, &dk, &inp.pos, &self.inv_freq)?;
+        let at = self.attention(inp.shape);
+        let rope = self.rope_on_load(gpu);
+        k::attention_backward(gpu, rec, &at, rope, &a.q, &a.k, &a.v, inp.segments(rope.is_some()), &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
+        if rope.is_none() {
+            k::rope_backward(gpu, rec, n, (cfg.heads, cfg.kv_heads), hs, &dq, &dk, &inp.pos, &self.inv_freq)?;
+        }
         if let Some(((q_pre, rq, k_pre, rk), (qn, kn))) = qk_norm {
-            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_in, qn.grad())?;
-            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_in, kn.grad())?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.heads, hs, q_pre, &qn.value, rq, &dq, &dq_in, qn.grad(), None)?;
+            k::rmsnorm_backward(gpu, rec, n * cfg.kv_heads, hs, k_pre, &kn.value, rk, &dk, &dk_in, kn.grad(), None)?;
         }
         let dh1 = zeros(gpu, rec, "dh1", &[n, c])?;
         back(rec, &[Q, K, V], (&a.h1, None), &[&dq_in, &dk_in, &dv], &dh1)?;
-        k::rmsnorm_backward(gpu, rec, n, c, &a.x, &layer.ln1.value, &a.rstd1, &dh1, dres, layer.ln1.grad())
+        // The input norm's backward finishes the previous layer's output gradient, and
+        // makes that layer's down_proj LoRA dh from it.
+        let prev_down = li.checked_sub(1).map(|p| &self.layers[p].linears[DOWN]).filter(|_| self.adapter_enabled);
+        norm_backward_made_dh(gpu, rec, (n, c), (&a.x, &layer.ln1, &a.rstd1), &dh1, dres, prev_down)
     }
 
 }

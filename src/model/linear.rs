@@ -192,6 +192,31 @@ pub(crate) fn downs(gpu: &Gpu, rec: &mut Recorder, lins: &[&Linear], n: usize, x
     Ok(saved)
 }
 
+/// An RMSNorm's forward `y = norm(x)` and the LoRA down products of the layers in
+/// `lins`, which read y (`downs`), in one row kernel where it can
+/// (`k::rmsnorm_forward_lora_down`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_downs(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    (n, c, eps): (usize, usize, f32),
+    (x, w, y, rstd): (&Tensor, &Tensor, &Tensor, &Tensor),
+    lins: &[&Linear],
+    seeds: &[Option<u32>],
+    use_lora: bool,
+) -> Result<Vec<Option<LoraSaved>>> {
+    let pairs: Vec<(usize, &LoraPair)> = lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().filter(|_| use_lora).map(|l| (i, l))).collect();
+    let shapes: Vec<Lora> = pairs.iter().map(|&(i, l)| lins[i].lora_shape(n, l, seeds[i], None)).collect();
+    let hs = gpu.temps(rec, &format!("{} lora h", lins[0].name), &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
+    let a: Vec<&Tensor> = pairs.iter().map(|(_, l)| &l.a.value).collect();
+    k::rmsnorm_forward_lora_down(gpu, rec, n, c, eps, (x, w, y, rstd), &shapes, &a, &hs.iter().collect::<Vec<_>>())?;
+    let mut saved: Vec<Option<LoraSaved>> = lins.iter().map(|_| None).collect();
+    for ((i, _), h) in pairs.iter().zip(hs) {
+        saved[*i] = Some(LoraSaved { h });
+    }
+    Ok(saved)
+}
+
 /// The forward of layers that read the same x `[n, din]` (q/k/v, gate/up) into `ys`,
 /// with LoRA's up products (from the h's `downs` saved) inside: one grouped dispatch
 /// (`k::matmul_group`) where their weights lie in one buffer (`params::colocate`), their
@@ -250,7 +275,8 @@ fn group_forward(lins: &[&Linear], n: usize, ys: &[&Tensor], saved: &[Option<&Lo
 }
 
 /// The backward of layers that read the same x, in the order given: their LoRA pairs'
-/// dh, dB and dA as grouped dispatches (`k::lora_backward_group`), then each layer's
+/// dh (unless `dh_made` holds a lone pair's: `made_dh`), dB and dA as grouped dispatches
+/// (`k::lora_backward_group`), then each layer's
 /// `dx += dy·W` (with LoRA's dx inside; with SwiGLU's backward in the store where
 /// `swiglu_back` is given and the weight is whole, `Linear::backward`) and its W and
 /// bias gradients.
@@ -266,18 +292,24 @@ pub(crate) fn backwards(
     dx: &Tensor,
     seeds: &[Option<u32>],
     swiglu_back: Option<(SwigluBack, &Tensor)>,
+    dh_made: Option<Tensor>,
 ) -> Result<()> {
     let pairs: Vec<(usize, &LoraPair, &LoraSaved)> =
         lins.iter().enumerate().filter_map(|(i, lin)| lin.lora.as_ref().zip(saved[i]).map(|(l, s)| (i, l, s))).collect();
     let shapes: Vec<Lora> = pairs.iter().map(|&(i, l, _)| lins[i].lora_shape(n, l, seeds[i], x_glu)).collect();
-    let dhs = gpu.temps(rec, "lora dh", &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?;
+    // A lone pair's dh made by the norm whose dx is its output gradient (`made_dh`).
+    let dh_made = dh_made.filter(|_| pairs.len() == 1);
+    let dhs = match &dh_made {
+        Some(dh) => vec![dh.clone()],
+        None => gpu.temps(rec, "lora dh", &shapes.iter().map(|s| vec![n, s.r]).collect::<Vec<_>>())?,
+    };
     if !pairs.is_empty() {
         let grads = |f: fn(&LoraPair) -> &Param| -> Vec<&Tensor> { pairs.iter().map(|(_, l, _)| f(l).grad().expect("LoRA trains")).collect() };
         let (da, db) = (grads(|l| &l.a), grads(|l| &l.b));
         let b: Vec<&Tensor> = pairs.iter().map(|(_, l, _)| &l.b.value).collect();
         let h: Vec<&Tensor> = pairs.iter().map(|(_, _, s)| &s.h).collect();
         let dy: Vec<&Tensor> = pairs.iter().map(|&(i, _, _)| dys[i]).collect();
-        k::lora_backward_group(gpu, rec, &shapes, x, &b, &h, &dy, &dhs.iter().collect::<Vec<_>>(), &da, &db)?;
+        k::lora_backward_group(gpu, rec, &shapes, x, &b, &h, &dy, &dhs.iter().collect::<Vec<_>>(), dh_made.is_some(), &da, &db)?;
     }
     let mut lora = pairs.iter().map(|(i, _, _)| *i).zip(shapes.into_iter().zip(&dhs)).peekable();
     for (i, lin) in lins.iter().enumerate() {
@@ -287,3 +319,28 @@ pub(crate) fn backwards(
     Ok(())
 }
 
+
+/// The LoRA dh of `lin`'s pair, made by the RMSNorm backward whose dx is `lin`'s output
+/// gradient (`k::rmsnorm_backward` with a `LoraDh`): after a layer's post-attention norm o_proj's,
+/// after its input norm (or the final norm) the previous layer's down_proj's. Adds the
+/// norm's gradients as `k::rmsnorm_backward` does; returns the dh where `lin` has a
+/// pair in use (`in_use`) that the row kernels can make within the loop budget.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_backward_made_dh(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    (n, c): (usize, usize),
+    (x, w, rstd): (&Tensor, &Param, &Tensor),
+    dy: &Tensor,
+    dx: &Tensor,
+    lin: Option<&Linear>,
+) -> Result<Option<Tensor>> {
+    let pair = lin.and_then(|l| l.lora.as_ref()).filter(|l| lin.is_some_and(|lin| lin.dout == c) && k::LoraDh::fits(gpu, c, l.r));
+    let Some(l) = pair else {
+        k::rmsnorm_backward(gpu, rec, n, c, x, &w.value, rstd, dy, dx, w.grad(), None)?;
+        return Ok(None);
+    };
+    let [dh] = gpu.temps(rec, "lora dh", &[vec![n, l.r]])?.try_into().ok().expect("one");
+    k::rmsnorm_backward(gpu, rec, n, c, x, &w.value, rstd, dy, dx, w.grad(), Some(k::LoraDh { s: l.scale, rank: l.r, b: &l.b.value, dh: &dh }))?;
+    Ok(Some(dh))
+}

@@ -41,6 +41,8 @@ pub struct Model {
     /// None when tied to the embedding.
     pub lm_head: Option<Weight>,
     pub inv_freq: Tensor,
+    /// `inv_freq` on the host, for attention's RoPE on load (`Model::rope_on_load`).
+    pub inv_freq_host: Vec<f32>,
     pub tuning: Tuning,
     /// Save only each layer's input and recompute the rest in the backward.
     pub grad_checkpoint: bool,
@@ -224,9 +226,10 @@ impl Model {
             gpu.settle().await?;
         }
         let lm_head = if cfg.tie_embeddings { None } else { Some(matrix("lm_head.weight", cfg.vocab, c)?) };
-        let inv_freq = gpu.upload("rope inv_freq", &cfg.inv_freq(), &[cfg.head_dim / 2])?;
+        let inv_freq_host = cfg.inv_freq();
+        let inv_freq = gpu.upload("rope inv_freq", &inv_freq_host, &[cfg.head_dim / 2])?;
         let mut model =
-            Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, tuning, grad_checkpoint: false, adapter_enabled: true, frozen, cfg, flat: Vec::new() };
+            Model { norm: vec("model.norm.weight", c)?, embed, layers, lm_head, inv_freq, inv_freq_host, tuning, grad_checkpoint: false, adapter_enabled: true, frozen, cfg, flat: Vec::new() };
         let trainable: Vec<&mut Param> = model.all_params_mut().into_iter().filter(|p| p.train.is_some()).collect();
         model.flat = params::pack(gpu, trainable)?;
         Ok(model)
@@ -308,6 +311,12 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Attention's RoPE on load, where the adapter's kernels offer it for this model
+    /// (`kernels::RopeOnLoad::offered`): q and k are then kept before the rotation.
+    pub(crate) fn rope_on_load(&self, gpu: &Gpu) -> Option<crate::kernels::RopeOnLoad<'_>> {
+        crate::kernels::RopeOnLoad::offered(gpu, self.cfg.head_dim).then_some(crate::kernels::RopeOnLoad { inv_freq: &self.inv_freq_host })
+    }
+
     fn attention(&self, shape: Shape) -> Attention {
         Attention::new(shape.b, shape.t, self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim)
     }
@@ -387,13 +396,16 @@ impl Model {
     fn backward(&self, gpu: &Gpu, rec: &mut Recorder, inp: &Inputs, mut trunk: Trunk, dhf: &Tensor) -> Result<()> {
         let (n, c) = (inp.shape.n(), self.cfg.hidden);
         let dres = zeros(gpu, rec, "dres", &[n, c])?;
-        k::rmsnorm_backward(gpu, rec, n, c, &trunk.x, &self.norm.value, &trunk.rstd, dhf, &dres, self.norm.grad())?;
+        // The final norm's backward makes the last layer's down_proj LoRA dh, each
+        // layer's input norm the previous layer's (`linear::norm_backward_made_dh`).
+        let last_down = self.layers.last().map(|l| &l.linears[layer::DOWN]).filter(|_| self.adapter_enabled);
+        let mut down_dh = linear::norm_backward_made_dh(gpu, rec, (n, c), (&trunk.x, &self.norm, &trunk.rstd), dhf, &dres, last_down)?;
         for li in (0..self.layers.len()).rev() {
             match trunk.saved.pop().expect("one saved entry per layer") {
-                Saved::Acts(acts) => self.layer_backward(gpu, rec, li, inp, &acts, &dres)?,
+                Saved::Acts(acts) => down_dh = self.layer_backward(gpu, rec, li, inp, &acts, &dres, down_dh.take())?,
                 Saved::Input(x, lora) => {
                     let acts = self.layer_forward(gpu, rec, li, inp, x, None, true, Pass::Recompute(lora))?;
-                    self.layer_backward(gpu, rec, li, inp, &acts, &dres)?;
+                    down_dh = self.layer_backward(gpu, rec, li, inp, &acts, &dres, down_dh.take())?;
                     drop(acts);
                     gpu.flush(rec, "backward");
                 }

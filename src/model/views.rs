@@ -37,7 +37,12 @@ impl Model {
         let mut trunk = self.forward(gpu, &mut rec, inp, None, Keep::Activations, false)?;
         gpu.submit(rec);
         let Saved::Acts(acts) = trunk.saved.swap_remove(layer) else { unreachable!("Keep::Activations keeps activations") };
-        let (q, k) = (gpu.read::<f32>(&acts.q).await?, gpu.read::<f32>(&acts.k).await?);
+        let (mut q, mut k) = (gpu.read::<f32>(&acts.q).await?, gpu.read::<f32>(&acts.k).await?);
+        if self.rope_on_load(gpu).is_some() {
+            // Kept before RoPE (attention rotated them as it loaded them): rotate here.
+            let pos = gpu.read::<u32>(&inp.pos).await?;
+            crate::reference::rope_forward(inp.shape.n(), (cfg.heads, cfg.kv_heads), cfg.head_dim, &mut q, &mut k, &pos, &self.inv_freq_host);
+        }
         let (t, hs, g) = (inp.shape.t, cfg.head_dim, head / (cfg.heads / cfg.kv_heads));
         let seg = gpu.read::<u32>(&inp.seg).await?;
         let scale = 1.0 / (hs as f64).sqrt();
