@@ -71,10 +71,16 @@ pub fn read(g: &Gpu, t: &Tensor) -> Vec<f32> {
 }
 
 /// Record with `f`, submit, and wait.
+/// Record `f` and submit it, with the device's errors caught (`Gpu::scoped`): a bind
+/// group that misses a binding the pipeline uses fails here, not as zeros later.
 pub fn run(g: &Gpu, f: impl FnOnce(&mut webtune::gpu::Recorder) -> webtune::Result<()>) {
-    let mut rec = g.recorder("test");
-    f(&mut rec).unwrap();
-    g.submit(rec);
+    futures::executor::block_on(g.scoped(|| {
+        let mut rec = g.recorder("test");
+        f(&mut rec)?;
+        g.submit(rec);
+        Ok(())
+    }))
+    .unwrap();
 }
 
 pub fn close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
