@@ -4,9 +4,12 @@
 //   targets [N] i32    −100 (any negative) = ignored
 //   losses  [N]        lse − logit[target], 0 when ignored
 //   lse     [N]        saved for the backward
-//   loss    [1]        Σ losses · scale, scale = 1 / (tokens counted by the caller)
+//   loss    [1]        += Σ losses · scale, scale = 1 / (tokens counted by the caller)
+//                      (a batch's chunks add into one loss)
 // The backward overwrites the logits in place with dlogits = (softmax − onehot) · scale
-// (zeros on ignored rows), as llm.c does: the logits are not needed afterwards.
+// (zeros on ignored rows), as llm.c does: the logits are not needed afterwards. In
+// training the forward and backward of a row are one kernel
+// (`cross_entropy_forward_backward*`): the row's lse, then its logits overwritten.
 // Per sequence (DPO: the rows are sequences of `t` tokens each):
 //   seq_logps  [S]     −= Σ losses of each sequence's rows = Σ log p(target); the sum
 //                      entry reads `row0` as the chunk's first global row
@@ -44,19 +47,41 @@ fn cross_entropy_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (z > mx) { sum = sum * exp(mx - z); mx = z; }
         sum += exp(z - mx);
     }
-    write_row(r, base, mx + log(sum));
+    write_row(r, mx + log(sum), logits[base + target_index(r)]);
 }
 
-// lse and the loss of row r of the chunk (logits at `base`).
-fn write_row(r: u32, base: u32, l: f32) {
+// Where row r of the chunk's target logit lies in the row (0 when it is ignored).
+fn target_index(r: u32) -> u32 {
+    let tgt = targets[p.row0 + r];
+    return select(0u, u32(tgt), tgt >= 0 && u32(tgt) < p.v);
+}
+
+// lse l and the loss of row r of the chunk, whose target logit is zt.
+fn write_row(r: u32, l: f32, zt: f32) {
     let row = p.row0 + r;
     lse[row] = l;
     let tgt = targets[row];
-    if (tgt < 0 || u32(tgt) >= p.v) {
-        losses[row] = 0.0;
-    } else {
-        losses[row] = l - logits[base + u32(tgt)];
+    losses[row] = select(l - zt, 0.0, tgt < 0 || u32(tgt) >= p.v);
+}
+
+// The forward and then the backward of a row, by one invocation (training; CPU
+// drivers and small vocabularies): its lse and loss, then its logits overwritten with
+// (softmax − onehot) · scale. Grid: (ceil(rows/64), 1, 1).
+@compute @workgroup_size(64, 1, 1)
+fn cross_entropy_forward_backward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r >= p.rows) { return; }
+    let base = r * p.v;
+    var mx = -3.0e38;
+    var sum = 0.0;
+    for (var j = 0u; j < p.v; j++) {
+        let z = dlogits[base + j];
+        if (z > mx) { sum = sum * exp(mx - z); mx = z; }
+        sum += exp(z - mx);
     }
+    let l = mx + log(sum);
+    write_row(r, l, dlogits[base + target_index(r)]);
+    for (var j = 0u; j < p.v; j++) { dlogits[base + j] = dlogit(r, j, dlogits[base + j], l) * p.scale; }
 }
 
 // One workgroup per row of the chunk: each invocation keeps an online max and sum
@@ -86,16 +111,50 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
         }
         workgroupBarrier();
     }
-    if (lid.x == 0u && r < p.rows) { write_row(r, base, wmax[0] + log(wsum[0])); }
+    if (lid.x == 0u && r < p.rows) { write_row(r, wmax[0] + log(wsum[0]), logits[base + target_index(r)]); }
+}
+
+// The forward and then the backward of a row, by a workgroup (as above; the target
+// logit is read before any invocation overwrites the row). Grid: (rows, 1, 1).
+@compute @workgroup_size(256, 1, 1)
+fn cross_entropy_forward_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wid.x;
+    let base = r * p.v;
+    var mx = -3.0e38;
+    var sum = 0.0;
+    for (var j = lid.x; j < p.v; j += 256u) {
+        let z = dlogits[base + j];
+        if (z > mx) { sum = sum * exp(mx - z); mx = z; }
+        sum += exp(z - mx);
+    }
+    wmax[lid.x] = mx;
+    wsum[lid.x] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid.x < s) {
+            let m2 = max(wmax[lid.x], wmax[lid.x + s]);
+            wsum[lid.x] = wsum[lid.x] * exp(wmax[lid.x] - m2) + wsum[lid.x + s] * exp(wmax[lid.x + s] - m2);
+            wmax[lid.x] = m2;
+        }
+        workgroupBarrier();
+    }
+    let l = wmax[0] + log(wsum[0]);
+    if (lid.x == 0u) { write_row(r, l, dlogits[base + target_index(r)]); }
+    storageBarrier();
+    for (var j = lid.x; j < p.v; j += 256u) { dlogits[base + j] = dlogit(r, j, dlogits[base + j], l) * p.scale; }
 }
 
 // d(loss)/d(logit j) of row r of the chunk, before any scale: softmax − onehot, 0 on
 // ignored rows.
 fn grad(r: u32, j: u32) -> f32 {
-    let row = p.row0 + r;
-    let tgt = targets[row];
+    return dlogit(r, j, dlogits[r * p.v + j], lse_in[p.row0 + r]);
+}
+
+// The same for logit z of the row, whose lse is l.
+fn dlogit(r: u32, j: u32, z: f32, l: f32) -> f32 {
+    let tgt = targets[p.row0 + r];
     if (tgt < 0 || u32(tgt) >= p.v) { return 0.0; }
-    var g = exp(dlogits[r * p.v + j] - lse_in[row]);
+    var g = exp(z - l);
     if (u32(tgt) == j) { g -= 1.0; }
     return g;
 }
@@ -138,7 +197,7 @@ fn cross_entropy_sequence_logps(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     if (lid.x == 0u) { seq_logps[s] -= part[0]; }
 }
 
-// loss[0] = scale · Σ losses, one workgroup (tree reduction in workgroup memory).
+// loss[0] += scale · Σ losses, one workgroup (tree reduction in workgroup memory).
 var<workgroup> part: array<f32, 256>;
 @compute @workgroup_size(256, 1, 1)
 fn cross_entropy_sum(@builtin(local_invocation_id) lid: vec3<u32>) {
@@ -150,5 +209,5 @@ fn cross_entropy_sum(@builtin(local_invocation_id) lid: vec3<u32>) {
         if (lid.x < s) { part[lid.x] += part[lid.x + s]; }
         workgroupBarrier();
     }
-    if (lid.x == 0u) { loss[0] = part[0] * p.scale; }
+    if (lid.x == 0u) { loss[0] += part[0] * p.scale; }
 }

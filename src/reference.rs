@@ -405,7 +405,15 @@ pub fn cross_entropy_forward(
         losses[r] = lr as f32;
         total += lr;
     }
-    loss[0] = (total * scale as f64) as f32;
+    loss[0] += (total * scale as f64) as f32;
+}
+
+/// `cross_entropy_forward_backward`: `cross_entropy_forward`, then
+/// `cross_entropy_backward` on the logits in place.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_forward_backward(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], losses: &mut [f32], lse: &mut [f32], loss: &mut [f32]) {
+    cross_entropy_forward(n, v, scale, logits, targets, losses, lse, loss);
+    cross_entropy_backward(n, v, scale, logits, targets, lse);
 }
 
 pub fn cross_entropy_backward(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], lse: &[f32]) {

@@ -716,7 +716,7 @@ fn cross_entropy_case(g: &webtune::gpu::Gpu, n: usize, v: usize, mag: f32, seed:
     let count = targets.iter().filter(|&&t| t >= 0).count();
     let scale = 1.0 / count as f32;
     let (tl, tt, tlosses, tlse, tloss) = (up(g, &logits), up(g, &targets), zeros(g, n), zeros(g, n), zeros(g, 1));
-    run(g, |r| k::cross_entropy_forward(g, r, n, v, scale, &tl, &tt, &tlosses, &tlse, &tloss));
+    run(g, |r| k::cross_entropy_forward(g, r, n, v, scale, &tl, &tt, &tlosses, &tlse, Some(&tloss)));
     let (mut losses, mut lse, mut loss) = (vec![0.0; n], vec![0.0; n], vec![0.0; 1]);
     cpu::cross_entropy_forward(n, v, scale, &logits, &targets, &mut losses, &mut lse, &mut loss);
     close("ce losses", &read(g, &tlosses), &losses, 1e-4 * mag, 1e-5);
@@ -726,6 +726,16 @@ fn cross_entropy_case(g: &webtune::gpu::Gpu, n: usize, v: usize, mag: f32, seed:
     let mut dl = logits.clone();
     cpu::cross_entropy_backward(n, v, scale, &mut dl, &targets, &lse);
     close("ce dlogits", &read(g, &tl), &dl, 1e-6, 1e-3);
+    // Forward and backward in one kernel (training), its loss added to what the loss
+    // held (a batch's chunks add into one).
+    let (tl, tlosses, tlse, tloss) = (up(g, &logits), zeros(g, n), zeros(g, n), up(g, &[0.5f32]));
+    run(g, |r| k::cross_entropy_forward_backward(g, r, n, v, scale, &tl, &tt, &tlosses, &tlse, Some(&tloss)));
+    let (mut dl, mut losses, mut lse, mut loss) = (logits.clone(), vec![0.0; n], vec![0.0; n], vec![0.5; 1]);
+    cpu::cross_entropy_forward_backward(n, v, scale, &mut dl, &targets, &mut losses, &mut lse, &mut loss);
+    close("ce forward-backward losses", &read(g, &tlosses), &losses, 1e-4 * mag, 1e-5);
+    close("ce forward-backward lse", &read(g, &tlse), &lse, 1e-4 * mag, 1e-5);
+    close("ce forward-backward loss, added", &read(g, &tloss), &loss, 1e-4 * mag, 1e-5);
+    close("ce forward-backward dlogits", &read(g, &tl), &dl, 1e-6, 1e-3);
 }
 
 /// The per-sequence entries on `n` rows of sequences of `t`, the rows cut into chunks
@@ -744,7 +754,7 @@ fn sequence_case(g: &webtune::gpu::Gpu, seqs: usize, t: usize, v: usize, per: us
         let tg = &targets[r0..r0 + rows];
         let (tl, tt, tlosses, tlse, tloss) = (up(g, chunk), up(g, tg), zeros(g, rows), zeros(g, rows), zeros(g, 1));
         run(g, |r| {
-            k::cross_entropy_forward(g, r, rows, v, 1.0, &tl, &tt, &tlosses, &tlse, &tloss)?;
+            k::cross_entropy_forward(g, r, rows, v, 1.0, &tl, &tt, &tlosses, &tlse, Some(&tloss))?;
             k::cross_entropy_sequence_logps(g, r, r0, rows, t, &tlosses, &tlogps)?;
             k::cross_entropy_backward_scaled(g, r, rows, v, 0.5, &tl, &tt, &tlse, r0, t, &tscale)
         });

@@ -52,7 +52,8 @@ fn chunk_bind(logits: &Tensor, r0: usize, rows: usize, v: usize) -> Bind<'_> {
 }
 
 /// Per-row losses `[n]` (0 where the target is negative, e.g. −100), the saved
-/// log-sum-exp `[n]`, and `loss[0] = scale · Σ losses` (scale = 1 / tokens counted).
+/// log-sum-exp `[n]`, and, given `loss`, `loss[0] += scale · Σ losses` (scale = 1 /
+/// tokens counted; the chunks of a batch add into one loss).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_forward(
     gpu: &Gpu,
@@ -64,12 +65,48 @@ pub fn cross_entropy_forward(
     targets: &Tensor,
     losses: &Tensor,
     lse: &Tensor,
-    loss: &Tensor,
+    loss: Option<&Tensor>,
 ) -> Result<()> {
-    let op = "cross_entropy_forward";
+    forward(gpu, rec, "cross_entropy_forward", n, v, scale, logits, targets, losses, lse, loss)
+}
+
+/// `cross_entropy_forward` and then `cross_entropy_backward` (the logits overwritten
+/// with `(softmax − onehot) · scale`) in one kernel per row (training).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_forward_backward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    n: usize,
+    v: usize,
+    scale: f32,
+    logits: &Tensor,
+    targets: &Tensor,
+    losses: &Tensor,
+    lse: &Tensor,
+    loss: Option<&Tensor>,
+) -> Result<()> {
+    forward(gpu, rec, "cross_entropy_forward_backward", n, v, scale, logits, targets, losses, lse, loss)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    gpu: &Gpu,
+    rec: &mut Recorder,
+    op: &'static str,
+    n: usize,
+    v: usize,
+    scale: f32,
+    logits: &Tensor,
+    targets: &Tensor,
+    losses: &Tensor,
+    lse: &Tensor,
+    loss: Option<&Tensor>,
+) -> Result<()> {
     check_args(op, n, v, logits, targets, lse)?;
     losses.expect(op, "losses", DType::F32, n)?;
-    loss.expect(op, "loss", DType::F32, 1)?;
+    if let Some(loss) = loss {
+        loss.expect(op, "loss", DType::F32, 1)?;
+    }
     // A workgroup per row, whose invocations loop over every 256th logit, suits GPUs
     // and any vocabulary past the loop budget; an invocation per row is as fast or
     // faster on CPU drivers, and on GPUs for small vocabularies (the demo's). The sum
@@ -78,7 +115,13 @@ pub fn cross_entropy_forward(
         format!("{n} rows of {v} logits exceed this driver's loop budget of {} iterations per invocation", gpu.caps.max_loop)
     })?;
     let per_row = (v < ROW_PER_INVOCATION_BELOW || gpu.caps.variant == Variant::Register) && v + 16 <= gpu.caps.max_loop as usize;
-    let entry = if per_row { "cross_entropy_forward_row" } else { op };
+    let entry = match (per_row, op) {
+        (true, "cross_entropy_forward") => "cross_entropy_forward_row",
+        (true, _) => "cross_entropy_forward_backward_row",
+        (false, _) => op,
+    };
+    // The backward overwrites the logits: they bind as dlogits.
+    let logits_at = if op == "cross_entropy_forward" { 1 } else { 5 };
     let pipeline = gpu.pipeline(&CROSS_ENTROPY, entry, &[]);
     for (r0, rows) in chunks(gpu, n, v)? {
         let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
@@ -87,10 +130,11 @@ pub fn cross_entropy_forward(
             &pipeline,
             entry,
             &p,
-            &[(1, chunk_bind(logits, r0, rows, v)), (2, targets.into()), (3, losses.into()), (4, lse.into())],
+            &[(logits_at, chunk_bind(logits, r0, rows, v)), (2, targets.into()), (3, losses.into()), (4, lse.into())],
             if per_row { [groups(rows, 64), 1, 1] } else { [rows as u32, 1, 1] },
         )?;
     }
+    let Some(loss) = loss else { return Ok(()) };
     let p = Params { rows: n as u32, v: v as u32, row0: 0, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
     let pipeline = gpu.pipeline(&CROSS_ENTROPY, "cross_entropy_sum", &[]);
     gpu.dispatch(rec, &pipeline, "cross_entropy_sum", &p, &[(7, losses.into()), (8, loss.into())], [1, 1, 1])

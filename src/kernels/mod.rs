@@ -20,7 +20,7 @@ pub mod swiglu;
 
 pub use adamw::{adamw_step, grad_norm, AdamW};
 pub use attention::{attention_backward, attention_forward, Attention, RopeOnLoad};
-pub use cross_entropy::{cross_entropy_backward, cross_entropy_backward_scaled, cross_entropy_forward, cross_entropy_sequence_logps};
+pub use cross_entropy::{cross_entropy_backward, cross_entropy_backward_scaled, cross_entropy_forward, cross_entropy_forward_backward, cross_entropy_sequence_logps};
 pub use dpo::{dpo_backward, dpo_forward, Dpo, DpoLoss};
 pub use elementwise::{add, add_bias, axpy, bias_backward, scale};
 pub use embedding::{embedding_backward, embedding_forward};

@@ -442,11 +442,10 @@ impl Model {
     /// One chunk of `head_loss`: rows `r0..r0 + rows` (its temporaries are freed on return).
     #[allow(clippy::too_many_arguments)]
     fn head_loss_chunk(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], scale: f32, dhf: Option<&Tensor>, loss: &Tensor, r0: usize, rows: usize) -> Result<()> {
-        let vocab = self.cfg.vocab;
-        let [logits, t, _, lse, part] = self.head_chunk(gpu, rec, hf, targets, scale, r0, rows)?;
-        k::axpy(gpu, rec, 1, 1.0, &part, loss)?;
+        // With dhf the cross-entropy's backward runs in its forward's kernel, leaving
+        // dlogits in place of the logits.
+        let [logits, _, _, _] = self.head_chunk(gpu, rec, hf, targets, scale, r0, rows, Some(loss), dhf.is_some())?;
         if let Some(dhf) = dhf {
-            k::cross_entropy_backward(gpu, rec, rows, vocab, scale, &logits, &t, &lse)?;
             self.head_backward(gpu, rec, hf, &logits, r0, rows, dhf)?;
         }
         Ok(())
@@ -472,15 +471,18 @@ impl Model {
         Ok(())
     }
 
-    /// The logits of rows `r0..r0 + rows` with their cross-entropy forward: (logits,
-    /// targets, per-row losses, lse, Σ losses · scale) of the chunk.
+    /// The logits of rows `r0..r0 + rows` with their cross-entropy forward, which adds
+    /// Σ losses · scale into `loss` if given: (logits, targets, per-row losses, lse) of
+    /// the chunk.
+    /// With `backward`, its backward too, in the same kernel: the logits are dlogits.
     #[allow(clippy::too_many_arguments)]
-    fn head_chunk(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], scale: f32, r0: usize, rows: usize) -> Result<[Tensor; 5]> {
+    fn head_chunk(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], scale: f32, r0: usize, rows: usize, loss: Option<&Tensor>, backward: bool) -> Result<[Tensor; 4]> {
         let logits = self.head_forward(gpu, rec, hf, r0, rows)?;
         let t = gpu.upload_in(rec, "targets", &targets[r0..r0 + rows], &[rows])?;
-        let (losses, lse, part) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?, zeros(gpu, rec, "loss part", &[1])?);
-        k::cross_entropy_forward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, &part)?;
-        Ok([logits, t, losses, lse, part])
+        let (losses, lse) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?);
+        let ce = if backward { k::cross_entropy_forward_backward } else { k::cross_entropy_forward };
+        ce(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
+        Ok([logits, t, losses, lse])
     }
 
     /// Per-sequence sums of log p(target) `[B]` over the batch's B sequences of `t`
@@ -491,7 +493,7 @@ impl Model {
         let per = self.head_chunk_rows(gpu);
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
-            let [_, _, losses, _, _] = self.head_chunk(gpu, rec, hf, targets, 1.0, r0, rows)?;
+            let [_, _, losses, _] = self.head_chunk(gpu, rec, hf, targets, 1.0, r0, rows, None, false)?;
             k::cross_entropy_sequence_logps(gpu, rec, r0, rows, t, &losses, &logps)?;
             gpu.flush(rec, "head");
         }
@@ -538,7 +540,7 @@ impl Model {
         let per = self.head_chunk_rows(gpu);
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
-            let [logits, tg, _, lse, _] = self.head_chunk(gpu, &mut rec, &trunk.hf, targets, 1.0, r0, rows)?;
+            let [logits, tg, _, lse] = self.head_chunk(gpu, &mut rec, &trunk.hf, targets, 1.0, r0, rows, None, false)?;
             k::cross_entropy_backward_scaled(gpu, &mut rec, rows, vocab, 1.0, &logits, &tg, &lse, r0, t, &coef)?;
             self.head_backward(gpu, &mut rec, &trunk.hf, &logits, r0, rows, &dhf)?;
             gpu.flush(&mut rec, "head");
