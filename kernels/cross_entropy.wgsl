@@ -100,18 +100,25 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
         if (z > mx) { sum = sum * exp(mx - z); mx = z; }
         sum += exp(z - mx);
     }
-    wmax[lid.x] = mx;
-    wsum[lid.x] = sum;
+    let l = row_lse(lid.x, mx, sum);
+    if (lid.x == 0u && r < p.rows) { write_row(r, l, logits[base + target_index(r)]); }
+}
+
+// The row's lse from each invocation's online max and sum (every invocation returns
+// it). Uniform control flow only.
+fn row_lse(lid: u32, mx: f32, sum: f32) -> f32 {
+    wmax[lid] = mx;
+    wsum[lid] = sum;
     workgroupBarrier();
     for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid.x < s) {
-            let m2 = max(wmax[lid.x], wmax[lid.x + s]);
-            wsum[lid.x] = wsum[lid.x] * exp(wmax[lid.x] - m2) + wsum[lid.x + s] * exp(wmax[lid.x + s] - m2);
-            wmax[lid.x] = m2;
+        if (lid < s) {
+            let m2 = max(wmax[lid], wmax[lid + s]);
+            wsum[lid] = wsum[lid] * exp(wmax[lid] - m2) + wsum[lid + s] * exp(wmax[lid + s] - m2);
+            wmax[lid] = m2;
         }
         workgroupBarrier();
     }
-    if (lid.x == 0u && r < p.rows) { write_row(r, wmax[0] + log(wsum[0]), logits[base + target_index(r)]); }
+    return wmax[0] + log(wsum[0]);
 }
 
 // The forward and then the backward of a row, by a workgroup (as above; the target
@@ -127,18 +134,7 @@ fn cross_entropy_forward_backward(@builtin(workgroup_id) wid: vec3<u32>, @builti
         if (z > mx) { sum = sum * exp(mx - z); mx = z; }
         sum += exp(z - mx);
     }
-    wmax[lid.x] = mx;
-    wsum[lid.x] = sum;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid.x < s) {
-            let m2 = max(wmax[lid.x], wmax[lid.x + s]);
-            wsum[lid.x] = wsum[lid.x] * exp(wmax[lid.x] - m2) + wsum[lid.x + s] * exp(wmax[lid.x + s] - m2);
-            wmax[lid.x] = m2;
-        }
-        workgroupBarrier();
-    }
-    let l = wmax[0] + log(wsum[0]);
+    let l = row_lse(lid.x, mx, sum);
     if (lid.x == 0u) { write_row(r, l, dlogits[base + target_index(r)]); }
     storageBarrier();
     for (var j = lid.x; j < p.v; j += 256u) { dlogits[base + j] = dlogit(r, j, dlogits[base + j], l) * p.scale; }
