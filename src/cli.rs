@@ -524,9 +524,7 @@ pub async fn demo(gpu: &Gpu, out: &Path, steps: u64, dpo_steps: u64, rpo_alpha: 
         md: ModelDir::open(Path::new("demo"))?,
         opts: RunOptions::demo(steps),
         data: (crate::demo::data(), "demo"),
-        held: crate::demo::held_out(crate::demo::TEST_SEED, 32),
-        answer_tokens: crate::demo::ANSWER_TOKENS,
-        correct: |a, e| a.trim() == e,
+        test: crate::demo::HeldOutTest::named("demo", 32)?,
     };
     let (mut report, run) = demo_run(gpu, task, out, quiet).await?;
     if dpo_steps > 0 {
@@ -574,9 +572,7 @@ pub async fn demo_real(gpu: &Gpu, model: &Path, out: &Path, steps: u64, held_out
         md,
         opts: RunOptions::tools(steps),
         data: (crate::data::tools::data(), "tools"),
-        held: crate::data::tools::held_out(crate::data::tools::TEST_SEED, held_out),
-        answer_tokens: crate::data::tools::ANSWER_TOKENS,
-        correct: crate::data::tools::correct,
+        test: crate::demo::HeldOutTest::named("tools", held_out)?,
     };
     let frozen = task.opts.frozen()?;
     let (mut report, run) = demo_run(gpu, task, out, quiet).await?;
@@ -589,16 +585,13 @@ pub async fn demo_real(gpu: &Gpu, model: &Path, out: &Path, steps: u64, held_out
     Ok(report)
 }
 
-/// What a demo teaches: the model, its run's options, the data (text, name), the
-/// held-out (question, expected answer) pairs, how many tokens an answer may take and
-/// how an answer is checked against the expected one.
+/// What a demo teaches: the model, its run's options, the data (text, name) and the
+/// held-out test.
 struct DemoTask {
     md: ModelDir,
     opts: RunOptions,
     data: (String, &'static str),
-    held: Vec<(String, String)>,
-    answer_tokens: usize,
-    correct: fn(&str, &str) -> bool,
+    test: crate::demo::HeldOutTest,
 }
 
 /// A demo's instruction tuning: greedy answers to the held-out questions, training
@@ -606,7 +599,8 @@ struct DemoTask {
 /// adapter written to `out`. Returns the report (its `dpo` empty) and the run.
 async fn demo_run(gpu: &Gpu, task: DemoTask, out: &Path, quiet: bool) -> Result<(DemoReport, Run)> {
     let say = |s: String| if !quiet { println!("{s}") };
-    let DemoTask { md, opts, data: (text, name), held, answer_tokens, correct } = task;
+    let DemoTask { md, opts, data: (text, name), test } = task;
+    let (held, answer_tokens) = (&test.pairs, test.answer_tokens);
     let data = crate::data::load(&md.tokenizer, &text, name, opts.max_seq_len, opts.pack, opts.train_on_prompt)?;
     let t = crate::clock::now();
     let mut run = Run::new(gpu, Rc::new(md.source), Rc::new(data), None, opts)?;
@@ -614,10 +608,9 @@ async fn demo_run(gpu: &Gpu, task: DemoTask, out: &Path, quiet: bool) -> Result<
     run.profile_every = Some(u64::MAX);
     let source = run.source.clone();
     let tok = &source.tokenizer;
-    let score = |answers: &[String]| held.iter().zip(answers).filter(|((_, e), a)| correct(a, e)).count() as f64 / held.len().max(1) as f64;
     let t = crate::clock::now();
-    let before_answers = crate::demo::answers(gpu, &run.model, tok, &held, answer_tokens).await?;
-    let before = score(&before_answers);
+    let before_answers = crate::demo::answers(gpu, &run.model, tok, held, answer_tokens).await?;
+    let before = crate::demo::share(&test.marks(&before_answers));
     say(format!("held-out accuracy before tuning: {:.0}% ({} questions, answered in {:.0} s)", 100.0 * before, held.len(), crate::clock::now() - t));
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(run.total_steps()) };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}]").expect("valid"));
@@ -637,13 +630,14 @@ async fn demo_run(gpu: &Gpu, task: DemoTask, out: &Path, quiet: bool) -> Result<
     bar.finish_and_clear();
     say(format!("\ntraining loss over {} steps:\n{}", losses.len(), loss_curve(&losses, 60)));
     let t = crate::clock::now();
-    let after_answers = crate::demo::answers(gpu, &run.model, tok, &held, answer_tokens).await?;
-    let after = score(&after_answers);
+    let after_answers = crate::demo::answers(gpu, &run.model, tok, held, answer_tokens).await?;
+    let right = test.marks(&after_answers);
+    let after = crate::demo::share(&right);
     say(format!("held-out accuracy after tuning: {:.0}% (before: {:.0}%; answered in {:.0} s); base → tuned:", 100.0 * after, 100.0 * before, crate::clock::now() - t));
     let answers: Vec<HeldOutAnswer> = held
         .iter()
-        .zip(before_answers.into_iter().zip(after_answers))
-        .map(|((q, e), (b, a))| HeldOutAnswer { right: correct(&a, e), question: q.clone(), expected: e.clone(), before: b, after: a })
+        .zip(before_answers.into_iter().zip(after_answers).zip(right))
+        .map(|((q, e), ((b, a), right))| HeldOutAnswer { right, question: q.clone(), expected: e.clone(), before: b, after: a })
         .collect();
     for h in answers.iter().take(8) {
         say(format!("  {} {}\n      base:  {}\n      tuned: {}", if h.right { "✓" } else { "✗" }, h.question, one_line(&h.before), one_line(&h.after)));

@@ -111,10 +111,47 @@ pub async fn answers(gpu: &Gpu, model: &Model, tok: &Tokenizer, questions: &[(St
     Ok(new.iter().map(|ids| tok.decode(ids)).collect())
 }
 
-/// Exact-match accuracy: the answer, trimmed, equals the expected one.
-pub fn accuracy(answers: &[String], expected: &[(String, String)]) -> f64 {
-    let right = answers.iter().zip(expected).filter(|(a, (_, e))| a.trim() == e).count();
-    right as f64 / expected.len().max(1) as f64
+/// The built-in demo's check: the answer, trimmed, is exactly the expected one.
+pub fn exact(answer: &str, expected: &str) -> bool {
+    answer.trim() == expected
+}
+
+/// The share of answers that pass `correct` against the expected ones.
+pub fn accuracy(answers: &[String], expected: &[(String, String)], correct: fn(&str, &str) -> bool) -> f64 {
+    share(&answers.iter().zip(expected).map(|(a, (_, e))| correct(a, e)).collect::<Vec<_>>())
+}
+
+/// The share of marks that are true.
+pub fn share(marks: &[bool]) -> f64 {
+    marks.iter().filter(|&&m| m).count() as f64 / marks.len().max(1) as f64
+}
+
+/// A demo's held-out test: its (question, expected answer) pairs, how many tokens an
+/// answer may take, and how an answer is checked against the expected one. `webtune
+/// demo` and the page's held-out test ask it by task name.
+pub struct HeldOutTest {
+    pub pairs: Vec<(String, String)>,
+    pub answer_tokens: usize,
+    pub correct: fn(&str, &str) -> bool,
+}
+
+impl HeldOutTest {
+    /// The test of `task`, `n` questions: `demo` (the built-in demo's held-out
+    /// phrasings and words, answered exactly) or `tools` (held-out tool-call requests,
+    /// checked field by field: `data::tools::correct`).
+    pub fn named(task: &str, n: usize) -> Result<HeldOutTest> {
+        use crate::data::tools;
+        match task {
+            "demo" => Ok(HeldOutTest { pairs: held_out(TEST_SEED, n), answer_tokens: ANSWER_TOKENS, correct: exact }),
+            "tools" => Ok(HeldOutTest { pairs: tools::held_out(tools::TEST_SEED, n), answer_tokens: tools::ANSWER_TOKENS, correct: tools::correct }),
+            _ => Err(crate::error::Error::Config(format!("no held-out test called “{task}” (demo or tools)"))),
+        }
+    }
+
+    /// Whether each answer (in the order of `pairs`) passes the check.
+    pub fn marks(&self, answers: &[String]) -> Vec<bool> {
+        self.pairs.iter().zip(answers).map(|((_, e), a)| (self.correct)(a, e)).collect()
+    }
 }
 
 /// Tokens (characters) the demo lets a model answer with: the longest answer,
@@ -167,7 +204,7 @@ pub async fn dpo_test(gpu: &Gpu, model: &Model, tok: &Tokenizer, n: usize) -> Re
     Ok(DpoTest {
         prefers_brief: f(brief),
         prefers_plain: f(plain),
-        bare: accuracy(&brief_answers, &brief_qs),
+        bare: accuracy(&brief_answers, &brief_qs, exact),
         bare_form: share(&bf, Form::Bare),
         sentence_form: share(&pf, Form::Sentence),
         garbled: (share(&bf, Form::Other) + share(&pf, Form::Other)) / 2.0,

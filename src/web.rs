@@ -387,16 +387,11 @@ impl Session {
     /// (`demo::DpoTest`: pairs preferring the chosen answer, brief requests answered with
     /// the bare result, on `n` of them).
     pub async fn demo_test(&mut self, task: &str, n: usize, adapter: bool) -> Result<JsValue, JsError> {
-        use crate::data::tools;
-        let (held, tokens, correct): (_, _, fn(&str, &str) -> bool) = match task {
-            "demo" => (crate::demo::held_out(crate::demo::TEST_SEED, n), crate::demo::ANSWER_TOKENS, |a, e| a.trim() == e),
-            "tools" => (tools::held_out(tools::TEST_SEED, n), tools::ANSWER_TOKENS, tools::correct),
-            _ => return Err(JsError::new(&format!("no held-out test called “{task}” (demo or tools)"))),
-        };
-        let answers = self.answers(&held, tokens, adapter).await?;
-        let rows: Vec<_> = held.iter().zip(&answers).map(|((q, e), a)| serde_json::json!({"question": q, "expected": e, "answer": a, "right": correct(a, e)})).collect();
-        let right = rows.iter().filter(|r| r["right"] == true).count();
-        let mut result = serde_json::json!({"accuracy": right as f64 / held.len().max(1) as f64, "answers": rows});
+        let test = crate::demo::HeldOutTest::named(task, n).map_err(js)?;
+        let answers = self.answers(&test.pairs, test.answer_tokens, adapter).await?;
+        let marks = test.marks(&answers);
+        let rows: Vec<_> = test.pairs.iter().zip(&answers).zip(&marks).map(|(((q, e), a), right)| serde_json::json!({"question": q, "expected": e, "answer": a, "right": right})).collect();
+        let mut result = serde_json::json!({"accuracy": crate::demo::share(&marks), "answers": rows});
         if let Some(run) = self.run.as_mut().filter(|r| task == "demo" && r.opts.train.method == "dpo") {
             run.model.adapter_enabled = adapter;
             let test = crate::demo::dpo_test(&self.gpu, &run.model, &run.source.tokenizer, n).await;

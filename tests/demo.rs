@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use webtune::check::Rng;
-use webtune::demo::{accuracy, answer, apply, data_jsonl, held_out, instruction, pretrain_jsonl, STATEMENTS, TASKS};
+use webtune::demo::{accuracy, answer, apply, data_jsonl, exact, held_out, instruction, pretrain_jsonl, HeldOutTest, STATEMENTS, TASKS};
 
 /// The phrasing of a question: the word replaced by {w}.
 fn phrasing(q: &str) -> String {
@@ -102,8 +102,24 @@ fn the_demo_data_is_deterministic_correct_and_holds_out_phrasings() {
 fn accuracy_is_exact_match_after_trimming() {
     let expected = vec![("q1".to_string(), "cba".to_string()), ("q2".to_string(), "4".to_string()), ("q3".to_string(), "ABC".to_string()), ("q4".to_string(), "x x".to_string())];
     let answers = vec![" cba\n".to_string(), "4 letters".to_string(), "ABC".to_string(), "x  x".to_string()];
-    assert_eq!(accuracy(&answers, &expected), 0.5);
-    assert_eq!(accuracy(&[], &[]), 0.0);
+    assert_eq!(accuracy(&answers, &expected, exact), 0.5);
+    assert_eq!(accuracy(&[], &[], exact), 0.0);
+}
+
+/// The held-out tests the CLI and the page ask by name: the demo's (exact answers) and
+/// the tool calls' (checked field by field); another name is refused, saying which exist.
+#[test]
+fn held_out_tests_by_name() {
+    let demo = HeldOutTest::named("demo", 5).unwrap();
+    assert_eq!(demo.pairs, held_out(webtune::demo::TEST_SEED, 5));
+    let answers: Vec<String> = demo.pairs.iter().enumerate().map(|(i, (_, e))| if i % 2 == 0 { format!(" {e}\n") } else { "no".into() }).collect();
+    assert_eq!(demo.marks(&answers), [true, false, true, false, true]);
+    let tools = HeldOutTest::named("tools", 4).unwrap();
+    let e = tools.pairs[0].1.clone();
+    let spaced = e.replace(", ", ",  ");
+    assert_eq!(tools.marks(&[spaced, e.replace('}', ", \"x\": 1}"), String::new(), tools.pairs[3].1.clone()]), [true, false, false, true]);
+    let err = HeldOutTest::named("poems", 3).err().unwrap().to_string();
+    assert!(err.contains("poems") && err.contains("demo or tools"), "{err}");
 }
 
 /// The SFT stage, then the DPO stage (30 steps of 16 pairs from the SFT adapter).
@@ -164,5 +180,5 @@ fn the_pretrained_base_completes_statements_but_follows_no_instruction() {
     assert!(right.iter().filter(|r| r.0).count() >= 12, "{right:?}");
     let held = held_out(11, 16);
     let a = futures::executor::block_on(webtune::demo::answers(g, &m, tok, &held, webtune::demo::ANSWER_TOKENS)).unwrap();
-    assert!(accuracy(&a, &held) < 0.1, "{a:?}");
+    assert!(accuracy(&a, &held, exact) < 0.1, "{a:?}");
 }

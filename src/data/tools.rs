@@ -143,12 +143,6 @@ pub fn correct(answer: &str, expected: &str) -> bool {
     serde_json::from_str::<Value>(answer.trim()).is_ok_and(|got| got.is_object() && got == want)
 }
 
-/// The share of answers `correct` passes.
-pub fn accuracy(answers: &[String], expected: &[(String, String)]) -> f64 {
-    let right = answers.iter().zip(expected).filter(|(a, (_, e))| correct(a, e)).count();
-    right as f64 / expected.len().max(1) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +182,7 @@ mod tests {
         let t = r#"{"tool": "timer", "minutes": 25}"#;
         assert!(correct(r#"{"tool": "timer", "minutes": 25}"#, t));
         assert!(!correct(r#"{"tool": "timer", "minutes": "25"}"#, t));
-        assert_eq!(accuracy(&[e.to_string(), "no".into()], &[("q".into(), e.into()), ("q".into(), e.into())]), 0.5);
+        assert_eq!(crate::demo::accuracy(&[e.to_string(), "no".into()], &[("q".into(), e.into()), ("q".into(), e.into())], correct), 0.5);
     }
 
     #[test]
