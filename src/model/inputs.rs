@@ -27,8 +27,8 @@ pub struct Inputs {
     pub pos: Tensor,
     /// segment ids `[N]`: tokens attend only within their segment
     pub seg: Tensor,
-    /// the segment ids, then the positions (`[2, N]`; `seg` is its first half): what
-    /// attention with RoPE on load reads (`kernels::RopeOnLoad`)
+    /// the segment ids, then the positions (`[2, N]`): what attention with RoPE on
+    /// load reads (`kernels::RopeOnLoad`)
     pub seg_pos: Tensor,
     /// Training: the seed of this pass's LoRA dropout masks. None: no dropout.
     pub dropout_seed: Option<u32>,
@@ -46,7 +46,9 @@ impl Inputs {
             ids_host: ids.to_vec(),
             ids: gpu.upload_temp("ids", ids, &[n])?,
             pos: gpu.upload_temp("positions", pos, &[n])?,
-            seg: seg_pos.view("segments", 0, &[n]),
+            // Its own upload, not a view of seg_pos: a pooled tensor binds its whole
+            // buffer, so batches of other lengths reuse the same bind groups.
+            seg: gpu.upload_temp("segments", seg, &[n])?,
             seg_pos,
             dropout_seed: None,
         })
