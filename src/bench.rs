@@ -131,6 +131,18 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
     case!(format!("attention backward T={t} 9×64 heads, 3 kv"), 2.0 * fwd_flops, "GFLOP/s", |g, r| {
         kernels::attention_backward(g, r, &at, None, &q, &k, &v, &seg, &o, &lse, &q, &dq, &dk, &dv)
     });
+    // As training runs them on GPUs: q and k rotated as loaded (the rope pass's work inside).
+    if kernels::RopeOnLoad::offered(gpu, 64) {
+        let inv_freq = kernels::rope::inv_freq(64, 10000.0);
+        let rope = Some(kernels::RopeOnLoad { inv_freq: &inv_freq });
+        let seg_pos = gpu.upload("segments, positions", &(0..2 * t).map(|i| if i < t { 0 } else { (i - t) as u32 }).collect::<Vec<u32>>(), &[2, t])?;
+        case!(format!("attention forward T={t} 9×64 heads, 3 kv, RoPE on load"), fwd_flops, "GFLOP/s", |g, r| {
+            kernels::attention_forward(g, r, &at, rope, &q, &k, &v, &seg_pos, &o, &lse)
+        });
+        case!(format!("attention backward T={t} 9×64 heads, 3 kv, RoPE on load"), 2.0 * fwd_flops, "GFLOP/s", |g, r| {
+            kernels::attention_backward(g, r, &at, rope, &q, &k, &v, &seg_pos, &o, &lse, &q, &dq, &dk, &dv)
+        });
+    }
 
     let c = 576;
     let x = random(gpu, "x", &[t, c], 7)?;
