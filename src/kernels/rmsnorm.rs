@@ -87,16 +87,13 @@ pub fn rmsnorm_forward_lora_down(
     let op = "rmsnorm_forward_lora_down";
     check(a.len() == ls.len() && h.len() == ls.len(), op, || format!("{} pairs, {} A's and {} h's", ls.len(), a.len(), h.len()))?;
     let alike = ls.iter().all(|l| l.r == ls[0].r && l.dropout == ls[0].dropout && l.n == rows && l.din == c && l.glu.is_none());
+    let rank = ls.first().map_or(0, |l| l.r);
+    let fused = alike && (1..=4).contains(&ls.len()) && LoraDh::fits(gpu, c, ls.len() * rank);
     let spans = (Tensor::span("LoRA A", a, gpu.caps.max_binding), Tensor::span("LoRA h", h, gpu.caps.max_binding));
-    let (Some((ta, oa)), Some((th, oh))) = spans.clone() else {
+    let (true, Some((ta, oa)), Some((th, oh))) = (fused, spans.0, spans.1) else {
         rmsnorm_forward(gpu, rec, rows, c, eps, x, w, y, rstd)?;
         return lora_down_group(gpu, rec, ls, y, a, h);
     };
-    let rank = ls.first().map_or(0, |l| l.r);
-    if !(alike && (1..=4).contains(&ls.len()) && LoraDh::fits(gpu, c, ls.len() * rank)) {
-        rmsnorm_forward(gpu, rec, rows, c, eps, x, w, y, rstd)?;
-        return lora_down_group(gpu, rec, ls, y, a, h);
-    }
     let mut p = params(gpu, op, rows, c, eps)?;
     x.expect(op, "x", DType::F32, rows * c)?;
     w.expect(op, "w", DType::F32, c)?;
