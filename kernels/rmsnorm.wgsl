@@ -86,7 +86,7 @@ fn rmsnorm_forward_down_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let base = r * p.c;
     for (var g = 0u; g < p.pairs; g++) {
         for (var j0 = 0u; j0 < p.rank; j0 += DH_COLS) {
-            var acc: array<f32, DH_COLS>;
+            var acc = zeros();
             let nj = min(DH_COLS, p.rank - j0);
             for (var i = 0u; i < p.c; i++) {
                 let v = dropped(g, base + i, y[base + i]);
@@ -113,7 +113,7 @@ fn rmsnorm_backward_dx_dh_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let base = r * p.c;
     // dh[r, j] = s · Σ_i dx[r, i] · B[i, j], DH_COLS columns at a time.
     for (var j0 = 0u; j0 < p.rank; j0 += DH_COLS) {
-        var acc: array<f32, DH_COLS>;
+        var acc = zeros();
         let nj = min(DH_COLS, p.rank - j0);
         for (var i = 0u; i < p.c; i++) {
             let v = dx[base + i];
@@ -138,6 +138,15 @@ fn dx_row(r: u32) {
 
 // Columns of dh a row kernel sums at once (DH).
 const DH_COLS: u32 = 16u;
+
+// DH_COLS zeros, stored one by one: Chromium's WGSL compiler (on SwiftShader at least)
+// zeroes a `var` declared without a value in a loop once, not at every iteration as
+// WGSL says, so a second pair or block of columns would add onto the first.
+fn zeros() -> array<f32, DH_COLS> {
+    var z: array<f32, DH_COLS>;
+    for (var j = 0u; j < DH_COLS; j++) { z[j] = 0.0; }
+    return z;
+}
 
 // dw[c] += Σ_r dy[r, c] · x[r, c] · rstd[r] over rows r0..rows: one invocation per
 // column, so no atomics; the launcher calls it on row ranges that fit the loop budget.
@@ -200,7 +209,7 @@ fn rmsnorm_forward_down_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(lo
     let base = r * p.c;
     for (var g = 0u; g < p.pairs; g++) {
         for (var j0 = 0u; j0 < p.rank; j0 += DH_COLS) {
-            var acc: array<f32, DH_COLS>;
+            var acc = zeros();
             let nj = min(DH_COLS, p.rank - j0);
             for (var i = lid; i < p.c; i += 64u) {
                 let v = dropped(g, base + i, y[base + i]);
@@ -246,7 +255,7 @@ fn rmsnorm_backward_dx_dh_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     dx_tiled(r, lid);
     let base = r * p.c;
     for (var j0 = 0u; j0 < p.rank; j0 += DH_COLS) {
-        var acc: array<f32, DH_COLS>;
+        var acc = zeros();
         let nj = min(DH_COLS, p.rank - j0);
         for (var i = lid; i < p.c; i += 64u) {
             let v = dx[base + i];

@@ -116,10 +116,9 @@ pub struct RopeOnLoad<'a> {
 
 impl RopeOnLoad<'_> {
     /// Whether the adapter's kernels take RoPE on load for this shape: the tiled ones
-    /// (`Variant::Tiled`), with a head size that is a multiple of 8; native only for now
-    /// (see `rmsnorm::LoraDh::fits`).
+    /// (`Variant::Tiled`), with a head size that is a multiple of 8, at most 128.
     pub fn offered(gpu: &Gpu, hs: usize) -> bool {
-        !cfg!(target_arch = "wasm32") && gpu.caps.variant == Variant::Tiled && hs % 8 == 0 && hs <= 128
+        gpu.caps.variant == Variant::Tiled && hs % 8 == 0 && hs <= 128
     }
 
     /// The kernels' parameters and overrides for `at`, checking `seg` holds positions.

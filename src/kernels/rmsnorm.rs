@@ -131,15 +131,7 @@ pub struct LoraDh<'a> {
 impl LoraDh<'_> {
     /// Whether the row kernels make this dh within the driver's loop budget (a row
     /// invocation of the CPU drivers' kernel sums c · rank products).
-    ///
-    /// Native only for now: in the page (wasm on Chromium's SwiftShader) training with
-    /// this stop's fused row kernels gave other gradients than native on the same
-    /// driver, from the second step on (the browser tests); until that is understood
-    /// the page runs the separate products, as before.
     pub fn fits(gpu: &Gpu, c: usize, rank: usize) -> bool {
-        if cfg!(target_arch = "wasm32") {
-            return false;
-        }
         let per_row = if gpu.caps.variant == Variant::Tiled { c.div_ceil(64) * DH_COLS + 64 } else { c * DH_COLS };
         rank > 0 && 2 * c + per_row + 16 <= gpu.caps.max_loop as usize
     }

@@ -480,8 +480,7 @@ impl Model {
         let logits = self.head_forward(gpu, rec, hf, r0, rows)?;
         let t = gpu.upload_in(rec, "targets", &targets[r0..r0 + rows], &[rows])?;
         let (losses, lse) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?);
-        // Native only for now, as `kernels::LoraDh::fits` says; the page runs the two.
-        if backward && !cfg!(target_arch = "wasm32") {
+        if backward {
             k::cross_entropy_forward_backward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
         } else {
             k::cross_entropy_forward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
