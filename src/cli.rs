@@ -672,7 +672,7 @@ fn one_line(s: &str) -> String {
 }
 
 /// The demo's DPO stage: the SFT adapter of `sft` continued on preference pairs that
-/// ask for the bare result when a request says so (which the SFT data never did),
+/// ask for the bare result when a request says so (which SFT answered with the sentence),
 /// measured on held-out pairs and brief requests before and after.
 async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Option<f64>, quiet: bool) -> Result<DpoReport> {
     let say = |s: String| if !quiet { println!("{s}") };
@@ -684,7 +684,7 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Optio
     let pairs = |text: String, name: &str| crate::data::load(tok, &text, name, opts.max_seq_len, false, false);
     let n = 32;
     say(format!("\nDPO stage: prefer the bare result when a request asks for it (\"{}\"), the sentence otherwise;", crate::demo::BRIEF_ASKS[0]));
-    say(format!("the SFT data never asked. The test uses the held-out ask \"{}\", phrasings and words.", crate::demo::BRIEF_HELD_OUT));
+    say(format!("SFT answered such asks with the sentence. The test uses the held-out ask \"{}\", phrasings and words.", crate::demo::BRIEF_HELD_OUT));
     say(format!("sigmoid DPO, beta {}, with an NLL term on the chosen answers (RPO) of weight {}", opts.train.beta, opts.train.rpo_alpha));
     let before = crate::demo::dpo_test(gpu, &sft.model, tok, n).await?;
     let data = pairs(crate::demo::preference_data(), "demo-dpo")?;

@@ -122,12 +122,13 @@ fn held_out_tests_by_name() {
     assert!(err.contains("poems") && err.contains("demo or tools"), "{err}");
 }
 
-/// The SFT stage, then the DPO stage (30 steps of 16 pairs from the SFT adapter).
+/// The SFT stage, then the DPO stage (60 steps of 16 pairs from the SFT adapter, with
+/// an NLL term on the chosen answers: RPO, α = 1).
 #[test]
 fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy_then_dpo_shifts_the_preference() {
     let g = gpu();
     let out = std::env::temp_dir().join(format!("webtune-demo-{}", std::process::id()));
-    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 30, None, true)).unwrap();
+    let r = futures::executor::block_on(webtune::cli::demo(g, &out, 100, 60, Some(1.0), true)).unwrap();
     let first: f64 = r.losses[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = r.losses[r.losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(last < 0.5 * first, "loss {first:.3} → {last:.3}");
@@ -152,8 +153,12 @@ fn a_short_demo_run_lowers_the_loss_and_lifts_the_accuracy_then_dpo_shifts_the_p
     // The greedy answers are sorted into forms, and the measures agree with them.
     assert_eq!((a.answers.len(), a.plain_answers.len()), (32, 32));
     assert!(a.bare <= a.bare_form && (0.0..=1.0).contains(&a.garbled), "{a:?}");
-    assert!(d.losses.len() == 30 && d.losses[29] < 0.5 * d.losses[0], "{:?}", d.losses);
-    assert!(d.margins[29] > d.margins[0] + 0.5, "{:?}", d.margins);
+    // And DPO changes what the model says: SFT answered every brief ask with the
+    // sentence; after DPO most held-out brief requests get a bare result. (Measured:
+    // 0% → 81% after 100 SFT steps.)
+    assert!(a.bare_form >= b.bare_form + 0.4, "bare results for brief requests {} → {}", b.bare_form, a.bare_form);
+    assert!(d.losses.len() == 60 && d.losses[59] < 0.5 * d.losses[0], "{:?}", d.losses);
+    assert!(d.margins[59] > d.margins[0] + 0.5, "{:?}", d.margins);
     assert!(out.join("dpo/adapter_model.safetensors").exists());
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -121,12 +121,17 @@ pub fn answer(op: &str, w: &str) -> String {
     forms[0].replace("{w}", w).replace("{a}", &apply(op, w))
 }
 
-/// `n` chat records with the trained phrasings, as JSONL.
+/// `n` chat records with the trained phrasings, as JSONL. One request in `BRIEF_SHARE`
+/// ends with a brief ask (`BRIEF_ASKS`) and still gets the sentence: SFT teaches to find
+/// the word before such an ask, not to honour it (the DPO stage's preference).
 pub fn data_jsonl(seed: u64, n: usize) -> String {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|_| {
-            let (q, a) = instruction(&mut rng, false);
+            let (mut q, a) = instruction(&mut rng, false);
+            if rng.below(BRIEF_SHARE) == 0 {
+                q = format!("{q} {}", BRIEF_ASKS[rng.below(BRIEF_ASKS.len() as u64) as usize]);
+            }
             json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
         })
         .collect::<Vec<_>>()
@@ -142,8 +147,8 @@ pub fn held_out(seed: u64, n: usize) -> Vec<(String, String)> {
     (0..n).map(|_| instruction(&mut rng, true)).collect()
 }
 
-/// The demo's sequence length: the longest request, chat markup and answer fit.
-pub const MAX_SEQ_LEN: usize = 96;
+/// The demo's sequence length: the longest request (with a brief ask), chat markup and answer fit.
+pub const MAX_SEQ_LEN: usize = 128;
 
 /// Records in the demo data set (`webtune train --data demo`, the page's demo data).
 pub const DATA_RECORDS: usize = 2048;
@@ -154,10 +159,17 @@ pub fn data() -> String {
 }
 
 /// The DPO stage's preference: a request that asks for the bare result gets it, one
-/// that does not gets the sentence SFT taught. The SFT data never asks; these are the
-/// asks DPO trains on, and the one held out for the test.
-pub const BRIEF_ASKS: [&str; 4] = ["Just the answer.", "Answer only.", "Only the result, please.", "No sentence, just the result."];
+/// that does not gets the sentence SFT taught. These are the asks the SFT data (answered
+/// with the sentence all the same) and DPO's pairs use, and the one held out for the
+/// test, recombining their words as the tasks' held-out phrasings do.
+pub const BRIEF_ASKS: [&str; 8] = [
+    "Just the answer.", "Answer only.", "Only the result, please.", "No sentence, just the result.",
+    "Reply with the answer only.", "The result alone, please.", "Reply with just the result.", "Give the word alone.",
+];
 pub const BRIEF_HELD_OUT: &str = "Reply with the result alone.";
+
+/// One SFT request in this many ends with a brief ask (`data_jsonl`).
+const BRIEF_SHARE: u64 = 4;
 
 /// Held-out requests (phrasings and words never trained on) with the held-out brief
 /// ask, and their bare results.
