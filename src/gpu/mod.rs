@@ -555,20 +555,30 @@ impl Gpu {
     /// Zero-filled f32 temporaries of `shapes` as views into one pooled buffer, each at
     /// the adapter's storage offset alignment, so products over all of them bind it
     /// once (`Tensor::span`); one buffer each where together they exceed a binding.
+    /// Each view's region is the bytes a pooled temporary of its shape would get (for
+    /// the largest batch, `Gpu::sizing`), and a binding of it covers the region: a
+    /// batch of another length finds the same offsets and sizes, so the same bind
+    /// groups.
     pub fn temps(&self, rec: &mut Recorder, label: &str, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
         let align = (self.caps.limits.min_storage_buffer_offset_alignment as u64).max(16);
-        let mut starts = Vec::with_capacity(shapes.len());
+        let mut regions = Vec::with_capacity(shapes.len());
         let mut end = 0u64;
-        for shape in shapes {
-            let start = end.div_ceil(align) * align;
-            starts.push(start);
-            end = start + Tensor::padded(DType::F32, shape);
+        {
+            let st = self.state.lock().unwrap();
+            for shape in shapes {
+                let start = end.div_ceil(align) * align;
+                let bytes = reuse::size_class(st.sized_for(Tensor::padded(DType::F32, shape), self.caps.chunk_bytes()));
+                regions.push((start, bytes));
+                end = start + bytes;
+            }
         }
         if shapes.len() < 2 || end > self.caps.max_binding {
             return shapes.iter().map(|shape| self.temp(rec, label, DType::F32, shape)).collect();
         }
-        let whole = self.temp(rec, label, DType::F32, &[(end / 4) as usize])?;
-        Ok(starts.iter().zip(shapes).map(|(&start, shape)| whole.view(label, start, shape)).collect())
+        let whole = self.pooled_as(label, DType::F32, &[(end / 4) as usize], false)?;
+        rec.encoder().clear_buffer(&whole.buffer, 0, Some(end));
+        let view = |&(start, bytes): &(u64, u64), shape: &Vec<usize>| Tensor { reserved: bytes, ..whole.view(label, start, shape) };
+        Ok(regions.iter().zip(shapes).map(|(r, shape)| view(r, shape)).collect())
     }
 
     /// A temporary from the pool holding `data`, copied in inside `rec` from the arena.
@@ -598,6 +608,12 @@ impl Gpu {
     /// A temporary from the pool whose contents are whatever its last holder left (for
     /// kernels that write every element before anything reads it).
     pub(crate) fn pooled(&self, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.pooled_as(label, dtype, shape, true)
+    }
+
+    /// `pooled`, its buffer sized for the largest batch (`Gpu::sizing`) where `scaled`,
+    /// else for exactly `shape` (`temps`' regions are sized for it already).
+    fn pooled_as(&self, label: &str, dtype: DType, shape: &[usize], scaled: bool) -> Result<Tensor> {
         if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::OutOfMemory(format!("{label}: allocation refused (injected by Gpu::fail_next_allocation)")));
         }
@@ -607,7 +623,7 @@ impl Gpu {
         let bytes = Tensor::padded(dtype, shape);
         let taken = {
             let mut st = self.state.lock().unwrap();
-            let class = reuse::size_class(st.sized_for(bytes, self.caps.chunk_bytes()));
+            let class = reuse::size_class(if scaled { st.sized_for(bytes, self.caps.chunk_bytes()) } else { bytes });
             st.take(class).ok_or(class)
         };
         let (buffer, class, index) = match taken {
@@ -619,7 +635,7 @@ impl Gpu {
         };
         let bind = if class <= self.caps.max_binding { class } else { bytes };
         let lease = reuse::Lease { class, index, bind, state: self.state.clone() };
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)), whole: true })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: Some(Arc::new(lease)), whole: true, reserved: 0 })
     }
 
     /// A new storage buffer (counted), checked against the adapter's maximum.

@@ -64,19 +64,23 @@ pub struct Tensor {
     /// cover its whole pooled buffer (`bind_size`). A view binds its own bytes only, so
     /// views of one buffer never overlap as writable bindings (WebGPU refuses that).
     pub(crate) whole: bool,
+    /// Bytes a binding of this view covers where that is more than its own: its region
+    /// of `Gpu::temps` (sized for the largest batch) or of a span of such regions, so
+    /// that batches of other lengths bind the same bytes and reuse their bind groups.
+    pub(crate) reserved: u64,
 }
 
 impl Tensor {
     /// A zero-filled tensor in a buffer of its own (wgpu zero-initialises new buffers).
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let buffer = gpu.create_storage(label, Tensor::padded(dtype, shape))?;
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None, whole: true })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype, label: label.to_string(), lease: None, whole: true, reserved: 0 })
     }
 
     /// A tensor of `shape` over this one's buffer from byte `offset` on (of this
     /// tensor); the caller keeps it within the buffer and aligned for binding.
     pub fn view(&self, label: &str, offset: u64, shape: &[usize]) -> Tensor {
-        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone(), whole: false }
+        Tensor { buffer: self.buffer.clone(), offset: self.offset + offset, shape: shape.to_vec(), dtype: self.dtype, label: label.to_string(), lease: self.lease.clone(), whole: false, reserved: 0 }
     }
 
     /// One tensor over the bytes of `parts` (f32 or f16 alike) that lie in one buffer
@@ -95,12 +99,12 @@ impl Tensor {
             return None;
         }
         let lo = parts.iter().map(|t| t.offset).min()?;
-        let hi = parts.iter().map(|t| t.offset + t.padded_bytes()).max()?;
+        let hi = parts.iter().map(|t| t.offset + t.padded_bytes().max(t.reserved)).max()?;
         if hi - lo > max_binding {
             return None;
         }
         let offsets = parts.iter().map(|t| ((t.offset - lo) / size) as usize).collect();
-        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / size) as usize], label: label.to_string(), whole: false, ..(*first).clone() };
+        let whole = Tensor { offset: lo, shape: vec![((hi - lo) / size) as usize], label: label.to_string(), whole: false, reserved: hi - lo, ..(*first).clone() };
         Some((whole, offsets))
     }
 
@@ -119,7 +123,7 @@ impl Tensor {
     pub fn bind_size(&self) -> u64 {
         match &self.lease {
             Some(l) if self.offset == 0 && self.whole => l.bind,
-            _ => self.padded_bytes(),
+            _ => self.padded_bytes().max(self.reserved),
         }
     }
 
