@@ -567,7 +567,7 @@ impl Gpu {
             let st = self.state.lock().unwrap();
             for shape in shapes {
                 let start = end.div_ceil(align) * align;
-                let bytes = reuse::size_class(st.sized_for(Tensor::padded(DType::F32, shape), self.caps.chunk_bytes()));
+                let bytes = self.pool_class(&st, Tensor::padded(DType::F32, shape), true);
                 regions.push((start, bytes));
                 end = start + bytes;
             }
@@ -611,6 +611,12 @@ impl Gpu {
         self.pooled_as(label, dtype, shape, true)
     }
 
+    /// The pooled buffer size a temporary of `bytes` gets: its size class, for the
+    /// largest batch (`Gpu::sizing`) where `scaled`.
+    fn pool_class(&self, st: &reuse::State, bytes: u64, scaled: bool) -> u64 {
+        reuse::size_class(if scaled { st.sized_for(bytes, self.caps.chunk_bytes()) } else { bytes })
+    }
+
     /// `pooled`, its buffer sized for the largest batch (`Gpu::sizing`) where `scaled`,
     /// else for exactly `shape` (`temps`' regions are sized for it already).
     fn pooled_as(&self, label: &str, dtype: DType, shape: &[usize], scaled: bool) -> Result<Tensor> {
@@ -623,7 +629,7 @@ impl Gpu {
         let bytes = Tensor::padded(dtype, shape);
         let taken = {
             let mut st = self.state.lock().unwrap();
-            let class = reuse::size_class(if scaled { st.sized_for(bytes, self.caps.chunk_bytes()) } else { bytes });
+            let class = self.pool_class(&st, bytes, scaled);
             st.take(class).ok_or(class)
         };
         let (buffer, class, index) = match taken {

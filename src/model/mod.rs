@@ -480,14 +480,8 @@ impl Model {
         let logits = self.head_forward(gpu, rec, hf, r0, rows)?;
         let t = gpu.upload_in(rec, "targets", &targets[r0..r0 + rows], &[rows])?;
         let (losses, lse) = (zeros(gpu, rec, "losses", &[rows])?, zeros(gpu, rec, "lse", &[rows])?);
-        if backward {
-            k::cross_entropy_forward_backward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
-        } else {
-            k::cross_entropy_forward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
-            if backward {
-                k::cross_entropy_backward(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &lse)?;
-            }
-        }
+        let ce = if backward { k::cross_entropy_forward_backward } else { k::cross_entropy_forward };
+        ce(gpu, rec, rows, self.cfg.vocab, scale, &logits, &t, &losses, &lse, loss)?;
         Ok([logits, t, losses, lse])
     }
 
