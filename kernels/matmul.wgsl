@@ -354,3 +354,184 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         store_block(p.c_off + bi * p.c_stride, tm + lid.y * 4u, tn + lid.x * 4u, acc1, acc);
     }
 }
+
+// Wide tiled variant for GPUs (`Caps::wide_matmul`): a 16×16 workgroup computes a
+// 128×128 tile of C and each invocation 8×8 of it, as four 4×4 blocks 64 rows and
+// columns apart, so its reads of workgroup memory are vec4s that neighbours share or
+// take side by side. Slabs 8 deep of op(A) and op(B) are double-buffered in workgroup
+// memory (16 KiB, WebGPU's default limit): the next slab is loaded from memory into
+// registers while this one is summed, then stored into the other buffer, one barrier a
+// slab. Each invocation loads four neighbours of each operand a slab, a vec4 of memory
+// (`wide_slot`; a weight's four along k decoded at once). The slabs of the second
+// product follow the first's.
+// Grid: (ceil(N/128), ceil(M/128), batch), or a group's tiles (`product_tile`).
+const WS: u32 = 128u;
+const WK: u32 = 8u;
+var<workgroup> wide_a: array<vec4<f32>, 512>; // [2][WK][WS/4]: rows 4g..4g+3 at k in [buf·256 + k·32 + g]
+var<workgroup> wide_b: array<vec4<f32>, 512>; // [2][WK][WS/4]: columns 4g..4g+3
+
+// Where invocation `tid` loads in a slab: (first k, row or column). An operand stored
+// with k fastest (`k_fast`) gives each invocation four neighbours along k of one row
+// (tid / 2, from k (tid % 2)·4); another four neighbouring rows or columns (4·(tid % 32),
+// at k tid / 32). Either way a vec4 of memory.
+fn wide_slot(tid: u32, k_fast: bool) -> vec2<u32> {
+    if (k_fast) { return vec2<u32>((tid % 2u) * 4u, tid / 2u); }
+    return vec2<u32>(tid / (WS / 4u), (tid % (WS / 4u)) * 4u);
+}
+
+// op(A)'s element (m, k) of phase `ph` (op(A2) in phase 1), zero past the edges.
+fn wide_a_elem(ab: u32, ph: u32, kn: u32, m: u32, k: u32) -> f32 {
+    let cm = min(m, p.m - 1u);
+    let ck = min(k, kn - 1u);
+    var v: f32;
+    if (ph == 0u) { v = a_at(ab, cm, ck); } else { v = a2_at(cm, ck); }
+    return select(0.0, v, m < p.m && k < kn);
+}
+
+// op(B)'s element (k, n) of phase `ph` (op(B2) in phase 1), zero past the edges.
+fn wide_b_elem(bb: u32, ph: u32, kn: u32, k: u32, n: u32, slot: u32) -> f32 {
+    let ck = min(k, kn - 1u);
+    let cn = min(n, p.n - 1u);
+    var v: f32;
+    if (ph == 0u) { v = b_at(bb, ck, cn, slot); } else { v = b2_at(ck, cn); }
+    return select(0.0, v, n < p.n && k < kn);
+}
+
+// Slab t's four elements of op(A) for invocation tid (slabs of the second product
+// after the first's `nt0`), and of op(B); `wide_slot` says which.
+fn wide_load_a(ab: u32, t: u32, nt0: u32, tm: u32, tid: u32) -> vec4<f32> {
+    let ph = select(0u, 1u, t >= nt0);
+    let kn = select(p.k, p.k2, ph == 1u);
+    let s = wide_slot(tid, !TRANS_A);
+    let k = (t - select(0u, nt0, ph == 1u)) * WK + s.x;
+    let m = tm + s.y;
+    if (!TRANS_A) {
+        return vec4<f32>(wide_a_elem(ab, ph, kn, m, k), wide_a_elem(ab, ph, kn, m, k + 1u),
+                         wide_a_elem(ab, ph, kn, m, k + 2u), wide_a_elem(ab, ph, kn, m, k + 3u));
+    }
+    return vec4<f32>(wide_a_elem(ab, ph, kn, m, k), wide_a_elem(ab, ph, kn, m + 1u, k),
+                     wide_a_elem(ab, ph, kn, m + 2u, k), wide_a_elem(ab, ph, kn, m + 3u, k));
+}
+
+fn wide_load_b(bb: u32, t: u32, nt0: u32, tn: u32, tid: u32) -> vec4<f32> {
+    let ph = select(0u, 1u, t >= nt0);
+    let kn = select(p.k, p.k2, ph == 1u);
+    let s = wide_slot(tid, TRANS_B);
+    let k = (t - select(0u, nt0, ph == 1u)) * WK + s.x;
+    let n = tn + s.y;
+    if (TRANS_B) {
+        // Four k of weight row n, at once where they lie in a whole four (`b4_at`: a
+        // word of f16 pairs or of packed blocks decoded together).
+        if (ph == 0u && (bb & 3u) == 0u && (p.ldb & 3u) == 0u && k + 3u < kn && n < p.n) {
+            return b4_at(bb + n * p.ldb + k, 0u);
+        }
+        return vec4<f32>(wide_b_elem(bb, ph, kn, k, n, 0u), wide_b_elem(bb, ph, kn, k + 1u, n, 0u),
+                         wide_b_elem(bb, ph, kn, k + 2u, n, 0u), wide_b_elem(bb, ph, kn, k + 3u, n, 0u));
+    }
+    return vec4<f32>(wide_b_elem(bb, ph, kn, k, n, 0u), wide_b_elem(bb, ph, kn, k, n + 1u, 0u),
+                     wide_b_elem(bb, ph, kn, k, n + 2u, 0u), wide_b_elem(bb, ph, kn, k, n + 3u, 0u));
+}
+
+// An invocation's four loads into buffer `buf` of the slabs: a vec4 along m (n), or
+// four neighbours along k each in its own row of the slab.
+fn wide_store_a(buf: u32, s: vec2<u32>, v: vec4<f32>) {
+    let i = buf + s.x * 32u + s.y / 4u;
+    if (TRANS_A) { wide_a[i] = v; return; }
+    let c = s.y % 4u;
+    wide_a[i][c] = v.x;
+    wide_a[i + 32u][c] = v.y;
+    wide_a[i + 64u][c] = v.z;
+    wide_a[i + 96u][c] = v.w;
+}
+
+fn wide_store_b(buf: u32, s: vec2<u32>, v: vec4<f32>) {
+    let i = buf + s.x * 32u + s.y / 4u;
+    if (!TRANS_B) { wide_b[i] = v; return; }
+    let c = s.y % 4u;
+    wide_b[i][c] = v.x;
+    wide_b[i + 32u][c] = v.y;
+    wide_b[i + 64u][c] = v.z;
+    wide_b[i + 96u][c] = v.w;
+}
+
+// acc += the outer product of a (four rows) and b (four columns).
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let pt = product_tile(wid);
+    if (pt.x >= GROUP_MAX) { return; }
+    let q = ps[pt.x];
+    p = q;
+    let tm = pt.z * WS;
+    let tn = pt.y * WS;
+    if (tm >= q.m || tn >= q.n) { return; }
+    let bi = select(wid.z, 0u, GROUPED);
+    let ab = p.a_off + bi * p.a_stride;
+    let bb = p.b_off + bi * p.b_stride;
+    let tid = lid.y * 16u + lid.x;
+    let sa = wide_slot(tid, !TRANS_A);
+    let sb = wide_slot(tid, TRANS_B);
+    // Slabs of the first product, then of the second (none where K2 is 0).
+    let nt0 = (q.k + WK - 1u) / WK;
+    let nt = nt0 + (q.k2 + WK - 1u) / WK;
+    wide_store_a(0u, sa, wide_load_a(ab, 0u, nt0, tm, tid));
+    wide_store_b(0u, sb, wide_load_b(bb, 0u, nt0, tn, tid));
+    workgroupBarrier();
+    // The four blocks: rows (0 or 64) + 4·lid.y, columns (0 or 64) + 4·lid.x; `first`
+    // keeps the first product's sums once the second's begin.
+    var acc00: array<vec4<f32>, 4>;
+    var acc01: array<vec4<f32>, 4>;
+    var acc10: array<vec4<f32>, 4>;
+    var acc11: array<vec4<f32>, 4>;
+    var first00: array<vec4<f32>, 4>;
+    var first01: array<vec4<f32>, 4>;
+    var first10: array<vec4<f32>, 4>;
+    var first11: array<vec4<f32>, 4>;
+    for (var t = 0u; t < nt; t++) {
+        let cur = (t & 1u) * 256u;
+        let more = t + 1u < nt;
+        var na = vec4<f32>();
+        var nb = vec4<f32>();
+        if (more) {
+            na = wide_load_a(ab, t + 1u, nt0, tm, tid);
+            nb = wide_load_b(bb, t + 1u, nt0, tn, tid);
+        }
+        for (var kk = 0u; kk < WK; kk++) {
+            let o = cur + kk * 32u;
+            let a0 = wide_a[o + lid.y];
+            let a1 = wide_a[o + 16u + lid.y];
+            let b0 = wide_b[o + lid.x];
+            let b1 = wide_b[o + 16u + lid.x];
+            outer4(&acc00, a0, b0);
+            outer4(&acc01, a0, b1);
+            outer4(&acc10, a1, b0);
+            outer4(&acc11, a1, b1);
+        }
+        if (t + 1u == nt0) {
+            first00 = acc00; first01 = acc01; first10 = acc10; first11 = acc11;
+            acc00 = array<vec4<f32>, 4>(); acc01 = array<vec4<f32>, 4>();
+            acc10 = array<vec4<f32>, 4>(); acc11 = array<vec4<f32>, 4>();
+        }
+        if (more) {
+            let nxt = 256u - cur;
+            wide_store_a(nxt, sa, na);
+            wide_store_b(nxt, sb, nb);
+        }
+        workgroupBarrier();
+    }
+    if (bi < p.batch) {
+        let base = p.c_off + bi * p.c_stride;
+        let m0 = tm + lid.y * 4u;
+        let n0 = tn + lid.x * 4u;
+        store_block(base, m0, n0, first00, acc00);
+        store_block(base, m0, n0 + 64u, first01, acc01);
+        store_block(base, m0 + 64u, n0, first10, acc10);
+        store_block(base, m0 + 64u, n0 + 64u, first11, acc11);
+    }
+}

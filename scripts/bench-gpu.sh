@@ -2,6 +2,8 @@
 # Issue 24's measurement on a GPU machine, in one call of at most 8 minutes: webtune's
 # kernels and a SmolLM2-135M-shaped LoRA step (random weights, r16 on all seven
 # projections, batch 4 x 512 packed tokens, with and without gradient checkpointing),
+# the same matmuls and the step without checkpointing again with matmul's wide kernel
+# (--wide-matmul all|large: 128x128 tiles, 8x8 an invocation; off on GPUs until measured),
 # then PyTorch + PEFT on the same step (tests/reference/bench_pytorch.py: f32 with TF32
 # off, and bf16 autocast), and the ratios. Needs the release binary built elsewhere
 # (the GPU machine has no Rust) and the Vulkan loader: where `ldconfig -p` lists no
@@ -26,8 +28,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 model=$(mktemp -d)
 "$bin" random-model --config configs/SmolLM2-135M.json --out "$model" >/dev/null
 timeout 120 "$bin" bench kernels --min-secs 0.3 2>&1 | tee "$out/kernels.txt"
-for ck in none grad-checkpoint; do
-  flag=(); [ "$ck" = grad-checkpoint ] && flag=(--grad-checkpoint)
+timeout 60 "$bin" bench kernels --min-secs 0.3 --only matmul --wide-matmul all 2>&1 | tee "$out/kernels-wide.txt"
+for ck in none grad-checkpoint wide; do
+  flag=(); [ "$ck" = grad-checkpoint ] && flag=(--grad-checkpoint); [ "$ck" = wide ] && flag=(--wide-matmul large)
   timeout 150 "$bin" bench train --model "$model" --data demo --batch-size 4 --max-seq-len 512 --pack --steps 5 "${flag[@]}" 2>&1 | tee "$out/train-$ck.txt"
 done
 PYTHONUNBUFFERED=1 timeout 150 python3 tests/reference/bench_pytorch.py --config configs/SmolLM2-135M.json --batch 4 --seq 512 2>&1 | tee "$out/pytorch.jsonl"
@@ -44,11 +47,11 @@ for line in (out / "pytorch.jsonl").read_text().splitlines() if (out / "pytorch.
         torch[j["variant"]] = j["tokens_per_s"]
     except (ValueError, KeyError):
         pass
-for ck, suffix in (("none", ""), ("grad-checkpoint", ", checkpointing")):
+for ck, suffix in (("none", ""), ("grad-checkpoint", ", checkpointing"), ("wide", "")):
     w = ours(f"train-{ck}.txt")
     for dtype in ("f32", "bf16 autocast"):
         t = torch.get(dtype + suffix)
         ratio = f"{w / t:.3f}" if w and t else "n/a"
-        print(f"webtune {w} tokens/s vs PyTorch {dtype}{suffix} {t} tokens/s: ratio {ratio}")
+        print(f"webtune{' (wide matmul)' if ck == 'wide' else ''} {w} tokens/s vs PyTorch {dtype}{suffix} {t} tokens/s: ratio {ratio}")
 EOF
 rm -rf "$model"

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use webtune::cli;
-use webtune::gpu::{Gpu, Variant};
+use webtune::gpu::{Gpu, Variant, WideMatmul};
 use webtune::model::generate::Sampling;
 use webtune::train::RunOptions;
 
@@ -305,6 +305,11 @@ enum BenchWhat {
         /// Kernel variants: `tiled` (GPUs) or `register` (CPU drivers); default: the adapter's.
         #[arg(long, value_parser = parse_variant)]
         variant: Option<Variant>,
+        /// Which products run matmul's wide kernel (128×128 a workgroup, 8×8 an
+        /// invocation): `off`, `large` (those that fill its tiles) or `all`; default:
+        /// `large` with the register variant, `off` with the tiled one.
+        #[arg(long, value_parser = parse_wide)]
+        wide_matmul: Option<WideMatmul>,
     },
     /// Whole training steps (the options of `train`; --steps is how many to measure,
     /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
@@ -325,9 +330,23 @@ enum BenchWhat {
         /// Kernel variants: `tiled` (GPUs) or `register` (CPU drivers); default: the adapter's.
         #[arg(long, value_parser = parse_variant)]
         variant: Option<Variant>,
+        /// Which products run matmul's wide kernel (128×128 a workgroup, 8×8 an
+        /// invocation): `off`, `large` (those that fill its tiles) or `all`; default:
+        /// `large` with the register variant, `off` with the tiled one.
+        #[arg(long, value_parser = parse_wide)]
+        wide_matmul: Option<WideMatmul>,
         #[command(flatten)]
         run: RunOptions,
     },
+}
+
+fn parse_wide(s: &str) -> Result<WideMatmul, String> {
+    match s {
+        "off" => Ok(WideMatmul::Off),
+        "large" => Ok(WideMatmul::Large),
+        "all" => Ok(WideMatmul::All),
+        _ => Err(format!("`{s}` is not a choice of products for the wide matmul: use off, large or all")),
+    }
 }
 
 fn parse_variant(s: &str) -> Result<Variant, String> {
@@ -506,8 +525,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
         }
-        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, mut run } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, mut run } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, ..Default::default() }).await?;
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
@@ -579,8 +598,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 }
             }
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
             webtune::bench::kernels(&gpu, min_secs, &only, |r| {

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use webtune::check::Rng;
-use webtune::gpu::Variant;
+use webtune::gpu::{Variant, WideMatmul};
 use webtune::kernels::{self as k, AdamW, Attention, DropOn, Dropout, Glu, GluOn, Lora, Matmul, Second, SwigluBack};
 use webtune::quant::{self, QType};
 use webtune::reference as cpu;
@@ -26,16 +26,15 @@ fn matmul_case(g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, mag: f32) -> Vec<f
     cpu::matmul_with(mm, &a, &b, &mut want, mm.second.map(|_| (a2.as_slice(), b2.as_slice())));
     let scale = mag * mag * ((mm.k + mm.second.map_or(0, |s| s.k)) as f32).sqrt() * mm.dropout.map_or(1.0, |d| 1.0 / (1.0 - d.p));
     let got = read(g, &tc);
-    close(&format!("matmul {mm:?} on {:?}", g.caps.variant), &got, &want, 1e-5 * scale, 1e-4);
+    close(&format!("matmul {mm:?} on {}", kernels_of(g)), &got, &want, 1e-5 * scale, 1e-4);
     got
 }
 
 #[test]
 fn matmul_matches_reference_for_both_variants_and_all_transposes() {
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         let mut seed = 1;
-        for (m, n, kk) in [(1, 1, 1), (7, 13, 5), (33, 65, 17), (64, 64, 64), (100, 37, 129), (5, 70, 300)] {
+        for (m, n, kk) in [(1, 1, 1), (7, 13, 5), (33, 65, 17), (64, 64, 64), (100, 37, 129), (5, 70, 300), (130, 257, 41)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut mm = Matmul::new(m, n, kk);
                 mm.trans_a = ta;
@@ -62,14 +61,32 @@ fn matmul_matches_reference_for_both_variants_and_all_transposes() {
     }
 }
 
+/// With the CPU drivers' kernels, the products that fill the wide kernel's 128×128
+/// tiles run it (SmolLM2's projections over 2,048 tokens, q/k/v's group as a whole);
+/// LoRA's narrow products, the demo's 64-wide ones and any with more than 30% of
+/// padding keep 32×32 tiles.
+#[test]
+fn the_wide_matmul_takes_the_products_that_fill_its_tiles() {
+    for (m, n, fills) in [(2048, 576, true), (2048, 1536, true), (576, 2048, true), (341, 576, true), (1408, 192, false), (1408, 64, false), (2048, 16, false), (130, 130, false), (640, 600, true), (128, 128, true), (127, 4096, false)] {
+        assert_eq!(k::fills_wide([(m, n)]), fills, "{m}×{n}");
+    }
+    // A group as a whole: q/k/v's on SmolLM2 (1.2 computed per output kept), not one with
+    // a narrow product, nor none.
+    assert!(k::fills_wide([(2048, 576), (2048, 192), (2048, 192)]));
+    assert!(!k::fills_wide([(2048, 576), (2048, 16)]));
+    assert!(!k::fills_wide([(1408, 192), (1408, 192)]));
+    assert!(!k::fills_wide([]));
+    assert_eq!(variant(Variant::Register).caps.wide_matmul, WideMatmul::Large);
+    assert_eq!(variant(Variant::Tiled).caps.wide_matmul, WideMatmul::Off);
+}
+
 /// LoRA's fusions: a second product summed into C (every transpose, offsets, row
 /// strides, a K2 past one tile), and dropout on A, on B or on the second product.
 #[test]
 fn fused_products_match_reference_for_both_variants() {
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         let mut seed = 300;
-        for (m, n, kk, k2) in [(7, 13, 5, 3), (33, 65, 17, 16), (70, 68, 40, 33)] {
+        for (m, n, kk, k2) in [(7, 13, 5, 3), (33, 65, 17, 16), (70, 68, 40, 33), (140, 131, 20, 9)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut mm = Matmul::new(m, n, kk).accumulate().plus(Second::new(k2, 0.75));
                 (mm.trans_a, mm.trans_b) = (ta, tb);
@@ -92,6 +109,8 @@ fn fused_products_match_reference_for_both_variants() {
     let mut mm = Matmul::new(9, 11, 301).accumulate().plus(Second::new(20, 1.0));
     mm.dropout = Some(Dropout { p: 0.2, seed: 4, on: DropOn::B });
     matmul_case(small_loops(), &mm, 340, 1.0);
+    let wide = make(webtune::gpu::GpuOptions { max_loop: Some(100), variant: Some(Variant::Tiled), wide_matmul: Some(webtune::gpu::WideMatmul::All), ..Default::default() });
+    matmul_case(&wide, &mm, 341, 1.0);
 }
 
 /// SwiGLU on an operand as loaded (`Glu`: silu(gate)·up, up stored `up` elements past
@@ -100,8 +119,7 @@ fn fused_products_match_reference_for_both_variants() {
 /// group over two operand sets (dA beside dB), against the CPU reference.
 #[test]
 fn swiglu_on_an_operand_as_loaded_matches_reference_for_both_variants() {
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         let mut seed = 900;
         for (m, n, kk) in [(7, 13, 5), (33, 65, 17), (20, 8, 36)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -147,8 +165,7 @@ fn swiglu_backward_in_the_store_matches_reference() {
         cpu::matmul_swiglu_back(mm, &a, &b, &mut want, mm.second.map(|_| (a2.as_slice(), b2.as_slice())), &aux);
         close(&format!("{mm:?} (f16 {f16}) on {:?}", g.caps.variant), &read(g, &tc), &want, 1e-4, 1e-4);
     };
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         for (i, (m, n, kk)) in [(7, 13, 5), (33, 65, 17), (20, 8, 36)].into_iter().enumerate() {
             let mm = Matmul { swiglu_back: Some(SwigluBack { g: 3, up: m * n + 5, du: m * n + 2 }), ..Matmul::new(m, n, kk) };
             case(g, &mm, 960 + i as u64, false);
@@ -209,8 +226,7 @@ fn grouped_products_match_reference_for_both_variants() {
             })
             .collect()
     };
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         let mut seed = 500;
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             group_case(g, &three(ta, tb, None, false), seed);
@@ -277,8 +293,8 @@ fn grouped_lora_matches_reference_pair_by_pair() {
     fn refs(t: &[webtune::gpu::Tensor]) -> Vec<&webtune::gpu::Tensor> {
         t.iter().collect()
     }
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = &own_variant(v);
+    for (v, wide) in [(Variant::Register, false), (Variant::Tiled, false), (Variant::Tiled, true)] {
+        let g = &own_matmul_kernels(v, wide);
         for (p, seed) in [(0.0, 1u64), (0.2, 2)] {
             let (n, din, r) = (19, 24, 4);
             let ls: Vec<Lora> = [12, 8, 8].iter().enumerate().map(|(i, &dout)| Lora::new(n, din, dout, r, 2.0).with_dropout(p, 70 + i as u32)).collect();
@@ -312,7 +328,7 @@ fn grouped_lora_matches_reference_pair_by_pair() {
                     cpu::lora_down(l, &x, &a[i], &mut h);
                     cpu::lora_backward(l, &x, &b[i], &h, &dy[i], &mut dh, &mut da, &mut db);
                     for (what, got, want) in [("h", &got[0][i], &h), ("dh", &got[1][i], &dh), ("dA", &got[2][i], &da), ("dB", &got[3][i], &db)] {
-                        close(&format!("pair {i} {what} (p {p}, together {together}) on {v:?}"), &got[..want.len()], want, 1e-4, 1e-4);
+                        close(&format!("pair {i} {what} (p {p}, together {together}) on {}", kernels_of(g)), &got[..want.len()], want, 1e-4, 1e-4);
                     }
                 }
                 outs.push(got);
@@ -837,8 +853,7 @@ fn cross_entropy_chunks_logits_larger_than_one_binding() {
 /// by hand; with the weight in two row parts, as a weight larger than a binding is.
 #[test]
 fn lora_matches_reference() {
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         for (n, din, dout, r, p, seed) in [(13, 20, 24, 4, 0.0, 1), (64, 96, 64, 16, 0.1, 2), (5, 7, 3, 1, 0.5, 3)] {
             let l = Lora::new(n, din, dout, r, 2.0).with_dropout(p, seed as u32 + 40);
             let mut rng = Rng::new(seed);
@@ -880,7 +895,7 @@ fn lora_matches_reference() {
             for (i, &(r0, r1)) in parts.iter().enumerate() {
                 cpu::matmul_with(&backward(r0, r1 - r0, i == 0), &dy, &w[r0 * din..r1 * din], &mut dx, (i == 0).then_some((&dh, &a)));
             }
-            let what = format!("lora p {p} on {v:?}");
+            let what = format!("lora p {p} on {}", kernels_of(g));
             close(&format!("{what} h"), &read(g, &th), &h, 1e-4, 1e-4);
             close(&format!("{what} y"), &read(g, &ty), &y, 1e-4, 1e-4);
             close(&format!("{what} dh"), &read(g, &tdh), &dh, 1e-4, 1e-4);
@@ -948,8 +963,7 @@ fn f16_weights_in_matmul_and_embedding() {
     assert!(g.caps.shader_f16, "lavapipe offers shader-f16: {}", g.describe());
     let mut rng = Rng::new(21);
     let round = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         // Odd sizes read one half at a time (`weight`); sizes in fours, four at once from
         // two words (`weight4`), both orientations.
         let linears = [Matmul::linear(13, 37, 29), Matmul::new(13, 29, 37), Matmul::linear(13, 36, 28), Matmul::new(13, 28, 36)];
@@ -1009,8 +1023,7 @@ fn packed_weights_in_matmul_and_embedding() {
         let raw = packed_blocks(q, rows * cols, &mut rng);
         let w = quant::dequantize(q, &raw);
         assert!(w.iter().all(|v| v.is_finite()) && w.iter().any(|&v| v != 0.0), "{q:?}");
-        for v in [Variant::Register, Variant::Tiled] {
-            let g = variant(v);
+        for g in matmul_gpus() {
             let tw = g.upload_packed("packed weight", q, &raw, &[rows, cols]).unwrap();
             // y = x·Wᵀ (accumulating onto C) and dx = dy·W.
             for mm in [Matmul::linear(13, cols, rows).accumulate(), Matmul::new(13, cols, rows)] {
@@ -1021,7 +1034,7 @@ fn packed_weights_in_matmul_and_embedding() {
                 let mut want = c0.clone();
                 cpu::matmul(&mm, &a, &w, &mut want);
                 let mag = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                close(&format!("{q:?} matmul {mm:?} on {v:?}"), &read(g, &tc), &want, 1e-5 * mag * (mm.k as f32).sqrt(), 1e-4);
+                close(&format!("{q:?} matmul {mm:?} on {}", kernels_of(g)), &read(g, &tc), &want, 1e-5 * mag * (mm.k as f32).sqrt(), 1e-4);
             }
         }
         let g = gpu();
@@ -1101,8 +1114,7 @@ fn cross_entropy_at_real_vocabulary_sizes() {
 
 #[test]
 fn matmul_sums_inner_dimensions_past_the_loop_budget() {
-    for v in [Variant::Register, Variant::Tiled] {
-        let g = variant(v);
+    for g in matmul_gpus() {
         // dx = dlogits·W over a Llama 3 vocabulary, dW = dyᵀ·x over 70,001 rows, and
         // the LoRA down product with a transposed B; each sums more than 65,535 terms.
         matmul_case(g, &Matmul::new(3, 16, 128256), 200, 1.0);

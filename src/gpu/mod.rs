@@ -38,6 +38,34 @@ pub enum Variant {
     Tiled,
 }
 
+/// Which products run matmul's wide kernel (`matmul_wide` in kernels/matmul.wgsl:
+/// 128×128 of C a workgroup, 8×8 an invocation, double-buffered slabs) instead of the
+/// variant's own (`matmul_reg`, 32×32; `matmul_tiled`, 64×64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WideMatmul {
+    /// None.
+    Off,
+    /// Products that fill its tiles (`kernels::fills_wide`): at least 128 rows and
+    /// columns, at most 30% more work in padding. LoRA's narrow products keep the
+    /// variant's kernel.
+    Large,
+    /// Every product (the tests run each shape through it).
+    All,
+}
+
+impl WideMatmul {
+    /// The default for a variant: `Large` with the CPU drivers' kernels, where it was
+    /// measured faster for large products (lavapipe and SwiftShader, `bench kernels`);
+    /// `Off` with the GPU kernels until a GPU measures it (`scripts/bench-gpu.sh` runs
+    /// both).
+    pub fn of(variant: Variant) -> WideMatmul {
+        match variant {
+            Variant::Register => WideMatmul::Large,
+            Variant::Tiled => WideMatmul::Off,
+        }
+    }
+}
+
 /// What the device granted, recorded so callers can choose kernels.
 #[derive(Clone, Debug)]
 pub struct Caps {
@@ -57,6 +85,8 @@ pub struct Caps {
     /// into several dispatches. `u32::MAX` where the driver has no cap.
     pub max_loop: u32,
     pub variant: Variant,
+    /// Which products run matmul's wide kernel (see [`WideMatmul`]).
+    pub wide_matmul: WideMatmul,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
     /// The largest device-local memory heap the driver reports (Vulkan), in bytes;
@@ -142,6 +172,8 @@ pub struct GpuOptions {
     pub max_binding: Option<u64>,
     /// Force a kernel variant instead of choosing by `device_type`.
     pub variant: Option<Variant>,
+    /// Force which products run matmul's wide kernel (default: `WideMatmul::of`).
+    pub wide_matmul: Option<WideMatmul>,
     /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
     pub no_f16: bool,
     /// Cap the loop budget below the driver's (tests of the split paths on any driver).
@@ -294,6 +326,7 @@ impl Gpu {
             max_binding,
             max_loop: u32::MAX,
             variant,
+            wide_matmul: opts.wide_matmul.unwrap_or(WideMatmul::of(variant)),
             no_reuse: opts.no_reuse,
             device_heap: device_heap(&adapter),
         };
@@ -349,7 +382,7 @@ impl Gpu {
     pub fn describe(&self) -> String {
         let a = &self.caps.adapter;
         format!(
-            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}; loop budget {}",
+            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}{}; loop budget {}",
             a.name,
             a.device_type,
             a.backend,
@@ -361,6 +394,11 @@ impl Gpu {
             self.caps.subgroups,
             self.caps.timestamps,
             self.caps.variant,
+            match self.caps.wide_matmul {
+                WideMatmul::Off => "",
+                WideMatmul::Large => ", wide matmul for large products",
+                WideMatmul::All => ", wide matmul for every product",
+            },
             if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }
         ) + &self.caps.device_heap.map_or(String::new(), |h| format!("; device-local heap {} MiB", h >> 20))
     }

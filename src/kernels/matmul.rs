@@ -2,7 +2,7 @@
 
 use super::{check, check_binding, f16_variant, groups, loop_span, packed_variant, spans, MATMUL};
 use crate::error::Result;
-use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
+use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant, WideMatmul};
 
 /// `C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b]` for b in 0..batch.
 ///
@@ -320,7 +320,7 @@ fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor,
         return matmul_with(gpu, rec, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None);
     }
     validate(gpu, mm, a, b, c, second)?;
-    let launch = Launch::new(gpu, mm, b, false, false);
+    let launch = Launch::new(gpu, mm, b, false, false, wide(gpu, std::iter::once(mm)));
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.
     for (k0, k1) in spans(mm.k, launch.k_span) {
@@ -367,7 +367,7 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
     }
     let glu = mms.iter().filter(|m| !m.alt).find_map(|m| m.glu);
     check(mms.iter().filter(|m| !m.alt).all(|m| m.glu.map(|g| g.on) == glu.map(|g| g.on)), op, || format!("products with and without SwiGLU in one group: {mms:?}"))?;
-    let launch = Launch::new(gpu, &Matmul { glu, ..first.clone() }, b, true, alt);
+    let launch = Launch::new(gpu, &Matmul { glu, ..first.clone() }, b, true, alt, wide(gpu, mms.iter()));
     if mms.iter().any(|mm| mm.k > launch.k_span) {
         return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
     }
@@ -385,6 +385,33 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         launch.record(gpu, rec, &params, grid, a, b, c, second, None)?;
     }
     Ok(())
+}
+
+/// Whether products of these shapes run the wide kernel on this adapter
+/// (`Caps::wide_matmul`).
+fn wide<'a>(gpu: &Gpu, mms: impl Iterator<Item = &'a Matmul>) -> bool {
+    match gpu.caps.wide_matmul {
+        WideMatmul::Off => false,
+        WideMatmul::All => true,
+        WideMatmul::Large => fills_wide(mms.map(|mm| (mm.m, mm.n))),
+    }
+}
+
+/// Whether M×N products (one, or a group's) fill the wide kernel's 128×128 tiles: each
+/// at least 128 rows and columns, and at most 30% more outputs computed than kept over
+/// them all (q/k/v's group on SmolLM2: 576, 192 and 192 columns, 1.2; a logits chunk
+/// of 341 rows by 576, the head's dx, 1.25). On lavapipe the wide kernel runs large
+/// products 1.2–2.2× as fast as the register one.
+pub fn fills_wide(shapes: impl IntoIterator<Item = (usize, usize)>) -> bool {
+    let (mut kept, mut computed) = (0, 0);
+    for (m, n) in shapes {
+        if m < 128 || n < 128 {
+            return false;
+        }
+        kept += m * n;
+        computed += m.next_multiple_of(128) * n.next_multiple_of(128);
+    }
+    kept > 0 && 10 * computed <= 13 * kept
 }
 
 /// The shape and operand checks of one product.
@@ -498,7 +525,8 @@ struct Launch {
 impl Launch {
     /// `grouped`: the grid is a group's tiles (`matmul_group`), not the batch.
     /// `alt`: some products read the second operand pair (`Matmul::alt`).
-    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool) -> Launch {
+    /// `wide`: the wide kernel, whatever the variant.
+    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool, wide: bool) -> Launch {
         let k2 = mm.second.map_or(0, |s| s.k);
         let drop = mm.dropout.map_or(0, |d| match d.on {
             DropOn::A => 1,
@@ -520,9 +548,11 @@ impl Launch {
             ("EPI", flag(mm.swiglu_back.is_some())),
         ];
         // The register variant loops once per k; the tiled one 21 times per 16 k (a
-        // slab load of 4, 16 products, the k0 step). The second product's loop runs
-        // beside the last k-range.
+        // slab load of 4, 16 products, the k0 step); the wide one 9 times per 8 k (8
+        // products, the slab step), and 88 in its stores and group lookup. The second
+        // product's loop runs beside the last k-range.
         let (entry, tile, k_span) = match gpu.caps.variant {
+            _ if wide => ("matmul_wide", 128, loop_span(gpu, 9, 96 + 9 * k2.div_ceil(8)) * 8),
             Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
             Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
         };

@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use webtune::gpu::{DType, Gpu, GpuOptions, Tensor, Variant};
+use webtune::gpu::{DType, Gpu, GpuOptions, Tensor, Variant, WideMatmul};
 
 pub fn make(opts: GpuOptions) -> Gpu {
     match futures::executor::block_on(Gpu::new_with(opts)) {
@@ -32,6 +32,35 @@ pub fn variant(v: Variant) -> &'static Gpu {
     static T: OnceLock<Gpu> = OnceLock::new();
     let cell = if v == Variant::Register { &R } else { &T };
     cell.get_or_init(|| make(GpuOptions { variant: Some(v), ..Default::default() }))
+}
+
+/// Every product through matmul's wide kernel (`WideMatmul::All`), whatever its shape.
+pub fn wide_matmul() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { variant: Some(Variant::Tiled), wide_matmul: Some(WideMatmul::All), ..Default::default() }))
+}
+
+/// Each matmul kernel in turn: register-blocked 32×32, tiled 64×64, wide 128×128.
+pub fn matmul_gpus() -> [&'static Gpu; 3] {
+    [variant_only(Variant::Register), variant_only(Variant::Tiled), wide_matmul()]
+}
+
+/// A variant's own kernels for every product (no wide matmul).
+fn variant_only(v: Variant) -> &'static Gpu {
+    static R: OnceLock<Gpu> = OnceLock::new();
+    static T: OnceLock<Gpu> = OnceLock::new();
+    let cell = if v == Variant::Register { &R } else { &T };
+    cell.get_or_init(|| make(GpuOptions { variant: Some(v), wide_matmul: Some(WideMatmul::Off), ..Default::default() }))
+}
+
+/// A variant, with matmul's wide kernel for every product or none, on a device of its own.
+pub fn own_matmul_kernels(v: Variant, wide: bool) -> Gpu {
+    make(GpuOptions { variant: Some(v), wide_matmul: Some(if wide { WideMatmul::All } else { WideMatmul::Off }), ..Default::default() })
+}
+
+/// The kernels a context runs, for messages: `Register`, `Tiled`, with which products run the wide matmul.
+pub fn kernels_of(g: &Gpu) -> String {
+    format!("{:?}, wide matmul {:?}", g.caps.variant, g.caps.wide_matmul)
 }
 
 /// A variant on a device of its own (a new one each call): its counters count only
