@@ -4,6 +4,7 @@
 # projections, batch 4 x 512 packed tokens, with and without gradient checkpointing),
 # the same matmuls and the step without checkpointing again with matmul's wide kernel
 # (--wide-matmul all|large: 128x128 tiles, 8x8 an invocation; off on GPUs until measured),
+# the row kernels with their reductions as workgroup-memory trees (--subgroup-sums off),
 # then PyTorch + PEFT on the same step (tests/reference/bench_pytorch.py: f32 with TF32
 # off, and bf16 autocast), and the ratios. Needs the release binary built elsewhere
 # (the GPU machine has no Rust) and the Vulkan loader: where `ldconfig -p` lists no
@@ -29,6 +30,9 @@ model=$(mktemp -d)
 "$bin" random-model --config configs/SmolLM2-135M.json --out "$model" >/dev/null
 timeout 120 "$bin" bench kernels --min-secs 0.3 2>&1 | tee "$out/kernels.txt"
 timeout 60 "$bin" bench kernels --min-secs 0.3 --only matmul --wide-matmul all 2>&1 | tee "$out/kernels-wide.txt"
+for only in rmsnorm cross-entropy "grad norm"; do
+  timeout 40 "$bin" bench kernels --min-secs 0.3 --only "$only" --subgroup-sums off 2>&1
+done | tee "$out/kernels-trees.txt"
 for ck in none grad-checkpoint wide; do
   flag=(); [ "$ck" = grad-checkpoint ] && flag=(--grad-checkpoint); [ "$ck" = wide ] && flag=(--wide-matmul large)
   timeout 150 "$bin" bench train --model "$model" --data demo --batch-size 4 --max-seq-len 512 --pack --steps 5 "${flag[@]}" 2>&1 | tee "$out/train-$ck.txt"

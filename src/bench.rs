@@ -152,6 +152,11 @@ pub async fn kernels(gpu: &Gpu, min_secs: f64, only: &str, mut report: impl FnMu
     case!(format!("rmsnorm forward {t}×{c}"), (2 * t * c * 4) as f64, "GB/s", |g, r| {
         kernels::rmsnorm_forward(g, r, t, c, 1e-5, &x, &w, &y, &rstd)
     });
+    // dx (read x and dy, read and write dx) without dw: the row reduction alone.
+    let dx = gpu.zeros("dx", DType::F32, &[t, c])?;
+    case!(format!("rmsnorm backward dx {t}×{c}"), (4 * t * c * 4) as f64, "GB/s", |g, r| {
+        kernels::rmsnorm_backward(g, r, t, c, &x, &w, &rstd, &y, &dx, None, None)
+    });
 
     let n = t * 1536;
     let gate = random(gpu, "gate", &[n], 9)?;

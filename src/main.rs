@@ -310,6 +310,11 @@ enum BenchWhat {
         /// `large` with the register variant, `off` with the tiled one.
         #[arg(long, value_parser = parse_wide)]
         wide_matmul: Option<WideMatmul>,
+        /// The row kernels' reductions (RMSNorm, cross-entropy rows, gradient norm):
+        /// `on` adds within subgroups, `off` keeps trees in workgroup memory; default:
+        /// `on` with the tiled variant where the adapter has subgroups.
+        #[arg(long, value_parser = parse_on_off)]
+        subgroup_sums: Option<bool>,
     },
     /// Whole training steps (the options of `train`; --steps is how many to measure,
     /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
@@ -335,6 +340,11 @@ enum BenchWhat {
         /// `large` with the register variant, `off` with the tiled one.
         #[arg(long, value_parser = parse_wide)]
         wide_matmul: Option<WideMatmul>,
+        /// The row kernels' reductions (RMSNorm, cross-entropy rows, gradient norm):
+        /// `on` adds within subgroups, `off` keeps trees in workgroup memory; default:
+        /// `on` with the tiled variant where the adapter has subgroups.
+        #[arg(long, value_parser = parse_on_off)]
+        subgroup_sums: Option<bool>,
         #[command(flatten)]
         run: RunOptions,
     },
@@ -346,6 +356,14 @@ fn parse_wide(s: &str) -> Result<WideMatmul, String> {
         "large" => Ok(WideMatmul::Large),
         "all" => Ok(WideMatmul::All),
         _ => Err(format!("`{s}` is not a choice of products for the wide matmul: use off, large or all")),
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}` is neither on nor off")),
     }
 }
 
@@ -525,8 +543,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
         }
-        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, mut run } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, subgroup_sums, mut run } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, subgroup_sums, ..Default::default() }).await?;
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
@@ -598,8 +616,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 }
             }
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul, subgroup_sums } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
             webtune::bench::kernels(&gpu, min_secs, &only, |r| {

@@ -80,6 +80,17 @@ fn the_wide_matmul_takes_the_products_that_fill_its_tiles() {
     assert_eq!(variant(Variant::Tiled).caps.wide_matmul, WideMatmul::Off);
 }
 
+/// Where the adapter has subgroups (lavapipe has), the GPU kernels' row reductions add
+/// within them by default, the CPU drivers' kernels keep theirs, and forcing them off
+/// keeps the trees; the tests run all three (`row_gpus`).
+#[test]
+fn subgroup_sums_are_the_gpu_kernels_default_where_the_adapter_has_subgroups() {
+    let [reg, tiled, trees] = row_gpus();
+    assert!(tiled.caps.subgroups, "lavapipe offers subgroups: {}", tiled.describe());
+    assert!(tiled.caps.subgroup_sums && !reg.caps.subgroup_sums && !trees.caps.subgroup_sums);
+    assert!(tiled.describe().contains("subgroup sums") && !trees.describe().contains("subgroup sums"));
+}
+
 /// LoRA's fusions: a second product summed into C (every transpose, offsets, row
 /// strides, a K2 past one tile), and dropout on A, on B or on the second product.
 #[test]
@@ -545,7 +556,7 @@ fn rmsnorm_forward_makes_lora_downs() {
     // (rows, c, ranks, dropout)
     let cases: [(usize, usize, &[usize], f32); 5] =
         [(7, 33, &[16, 16, 16], 0.0), (64, 576, &[16, 16, 16], 0.1), (130, 130, &[20, 20], 0.05), (5, 64, &[8, 4], 0.2), (3, 8, &[1, 1, 1, 1, 1], 0.0)];
-    for (g, (rows, c, ranks, p)) in [variant(Variant::Register), variant(Variant::Tiled)].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
+    for (g, (rows, c, ranks, p)) in row_gpus().into_iter().flat_map(|g| cases.map(|c| (g, c))) {
         let mut rng = Rng::new(rows as u64);
         let (x, w) = (rng.vec(rows * c, 3.0), rng.vec(c, 2.0));
         let ls: Vec<Lora> = ranks.iter().enumerate().map(|(i, &r)| Lora::new(rows, c, 7, r, 2.0).with_dropout(p, 40 + i as u32)).collect();
@@ -565,7 +576,7 @@ fn rmsnorm_forward_makes_lora_downs() {
         let (mut y, mut rs) = (vec![0.0; rows * c], vec![0.0; rows]);
         let mut h: Vec<Vec<f32>> = ls.iter().map(|l| vec![0.0; rows * l.r]).collect();
         cpu::rmsnorm_forward_lora_down(rows, c, 1e-5, &x, &w, &mut y, &mut rs, &ls, &a.iter().map(Vec::as_slice).collect::<Vec<_>>(), &mut h);
-        let what = format!("[{rows}, {c}] ranks {ranks:?} dropout {p} on {:?}", g.caps.variant);
+        let what = format!("[{rows}, {c}] ranks {ranks:?} dropout {p} on {}", reductions_of(g));
         close(&format!("rmsnorm y {what}"), &read(g, &ty), &y, 1e-5, 1e-4);
         for (i, want) in h.iter().enumerate() {
             close(&format!("LoRA h {i} {what}"), &read(g, &th[i]), want, 1e-4 * (c as f32).sqrt(), 1e-3);
@@ -579,7 +590,7 @@ fn rmsnorm_forward_makes_lora_downs() {
 #[test]
 fn rmsnorm_backward_makes_lora_dh() {
     let cases = [(7, 33, 16, 1), (64, 576, 16, 2), (130, 130, 20, 3), (5, 576, 64, 4), (3, 8, 1, 5)];
-    for (g, (rows, c, rank, seed)) in [variant(Variant::Register), variant(Variant::Tiled)].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
+    for (g, (rows, c, rank, seed)) in row_gpus().into_iter().flat_map(|g| cases.map(|c| (g, c))) {
         let mut rng = Rng::new(seed);
         let (x, w, dy, b) = (rng.vec(rows * c, 1.0), rng.vec(c, 2.0), rng.vec(rows * c, 1.0), rng.vec(c * rank, 1.0));
         let (dx0, rs) = (rng.vec(rows * c, 0.5), rng.vec(rows, 1.0).iter().map(|v| 1.0 + v.abs()).collect::<Vec<f32>>());
@@ -588,7 +599,7 @@ fn rmsnorm_backward_makes_lora_dh() {
         run(g, |r| k::rmsnorm_backward(g, r, rows, c, &tx, &tw, &trs, &tdy, &tdx, None, Some(lora)));
         let (mut dx, mut dh) = (dx0, vec![0.0; rows * rank]);
         cpu::rmsnorm_backward_dh(rows, c, &x, &w, &rs, &dy, &mut dx, None, (0.75, rank, &b), &mut dh);
-        close(&format!("rmsnorm dx [{rows}, {c}] with dh on {:?}", g.caps.variant), &read(g, &tdx), &dx, 1e-4, 1e-3);
+        close(&format!("rmsnorm dx [{rows}, {c}] with dh on {}", reductions_of(g)), &read(g, &tdx), &dx, 1e-4, 1e-3);
         close(&format!("rmsnorm's LoRA dh rank {rank}"), &read(g, &tdh), &dh, 1e-4 * (c as f32).sqrt(), 1e-3);
     }
 }
@@ -598,7 +609,7 @@ fn rmsnorm_matches_reference() {
     // Both variants; 1,000 rows make several dw blocks of the tiled variant, one a part;
     // 70,001 rows (Qwen3's q norm over 7,778 tokens) spill its grid past 65,535 into y.
     let cases = [(7, 33, 1.0, 1), (64, 576, 30.0, 2), (3, 5, 0.01, 3), (1000, 130, 1.0, 4), (70001, 8, 1.0, 5)];
-    for (g, (rows, c, mag, seed)) in [variant(Variant::Register), variant(Variant::Tiled), tiled_small_loops()].into_iter().flat_map(|g| cases.map(|c| (g, c))) {
+    for (g, (rows, c, mag, seed)) in row_gpus().into_iter().chain([tiled_small_loops()]).flat_map(|g| cases.map(|c| (g, c))) {
         let mut rng = Rng::new(seed);
         let (x, w, dy) = (rng.vec(rows * c, mag), rng.vec(c, 2.0), rng.vec(rows * c, 1.0));
         let (dx0, dw0) = (rng.vec(rows * c, 0.1), rng.vec(c, 0.1));
@@ -611,7 +622,7 @@ fn rmsnorm_matches_reference() {
         let (mut y, mut rs, mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; rows], dx0, dw0);
         cpu::rmsnorm_forward(rows, c, 1e-5, &x, &w, &mut y, &mut rs);
         cpu::rmsnorm_backward(rows, c, &x, &w, &rs, &dy, &mut dx, Some(&mut dw));
-        close(&format!("rmsnorm y [{rows}, {c}] on {:?}", g.caps.variant), &read(g, &ty), &y, 1e-5, 1e-4);
+        close(&format!("rmsnorm y [{rows}, {c}] on {}", reductions_of(g)), &read(g, &ty), &y, 1e-5, 1e-4);
         close("rmsnorm rstd", &read(g, &trs), &rs, 0.0, 1e-4);
         close("rmsnorm dx", &read(g, &tdx), &dx, 1e-4 / mag, 1e-3);
         close("rmsnorm dw", &read(g, &tdw), &dw, 1e-4, 1e-3);
@@ -923,7 +934,12 @@ fn lora_matches_reference() {
 
 #[test]
 fn grad_norm_and_adamw_match_reference_over_steps() {
-    let g = gpu();
+    for g in [gpu(), variant(Variant::Tiled)] {
+        grad_norm_and_adamw_case(g);
+    }
+}
+
+fn grad_norm_and_adamw_case(g: &webtune::gpu::Gpu) {
     let sizes = [1, 300, 70_001];
     let mut rng = Rng::new(5);
     let opt = AdamW { lr: 1e-2, weight_decay: 0.1, ..AdamW::default() };
@@ -1109,6 +1125,7 @@ fn cross_entropy_at_real_vocabulary_sizes() {
     // driver past its loop budget), and across the 65,535-row chunk limit.
     cross_entropy_case(small_loops(), 13, 1001, 1.0, 50);
     cross_entropy_case(variant(Variant::Tiled), 5, 5003, 1.0, 51);
+    cross_entropy_case(tiled_trees(), 5, 5003, 1.0, 53);
     cross_entropy_case(gpu(), 65537, 3, 1.0, 52);
 }
 

@@ -40,6 +40,28 @@ fn packed_variants_validate() {
     }
 }
 
+/// The subgroup variants of the row kernels: each swaps in kernels/subgroups.wgsl's
+/// reductions (one named as in the kernel at least), and validates with subgroups.
+#[test]
+fn subgroup_variants_validate() {
+    for k in webtune::kernels::WITH_SUBGROUPS {
+        let v = webtune::kernels::subgroup_variant(k);
+        assert!(v.source.contains("subgroupAdd(") && !k.source.contains("subgroupAdd("), "{}", v.name);
+        // Every reduction the kernel has of those kernels/subgroups.wgsl replaces.
+        let mut swapped = 0;
+        for name in ["workgroup_sum", "sum_cols", "row_lse", "reduce"] {
+            let head = format!("\nfn {name}(");
+            if let Some(i) = v.source.find(&head) {
+                let body = &v.source[i..][..v.source[i + 1..].find("\nfn ").map_or(v.source.len() - i, |j| j + 1)];
+                assert!(body.contains("subgroupAdd("), "{}: {name} is not the subgroup version:\n{body}", v.name);
+                swapped += 1;
+            }
+        }
+        assert!(swapped > 0, "{}", v.name);
+        validates(v, Capabilities::SUBGROUP);
+    }
+}
+
 #[test]
 fn every_file_is_registered() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
@@ -49,9 +71,11 @@ fn every_file_is_registered() {
         .filter(|n| n.ends_with(".wgsl"))
         .collect();
     files.sort();
-    // quant.wgsl is not a module of its own: the packed variants append it.
-    let mut registered: Vec<String> = webtune::kernels::ALL.iter().chain([&webtune::kernels::QUANT]).map(|k| k.name.to_string()).collect();
+    // quant.wgsl and subgroups.wgsl are not modules of their own: the packed variants
+    // append the one, the subgroup variants take functions from the other.
+    let mut registered: Vec<String> =
+        webtune::kernels::ALL.iter().chain([&webtune::kernels::QUANT, &webtune::kernels::SUBGROUPS]).map(|k| k.name.to_string()).collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 12);
+    assert_eq!(files.len(), 13);
 }

@@ -87,6 +87,13 @@ pub struct Caps {
     pub variant: Variant,
     /// Which products run matmul's wide kernel (see [`WideMatmul`]).
     pub wide_matmul: WideMatmul,
+    /// The row kernels' workgroup reductions (RMSNorm, cross-entropy's rows, the
+    /// gradient norm) add within subgroups (`subgroupAdd`, kernels/subgroups.wgsl) and
+    /// meet in workgroup memory once, instead of a tree of barriers: where the adapter
+    /// has subgroups, by default with the GPU kernels (`Variant::Tiled`) natively. The
+    /// page keeps the trees: Chrome's WGSL wants `enable subgroups;`, which naga (native)
+    /// refuses, and no browser test has run the variant yet.
+    pub subgroup_sums: bool,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
     /// The largest device-local memory heap the driver reports (Vulkan), in bytes;
@@ -174,6 +181,9 @@ pub struct GpuOptions {
     pub variant: Option<Variant>,
     /// Force which products run matmul's wide kernel (default: `WideMatmul::of`).
     pub wide_matmul: Option<WideMatmul>,
+    /// Force the subgroup reductions on or off (see [`Caps::subgroup_sums`]; never on
+    /// an adapter without subgroups).
+    pub subgroup_sums: Option<bool>,
     /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
     pub no_f16: bool,
     /// Cap the loop budget below the driver's (tests of the split paths on any driver).
@@ -327,6 +337,8 @@ impl Gpu {
             max_loop: u32::MAX,
             variant,
             wide_matmul: opts.wide_matmul.unwrap_or(WideMatmul::of(variant)),
+            subgroup_sums: features.contains(wgpu::Features::SUBGROUP)
+                && opts.subgroup_sums.unwrap_or(variant == Variant::Tiled && !cfg!(target_arch = "wasm32")),
             no_reuse: opts.no_reuse,
             device_heap: device_heap(&adapter),
         };
@@ -382,7 +394,7 @@ impl Gpu {
     pub fn describe(&self) -> String {
         let a = &self.caps.adapter;
         format!(
-            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}{}; loop budget {}",
+            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}{}{}; loop budget {}",
             a.name,
             a.device_type,
             a.backend,
@@ -399,6 +411,7 @@ impl Gpu {
                 WideMatmul::Large => ", wide matmul for large products",
                 WideMatmul::All => ", wide matmul for every product",
             },
+            if self.caps.subgroup_sums { ", subgroup sums" } else { "" },
             if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }
         ) + &self.caps.device_heap.map_or(String::new(), |h| format!("; device-local heap {} MiB", h >> 20))
     }

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/adamw.wgsl`: global gradient norm and the AdamW update.
 
-use super::{check, check_binding, grid_1d, ADAMW};
+use super::{check, check_binding, grid_1d, reducing, ADAMW};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor};
 
@@ -56,7 +56,7 @@ pub fn grad_norm(gpu: &Gpu, rec: &mut Recorder, grads: &[&Tensor], max_norm: f32
     check_binding(gpu, op, grads)?;
     let wgs: Vec<usize> = grads.iter().map(|g| g.numel().div_ceil(256).clamp(1, 256)).collect();
     let partial = gpu.temp(rec, "grad_norm partial", DType::F32, &[wgs.iter().sum()])?;
-    let pipeline = gpu.pipeline(&ADAMW, "sumsq_partial", &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &ADAMW), "sumsq_partial", &[]);
     let mut slot = 0;
     for (g, &w) in grads.iter().zip(&wgs) {
         check(g.dtype == DType::F32, op, || format!("`{}` is not f32", g.label))?;
@@ -66,7 +66,7 @@ pub fn grad_norm(gpu: &Gpu, rec: &mut Recorder, grads: &[&Tensor], max_norm: f32
     }
     let max_norm = if max_norm > 0.0 && max_norm.is_finite() { max_norm } else { f32::MAX };
     let p = Params { n: slot as u32, max_norm, ..Default::default() };
-    let pipeline = gpu.pipeline(&ADAMW, "grad_norm_finalize", &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &ADAMW), "grad_norm_finalize", &[]);
     gpu.dispatch(rec, &pipeline, "grad_norm_finalize", &p, &[(3, (&partial).into()), (4, norm.into())], [1, 1, 1])
 }
 
@@ -104,7 +104,7 @@ pub fn adamw_step(
         bc2_sqrt,
         ..Default::default()
     };
-    let pipeline = gpu.pipeline(&ADAMW, op, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &ADAMW), op, &[]);
     gpu.dispatch(
         rec,
         &pipeline,

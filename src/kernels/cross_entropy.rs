@@ -1,7 +1,7 @@
 //! Launchers for `kernels/cross_entropy.wgsl`, chunked over tokens so that logits
 //! larger than one storage binding still work.
 
-use super::{check, groups, CROSS_ENTROPY};
+use super::{check, groups, reducing, CROSS_ENTROPY};
 use crate::error::{Error, Result};
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant};
 
@@ -122,7 +122,7 @@ fn forward(
     };
     // The backward overwrites the logits: they bind as dlogits.
     let logits_at = if op == "cross_entropy_forward" { 1 } else { 5 };
-    let pipeline = gpu.pipeline(&CROSS_ENTROPY, entry, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), entry, &[]);
     for (r0, rows) in chunks(gpu, n, v)? {
         let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
         gpu.dispatch(
@@ -136,7 +136,7 @@ fn forward(
     }
     let Some(loss) = loss else { return Ok(()) };
     let p = Params { rows: n as u32, v: v as u32, row0: 0, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
-    let pipeline = gpu.pipeline(&CROSS_ENTROPY, "cross_entropy_sum", &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), "cross_entropy_sum", &[]);
     gpu.dispatch(rec, &pipeline, "cross_entropy_sum", &p, &[(7, losses.into()), (8, loss.into())], [1, 1, 1])
 }
 
@@ -194,7 +194,7 @@ fn backward(
     seq: Option<(usize, usize, &Tensor)>,
 ) -> Result<()> {
     check_args(op, n, v, logits, targets, lse)?;
-    let pipeline = gpu.pipeline(&CROSS_ENTROPY, op, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), op, &[]);
     for (r0, rows) in chunks(gpu, n, v)? {
         // Targets and lse are indexed from the logits' first row; the sequence of a
         // row counts from the global row `g0`.
@@ -225,6 +225,6 @@ pub fn cross_entropy_sequence_logps(gpu: &Gpu, rec: &mut Recorder, row0: usize, 
     check(t.div_ceil(256) + 16 <= gpu.caps.max_loop as usize, op, || format!("sequences of {t} rows exceed this driver's loop budget"))?;
     let touched = (row0 + rows - 1) / t - row0 / t + 1;
     let p = Params { rows: rows as u32, v: 1, row0: row0 as u32, t: t as u32, scale: 1.0, g0: 0, _p2: 0, _p3: 0 };
-    let pipeline = gpu.pipeline(&CROSS_ENTROPY, op, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), op, &[]);
     gpu.dispatch(rec, &pipeline, op, &p, &[(7, losses.into()), (10, seq_logps.into())], [touched as u32, 1, 1])
 }

@@ -122,6 +122,73 @@ pub fn packed_variant(k: &Kernel) -> &'static Kernel {
     })
 }
 
+/// The kernels whose workgroup reductions have subgroup versions (kernels/subgroups.wgsl).
+pub const WITH_SUBGROUPS: &[Kernel] = &[RMSNORM, CROSS_ENTROPY, ADAMW];
+
+/// `kernels/subgroups.wgsl`: functions that replace the row kernels' reductions.
+pub const SUBGROUPS: Kernel = Kernel { name: "subgroups.wgsl", source: include_str!("../../kernels/subgroups.wgsl") };
+
+/// The top-level functions of WGSL source `src`: (name, text from `fn` to its closing
+/// brace, braces in `//` comments not counted).
+fn functions(src: &'static str) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(at) = rest.find("\nfn ").map(|i| i + 1).or_else(|| rest.starts_with("fn ").then_some(0)) {
+        let f = &rest[at..];
+        let name = f[3..].split('(').next().expect("a function's name").trim();
+        let (mut depth, mut comment, mut end) = (0, false, f.len());
+        let bytes = f.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' => comment = false,
+                b'/' if !comment && bytes.get(i + 1) == Some(&b'/') => comment = true,
+                b'{' if !comment => depth += 1,
+                b'}' if !comment => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push((name, &f[..end]));
+        rest = &f[end..];
+    }
+    out
+}
+
+/// The variant of a row kernel (`WITH_SUBGROUPS`) whose reductions add within
+/// subgroups: each function of kernels/subgroups.wgsl takes the place of the kernel's
+/// function of the same name (`Caps::subgroup_sums`). Built once per kernel; in the
+/// page, after `enable subgroups;` (Chrome's WGSL asks for it, naga refuses it).
+pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
+    cache.entry(k.name).or_insert_with(|| {
+        let theirs = functions(k.source);
+        let mut body = if cfg!(target_arch = "wasm32") { "enable subgroups;\n".to_string() } else { String::new() } + k.source;
+        let mut swapped = 0;
+        for (name, f) in functions(SUBGROUPS.source) {
+            if let Some((_, old)) = theirs.iter().find(|(n, _)| *n == name) {
+                body = body.replace(old, f);
+                swapped += 1;
+            }
+        }
+        assert!(swapped > 0, "{}: no reduction of kernels/subgroups.wgsl", k.name);
+        let name: &'static str = Box::leak(format!("{} (subgroup sums)", k.name).into_boxed_str());
+        Box::leak(Box::new(Kernel { name, source: Box::leak(body.into_boxed_str()) }))
+    })
+}
+
+/// `k`, or its subgroup variant where the adapter's reductions add within subgroups.
+pub(crate) fn reducing(gpu: &Gpu, k: &'static Kernel) -> &'static Kernel {
+    if gpu.caps.subgroup_sums { subgroup_variant(k) } else { k }
+}
+
 /// Workgroups covering `n` items of `per` each.
 pub(crate) fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32

@@ -1,6 +1,6 @@
 //! Launchers for `kernels/rmsnorm.wgsl`.
 
-use super::{check, check_binding, groups, lora_down_group, loop_span, spans, Lora, RMSNORM};
+use super::{check, check_binding, groups, lora_down_group, loop_span, spans, Lora, reducing, RMSNORM};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Variant};
 
@@ -63,7 +63,7 @@ pub fn rmsnorm_forward(
         Variant::Register => ("rmsnorm_forward_row", [groups(rows, 64), 1, 1]),
         Variant::Tiled => ("rmsnorm_forward_tiled", row_grid(rows)),
     };
-    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), name, &[]);
     gpu.dispatch(rec, &pipeline, name, &p, &[(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into())], grid)
 }
 
@@ -112,7 +112,7 @@ pub fn rmsnorm_forward_lora_down(
         Variant::Register => ("rmsnorm_forward_down_row", [groups(rows, 64), 1, 1]),
         Variant::Tiled => ("rmsnorm_forward_down_tiled", row_grid(rows)),
     };
-    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), name, &[]);
     let binds = [(1, x.into()), (2, w.into()), (3, y.into()), (4, rstd.into()), (13, (&ta).into()), (14, (&th).into())];
     gpu.dispatch(rec, &pipeline, name, &p, &binds, grid)
 }
@@ -187,7 +187,7 @@ pub fn rmsnorm_backward(
             Params { rank: l.rank as u32, s: l.s, ..p }
         }
     };
-    let pipeline = gpu.pipeline(&RMSNORM, name, &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), name, &[]);
     gpu.dispatch(rec, &pipeline, name, &p_dx, &binds, grid)?;
     let Some(dw) = dw else { return Ok(()) };
     if tiled {
@@ -195,10 +195,10 @@ pub fn rmsnorm_backward(
         // ranges of blocks that fit the loop budget).
         let blocks = rows.div_ceil(DW_ROWS);
         let part = gpu.pooled("rmsnorm dw blocks", DType::F32, &[blocks, c])?;
-        let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_part", &[]);
+        let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), "rmsnorm_backward_dw_part", &[]);
         let binds = [(1, x.into()), (5, rstd.into()), (6, dy.into()), (9, (&part).into())];
         gpu.dispatch(rec, &pipeline, "rmsnorm_backward_dw_part", &p, &binds, [groups(c, 64), blocks as u32, 1])?;
-        let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_sum", &[]);
+        let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), "rmsnorm_backward_dw_sum", &[]);
         for (b0, b1) in spans(blocks, loop_span(gpu, 1, 16)) {
             let binds = [(8, dw.into()), (10, (&part).into())];
             gpu.dispatch(rec, &pipeline, "rmsnorm_backward_dw_sum", &Params { rows: b1 as u32, r0: b0 as u32, ..p }, &binds, [groups(c, 64), 1, 1])?;
@@ -206,7 +206,7 @@ pub fn rmsnorm_backward(
         return Ok(());
     }
     // Each column sums its rows in ranges that fit the loop budget (rows r0..r1).
-    let pipeline = gpu.pipeline(&RMSNORM, "rmsnorm_backward_dw_row", &[]);
+    let pipeline = gpu.pipeline(reducing(gpu, &RMSNORM), "rmsnorm_backward_dw_row", &[]);
     for (r0, r1) in spans(rows, loop_span(gpu, 1, 16)) {
         gpu.dispatch(
             rec,

@@ -45,6 +45,25 @@ pub fn matmul_gpus() -> [&'static Gpu; 3] {
     [variant_only(Variant::Register), variant_only(Variant::Tiled), wide_matmul()]
 }
 
+/// The GPU kernels with their reductions as trees in workgroup memory, as on an
+/// adapter without subgroups (`Caps::subgroup_sums` off).
+pub fn tiled_trees() -> &'static Gpu {
+    static G: OnceLock<Gpu> = OnceLock::new();
+    G.get_or_init(|| make(GpuOptions { variant: Some(Variant::Tiled), subgroup_sums: Some(false), ..Default::default() }))
+}
+
+/// Each way the row kernels reduce: an invocation per row (CPU drivers), a workgroup
+/// per row adding within subgroups (the GPU kernels' default where the adapter has
+/// subgroups, as lavapipe does), and a workgroup per row with trees in workgroup memory.
+pub fn row_gpus() -> [&'static Gpu; 3] {
+    [variant(Variant::Register), variant(Variant::Tiled), tiled_trees()]
+}
+
+/// How a context's row kernels reduce, for messages.
+pub fn reductions_of(g: &Gpu) -> String {
+    format!("{:?}{}", g.caps.variant, if g.caps.subgroup_sums { ", subgroup sums" } else { "" })
+}
+
 /// A variant's own kernels for every product (no wide matmul).
 fn variant_only(v: Variant) -> &'static Gpu {
     static R: OnceLock<Gpu> = OnceLock::new();
