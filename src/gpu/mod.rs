@@ -90,9 +90,9 @@ pub struct Caps {
     /// The row kernels' workgroup reductions (RMSNorm, cross-entropy's rows, the
     /// gradient norm) add within subgroups (`subgroupAdd`, kernels/subgroups.wgsl) and
     /// meet in workgroup memory once, instead of a tree of barriers: where the adapter
-    /// has subgroups, by default with the GPU kernels (`Variant::Tiled`) natively. The
-    /// page keeps the trees: Chrome's WGSL wants `enable subgroups;`, which naga (native)
-    /// refuses, and no browser test has run the variant yet.
+    /// has subgroups, by default with the GPU kernels (`Variant::Tiled`). The page has
+    /// none: wgpu 30's WebGPU backend does not map the browser's `subgroups` feature
+    /// (Chrome offers it, even on SwiftShader), so its adapters never report it.
     pub subgroup_sums: bool,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
@@ -338,7 +338,7 @@ impl Gpu {
             variant,
             wide_matmul: opts.wide_matmul.unwrap_or(WideMatmul::of(variant)),
             subgroup_sums: features.contains(wgpu::Features::SUBGROUP)
-                && opts.subgroup_sums.unwrap_or(variant == Variant::Tiled && !cfg!(target_arch = "wasm32")),
+                && opts.subgroup_sums.unwrap_or(variant == Variant::Tiled),
             no_reuse: opts.no_reuse,
             device_heap: device_heap(&adapter),
         };

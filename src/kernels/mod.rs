@@ -161,8 +161,9 @@ fn functions(src: &'static str) -> Vec<(&'static str, &'static str)> {
 
 /// The variant of a row kernel (`WITH_SUBGROUPS`) whose reductions add within
 /// subgroups: each function of kernels/subgroups.wgsl takes the place of the kernel's
-/// function of the same name (`Caps::subgroup_sums`). Built once per kernel; in the
-/// page, after `enable subgroups;` (Chrome's WGSL asks for it, naga refuses it).
+/// function of the same name (`Caps::subgroup_sums`). Built once per kernel. Native
+/// only: naga takes subgroup operations without `enable subgroups;` (it refuses the
+/// directive), and the page never has subgroups (see `Caps::subgroup_sums`).
 pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -170,7 +171,7 @@ pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
     let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
     cache.entry(k.name).or_insert_with(|| {
         let theirs = functions(k.source);
-        let mut body = if cfg!(target_arch = "wasm32") { "enable subgroups;\n".to_string() } else { String::new() } + k.source;
+        let mut body = k.source.to_string();
         let mut swapped = 0;
         for (name, f) in functions(SUBGROUPS.source) {
             if let Some((_, old)) = theirs.iter().find(|(n, _)| *n == name) {
