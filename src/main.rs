@@ -462,7 +462,25 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new().await?;
             println!("{}", gpu.describe());
             match model {
-                None => println!("{:#?}", gpu.caps.limits),
+                None => {
+                    // The limits compute work meets, by their WebGPU names.
+                    let l = &gpu.caps.limits;
+                    for (name, v) in [
+                        ("maxBufferSize", l.max_buffer_size),
+                        ("maxStorageBufferBindingSize", l.max_storage_buffer_binding_size),
+                        ("maxUniformBufferBindingSize", l.max_uniform_buffer_binding_size as u64),
+                        ("maxStorageBuffersPerShaderStage", l.max_storage_buffers_per_shader_stage as u64),
+                        ("minStorageBufferOffsetAlignment", l.min_storage_buffer_offset_alignment as u64),
+                        ("maxComputeWorkgroupStorageSize", l.max_compute_workgroup_storage_size as u64),
+                        ("maxComputeInvocationsPerWorkgroup", l.max_compute_invocations_per_workgroup as u64),
+                        ("maxComputeWorkgroupSizeX", l.max_compute_workgroup_size_x as u64),
+                        ("maxComputeWorkgroupSizeY", l.max_compute_workgroup_size_y as u64),
+                        ("maxComputeWorkgroupSizeZ", l.max_compute_workgroup_size_z as u64),
+                        ("maxComputeWorkgroupsPerDimension", l.max_compute_workgroups_per_dimension as u64),
+                    ] {
+                        println!("{name}: {v}");
+                    }
+                }
                 Some(dir) => {
                     let md = cli::ModelDir::open(&dir)?;
                     let c = &md.cfg;

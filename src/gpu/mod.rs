@@ -143,6 +143,11 @@ impl Drop for Sizing<'_> {
     }
 }
 
+/// A capability as the adapter line says it.
+fn yes(on: bool) -> &'static str {
+    if on { "yes" } else { "no" }
+}
+
 /// `MemAvailable` from /proc/meminfo (Linux), in bytes.
 fn available_memory() -> Option<u64> {
     #[cfg(target_os = "linux")]
@@ -393,19 +398,29 @@ impl Gpu {
     /// One line naming the adapter, its driver and what was granted.
     pub fn describe(&self) -> String {
         let a = &self.caps.adapter;
+        let kind = match a.device_type {
+            wgpu::DeviceType::Cpu => "CPU",
+            wgpu::DeviceType::DiscreteGpu => "discrete GPU",
+            wgpu::DeviceType::IntegratedGpu => "integrated GPU",
+            wgpu::DeviceType::VirtualGpu => "virtual GPU",
+            wgpu::DeviceType::Other => "other device",
+        };
+        // The browser names neither the adapter nor its driver.
+        let driver = format!("{} {}", a.driver, a.driver_info);
+        let driver = if driver.trim().is_empty() { String::new() } else { format!(", driver {}", driver.trim()) };
+        let name = if a.name.is_empty() { "the browser's WebGPU adapter" } else { &a.name };
         format!(
-            "{} ({:?}, {:?}, driver {} {}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {:?}{}{}; loop budget {}",
-            a.name,
-            a.device_type,
+            "{name} ({kind}, {}{driver}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {}{}{}; loop budget {}",
             a.backend,
-            a.driver,
-            a.driver_info,
             self.caps.max_binding >> 20,
             self.caps.limits.max_buffer_size >> 20,
-            self.caps.shader_f16,
-            self.caps.subgroups,
-            self.caps.timestamps,
-            self.caps.variant,
+            yes(self.caps.shader_f16),
+            yes(self.caps.subgroups),
+            yes(self.caps.timestamps),
+            match self.caps.variant {
+                Variant::Register => "register (CPU drivers)",
+                Variant::Tiled => "tiled (GPUs)",
+            },
             match self.caps.wide_matmul {
                 WideMatmul::Off => "",
                 WideMatmul::Large => ", wide matmul for large products",
