@@ -65,11 +65,7 @@ pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, DPO, ELEMENTWISE, 
 /// Built once per kernel; the f16 weights themselves are kept where the adapter has
 /// `shader-f16`.
 pub fn f16_variant(k: &Kernel) -> &'static Kernel {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
-    cache.entry(k.name).or_insert_with(|| {
+    variant(k, "f16 weights", || {
         let (decl, load, buf) = weight_binding(k);
         let half = load.replace(&format!("f32({buf}[i])"), &format!("unpack2x16float({buf}[i >> 1u] >> ((i & 1u) * 16u)).x"));
         assert_ne!(half, load, "{}: `fn weight` does not read `{buf}[i]`", k.name);
@@ -78,8 +74,21 @@ pub fn f16_variant(k: &Kernel) -> &'static Kernel {
             let four = format!("fn weight4(i: u32, slot: u32) -> vec4<f32> {{ return vec4<f32>(unpack2x16float({buf}[i >> 1u]), unpack2x16float({buf}[(i >> 1u) + 1u])); }}");
             body = body.replace(load4, &four);
         }
-        let name: &'static str = Box::leak(format!("{} (f16 weights)", k.name).into_boxed_str());
-        Box::leak(Box::new(Kernel { name, source: Box::leak(body.into_boxed_str()) }))
+        body
+    })
+}
+
+/// Variant `tag` of kernel `k` (named `FILE (TAG)` in pipelines and tallies), its
+/// source made by `build` once per process and kept (pipelines hold `&'static` kernels).
+fn variant(k: &Kernel, tag: &'static str, build: impl FnOnce() -> String) -> &'static Kernel {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = HashMap<(&'static str, &'static str), &'static Kernel>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
+    cache.entry((k.name, tag)).or_insert_with(|| {
+        let name: &'static str = Box::leak(format!("{} ({tag})", k.name).into_boxed_str());
+        Box::leak(Box::new(Kernel { name, source: Box::leak(build().into_boxed_str()) }))
     })
 }
 
@@ -102,11 +111,7 @@ pub const WITH_F16: &[Kernel] = &[MATMUL, EMBEDDING];
 /// `q_load_slot(i, slot)` (appended, reading that binding), and the `QTYPE` override
 /// picks the block format. Built once per kernel.
 pub fn packed_variant(k: &Kernel) -> &'static Kernel {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
-    cache.entry(k.name).or_insert_with(|| {
+    variant(k, "packed weights", || {
         let (decl, load, buf) = weight_binding(k);
         // `f32(NAME[i])` becomes a dequantizing load (with the caller's slot, if it has one).
         let packed_load = load.replace(&format!("f32({buf}[i])"), if load.contains("slot") { "q_load_slot(i, slot)" } else { "q_load(i)" });
@@ -116,9 +121,7 @@ pub fn packed_variant(k: &Kernel) -> &'static Kernel {
         if let Some(load4) = k.source.lines().find(|l| l.starts_with("fn weight4(i: u32, slot: u32)")) {
             body = body.replace(load4, "fn weight4(i: u32, slot: u32) -> vec4<f32> { return q_load4(i, slot); }");
         }
-        let name: &'static str = Box::leak(format!("{} (packed weights)", k.name).into_boxed_str());
-        let source: &'static str = Box::leak(format!("{body}\n{}", QUANT.source.replace("QW", buf)).into_boxed_str());
-        Box::leak(Box::new(Kernel { name, source }))
+        format!("{body}\n{}", QUANT.source.replace("QW", buf))
     })
 }
 
@@ -165,11 +168,7 @@ fn functions(src: &'static str) -> Vec<(&'static str, &'static str)> {
 /// only: naga takes subgroup operations without `enable subgroups;` (it refuses the
 /// directive), and the page never has subgroups (see `Caps::subgroup_sums`).
 pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static Kernel>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap();
-    cache.entry(k.name).or_insert_with(|| {
+    variant(k, "subgroup sums", || {
         let theirs = functions(k.source);
         let mut body = k.source.to_string();
         let mut swapped = 0;
@@ -180,8 +179,7 @@ pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
             }
         }
         assert!(swapped > 0, "{}: no reduction of kernels/subgroups.wgsl", k.name);
-        let name: &'static str = Box::leak(format!("{} (subgroup sums)", k.name).into_boxed_str());
-        Box::leak(Box::new(Kernel { name, source: Box::leak(body.into_boxed_str()) }))
+        body
     })
 }
 
