@@ -295,6 +295,18 @@ const BK: u32 = 16u;
 var<workgroup> tile_a: array<f32, 1024>; // [BK][TS]: tile_a[k * TS + m]
 var<workgroup> tile_b: array<f32, 1024>; // [BK][TS]: tile_b[k * TS + n]
 
+// Element e of a slab `depth` deep and TS wide: (k, m) of op(A), (k, n) of op(B).
+// Loads walk k fastest where the stored operand is contiguous in k, else m or n.
+fn slab_a(e: u32, depth: u32) -> vec2<u32> {
+    if (TRANS_A) { return vec2<u32>(e / TS, e % TS); }
+    return vec2<u32>(e % depth, e / depth);
+}
+
+fn slab_b(e: u32, depth: u32) -> vec2<u32> {
+    if (TRANS_B) { return vec2<u32>(e % depth, e / depth); }
+    return vec2<u32>(e / TS, e % TS);
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let pt = product_tile(wid);
@@ -316,16 +328,17 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         for (var k0 = 0u; k0 < kn; k0 += BK) {
             for (var r = 0u; r < 4u; r++) {
                 let e = tid + r * 256u;
-                // Walk k fastest when the stored operand is contiguous in k, else m/n.
-                var kk: u32; var mm: u32;
-                if (TRANS_A) { kk = e / TS; mm = e % TS; } else { kk = e % BK; mm = e / BK; }
+                let sa = slab_a(e, BK);
+                let kk = sa.x;
+                let mm = sa.y;
                 let gm = tm + mm;
                 let gk = k0 + kk;
                 var va: f32;
                 if (ph == 0u) { va = a_at(ab, min(gm, p.m - 1u), min(gk, kn - 1u)); } else { va = a2_at(min(gm, p.m - 1u), min(gk, kn - 1u)); }
                 tile_a[kk * TS + mm] = select(0.0, va, gm < p.m && gk < kn);
-                var kb: u32; var nn: u32;
-                if (TRANS_B) { kb = e % BK; nn = e / BK; } else { kb = e / TS; nn = e % TS; }
+                let sb = slab_b(e, BK);
+                let kb = sb.x;
+                let nn = sb.y;
                 let gn = tn + nn;
                 let gkb = k0 + kb;
                 var vb: f32;

@@ -12,6 +12,9 @@ bash scripts/fetch-models.sh
 # (build.rs) and builds once.
 bash scripts/build-web.sh
 cargo test --release "$@"
+# Matmul on cooperative matrices (ignored above: Debian 12's lavapipe has none), on
+# Mesa 26's lavapipe, unpacked from trixie-backports with its own glibc.
+bash scripts/coop-driver.sh cargo test --release --test coop --test models -- --ignored
 # The page in headless Chromium, against the wasm package and the native binary.
 cargo build --release --bin webtune --quiet
 node --test tests/web/

@@ -315,6 +315,11 @@ enum BenchWhat {
         /// `on` with the tiled variant where the adapter has subgroups.
         #[arg(long, value_parser = parse_on_off)]
         subgroup_sums: Option<bool>,
+        /// Matmul on cooperative matrices (tensor cores) for the products over frozen
+        /// weights: `on` or `off`; default: `on` with the tiled variant where the
+        /// adapter offers them (native Vulkan and Metal).
+        #[arg(long, value_parser = parse_on_off)]
+        coop_matrix: Option<bool>,
     },
     /// Whole training steps (the options of `train`; --steps is how many to measure,
     /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
@@ -345,6 +350,11 @@ enum BenchWhat {
         /// `on` with the tiled variant where the adapter has subgroups.
         #[arg(long, value_parser = parse_on_off)]
         subgroup_sums: Option<bool>,
+        /// Matmul on cooperative matrices (tensor cores) for the products over frozen
+        /// weights: `on` or `off`; default: `on` with the tiled variant where the
+        /// adapter offers them (native Vulkan and Metal).
+        #[arg(long, value_parser = parse_on_off)]
+        coop_matrix: Option<bool>,
         #[command(flatten)]
         run: RunOptions,
     },
@@ -480,6 +490,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                     ] {
                         println!("{name}: {v}");
                     }
+                    let coop: Vec<String> = gpu.caps.coop_shapes.iter().map(webtune::gpu::coop_shape).collect();
+                    println!("cooperative matrices: {}", if coop.is_empty() { "none".to_string() } else { coop.join(", ") });
                 }
                 Some(dir) => {
                     let md = cli::ModelDir::open(&dir)?;
@@ -561,8 +573,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
         }
-        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, subgroup_sums, mut run } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, subgroup_sums, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, subgroup_sums, coop_matrix, mut run } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, subgroup_sums, coop_matrix, ..Default::default() }).await?;
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
@@ -634,8 +646,8 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 }
             }
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul, subgroup_sums } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul, subgroup_sums, coop_matrix } } => {
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, coop_matrix, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
             webtune::bench::kernels(&gpu, min_secs, &only, |r| {

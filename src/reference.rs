@@ -19,6 +19,29 @@ pub fn matmul(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32]) {
 }
 
 pub fn matmul_with(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {
+    matmul_rounding(mm, a, b, c, second, false);
+}
+
+/// `matmul_with` as `matmul_coop` (kernels/coop.wgsl) computes it on cooperative
+/// matrices: each row of op(A) scaled by the power of two that brings its largest
+/// magnitude to [2^13, 2^14) and rounded to f16, op(B) rounded to f16, the products
+/// summed exactly, the scale divided out; the second product is not rounded.
+pub fn matmul_coop(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>) {
+    matmul_rounding(mm, a, b, c, second, true);
+}
+
+/// The power of two that brings a row's largest magnitude `big` to [2^13, 2^14)
+/// (1 for a row of zeros), as kernels/coop.wgsl's `row_scale`.
+pub fn row_scale(big: f32) -> f32 {
+    if big > 0.0 && big <= 3.0e38 { (13.0 - big.log2().floor()).exp2() } else { 1.0 }
+}
+
+fn f16_round(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// `matmul_with`, its operands rounded as `matmul_coop`'s where `f16_operands`.
+fn matmul_rounding(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>, f16_operands: bool) {
     let (lda, ldb, ldc) = mm.strides();
     let drop = |on: DropOn, i: usize, base: usize, v: f32| match mm.dropout {
         Some(d) if d.on == on => d.apply(i - base, v),
@@ -32,12 +55,23 @@ pub fn matmul_with(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Opt
     for bi in 0..mm.batch {
         let (ab, bb, cb) = (mm.a_off + bi * mm.a_stride, mm.b_off + bi * mm.b_stride, mm.c_off + bi * mm.c_stride);
         for i in 0..mm.m {
+            // Row i of op(A) as the product reads it.
+            let mut row: Vec<f32> = (0..mm.k)
+                .map(|k| {
+                    let ia = if mm.trans_a { ab + k * lda + i } else { ab + i * lda + k };
+                    drop(DropOn::A, ia, mm.a_off, elem(GluOn::A, a, ia))
+                })
+                .collect();
+            if f16_operands {
+                let s = row_scale(row.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                row.iter_mut().for_each(|v| *v = f16_round(*v * s) / s);
+            }
             for j in 0..mm.n {
                 let mut acc = 0.0f64;
-                for k in 0..mm.k {
-                    let ia = if mm.trans_a { ab + k * lda + i } else { ab + i * lda + k };
+                for (k, av) in row.iter().enumerate() {
                     let ib = if mm.trans_b { bb + j * ldb + k } else { bb + k * ldb + j };
-                    acc += drop(DropOn::A, ia, mm.a_off, elem(GluOn::A, a, ia)) as f64 * drop(DropOn::B, ib, mm.b_off, elem(GluOn::B, b, ib)) as f64;
+                    let bv = drop(DropOn::B, ib, mm.b_off, elem(GluOn::B, b, ib));
+                    acc += *av as f64 * if f16_operands { f16_round(bv) } else { bv } as f64;
                 }
                 let idx = cb + i * ldc + j;
                 let mut out = mm.alpha as f64 * acc;
@@ -516,11 +550,20 @@ pub fn dpo_backward(d: &Dpo, pairs: usize, scale: f32, sft: f32, logps: &[f32], 
 /// (`kernels::matmul_swiglu_back`): dh as the product would store it, then
 /// `swiglu_backward` of it into dgate (at C) and dup.
 pub fn matmul_swiglu_back(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>, aux: &[f32]) {
+    swiglu_back_rounding(mm, a, b, c, second, aux, false);
+}
+
+/// `matmul_swiglu_back` on cooperative matrices: dh as `matmul_coop` makes it.
+pub fn matmul_swiglu_back_coop(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>, aux: &[f32]) {
+    swiglu_back_rounding(mm, a, b, c, second, aux, true);
+}
+
+fn swiglu_back_rounding(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Option<(&[f32], &[f32])>, aux: &[f32], f16_operands: bool) {
     let e = mm.swiglu_back.expect("a product with SwiGLU's backward");
     let (_, _, ldc) = mm.strides();
     let plain = Matmul { swiglu_back: None, c_off: 0, beta: 0.0, ..mm.clone() };
     let mut dh = vec![0.0; plain.extents().2];
-    matmul_with(&plain, a, b, &mut dh, second);
+    matmul_rounding(&plain, a, b, &mut dh, second, f16_operands);
     for i in 0..mm.m {
         let rows = |base: usize| base + i * ldc..base + i * ldc + mm.n;
         let (mut dg, mut du) = (c[rows(mm.c_off)].to_vec(), c[rows(mm.c_off + e.du)].to_vec());

@@ -91,6 +91,33 @@ fn subgroup_sums_are_the_gpu_kernels_default_where_the_adapter_has_subgroups() {
     assert!(tiled.describe().contains("subgroup sums") && !trees.describe().contains("subgroup sums"));
 }
 
+/// Matmul on cooperative matrices is chosen from what the adapter offers: square f16
+/// blocks with f32 sums, 16×16 before 8×8, and a fixed subgroup size that shares a
+/// 64×64 tile's blocks out at 1 to 4 a subgroup (NVIDIA: 16×16, 32 wide, 2 each;
+/// Mesa 26's lavapipe: 8×8, 8 wide, 2 each). Debian 12's lavapipe offers none, so
+/// forcing it on changes nothing there (tests/coop.rs runs it where offered).
+#[test]
+fn cooperative_matrices_are_chosen_by_shape_and_subgroup_size() {
+    use webtune::gpu::{coop_blocks, coop_choice, Coop};
+    use wgpu::{CooperativeMatrixProperties as P, CooperativeScalarType as T};
+    let shape = |s: u32, ab: T, cr: T| P { m_size: s, n_size: s, k_size: s, ab_type: ab, cr_type: cr, saturating_accumulation: false };
+    let nvidia = [shape(16, T::F16, T::F16), shape(16, T::F16, T::F32), shape(8, T::F32, T::F32)];
+    let lavapipe = [shape(8, T::F16, T::F16), shape(8, T::F16, T::F32)];
+    assert_eq!(coop_choice(&nvidia, 32, 32), Some(Coop { size: 16, blocks: 2 }));
+    assert_eq!(coop_choice(&nvidia, 64, 64), Some(Coop { size: 16, blocks: 4 }));
+    assert_eq!(coop_choice(&lavapipe, 8, 8), Some(Coop { size: 8, blocks: 2 }));
+    assert_eq!(coop_choice(&lavapipe, 4, 4), Some(Coop { size: 8, blocks: 1 }));
+    // Subgroups too wide for 8×8 blocks, sizes that vary, no f16 → f32 shape, none.
+    assert_eq!(coop_choice(&lavapipe, 32, 32), None);
+    assert_eq!(coop_choice(&nvidia, 32, 64), None);
+    assert_eq!(coop_choice(&[shape(16, T::F16, T::F16), shape(8, T::F32, T::F32)], 32, 32), None);
+    assert_eq!(coop_choice(&[], 32, 32), None);
+    assert_eq!((coop_blocks(16, 8), coop_blocks(16, 16), coop_blocks(16, 128), coop_blocks(8, 2)), (None, Some(1), None, None));
+    let g = make(webtune::gpu::GpuOptions { variant: Some(Variant::Tiled), coop_matrix: Some(true), ..Default::default() });
+    assert_eq!(g.caps.coop_matrix, coop_choice(&g.caps.coop_shapes, g.caps.adapter.subgroup_min_size, g.caps.adapter.subgroup_max_size).filter(|_| g.caps.shader_f16));
+    assert_eq!(g.describe().contains("cooperative matrices"), g.caps.coop_matrix.is_some());
+}
+
 /// LoRA's fusions: a second product summed into C (every transpose, offsets, row
 /// strides, a K2 past one tile), and dropout on A, on B or on the second product.
 #[test]

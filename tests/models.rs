@@ -970,3 +970,39 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() {
         }
     }
 }
+
+/// A LoRA step with the frozen products on cooperative matrices (`matmul_coop`: A
+/// rounded to f16 after a power-of-two scale per row) against the same step with the
+/// GPU kernels in f32, both over the fixture's weights in f16: the loss, every LoRA
+/// gradient and five AdamW steps' losses agree within f16 rounding. Ignored in the
+/// plain `cargo test` (Debian 12's lavapipe has no cooperative matrices);
+/// `scripts/test.sh` runs it on Mesa 26's lavapipe (`scripts/coop-driver.sh`).
+#[test]
+#[ignore = "needs a driver with cooperative matrices: scripts/test.sh runs it on Mesa 26's lavapipe"]
+fn llama_lora_steps_on_cooperative_matrices_stay_within_f16_rounding() {
+    let opts = |coop| webtune::gpu::GpuOptions { variant: Some(webtune::gpu::Variant::Tiled), coop_matrix: Some(coop), ..Default::default() };
+    let (plain, coop) = (make(opts(false)), make(opts(true)));
+    assert!(coop.caps.coop_matrix.is_some() && plain.caps.coop_matrix.is_none(), "no cooperative matrices on this adapter: {}", coop.describe());
+    assert!(coop.caps.shader_f16, "f16 frozen weights: {}", coop.describe());
+    let f = fixture("llama");
+    let step = |g: &Gpu| {
+        let m = model(g, &f, true);
+        let (inp, targets, _) = batch(g, &f);
+        let loss = read(g, &m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap());
+        let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, p.grad().unwrap())).collect();
+        let m = model(g, &f, true);
+        let adamw = &f.json["adamw"];
+        (loss, grads, adamw_losses(g, &m, &inp, &targets, adamw, 5))
+    };
+    let (want, got) = (step(&plain), step(&coop));
+    let coop_dispatches = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_coop")).map(|(_, n)| n).sum::<u64>();
+    // The base products of 2 layers' seven projections and the head, forward and backward, each step.
+    assert!(coop_dispatches(&coop) >= 6 * 2 * 8, "{:?}", coop.dispatches_by_kernel());
+    assert_eq!(coop_dispatches(&plain), 0);
+    close("loss on cooperative matrices", &got.0, &want.0, 0.0, 1e-3);
+    for (i, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+        let mag = w.iter().fold(0f32, |a, b| a.max(b.abs()));
+        close(&format!("LoRA gradient {i} on cooperative matrices"), g, w, 1e-2 * mag, 1e-2);
+    }
+    close("AdamW losses on cooperative matrices", &got.2, &want.2, 0.0, 1e-3);
+}

@@ -62,6 +62,24 @@ fn subgroup_variants_validate() {
     }
 }
 
+/// Matmul's cooperative-matrix variants, over f32, f16 and packed weights, at both
+/// block sizes: `matmul_coop` is there and validates with cooperative matrices, f16
+/// and subgroups (its loads and sums in uniform control flow, its workgroup flat, as
+/// naga asks of `subgroup_id`). The GPU tests (tests/coop.rs) run them where a driver
+/// has cooperative matrices.
+#[test]
+fn coop_variants_validate() {
+    use webtune::kernels::{coop_variant, f16_variant, packed_variant, MATMUL};
+    for base in [&MATMUL, f16_variant(&MATMUL), packed_variant(&MATMUL)] {
+        for size in [8, 16] {
+            let v = coop_variant(base, size);
+            assert!(v.source.starts_with("enable f16;\nenable wgpu_cooperative_matrix;\n"), "{}", v.name);
+            assert!(v.source.contains("fn matmul_coop(") && v.source.contains(&format!("coop_mat{size}x{size}<f16, A>")), "{}", v.name);
+            validates(v, Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SUBGROUP);
+        }
+    }
+}
+
 #[test]
 fn every_file_is_registered() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
@@ -71,11 +89,15 @@ fn every_file_is_registered() {
         .filter(|n| n.ends_with(".wgsl"))
         .collect();
     files.sort();
-    // quant.wgsl and subgroups.wgsl are not modules of their own: the packed variants
-    // append the one, the subgroup variants take functions from the other.
-    let mut registered: Vec<String> =
-        webtune::kernels::ALL.iter().chain([&webtune::kernels::QUANT, &webtune::kernels::SUBGROUPS]).map(|k| k.name.to_string()).collect();
+    // quant.wgsl, subgroups.wgsl and coop.wgsl are not modules of their own: the
+    // packed variants append the first, the subgroup variants take functions from the
+    // second, matmul's cooperative-matrix variants append the third.
+    let mut registered: Vec<String> = webtune::kernels::ALL
+        .iter()
+        .chain([&webtune::kernels::QUANT, &webtune::kernels::SUBGROUPS, &webtune::kernels::COOP])
+        .map(|k| k.name.to_string())
+        .collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 13);
+    assert_eq!(files.len(), 14);
 }

@@ -94,6 +94,15 @@ pub struct Caps {
     /// none: wgpu 30's WebGPU backend does not map the browser's `subgroups` feature
     /// (Chrome offers it, even on SwiftShader), so its adapters never report it.
     pub subgroup_sums: bool,
+    /// The cooperative-matrix shapes the adapter offers (tensor cores; native Vulkan
+    /// and Metal only, wgpu's experimental `EXPERIMENTAL_COOPERATIVE_MATRIX`): M×N×K,
+    /// operand and accumulator types. Empty where it offers none.
+    pub coop_shapes: Vec<wgpu::CooperativeMatrixProperties>,
+    /// The products whose B is a frozen weight (f16 or packed) run on cooperative
+    /// matrices (`matmul_coop`, kernels/coop.wgsl): 16×16 or 8×8 blocks, f16 operands
+    /// and f32 sums. By default with the GPU kernels, where the adapter offers such a
+    /// shape, shader-f16, and subgroups of a fixed size that suits (`coop_choice`).
+    pub coop_matrix: Option<Coop>,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
     /// The largest device-local memory heap the driver reports (Vulkan), in bytes;
@@ -143,6 +152,54 @@ impl Drop for Sizing<'_> {
     }
 }
 
+/// How `matmul_coop` runs on cooperative matrices (`Caps::coop_matrix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coop {
+    /// The blocks' size: 16×16 or 8×8, f16 operands and f32 sums.
+    pub size: u32,
+    /// Blocks of the workgroup's 64×64 tile each subgroup multiplies (its 256
+    /// invocations make 256 / the subgroup size subgroups).
+    pub blocks: u32,
+}
+
+/// The cooperative matrices `matmul_coop` uses among the adapter's `shapes`: square,
+/// 16 (else 8) with f16 operands and f32 sums, where the subgroup size is fixed
+/// (`subgroup_min` = `subgroup_max`) and shares the tile's blocks out at 1 to 4 a
+/// subgroup (`coop_blocks`).
+pub fn coop_choice(shapes: &[wgpu::CooperativeMatrixProperties], subgroup_min: u32, subgroup_max: u32) -> Option<Coop> {
+    if subgroup_min != subgroup_max {
+        return None;
+    }
+    [16, 8].into_iter().find_map(|size| {
+        let offered = shapes.iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (size, size, size)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        });
+        Some(Coop { size, blocks: coop_blocks(size, subgroup_max)? }).filter(|_| offered)
+    })
+}
+
+/// `size`² blocks of a 64×64 tile each subgroup of `subgroup` invocations multiplies
+/// when 256 share it out exactly, if 1 to 4: 16×16 blocks with subgroups of 16 to 64
+/// (NVIDIA's 32: 2), 8×8 with 4 to 16 (lavapipe's 8: 2).
+pub fn coop_blocks(size: u32, subgroup: u32) -> Option<u32> {
+    let blocks = (64 / size) * (64 / size);
+    let subgroups = 256 / subgroup.max(1);
+    (subgroup.is_power_of_two() && subgroup <= 256 && blocks.is_multiple_of(subgroups) && (1..=4).contains(&(blocks / subgroups))).then(|| blocks / subgroups)
+}
+
+/// A cooperative-matrix shape as `webtune info` prints it: `16×16×16 f16→f32`.
+pub fn coop_shape(p: &wgpu::CooperativeMatrixProperties) -> String {
+    let ty = |t: wgpu::CooperativeScalarType| match t {
+        wgpu::CooperativeScalarType::F32 => "f32",
+        wgpu::CooperativeScalarType::F16 => "f16",
+        wgpu::CooperativeScalarType::I32 => "i32",
+        wgpu::CooperativeScalarType::U32 => "u32",
+    };
+    format!("{}×{}×{} {}→{}", p.m_size, p.n_size, p.k_size, ty(p.ab_type), ty(p.cr_type))
+}
+
 /// A capability as the adapter line says it.
 fn yes(on: bool) -> &'static str {
     if on { "yes" } else { "no" }
@@ -189,6 +246,9 @@ pub struct GpuOptions {
     /// Force the subgroup reductions on or off (see [`Caps::subgroup_sums`]; never on
     /// an adapter without subgroups).
     pub subgroup_sums: Option<bool>,
+    /// Force matmul on cooperative matrices on or off (see [`Caps::coop_matrix`]; never
+    /// on an adapter without them).
+    pub coop_matrix: Option<bool>,
     /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
     pub no_f16: bool,
     /// Cap the loop budget below the driver's (tests of the split paths on any driver).
@@ -311,6 +371,20 @@ impl Gpu {
         if !opts.no_f16 {
             wanted |= wgpu::Features::SHADER_F16;
         }
+        let coop_shapes = adapter.cooperative_matrix_properties();
+        let variant = opts.variant.unwrap_or(match info.device_type {
+            wgpu::DeviceType::Cpu => Variant::Register,
+            _ => Variant::Tiled,
+        });
+        let coop_matrix = match opts.coop_matrix.unwrap_or(variant == Variant::Tiled) {
+            true if !opts.no_f16 && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) => {
+                coop_choice(&coop_shapes, info.subgroup_min_size, info.subgroup_max_size)
+            }
+            _ => None,
+        };
+        if coop_matrix.is_some() {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let features = offered & wanted;
         // The adapter's own maxima (buffer and binding sizes above all), not the defaults.
         let limits = adapter.limits();
@@ -319,7 +393,9 @@ impl Gpu {
                 label: Some("webtune device"),
                 required_features: features,
                 required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                // SAFETY: wgpu's experimental features may hold bugs; the only one asked
+                // for is cooperative matrices, where `coop_matrix` chose them.
+                experimental_features: if coop_matrix.is_some() { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() },
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -327,10 +403,6 @@ impl Gpu {
             .map_err(|e| Error::RequestDevice(e.to_string()))?;
         let device_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = opts.max_binding.map_or(device_max, |m| m.min(device_max));
-        let variant = opts.variant.unwrap_or(match info.device_type {
-            wgpu::DeviceType::Cpu => Variant::Register,
-            _ => Variant::Tiled,
-        });
         let caps = Caps {
             adapter: info,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
@@ -344,6 +416,8 @@ impl Gpu {
             wide_matmul: opts.wide_matmul.unwrap_or(WideMatmul::of(variant)),
             subgroup_sums: features.contains(wgpu::Features::SUBGROUP)
                 && opts.subgroup_sums.unwrap_or(variant == Variant::Tiled),
+            coop_shapes,
+            coop_matrix,
             no_reuse: opts.no_reuse,
             device_heap: device_heap(&adapter),
         };
@@ -410,7 +484,7 @@ impl Gpu {
         let driver = if driver.trim().is_empty() { String::new() } else { format!(", driver {}", driver.trim()) };
         let name = if a.name.is_empty() { "the browser's WebGPU adapter" } else { &a.name };
         format!(
-            "{name} ({kind}, {}{driver}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {}{}{}; loop budget {}",
+            "{name} ({kind}, {}{driver}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {}{}{}{}; loop budget {}",
             a.backend,
             self.caps.max_binding >> 20,
             self.caps.limits.max_buffer_size >> 20,
@@ -427,6 +501,10 @@ impl Gpu {
                 WideMatmul::All => ", wide matmul for every product",
             },
             if self.caps.subgroup_sums { ", subgroup sums" } else { "" },
+            match self.caps.coop_matrix {
+                Some(c) => format!(", frozen-weight products on {0}×{0} cooperative matrices", c.size),
+                None => String::new(),
+            },
             if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }
         ) + &self.caps.device_heap.map_or(String::new(), |h| format!("; device-local heap {} MiB", h >> 20))
     }

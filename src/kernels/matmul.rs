@@ -1,6 +1,6 @@
 //! Launcher for `kernels/matmul.wgsl`.
 
-use super::{check, check_binding, f16_variant, groups, loop_span, packed_variant, spans, MATMUL};
+use super::{check, check_binding, coop_variant, f16_variant, groups, loop_span, packed_variant, spans, MATMUL};
 use crate::error::Result;
 use crate::gpu::{Bind, DType, Gpu, Recorder, Tensor, Variant, WideMatmul};
 
@@ -551,7 +551,11 @@ impl Launch {
         // slab load of 4, 16 products, the k0 step); the wide one 9 times per 8 k (8
         // products, the slab step), and 88 in its stores and group lookup. The second
         // product's loop runs beside the last k-range.
+        // The cooperative-matrix one 37 times per 32 k (its rows' maxima 8, a slab load
+        // of 8, at most 4 blocks of 4 products, the steps), and 64 around them.
+        let coop = gpu.caps.coop_matrix.filter(|_| b.dtype != DType::F32);
         let (entry, tile, k_span) = match gpu.caps.variant {
+            _ if coop.is_some() => ("matmul_coop", 64, loop_span(gpu, 37, 64 + k2) * 32),
             _ if wide => ("matmul_wide", 128, loop_span(gpu, 9, 96 + 9 * k2.div_ceil(8)) * 8),
             Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
             Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
@@ -563,6 +567,13 @@ impl Launch {
                 packed_variant(&MATMUL)
             }
             _ => &MATMUL,
+        };
+        let kernel = match coop {
+            Some(c) => {
+                constants.push(("COOP_BLOCKS", c.blocks as f64));
+                coop_variant(kernel, c.size)
+            }
+            None => kernel,
         };
         Launch { pipeline: gpu.pipeline(kernel, entry, &constants), entry, tile, k_span }
     }

@@ -183,6 +183,25 @@ pub fn subgroup_variant(k: &Kernel) -> &'static Kernel {
     })
 }
 
+/// `kernels/coop.wgsl`: matmul on cooperative matrices, appended to matmul's source.
+pub const COOP: Kernel = Kernel { name: "coop.wgsl", source: include_str!("../../kernels/coop.wgsl") };
+
+/// The variant of matmul (or of its f16 or packed variant, `k`) with the entry point
+/// `matmul_coop` on `size`×`size` f16 cooperative matrices with f32 sums
+/// (kernels/coop.wgsl, `Caps::coop_matrix`): native Vulkan and Metal only, where the
+/// device was granted wgpu's experimental `EXPERIMENTAL_COOPERATIVE_MATRIX`.
+pub fn coop_variant(k: &Kernel, size: u32) -> &'static Kernel {
+    assert!(size == 8 || size == 16, "cooperative matrices are 8×8 or 16×16, not {size}");
+    let tag = if size == 8 { "coop 8" } else { "coop 16" };
+    variant(k, tag, || {
+        let coop = COOP.source.replace("COOP_SIZE", &size.to_string()).replace("CSxCS", &format!("{size}x{size}"));
+        format!("enable f16;
+enable wgpu_cooperative_matrix;
+{}
+{coop}", k.source)
+    })
+}
+
 /// `k`, or its subgroup variant where the adapter's reductions add within subgroups.
 pub(crate) fn reducing(gpu: &Gpu, k: &'static Kernel) -> &'static Kernel {
     if gpu.caps.subgroup_sums { subgroup_variant(k) } else { k }
