@@ -10,9 +10,10 @@
 // neither overflows nor underflows (gradients of 1e-7 keep their 11 bits); the scale
 // divides out of the sums exactly. Then, slab by slab (CK deep), the invocations stage
 // op(A)·scale and op(B) as f16 in workgroup memory and each subgroup multiplies its
-// COOP_BLOCKS CS×CS blocks of C (`subgroup_id`; the launcher sets COOP_BLOCKS from the
-// adapter's fixed subgroup size, so the blocks are shared out exactly), summing in
-// f32 matrices. The blocks go to workgroup memory once, and each invocation stores its
+// COOP_BLOCKS CS×CS blocks of C, side by side in a row of blocks (`subgroup_id`; the
+// launcher sets COOP_BLOCKS from the adapter's fixed subgroup size, so the blocks are
+// shared out exactly and a row of blocks holds a whole number of subgroups' blocks),
+// summing in f32 matrices. The blocks go to workgroup memory once, and each invocation stores its
 // 4×4 as every variant does (`store_block`: alpha, beta, the second product summed
 // here in f32, dropout on it, SwiGLU's backward).
 // Cooperative operations must run in uniform control flow: no invocation returns
@@ -52,7 +53,7 @@ fn coop_tile(wid: vec3<u32>) -> vec3<u32> {
 // One-dimensional (naga takes `subgroup_id` only so), lid as tiled's 16×16.
 @compute @workgroup_size(256, 1, 1)
 fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
-               @builtin(subgroup_id) sg: u32, @builtin(num_subgroups) nsg: u32) {
+               @builtin(subgroup_id) sg: u32) {
     let lid = vec2<u32>(tid % 16u, tid / 16u);
     let pt = coop_tile(wid);
     var q = ps[min(pt.x, GROUP_MAX - 1u)];
@@ -78,6 +79,11 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         coop_scale[tid] = row_scale(max(max(coop_max[i], coop_max[i + 1u]), max(coop_max[i + 2u], coop_max[i + 3u])));
     }
     workgroupBarrier();
+    // This subgroup's blocks: COOP_BLOCKS side by side in one row of blocks, so each
+    // step loads its A block once for all of them.
+    let j0 = sg * COOP_BLOCKS;
+    let r0 = (j0 / (TS / CS)) * CS;
+    let c0 = (j0 % (TS / CS)) * CS;
     var acc: array<coop_matCSxCS<f32, C>, 4>;
     for (var k0 = 0u; k0 < q.k; k0 += CK) {
         for (var r = 0u; r < 8u; r++) {
@@ -94,21 +100,17 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             coop_b[sb.x * TS + sb.y] = f16(select(0.0, vb, gn < p.n && gkb < p.k));
         }
         workgroupBarrier();
-        for (var i = 0u; i < COOP_BLOCKS; i++) {
-            let j = sg + i * nsg;
-            let r0 = (j / (TS / CS)) * CS;
-            let c0 = (j % (TS / CS)) * CS;
-            for (var kk = 0u; kk < CK; kk += CS) {
-                let am = coopLoadT<coop_matCSxCS<f16, A>>(&coop_a[r0 * CK + kk], CK);
-                let bm = coopLoadT<coop_matCSxCS<f16, B>>(&coop_b[kk * TS + c0], TS);
+        for (var kk = 0u; kk < CK; kk += CS) {
+            let am = coopLoadT<coop_matCSxCS<f16, A>>(&coop_a[r0 * CK + kk], CK);
+            for (var i = 0u; i < COOP_BLOCKS; i++) {
+                let bm = coopLoadT<coop_matCSxCS<f16, B>>(&coop_b[kk * TS + c0 + i * CS], TS);
                 acc[i] = coopMultiplyAdd(am, bm, acc[i]);
             }
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < COOP_BLOCKS; i++) {
-        let j = sg + i * nsg;
-        coopStoreT(acc[i], &coop_c[(j / (TS / CS)) * CS * TS + (j % (TS / CS)) * CS], TS);
+        coopStoreT(acc[i], &coop_c[r0 * TS + c0 + i * CS], TS);
     }
     workgroupBarrier();
     // This invocation's 4×4: the first product unscaled, the second summed in f32.
