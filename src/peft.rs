@@ -74,7 +74,7 @@ pub fn merge_into(base: &mut TensorMap, adapter: &TensorMap, lora: &LoraConfig, 
         let target = base.get_mut(&wname).ok_or_else(|| Error::Weights(format!("the base model has no `{wname}` for {name}")))?;
         let (r, din, dout) = (a.shape[0], a.shape[1], b.shape[0]);
         if target.shape != [dout, din] || b.shape[1] != r {
-            return Err(Error::Weights(format!("{name}: shapes {:?} · {:?} do not fit `{wname}` {:?}", b.shape, a.shape, target.shape)));
+            return Err(Error::Weights(format!("{name}: shapes {} · {} do not fit `{wname}` {}", crate::gpu::dims(&b.shape), crate::gpu::dims(&a.shape), crate::gpu::dims(&target.shape))));
         }
         for o in 0..dout {
             for i in 0..din {

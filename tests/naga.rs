@@ -76,6 +76,15 @@ fn coop_variants_validate() {
             assert!(v.source.starts_with("enable f16;\nenable wgpu_cooperative_matrix;\n"), "{}", v.name);
             assert!(v.source.contains("fn matmul_coop(") && v.source.contains(&format!("coop_mat{size}x{size}<f16, A>")), "{}", v.name);
             validates(v, Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::SUBGROUP);
+            // The workgroup memory it declares is what the adapter is asked to allow.
+            let module = naga::front::wgsl::parse_str(v.source).unwrap();
+            let bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup && g.name.as_deref().is_some_and(|n| n.starts_with("coop_")))
+                .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+                .sum();
+            assert_eq!(bytes, webtune::gpu::COOP_WORKGROUP_BYTES, "{}", v.name);
         }
     }
 }

@@ -109,7 +109,7 @@ impl Tokenizer {
         let template = ChatTemplate::from_files(&get, source)?;
         let id = |t: &str| if t.is_empty() { None } else { inner.token_to_id(t) };
         let eos_id = id(&template.eos_token).ok_or_else(|| {
-            Error::Tokenizer(format!("{source}: tokenizer_config.json names no eos_token that tokenizer.json knows ({:?})", template.eos_token))
+            Error::Tokenizer(format!("{source}: tokenizer_config.json names no eos_token that tokenizer.json knows (`{}`)", template.eos_token))
         })?;
         let bos_id = id(&template.bos_token);
         let pad_id = tokenizer_config

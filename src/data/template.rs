@@ -38,7 +38,7 @@ fn template_of(v: Option<&Value>, place: &str) -> Result<Option<String>> {
             let named = |n: &str| list.iter().find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n));
             let t = named("default").ok_or_else(|| {
                 let names: Vec<&str> = list.iter().filter_map(|t| t.get("name").and_then(|x| x.as_str())).collect();
-                Error::Template(format!("{place}: `chat_template` lists templates {names:?} but none named `default`"))
+                Error::Template(format!("{place}: `chat_template` lists templates {} but none named `default`", names.join(", ")))
             })?;
             match t.get("template") {
                 Some(Value::String(s)) => Ok(Some(s.clone())),

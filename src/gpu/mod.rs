@@ -12,7 +12,7 @@ mod tensor;
 
 pub use profile::KernelTime;
 pub use reuse::Counters;
-pub use tensor::{DType, Tensor};
+pub use tensor::{dims, DType, Tensor};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -151,6 +151,11 @@ impl Drop for Sizing<'_> {
         self.gpu.set_scale(1.0);
     }
 }
+
+/// The workgroup memory `matmul_coop` declares (kernels/coop.wgsl: A and B slabs of
+/// 64×32 halves, the tile's 64×64 sums, rows' maxima and scales), which the adapter
+/// must allow.
+pub const COOP_WORKGROUP_BYTES: u32 = 2 * 2048 * 2 + 4096 * 4 + 256 * 4 + 64 * 4;
 
 /// How `matmul_coop` runs on cooperative matrices (`Caps::coop_matrix`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,7 +382,10 @@ impl Gpu {
             _ => Variant::Tiled,
         });
         let coop_matrix = match opts.coop_matrix.unwrap_or(variant == Variant::Tiled) {
-            true if !opts.no_f16 && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) => {
+            true if !opts.no_f16
+                && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
+                && adapter.limits().max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES =>
+            {
                 coop_choice(&coop_shapes, info.subgroup_min_size, info.subgroup_max_size)
             }
             _ => None,
@@ -729,7 +737,7 @@ impl Gpu {
     pub fn upload_in<T: bytemuck::Pod>(&self, rec: &mut Recorder, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = self.pooled(label, DType::of::<T>(), shape)?;
         if t.numel() != data.len() {
-            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+            return Err(Error::Shape(format!("{label}: {} values for shape {}", data.len(), dims(shape))));
         }
         let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
         bytes.resize(t.padded_bytes() as usize, 0);
@@ -743,7 +751,7 @@ impl Gpu {
     pub fn upload_temp<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = self.pooled(label, DType::of::<T>(), shape)?;
         if t.numel() != data.len() {
-            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+            return Err(Error::Shape(format!("{label}: {} values for shape {}", data.len(), dims(shape))));
         }
         self.write_padded(&t.buffer, t.offset, bytemuck::cast_slice(data));
         Ok(t)
@@ -887,7 +895,7 @@ impl Gpu {
     ) -> Result<()> {
         let max = self.caps.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
-            return Err(Error::Launch(format!("{label}: dispatch {workgroups:?} exceeds {max} workgroups per dimension")));
+            return Err(Error::Launch(format!("{label}: dispatch {}×{}×{} exceeds {max} workgroups per dimension", workgroups[0], workgroups[1], workgroups[2])));
         }
         if workgroups.contains(&0) {
             return Ok(());
@@ -991,7 +999,7 @@ impl Gpu {
     pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T], shape: &[usize]) -> Result<Tensor> {
         let t = Tensor::new(self, label, DType::of::<T>(), shape)?;
         if t.numel() != data.len() {
-            return Err(Error::Shape(format!("{label}: {} values for shape {shape:?}", data.len())));
+            return Err(Error::Shape(format!("{label}: {} values for shape {}", data.len(), dims(shape))));
         }
         self.write_padded(&t.buffer, t.offset, bytemuck::cast_slice(data));
         Ok(t)
@@ -1014,7 +1022,7 @@ impl Gpu {
     pub fn write_at<T: bytemuck::Pod>(&self, t: &Tensor, offset: usize, data: &[T]) -> Result<()> {
         let size = t.dtype.size();
         if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || (offset * size) % 4 != 0 {
-            return Err(Error::Shape(format!("{}: writing {} values at {offset} into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
+            return Err(Error::Shape(format!("{}: writing {} values at {offset} into {} {}", t.label, data.len(), t.dtype, dims(&t.shape))));
         }
         self.write_padded(&t.buffer, t.offset + (offset * size) as u64, bytemuck::cast_slice(data));
         Ok(())
@@ -1024,7 +1032,7 @@ impl Gpu {
     /// multiple of 4 (a chunk of an even number of block rows).
     pub fn write_bytes_at(&self, t: &Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
         if !matches!(t.dtype, DType::Q(_)) || offset % 4 != 0 || (offset + bytes.len()) as u64 > t.bytes() {
-            return Err(Error::Shape(format!("{}: writing {} bytes at {offset} into {:?} {:?}", t.label, bytes.len(), t.dtype, t.shape)));
+            return Err(Error::Shape(format!("{}: writing {} bytes at {offset} into {} {}", t.label, bytes.len(), t.dtype, dims(&t.shape))));
         }
         self.write_padded(&t.buffer, t.offset + offset as u64, bytes);
         Ok(())
@@ -1046,7 +1054,7 @@ impl Gpu {
     /// Overwrite a tensor's contents from the host.
     pub fn write<T: bytemuck::Pod>(&self, t: &Tensor, data: &[T]) -> Result<()> {
         if t.numel() != data.len() || t.dtype != DType::of::<T>() {
-            return Err(Error::Shape(format!("{}: writing {} values into {:?} {:?}", t.label, data.len(), t.dtype, t.shape)));
+            return Err(Error::Shape(format!("{}: writing {} values into {} {}", t.label, data.len(), t.dtype, dims(&t.shape))));
         }
         self.write_at(t, 0, data)
     }
@@ -1054,7 +1062,7 @@ impl Gpu {
     /// Copy a tensor back to the host. Async: awaits the buffer map.
     pub async fn read<T: bytemuck::Pod>(&self, t: &Tensor) -> Result<Vec<T>> {
         if t.dtype != DType::of::<T>() {
-            return Err(Error::Shape(format!("{}: reading {:?} as {:?}", t.label, t.dtype, DType::of::<T>())));
+            return Err(Error::Shape(format!("{}: reading {} as {}", t.label, t.dtype, DType::of::<T>())));
         }
         let bytes = self.read_bytes(&t.buffer, t.offset, t.bytes()).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
@@ -1094,7 +1102,7 @@ impl Gpu {
         });
         self.wait()?;
         rx.await.map_err(|_| Error::Map("map callback dropped".into()))?.map_err(|e| Error::Map(e.to_string()))?;
-        let data = staging.get_mapped_range(..).map_err(|e| Error::Map(format!("{e:?}")))?.to_vec();
+        let data = staging.get_mapped_range(..).map_err(|e| Error::Map(e.to_string()))?.to_vec();
         staging.unmap();
         self.staging.lock().unwrap().entry(staging.size()).or_default().push(staging.clone());
         Ok(data)

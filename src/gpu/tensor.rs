@@ -16,6 +16,24 @@ pub enum DType {
     Q(crate::quant::QType),
 }
 
+/// As errors name it: `f32`, `f16`, `u32`, `i32`, or a packed type (`q4_0`).
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            DType::F32 => f.write_str("f32"),
+            DType::U32 => f.write_str("u32"),
+            DType::I32 => f.write_str("i32"),
+            DType::F16 => f.write_str("f16"),
+            DType::Q(q) => f.write_str(q.name()),
+        }
+    }
+}
+
+/// A shape as errors print it: `[4, 512]`.
+pub fn dims(shape: &[usize]) -> String {
+    format!("[{}]", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
 impl DType {
     pub fn of<T: 'static>() -> DType {
         let id = std::any::TypeId::of::<T>();
@@ -140,12 +158,11 @@ impl Tensor {
     pub fn expect(&self, op: &str, arg: &str, dtype: DType, numel: usize) -> Result<()> {
         if self.dtype != dtype || self.numel() != numel {
             return Err(Error::Shape(format!(
-                "{op}: `{arg}` ({}) is {:?} {:?} ({} elements), expected {:?} with {numel} elements",
+                "{op}: `{arg}` ({}) is {} {} ({} elements), expected {dtype} with {numel} elements",
                 self.label,
                 self.dtype,
-                self.shape,
-                self.numel(),
-                dtype
+                dims(&self.shape),
+                self.numel()
             )));
         }
         Ok(())

@@ -113,7 +113,7 @@ impl Hub {
         let ggufs = || siblings.iter().filter(|s| s.ends_with(".gguf")).collect::<Vec<_>>();
         if let Some(file) = &r.file {
             if !has(file) {
-                return Err(Error::Io(format!("{r}: the repository has no file `{file}` (its GGUF files: {:?})", ggufs())));
+                return Err(Error::Io(format!("{r}: the repository has no file `{file}` (its GGUF files: {})", ggufs().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))));
             }
             return self.file(r, &commit, file);
         }

@@ -30,7 +30,7 @@ impl Attention {
     }
 
     fn check(&self, op: &str) -> Result<()> {
-        check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape {self:?}"))?;
+        check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape: batch {}, {} queries, {} heads ({} kv)", self.b, self.t, self.nh, self.nkv))?;
         check(self.tk >= self.t, op, || format!("{} queries but only {} keys", self.t, self.tk))?;
         check(self.nh % self.nkv == 0, op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
         check(self.hs % 4 == 0 && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
@@ -126,7 +126,7 @@ impl RopeOnLoad<'_> {
         let Some(r) = rope else {
             return Ok((p, &[]));
         };
-        check(RopeOnLoad::offered(gpu, at.hs), op, || format!("RoPE on load is the tiled kernels' (head size a multiple of 8, at most 128); head size {} on the {:?} kernels", at.hs, gpu.caps.variant))?;
+        check(RopeOnLoad::offered(gpu, at.hs), op, || format!("RoPE on load is the tiled kernels' (head size a multiple of 8, at most 128); head size {} on the {} kernels", at.hs, if gpu.caps.variant == Variant::Tiled { "tiled" } else { "register" }))?;
         check(at.tk == at.t, op, || "RoPE on load is for training, where keys = queries".into())?;
         check(r.inv_freq.len() == at.hs / 2, op, || format!("{} inverse frequencies for head size {}", r.inv_freq.len(), at.hs))?;
         seg.expect(op, "seg (segments, then positions)", DType::U32, 2 * at.b * at.t)?;

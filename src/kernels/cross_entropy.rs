@@ -176,7 +176,7 @@ pub fn cross_entropy_backward_scaled(
     check(t > 0 && (row0 + n).div_ceil(t) <= seq_scale.numel(), op, || {
         format!("rows {row0}..{} of sequences of {t} need {} sequence factors, seq_scale has {}", row0 + n, (row0 + n).div_ceil(t.max(1)), seq_scale.numel())
     })?;
-    check(seq_scale.dtype == DType::F32, op, || format!("`seq_scale` is {:?}, expected F32", seq_scale.dtype))?;
+    check(seq_scale.dtype == DType::F32, op, || format!("`seq_scale` is {}, expected f32", seq_scale.dtype))?;
     backward(gpu, rec, op, n, v, scale, logits, targets, lse, Some((row0, t, seq_scale)))
 }
 

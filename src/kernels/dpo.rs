@@ -16,6 +16,17 @@ pub enum DpoLoss {
     Robust,
 }
 
+/// The loss by its option name (`--loss sigmoid`).
+impl std::fmt::Display for DpoLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            DpoLoss::Sigmoid => "sigmoid",
+            DpoLoss::Ipo => "ipo",
+            DpoLoss::Robust => "robust",
+        })
+    }
+}
+
 impl std::str::FromStr for DpoLoss {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<DpoLoss, String> {
@@ -52,7 +63,7 @@ impl Dpo {
         };
         if !ok {
             return Err(Error::Config(format!(
-                "--label-smoothing {eps} does not fit --loss {loss:?}: sigmoid takes [0, 0.5], robust [0, 0.5), ipo none"
+                "--label-smoothing {eps} does not fit --loss {loss}: sigmoid takes [0, 0.5], robust [0, 0.5), ipo none"
             )));
         }
         Ok(Dpo { loss, beta, eps, rpo_alpha: 0.0 })

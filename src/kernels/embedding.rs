@@ -48,7 +48,7 @@ pub fn embedding_forward(
     let mut v0 = 0;
     for w in parts {
         check(matches!(w.dtype, DType::F32 | DType::Q(_)) || (w.dtype == DType::F16 && gpu.caps.shader_f16), op, || {
-            format!("table part `{}` is {:?}", w.label, w.dtype)
+            format!("table part `{}` is {}", w.label, w.dtype)
         })?;
         let pipeline = match w.dtype {
             DType::F16 => gpu.pipeline(f16_variant(&EMBEDDING), op, &[]),

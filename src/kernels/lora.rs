@@ -88,7 +88,7 @@ impl Lora {
     /// The shape, the dropout, and x `[n, din]`, h `[n, r]` and an `[r, din]` tensor (A
     /// or its gradient) named `a_name`.
     fn check(&self, op: &str, x: &Tensor, (a_name, a): (&str, &Tensor), h: &Tensor) -> Result<()> {
-        check(self.n > 0 && self.din > 0 && self.dout > 0 && self.r > 0, op, || format!("empty shape {self:?}"))?;
+        check(self.n > 0 && self.din > 0 && self.dout > 0 && self.r > 0, op, || format!("empty shape: {} tokens, {} → {}, rank {}", self.n, self.din, self.dout, self.r))?;
         check((0.0..1.0).contains(&self.dropout), op, || format!("dropout {} must be in [0, 1)", self.dropout))?;
         x.expect(op, "x", DType::F32, self.n * self.din + self.glu.unwrap_or(0))?;
         a.expect(op, a_name, DType::F32, self.r * self.din)?;

@@ -296,7 +296,7 @@ pub fn matmul(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor
 
 /// `matmul`, with the operands (A2, B2) of `mm.second` when it has one.
 pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
-    check(mm.swiglu_back.is_none(), "matmul", || format!("SwiGLU's backward needs its gate and up (matmul_swiglu_back): {mm:?}"))?;
+    check(mm.swiglu_back.is_none(), "matmul", || format!("SwiGLU's backward needs its gate and up (matmul_swiglu_back): {mm}"))?;
     matmul_on(gpu, rec, mm, a, b, c, second, None)
 }
 
@@ -305,8 +305,8 @@ pub fn matmul_with(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &T
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_swiglu_back(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>, aux: &Tensor) -> Result<()> {
     let op = "matmul";
-    let Some(e) = mm.swiglu_back else { return check(false, op, || format!("no SwiGLU backward in {mm:?}")) };
-    check(mm.batch == 1 && mm.beta == 0.0 && !mm.alt, op, || format!("SwiGLU's backward in an unbatched product that overwrites dh: {mm:?}"))?;
+    let Some(e) = mm.swiglu_back else { return check(false, op, || format!("no SwiGLU backward in {mm}")) };
+    check(mm.batch == 1 && mm.beta == 0.0 && !mm.alt, op, || format!("SwiGLU's backward in an unbatched product that overwrites dh: {mm}"))?;
     let (_, _, ldc) = mm.strides();
     aux.expect_min(op, "aux", DType::F32, e.g + e.up + (mm.m - 1) * ldc + mm.n)?;
     check_binding(gpu, op, &[aux])?;
@@ -316,7 +316,7 @@ pub fn matmul_swiglu_back(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor
 #[allow(clippy::too_many_arguments)]
 fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>, aux: Option<&Tensor>) -> Result<()> {
     if mm.alt {
-        let Some((a2, b2)) = second else { return check(false, "matmul", || format!("a product on the second operands needs them: {mm:?}")) };
+        let Some((a2, b2)) = second else { return check(false, "matmul", || format!("a product on the second operands needs them: {mm}")) };
         return matmul_with(gpu, rec, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None);
     }
     validate(gpu, mm, a, b, c, second)?;
@@ -346,18 +346,18 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
     for mm in mms {
         match (mm.alt, second) {
             (true, Some((a2, b2))) => validate(gpu, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None)?,
-            (true, None) => check(false, op, || format!("a product on the second operands needs them: {mm:?}"))?,
+            (true, None) => check(false, op, || format!("a product on the second operands needs them: {mm}"))?,
             (false, _) if alt => validate(gpu, mm, a, b, c, None)?,
             (false, _) => validate(gpu, mm, a, b, c, second)?,
         }
-        check(!alt || (mm.second.is_none() && b.dtype == DType::F32), op, || format!("a group over two operand sets has f32 operands and no second products: {mm:?}"))?;
-        check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm:?}"))?;
+        check(!alt || (mm.second.is_none() && b.dtype == DType::F32), op, || format!("a group over two operand sets has f32 operands and no second products: {mm}"))?;
+        check(mm.batch == 1, op, || format!("a grouped product is not batched: {mm}"))?;
         // SwiGLU is of the kind too: checked below over the products on the first
         // operands (an `alt` product reads its own, never through SwiGLU).
         let kind = |m: &Matmul| (m.trans_a, m.trans_b, m.dropout.map(|d| d.on), m.second.is_some());
-        check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first:?} and {mm:?}"))?;
-        check(!mm.alt || mm.glu.is_none(), op, || format!("SwiGLU on the second operands in {mm:?}"))?;
-        check(mm.swiglu_back.is_none(), op, || format!("SwiGLU's backward in a grouped product: {mm:?}"))?;
+        check(kind(mm) == kind(first), op, || format!("products of different kinds in one group: {first} and {mm}"))?;
+        check(!mm.alt || mm.glu.is_none(), op, || format!("SwiGLU on the second operands in {mm}"))?;
+        check(mm.swiglu_back.is_none(), op, || format!("SwiGLU's backward in a grouped product: {mm}"))?;
     }
     // Alone, a product binds the second operands only as its own A and B, or as
     // its second product's.
@@ -366,7 +366,7 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         return matmul_with(gpu, rec, first, a, b, c, own(first));
     }
     let glu = mms.iter().filter(|m| !m.alt).find_map(|m| m.glu);
-    check(mms.iter().filter(|m| !m.alt).all(|m| m.glu.map(|g| g.on) == glu.map(|g| g.on)), op, || format!("products with and without SwiGLU in one group: {mms:?}"))?;
+    check(mms.iter().filter(|m| !m.alt).all(|m| m.glu.map(|g| g.on) == glu.map(|g| g.on)), op, || format!("products with and without SwiGLU in one group: {}", mms.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; ")))?;
     let launch = Launch::new(gpu, &Matmul { glu, ..first.clone() }, b, true, alt, wide(gpu, mms.iter()));
     if mms.iter().any(|mm| mm.k > launch.k_span) {
         return mms.iter().try_for_each(|mm| matmul_with(gpu, rec, mm, a, b, c, own(mm)));
@@ -417,22 +417,22 @@ pub fn fills_wide(shapes: impl IntoIterator<Item = (usize, usize)>) -> bool {
 /// The shape and operand checks of one product.
 fn validate(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let op = "matmul";
-    check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm:?}"))?;
-    check(mm.second.is_some() == second.is_some(), op, || format!("a second product needs its two operands: {mm:?}"))?;
-    check(mm.batch == 1 || (mm.second.is_none() && mm.dropout.is_none()), op, || format!("a fused product is not batched: {mm:?}"))?;
+    check(mm.m > 0 && mm.n > 0 && mm.k > 0 && mm.batch > 0, op, || format!("empty product {mm}"))?;
+    check(mm.second.is_some() == second.is_some(), op, || format!("a second product needs its two operands: {mm}"))?;
+    check(mm.batch == 1 || (mm.second.is_none() && mm.dropout.is_none()), op, || format!("a fused product is not batched: {mm}"))?;
     if let Some(d) = mm.dropout {
         check((0.0..1.0).contains(&d.p), op, || format!("dropout probability {} must be in [0, 1)", d.p))?;
-        check(d.on != DropOn::Second || mm.second.is_some(), op, || format!("dropout on a second product that is absent: {mm:?}"))?;
+        check(d.on != DropOn::Second || mm.second.is_some(), op, || format!("dropout on a second product that is absent: {mm}"))?;
     }
     if let (Some(s), Some((a2, b2))) = (mm.second, second) {
         let (lda2, ldb2) = s.strides(mm);
         check(s.k > 0 && lda2 >= if mm.trans_a { mm.m } else { s.k } && ldb2 >= if mm.trans_b { s.k } else { mm.n }, op, || {
-            format!("second product narrower than its rows in {mm:?}")
+            format!("second product narrower than its rows in {mm}")
         })?;
         let (ea2, eb2) = s.extents(mm);
         for (t, name, need) in [(a2, "a2", ea2), (b2, "b2", eb2)] {
             check(t.dtype == DType::F32 && t.numel() >= need, op, || {
-                format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
+                format!("`{name}` ({}) is {} {}, needs {need} f32 elements for {mm}", t.label, t.dtype, crate::gpu::dims(&t.shape))
             })?;
         }
         check(ea2 <= u32::MAX as usize && eb2 <= u32::MAX as usize, op, || "operands exceed 2^32 elements".into())?;
@@ -440,21 +440,61 @@ fn validate(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor, second: 
     }
     let (lda, ldb, ldc) = mm.strides();
     let (ca, cb) = (if mm.trans_a { mm.m } else { mm.k }, if mm.trans_b { mm.k } else { mm.n });
-    check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm:?}"))?;
+    check(lda >= ca && ldb >= cb && ldc >= mm.n, op, || format!("row strides narrower than the rows in {mm}"))?;
     let (ea, eb, ec) = mm.extents();
     // B may be an f16 or packed weight; A and C are f32 activations.
     check(b.dtype != DType::F16 || gpu.caps.shader_f16, op, || format!("`b` ({}) is f16 but the device has no shader-f16", b.label))?;
-    check(mm.glu.is_none_or(|g| g.on == GluOn::A || b.dtype == DType::F32), op, || format!("SwiGLU on a weight ({}) in {mm:?}", b.label))?;
+    check(mm.glu.is_none_or(|g| g.on == GluOn::A || b.dtype == DType::F32), op, || format!("SwiGLU on a weight ({}) in {mm}", b.label))?;
     for (t, name, need) in [(a, "a", ea), (b, "b", eb), (c, "c", ec)] {
         let dtype_ok = t.dtype == DType::F32 || (name == "b" && matches!(t.dtype, DType::F16 | DType::Q(_)));
         check(dtype_ok && t.numel() >= need, op, || {
-            format!("`{name}` ({}) is {:?} {:?}, needs {need} f32 elements for {mm:?}", t.label, t.dtype, t.shape)
+            format!("`{name}` ({}) is {} {}, needs {need} f32 elements for {mm}", t.label, t.dtype, crate::gpu::dims(&t.shape))
         })?;
     }
     check(ec <= u32::MAX as usize && ea <= u32::MAX as usize && eb <= u32::MAX as usize, op, || {
         "operands exceed 2^32 elements".into()
     })?;
     check_binding(gpu, op, &[a, b, c])
+}
+
+/// A product as errors name it: `matmul 37×70 over k 45 (Bᵀ), alpha 1, beta 0, plus a
+/// second product over k 4, dropout 0.25 on it`.
+impl std::fmt::Display for Matmul {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let ts = match (self.trans_a, self.trans_b) {
+            (false, false) => "",
+            (true, false) => " (Aᵀ)",
+            (false, true) => " (Bᵀ)",
+            (true, true) => " (Aᵀ, Bᵀ)",
+        };
+        write!(f, "matmul {}×{} over k {}{ts}, alpha {}, beta {}", self.m, self.n, self.k, self.alpha, self.beta)?;
+        if self.batch > 1 {
+            write!(f, ", batch {} (strides {}, {}, {})", self.batch, self.a_stride, self.b_stride, self.c_stride)?;
+        }
+        let (lda, ldb, ldc) = self.strides();
+        write!(f, ", offsets {}, {}, {}, row strides {lda}, {ldb}, {ldc}", self.a_off, self.b_off, self.c_off)?;
+        if let Some(s) = self.second {
+            write!(f, ", plus a second product over k {}", s.k)?;
+        }
+        if let Some(d) = self.dropout {
+            let on = match d.on {
+                DropOn::A => "A",
+                DropOn::B => "B",
+                DropOn::Second => "the second product",
+            };
+            write!(f, ", dropout {} on {on}", d.p)?;
+        }
+        if let Some(g) = self.glu {
+            write!(f, ", SwiGLU on {}", if g.on == GluOn::A { "A" } else { "B" })?;
+        }
+        if self.swiglu_back.is_some() {
+            f.write_str(", SwiGLU's backward in the store")?;
+        }
+        if self.alt {
+            f.write_str(", on the second operands")?;
+        }
+        Ok(())
+    }
 }
 
 impl Params {

@@ -58,7 +58,7 @@ pub struct Model {
 fn expect(w: &dyn Tensors, name: &str, shape: &[usize]) -> Result<()> {
     let got = w.shape(name).ok_or_else(|| Error::Weights(format!("tensor `{name}` is missing")))?;
     if got != shape {
-        return Err(Error::Weights(format!("tensor `{name}` has shape {got:?}, config.json implies {shape:?}")));
+        return Err(Error::Weights(format!("tensor `{name}` has shape {}, config.json implies {}", crate::gpu::dims(&got), crate::gpu::dims(shape))));
     }
     Ok(())
 }
@@ -300,7 +300,7 @@ impl Model {
         for p in self.params() {
             let t = tensors.get(&p.name).ok_or_else(|| Error::Weights(format!("adapter tensor `{}` is missing", p.name)))?;
             if t.shape != p.shape {
-                return Err(Error::Weights(format!("adapter tensor `{}` has shape {:?}, expected {:?}", p.name, t.shape, p.shape)));
+                return Err(Error::Weights(format!("adapter tensor `{}` has shape {}, expected {}", p.name, crate::gpu::dims(&t.shape), crate::gpu::dims(&p.shape))));
             }
             gpu.write(&p.value, &t.data)?;
         }

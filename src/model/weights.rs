@@ -176,11 +176,11 @@ impl Checkpoint {
             let info: safetensors::tensor::TensorInfo =
                 serde_json::from_value(info).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
             let size = element_size(info.dtype)
-                .ok_or_else(|| bad(format!("tensor `{name}` is {:?}; f32, f16 or bf16 expected", info.dtype)))?;
+                .ok_or_else(|| bad(format!("tensor `{name}` is {}; f32, f16 or bf16 expected", info.dtype)))?;
             let (a, b) = info.data_offsets;
             let numel: usize = info.shape.iter().product();
             if b < a || b - a != numel * size || data_start + b as u64 > total {
-                return Err(bad(format!("tensor `{name}`: bytes {a}..{b} do not hold {:?} {:?} within the file", info.dtype, info.shape)));
+                return Err(bad(format!("tensor `{name}`: bytes {a}..{b} do not hold {} {} within the file", info.dtype, crate::gpu::dims(&info.shape))));
             }
             if self.index.contains_key(&name) {
                 return Err(bad(format!("tensor `{name}` is also in {}", self.files[self.index[&name].file].0)));
@@ -243,7 +243,7 @@ pub fn parse(bytes: &[u8], source: &str, out: &mut TensorMap) -> Result<()> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Weights(format!("{source}: {e}")))?;
     for (name, view) in st.tensors() {
         if element_size(view.dtype()).is_none() {
-            return Err(Error::Weights(format!("{source}: tensor `{name}` is {:?}; f32, f16 or bf16 expected", view.dtype())));
+            return Err(Error::Weights(format!("{source}: tensor `{name}` is {}; f32, f16 or bf16 expected", view.dtype())));
         }
         out.insert(name, HostTensor { shape: view.shape().to_vec(), data: widen(view.dtype(), view.data()) });
     }
@@ -306,7 +306,7 @@ pub fn serialize_as(tensors: &TensorMap, dtype: Dtype, metadata: Option<std::col
         }
     }
     if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-        return Err(Error::Weights(format!("cannot write {dtype:?} weights; f32, f16 or bf16")));
+        return Err(Error::Weights(format!("cannot write {dtype} weights; f32, f16 or bf16")));
     }
     let bytes: Vec<(String, Cow<'_, [u8]>, Vec<usize>)> = tensors.iter().map(|(k, t)| (k.clone(), stored(t, dtype), t.shape.clone())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes

@@ -151,7 +151,7 @@ impl Gguf {
                 )));
             };
             if dims[0] % ty.block().0 != 0 {
-                return Ok(Err(format!("tensor `{name}`: a row of {} values is not whole {:?} blocks", dims[0], ty)));
+                return Ok(Err(format!("tensor `{name}`: a row of {} values is not whole {} blocks", dims[0], ty.name().to_uppercase())));
             }
             tensors.push(TensorInfo { name, dims, ty, offset });
         }

@@ -77,7 +77,7 @@ impl Writer {
             (GgmlType::F32, _) => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
             (GgmlType::F16, _) => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
             (_, Some(q)) if shape.last().is_some_and(|&c| q.fits(c)) => crate::quant::quantize(q, data)?,
-            (other, _) => return Err(Error::Config(format!("{name}: writing {other:?} tensors of shape {shape:?} is not supported (F32, F16; Q8_0, Q4_0, Q4_1 with rows of whole blocks)"))),
+            (other, _) => return Err(Error::Config(format!("{name}: writing {} tensors of shape {} is not supported (F32, F16; Q8_0, Q4_0, Q4_1 with rows of whole blocks)", other.name().to_uppercase(), crate::gpu::dims(shape)))),
         };
         self.tensors.push((name.to_string(), shape.iter().rev().cloned().collect(), ty, bytes));
         Ok(self)
@@ -245,7 +245,7 @@ pub fn model_file(
         Some(crate::model::config::RopeScaling::Linear { factor }) => {
             w.meta(&format!("{arch}.rope.scaling.type"), Value::Str("linear".into())).meta(&format!("{arch}.rope.scaling.factor"), Value::F32(*factor as f32));
         }
-        Some(other) => return Err(Error::Config(format!("{name}: exporting rope scaling {other:?} to GGUF is not supported yet"))),
+        Some(crate::model::config::RopeScaling::Llama3 { .. }) => return Err(Error::Config(format!("{name}: exporting rope scaling `llama3` to GGUF is not supported yet"))),
     }
     for (key, v) in tokenizer_metadata(name, tok, tokenizer_json, cfg.vocab)? {
         w.meta(&key, v);
