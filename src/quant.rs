@@ -104,7 +104,7 @@ impl QType {
 
     /// Whether a row of `cols` elements is a whole number of blocks.
     pub fn fits(self, cols: usize) -> bool {
-        cols % self.block().0 == 0
+        cols.is_multiple_of(self.block().0)
     }
 }
 
@@ -117,7 +117,7 @@ fn f16_bytes(x: f32) -> [u8; 2] {
 /// GGUF files only.
 pub fn quantize(q: QType, x: &[f32]) -> Result<Vec<u8>> {
     let (e, _) = q.block();
-    if x.len() % e != 0 {
+    if !x.len().is_multiple_of(e) {
         return Err(Error::Config(format!("{} packs blocks of {e} values; {} is not a multiple", q.name(), x.len())));
     }
     let mut out = Vec::with_capacity(q.bytes(x.len()));

@@ -52,7 +52,7 @@ fn linear_gradients_match_finite_differences() {
 #[test]
 fn attention_gradients_match_finite_differences() {
     let at = Attention::new(2, 6, 4, 2, 4);
-    let seg: Vec<u32> = (0..12).map(|i| (i >= 3 && i < 6) as u32).collect();
+    let seg: Vec<u32> = (0..12).map(|i| (3..6).contains(&i) as u32).collect();
     let mut rng = Rng::new(2);
     let (q, k, v, r) = (rng.vec(at.q_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.kv_len(), 1.0), rng.vec(at.q_len(), 1.0));
     let fwd = |q: &[f32], k: &[f32], v: &[f32]| {

@@ -276,7 +276,7 @@ fn a_model_downloads_once_into_the_hugging_face_cache() {
 
     let before = server.log().len();
     assert_eq!(hub.fetch(&repo("org/demo")).unwrap(), dir);
-    assert_eq!(server.log()[before..], [format!("GET /api/models/org/demo/revision/main")], "the second run requests only the commit of main");
+    assert_eq!(server.log()[before..], ["GET /api/models/org/demo/revision/main".to_string()], "the second run requests only the commit of main");
     assert_eq!(hub.fetch(&repo(&format!("org/demo@{COMMIT}"))).unwrap(), dir);
     assert_eq!(server.log().len(), before + 1, "a cached commit needs no request");
 
@@ -333,7 +333,7 @@ fn a_gated_model_needs_a_token() {
     let dir = Hub { token: Some(TOKEN.into()), ..hub }.fetch(&repo("org/gated")).unwrap();
     assert!(dir.join("model.safetensors").is_file());
     let log = server.log();
-    assert!(log.iter().filter(|l| l.contains("/resolve/")).last().unwrap().ends_with(" auth"));
+    assert!(log.iter().rfind(|l| l.contains("/resolve/")).unwrap().ends_with(" auth"));
     assert!(log.iter().filter(|l| l.starts_with("GET /cdn/")).all(|l| !l.contains(" auth")), "{log:#?}");
     std::fs::remove_dir_all(&cache).unwrap();
 }

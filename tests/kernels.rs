@@ -446,13 +446,13 @@ fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u
 #[test]
 fn attention_matches_reference() {
     let at = Attention::new(2, 13, 4, 2, 8);
-    attention_case(&at, &vec![0; 26], 1, 1.0);
+    attention_case(&at, &[0; 26], 1, 1.0);
     // Two packed examples in the first sequence: no attention across the boundary.
     let seg: Vec<u32> = (0..26).map(|i| if i < 5 { 0 } else if i < 13 { 1 } else { 0 }).collect();
     attention_case(&at, &seg, 2, 1.0);
-    attention_case(&Attention::new(1, 37, 3, 1, 64), &vec![0; 37], 3, 1.0);
-    attention_case(&Attention::new(1, 9, 2, 2, 12), &vec![0; 9], 4, 30.0);
-    attention_case(&Attention::new(1, 5, 2, 1, 128), &vec![0; 5], 5, 0.5);
+    attention_case(&Attention::new(1, 37, 3, 1, 64), &[0; 37], 3, 1.0);
+    attention_case(&Attention::new(1, 9, 2, 2, 12), &[0; 9], 4, 30.0);
+    attention_case(&Attention::new(1, 5, 2, 1, 128), &[0; 5], 5, 0.5);
 }
 
 /// FlashAttention-2 tiles at the edges of a 64-row workgroup and of a key tile (32 keys
@@ -530,8 +530,8 @@ fn roped_attention_matches_reference() {
     let seg: Vec<u32> = (0..2 * 130).map(|i| [0, 1, 2][(i % 130 > 40) as usize + (i % 130 > 97) as usize]).collect();
     roped_attention_case(g, &Attention::new(2, 130, 4, 4, 32), &seg, 310);
     roped_attention_case(g, &Attention::new(2, 130, 8, 2, 16), &seg, 311);
-    roped_attention_case(g, &Attention::new(1, 20, 2, 1, 8), &vec![0; 20], 312);
-    roped_attention_case(g, &Attention::new(1, 33, 2, 2, 128), &vec![0; 33], 313);
+    roped_attention_case(g, &Attention::new(1, 20, 2, 1, 8), &[0; 20], 312);
+    roped_attention_case(g, &Attention::new(1, 33, 2, 2, 128), &[0; 33], 313);
     let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
     roped_attention_case(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 314);
     roped_attention_case(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 315);

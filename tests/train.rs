@@ -426,7 +426,7 @@ fn ctrl_c_writes_a_checkpoint_and_exits() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
-    assert!(steps >= 2 && steps < 100000);
+    assert!((2..100000).contains(&steps));
     let ckpt = out.join(format!("checkpoint-{steps}"));
     assert!(ckpt.join("adapter_model.safetensors").exists() && ckpt.join("trainer_state.json").exists(), "{}", ckpt.display());
     cleanup(&[&root]);
@@ -555,7 +555,7 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     // with them packed as Q8_0: the run packs them, says so, and trains as a run that
     // names --quantize q8 with the same budget.
     let one = |frozen: webtune::model::Frozen| estimate(&source.cfg, &Plan { batch: 1, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total();
-    let (f16, q8) = (one(base.frozen.clone()), one(webtune::model::Frozen::Quantize(webtune::quant::QType::Q8_0)));
+    let (f16, q8) = (one(base.frozen), one(webtune::model::Frozen::Quantize(webtune::quant::QType::Q8_0)));
     assert!(q8 < f16, "{q8} < {f16}");
     let small = RunOptions { memory_budget: Some(format!("{}", (q8 + f16) / 2)), ..given.clone() };
     let (micro, note, auto) = losses(g, &small);
@@ -705,7 +705,7 @@ fn a_lost_device_stops_the_run_with_the_last_checkpoint_named() {
     block(run.next(&g)).unwrap();
     run.saved("checkpoint-1".into());
     g.lose_device();
-    let err = block(run.next(&g)).err().expect("the step fails").to_string();
+    let err = block(run.next(&g)).expect_err("the step fails").to_string();
     assert!(g.lost().is_some());
     assert!(err.contains("the GPU device was lost at step 2 (destroyed)") && err.contains("checkpoint-1") && err.contains("--resume"), "{err}");
 }

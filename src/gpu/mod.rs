@@ -568,7 +568,7 @@ impl Gpu {
             // start again, and what idled long enough is let go.
             (st.params.cursor, st.uploads.cursor) = (0, 0);
             st.generation += 1;
-            if st.generation % reuse::IDLE_GENERATIONS == 0 {
+            if st.generation.is_multiple_of(reuse::IDLE_GENERATIONS) {
                 reuse::sweep(&mut st, false);
             }
         }
@@ -1008,7 +1008,7 @@ impl Gpu {
     /// Queue writes must be a multiple of 4 bytes (odd-length f16 data is not); the
     /// buffer is padded to 16 bytes, so the padded tail fits.
     fn write_padded(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(buffer, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -1021,7 +1021,7 @@ impl Gpu {
     /// byte offset must be a multiple of 4; a tail that is not is padded.
     pub fn write_at<T: bytemuck::Pod>(&self, t: &Tensor, offset: usize, data: &[T]) -> Result<()> {
         let size = t.dtype.size();
-        if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || (offset * size) % 4 != 0 {
+        if t.dtype != DType::of::<T>() || offset + data.len() > t.numel() || !(offset * size).is_multiple_of(4) {
             return Err(Error::Shape(format!("{}: writing {} values at {offset} into {} {}", t.label, data.len(), t.dtype, dims(&t.shape))));
         }
         self.write_padded(&t.buffer, t.offset + (offset * size) as u64, bytemuck::cast_slice(data));
@@ -1031,7 +1031,7 @@ impl Gpu {
     /// Write packed bytes into `t` (a `DType::Q` tensor) from byte `offset` on, a
     /// multiple of 4 (a chunk of an even number of block rows).
     pub fn write_bytes_at(&self, t: &Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
-        if !matches!(t.dtype, DType::Q(_)) || offset % 4 != 0 || (offset + bytes.len()) as u64 > t.bytes() {
+        if !matches!(t.dtype, DType::Q(_)) || !offset.is_multiple_of(4) || (offset + bytes.len()) as u64 > t.bytes() {
             return Err(Error::Shape(format!("{}: writing {} bytes at {offset} into {} {}", t.label, bytes.len(), t.dtype, dims(&t.shape))));
         }
         self.write_padded(&t.buffer, t.offset + offset as u64, bytes);

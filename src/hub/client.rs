@@ -93,9 +93,8 @@ impl Hub {
         let (commit, siblings) = match self.info(r) {
             Ok(info) => info,
             Err(Unreachable(e)) => {
-                return from_cache().map(|p| {
+                return from_cache().inspect(|_p| {
                     eprintln!("warning: {e}; using the cached {r}");
-                    p
                 }).map_err(|_| e)
             }
             Err(Refused(e)) => return Err(e),

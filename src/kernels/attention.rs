@@ -32,8 +32,8 @@ impl Attention {
     fn check(&self, op: &str) -> Result<()> {
         check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape: batch {}, {} queries, {} heads ({} kv)", self.b, self.t, self.nh, self.nkv))?;
         check(self.tk >= self.t, op, || format!("{} queries but only {} keys", self.t, self.tk))?;
-        check(self.nh % self.nkv == 0, op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
-        check(self.hs % 4 == 0 && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
+        check(self.nh.is_multiple_of(self.nkv), op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
+        check(self.hs.is_multiple_of(4) && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
     }
 
     pub fn q_len(&self) -> usize {
@@ -118,7 +118,7 @@ impl RopeOnLoad<'_> {
     /// Whether the adapter's kernels take RoPE on load for this shape: the tiled ones
     /// (`Variant::Tiled`), with a head size that is a multiple of 8, at most 128.
     pub fn offered(gpu: &Gpu, hs: usize) -> bool {
-        gpu.caps.variant == Variant::Tiled && hs % 8 == 0 && hs <= 128
+        gpu.caps.variant == Variant::Tiled && hs.is_multiple_of(8) && hs <= 128
     }
 
     /// The kernels' parameters and overrides for `at`, checking `seg` holds positions.

@@ -31,7 +31,7 @@ fn rotate(
     pos: &Tensor,
     inv_freq: &Tensor,
 ) -> Result<()> {
-    check(n > 0 && h > 0 && hk > 0 && hs > 0 && hs % 2 == 0, op, || format!("shapes [{n}, {h}, {hs}] and [{n}, {hk}, {hs}] need an even head size"))?;
+    check(n > 0 && h > 0 && hk > 0 && hs > 0 && hs.is_multiple_of(2), op, || format!("shapes [{n}, {h}, {hs}] and [{n}, {hk}, {hs}] need an even head size"))?;
     q.expect(op, "q", DType::F32, n * h * hs)?;
     k.expect(op, "k", DType::F32, n * hk * hs)?;
     pos.expect(op, "pos", DType::U32, n)?;

@@ -102,7 +102,7 @@ pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize
     if !may_lower(opts) {
         return None;
     }
-    let given = one_checkpointed(cfg, opts, base, longest, base.frozen.clone());
+    let given = one_checkpointed(cfg, opts, base, longest, base.frozen);
     if given <= bud {
         return None;
     }

@@ -473,7 +473,7 @@ impl Run {
         }
         let step = self.trainer.step + 1;
         self.reference(gpu).await?;
-        let timed = self.profile_every.is_some_and(|every| step == 3 || step % every == 0) && gpu.set_profiling(true);
+        let timed = self.profile_every.is_some_and(|every| step == 3 || step.is_multiple_of(every)) && gpu.set_profiling(true);
         // Out of memory: free the step's temporaries, halve the micro-batch (doubling
         // accumulation) and run the step again from its start; the optimizer has not
         // moved. Only at one sequence (pair) per micro-batch does the run stop.
@@ -524,7 +524,7 @@ impl Run {
         let done = self.done();
         let mut samples = Vec::new();
         if let (Some(every), Some(v)) = (self.opts.eval_every, &self.valid) {
-            if step % every == 0 || done {
+            if step.is_multiple_of(every) || done {
                 let tok = &self.source.tokenizer;
                 stats.valid_loss = Some(match (&self.trainer.dpo, &self.valid_reference) {
                     (Some(d), Some(r)) => evaluate_pairs(gpu, &self.model, v, r, d, self.micro, tok.pad_id).await?.0,
@@ -534,7 +534,7 @@ impl Run {
                 samples.extend(self.prompts.iter().zip(&replies).map(|(p, out)| Sample { prompt: tok.decode(p), reply: tok.decode(out) }));
             }
         }
-        let save = done || self.opts.save_every.is_some_and(|e| step % e == 0);
+        let save = done || self.opts.save_every.is_some_and(|e| step.is_multiple_of(e));
         Ok(Event { stats, total, samples, kernels, save, done, note })
     }
 }
