@@ -21,7 +21,9 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
 EOF
   apt=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State=$dir/apt"
-       -o "Dir::State::status=$dir/apt/status" -o "Dir::Cache=$dir/cache" -o APT::Sandbox::User=root -qq)
+       -o "Dir::State::status=$dir/apt/status" -o "Dir::Cache=$dir/cache" -qq)
+  # As root, apt would fetch as _apt, who cannot write here; as anyone else it fetches as them.
+  [ "$(id -u)" = 0 ] && apt+=(-o APT::Sandbox::User=root)
   apt-get "${apt[@]}" update
   # The newest Mesa trixie-backports has, and everything it needs, recursively.
   mesa=$(apt-cache "${apt[@]}" madison mesa-vulkan-drivers | awk '/trixie-backports/ {print $3; exit}')
