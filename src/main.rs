@@ -256,6 +256,11 @@ struct TrainCmd {
     /// with adapters that have none, like the browser's SwiftShader).
     #[arg(long)]
     f32_weights: bool,
+    /// The products over frozen weights on cooperative matrices (tensor cores: f16
+    /// operands, f32 sums): `on` or `off`; default: `on` with the GPU kernels where the
+    /// adapter offers them (native Vulkan and Metal). `--f32-weights` keeps them off.
+    #[arg(long, value_parser = parse_on_off)]
+    coop_matrix: Option<bool>,
     #[command(flatten)]
     run: RunOptions,
 }
@@ -415,7 +420,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
         }
         Command::Train(t) => {
             let args = cli::TrainArgs { model: t.model, data: t.data, out: t.out, valid: t.valid, resume: t.resume, init_adapter: t.init_adapter, run: t.run, quiet: false };
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: t.f32_weights, ..Default::default() }).await?;
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: t.f32_weights, coop_matrix: t.coop_matrix, ..Default::default() }).await?;
             cli::train(&gpu, &args).await?;
         }
         Command::ExportRun(t) => {
