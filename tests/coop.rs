@@ -63,9 +63,9 @@ fn plain_case(mm: &Matmul, seed: u64, mag_a: f32) {
                 let e_ref = (got[idx] as f64 - coop_ref[idx] as f64).abs();
                 let e_f32 = (got[idx] as f64 - f32_ref[idx] as f64).abs();
                 // Sums in f32 in another order: a few f32 roundings of the sum of magnitudes.
-                assert!(e_ref <= 1e-6 * s + 1e-30, "{mm:?}: C[{idx}] = {} against the coop reference's {} (|A|·|B| {s:e})", got[idx], coop_ref[idx]);
+                assert!(e_ref <= 1e-6 * s + 1e-30, "{mm}: C[{idx}] = {} against the coop reference's {} (|A|·|B| {s:e})", got[idx], coop_ref[idx]);
                 // A's rounding to f16 (half an ulp, 2^-11 of each term), and as much again.
-                assert!(e_f32 <= 2.0f64.powi(-11) * s * 1.01 + 2e-6 * s + 1e-30, "{mm:?}: C[{idx}] = {} against the f32 product's {}: beyond f16 rounding (|A|·|B| {s:e})", got[idx], f32_ref[idx]);
+                assert!(e_f32 <= 2.0f64.powi(-11) * s * 1.01 + 2e-6 * s + 1e-30, "{mm}: C[{idx}] = {} against the f32 product's {}: beyond f16 rounding (|A|·|B| {s:e})", got[idx], f32_ref[idx]);
                 if s > 0.0 {
                     worst_ref = worst_ref.max(e_ref / s);
                     worst_f32 = worst_f32.max(e_f32 / s);
@@ -73,7 +73,7 @@ fn plain_case(mm: &Matmul, seed: u64, mag_a: f32) {
             }
         }
     }
-    eprintln!("{mm:?} (|A| ≤ {mag_a:e}): error / (|A|·|B|) {worst_ref:.2e} against the coop reference, {worst_f32:.2e} against f32 (f16 rounding: {:.2e})", 2.0f64.powi(-11));
+    eprintln!("{mm} (|A| ≤ {mag_a:e}): error / (|A|·|B|) {worst_ref:.2e} against the coop reference, {worst_f32:.2e} against f32 (f16 rounding: {:.2e})", 2.0f64.powi(-11));
 }
 
 /// Every transpose at odd and tile-sized shapes, batches, offsets and row strides, and
@@ -127,7 +127,11 @@ fn coop_matmul_fusions_match_their_reference() {
             run(g, |rec| k::matmul_with(g, rec, &mm, &ta, &tb, &tc, mm.second.map(|_| (&ta2, &tb2))));
             let mut want = vec![0.0; ec];
             cpu::matmul_coop(&mm, &a, &b, &mut want, mm.second.map(|_| (a2.as_slice(), b2.as_slice())));
-            check(&format!("coop {mm:?}"), &read(g, &tc), &want, kk);
+            // SwiGLU made on the GPU may differ from the CPU's in its last f32 bit, which
+            // can round a term of A the other way in f16: 2^-11 of |silu(g)·u·w| ≤ 3.6e-4
+            // each. A few such terms are allowed there.
+            let flips = if mm.glu.is_some() { 1e-3 } else { 0.0 };
+            close(&format!("coop {mm}"), &read(g, &tc), &want, 2e-6 * 3.0 * (kk as f32).sqrt() * 4.0 + flips, 1e-5);
         }
         // dx = dy·W with LoRA's dx inside, SwiGLU's backward into dgate and dup.
         let mm = Matmul { swiglu_back: Some(SwigluBack { g: 3, up: m * n + 5, du: m * n + 2 }), ..Matmul::new(m, n, kk) }.plus(Second::new(r, 1.0));
@@ -139,7 +143,7 @@ fn coop_matmul_fusions_match_their_reference() {
         run(g, |rec| k::matmul_swiglu_back(g, rec, &mm, &ta, &tb, &tc, Some((&ta2, &tb2)), &taux));
         let mut want = c0.clone();
         cpu::matmul_swiglu_back_coop(&mm, &a, &b, &mut want, Some((a2.as_slice(), b2.as_slice())), &aux);
-        check(&format!("coop {mm:?}"), &read(g, &tc), &want, kk);
+        check(&format!("coop {mm}"), &read(g, &tc), &want, kk);
     }
     // q/k/v's base products as one group over a colocated weight, each with its up product.
     let (rows, din, r) = (75, 64, 8);
@@ -171,6 +175,6 @@ fn coop_matmul_fusions_match_their_reference() {
         run(g, |rec| k::matmul(g, rec, &mm, &ta, &tb, &tc));
         let mut want = vec![0.0; ec];
         cpu::matmul_coop(&mm, &a, &w, &mut want, None);
-        check(&format!("coop {mm:?} over {q:?} blocks"), &read(g, &tc), &want, 64);
+        check(&format!("coop {mm} over {} blocks", q.name()), &read(g, &tc), &want, 64);
     }
 }
