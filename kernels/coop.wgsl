@@ -34,28 +34,12 @@ fn row_scale(big: f32) -> f32 {
     return select(1.0, exp2(13.0 - floor(log2(big))), big > 0.0 && big <= 3.0e38);
 }
 
-// `product_tile` without returns (which would leave the control flow non-uniform).
-fn coop_tile(wid: vec3<u32>) -> vec3<u32> {
-    var r = vec3<u32>(0u, wid.x, wid.y);
-    if (GROUPED) {
-        r = vec3<u32>(GROUP_MAX, 0u, 0u);
-        let t = wid.y * 65535u + wid.x;
-        for (var i = 0u; i < GROUP_MAX; i++) {
-            if (r.x == GROUP_MAX && t >= ps[i].tile0 && t < ps[i].tile0 + ps[i].tiles) {
-                let lt = t - ps[i].tile0;
-                r = vec3<u32>(i, lt % ps[i].tiles_n, lt / ps[i].tiles_n);
-            }
-        }
-    }
-    return r;
-}
-
 // One-dimensional (naga takes `subgroup_id` only so), lid as tiled's 16×16.
 @compute @workgroup_size(256, 1, 1)
 fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32,
                @builtin(subgroup_id) sg: u32) {
     let lid = vec2<u32>(tid % 16u, tid / 16u);
-    let pt = coop_tile(wid);
+    let pt = product_tile(wid);
     var q = ps[min(pt.x, GROUP_MAX - 1u)];
     let tm = pt.z * TS;
     let tn = pt.y * TS;
@@ -121,14 +105,9 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         let o = (lid.y * 4u + i) * TS + lid.x * 4u;
         acc1[i] = vec4<f32>(coop_c[o], coop_c[o + 1u], coop_c[o + 2u], coop_c[o + 3u]) / coop_scale[lid.y * 4u + i];
     }
-    var acc2: array<vec4<f32>, 4>;
     let ms = vec4<u32>(min(m0, p.m - 1u), min(m0 + 1u, p.m - 1u), min(m0 + 2u, p.m - 1u), min(m0 + 3u, p.m - 1u));
     let ns = vec4<u32>(min(n0, p.n - 1u), min(n0 + 1u, p.n - 1u), min(n0 + 2u, p.n - 1u), min(n0 + 3u, p.n - 1u));
-    for (var k2 = 0u; k2 < p.k2; k2++) {
-        let av = vec4<f32>(a2_at(ms.x, k2), a2_at(ms.y, k2), a2_at(ms.z, k2), a2_at(ms.w, k2));
-        let bv = vec4<f32>(b2_at(k2, ns.x), b2_at(k2, ns.y), b2_at(k2, ns.z), b2_at(k2, ns.w));
-        outer4(&acc2, av, bv);
-    }
+    let acc2 = second_block(ms, ns);
     if (live) {
         store_block(p.c_off + bi * p.c_stride, m0, n0, acc1, acc2);
     }

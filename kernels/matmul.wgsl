@@ -72,16 +72,21 @@ const GROUP_MAX: u32 = 8u;
 // The product workgroup `wid` computes (x; GROUP_MAX for a group's spare workgroup)
 // and its tile's column and row of tiles (y, z): in a group, flat tile
 // wid.y·65535 + wid.x of the products' tiles in turn; else (0, wid.x, wid.y).
+// No early returns: kernels/coop.wgsl calls it before cooperative operations, which
+// naga allows only in uniform control flow.
 fn product_tile(wid: vec3<u32>) -> vec3<u32> {
-    if (!GROUPED) { return vec3<u32>(0u, wid.x, wid.y); }
-    let t = wid.y * 65535u + wid.x;
-    for (var i = 0u; i < GROUP_MAX; i++) {
-        if (t >= ps[i].tile0 && t < ps[i].tile0 + ps[i].tiles) {
-            let lt = t - ps[i].tile0;
-            return vec3<u32>(i, lt % ps[i].tiles_n, lt / ps[i].tiles_n);
+    var r = vec3<u32>(0u, wid.x, wid.y);
+    if (GROUPED) {
+        r = vec3<u32>(GROUP_MAX, 0u, 0u);
+        let t = wid.y * 65535u + wid.x;
+        for (var i = 0u; i < GROUP_MAX; i++) {
+            if (r.x == GROUP_MAX && t >= ps[i].tile0 && t < ps[i].tile0 + ps[i].tiles) {
+                let lt = t - ps[i].tile0;
+                r = vec3<u32>(i, lt % ps[i].tiles_n, lt / ps[i].tiles_n);
+            }
         }
     }
-    return vec3<u32>(GROUP_MAX, 0u, 0u);
+    return r;
 }
 // The product this invocation computes (ps[0], or ps[z] in a group), for the loads'
 // and stores' indexing; loop bounds read the uniform copy, so barriers stay uniform.
@@ -212,6 +217,21 @@ fn store_block(base: u32, m0: u32, n0: u32, acc: array<vec4<f32>, 4>, acc2: arra
     }
 }
 
+// The second product op(A2)·op(B2) of a 4×4 block at rows `ms`, columns `ns` (clamped
+// in bounds), summed in registers over K2 (none where K2 is 0).
+fn second_block(ms: vec4<u32>, ns: vec4<u32>) -> array<vec4<f32>, 4> {
+    var acc2: array<vec4<f32>, 4>;
+    for (var k2 = 0u; k2 < p.k2; k2++) {
+        let av = vec4<f32>(a2_at(ms.x, k2), a2_at(ms.y, k2), a2_at(ms.z, k2), a2_at(ms.w, k2));
+        let bv = vec4<f32>(b2_at(k2, ns.x), b2_at(k2, ns.y), b2_at(k2, ns.z), b2_at(k2, ns.w));
+        acc2[0] += av.x * bv;
+        acc2[1] += av.y * bv;
+        acc2[2] += av.z * bv;
+        acc2[3] += av.w * bv;
+    }
+    return acc2;
+}
+
 // Register-blocked variant for CPU drivers: each invocation owns a 4×4 block of C and
 // reads A and B straight from memory; no workgroup memory, no barriers.
 // Grid: (ceil(N/32), ceil(M/32), batch), or a group's tiles (`product_tile`); a
@@ -275,16 +295,7 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         acc[2] += av.z * bv;
         acc[3] += av.w * bv;
     }
-    var acc2: array<vec4<f32>, 4>;
-    for (var k2 = 0u; k2 < p.k2; k2++) {
-        let av = vec4<f32>(a2_at(ms.x, k2), a2_at(ms.y, k2), a2_at(ms.z, k2), a2_at(ms.w, k2));
-        let bv = vec4<f32>(b2_at(k2, ns.x), b2_at(k2, ns.y), b2_at(k2, ns.z), b2_at(k2, ns.w));
-        acc2[0] += av.x * bv;
-        acc2[1] += av.y * bv;
-        acc2[2] += av.z * bv;
-        acc2[3] += av.w * bv;
-    }
-    store_block(p.c_off + bi * p.c_stride, m0, n0, acc, acc2);
+    store_block(p.c_off + bi * p.c_stride, m0, n0, acc, second_block(ms, ns));
 }
 
 // Tiled variant for GPUs: a 16×16 workgroup computes a 64×64 tile of C, staging

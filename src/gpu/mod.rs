@@ -376,6 +376,8 @@ impl Gpu {
         if !opts.no_f16 {
             wanted |= wgpu::Features::SHADER_F16;
         }
+        // The adapter's own maxima (buffer and binding sizes above all), not the defaults.
+        let limits = adapter.limits();
         let coop_shapes = adapter.cooperative_matrix_properties();
         let variant = opts.variant.unwrap_or(match info.device_type {
             wgpu::DeviceType::Cpu => Variant::Register,
@@ -384,7 +386,7 @@ impl Gpu {
         let coop_matrix = match opts.coop_matrix.unwrap_or(variant == Variant::Tiled) {
             true if !opts.no_f16
                 && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
-                && adapter.limits().max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES =>
+                && limits.max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES =>
             {
                 coop_choice(&coop_shapes, info.subgroup_min_size, info.subgroup_max_size)
             }
@@ -394,8 +396,6 @@ impl Gpu {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
         let features = offered & wanted;
-        // The adapter's own maxima (buffer and binding sizes above all), not the defaults.
-        let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("webtune device"),
