@@ -716,8 +716,20 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Optio
         let mark = if after.answers[i].trim() == a { "✓" } else { "✗" };
         say(format!("  {mark} {q:<60} → {:?}", after.answers[i]));
     }
-    for (r, a) in crate::demo::held_out_requests(crate::demo::TEST_SEED, n, false).iter().zip(&after.plain_answers).take(2) {
+    let plain = crate::demo::held_out_requests(crate::demo::TEST_SEED, n, false);
+    for (r, a) in plain.iter().zip(&after.plain_answers).take(2) {
         say(format!("    {:<60} → {a:?}", r.question));
+    }
+    let asked = crate::demo::held_out_requests(crate::demo::TEST_SEED, n, true);
+    let garbled: Vec<_> = (asked.iter().zip(&after.answers))
+        .chain(plain.iter().zip(&after.plain_answers))
+        .filter(|(r, a)| crate::demo::form(r.op, &r.word, a) == crate::demo::Form::Other)
+        .collect();
+    if !garbled.is_empty() {
+        say(format!("the {} garbled answers after DPO (neither form):", garbled.len()));
+        for (r, a) in garbled {
+            say(format!("    {:<60} → {a:?}", r.question));
+        }
     }
     export::write_files(out, &run.files(gpu, Export::Output).await?)?;
     say(format!("DPO adapter written to {}", out.display()));

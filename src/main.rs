@@ -361,7 +361,7 @@ enum BenchWhat {
         #[arg(long, value_parser = parse_on_off)]
         coop_matrix: Option<bool>,
         #[command(flatten)]
-        run: RunOptions,
+        run: Box<RunOptions>,
     },
 }
 
@@ -598,7 +598,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let (source, ds) = (std::rc::Rc::new(md.source), std::rc::Rc::new(ds));
             let mut summary = Vec::new();
             for quantize in choices {
-                let run = RunOptions { quantize: quantize.clone(), ..run.clone() };
+                let run = RunOptions { quantize: quantize.clone(), ..(*run).clone() };
                 let mut r = webtune::train::Run::new(&gpu, source.clone(), ds.clone(), None, run)?;
                 println!("frozen weights: {} ({:.1} MiB on the GPU)", quantize.as_deref().unwrap_or("as loaded"), r.model.resident_bytes() as f64 / (1u64 << 20) as f64);
                 println!("{:>5} {:>7} {:>9} {:>9} {:>10} {:>7} {:>8} {:>8} {:>10} {:>10} {:>12}", "step", "tokens", "ms", "tok/s", "dispatches", "passes", "buffers", "binds", "record ms", "submit ms", "µs/dispatch");

@@ -317,12 +317,12 @@ pub fn rmsnorm_backward_dh(
 
 fn rotate(n: usize, h: usize, hs: usize, x: &mut [f32], pos: &[u32], inv_freq: &[f32], sign: f64) {
     let half = hs / 2;
-    for t in 0..n {
+    for (t, &p) in pos.iter().enumerate().take(n) {
         for hd in 0..h {
             let base = (t * h + hd) * hs;
             for i in 0..half {
                 // The angle is formed in f32, as HF does (inv_freq · position in float32).
-                let angle = (pos[t] as f32 * inv_freq[i]) as f64;
+                let angle = (p as f32 * inv_freq[i]) as f64;
                 let (s, c) = (angle.sin() * sign, angle.cos());
                 let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
                 x[base + i] = (x1 * c - x2 * s) as f32;

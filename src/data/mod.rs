@@ -55,6 +55,9 @@ pub fn load_path(tok: &Tokenizer, path: &std::path::Path, max_seq_len: usize, pa
 /// last one it contains (its trailing newline is left untrained).
 const END_MARKERS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|end|>"];
 
+/// A token's byte range in its text: (start, end).
+pub type Span = (usize, usize);
+
 /// A tokenizer (`tokenizer.json`) with the model's chat template and special tokens.
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
@@ -135,8 +138,8 @@ impl Tokenizer {
         Self::from_files(|name| std::fs::read(dir.join(name)).ok(), &dir.display().to_string())
     }
 
-    /// Token ids and byte offsets of `text`.
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    /// Token ids and byte offsets (`Span`s) of `text`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<Span>)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -75,7 +75,7 @@ enum Keep {
 
 /// What the trunk kept of one layer.
 enum Saved {
-    Acts(Acts),
+    Acts(Box<Acts>),
     /// Checkpointing: the layer's input, and its LoRA h's (`layer::Pass::Recompute`).
     Input(Tensor, Vec<Option<linear::LoraSaved>>),
 }
@@ -376,7 +376,7 @@ impl Model {
                     gpu.flush(rec, "forward");
                 }
                 Keep::Nothing => {}
-                Keep::Activations => saved.push(Saved::Acts(acts)),
+                Keep::Activations => saved.push(Saved::Acts(Box::new(acts))),
                 Keep::Inputs => {
                     saved.push(Saved::Input(acts.x.clone(), std::mem::take(&mut acts.lora)));
                     // Freed before the flush, the layer's temporaries serve the next layer.

@@ -61,6 +61,9 @@ pub fn to_map(w: &dyn Tensors) -> Result<TensorMap> {
 /// Where a checkpoint's bytes are read from: a file, a browser's array, memory.
 pub trait Bytes {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// `len` bytes from `offset`.
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
 }
