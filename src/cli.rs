@@ -175,10 +175,23 @@ struct Prepared {
 }
 
 fn prepare(a: &TrainArgs) -> Result<Prepared> {
+    a.run.train.check()?;
     let md = ModelDir::open(&a.model)?;
     let (tok, o) = (&md.tokenizer, &a.run);
-    let train_data = crate::data::load_path(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?;
-    let valid_data = a.valid.as_ref().map(|v| crate::data::load_path(tok, v, o.max_seq_len, false, o.train_on_prompt)).transpose()?;
+    // Data of which every record was skipped: say why, naming the file.
+    let none_left = |path: &Path, d: crate::data::batch::Dataset| {
+        if d.items() > 0 {
+            return Ok(d);
+        }
+        Err(Error::Data(format!(
+            "{}: every one of its {} records was skipped: none has a token to train within --max-seq-len {} (the prompt alone fills it, or the record trains nothing)",
+            path.display(),
+            d.skipped.no_trained_tokens,
+            o.max_seq_len
+        )))
+    };
+    let train_data = none_left(&a.data, crate::data::load_path(tok, &a.data, o.max_seq_len, o.pack, o.train_on_prompt)?)?;
+    let valid_data = a.valid.as_ref().map(|v| none_left(v, crate::data::load_path(tok, v, o.max_seq_len, false, o.train_on_prompt)?)).transpose()?;
     let init = a.init_adapter.as_deref().map(read_adapter).transpose()?;
     let mut opts = a.run.clone();
     if let (Some((lora, _)), false) = (&init, opts.full) {
@@ -233,10 +246,13 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         report_template(tok);
         let kept = if data.pairs { format!("{} preference pairs", data.items()) } else { format!("{} sequences", data.sequences.len()) };
         println!(
-            "{} records → {kept} ({} skipped: nothing left to train); {} steps; {}",
+            "{} records → {kept} ({}); {total} step{}; {}",
             data.examples.len() / if data.pairs { 2 } else { 1 } + sk.no_trained_tokens,
-            sk.no_trained_tokens,
-            total,
+            match sk.no_trained_tokens {
+                0 => "none skipped".to_string(),
+                n => format!("{n} skipped: nothing left to train within --max-seq-len {}", run.opts.max_seq_len),
+            },
+            if total == 1 { "" } else { "s" },
             gpu.describe()
         );
     }

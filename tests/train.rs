@@ -308,6 +308,30 @@ fn bad_data_is_reported_and_nothing_is_written() {
     let err = block(cli::train(g, &args(&model, &data, &out, 2))).unwrap_err().to_string();
     assert!(err.contains("bad.jsonl:2") && err.contains("messages[0].content"), "{err}");
     assert!(!out.exists(), "the output directory was created");
+    // Options no run can use are refused by name before anything is read (a run of
+    // `--steps 0` took one step), and so is data whose every record is skipped.
+    let good = data_file(&root);
+    type Change = fn(&mut TrainArgs);
+    let refused: [(Change, &str); 7] = [
+        (|a| a.run.train.steps = Some(0), "--steps 0: expected at least 1"),
+        (|a| (a.run.train.steps, a.run.train.epochs) = (None, 0), "--epochs 0"),
+        (|a| a.run.train.lr = -1e-3, "--lr -0.001: expected a number of at least 0"),
+        (|a| a.run.train.lr = f64::NAN, "--lr NaN"),
+        (|a| a.run.train.grad_accum = 0, "--grad-accum 0"),
+        (|a| a.run.train.max_grad_norm = f64::INFINITY, "--max-grad-norm inf"),
+        (|a| a.run.max_seq_len = 3, "every one of its 16 records was skipped: none has a token to train within --max-seq-len 3"),
+    ];
+    for (change, want) in refused {
+        let mut a = args(&model, &good, &out, 2);
+        change(&mut a);
+        let err = block(cli::train(g, &a)).unwrap_err().to_string();
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(!out.exists(), "{want}: the output directory was created");
+    }
+    let mut a = args(&model, &good, &out, 2);
+    a.run.lora_alpha = f32::NAN;
+    let err = block(cli::train(g, &a)).unwrap_err().to_string();
+    assert!(err.contains("LoRA alpha NaN must be a finite number"), "{err}");
     cleanup(&[&model, &root]);
 }
 

@@ -149,6 +149,9 @@ impl Model {
             if !(0.0..1.0).contains(&l.dropout) {
                 return Err(Error::Config(format!("LoRA dropout {} must be in [0, 1)", l.dropout)));
             }
+            if !l.alpha.is_finite() {
+                return Err(Error::Config(format!("LoRA alpha {} must be a finite number", l.alpha)));
+            }
             if let Some(t) = l.targets.iter().find(|t| !LoraConfig::ALL_TARGETS.contains(&t.as_str())) {
                 return Err(Error::Config(format!(
                     "LoRA target `{t}` is not a projection of this model ({})",

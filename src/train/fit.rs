@@ -25,7 +25,11 @@ pub struct Fit {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    match b {
+        0..1024 => format!("{b} bytes"),
+        1024..1048576 => format!("{:.0} KiB", b as f64 / 1024.0),
+        _ => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
+    }
 }
 
 /// `2GiB`, `512MiB`, `1.5G`, `800M` or a count of bytes.

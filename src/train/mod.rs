@@ -136,9 +136,7 @@ pub fn plan(n: usize, o: &Options) -> Result<Plan> {
     if n == 0 {
         return Err(Error::Data("no training sequences left (every record was skipped)".into()));
     }
-    if o.batch_size == 0 || o.grad_accum == 0 {
-        return Err(Error::Data("batch size and gradient accumulation must be at least 1".into()));
-    }
+    o.check()?;
     let mut steps: Plan = Vec::new();
     let mut epoch = 0u64;
     loop {
@@ -286,6 +284,24 @@ pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: us
 /// The DPO loss of `opts`, checked.
 pub fn dpo_of(opts: &Options) -> Result<Dpo> {
     Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Config)?, opts.beta as f32, opts.label_smoothing as f32)?.with_rpo(opts.rpo_alpha as f32)
+}
+
+impl Options {
+    /// Refuses values no run can use, naming the option: a learning rate, weight decay
+    /// or clipping norm that is negative or not a number, a batch, accumulation, epoch
+    /// or step count of 0 (a run of `--steps 0` would still take a step).
+    pub fn check(&self) -> Result<()> {
+        for (name, v) in [("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Options(format!("{name} {v}: expected a number of at least 0")));
+            }
+        }
+        let counts = [("--batch-size", Some(self.batch_size as u64)), ("--grad-accum", Some(self.grad_accum as u64)), ("--epochs", Some(self.epochs as u64)), ("--steps", self.steps)];
+        match counts.iter().find(|(_, v)| *v == Some(0)) {
+            Some((name, _)) => Err(Error::Options(format!("{name} 0: expected at least 1"))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Trainer {
