@@ -176,6 +176,9 @@ struct Prepared {
 
 fn prepare(a: &TrainArgs) -> Result<Prepared> {
     a.run.train.check()?;
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(Error::Options(format!("--out {}: a file is there; --out names a directory (made if missing)", a.out.display())));
+    }
     let md = ModelDir::open(&a.model)?;
     let (tok, o) = (&md.tokenizer, &a.run);
     // Data of which every record was skipped: say why, naming the file.
@@ -758,6 +761,9 @@ async fn demo_dpo(gpu: &Gpu, sft: &Run, out: &Path, steps: u64, rpo_alpha: Optio
 /// the tuned model's top `top` next tokens at each answer token. `json`: one object
 /// `{changes, positions}` instead.
 pub async fn lora_change(gpu: &Gpu, md: &ModelDir, adapter: &Path, prompt: &str, answer: Option<&str>, top: usize, json: bool) -> Result<()> {
+    if top == 0 {
+        return Err(Error::Options("--top 0: expected at least 1 (next tokens to show at each position)".into()));
+    }
     use crate::model::change::{lora_change, next_token_top, prompt_and_answer};
     let tok = &md.tokenizer;
     let mut model = load_for_inference(gpu, md, Some(adapter))?;

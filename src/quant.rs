@@ -98,7 +98,7 @@ impl QType {
             "q8" | "q8_0" => Ok(QType::Q8_0),
             "q4" | "q4_0" => Ok(QType::Q4_0),
             "nf4" => Ok(QType::Nf4),
-            other => Err(Error::Config(format!("--quantize `{other}` is not one webtune makes (q8, q4, nf4; or f16, f32 to dequantize)"))),
+            other => Err(Error::Options(format!("--quantize `{other}` is not one webtune makes (q8, q4, nf4; or f16, f32 to dequantize)"))),
         }
     }
 

@@ -105,6 +105,17 @@ fn sampling_follows_temperature_top_k_and_top_p() {
         (0..50).map(|_| sample(&logits, &s, &mut r)).collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
+    // Settings no sampler can use are refused by name.
+    assert!(s.check().is_ok() && Sampling::default().check().is_ok());
+    for (bad, want) in [
+        (Sampling { temperature: -1.0, ..Sampling::default() }, "--temperature -1"),
+        (Sampling { temperature: f32::NAN, ..Sampling::default() }, "--temperature NaN"),
+        (Sampling { top_p: 0.0, ..Sampling::default() }, "--top-p 0"),
+        (Sampling { top_p: 1.5, ..Sampling::default() }, "--top-p 1.5"),
+    ] {
+        let err = bad.check().unwrap_err().to_string();
+        assert!(err.starts_with(want), "{want}: {err}");
+    }
 }
 
 /// One loader for every source: the command line's directory and the page's files go

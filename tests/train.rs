@@ -312,13 +312,16 @@ fn bad_data_is_reported_and_nothing_is_written() {
     // `--steps 0` took one step), and so is data whose every record is skipped.
     let good = data_file(&root);
     type Change = fn(&mut TrainArgs);
-    let refused: [(Change, &str); 7] = [
+    let refused: [(Change, &str); 10] = [
         (|a| a.run.train.steps = Some(0), "--steps 0: expected at least 1"),
         (|a| (a.run.train.steps, a.run.train.epochs) = (None, 0), "--epochs 0"),
         (|a| a.run.train.lr = -1e-3, "--lr -0.001: expected a number of at least 0"),
         (|a| a.run.train.lr = f64::NAN, "--lr NaN"),
         (|a| a.run.train.grad_accum = 0, "--grad-accum 0"),
         (|a| a.run.train.max_grad_norm = f64::INFINITY, "--max-grad-norm inf"),
+        (|a| a.run.train.schedule = "wobbly".into(), "unknown schedule `wobbly`"),
+        (|a| a.run.train.method = "ppo".into(), "unknown --method `ppo`"),
+        (|a| (a.run.train.method, a.run.train.beta) = ("dpo".into(), 0.0), "--beta must be positive, got 0"),
         (|a| a.run.max_seq_len = 3, "every one of its 16 records was skipped: none has a token to train within --max-seq-len 3"),
     ];
     for (change, want) in refused {
@@ -331,7 +334,7 @@ fn bad_data_is_reported_and_nothing_is_written() {
     let mut a = args(&model, &good, &out, 2);
     a.run.lora_alpha = f32::NAN;
     let err = block(cli::train(g, &a)).unwrap_err().to_string();
-    assert!(err.contains("LoRA alpha NaN must be a finite number"), "{err}");
+    assert!(err.contains("LoRA alpha (--lora-alpha) NaN must be a finite number"), "{err}");
     cleanup(&[&model, &root]);
 }
 
@@ -403,6 +406,13 @@ fn the_cli_trains_evaluates_and_generates() {
     assert!(v["tokens"].as_u64().unwrap() > 16);
     let (ok, _, stderr) = run(&["generate", "--model", m, "--adapter", o, "--prompt", "Say apple twice.", "--chat", "--max-new-tokens", "4"]);
     assert!(ok, "{stderr}");
+    // An empty prompt without the chat template, to a tokenizer that adds no BOS (the
+    // demo's), has no token to continue (it reached a KV cache's shape check); --top 0
+    // shows nothing.
+    let (ok, _, stderr) = run(&["generate", "--model", "demo", "--prompt", "", "--max-new-tokens", "4"]);
+    assert!(!ok && stderr.contains("the prompt is empty"), "{stderr}");
+    let (ok, _, stderr) = run(&["lora-change", "--model", m, "--adapter", o, "--top", "0"]);
+    assert!(!ok && stderr.contains("--top 0: expected at least 1"), "{stderr}");
     let (ok, _, stderr) = run(&["train", "--model", m, "--data", "/nonexistent.jsonl", "--out", o]);
     assert!(!ok && stderr.contains("/nonexistent.jsonl"), "{stderr}");
     let (ok, _, stderr) = run(&["train", "--model", m, "--data", d, "--out", o, "--schedule", "exponential"]);

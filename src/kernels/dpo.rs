@@ -54,7 +54,7 @@ pub struct Dpo {
 impl Dpo {
     pub fn new(loss: DpoLoss, beta: f32, eps: f32) -> Result<Dpo> {
         if !(beta > 0.0 && beta.is_finite()) {
-            return Err(Error::Config(format!("--beta must be positive, got {beta}")));
+            return Err(Error::Options(format!("--beta must be positive, got {beta}")));
         }
         let ok = match loss {
             DpoLoss::Sigmoid => (0.0..=0.5).contains(&eps),
@@ -62,7 +62,7 @@ impl Dpo {
             DpoLoss::Ipo => eps == 0.0,
         };
         if !ok {
-            return Err(Error::Config(format!(
+            return Err(Error::Options(format!(
                 "--label-smoothing {eps} does not fit --loss {loss}: sigmoid takes [0, 0.5], robust [0, 0.5), ipo none"
             )));
         }
@@ -72,7 +72,7 @@ impl Dpo {
     /// With RPO's NLL term on the chosen completions, weighted `alpha` (≥ 0).
     pub fn with_rpo(self, alpha: f32) -> Result<Dpo> {
         if !(alpha >= 0.0 && alpha.is_finite()) {
-            return Err(Error::Config(format!("--rpo-alpha must be 0 or more, got {alpha}")));
+            return Err(Error::Options(format!("--rpo-alpha must be 0 or more, got {alpha}")));
         }
         Ok(Dpo { rpo_alpha: alpha, ..self })
     }

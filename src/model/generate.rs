@@ -2,7 +2,7 @@
 
 use super::Model;
 use crate::rng::Rng;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +19,27 @@ pub struct Sampling {
 impl Default for Sampling {
     fn default() -> Self {
         Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 42 }
+    }
+}
+
+impl Sampling {
+    /// Refuses settings no sampler can use, naming them as the command line does.
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Options(format!("--temperature {}: expected a number of at least 0 (0 is greedy)", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Options(format!("--top-p {}: expected a number in (0, 1] (1 keeps every token)", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+/// The prompts a model can continue: each of at least one token.
+fn check_prompts<'a>(mut prompts: impl Iterator<Item = &'a [u32]>) -> Result<()> {
+    match prompts.any(|p| p.is_empty()) {
+        true => Err(Error::Options("the prompt is empty (no tokens to continue): give it some text".into())),
+        false => Ok(()),
     }
 }
 
@@ -71,6 +92,8 @@ impl Model {
         sampling: &Sampling,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
+        sampling.check()?;
+        check_prompts(std::iter::once(prompt))?;
         let mut cache = self.kv_cache(gpu, prompt.len() + max_new)?;
         let mut rng = Rng::new(sampling.seed);
         let mut out = Vec::new();
@@ -93,6 +116,8 @@ impl Model {
     /// many passes as the longest of them, not their sum. Each row attends to its own
     /// sequence's keys in the order `generate` would, so the tokens are the same.
     pub async fn generate_batch(&self, gpu: &Gpu, prompts: &[Vec<u32>], max_new: usize, sampling: &Sampling) -> Result<Vec<Vec<u32>>> {
+        sampling.check()?;
+        check_prompts(prompts.iter().map(Vec::as_slice))?;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         if prompts.is_empty() || max_new == 0 {
             return Ok(out);

@@ -283,13 +283,14 @@ pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: us
 
 /// The DPO loss of `opts`, checked.
 pub fn dpo_of(opts: &Options) -> Result<Dpo> {
-    Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Config)?, opts.beta as f32, opts.label_smoothing as f32)?.with_rpo(opts.rpo_alpha as f32)
+    Dpo::new(opts.dpo_loss.parse::<DpoLoss>().map_err(Error::Options)?, opts.beta as f32, opts.label_smoothing as f32)?.with_rpo(opts.rpo_alpha as f32)
 }
 
 impl Options {
     /// Refuses values no run can use, naming the option: a learning rate, weight decay
     /// or clipping norm that is negative or not a number, a batch, accumulation, epoch
-    /// or step count of 0 (a run of `--steps 0` would still take a step).
+    /// or step count of 0 (a run of `--steps 0` would still take a step), an unknown
+    /// schedule or method, DPO's loss settings (`dpo_of`).
     pub fn check(&self) -> Result<()> {
         for (name, v) in [("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm)] {
             if !(v.is_finite() && v >= 0.0) {
@@ -297,16 +298,21 @@ impl Options {
             }
         }
         let counts = [("--batch-size", Some(self.batch_size as u64)), ("--grad-accum", Some(self.grad_accum as u64)), ("--epochs", Some(self.epochs as u64)), ("--steps", self.steps)];
-        match counts.iter().find(|(_, v)| *v == Some(0)) {
-            Some((name, _)) => Err(Error::Options(format!("{name} 0: expected at least 1"))),
-            None => Ok(()),
+        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == Some(0)) {
+            return Err(Error::Options(format!("{name} 0: expected at least 1")));
+        }
+        self.schedule.parse::<Schedule>().map_err(Error::Options)?;
+        match self.method.as_str() {
+            "sft" => Ok(()),
+            "dpo" => dpo_of(self).map(|_| ()),
+            m => Err(Error::Options(format!("unknown --method `{m}`: expected sft or dpo"))),
         }
     }
 }
 
 impl Trainer {
     pub fn new(opts: Options, train: &Dataset, pad_id: u32) -> Result<Trainer> {
-        opts.schedule.parse::<Schedule>().map_err(Error::Config)?;
+        opts.schedule.parse::<Schedule>().map_err(Error::Options)?;
         let dpo = match (opts.method.as_str(), train.pairs) {
             ("sft", false) => None,
             ("dpo", true) => Some(dpo_of(&opts)?),
@@ -317,7 +323,7 @@ impl Trainer {
                     "--method dpo needs preference pairs (`chosen` + `rejected`, with an optional `prompt`); the data holds {format} records"
                 )));
             }
-            (m, _) => return Err(Error::Config(format!("unknown --method `{m}`: expected sft or dpo"))),
+            (m, _) => return Err(Error::Options(format!("unknown --method `{m}`: expected sft or dpo"))),
         };
         let plan = plan(train.items(), &opts)?;
         Ok(Trainer { opts, pad_id, plan, step: 0, dpo, reference: Vec::new() })
