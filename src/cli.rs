@@ -174,11 +174,19 @@ struct Prepared {
     opts: RunOptions,
 }
 
-fn prepare(a: &TrainArgs) -> Result<Prepared> {
-    a.run.train.check()?;
-    if a.out.exists() && !a.out.is_dir() {
-        return Err(Error::Options(format!("--out {}: a file is there; --out names a directory (made if missing)", a.out.display())));
+/// Refuses an --out that names a file where a directory is written (`dir`), or a
+/// directory where one file is, before any work.
+pub fn check_out(out: &Path, dir: bool) -> Result<()> {
+    match (dir, out.is_dir()) {
+        (true, false) if out.exists() => Err(Error::Options(format!("--out {}: a file is there; --out names a directory here (made if missing)", out.display()))),
+        (false, true) => Err(Error::Options(format!("--out {}: a directory is there; --out names the one file written here", out.display()))),
+        _ => Ok(()),
     }
+}
+
+fn prepare(a: &TrainArgs) -> Result<Prepared> {
+    a.run.check()?;
+    check_out(&a.out, true)?;
     let md = ModelDir::open(&a.model)?;
     let (tok, o) = (&md.tokenizer, &a.run);
     // Data of which every record was skipped: say why, naming the file.
@@ -388,6 +396,7 @@ pub async fn chat(gpu: &Gpu, model: &Model, tok: &Tokenizer, max_new: usize, s: 
 /// base's dtype, tokenizer files), or with `out` ending in `.gguf` one GGUF file of
 /// `gguf_type` (f16, q8_0, q4_0, q4_1 or f32) that llama.cpp reads.
 pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str, frozen: crate::model::Frozen) -> Result<()> {
+    check_out(out, !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))?;
     let md = ModelDir::open(model_dir)?;
     let (lora, tensors) = read_adapter(adapter)?;
     let mut w = weights::to_map(&md.weights)?;
@@ -405,6 +414,7 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, gguf_type: &str, froz
 /// (for its architecture and head counts) is `model`, else the adapter's
 /// `base_model_name_or_path`.
 pub fn export_lora(adapter: &Path, model: Option<&Path>, out: &Path) -> Result<()> {
+    check_out(out, false)?;
     let (lora, tensors) = read_adapter(adapter)?;
     let base = match model {
         Some(m) => m.to_path_buf(),

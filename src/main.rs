@@ -520,6 +520,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             }
         }
         Command::RandomModel { config, out, scale, seed } => {
+            cli::check_out(&out, true)?;
             cli::random_model(&config, &out, scale, seed)?;
             println!("wrote {}", out.display());
         }
@@ -549,6 +550,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 memory_budget,
                 ..Default::default()
             };
+            run.check()?;
             let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
             let budget = webtune::train::fit::budget(&run, None)?;
             let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);

@@ -413,6 +413,15 @@ fn the_cli_trains_evaluates_and_generates() {
     assert!(!ok && stderr.contains("the prompt is empty"), "{stderr}");
     let (ok, _, stderr) = run(&["lora-change", "--model", m, "--adapter", o, "--top", "0"]);
     assert!(!ok && stderr.contains("--top 0: expected at least 1"), "{stderr}");
+    // An --out of the wrong kind is refused before any work; `memory --batch-size 0`
+    // panicked (a clamp of 1 to 0).
+    let file = d;
+    let (ok, _, stderr) = run(&["export-lora", "--model", m, "--adapter", o, "--out", o]);
+    assert!(!ok && stderr.contains("a directory is there; --out names the one file written here"), "{stderr}");
+    let (ok, _, stderr) = run(&["merge", "--model", m, "--adapter", o, "--out", file]);
+    assert!(!ok && stderr.contains("a file is there; --out names a directory here"), "{stderr}");
+    let (ok, _, stderr) = run(&["memory", "--config", m, "--batch-size", "0"]);
+    assert!(!ok && stderr.contains("--batch-size 0: expected at least 1") && !stderr.contains("panicked"), "{stderr}");
     let (ok, _, stderr) = run(&["train", "--model", m, "--data", "/nonexistent.jsonl", "--out", o]);
     assert!(!ok && stderr.contains("/nonexistent.jsonl"), "{stderr}");
     let (ok, _, stderr) = run(&["train", "--model", m, "--data", d, "--out", o, "--schedule", "exponential"]);

@@ -2,7 +2,7 @@
 //! is trained), and the forward and backward of `y = x·Wᵀ (+ bias) + s·(x'·Aᵀ)·Bᵀ`.
 
 use super::params::{Param, Weight};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Tensor};
 use crate::kernels::{self as k, Glu, GluOn, Lora, Matmul, SwigluBack};
 
@@ -35,6 +35,24 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     pub const ALL_TARGETS: [&'static str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// Refuses a config no adapter can have: rank 0, dropout outside [0, 1), an alpha
+    /// that is not a number, a target that is no projection.
+    pub fn check(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Options("LoRA rank (--lora-rank) must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Options(format!("LoRA dropout (--lora-dropout) {} must be in [0, 1)", self.dropout)));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::Options(format!("LoRA alpha (--lora-alpha) {} must be a finite number", self.alpha)));
+        }
+        if let Some(t) = self.targets.iter().find(|t| !Self::ALL_TARGETS.contains(&t.as_str())) {
+            return Err(Error::Config(format!("LoRA target `{t}` is not a projection of this model ({})", Self::ALL_TARGETS.join(", "))));
+        }
+        Ok(())
+    }
 
     /// alpha / r, or alpha / √r with rsLoRA.
     pub fn scale(&self) -> f32 {

@@ -143,21 +143,7 @@ impl Model {
     pub(crate) async fn load_settled(gpu: &Gpu, cfg: Config, w: &dyn Tensors, tuning: Tuning, seed: u64, frozen: Frozen, settle: bool) -> Result<Model> {
         let c = cfg.hidden;
         if let Tuning::Lora(l) = &tuning {
-            if l.r == 0 {
-                return Err(Error::Options("LoRA rank (--lora-rank) must be at least 1".into()));
-            }
-            if !(0.0..1.0).contains(&l.dropout) {
-                return Err(Error::Options(format!("LoRA dropout (--lora-dropout) {} must be in [0, 1)", l.dropout)));
-            }
-            if !l.alpha.is_finite() {
-                return Err(Error::Options(format!("LoRA alpha (--lora-alpha) {} must be a finite number", l.alpha)));
-            }
-            if let Some(t) = l.targets.iter().find(|t| !LoraConfig::ALL_TARGETS.contains(&t.as_str())) {
-                return Err(Error::Config(format!(
-                    "LoRA target `{t}` is not a projection of this model ({})",
-                    LoraConfig::ALL_TARGETS.join(", ")
-                )));
-            }
+            l.check()?;
         }
         let full = tuning == Tuning::Full;
         let fresh = match &tuning {

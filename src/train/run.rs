@@ -98,6 +98,20 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
+    /// Refuses options no run can use, by name, before anything is read: the
+    /// optimizer's (`Options::check`), a --max-seq-len of 0, and LoRA's rank, alpha and
+    /// dropout (unless --full).
+    pub fn check(&self) -> Result<()> {
+        self.train.check()?;
+        if self.max_seq_len == 0 {
+            return Err(Error::Options("--max-seq-len 0: expected at least 1".into()));
+        }
+        if !self.full {
+            LoraConfig { r: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.targets(), use_rslora: self.rslora }.check()?;
+        }
+        Ok(())
+    }
+
     /// The built-in demo's preset (`webtune`, the page's demo): LoRA r16 on every
     /// projection with dropout 0.1, lr 1e-2 (cosine, 10 warmup), batches of 16.
     pub fn demo(steps: u64) -> RunOptions {
