@@ -27,8 +27,11 @@ fn out<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
     v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(|e| JsError::new(&e.to_string()))
 }
 
+/// The page's options, checked as the command line's are (`RunOptions::check`).
 fn run_options(v: JsValue) -> Result<RunOptions, JsError> {
-    serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("options: {e}")))
+    let o: RunOptions = serde_wasm_bindgen::from_value(v).map_err(|e| JsError::new(&format!("options: {e}")))?;
+    o.check().map_err(js)?;
+    Ok(o)
 }
 
 /// The page keeps a checkpoint in its Origin Private File System this often.
