@@ -657,10 +657,15 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, coop_matrix, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
-            webtune::bench::kernels(&gpu, min_secs, &only, |r| {
+            let rows = webtune::bench::kernels(&gpu, min_secs, &only, |r| {
                 println!("{:<52} {:>10.2} {:>8.2} {}", r.name, r.secs * 1e3, r.rate(), r.unit);
             })
             .await?;
+            if rows.is_empty() {
+                return Err(webtune::Error::Options(format!(
+                    "--only `{only}` names no benchmark: give part of a benchmark's name (matmul, frozen, attention, rmsnorm, swiglu, add, cross-entropy, grad norm)"
+                )));
+            }
         }
     }
     Ok(())
