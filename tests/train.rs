@@ -312,7 +312,7 @@ fn bad_data_is_reported_and_nothing_is_written() {
     // `--steps 0` took one step), and so is data whose every record is skipped.
     let good = data_file(&root);
     type Change = fn(&mut TrainArgs);
-    let refused: [(Change, &str); 10] = [
+    let refused: [(Change, &str); 11] = [
         (|a| a.run.train.steps = Some(0), "--steps 0: expected at least 1"),
         (|a| (a.run.train.steps, a.run.train.epochs) = (None, 0), "--epochs 0"),
         (|a| a.run.train.lr = -1e-3, "--lr -0.001: expected a number of at least 0"),
@@ -322,6 +322,7 @@ fn bad_data_is_reported_and_nothing_is_written() {
         (|a| a.run.train.schedule = "wobbly".into(), "unknown schedule `wobbly`"),
         (|a| a.run.train.method = "ppo".into(), "unknown --method `ppo`"),
         (|a| (a.run.train.method, a.run.train.beta) = ("dpo".into(), 0.0), "--beta must be positive, got 0"),
+        (|a| a.run.save_every = Some(0), "--save-every 0: expected at least 1 step"),
         (|a| a.run.max_seq_len = 3, "every one of its 16 records was skipped: none has a token to train within --max-seq-len 3"),
     ];
     for (change, want) in refused {

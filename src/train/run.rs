@@ -99,12 +99,17 @@ impl Default for RunOptions {
 
 impl RunOptions {
     /// Refuses options no run can use, by name, before anything is read: the
-    /// optimizer's (`Options::check`), a --max-seq-len of 0, and LoRA's rank, alpha and
-    /// dropout (unless --full).
+    /// optimizer's (`Options::check`), a --max-seq-len, --eval-every or --save-every of 0,
+    /// and LoRA's rank, alpha, dropout and targets (unless --full).
     pub fn check(&self) -> Result<()> {
         self.train.check()?;
         if self.max_seq_len == 0 {
             return Err(Error::Options("--max-seq-len 0: expected at least 1".into()));
+        }
+        for (name, every) in [("--eval-every", self.eval_every), ("--save-every", self.save_every)] {
+            if every == Some(0) {
+                return Err(Error::Options(format!("{name} 0: expected at least 1 step (leave it out for none)")));
+            }
         }
         if !self.full {
             LoraConfig { r: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets: self.targets(), use_rslora: self.rslora }.check()?;
