@@ -947,26 +947,33 @@ fn lora_change_matches_the_update_formed_on_the_cpu() {
 /// Greedy answers and seeded samples decoded all at once (`generate_batch`, the
 /// sequences packed as segments of one KV cache) are token for token those decoded
 /// one sequence at a time, with either kernel variant, and take as many passes as the
-/// longest answer, not their sum.
+/// longest answer, not their sum. Prompts that all begin alike (a system prompt) run
+/// those tokens once: the other sequences get copies of their keys and values.
 #[test]
 fn answers_decoded_together_are_those_decoded_one_at_a_time() {
     let md = webtune::cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
     let tok = &md.tokenizer;
     let asks = ["Reverse the word lantern.", "Spell cat in capital letters.", "What is dog reversed? Just the answer.", "Hi", "Reverse the word abcdefghij, please, and tell me how you did it."];
-    let prompts: Vec<Vec<u32>> = asks.iter().map(|q| tok.prompt_ids(q, true).unwrap()).collect();
-    for v in [webtune::gpu::Variant::Register, webtune::gpu::Variant::Tiled] {
-        let g = &own_variant(v);
-        let m = webtune::model::Model::load(g, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
-        for sampling in [Sampling::default(), Sampling { temperature: 0.9, top_k: 20, top_p: 0.95, seed: 7 }] {
-            let alone: Vec<Vec<u32>> = prompts.iter().map(|p| futures::executor::block_on(m.generate(g, p, 40, &sampling, |_| {})).unwrap()).collect();
-            let before = g.counters().submits;
-            let together = futures::executor::block_on(m.generate_batch(g, &prompts, 40, &sampling)).unwrap();
-            assert_eq!(together, alone, "{v:?} {sampling:?}");
-            let longest = alone.iter().map(Vec::len).max().unwrap();
-            // A pass per prompt, then one per token of the longest answer after its first;
-            // each pass is a submit and a read.
-            assert_eq!(g.counters().submits - before, 2 * (prompts.len() + longest - 1) as u64, "{v:?}: passes");
-            assert!(alone.iter().any(|a| a.len() != longest), "answers of different lengths: {alone:?}");
+    // The same asks after a shared opening of 31 characters (tokens, for the demo's).
+    let opening = "You are a careful assistant. ";
+    for shared in [false, true] {
+        let prompts: Vec<Vec<u32>> = asks.iter().map(|q| tok.prompt_ids(&if shared { format!("{opening}{q}") } else { q.to_string() }, true).unwrap()).collect();
+        for v in [webtune::gpu::Variant::Register, webtune::gpu::Variant::Tiled] {
+            let g = &own_variant(v);
+            let m = webtune::model::Model::load(g, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
+            for sampling in [Sampling::default(), Sampling { temperature: 0.9, top_k: 20, top_p: 0.95, seed: 7 }] {
+                let alone: Vec<Vec<u32>> = prompts.iter().map(|p| futures::executor::block_on(m.generate(g, p, 40, &sampling, |_| {})).unwrap()).collect();
+                let before = g.counters().submits;
+                let together = futures::executor::block_on(m.generate_batch(g, &prompts, 40, &sampling)).unwrap();
+                assert_eq!(together, alone, "{v:?} {sampling:?} shared {shared}");
+                let longest = alone.iter().map(Vec::len).max().unwrap();
+                // A pass per prompt, then one per token of the longest answer after its
+                // first; each pass is a submit and a read. A shared opening adds one
+                // submit that keeps its rows and one per other prompt that copies them.
+                let copies = if shared { prompts.len() } else { 0 };
+                assert_eq!(g.counters().submits - before, (2 * (prompts.len() + longest - 1) + copies) as u64, "{v:?}: passes");
+                assert!(alone.iter().any(|a| a.len() != longest), "answers of different lengths: {alone:?}");
+            }
         }
     }
 }

@@ -35,6 +35,16 @@ impl Sampling {
     }
 }
 
+/// How many leading tokens every prompt shares and `generate_batch` runs once: none
+/// for one prompt or under 8 shared tokens; at most each prompt's length less one (its
+/// own last row gives its logits).
+fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
+    let common = rest.iter().map(|p| p.iter().zip(first).take_while(|(a, b)| a == b).count()).min().unwrap_or(0);
+    let n = common.min(prompts.iter().map(|p| p.len().saturating_sub(1)).min().unwrap_or(0));
+    if n >= 8 { n } else { 0 }
+}
+
 /// The prompts a model can continue: each of at least one token.
 fn check_prompts<'a>(mut prompts: impl Iterator<Item = &'a [u32]>) -> Result<()> {
     match prompts.any(|p| p.is_empty()) {
@@ -126,11 +136,26 @@ impl Model {
         let mut cache = self.kv_cache(gpu, room)?;
         let mut rngs: Vec<Rng> = prompts.iter().map(|_| Rng::new(sampling.seed)).collect();
         let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        // Each prompt into the cache as its own segment; its last row's logits.
+        // Each prompt into the cache as its own segment; its last row's logits. The
+        // tokens every prompt starts with (a chat template's system prompt) run once: the
+        // other segments get copies of their keys and values, the same values their own
+        // pass would compute (each row's are its own), and run the rest.
+        let shared = shared_prefix(prompts);
         let mut logits = Vec::new();
+        let mut prefix = None;
         for (j, p) in prompts.iter().enumerate() {
-            let pos: Vec<u32> = (0..p.len() as u32).collect();
-            logits.push(self.decode_rows(gpu, &mut cache, p, &pos, &vec![j as u32; p.len()], true).await?);
+            let from = match &prefix {
+                Some(kv) => {
+                    self.copy_rows(gpu, &mut cache, kv, j as u32)?;
+                    shared
+                }
+                None => 0,
+            };
+            let pos: Vec<u32> = (from as u32..p.len() as u32).collect();
+            logits.push(self.decode_rows(gpu, &mut cache, &p[from..], &pos, &vec![j as u32; p.len() - from], true).await?);
+            if j == 0 && shared > 0 {
+                prefix = Some(self.cached_rows(gpu, &cache, 0, shared)?);
+            }
         }
         let mut live: Vec<usize> = (0..prompts.len()).collect();
         loop {

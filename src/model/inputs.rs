@@ -77,6 +77,13 @@ impl Inputs {
 }
 
 /// A KV cache for decoding one sequence: per layer `[max_t, KV]` keys and values.
+/// Keys and values of some cached rows, every layer's (`Model::cached_rows`).
+pub struct CachedRows {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub rows: usize,
+}
+
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,

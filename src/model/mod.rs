@@ -27,7 +27,7 @@ use crate::kernels::{self as k, Attention, Matmul};
 use layer::{Acts, Pass};
 
 pub use config::{Arch, Config};
-pub use inputs::{Inputs, KvCache, Shape};
+pub use inputs::{CachedRows, Inputs, KvCache, Shape};
 pub use layer::Layer;
 pub use linear::{Linear, LoraConfig, LoraPair, Tuning};
 pub use params::{Frozen, Param, Train, Weight};
@@ -626,6 +626,46 @@ impl Model {
         let kvd = self.cfg.kv_dim();
         let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| gpu.zeros(l, DType::F32, &[max_t, kvd])).collect() };
         Ok(KvCache { k: mk("k cache")?, v: mk("v cache")?, seg: gpu.zeros("cache segments", DType::U32, &[max_t])?, len: 0, max_t })
+    }
+
+    /// A copy of the cache's keys and values of rows `r0 .. r0 + rows`, every layer's
+    /// (`copy_rows` appends them again as another segment's).
+    pub(crate) fn cached_rows(&self, gpu: &Gpu, cache: &KvCache, r0: usize, rows: usize) -> Result<CachedRows> {
+        if r0 + rows > cache.len {
+            return Err(Error::Shape(format!("rows {r0}..{} of a KV cache holding {}", r0 + rows, cache.len)));
+        }
+        let kvd = self.cfg.kv_dim();
+        let mut rec = gpu.recorder("cached rows");
+        let mut copy = |from: &[Tensor], label: &str| -> Result<Vec<Tensor>> {
+            from.iter()
+                .map(|c| {
+                    let t = gpu.zeros(label, DType::F32, &[rows, kvd])?;
+                    rec.encoder().copy_buffer_to_buffer(&c.buffer, c.offset + (r0 * kvd * 4) as u64, &t.buffer, t.offset, t.bytes());
+                    Ok(t)
+                })
+                .collect()
+        };
+        let (k, v) = (copy(&cache.k, "cached keys")?, copy(&cache.v, "cached values")?);
+        gpu.submit(rec);
+        Ok(CachedRows { k, v, rows })
+    }
+
+    /// Append `rows` (from `cached_rows`) to the cache as rows of segment `seg`.
+    pub(crate) fn copy_rows(&self, gpu: &Gpu, cache: &mut KvCache, rows: &CachedRows, seg: u32) -> Result<()> {
+        let n = rows.rows;
+        if cache.len + n > cache.max_t {
+            return Err(Error::Shape(format!("copying {n} rows into a KV cache holding {} of {}", cache.len, cache.max_t)));
+        }
+        let at = (cache.len * self.cfg.kv_dim() * 4) as u64;
+        let segs = gpu.upload_temp("cache segments", &vec![seg; n], &[n])?;
+        let mut rec = gpu.recorder("copy rows");
+        for (from, to) in rows.k.iter().zip(&cache.k).chain(rows.v.iter().zip(&cache.v)) {
+            rec.encoder().copy_buffer_to_buffer(&from.buffer, from.offset, &to.buffer, to.offset + at, from.bytes());
+        }
+        rec.encoder().copy_buffer_to_buffer(&segs.buffer, segs.offset, &cache.seg.buffer, cache.seg.offset + (cache.len * 4) as u64, (n * 4) as u64);
+        gpu.submit(rec);
+        cache.len += n;
+        Ok(())
     }
 
     /// Run `ids` (one sequence, continuing the cache) and return the logits `[V]` of
