@@ -197,7 +197,7 @@ fn prepare(a: &TrainArgs) -> Result<Prepared> {
         Err(Error::Data(format!(
             "{}: every one of its {} records was skipped: none has a token to train within --max-seq-len {} (the prompt alone fills it, or the record trains nothing)",
             path.display(),
-            d.skipped.no_trained_tokens,
+            d.records,
             o.max_seq_len
         )))
     };
@@ -258,7 +258,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         let kept = if data.pairs { format!("{} preference pairs", data.items()) } else { format!("{} sequences", data.sequences.len()) };
         println!(
             "{} records → {kept} ({}); {total} step{}; {}",
-            data.examples.len() / if data.pairs { 2 } else { 1 } + sk.no_trained_tokens,
+            data.records,
             match sk.no_trained_tokens {
                 0 => "none skipped".to_string(),
                 n => format!("{n} skipped: nothing left to train within --max-seq-len {}", run.opts.max_seq_len),

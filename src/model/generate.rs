@@ -47,10 +47,10 @@ fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
 
 /// The prompts a model can continue: each of at least one token.
 fn check_prompts<'a>(mut prompts: impl Iterator<Item = &'a [u32]>) -> Result<()> {
-    match prompts.any(|p| p.is_empty()) {
-        true => Err(Error::Options("the prompt is empty (no tokens to continue): give it some text".into())),
-        false => Ok(()),
+    if prompts.any(|p| p.is_empty()) {
+        return Err(Error::Options("the prompt is empty (no tokens to continue): give it some text".into()));
     }
+    Ok(())
 }
 
 /// Pick the next token from `logits` `[V]`.

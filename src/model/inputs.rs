@@ -76,7 +76,6 @@ impl Inputs {
     }
 }
 
-/// A KV cache for decoding one sequence: per layer `[max_t, KV]` keys and values.
 /// Keys and values of some cached rows, every layer's (`Model::cached_rows`).
 pub struct CachedRows {
     pub k: Vec<Tensor>,
@@ -84,6 +83,7 @@ pub struct CachedRows {
     pub rows: usize,
 }
 
+/// A KV cache for decoding one sequence: per layer `[max_t, KV]` keys and values.
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,

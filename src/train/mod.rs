@@ -311,8 +311,8 @@ impl Options {
 }
 
 impl Trainer {
+    /// The options are checked by `plan` (`Options::check`).
     pub fn new(opts: Options, train: &Dataset, pad_id: u32) -> Result<Trainer> {
-        opts.schedule.parse::<Schedule>().map_err(Error::Options)?;
         let dpo = match (opts.method.as_str(), train.pairs) {
             ("sft", false) => None,
             ("dpo", true) => Some(dpo_of(&opts)?),
@@ -347,7 +347,7 @@ impl Trainer {
 
     /// The learning rate of the next step.
     pub fn lr(&self) -> f64 {
-        let s = self.opts.schedule.parse::<Schedule>().expect("checked in new");
+        let s = self.opts.schedule.parse::<Schedule>().expect("checked in new, by plan");
         self.opts.lr * schedule::factor(s, self.step, self.opts.warmup, self.total_steps())
     }
 
