@@ -226,3 +226,67 @@ fn conservative_and_robust_dpo_match_trl() {
 fn rpo_matches_trl() {
     trl_case(&case("rpo"));
 }
+
+/// DPO from the base (a fresh adapter, every B zero; no `--init-adapter`) takes each
+/// pair's reference as a step first uses it, with the adapter off, as TRL does per
+/// batch: after step 1 of 2-pair steps over 4 pairs only step 1's pairs have one, equal
+/// to the base's log-probabilities; a checkpoint holds none, and the step-2 checkpoint
+/// of a 4-step run, resumed with 6 steps, gives steps 3–6 of a 6-step run (constant lr).
+#[test]
+fn dpo_from_the_base_takes_each_reference_when_a_step_first_uses_it() {
+    use std::rc::Rc;
+    use webtune::train::export::Export;
+    use webtune::train::Run;
+    let c = case("sigmoid-fresh");
+    let g = gpu_f32();
+    let args = dpo_args(&c, "lazy", false);
+    let md = cli::ModelDir::open(&args.model).unwrap();
+    let ds = Rc::new(webtune::data::load_path(&md.tokenizer, &args.data, 512, false, false).unwrap());
+    assert_eq!(ds.items(), 4);
+    let source = Rc::new(md.source);
+    let pad = source.tokenizer.pad_id;
+    let opts = |steps: u64| {
+        let mut o = args.run.clone();
+        (o.train.batch_size, o.train.steps, o.train.lr) = (2, Some(steps), 1e-2);
+        o
+    };
+    use futures::executor::block_on as block;
+    let mut whole = Run::new(g, source.clone(), ds.clone(), None, opts(6)).unwrap();
+    assert!(whole.trainer.reference.is_empty());
+    let first = block(whole.next(g)).unwrap();
+    let step1: Vec<usize> = whole.trainer.plan[0].iter().flatten().copied().collect();
+    assert_eq!(step1.len(), 2);
+    whole.model.adapter_enabled = false;
+    let base = block(webtune::train::pair_logps(g, &whole.model, &ds, 4, pad)).unwrap();
+    whole.model.adapter_enabled = true;
+    for (i, r) in whole.trainer.reference.iter().enumerate() {
+        if step1.contains(&i) {
+            for side in 0..2 {
+                assert!((r[side] - base[i][side]).abs() <= 1e-6 * base[i][side].abs(), "pair {i}: reference {r:?}, the base's {:?}", base[i]);
+            }
+        } else {
+            assert!(r[0].is_nan() && r[1].is_nan(), "pair {i} is not in step 1 and has a reference {r:?}");
+        }
+    }
+    let mut losses = vec![first.stats.loss];
+    while !whole.done() {
+        losses.push(block(whole.next(g)).unwrap().stats.loss);
+    }
+    assert!(whole.trainer.reference.iter().all(|r| r[0].is_finite() && r[1].is_finite()));
+
+    let mut short = Run::new(g, source.clone(), ds.clone(), None, opts(4)).unwrap();
+    for _ in 0..2 {
+        block(short.next(g)).unwrap();
+    }
+    let ckpt = block(short.files(g, Export::Checkpoint)).unwrap();
+    let state = &ckpt.iter().find(|(n, _)| n == "trainer_state.json").unwrap().1;
+    let state: Value = serde_json::from_slice(state).unwrap();
+    assert!(state.get("reference").is_none() && state.get("valid_reference").is_none(), "{state}");
+    let get = |f: &str| ckpt.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Io(f.into()));
+    let mut resumed = Run::new(g, source, ds, None, opts(6)).unwrap();
+    let r = resumed.resume(g, &get, "step 2").unwrap();
+    assert_eq!((r.step, r.total), (2, 6));
+    let more: Vec<f64> = (0..4).map(|_| block(resumed.next(g)).unwrap().stats.loss).collect();
+    close("resumed with more steps (uninterrupted)", &more.iter().map(|&v| v as f32).collect::<Vec<_>>(), &losses[2..].iter().map(|&v| v as f32).collect::<Vec<_>>(), 1e-6, 1e-5);
+    let _ = std::fs::remove_dir_all(&args.model);
+}

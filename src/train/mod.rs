@@ -212,7 +212,9 @@ pub struct Trainer {
     /// Steps completed.
     pub step: u64,
     /// DPO: the loss, and the reference's log-probabilities of each pair's (chosen,
-    /// rejected) completion, computed once before the first step (`reference`).
+    /// rejected) completion: all of them before the first step (`Run::reference`), or
+    /// when the reference is the base, each pair's as a step first uses it
+    /// (`reference_for_step`; NaN until then).
     pub dpo: Option<Dpo>,
     pub reference: Vec<[f32; 2]>,
 }
@@ -339,6 +341,47 @@ impl Trainer {
         for step in &mut self.plan {
             *step = step.iter().flat_map(|m| m.chunks(micro.max(1)).map(<[usize]>::to_vec)).collect();
         }
+    }
+
+    /// The reference log-probabilities of the next step's pairs that are not known yet
+    /// (NaN), from `model` as the caller leaves it (`Run` turns the adapter off: the
+    /// reference is the base), in the step's micro-batches: DPO from the base computes each
+    /// pair's once, when a step first uses it, as TRL does per batch, so a run of a few
+    /// steps over many pairs starts at once.
+    pub async fn reference_for_step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<()> {
+        if self.reference.len() != train.items() {
+            self.reference = vec![[f32::NAN; 2]; train.items()];
+        }
+        let known = |i: &usize| !self.reference[*i][0].is_nan();
+        let missing: Vec<Vec<usize>> = self.plan[self.step as usize]
+            .iter()
+            .map(|m| m.iter().copied().filter(|i| !known(i)).collect::<Vec<usize>>())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Sized as the steps are, so the pool keeps the buffers they use.
+        let sizing = sizing_for(gpu, train, self.plan.iter().flatten().map(Vec::as_slice), pair_rows);
+        let logps = gpu
+            .scoped(|| {
+                missing
+                    .iter()
+                    .map(|idx| {
+                        let (b, _) = pair_batch(train, idx, self.pad_id);
+                        sizing.batch(b.b * b.t);
+                        model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)
+                    })
+                    .collect::<Result<Vec<Tensor>>>()
+            })
+            .await?;
+        for (idx, lp) in missing.iter().zip(&logps) {
+            let lp = gpu.read::<f32>(lp).await?;
+            for (j, &i) in idx.iter().enumerate() {
+                self.reference[i] = [lp[j], lp[idx.len() + j]];
+            }
+        }
+        Ok(())
     }
 
     pub fn done(&self) -> bool {

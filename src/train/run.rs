@@ -263,6 +263,10 @@ pub struct Run {
     pub plan_note: Option<String>,
     /// The adapter the run started from (`init_adapter`), kept for `handover`.
     initial_adapter: Option<TensorMap>,
+    /// DPO with LoRA from a fresh adapter (every B zero): the reference is the base, the
+    /// model with its adapter off, so each pair's reference comes as a step first uses it
+    /// and a checkpoint need not hold them. Otherwise all are computed before step 1.
+    reference_from_base: bool,
 }
 
 /// The prompts of the first two examples (pairs): their tokens before the first trained one.
@@ -330,6 +334,7 @@ impl Run {
         trainer.split(plan.micro);
         model.grad_checkpoint = plan.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
+        let reference_from_base = !opts.full;
         Ok(Run {
             source,
             opts,
@@ -344,6 +349,7 @@ impl Run {
             micro: plan.micro,
             plan_note: plan.note,
             initial_adapter: None,
+            reference_from_base,
         })
     }
 
@@ -364,6 +370,7 @@ impl Run {
     pub fn init_adapter(&mut self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
         self.model.set_params(gpu, tensors)?;
         self.initial_adapter = Some(tensors.clone());
+        self.reference_from_base &= tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
         Ok(())
     }
 
@@ -401,8 +408,8 @@ impl Run {
             options: self.opts.train.clone(),
             base_model: self.source.name.clone(),
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
-            reference: self.trainer.reference.clone(),
-            valid_reference: self.valid_reference.clone().unwrap_or_default(),
+            reference: if self.reference_from_base { Vec::new() } else { self.trainer.reference.clone() },
+            valid_reference: if self.reference_from_base { Vec::new() } else { self.valid_reference.clone().unwrap_or_default() },
         }
     }
 
@@ -435,7 +442,7 @@ impl Run {
                 state.step, state.step
             )));
         }
-        if self.trainer.dpo.is_some() && state.reference.len() != self.data.items() {
+        if self.trainer.dpo.is_some() && !state.reference.is_empty() && state.reference.len() != self.data.items() {
             return Err(Error::Options(format!(
                 "{place}: holds the reference log-probabilities of {} pairs, the data has {}; resume a DPO run on its own data",
                 state.reference.len(),
@@ -443,8 +450,12 @@ impl Run {
             )));
         }
         self.trainer.step = state.step;
-        self.trainer.reference = state.reference;
-        self.valid_reference = Some(state.valid_reference).filter(|v| !v.is_empty());
+        if !state.reference.is_empty() {
+            self.trainer.reference = state.reference;
+        }
+        if !state.valid_reference.is_empty() {
+            self.valid_reference = Some(state.valid_reference);
+        }
         self.last_saved = Some(place.to_string());
         let note = if total == state.total_steps {
             format!("resumed at step {} of {total}", state.step)
@@ -457,15 +468,16 @@ impl Run {
         Ok(Resumed { step: state.step, total, note })
     }
 
-    /// DPO: the reference log-probabilities of every pair (and of the validation
-    /// pairs), from the model as the run starts (the base with a fresh adapter, or the
-    /// adapter it starts from), once, before the first step. Nothing for SFT.
+    /// DPO: the reference log-probabilities of the validation pairs and, unless the
+    /// reference is the base (`reference_from_base`: the training pairs' come step by
+    /// step), of every training pair, from the model as the run starts (the adapter it
+    /// starts from, or full weights), once, before the first step. Nothing for SFT.
     pub async fn reference(&mut self, gpu: &Gpu) -> Result<()> {
         if self.trainer.dpo.is_none() {
             return Ok(());
         }
         let (b, pad) = (self.micro, self.source.tokenizer.pad_id);
-        if self.trainer.reference.is_empty() {
+        if self.trainer.reference.is_empty() && !self.reference_from_base {
             if self.trainer.step > 0 {
                 return Err(Error::Options("a DPO run past its first step needs the reference it started with (resume from its checkpoint)".into()));
             }
@@ -475,6 +487,13 @@ impl Run {
             if !v.pairs {
                 return Err(Error::Data("--method dpo validates on preference pairs; the validation data holds none".into()));
             }
+            if self.reference_from_base {
+                self.model.adapter_enabled = false;
+                let logps = pair_logps(gpu, &self.model, v, b, pad).await;
+                self.model.adapter_enabled = true;
+                self.valid_reference = Some(logps?);
+                return Ok(());
+            }
             // Past step 0 the model has moved: the reference must come from the checkpoint.
             if self.trainer.step > 0 {
                 return Err(Error::Options("the checkpoint holds no reference for the validation pairs: resume a DPO run with the validation data it started with (or none)".into()));
@@ -482,6 +501,18 @@ impl Run {
             self.valid_reference = Some(pair_logps(gpu, &self.model, v, b, pad).await?);
         }
         Ok(())
+    }
+
+    /// The next step, after the reference log-probabilities it still needs where the
+    /// reference is the base (computed with the adapter off).
+    async fn step_once(&mut self, gpu: &Gpu) -> Result<StepStats> {
+        if self.reference_from_base && self.trainer.dpo.is_some() {
+            self.model.adapter_enabled = false;
+            let known = self.trainer.reference_for_step(gpu, &self.model, &self.data).await;
+            self.model.adapter_enabled = true;
+            known?;
+        }
+        self.trainer.step(gpu, &self.model, &self.data).await
     }
 
     /// One optimizer step, with what is due after it: profiling, evaluation and
@@ -498,7 +529,7 @@ impl Run {
         // moved. Only at one sequence (pair) per micro-batch does the run stop.
         let mut note = None;
         let mut stats = loop {
-            match self.trainer.step(gpu, &self.model, &self.data).await {
+            match self.step_once(gpu).await {
                 Err(Error::OutOfMemory(e)) if self.micro > 1 => {
                     gpu.trim();
                     let was = self.micro;
