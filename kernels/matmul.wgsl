@@ -98,16 +98,7 @@ var<private> p: Params;
 @group(0) @binding(5) var<storage, read> b2: array<f32>;      // op(B2) [K2, N]
 @group(0) @binding(6) var<storage, read> aux: array<f32>;     // EPI 1: gate, up
 
-// lowbias32 (Chris Wellons): a good 32-bit integer hash (`crate::rng::hash`).
-fn hash(v: u32) -> u32 {
-    var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
+// hash(v): lowbias32, from kernels/hash.wgsl, which the registry puts in front.
 
 // v, the operand's element at stored index i, after inverted dropout.
 fn dropped(i: u32, v: f32) -> f32 {

@@ -43,16 +43,7 @@ struct Params {
 @group(0) @binding(13) var<storage, read> lora_a: array<f32>;      // down: A's [RANK, C]
 @group(0) @binding(14) var<storage, read_write> lora_h: array<f32>; // down: h's [R, RANK]
 
-// lowbias32, as kernels/matmul.wgsl (`crate::rng::hash`).
-fn hash(v: u32) -> u32 {
-    var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
+// hash(v): lowbias32, from kernels/hash.wgsl, which the registry puts in front.
 
 // Element i of y (at stored index i of [R, C]) through pair g's dropout.
 fn dropped(g: u32, i: u32, v: f32) -> f32 {

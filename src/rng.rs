@@ -31,7 +31,7 @@ impl Rng {
     }
 }
 
-/// lowbias32, as in `kernels/elementwise.wgsl`.
+/// lowbias32, as `kernels/hash.wgsl` computes it on the GPU.
 pub fn hash(v: u32) -> u32 {
     let mut h = v;
     h ^= h >> 16;

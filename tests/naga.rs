@@ -98,15 +98,16 @@ fn every_file_is_registered() {
         .filter(|n| n.ends_with(".wgsl"))
         .collect();
     files.sort();
-    // quant.wgsl, subgroups.wgsl and coop.wgsl are not modules of their own: the
-    // packed variants append the first, the subgroup variants take functions from the
-    // second, matmul's cooperative-matrix variants append the third.
+    // quant.wgsl, subgroups.wgsl, coop.wgsl and hash.wgsl are not modules of their
+    // own: the packed variants append the first, the subgroup variants take functions
+    // from the second, matmul's cooperative-matrix variants append the third, and the
+    // fourth is put in front of matmul.wgsl and rmsnorm.wgsl.
     let mut registered: Vec<String> = webtune::kernels::ALL
         .iter()
-        .chain([&webtune::kernels::QUANT, &webtune::kernels::SUBGROUPS, &webtune::kernels::COOP])
+        .chain([&webtune::kernels::QUANT, &webtune::kernels::SUBGROUPS, &webtune::kernels::COOP, &webtune::kernels::HASH])
         .map(|k| k.name.to_string())
         .collect();
     registered.sort();
     assert_eq!(files, registered);
-    assert_eq!(files.len(), 14);
+    assert_eq!(files.len(), 15);
 }

@@ -332,10 +332,19 @@ fn bad_data_is_reported_and_nothing_is_written() {
         assert!(err.contains(want), "{want}: {err}");
         assert!(!out.exists(), "{want}: the output directory was created");
     }
-    let mut a = args(&model, &good, &out, 2);
-    a.run.lora_alpha = f32::NAN;
-    let err = block(cli::train(g, &a)).unwrap_err().to_string();
-    assert!(err.contains("LoRA alpha (--lora-alpha) NaN must be a finite number"), "{err}");
+    type Lora = fn(&mut RunOptions);
+    let lora: [(Lora, &str); 3] = [
+        (|r| r.lora_alpha = f32::NAN, "LoRA alpha (--lora-alpha) NaN must be a finite number"),
+        (|r| r.lora_targets = "q_proj,lm_head".into(), "LoRA target `lm_head` (--lora-targets) is not a projection of this model (q_proj, k_proj"),
+        (|r| r.lora_targets = " , ".into(), "LoRA targets (--lora-targets, or an adapter's target_modules) name no projection"),
+    ];
+    for (change, want) in lora {
+        let mut a = args(&model, &good, &out, 2);
+        change(&mut a.run);
+        let err = block(cli::train(g, &a)).unwrap_err().to_string();
+        assert!(err.contains(want) && !err.contains("config"), "{want}: {err}");
+        assert!(!out.exists(), "{want}: the output directory was created");
+    }
     cleanup(&[&model, &root]);
 }
 

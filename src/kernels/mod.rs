@@ -40,6 +40,10 @@ macro_rules! kernel {
     ($id:ident, $file:literal) => {
         pub const $id: Kernel = Kernel { name: $file, source: include_str!(concat!("../../kernels/", $file)) };
     };
+    // A file that calls `hash` (dropout masks), with kernels/hash.wgsl in front.
+    ($id:ident, $file:literal, hashed) => {
+        pub const $id: Kernel = Kernel { name: $file, source: concat!(include_str!("../../kernels/hash.wgsl"), include_str!(concat!("../../kernels/", $file))) };
+    };
 }
 
 kernel!(ADAMW, "adamw.wgsl");
@@ -48,11 +52,14 @@ kernel!(CROSS_ENTROPY, "cross_entropy.wgsl");
 kernel!(DPO, "dpo.wgsl");
 kernel!(ELEMENTWISE, "elementwise.wgsl");
 kernel!(EMBEDDING, "embedding.wgsl");
-kernel!(MATMUL, "matmul.wgsl");
+kernel!(MATMUL, "matmul.wgsl", hashed);
 kernel!(QUANT, "quant.wgsl");
-kernel!(RMSNORM, "rmsnorm.wgsl");
+kernel!(RMSNORM, "rmsnorm.wgsl", hashed);
 kernel!(ROPE, "rope.wgsl");
 kernel!(SWIGLU, "swiglu.wgsl");
+
+/// kernels/hash.wgsl: `fn hash`, put in front of the files that draw dropout masks.
+pub const HASH: Kernel = Kernel { name: "hash.wgsl", source: include_str!("../../kernels/hash.wgsl") };
 
 /// Every kernel file, for validation and pipeline warm-up.
 pub const ALL: &[Kernel] = &[ADAMW, ATTENTION, CROSS_ENTROPY, DPO, ELEMENTWISE, EMBEDDING, MATMUL, PROBE, RMSNORM, ROPE, SWIGLU];

@@ -37,7 +37,7 @@ impl LoraConfig {
     pub const ALL_TARGETS: [&'static str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
     /// Refuses a config no adapter can have: rank 0, dropout outside [0, 1), an alpha
-    /// that is not a number, a target that is no projection.
+    /// that is not a number, no target, a target that is no projection.
     pub fn check(&self) -> Result<()> {
         if self.r == 0 {
             return Err(Error::Options("LoRA rank (--lora-rank) must be at least 1".into()));
@@ -48,8 +48,11 @@ impl LoraConfig {
         if !self.alpha.is_finite() {
             return Err(Error::Options(format!("LoRA alpha (--lora-alpha) {} must be a finite number", self.alpha)));
         }
+        if self.targets.is_empty() {
+            return Err(Error::Options(format!("LoRA targets (--lora-targets, or an adapter's target_modules) name no projection of this model ({})", Self::ALL_TARGETS.join(", "))));
+        }
         if let Some(t) = self.targets.iter().find(|t| !Self::ALL_TARGETS.contains(&t.as_str())) {
-            return Err(Error::Config(format!("LoRA target `{t}` is not a projection of this model ({})", Self::ALL_TARGETS.join(", "))));
+            return Err(Error::Options(format!("LoRA target `{t}` (--lora-targets) is not a projection of this model ({})", Self::ALL_TARGETS.join(", "))));
         }
         Ok(())
     }
