@@ -176,8 +176,9 @@ fn dpo_from_a_fresh_adapter_matches_trl() {
 }
 
 /// A DPO run resumed from its step-2 checkpoint keeps the reference it started with
-/// (the SFT adapter's, which the resumed model no longer is), for the training and the
-/// validation pairs: steps 3–5 give TRL's losses and the same validation loss.
+/// (the SFT adapter, which the resumed model no longer is, saved with the checkpoint),
+/// for the training and the validation pairs: steps 3–5 give TRL's losses and the same
+/// validation loss.
 #[test]
 fn a_resumed_dpo_run_keeps_its_references_and_continues_exactly() {
     let c = case("sigmoid-sft");
@@ -187,8 +188,10 @@ fn a_resumed_dpo_run_keeps_its_references_and_continues_exactly() {
     let whole = futures::executor::block_on(cli::train(g, &args)).unwrap();
     let ckpt = args.out.join("checkpoint-2");
     let state: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
-    assert_eq!(state["reference"].as_array().unwrap().len(), 4);
-    assert_eq!(state["valid_reference"].as_array().unwrap().len(), 4);
+    // The SFT adapter it started from, not log-probabilities: LoRA runs take those again.
+    assert!(state.get("reference").is_none() && state.get("valid_reference").is_none(), "{state}");
+    assert_eq!(state["reference_adapter"], true);
+    assert!(ckpt.join("reference_adapter.safetensors").exists());
     args.resume = Some(ckpt);
     let resumed = futures::executor::block_on(cli::train(g, &args)).unwrap();
     let losses = |h: &[webtune::train::StepStats]| h.iter().map(|s| s.loss as f32).collect::<Vec<f32>>();
@@ -227,19 +230,24 @@ fn rpo_matches_trl() {
     trl_case(&case("rpo"));
 }
 
-/// DPO from the base (a fresh adapter, every B zero; no `--init-adapter`) takes each
-/// pair's reference as a step first uses it, with the adapter off, as TRL does per
-/// batch: after step 1 of 2-pair steps over 4 pairs only step 1's pairs have one, equal
-/// to the base's log-probabilities; a checkpoint holds none, and the step-2 checkpoint
-/// of a 4-step run, resumed with 6 steps, gives steps 3–6 of a 6-step run (constant lr).
+/// A LoRA DPO run takes each pair's reference as a step first uses it, as TRL does per
+/// batch, from the model as the run started: from the base (a fresh adapter, every B
+/// zero), the adapter off; from a trained adapter (`--init-adapter`), that adapter's
+/// values swapped in. After step 1 of 2-pair steps over 4 pairs only step 1's pairs have
+/// one, equal to the starting model's log-probabilities. A checkpoint holds no
+/// log-probabilities (from a trained adapter: the adapter, `reference_adapter.safetensors`),
+/// and the step-2 checkpoint of a 4-step run, resumed with 6 steps and no starting
+/// adapter given, gives steps 3–6 of a 6-step run (constant lr).
 #[test]
-fn dpo_from_the_base_takes_each_reference_when_a_step_first_uses_it() {
+fn lora_dpo_takes_each_reference_when_a_step_first_uses_it() {
+    use futures::executor::block_on as block;
     use std::rc::Rc;
     use webtune::train::export::Export;
     use webtune::train::Run;
-    let c = case("sigmoid-fresh");
+    let c = case("sigmoid-sft");
     let g = gpu_f32();
     let args = dpo_args(&c, "lazy", false);
+    let (lora, sft) = cli::read_adapter(&fixture().join("sft")).unwrap();
     let md = cli::ModelDir::open(&args.model).unwrap();
     let ds = Rc::new(webtune::data::load_path(&md.tokenizer, &args.data, 512, false, false).unwrap());
     assert_eq!(ds.items(), 4);
@@ -248,45 +256,68 @@ fn dpo_from_the_base_takes_each_reference_when_a_step_first_uses_it() {
     let opts = |steps: u64| {
         let mut o = args.run.clone();
         (o.train.batch_size, o.train.steps, o.train.lr) = (2, Some(steps), 1e-2);
+        o.set_lora(&lora);
         o
     };
-    use futures::executor::block_on as block;
-    let mut whole = Run::new(g, source.clone(), ds.clone(), None, opts(6)).unwrap();
-    assert!(whole.trainer.reference.is_empty());
-    let first = block(whole.next(g)).unwrap();
-    let step1: Vec<usize> = whole.trainer.plan[0].iter().flatten().copied().collect();
-    assert_eq!(step1.len(), 2);
-    whole.model.adapter_enabled = false;
-    let base = block(webtune::train::pair_logps(g, &whole.model, &ds, 4, pad)).unwrap();
-    whole.model.adapter_enabled = true;
-    for (i, r) in whole.trainer.reference.iter().enumerate() {
-        if step1.contains(&i) {
-            for side in 0..2 {
-                assert!((r[side] - base[i][side]).abs() <= 1e-6 * base[i][side].abs(), "pair {i}: reference {r:?}, the base's {:?}", base[i]);
+    for start in ["the base", "the SFT adapter"] {
+        let begin = |run: &mut Run| {
+            if start == "the SFT adapter" {
+                run.init_adapter(g, &sft).unwrap();
             }
-        } else {
-            assert!(r[0].is_nan() && r[1].is_nan(), "pair {i} is not in step 1 and has a reference {r:?}");
+        };
+        let mut whole = Run::new(g, source.clone(), ds.clone(), None, opts(6)).unwrap();
+        begin(&mut whole);
+        let starting = block(webtune::train::pair_logps(g, &whole.model, &ds, 4, pad)).unwrap();
+        if start == "the SFT adapter" {
+            // The starting adapter moves the log-probabilities away from the base's.
+            whole.model.adapter_enabled = false;
+            let base = block(webtune::train::pair_logps(g, &whole.model, &ds, 4, pad)).unwrap();
+            whole.model.adapter_enabled = true;
+            assert!(starting.iter().zip(&base).all(|(s, b)| (s[0] - b[0]).abs() > 1e-3), "{start}: {starting:?} against the base's {base:?}");
         }
-    }
-    let mut losses = vec![first.stats.loss];
-    while !whole.done() {
-        losses.push(block(whole.next(g)).unwrap().stats.loss);
-    }
-    assert!(whole.trainer.reference.iter().all(|r| r[0].is_finite() && r[1].is_finite()));
+        assert!(whole.trainer.reference.is_empty());
+        let mut losses = vec![block(whole.next(g)).unwrap().stats.loss];
+        let step1: Vec<usize> = whole.trainer.plan[0].iter().flatten().copied().collect();
+        assert_eq!(step1.len(), 2);
+        for (i, r) in whole.trainer.reference.iter().enumerate() {
+            if step1.contains(&i) {
+                for side in 0..2 {
+                    let want = starting[i][side];
+                    assert!((r[side] - want).abs() <= 1e-6 * want.abs(), "{start}: pair {i}: reference {r:?}, the starting model's {:?}", starting[i]);
+                }
+            } else {
+                assert!(r[0].is_nan() && r[1].is_nan(), "{start}: pair {i} is not in step 1 and has a reference {r:?}");
+            }
+        }
+        while !whole.done() {
+            losses.push(block(whole.next(g)).unwrap().stats.loss);
+        }
+        assert!(whole.trainer.reference.iter().all(|r| r[0].is_finite() && r[1].is_finite()));
 
-    let mut short = Run::new(g, source.clone(), ds.clone(), None, opts(4)).unwrap();
-    for _ in 0..2 {
-        block(short.next(g)).unwrap();
+        let mut short = Run::new(g, source.clone(), ds.clone(), None, opts(4)).unwrap();
+        begin(&mut short);
+        for _ in 0..2 {
+            block(short.next(g)).unwrap();
+        }
+        let ckpt = block(short.files(g, Export::Checkpoint)).unwrap();
+        let file = |name: &str| ckpt.iter().find(|(n, _)| n == name).map(|(_, b)| b.clone());
+        let state: Value = serde_json::from_slice(&file("trainer_state.json").unwrap()).unwrap();
+        assert!(state.get("reference").is_none() && state.get("valid_reference").is_none(), "{start}: {state}");
+        let adapter = file("reference_adapter.safetensors");
+        assert_eq!((state.get("reference_adapter").is_some(), adapter.is_some()), (start == "the SFT adapter", start == "the SFT adapter"), "{start}: {state}");
+        if let Some(bytes) = adapter {
+            let mut saved = webtune::model::weights::TensorMap::new();
+            webtune::model::weights::parse(&bytes, "reference_adapter.safetensors", &mut saved).unwrap();
+            assert_eq!(saved.len(), sft.len());
+            assert!(sft.iter().all(|(n, t)| saved.get(n).is_some_and(|x| x.shape == t.shape && x.data == t.data)));
+        }
+        let get = |f: &str| file(f).ok_or_else(|| webtune::Error::Io(f.into()));
+        let mut resumed = Run::new(g, source.clone(), ds.clone(), None, opts(6)).unwrap();
+        let r = resumed.resume(g, &get, "step 2").unwrap();
+        assert_eq!((r.step, r.total), (2, 6));
+        let more: Vec<f32> = (0..4).map(|_| block(resumed.next(g)).unwrap().stats.loss as f32).collect();
+        let want: Vec<f32> = losses[2..].iter().map(|&v| v as f32).collect();
+        close(&format!("{start}: resumed with more steps (uninterrupted)"), &more, &want, 1e-6, 1e-5);
     }
-    let ckpt = block(short.files(g, Export::Checkpoint)).unwrap();
-    let state = &ckpt.iter().find(|(n, _)| n == "trainer_state.json").unwrap().1;
-    let state: Value = serde_json::from_slice(state).unwrap();
-    assert!(state.get("reference").is_none() && state.get("valid_reference").is_none(), "{state}");
-    let get = |f: &str| ckpt.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Io(f.into()));
-    let mut resumed = Run::new(g, source, ds, None, opts(6)).unwrap();
-    let r = resumed.resume(g, &get, "step 2").unwrap();
-    assert_eq!((r.step, r.total), (2, 6));
-    let more: Vec<f64> = (0..4).map(|_| block(resumed.next(g)).unwrap().stats.loss).collect();
-    close("resumed with more steps (uninterrupted)", &more.iter().map(|&v| v as f32).collect::<Vec<_>>(), &losses[2..].iter().map(|&v| v as f32).collect::<Vec<_>>(), 1e-6, 1e-5);
     let _ = std::fs::remove_dir_all(&args.model);
 }

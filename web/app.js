@@ -439,9 +439,6 @@ async function train() {
     const { total } = continued ? await call('startContinued', what) : await call('start', { ...what, model: model.source === 'files' ? null : model });
     lastOptions = options;
     log(`training ${total} steps`);
-    // Continuing an adapter, DPO's reference is that adapter: every pair's log-probabilities
-    // come before step 1. From the base, each pair's come with the first step that uses it.
-    if (prefRun && continued) setStatus('training', `computing the reference log-probabilities of ${summary.pairs} pairs (once, before step 1)…`);
     started = performance.now();
     await runToEnd(prefRun);
   } catch (err) {

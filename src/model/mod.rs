@@ -296,6 +296,37 @@ impl Model {
         Ok(())
     }
 
+    /// GPU copies of the trainable values (each flat group of them): a DPO run's
+    /// reference adapter (`swap_values`).
+    pub fn copy_values(&self, gpu: &Gpu, what: &str) -> Result<Vec<Tensor>> {
+        let copies = self.flat.iter().map(|f| gpu.zeros(what, f.value.dtype, &f.value.shape)).collect::<Result<Vec<Tensor>>>()?;
+        let mut rec = gpu.recorder(what);
+        for (f, c) in self.flat.iter().zip(&copies) {
+            rec.encoder().copy_buffer_to_buffer(&f.value.buffer, f.value.offset, &c.buffer, c.offset, f.value.bytes());
+        }
+        gpu.submit(rec);
+        Ok(copies)
+    }
+
+    /// Swap the trainable values with `other` (as `copy_values` made them), on the GPU
+    /// through a temporary: twice restores both.
+    pub fn swap_values(&self, gpu: &Gpu, other: &[Tensor]) -> Result<()> {
+        if other.len() != self.flat.len() || self.flat.iter().zip(other).any(|(f, o)| f.value.shape != o.shape) {
+            return Err(Error::Shape("swap_values: the values to swap in are not laid out as the model's".into()));
+        }
+        let mut rec = gpu.recorder("swap trainable values");
+        for (f, o) in self.flat.iter().zip(other) {
+            let t = gpu.temp(&mut rec, "swapped values", f.value.dtype, &f.value.shape)?;
+            let (v, bytes) = (&f.value, f.value.bytes());
+            let e = rec.encoder();
+            e.copy_buffer_to_buffer(&v.buffer, v.offset, &t.buffer, t.offset, bytes);
+            e.copy_buffer_to_buffer(&o.buffer, o.offset, &v.buffer, v.offset, bytes);
+            e.copy_buffer_to_buffer(&t.buffer, t.offset, &o.buffer, o.offset, bytes);
+        }
+        gpu.submit(rec);
+        Ok(())
+    }
+
     fn head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

@@ -18,13 +18,18 @@ pub struct TrainerState {
     pub base_model: String,
     /// "lora" or "full".
     pub tuning: String,
-    /// DPO: the reference log-probabilities of each pair (chosen, rejected), taken
-    /// before the first step; a resumed run keeps them.
+    /// DPO with full tuning: the reference log-probabilities of each pair (chosen,
+    /// rejected), taken before the first step; a resumed run keeps them. (LoRA runs
+    /// take them as steps first use the pairs, and a resume takes them again.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference: Vec<[f32; 2]>,
     /// DPO: the same for the validation pairs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub valid_reference: Vec<[f32; 2]>,
+    /// DPO with LoRA from a trained adapter: the checkpoint holds that adapter
+    /// (`reference_adapter.safetensors`), the reference a resume computes from.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reference_adapter: bool,
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename (`replace`).

@@ -12,7 +12,7 @@ use super::fit;
 use super::{evaluate, evaluate_pairs, pair_logps, Options, StepStats, Trainer};
 use crate::data::batch::Dataset;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, KernelTime};
+use crate::gpu::{Gpu, KernelTime, Tensor};
 use crate::model::generate::Sampling;
 use crate::model::source::Source;
 use crate::model::weights::TensorMap;
@@ -263,10 +263,38 @@ pub struct Run {
     pub plan_note: Option<String>,
     /// The adapter the run started from (`init_adapter`), kept for `handover`.
     initial_adapter: Option<TensorMap>,
-    /// DPO with LoRA from a fresh adapter (every B zero): the reference is the base, the
-    /// model with its adapter off, so each pair's reference comes as a step first uses it
-    /// and a checkpoint need not hold them. Otherwise all are computed before step 1.
-    reference_from_base: bool,
+    /// DPO: what the reference is (SFT: unused).
+    reference: Reference,
+}
+
+/// A DPO run's reference model, the model as the run starts, and so when each pair's
+/// reference log-probabilities are taken.
+enum Reference {
+    /// LoRA from a fresh adapter (every B zero): the base, the adapter off. Each pair's
+    /// as a step first uses it; a checkpoint need not hold them.
+    Base,
+    /// LoRA from a trained adapter (`init_adapter`): its values, kept on the GPU (one
+    /// copy per flat group, `Model::copy_values`) and swapped in while a step's new
+    /// pairs are computed. Each pair's as a step first uses it; a checkpoint holds the
+    /// adapter (`reference_adapter.safetensors`).
+    Adapter(Vec<Tensor>),
+    /// Full tuning: every pair's before step 1, kept with the run and in checkpoints,
+    /// so no second copy of the weights exists.
+    Precomputed,
+}
+
+/// The reference adapter's file in a checkpoint (`Reference::Adapter`).
+const REFERENCE_ADAPTER: &str = "reference_adapter.safetensors";
+
+/// Make `model` the reference (`on`), or the trained model again: its adapter off, or
+/// the reference adapter's values swapped in (a swap: the second one restores both).
+fn as_reference(gpu: &Gpu, model: &mut Model, reference: &Reference, on: bool) -> Result<()> {
+    match reference {
+        Reference::Base => model.adapter_enabled = !on,
+        Reference::Adapter(values) => model.swap_values(gpu, values)?,
+        Reference::Precomputed => {}
+    }
+    Ok(())
 }
 
 /// The prompts of the first two examples (pairs): their tokens before the first trained one.
@@ -334,7 +362,7 @@ impl Run {
         trainer.split(plan.micro);
         model.grad_checkpoint = plan.grad_checkpoint;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
-        let reference_from_base = !opts.full;
+        let reference = if opts.full { Reference::Precomputed } else { Reference::Base };
         Ok(Run {
             source,
             opts,
@@ -349,7 +377,7 @@ impl Run {
             micro: plan.micro,
             plan_note: plan.note,
             initial_adapter: None,
-            reference_from_base,
+            reference,
         })
     }
 
@@ -370,7 +398,10 @@ impl Run {
     pub fn init_adapter(&mut self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
         self.model.set_params(gpu, tensors)?;
         self.initial_adapter = Some(tensors.clone());
-        self.reference_from_base &= tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
+        let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
+        if self.trainer.dpo.is_some() && !self.precomputed() {
+            self.reference = if fresh { Reference::Base } else { Reference::Adapter(self.model.copy_values(gpu, "reference adapter")?) };
+        }
         Ok(())
     }
 
@@ -408,14 +439,24 @@ impl Run {
             options: self.opts.train.clone(),
             base_model: self.source.name.clone(),
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
-            reference: if self.reference_from_base { Vec::new() } else { self.trainer.reference.clone() },
-            valid_reference: if self.reference_from_base { Vec::new() } else { self.valid_reference.clone().unwrap_or_default() },
+            reference: if self.precomputed() { self.trainer.reference.clone() } else { Vec::new() },
+            valid_reference: if self.precomputed() { self.valid_reference.clone().unwrap_or_default() } else { Vec::new() },
+            reference_adapter: self.trainer.dpo.is_some() && matches!(self.reference, Reference::Adapter(_)),
         }
     }
 
     /// The files of the adapter (or full model), a checkpoint, or the merged model.
     pub async fn files(&self, gpu: &Gpu, what: Export) -> Result<Files> {
-        export::files(gpu, &self.source, &self.model, &self.state(), what).await
+        let mut files = export::files(gpu, &self.source, &self.model, &self.state(), what).await?;
+        if let (Export::Checkpoint, true, Some(adapter)) = (what, self.state().reference_adapter, &self.initial_adapter) {
+            files.push((REFERENCE_ADAPTER.into(), crate::model::weights::serialize(adapter, None)?));
+        }
+        Ok(files)
+    }
+
+    /// Whether the run takes every pair's reference before step 1 (`Reference::Precomputed`).
+    fn precomputed(&self) -> bool {
+        matches!(self.reference, Reference::Precomputed)
     }
 
     /// The front end saved a checkpoint of the current step at `place`.
@@ -449,6 +490,17 @@ impl Run {
                 self.data.items()
             )));
         }
+        if state.reference_adapter && self.trainer.dpo.is_some() && !self.precomputed() {
+            // The adapter the run started from, as the reference: set into the model,
+            // then swapped with a copy of the checkpoint's values.
+            let mut adapter = TensorMap::new();
+            crate::model::weights::parse(&get(REFERENCE_ADAPTER)?, &format!("{place}/{REFERENCE_ADAPTER}"), &mut adapter)?;
+            let trained = self.model.copy_values(gpu, "reference adapter")?;
+            self.model.set_params(gpu, &adapter)?;
+            self.model.swap_values(gpu, &trained)?;
+            self.reference = Reference::Adapter(trained);
+            self.initial_adapter = Some(adapter);
+        }
         self.trainer.step = state.step;
         if !state.reference.is_empty() {
             self.trainer.reference = state.reference;
@@ -468,16 +520,16 @@ impl Run {
         Ok(Resumed { step: state.step, total, note })
     }
 
-    /// DPO: the reference log-probabilities of the validation pairs and, unless the
-    /// reference is the base (`reference_from_base`: the training pairs' come step by
-    /// step), of every training pair, from the model as the run starts (the adapter it
-    /// starts from, or full weights), once, before the first step. Nothing for SFT.
+    /// DPO: the reference log-probabilities of the validation pairs, and with full
+    /// tuning (`Reference::Precomputed`) of every training pair, from the model as the
+    /// run starts, once, before the first step (LoRA: the training pairs' come step by
+    /// step, `step_once`). Nothing for SFT.
     pub async fn reference(&mut self, gpu: &Gpu) -> Result<()> {
         if self.trainer.dpo.is_none() {
             return Ok(());
         }
         let (b, pad) = (self.micro, self.source.tokenizer.pad_id);
-        if self.trainer.reference.is_empty() && !self.reference_from_base {
+        if self.trainer.reference.is_empty() && self.precomputed() {
             if self.trainer.step > 0 {
                 return Err(Error::Options("a DPO run past its first step needs the reference it started with (resume from its checkpoint)".into()));
             }
@@ -487,10 +539,10 @@ impl Run {
             if !v.pairs {
                 return Err(Error::Data("--method dpo validates on preference pairs; the validation data holds none".into()));
             }
-            if self.reference_from_base {
-                self.model.adapter_enabled = false;
+            if !self.precomputed() {
+                as_reference(gpu, &mut self.model, &self.reference, true)?;
                 let logps = pair_logps(gpu, &self.model, v, b, pad).await;
-                self.model.adapter_enabled = true;
+                as_reference(gpu, &mut self.model, &self.reference, false)?;
                 self.valid_reference = Some(logps?);
                 return Ok(());
             }
@@ -503,13 +555,13 @@ impl Run {
         Ok(())
     }
 
-    /// The next step, after the reference log-probabilities it still needs where the
-    /// reference is the base (computed with the adapter off).
+    /// The next step, after the reference log-probabilities it still needs (DPO with
+    /// LoRA: the model made the reference while they are computed, `as_reference`).
     async fn step_once(&mut self, gpu: &Gpu) -> Result<StepStats> {
-        if self.reference_from_base && self.trainer.dpo.is_some() {
-            self.model.adapter_enabled = false;
+        if self.trainer.dpo.is_some() && !self.precomputed() {
+            as_reference(gpu, &mut self.model, &self.reference, true)?;
             let known = self.trainer.reference_for_step(gpu, &self.model, &self.data).await;
-            self.model.adapter_enabled = true;
+            as_reference(gpu, &mut self.model, &self.reference, false)?;
             known?;
         }
         self.trainer.step(gpu, &self.model, &self.data).await
