@@ -309,14 +309,15 @@ impl Model {
     }
 
     /// Swap the trainable values with `other` (as `copy_values` made them), on the GPU
-    /// through a temporary: twice restores both.
-    pub fn swap_values(&self, gpu: &Gpu, other: &[Tensor]) -> Result<()> {
-        if other.len() != self.flat.len() || self.flat.iter().zip(other).any(|(f, o)| f.value.shape != o.shape) {
+    /// through `scratch` (another such copy): twice restores both. Nothing allocates,
+    /// so the swap back cannot fail where the swap in succeeded.
+    pub fn swap_values(&self, gpu: &Gpu, other: &[Tensor], scratch: &[Tensor]) -> Result<()> {
+        let laid_out = |ts: &[Tensor]| ts.len() == self.flat.len() && self.flat.iter().zip(ts).all(|(f, t)| f.value.shape == t.shape);
+        if !laid_out(other) || !laid_out(scratch) {
             return Err(Error::Shape("swap_values: the values to swap in are not laid out as the model's".into()));
         }
         let mut rec = gpu.recorder("swap trainable values");
-        for (f, o) in self.flat.iter().zip(other) {
-            let t = gpu.temp(&mut rec, "swapped values", f.value.dtype, &f.value.shape)?;
+        for ((f, o), t) in self.flat.iter().zip(other).zip(scratch) {
             let (v, bytes) = (&f.value, f.value.bytes());
             let e = rec.encoder();
             e.copy_buffer_to_buffer(&v.buffer, v.offset, &t.buffer, t.offset, bytes);

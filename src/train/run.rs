@@ -274,10 +274,10 @@ enum Reference {
     /// as a step first uses it; a checkpoint need not hold them.
     Base,
     /// LoRA from a trained adapter (`init_adapter`): its values, kept on the GPU (one
-    /// copy per flat group, `Model::copy_values`) and swapped in while a step's new
-    /// pairs are computed. Each pair's as a step first uses it; a checkpoint holds the
-    /// adapter (`reference_adapter.safetensors`).
-    Adapter(Vec<Tensor>),
+    /// copy per flat group, `Model::copy_values`) and swapped in, through the scratch
+    /// copies beside them, while a step's new pairs are computed. Each pair's as a step
+    /// first uses it; a checkpoint holds the adapter (`reference_adapter.safetensors`).
+    Adapter { values: Vec<Tensor>, scratch: Vec<Tensor> },
     /// Full tuning: every pair's before step 1, kept with the run and in checkpoints,
     /// so no second copy of the weights exists.
     Precomputed,
@@ -291,7 +291,7 @@ const REFERENCE_ADAPTER: &str = "reference_adapter.safetensors";
 fn as_reference(gpu: &Gpu, model: &mut Model, reference: &Reference, on: bool) -> Result<()> {
     match reference {
         Reference::Base => model.adapter_enabled = !on,
-        Reference::Adapter(values) => model.swap_values(gpu, values)?,
+        Reference::Adapter { values, scratch } => model.swap_values(gpu, values, scratch)?,
         Reference::Precomputed => {}
     }
     Ok(())
@@ -400,7 +400,7 @@ impl Run {
         self.initial_adapter = Some(tensors.clone());
         let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
         if self.trainer.dpo.is_some() && !self.precomputed() {
-            self.reference = if fresh { Reference::Base } else { Reference::Adapter(self.model.copy_values(gpu, "reference adapter")?) };
+            self.reference = if fresh { Reference::Base } else { self.reference_adapter(gpu)? };
         }
         Ok(())
     }
@@ -441,17 +441,23 @@ impl Run {
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
             reference: if self.precomputed() { self.trainer.reference.clone() } else { Vec::new() },
             valid_reference: if self.precomputed() { self.valid_reference.clone().unwrap_or_default() } else { Vec::new() },
-            reference_adapter: self.trainer.dpo.is_some() && matches!(self.reference, Reference::Adapter(_)),
+            reference_adapter: matches!(self.reference, Reference::Adapter { .. }),
         }
     }
 
     /// The files of the adapter (or full model), a checkpoint, or the merged model.
     pub async fn files(&self, gpu: &Gpu, what: Export) -> Result<Files> {
-        let mut files = export::files(gpu, &self.source, &self.model, &self.state(), what).await?;
-        if let (Export::Checkpoint, true, Some(adapter)) = (what, self.state().reference_adapter, &self.initial_adapter) {
+        let state = self.state();
+        let mut files = export::files(gpu, &self.source, &self.model, &state, what).await?;
+        if let (Export::Checkpoint, true, Some(adapter)) = (what, state.reference_adapter, &self.initial_adapter) {
             files.push((REFERENCE_ADAPTER.into(), crate::model::weights::serialize(adapter, None)?));
         }
         Ok(files)
+    }
+
+    /// The model's trainable values as the reference adapter, with scratch for swapping.
+    fn reference_adapter(&self, gpu: &Gpu) -> Result<Reference> {
+        Ok(Reference::Adapter { values: self.model.copy_values(gpu, "reference adapter")?, scratch: self.model.copy_values(gpu, "reference adapter scratch")? })
     }
 
     /// Whether the run takes every pair's reference before step 1 (`Reference::Precomputed`).
@@ -491,19 +497,22 @@ impl Run {
             )));
         }
         if state.reference_adapter && self.trainer.dpo.is_some() && !self.precomputed() {
-            // The adapter the run started from, as the reference: set into the model,
-            // then swapped with a copy of the checkpoint's values.
+            // The adapter the run started from, as the reference: copied from the model
+            // with it set in, then the checkpoint's values back.
             let mut adapter = TensorMap::new();
             crate::model::weights::parse(&get(REFERENCE_ADAPTER)?, &format!("{place}/{REFERENCE_ADAPTER}"), &mut adapter)?;
-            let trained = self.model.copy_values(gpu, "reference adapter")?;
+            let trained = self.model.copy_values(gpu, "checkpoint values")?;
             self.model.set_params(gpu, &adapter)?;
-            self.model.swap_values(gpu, &trained)?;
-            self.reference = Reference::Adapter(trained);
+            self.reference = self.reference_adapter(gpu)?;
+            self.model.swap_values(gpu, &trained, &self.model.copy_values(gpu, "swap scratch")?)?;
             self.initial_adapter = Some(adapter);
         }
         self.trainer.step = state.step;
         if !state.reference.is_empty() {
+            // Every pair's, taken before step 1 (full tuning, or a checkpoint of an
+            // older webtune): kept, and saved again.
             self.trainer.reference = state.reference;
+            self.reference = Reference::Precomputed;
         }
         if !state.valid_reference.is_empty() {
             self.valid_reference = Some(state.valid_reference);
