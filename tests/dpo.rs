@@ -237,7 +237,8 @@ fn rpo_matches_trl() {
 /// one, equal to the starting model's log-probabilities. A checkpoint holds no
 /// log-probabilities (from a trained adapter: the adapter, `reference_adapter.safetensors`),
 /// and the step-2 checkpoint of a 4-step run, resumed with 6 steps and no starting
-/// adapter given, gives steps 3–6 of a 6-step run (constant lr).
+/// adapter given, gives steps 3–6 of a 6-step run (constant lr), as does an older
+/// webtune's checkpoint (every pair's log-probabilities, no adapter), kept when saved again.
 #[test]
 fn lora_dpo_takes_each_reference_when_a_step_first_uses_it() {
     use futures::executor::block_on as block;
@@ -318,6 +319,25 @@ fn lora_dpo_takes_each_reference_when_a_step_first_uses_it() {
         let more: Vec<f32> = (0..4).map(|_| block(resumed.next(g)).unwrap().stats.loss as f32).collect();
         let want: Vec<f32> = losses[2..].iter().map(|&v| v as f32).collect();
         close(&format!("{start}: resumed with more steps (uninterrupted)"), &more, &want, 1e-6, 1e-5);
+
+        // A checkpoint of an older webtune holds every pair's log-probabilities and no
+        // adapter: the resume uses them, and its own checkpoints hold them again.
+        let mut old = state.clone();
+        old.as_object_mut().unwrap().remove("reference_adapter");
+        old["reference"] = serde_json::json!(starting);
+        let old = serde_json::to_vec(&old).unwrap();
+        let get_old = |f: &str| match f {
+            "trainer_state.json" => Ok(old.clone()),
+            "reference_adapter.safetensors" => Err(webtune::Error::Io(f.into())),
+            _ => get(f),
+        };
+        let mut legacy = Run::new(g, source.clone(), ds.clone(), None, opts(6)).unwrap();
+        legacy.resume(g, &get_old, "an older checkpoint").unwrap();
+        let more: Vec<f32> = (0..4).map(|_| block(legacy.next(g)).unwrap().stats.loss as f32).collect();
+        close(&format!("{start}: resumed from an older checkpoint"), &more, &want, 1e-6, 1e-5);
+        let again = block(legacy.files(g, Export::Checkpoint)).unwrap();
+        let again: Value = serde_json::from_slice(&again.iter().find(|(n, _)| n == "trainer_state.json").unwrap().1).unwrap();
+        assert_eq!(again["reference"].as_array().map(Vec::len), Some(4), "{start}: {again}");
     }
     let _ = std::fs::remove_dir_all(&args.model);
 }
