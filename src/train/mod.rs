@@ -212,8 +212,8 @@ pub struct Trainer {
     /// Steps completed.
     pub step: u64,
     /// DPO: the loss, and the reference's log-probabilities of each pair's (chosen,
-    /// rejected) completion: all of them before the first step (`Run::reference`), or
-    /// when the reference is the base, each pair's as a step first uses it
+    /// rejected) completion: with full tuning all of them before the first step
+    /// (`Run::reference`), with LoRA each pair's as a step first uses it
     /// (`reference_for_step`; NaN until then).
     pub dpo: Option<Dpo>,
     pub reference: Vec<[f32; 2]>,
@@ -271,13 +271,21 @@ fn dpo_stats(gpu: &Gpu) -> Result<Tensor> {
 /// Each pair's (chosen, rejected) log-probability under `model` as it is now, in
 /// batches of `batch_size` pairs (dropout off): the DPO reference.
 pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<Vec<[f32; 2]>> {
-    let mut out = Vec::with_capacity(data.items());
     let idx: Vec<usize> = (0..data.items()).collect();
     let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), pair_rows);
-    for chunk in idx.chunks(batch_size.max(1)) {
+    logps_in(gpu, model, data, idx.chunks(batch_size.max(1)), &sizing, pad_id).await
+}
+
+/// The (chosen, rejected) log-probabilities of the pairs of `batches`, a batch at a
+/// time, in their order, with temporaries sized by `sizing`; an out-of-memory is
+/// `Error::OutOfMemory` (`Gpu::scoped`).
+async fn logps_in<'a>(gpu: &Gpu, model: &Model, data: &Dataset, batches: impl Iterator<Item = &'a [usize]>, sizing: &crate::gpu::Sizing<'_>, pad_id: u32) -> Result<Vec<[f32; 2]>> {
+    let mut out = Vec::new();
+    for chunk in batches {
         let (b, _) = pair_batch(data, chunk, pad_id);
         sizing.batch(b.b * b.t);
-        let lp = gpu.read::<f32>(&model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?).await?;
+        let lp = gpu.scoped(|| model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)).await?;
+        let lp = gpu.read::<f32>(&lp).await?;
         out.extend((0..chunk.len()).map(|i| [lp[i], lp[chunk.len() + i]]));
     }
     Ok(out)
@@ -344,10 +352,10 @@ impl Trainer {
     }
 
     /// The reference log-probabilities of the next step's pairs that are not known yet
-    /// (NaN), from `model` as the caller leaves it (`Run` turns the adapter off: the
-    /// reference is the base), in the step's micro-batches: DPO from the base computes each
-    /// pair's once, when a step first uses it, as TRL does per batch, so a run of a few
-    /// steps over many pairs starts at once.
+    /// (NaN), from `model` as the caller leaves it (`Run` makes it the reference: the
+    /// adapter off, or the starting adapter swapped in), in the step's micro-batches:
+    /// LoRA DPO computes each pair's once, when a step first uses it, as TRL does per
+    /// batch, so a run of a few steps over many pairs starts at once.
     pub async fn reference_for_step(&mut self, gpu: &Gpu, model: &Model, train: &Dataset) -> Result<()> {
         if self.reference.len() != train.items() {
             self.reference = vec![[f32::NAN; 2]; train.items()];
@@ -363,23 +371,9 @@ impl Trainer {
         }
         // Sized as the steps are, so the pool keeps the buffers they use.
         let sizing = sizing_for(gpu, train, self.plan.iter().flatten().map(Vec::as_slice), pair_rows);
-        let logps = gpu
-            .scoped(|| {
-                missing
-                    .iter()
-                    .map(|idx| {
-                        let (b, _) = pair_batch(train, idx, self.pad_id);
-                        sizing.batch(b.b * b.t);
-                        model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)
-                    })
-                    .collect::<Result<Vec<Tensor>>>()
-            })
-            .await?;
-        for (idx, lp) in missing.iter().zip(&logps) {
-            let lp = gpu.read::<f32>(lp).await?;
-            for (j, &i) in idx.iter().enumerate() {
-                self.reference[i] = [lp[j], lp[idx.len() + j]];
-            }
+        let logps = logps_in(gpu, model, train, missing.iter().map(Vec::as_slice), &sizing, self.pad_id).await?;
+        for (&i, lp) in missing.iter().flatten().zip(logps) {
+            self.reference[i] = lp;
         }
         Ok(())
     }
@@ -390,7 +384,7 @@ impl Trainer {
 
     /// The learning rate of the next step.
     pub fn lr(&self) -> f64 {
-        let s = self.opts.schedule.parse::<Schedule>().expect("checked in new, by plan");
+        let s = self.opts.schedule.parse::<Schedule>().expect("checked by plan (Options::check)");
         self.opts.lr * schedule::factor(s, self.step, self.opts.warmup, self.total_steps())
     }
 

@@ -398,8 +398,8 @@ impl Run {
     pub fn init_adapter(&mut self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
         self.model.set_params(gpu, tensors)?;
         self.initial_adapter = Some(tensors.clone());
-        let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
         if self.trainer.dpo.is_some() && !self.precomputed() {
+            let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
             self.reference = if fresh { Reference::Base } else { self.reference_adapter(gpu)? };
         }
         Ok(())
@@ -497,14 +497,13 @@ impl Run {
             )));
         }
         if state.reference_adapter && self.trainer.dpo.is_some() && !self.precomputed() {
-            // The adapter the run started from, as the reference: copied from the model
-            // with it set in, then the checkpoint's values back.
+            // The adapter the run started from, as the reference: the checkpoint's values
+            // copied out, the adapter set in, then the two swapped.
             let mut adapter = TensorMap::new();
             crate::model::weights::parse(&get(REFERENCE_ADAPTER)?, &format!("{place}/{REFERENCE_ADAPTER}"), &mut adapter)?;
-            let trained = self.model.copy_values(gpu, "checkpoint values")?;
-            self.model.set_params(gpu, &adapter)?;
             self.reference = self.reference_adapter(gpu)?;
-            self.model.swap_values(gpu, &trained, &self.model.copy_values(gpu, "swap scratch")?)?;
+            self.model.set_params(gpu, &adapter)?;
+            as_reference(gpu, &mut self.model, &self.reference, false)?;
             self.initial_adapter = Some(adapter);
         }
         self.trainer.step = state.step;
