@@ -380,6 +380,24 @@ impl Session {
         Ok(out.remove(0))
     }
 
+    /// Whether the run keeps the adapter it started from (a DPO run continuing a trained
+    /// adapter, resumed too), so `generate_start` can answer with it.
+    pub fn keeps_starting_adapter(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| r.keeps_starting_adapter())
+    }
+
+    /// Answer `prompt` greedily with the adapter the run started from
+    /// (`keeps_starting_adapter`), swapped in for the trained one and back: after a
+    /// reload, the answers "before" a continued DPO run.
+    pub async fn generate_start(&mut self, prompt: &str, max_new: usize) -> Result<String, JsError> {
+        let run = self.run.as_mut().ok_or_else(|| JsError::new("start the run first"))?;
+        run.swap_starting_adapter(&self.gpu).map_err(js)?;
+        let tok = &run.source.tokenizer;
+        let answers = crate::demo::answers(&self.gpu, &run.model, tok, &[(prompt.to_string(), String::new())], max_new).await;
+        run.swap_starting_adapter(&self.gpu).map_err(js)?;
+        Ok(answers.map_err(js)?.remove(0))
+    }
+
     /// A demo's held-out test, the first `n` of the requests `webtune` asks: for `task`
     /// `demo`, the built-in demo's (phrasings and words never trained on, exact
     /// answers); for `tools`, the real-model demo's (`webtune demo --model`: phrasings

@@ -462,7 +462,8 @@ async function resumeSaved(saved) {
     setModelSource(saved.model.task ? 'smollm2' : saved.model.source);
     const summary = await prepare(saved.model, data);
     resetCharts();
-    // A continued run's starting adapter is not kept: its answers before are unknown.
+    // A continued run's answers before come from the adapter it started from, which its
+    // checkpoint holds (null, unknown, from an older checkpoint that does not).
     prefRun = saved.options.method === 'dpo' ? { prompts: (summary.prompts || []).slice(0, PREF_PROMPTS), before: saved.continued ? null : undefined } : null;
     if (prefRun) showPrefAnswers(prefRun, null);
     // Steps set above the saved run's total continue it past its end (the learning-rate
@@ -474,6 +475,10 @@ async function resumeSaved(saved) {
     lastOptions = options;
     const { step, note } = await call('resumeSaved');
     log(note);
+    if (prefRun && saved.continued && prefRun.prompts.length) {
+      prefRun.before = await call('answers', { prompts: prefRun.prompts.map((p) => p.prompt), maxNew: ANSWER_TOKENS, start: true });
+      showPrefAnswers(prefRun, null);
+    }
     $('status').dataset.step = step;
     $('status').dataset.resumedFrom = step;
     started = performance.now();

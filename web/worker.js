@@ -517,10 +517,12 @@ const commands = {
     const tuned = await session.generate(prompt, maxNew, true);
     return { base, tuned };
   },
-  // Greedy answers to `prompts` (user turns), with or without the adapter.
-  async answers({ prompts, maxNew, adapter }) {
+  // Greedy answers to `prompts` (user turns), with or without the adapter, or (`start`)
+  // with the adapter the run started from, where it keeps one (else null).
+  async answers({ prompts, maxNew, adapter, start }) {
+    if (start && !session.keeps_starting_adapter()) return null;
     const out = [];
-    for (const p of prompts) out.push(await session.generate(p, maxNew, adapter));
+    for (const p of prompts) out.push(start ? await session.generate_start(p, maxNew) : await session.generate(p, maxNew, adapter));
     return out;
   },
   async demoTest({ task, n }) {

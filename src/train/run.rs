@@ -441,7 +441,7 @@ impl Run {
             tuning: if self.opts.full { "full" } else { "lora" }.into(),
             reference: if self.precomputed() { self.trainer.reference.clone() } else { Vec::new() },
             valid_reference: if self.precomputed() { self.valid_reference.clone().unwrap_or_default() } else { Vec::new() },
-            reference_adapter: matches!(self.reference, Reference::Adapter { .. }),
+            reference_adapter: self.keeps_starting_adapter(),
         }
     }
 
@@ -458,6 +458,22 @@ impl Run {
     /// The model's trainable values as the reference adapter, with scratch for swapping.
     fn reference_adapter(&self, gpu: &Gpu) -> Result<Reference> {
         Ok(Reference::Adapter { values: self.model.copy_values(gpu, "reference adapter")?, scratch: self.model.copy_values(gpu, "reference adapter scratch")? })
+    }
+
+    /// Whether the run keeps the adapter it started from on the GPU: a LoRA DPO run from
+    /// a trained adapter, its reference (a resume restores it from the checkpoint).
+    pub fn keeps_starting_adapter(&self) -> bool {
+        matches!(self.reference, Reference::Adapter { .. })
+    }
+
+    /// Swap the adapter the run started from in for the trained one, or back (each call
+    /// swaps; calls come in pairs), where the run keeps it (`keeps_starting_adapter`).
+    /// The page answers with it "before" after a reload.
+    pub fn swap_starting_adapter(&mut self, gpu: &Gpu) -> Result<()> {
+        if !self.keeps_starting_adapter() {
+            return Err(Error::Options("this run keeps no starting adapter: it started from a fresh one, or holds every pair's reference".into()));
+        }
+        as_reference(gpu, &mut self.model, &self.reference, true)
     }
 
     /// Whether the run takes every pair's reference before step 1 (`Reference::Precomputed`).

@@ -678,6 +678,53 @@ test('a reload resumes a DPO run from its last checkpoint and continues exactly'
   }
 });
 
+// A DPO run continued from the adapter just trained keeps that adapter in its
+// checkpoints (its reference): after a reload the page answers with it "before" again,
+// swapped in for the trained one and back.
+test('after a reload, a DPO run continued from an adapter answers with that adapter before', async () => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'webtune-dpo-continued-'));
+  try {
+    // Steps from the form (a query parameter would hold for both runs).
+    await page.goto(`${base}?model=demo&lr=0.002&rank=8&alpha=16&dropout=0&batch=4&seq=128&seed=42&schedule=constant&warmup=0`);
+    await page.waitForFunction(() => document.querySelector('#status').dataset.state === 'ready');
+    await page.fill('#steps', '2');
+    await page.click('#train');
+    assert.equal((await waitFor(['done', 'error'])).step, '2');
+    await page.selectOption('#method', 'dpo');
+    await page.fill('#steps', '12');
+    await page.check('input[name=data][value=file]');
+    await page.setInputFiles('#datafile', pairsFile(tmp, 8));
+    await page.check('#continueAdapter');
+    await page.click('#train');
+    await page.waitForFunction(() => {
+      const d = document.querySelector('#status').dataset;
+      return d.state === 'error' || (d.margins && (Number(d.step) >= 11 || d.state === 'done'));
+    }, null, { timeout: 600_000 });
+    const mid = await status();
+    assert.ok(mid.state !== 'error' && Number(mid.step) >= 11 && Number(mid.step) < 12, `the DPO run: ${JSON.stringify(mid)}`);
+    // The SFT adapter's answers, taken as the DPO run started (marked ✓ chosen, ✗
+    // rejected, · neither).
+    const cells = () => page.$$eval('#prefAnswers tr', (r) => r.slice(1).map((tr) => tr.children[3].textContent));
+    const before = await cells();
+    assert.equal(before.length, 4);
+    before.forEach((b) => assert.match(b, /^[✓✗·] /));
+    await page.goto(`${base}?resume=1`);
+    const st = await waitFor(['done', 'error']);
+    assert.equal(st.resumedFrom, '10');
+    assert.equal(st.step, '12');
+    await page.waitForFunction(() => document.querySelector('#prefAnswers').dataset.after, null, { timeout: 300_000 });
+    assert.deepEqual(await cells(), before);
+    const d = await page.$eval('#prefAnswers', (t) => ({ ...t.dataset }));
+    assert.deepEqual(JSON.parse(d.before).map((a) => a.trim() || '(no text)'), before.map((b) => b.slice(2)));
+    // Not the trained adapter's: DPO changed the answers.
+    assert.notDeepEqual(JSON.parse(d.after), JSON.parse(d.before));
+    const rows = await page.$$eval('#prefAnswers tr', (r) => r.map((tr) => [...tr.children].map((c) => c.textContent)));
+    console.log(`continued DPO after a reload, before → after: ${rows.slice(1).map(([q, , , b, a]) => `${JSON.stringify(q)}: ${JSON.stringify(b)} → ${JSON.stringify(a)}`).join('; ')}`);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
 test('the page says which training method the data needs', async () => {
   let err = await pageError(`${base}?model=demo&data=demo&method=dpo&steps=1&autostart=1`);
   assert.match(err, /DPO trains on preference pairs .* this data holds none: choose SFT, or preference data/, err);
