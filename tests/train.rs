@@ -333,8 +333,9 @@ fn bad_data_is_reported_and_nothing_is_written() {
         assert!(!out.exists(), "{want}: the output directory was created");
     }
     type Lora = fn(&mut RunOptions);
-    let lora: [(Lora, &str); 3] = [
+    let lora: [(Lora, &str); 4] = [
         (|r| r.lora_alpha = f32::NAN, "LoRA alpha (--lora-alpha) NaN must be a finite number"),
+        (|r| r.lora_rank = 100_000, "LoRA rank 100000 (--lora-rank, or an adapter's r) is more than 32, the largest full rank"),
         (|r| r.lora_targets = "q_proj,lm_head".into(), "LoRA target `lm_head` (--lora-targets) is not a projection of this model (q_proj, k_proj"),
         (|r| r.lora_targets = " , ".into(), "LoRA targets (--lora-targets, or an adapter's target_modules) name no projection"),
     ];

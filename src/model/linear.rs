@@ -57,6 +57,22 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// Refuses, for training, a rank above the full rank (the smaller of inputs and
+    /// outputs) of every adapted projection of `cfg`: B·A is already of full rank there,
+    /// and a larger rank adds only memory. (A rank of 100,000 on the demo asked for 7 GiB
+    /// of LoRA values, more in activations, and the process was killed.) PEFT takes any
+    /// rank; an adapter made elsewhere still loads for inference and merging.
+    pub fn check_rank(&self, cfg: &super::Config) -> Result<()> {
+        let full = cfg.projections().iter().filter(|(n, ..)| self.targets.iter().any(|t| t == n)).map(|&(_, _, i, o)| i.min(o)).max().unwrap_or(0);
+        if self.r > full {
+            return Err(Error::Options(format!(
+                "LoRA rank {} (--lora-rank, or an adapter's r) is more than {full}, the largest full rank (the smaller of inputs and outputs) of any adapted projection: a larger rank adds memory and nothing B·A can express; choose at most {full}, or train every weight (--full)",
+                self.r
+            )));
+        }
+        Ok(())
+    }
+
     /// alpha / r, or alpha / √r with rsLoRA.
     pub fn scale(&self) -> f32 {
         if self.use_rslora {

@@ -175,10 +175,14 @@ impl RunOptions {
     /// The memory plan of a step of this run on `cfg` (its weights in `w`, which say
     /// what a GGUF keeps packed) over sequences of `seq` tokens, on an adapter with (or
     /// without) f16 weights, this largest binding and (or not) the GPU kernels, which
-    /// never store SwiGLU's hidden.
+    /// never store SwiGLU's hidden. Refuses a LoRA rank no adapted projection can use
+    /// (`LoraConfig::check_rank`), before anything is loaded.
     #[allow(clippy::too_many_arguments)]
     pub fn memory_plan(&self, cfg: &crate::model::Config, w: &dyn crate::model::Tensors, seq: usize, f16_weights: bool, max_binding: u64, gpu_kernels: bool) -> Result<crate::model::memory::Plan> {
         let frozen = self.frozen()?;
+        if let Tuning::Lora(l) = self.tuning() {
+            l.check_rank(cfg)?;
+        }
         let f16_weights = f16_weights && frozen != Frozen::F32;
         let stored = crate::model::memory::Plan::stored(cfg, w);
         // DPO runs a pair's chosen and rejected sequence in one batch.
