@@ -381,21 +381,28 @@ impl Session {
     }
 
     /// Whether the run keeps the adapter it started from (a DPO run continuing a trained
-    /// adapter, resumed too), so `generate_start` can answer with it.
+    /// adapter, resumed too), so `answers_start` can answer with it.
     pub fn keeps_starting_adapter(&self) -> bool {
         self.run.as_ref().is_some_and(|r| r.keeps_starting_adapter())
     }
 
-    /// Answer `prompt` greedily with the adapter the run started from
-    /// (`keeps_starting_adapter`), swapped in for the trained one and back: after a
-    /// reload, the answers "before" a continued DPO run.
-    pub async fn generate_start(&mut self, prompt: &str, max_new: usize) -> Result<String, JsError> {
+    /// Answer each of `prompts` greedily (one at a time, as `generate` does) with the
+    /// adapter the run started from (`keeps_starting_adapter`), swapped in for the
+    /// trained one once and back: after a reload, the answers "before" a continued DPO run.
+    pub async fn answers_start(&mut self, prompts: Vec<String>, max_new: usize) -> Result<Vec<String>, JsError> {
         let run = self.run.as_mut().ok_or_else(|| JsError::new("start the run first"))?;
         run.swap_starting_adapter(&self.gpu).map_err(js)?;
-        let tok = &run.source.tokenizer;
-        let answers = crate::demo::answers(&self.gpu, &run.model, tok, &[(prompt.to_string(), String::new())], max_new).await;
+        let (gpu, model, tok) = (&self.gpu, &run.model, &run.source.tokenizer);
+        let answers = async {
+            let mut out = Vec::with_capacity(prompts.len());
+            for p in prompts {
+                out.push(crate::demo::answers(gpu, model, tok, &[(p, String::new())], max_new).await?.remove(0));
+            }
+            Ok::<_, Error>(out)
+        }
+        .await;
         run.swap_starting_adapter(&self.gpu).map_err(js)?;
-        Ok(answers.map_err(js)?.remove(0))
+        answers.map_err(js)
     }
 
     /// A demo's held-out test, the first `n` of the requests `webtune` asks: for `task`

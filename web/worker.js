@@ -520,9 +520,9 @@ const commands = {
   // Greedy answers to `prompts` (user turns), with or without the adapter, or (`start`)
   // with the adapter the run started from, where it keeps one (else null).
   async answers({ prompts, maxNew, adapter, start }) {
-    if (start && !session.keeps_starting_adapter()) return null;
+    if (start) return session.keeps_starting_adapter() ? session.answers_start(prompts, maxNew) : null;
     const out = [];
-    for (const p of prompts) out.push(start ? await session.generate_start(p, maxNew) : await session.generate(p, maxNew, adapter));
+    for (const p of prompts) out.push(await session.generate(p, maxNew, adapter));
     return out;
   },
   async demoTest({ task, n }) {
