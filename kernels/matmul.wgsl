@@ -550,3 +550,24 @@ fn matmul_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         store_block(base, m0 + 64u, n0 + 64u, first11, acc11);
     }
 }
+
+// Split-K's sum (`Caps::split_k`): a product with few tiles and a long k runs its
+// k-ranges at once, as a group whose products write alpha·op(A)·op(B) over their range
+// (the second product beside the last range) each into its own slice of a scratch
+// buffer, laid out as C is (row stride ldc); bound here as `a`, slice r from
+// r·a_stride. This adds the slices in order, so the result does not depend on which
+// range finished first, and stores C = Σ slices + beta·C. ps[0] holds m, n, ldc,
+// c_off, beta, a_stride, and in k how many slices.
+// Grid: (ceil(N/64), M); an invocation per element of C.
+@compute @workgroup_size(64, 1, 1)
+fn matmul_split_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let q = ps[0];
+    if (gid.x >= q.n || gid.y >= q.m) { return; }
+    let e = gid.y * q.ldc + gid.x;
+    var s = 0.0;
+    for (var r = 0u; r < q.k; r++) {
+        s += a[r * q.a_stride + e];
+    }
+    if (q.beta != 0.0) { s += q.beta * c[q.c_off + e]; }
+    c[q.c_off + e] = s;
+}

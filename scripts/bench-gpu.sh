@@ -6,7 +6,9 @@
 # (--wide-matmul all|large: 128x128 tiles, 8x8 an invocation; off on GPUs until measured),
 # the row kernels with their reductions as workgroup-memory trees (--subgroup-sums off),
 # the frozen-weight matmuls and the step without cooperative matrices (--coop-matrix off;
-# on by default where the adapter offers them),
+# on by default where the adapter offers them), the matmuls and the step with split-K
+# (--split-k on: products with few tiles and a long k run their k-ranges at once; off
+# by default until measured),
 # then PyTorch + PEFT on the same step (tests/reference/bench_pytorch.py: f32 with TF32
 # off, and bf16 autocast), and the ratios. Needs the release binary built elsewhere
 # (the GPU machine has no Rust) and the Vulkan loader: where `ldconfig -p` lists no
@@ -36,9 +38,11 @@ for only in rmsnorm cross-entropy "grad norm"; do
   timeout 40 "$bin" bench kernels --min-secs 0.3 --only "$only" --subgroup-sums off 2>&1
 done | tee "$out/kernels-trees.txt"
 timeout 40 "$bin" bench kernels --min-secs 0.3 --only frozen --coop-matrix off 2>&1 | tee "$out/kernels-no-coop.txt"
-for ck in none grad-checkpoint wide no-coop; do
+timeout 60 "$bin" bench kernels --min-secs 0.3 --only matmul --split-k on 2>&1 | tee "$out/kernels-split-k.txt"
+for ck in none grad-checkpoint wide no-coop split-k; do
   flag=(); [ "$ck" = grad-checkpoint ] && flag=(--grad-checkpoint); [ "$ck" = wide ] && flag=(--wide-matmul large)
   [ "$ck" = no-coop ] && flag=(--coop-matrix off)
+  [ "$ck" = split-k ] && flag=(--split-k on)
   timeout 150 "$bin" bench train --model "$model" --data demo --batch-size 4 --max-seq-len 512 --pack --steps 5 "${flag[@]}" 2>&1 | tee "$out/train-$ck.txt"
 done
 PYTHONUNBUFFERED=1 timeout 150 python3 tests/reference/bench_pytorch.py --config configs/SmolLM2-135M.json --batch 4 --seq 512 2>&1 | tee "$out/pytorch.jsonl"
@@ -55,12 +59,12 @@ for line in (out / "pytorch.jsonl").read_text().splitlines() if (out / "pytorch.
         torch[j["variant"]] = j["tokens_per_s"]
     except (ValueError, KeyError):
         pass
-for ck, suffix in (("none", ""), ("grad-checkpoint", ", checkpointing"), ("wide", ""), ("no-coop", "")):
+for ck, suffix in (("none", ""), ("grad-checkpoint", ", checkpointing"), ("wide", ""), ("no-coop", ""), ("split-k", "")):
     w = ours(f"train-{ck}.txt")
     for dtype in ("f32", "bf16 autocast"):
         t = torch.get(dtype + suffix)
         ratio = f"{w / t:.3f}" if w and t else "n/a"
-        how = {"wide": " (wide matmul)", "no-coop": " (no cooperative matrices)"}.get(ck, "")
+        how = {"wide": " (wide matmul)", "no-coop": " (no cooperative matrices)", "split-k": " (split-K)"}.get(ck, "")
         print(f"webtune{how} {w} tokens/s vs PyTorch {dtype}{suffix} {t} tokens/s: ratio {ratio}")
 EOF
 rm -rf "$model"

@@ -325,6 +325,11 @@ enum BenchWhat {
         /// adapter offers them (native Vulkan and Metal).
         #[arg(long, value_parser = parse_on_off)]
         coop_matrix: Option<bool>,
+        /// Split-K: products with few tiles and a long inner dimension (the head's dx
+        /// over the vocabulary, a weight's gradient over the tokens) run their k-ranges
+        /// at once and add them up: `on` or `off` (the default, until a GPU measures it).
+        #[arg(long, value_parser = parse_on_off)]
+        split_k: Option<bool>,
     },
     /// Whole training steps (the options of `train`; --steps is how many to measure,
     /// after one warm-up step): tokens/s, GPU time against host time, dispatches, and
@@ -360,6 +365,11 @@ enum BenchWhat {
         /// adapter offers them (native Vulkan and Metal).
         #[arg(long, value_parser = parse_on_off)]
         coop_matrix: Option<bool>,
+        /// Split-K: products with few tiles and a long inner dimension (the head's dx
+        /// over the vocabulary, a weight's gradient over the tokens) run their k-ranges
+        /// at once and add them up: `on` or `off` (the default, until a GPU measures it).
+        #[arg(long, value_parser = parse_on_off)]
+        split_k: Option<bool>,
         #[command(flatten)]
         run: Box<RunOptions>,
     },
@@ -580,8 +590,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             println!("activations       {:>9.1} MiB", mib(m.activations));
             println!("total             {:>9.1} MiB", mib(m.total()));
         }
-        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, subgroup_sums, coop_matrix, mut run } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, subgroup_sums, coop_matrix, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Train { model, data, no_reuse, f32_weights, variant, wide_matmul, subgroup_sums, coop_matrix, split_k, mut run } } => {
+            let split_k = split_k.unwrap_or(false).then_some(webtune::gpu::SplitK::ON);
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { no_f16: f32_weights, no_reuse, variant, wide_matmul, subgroup_sums, coop_matrix, split_k, ..Default::default() }).await?;
             let measure = run.train.steps.unwrap_or(5);
             run.train.steps = Some(measure + 2);
             let md = cli::ModelDir::open(&model)?;
@@ -653,8 +664,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 }
             }
         }
-        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul, subgroup_sums, coop_matrix } } => {
-            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, coop_matrix, ..Default::default() }).await?;
+        Command::Bench { what: BenchWhat::Kernels { min_secs, only, variant, wide_matmul, subgroup_sums, coop_matrix, split_k } } => {
+            let split_k = split_k.unwrap_or(false).then_some(webtune::gpu::SplitK::ON);
+            let gpu = Gpu::new_with(webtune::gpu::GpuOptions { variant, wide_matmul, subgroup_sums, coop_matrix, split_k, ..Default::default() }).await?;
             println!("adapter: {}", gpu.describe());
             println!("{:<52} {:>10} {:>12}", "kernel", "ms", "rate");
             let rows = webtune::bench::kernels(&gpu, min_secs, &only, |r| {

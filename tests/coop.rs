@@ -42,7 +42,10 @@ fn abs_product(mm: &Matmul, a: &[f32], b: &[f32]) -> Vec<f32> {
 /// A plain product with f16 weights for B: equal to the reference on the same f16
 /// operands, and within f16 rounding of A of the f32 product.
 fn plain_case(mm: &Matmul, seed: u64, mag_a: f32) {
-    let g = coop();
+    plain_case_on(coop(), mm, seed, mag_a);
+}
+
+fn plain_case_on(g: &Gpu, mm: &Matmul, seed: u64, mag_a: f32) {
     let mut rng = Rng::new(seed);
     let (ea, eb, ec) = mm.extents();
     let (a, b, c0) = (rng.vec(ea, mag_a), round16(&rng.vec(eb, 3.0)), rng.vec(ec, 1.0));
@@ -103,6 +106,25 @@ fn coop_matmul_matches_its_reference_and_f16_rounding_of_f32() {
     let mut mm = Matmul::linear(6, 10, 7);
     (mm.lda, mm.ldb, mm.ldc, mm.c_off) = (12, 11, 20, 9);
     plain_case(&mm, 103, 1.0);
+}
+
+/// Split-K on cooperative matrices (forced on: an aim of 64 tiles, ranges of at least
+/// 32), each range's tiles scaling their rows by the range's own maxima: the head's dx
+/// over a long vocabulary, a forward with few rows, and a column block accumulated,
+/// against the reference on the same f16 operands and within f16 rounding of f32.
+#[test]
+#[ignore = "needs a driver with cooperative matrices: scripts/test.sh runs it on Mesa 26's lavapipe"]
+fn coop_split_k_matches_its_reference() {
+    let g = make(GpuOptions { variant: Some(Variant::Tiled), coop_matrix: Some(true), split_k: Some(webtune::gpu::SplitK { tiles: 64, min_k: 32 }), ..Default::default() });
+    assert!(g.caps.coop_matrix.is_some(), "no cooperative matrices on this adapter (run scripts/coop-driver.sh): {}", g.describe());
+    let sums = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    let mut column = Matmul::linear(9, 700, 40).accumulate().alpha(0.5);
+    (column.ldc, column.c_off) = (50, 3);
+    for (i, mm) in [Matmul::new(37, 70, 2000), Matmul::linear(5, 1000, 130), column].iter().enumerate() {
+        let before = sums(&g);
+        plain_case_on(&g, mm, 1600 + i as u64, 1.0);
+        assert_eq!(sums(&g) - before, 1, "{mm} did not split");
+    }
 }
 
 /// What the frozen products fuse, on cooperative matrices against the reference on

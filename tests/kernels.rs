@@ -151,6 +151,92 @@ fn fused_products_match_reference_for_both_variants() {
     matmul_case(&wide, &mm, 341, 1.0);
 }
 
+/// Split-K (`Caps::split_k`), forced on with a small aim (64 tiles, ranges of at least
+/// 16) for each kernel (register, tiled, wide): products with few tiles and a long k
+/// run their k-ranges at once into slices that `matmul_split_sum` adds into C, against
+/// the CPU reference: every transpose, alpha and beta, offsets and row strides, more
+/// ranges than a group holds, LoRA's second product with dropout on it (its mask
+/// counted from the slice as from C), dropout on A and on B, SwiGLU on A, f16 and
+/// Q8_0 weights, and ranges within a loop budget of 100; products that must not split
+/// (batched, enough tiles, a short k, SwiGLU's backward) run as before.
+#[test]
+fn split_k_matches_reference() {
+    use webtune::gpu::{GpuOptions, SplitK};
+    let aim = Some(SplitK { tiles: 64, min_k: 16 });
+    let gpus = [
+        make(GpuOptions { variant: Some(Variant::Register), wide_matmul: Some(WideMatmul::Off), split_k: aim, ..Default::default() }),
+        make(GpuOptions { variant: Some(Variant::Tiled), wide_matmul: Some(WideMatmul::Off), split_k: aim, ..Default::default() }),
+        make(GpuOptions { variant: Some(Variant::Tiled), wide_matmul: Some(WideMatmul::All), split_k: aim, ..Default::default() }),
+        make(GpuOptions { variant: Some(Variant::Tiled), max_loop: Some(100), split_k: aim, ..Default::default() }),
+    ];
+    let sums = |g: &webtune::gpu::Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    // One product, asserting whether it split (one sum dispatch).
+    let case = |g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, splits: bool| {
+        let before = sums(g);
+        matmul_case(g, mm, seed, 1.0);
+        assert_eq!(sums(g) - before, splits as u64, "{mm} on {}: split-K {}", kernels_of(g), if splits { "expected" } else { "unexpected" });
+    };
+    for g in &gpus {
+        let mut seed = 1500;
+        for (m, n, kk) in [(7, 13, 100), (33, 65, 300), (1, 1, 64)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut mm = Matmul::new(m, n, kk);
+                (mm.trans_a, mm.trans_b) = (ta, tb);
+                case(g, &mm, seed, true);
+                case(g, &mm.accumulate().alpha(0.5), seed + 1, true);
+                seed += 2;
+            }
+        }
+        let mut mm = Matmul::linear(6, 300, 7);
+        (mm.lda, mm.ldb, mm.ldc, mm.c_off) = (310, 305, 20, 9);
+        case(g, &mm, 1530, true);
+        // LoRA's dx inside the base dx: the second product beside the last range, its
+        // dropout mask counted as in C (a column block at an offset).
+        let mut lora = Matmul::new(20, 30, 200).accumulate().plus(Second::new(9, 0.75));
+        (lora.ldc, lora.c_off) = (35, 4);
+        case(g, &lora, 1531, true);
+        for on in [DropOn::A, DropOn::B, DropOn::Second] {
+            case(g, &lora.clone().dropout(Dropout { p: 0.3, seed: 7, on }), 1532, true);
+        }
+        case(g, &Matmul { glu: Some(Glu { on: GluOn::A, up: 9 * 120 + 8 }), ..Matmul::new(9, 11, 120) }, 1535, true);
+        // Not split: batched, enough tiles, a short k, SwiGLU's backward.
+        case(g, &Matmul::new(9, 11, 200).batched(2, 9 * 200, 0, 99), 1540, false);
+        case(g, &Matmul::new(1030, 1030, 40), 1541, false);
+        case(g, &Matmul::new(9, 11, 31), 1542, false);
+        // Frozen weights, f16 and packed, through the grouped launch.
+        let mut rng = Rng::new(1550);
+        let (rows, cols) = (37, 32 * 8);
+        let w = rng.vec(rows * cols, 2.0);
+        let f16 = g.upload_f16("w f16", &w, &[rows, cols]).unwrap();
+        let raw = quant::quantize(QType::Q8_0, &w).unwrap();
+        let q8 = g.upload_packed("w q8", QType::Q8_0, &raw, &[rows, cols]).unwrap();
+        let weights = [(&f16, w.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>()), (&q8, quant::dequantize(QType::Q8_0, &raw))];
+        for (tw, wv) in weights {
+            for mm in [Matmul::linear(5, cols, rows).accumulate(), Matmul::new(5, cols, rows)] {
+                let (ea, _, ec) = mm.extents();
+                let (a, c0) = (rng.vec(ea, 1.0), rng.vec(ec, 1.0));
+                let (ta, tc) = (up(g, &a), up(g, &c0));
+                let before = sums(g);
+                run(g, |r| k::matmul(g, r, &mm, &ta, tw, &tc));
+                let mut want = c0.clone();
+                cpu::matmul(&mm, &a, &wv, &mut want);
+                close(&format!("{mm} over {} on {}", tw.dtype, kernels_of(g)), &read(g, &tc), &want, 1e-4, 1e-4);
+                assert_eq!(sums(g) - before, 1, "{mm} over {} on {}", tw.dtype, kernels_of(g));
+            }
+        }
+    }
+    let mm = Matmul { swiglu_back: Some(SwigluBack { g: 0, up: 9 * 11, du: 9 * 11 }), ..Matmul::new(9, 11, 301) };
+    assert!(k::split_ranges(&gpus[1], &mm, 64, 1 << 20).is_none(), "SwiGLU's backward is not split");
+    // The ranges: as many as bring 1 tile to the aim of 64 (k / 16 = 18 here), each a
+    // multiple of 32, and within a loop budget where one binds.
+    let ranges = k::split_ranges(&gpus[1], &Matmul::new(9, 11, 300), 64, 1 << 20).unwrap();
+    assert_eq!(ranges, (0..10).map(|i| (32 * i, (32 * i + 32).min(300))).collect::<Vec<_>>());
+    assert_eq!(k::split_ranges(&gpus[1], &Matmul::new(9, 11, 300), 64, 16).unwrap().len(), 19);
+    assert_eq!(k::split_ranges(&gpus[1], &Matmul::new(100, 100, 3000), 64, 1 << 20).unwrap().len(), 16);
+    assert!(gpu().caps.split_k.is_none() && variant(Variant::Tiled).caps.split_k.is_none(), "split-K is off by default");
+    assert!(gpus[0].describe().contains("split-K below 64 tiles"));
+}
+
 /// SwiGLU on an operand as loaded (`Glu`: silu(gate)·up, up stored `up` elements past
 /// the gate): on A (down's forward, LoRA's down) or on B (LoRA's dA, a trained down's
 /// dW), every transpose, with dropout on that operand, a second product, and in a

@@ -978,6 +978,38 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() {
     }
 }
 
+/// A LoRA step of fixture `f` on `g` (its loss and every LoRA gradient), and the
+/// losses of five AdamW steps from the same start.
+fn lora_step_and_adamw(g: &Gpu, f: &Fixture) -> (Vec<f32>, Vec<Vec<f32>>, Vec<f32>) {
+    let m = model(g, f, true);
+    let (inp, targets, _) = batch(g, f);
+    let loss = read(g, &m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap());
+    let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, p.grad().unwrap())).collect();
+    let m = model(g, f, true);
+    (loss, grads, adamw_losses(g, &m, &inp, &targets, &f.json["adamw"], 5))
+}
+
+/// A LoRA step and five AdamW steps of the fixture with split-K forced on (an aim of
+/// 64 tiles, ranges of at least 16: here the head's dx over the vocabulary and the
+/// products over the hidden size split) against the same GPU kernels without it: the
+/// loss and every LoRA gradient agree to f32 summation order.
+#[test]
+fn llama_lora_steps_with_split_k_match_without() {
+    let opts = |split: bool| webtune::gpu::GpuOptions { variant: Some(webtune::gpu::Variant::Tiled), split_k: split.then_some(webtune::gpu::SplitK { tiles: 64, min_k: 16 }), ..Default::default() };
+    let (plain, split) = (make(opts(false)), make(opts(true)));
+    let f = fixture("llama");
+    let (want, got) = (lora_step_and_adamw(&plain, &f), lora_step_and_adamw(&split, &f));
+    let sums = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    assert!(sums(&split) >= 6, "split-K ran {} times: {:?}", sums(&split), split.dispatches_by_kernel());
+    assert_eq!(sums(&plain), 0);
+    close("loss with split-K", &got.0, &want.0, 0.0, 1e-5);
+    for (i, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+        let mag = w.iter().fold(0f32, |a, b| a.max(b.abs()));
+        close(&format!("LoRA gradient {i} with split-K"), g, w, 1e-5 * mag, 1e-4);
+    }
+    close("AdamW losses with split-K", &got.2, &want.2, 0.0, 1e-5);
+}
+
 /// A LoRA step with the frozen products on cooperative matrices (`matmul_coop`: A
 /// rounded to f16 after a power-of-two scale per row) against the same step with the
 /// GPU kernels in f32, both over the fixture's weights in f16: the loss, every LoRA
@@ -992,16 +1024,7 @@ fn llama_lora_steps_on_cooperative_matrices_stay_within_f16_rounding() {
     assert!(coop.caps.coop_matrix.is_some() && plain.caps.coop_matrix.is_none(), "no cooperative matrices on this adapter: {}", coop.describe());
     assert!(coop.caps.shader_f16, "f16 frozen weights: {}", coop.describe());
     let f = fixture("llama");
-    let step = |g: &Gpu| {
-        let m = model(g, &f, true);
-        let (inp, targets, _) = batch(g, &f);
-        let loss = read(g, &m.forward_backward(g, &inp, &targets, scale_of(&targets)).unwrap());
-        let grads: Vec<Vec<f32>> = m.params().iter().map(|p| read(g, p.grad().unwrap())).collect();
-        let m = model(g, &f, true);
-        let adamw = &f.json["adamw"];
-        (loss, grads, adamw_losses(g, &m, &inp, &targets, adamw, 5))
-    };
-    let (want, got) = (step(&plain), step(&coop));
+    let (want, got) = (lora_step_and_adamw(&plain, &f), lora_step_and_adamw(&coop, &f));
     let coop_dispatches = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_coop")).map(|(_, n)| n).sum::<u64>();
     // The base products of 2 layers' seven projections and the head, forward and backward, each step.
     assert!(coop_dispatches(&coop) >= 6 * 2 * 8, "{:?}", coop.dispatches_by_kernel());

@@ -103,6 +103,9 @@ pub struct Caps {
     /// and f32 sums. By default with the GPU kernels, where the adapter offers such a
     /// shape, shader-f16, and subgroups of a fixed size that suits (`coop_choice`).
     pub coop_matrix: Option<Coop>,
+    /// Products with few tiles and a long inner dimension run their k-ranges at once
+    /// (split-K, see [`SplitK`]); None: each product's tiles sum their whole k.
+    pub split_k: Option<SplitK>,
     /// See [`GpuOptions::no_reuse`].
     pub no_reuse: bool,
     /// The largest device-local memory heap the driver reports (Vulkan), in bytes;
@@ -150,6 +153,26 @@ impl Drop for Sizing<'_> {
     fn drop(&mut self) {
         self.gpu.set_scale(1.0);
     }
+}
+
+/// Split-K (`Caps::split_k`): an unbatched product that launches fewer than `tiles`
+/// workgroups, over an inner dimension of at least twice `min_k`, runs as up to
+/// `tiles` / its tiles k-ranges of at least `min_k` at once (one dispatch, a group of
+/// the ranges, each into its own slice of a scratch buffer), and `matmul_split_sum`
+/// adds the slices into C in order, so results do not depend on timing. Off by
+/// default on every adapter until a GPU measures it (`--split-k on` in `bench`;
+/// `scripts/bench-gpu.sh` runs both): the head's dx over a 49,152-word vocabulary
+/// makes 54 tiles of 64×64 a chunk, each summing 49,152 terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitK {
+    pub tiles: usize,
+    pub min_k: usize,
+}
+
+impl SplitK {
+    /// What `--split-k on` asks for: 256 workgroups (an H100 has 132 multiprocessors,
+    /// a laptop GPU 8 to 40 compute units), k-ranges of at least 512.
+    pub const ON: SplitK = SplitK { tiles: 256, min_k: 512 };
 }
 
 /// The workgroup memory `matmul_coop` declares (kernels/coop.wgsl: A and B slabs of
@@ -254,6 +277,8 @@ pub struct GpuOptions {
     /// Force matmul on cooperative matrices on or off (see [`Caps::coop_matrix`]; never
     /// on an adapter without them).
     pub coop_matrix: Option<bool>,
+    /// Split-K for products with few tiles and a long k (see [`SplitK`]; default: off).
+    pub split_k: Option<SplitK>,
     /// Do not use `shader-f16` even where offered (frozen weights then stay f32).
     pub no_f16: bool,
     /// Cap the loop budget below the driver's (tests of the split paths on any driver).
@@ -426,6 +451,7 @@ impl Gpu {
                 && opts.subgroup_sums.unwrap_or(variant == Variant::Tiled),
             coop_shapes,
             coop_matrix,
+            split_k: opts.split_k,
             no_reuse: opts.no_reuse,
             device_heap: device_heap(&adapter),
         };
@@ -492,7 +518,7 @@ impl Gpu {
         let driver = if driver.trim().is_empty() { String::new() } else { format!(", driver {}", driver.trim()) };
         let name = if a.name.is_empty() { "the browser's WebGPU adapter" } else { &a.name };
         format!(
-            "{name} ({kind}, {}{driver}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {}{}{}{}; loop budget {}",
+            "{name} ({kind}, {}{driver}); max binding {} MiB, max buffer {} MiB; shader-f16 {}, subgroups {}, timestamps {}; kernels {}{}{}{}{}; loop budget {}",
             a.backend,
             self.caps.max_binding >> 20,
             self.caps.limits.max_buffer_size >> 20,
@@ -511,6 +537,10 @@ impl Gpu {
             if self.caps.subgroup_sums { ", subgroup sums" } else { "" },
             match self.caps.coop_matrix {
                 Some(c) => format!(", frozen-weight products on {0}×{0} cooperative matrices", c.size),
+                None => String::new(),
+            },
+            match self.caps.split_k {
+                Some(s) => format!(", split-K below {} tiles", s.tiles),
                 None => String::new(),
             },
             if self.caps.max_loop == u32::MAX { "unlimited".to_string() } else { format!("{} iterations per invocation", self.caps.max_loop) }

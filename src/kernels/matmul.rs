@@ -320,7 +320,11 @@ fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor,
         return matmul_with(gpu, rec, &Matmul { alt: false, ..mm.clone() }, a2, b2, c, None);
     }
     validate(gpu, mm, a, b, c, second)?;
-    let launch = Launch::new(gpu, mm, b, false, false, wide(gpu, std::iter::once(mm)));
+    let wide = wide(gpu, std::iter::once(mm));
+    let launch = Launch::new(gpu, mm, b, false, false, wide);
+    if let Some(ranges) = split_ranges(gpu, mm, launch.tile, launch.k_span) {
+        return matmul_split(gpu, rec, mm, &ranges, wide, a, b, c, second);
+    }
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.
     for (k0, k1) in spans(mm.k, launch.k_span) {
@@ -385,6 +389,59 @@ pub fn matmul_group(gpu: &Gpu, rec: &mut Recorder, mms: &[Matmul], a: &Tensor, b
         launch.record(gpu, rec, &params, grid, a, b, c, second, None)?;
     }
     Ok(())
+}
+
+/// The k-ranges split-K runs `mm` in at once (`Caps::split_k`), or None where its
+/// tiles sum their whole k: it is unbatched, makes fewer tiles (of `tile`² outputs)
+/// than split-K aims for and a k of at least twice its least range. As many ranges
+/// as bring the tiles up to that aim, each at least `min_k` long, a multiple of 32,
+/// and within the loop budget (`k_span`); none where their slices would pass a
+/// logits chunk's bytes (at most 64 MiB), or fewer than 2.
+pub fn split_ranges(gpu: &Gpu, mm: &Matmul, tile: usize, k_span: usize) -> Option<Vec<(usize, usize)>> {
+    let s = gpu.caps.split_k?;
+    let tiles = mm.n.div_ceil(tile) * mm.m.div_ceil(tile);
+    if mm.batch != 1 || mm.swiglu_back.is_some() || mm.alt || mm.m > 65535 || tiles >= s.tiles || mm.k < 2 * s.min_k.max(1) {
+        return None;
+    }
+    let parts = (s.tiles / tiles).min(mm.k / s.min_k.max(1));
+    let len = mm.k.div_ceil(parts.max(1)).next_multiple_of(32).min(k_span);
+    let ranges: Vec<_> = spans(mm.k, len).collect();
+    let (_, _, ldc) = mm.strides();
+    let bytes = (ranges.len() * mm.m * ldc * 4) as u64;
+    (ranges.len() >= 2 && bytes <= gpu.caps.chunk_bytes() && (ranges.len() as u64) < gpu.caps.max_loop as u64).then_some(ranges)
+}
+
+/// Split-K: `mm`'s k-ranges at once, as groups of up to `GROUP_MAX` (each range a
+/// product of the group over the same operands, writing into its own slice of a
+/// scratch buffer laid out as C, beta 0, the second product beside the last range),
+/// then `matmul_split_sum` adds the slices in order into C with its beta.
+#[allow(clippy::too_many_arguments)]
+fn matmul_split(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, ranges: &[(usize, usize)], wide: bool, a: &Tensor, b: &Tensor, c: &Tensor, second: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    let (_, _, ldc) = mm.strides();
+    let slice = mm.m * ldc;
+    let slices = gpu.pooled("matmul split-K slices", DType::F32, &[ranges.len() * slice])?;
+    let launch = Launch::new(gpu, mm, b, true, false, wide);
+    let tiles_n = groups(mm.n, launch.tile);
+    let tiles = tiles_n * groups(mm.m, launch.tile);
+    for (i, chunk) in ranges.chunks(GROUP_MAX).enumerate() {
+        let mut params = [Params::zeroed(); GROUP_MAX];
+        for (j, (p, &(k0, k1))) in params.iter_mut().zip(chunk).enumerate() {
+            *p = Params::of(mm, k0, k1);
+            p.c_off = ((i * GROUP_MAX + j) * slice) as u32;
+            p.beta = 0.0;
+            // A mask on the second product counts from its slice as from C.
+            if mm.dropout.is_some_and(|d| d.on == DropOn::Second) {
+                p.drop_base = p.c_off;
+            }
+            (p.tile0, p.tiles_n, p.tiles) = (j as u32 * tiles, tiles_n, tiles);
+        }
+        let total = chunk.len() as u32 * tiles;
+        launch.record(gpu, rec, &params, [total.min(65535), total.div_ceil(65535), 1], a, b, &slices, second, None)?;
+    }
+    let mut params = [Params::zeroed(); GROUP_MAX];
+    params[0] = Params { m: mm.m as u32, n: mm.n as u32, k: ranges.len() as u32, c_off: mm.c_off as u32, ldc: ldc as u32, beta: mm.beta, a_stride: slice as u32, ..Params::zeroed() };
+    let sum = gpu.pipeline(&MATMUL, "matmul_split_sum", &[]);
+    gpu.dispatch(rec, &sum, "matmul_split_sum", &params, &[(1, Bind::from(&slices)), (3, c.into())], [groups(mm.n, 64), mm.m as u32, 1])
 }
 
 /// Whether products of these shapes run the wide kernel on this adapter

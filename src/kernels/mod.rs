@@ -25,7 +25,7 @@ pub use dpo::{dpo_backward, dpo_forward, Dpo, DpoLoss};
 pub use elementwise::{add, add_bias, axpy, bias_backward, scale};
 pub use embedding::{embedding_backward, embedding_forward};
 pub use lora::{lora_backward, lora_backward_group, lora_down, lora_down_group, Lora};
-pub use matmul::{fills_wide, matmul, matmul_group, matmul_swiglu_back, matmul_with, DropOn, Dropout, Glu, GluOn, Matmul, Second, SwigluBack};
+pub use matmul::{fills_wide, matmul, matmul_group, split_ranges, matmul_swiglu_back, matmul_with, DropOn, Dropout, Glu, GluOn, Matmul, Second, SwigluBack};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward, rmsnorm_forward_lora_down, LoraDh};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
