@@ -630,7 +630,7 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
 }
 
 /// Without --memory-budget the plan's budget comes from the device: on a CPU adapter
-/// (lavapipe) the host's available memory, and on a GPU 90% of the device-local heap
+/// (lavapipe) 90% of the host's available memory, and on a GPU 90% of the device-local heap
 /// the Vulkan driver reports, which lavapipe reports too (2,048 MiB), so the query is
 /// checked here; --memory-budget overrides both.
 #[test]
@@ -642,7 +642,7 @@ fn without_a_budget_given_the_plan_takes_the_devices_memory() {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     let kb = |key: &str| meminfo.lines().find(|l| l.starts_with(key)).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024;
     let host = g.caps.memory().expect("a CPU adapter's memory is the host's");
-    assert!(host > 0 && host <= kb("MemTotal:"), "available {host}");
+    assert!(host > 0 && host <= kb("MemTotal:") / 10 * 9, "available {host}");
     let gpu_like = webtune::gpu::Caps { adapter: wgpu::AdapterInfo { device_type: wgpu::DeviceType::DiscreteGpu, ..g.caps.adapter.clone() }, ..g.caps.clone() };
     assert_eq!(gpu_like.memory(), Some(heap / 10 * 9));
     let opts = RunOptions::default();

@@ -115,12 +115,13 @@ pub struct Caps {
 
 impl Caps {
     /// The memory a run may plan for on this device, where known: on a CPU adapter
-    /// (lavapipe, SwiftShader; its device memory is the host's) what the host has
-    /// available; else 90% of the largest device-local heap (the rest for the driver
+    /// (lavapipe, SwiftShader; its device memory is the host's) 90% of what the host
+    /// has available (the rest for the process's own host copies: staging, uploads,
+    /// the driver); else 90% of the largest device-local heap (the rest for the driver
     /// and what else shares the GPU).
     pub fn memory(&self) -> Option<u64> {
         if self.adapter.device_type == wgpu::DeviceType::Cpu {
-            return available_memory();
+            return available_memory().map(|m| m / 10 * 9);
         }
         self.device_heap.map(|h| h / 10 * 9)
     }

@@ -51,7 +51,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 }
 
 /// The memory a step may use: `--memory-budget`, else what the device has
-/// (`Caps::memory`: the host's available memory on a CPU adapter, 90% of the largest
+/// (`Caps::memory`: 90% of the host's available memory on a CPU adapter, of the largest
 /// device-local heap on Vulkan); else none known (Metal, DX12 and WebGPU report no
 /// memory through wgpu), and only bindings bound the plan.
 pub fn budget(opts: &RunOptions, device: Option<u64>) -> Result<Option<u64>> {
@@ -72,7 +72,7 @@ pub fn budget_origin(opts: &RunOptions, caps: &crate::gpu::Caps) -> Option<Strin
         return None;
     }
     let what = if caps.adapter.device_type == wgpu::DeviceType::Cpu {
-        "the host's available memory (a CPU adapter's device memory is the host's)".to_string()
+        "90% of the host's available memory (a CPU adapter's device memory is the host's)".to_string()
     } else {
         format!("90% of the GPU's device-local heap of {}", mib(caps.device_heap?))
     };
