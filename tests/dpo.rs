@@ -341,3 +341,64 @@ fn lora_dpo_takes_each_reference_when_a_step_first_uses_it() {
     }
     let _ = std::fs::remove_dir_all(&args.model);
 }
+
+/// A DPO run continued from a trained adapter whose values lie in several flat groups
+/// (bindings capped at 256 KiB: the demo's LoRA on all seven projections, 311 KB of
+/// values, in 2 or more): the reference each step takes (step 2's with the trained
+/// adapter swapped out), and the starting adapter the
+/// run swaps in and back (the page's "before" answers after a reload), are that
+/// adapter's, group by group: the pairs' log-probabilities equal those the run started
+/// with, and after the swap back those of the trained adapter.
+#[test]
+fn a_dpo_run_from_an_adapter_in_several_flat_groups_keeps_it_whole() {
+    use futures::executor::block_on as block;
+    use std::rc::Rc;
+    use webtune::train::{pair_logps, Run};
+    let g = max_binding(256 << 10);
+    let md = cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let load = |data: &str, records: usize, len: usize| {
+        let text: Vec<String> = webtune::data::builtin(data).unwrap().lines().take(records).map(String::from).collect();
+        Rc::new(webtune::data::load(&md.tokenizer, &text.join("\n"), data, len, false, false).unwrap())
+    };
+    let sft_opts = RunOptions { lora_targets: "all-linear".into(), train: Options { batch_size: 4, ..RunOptions::demo(3).train }, ..RunOptions::demo(3) };
+    let dpo_opts = RunOptions { train: Options { batch_size: 4, ..RunOptions::demo_dpo(3).train }, ..RunOptions::demo_dpo(3) };
+    let (records, pairs) = (load("demo", 12, sft_opts.max_seq_len), load("demo-dpo", 8, dpo_opts.max_seq_len));
+    let source = Rc::new(md.source);
+    let pad = source.tokenizer.pad_id;
+    let mut sft = Run::new(&g, source.clone(), records, None, sft_opts).unwrap();
+    while !sft.done() {
+        block(sft.next(&g)).unwrap();
+    }
+    let mut dpo = block(sft.continued(&g, pairs.clone(), dpo_opts)).unwrap();
+    assert!(dpo.model.flat_groups() >= 2, "{} flat groups", dpo.model.flat_groups());
+    assert!(dpo.keeps_starting_adapter());
+    let starting = block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap();
+    dpo.model.adapter_enabled = false;
+    let base = block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap();
+    dpo.model.adapter_enabled = true;
+    assert!(starting.iter().zip(&base).any(|(s, b)| (s[0] - b[0]).abs() > 1e-3), "the SFT adapter changes nothing: {starting:?}");
+    let same = |what: &str, got: &[[f32; 2]], want: &[[f32; 2]]| {
+        for (i, (x, w)) in got.iter().zip(want).enumerate() {
+            for s in 0..2 {
+                assert!((x[s] - w[s]).abs() <= 1e-5 * w[s].abs().max(1.0), "{what}: pair {i}: {x:?}, want {w:?}");
+            }
+        }
+    };
+    block(dpo.next(&g)).unwrap();
+    let taken: Vec<usize> = (0..pairs.items()).filter(|&i| dpo.trainer.reference[i][0].is_finite()).collect();
+    assert_eq!(taken.len(), 4, "step 1 takes its 4 pairs' references");
+    let refs: Vec<[f32; 2]> = taken.iter().map(|&i| dpo.trainer.reference[i]).collect();
+    same("step 1's references", &refs, &taken.iter().map(|&i| starting[i]).collect::<Vec<_>>());
+    let trained = block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap();
+    assert!(trained.iter().zip(&starting).any(|(t, s)| (t[0] - s[0]).abs() > 1e-4), "step 1 changed nothing");
+    // Step 2's pairs take theirs from the starting adapter swapped in for the trained one.
+    block(dpo.next(&g)).unwrap();
+    let rest: Vec<usize> = (0..pairs.items()).filter(|i| !taken.contains(i)).collect();
+    let refs: Vec<[f32; 2]> = rest.iter().map(|&i| dpo.trainer.reference[i]).collect();
+    same("step 2's references", &refs, &rest.iter().map(|&i| starting[i]).collect::<Vec<_>>());
+    let trained = block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap();
+    dpo.swap_starting_adapter(&g).unwrap();
+    same("the starting adapter swapped in", &block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap(), &starting);
+    dpo.swap_starting_adapter(&g).unwrap();
+    same("the trained adapter swapped back", &block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap(), &trained);
+}

@@ -296,6 +296,12 @@ impl Model {
         Ok(())
     }
 
+    /// How many flat groups the trainable params lie in (one per binding's worth,
+    /// `params::pack`).
+    pub fn flat_groups(&self) -> usize {
+        self.flat.len()
+    }
+
     /// GPU copies of the trainable values (each flat group of them): a DPO run's
     /// reference adapter (`swap_values`).
     pub fn copy_values(&self, gpu: &Gpu, what: &str) -> Result<Vec<Tensor>> {
