@@ -156,7 +156,7 @@ fn fused_products_match_reference_for_both_variants() {
 /// run their k-ranges at once into slices that `matmul_split_sum` adds into C, against
 /// the CPU reference: every transpose, alpha and beta, offsets and row strides, more
 /// ranges than a group holds, LoRA's second product with dropout on it (its mask
-/// counted from the slice as from C), dropout on A and on B, SwiGLU on A, f16 and
+/// counted from the slice as from C), dropout on A and on B, SwiGLU on A and on B, f16 and
 /// Q8_0 weights, and ranges within a loop budget of 100; products that must not split
 /// (batched, enough tiles, a short k, SwiGLU's backward) run as before.
 #[test]
@@ -199,6 +199,9 @@ fn split_k_matches_reference() {
             case(g, &lora.clone().dropout(Dropout { p: 0.3, seed: 7, on }), 1532, true);
         }
         case(g, &Matmul { glu: Some(Glu { on: GluOn::A, up: 9 * 120 + 8 }), ..Matmul::new(9, 11, 120) }, 1535, true);
+        // SwiGLU on B with dropout on it, as a trained down's dW = dyᵀ·h reads h.
+        let dw = Matmul { glu: Some(Glu { on: GluOn::B, up: 120 * 13 + 8 }), ..Matmul::new(11, 13, 120).trans_a().accumulate() };
+        case(g, &dw.dropout(Dropout { p: 0.2, seed: 3, on: DropOn::B }), 1536, true);
         // Not split: batched, enough tiles, a short k, SwiGLU's backward.
         case(g, &Matmul::new(9, 11, 200).batched(2, 9 * 200, 0, 99), 1540, false);
         case(g, &Matmul::new(1030, 1030, 40), 1541, false);
