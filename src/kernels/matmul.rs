@@ -321,10 +321,12 @@ fn matmul_on(gpu: &Gpu, rec: &mut Recorder, mm: &Matmul, a: &Tensor, b: &Tensor,
     }
     validate(gpu, mm, a, b, c, second)?;
     let wide = wide(gpu, std::iter::once(mm));
-    let launch = Launch::new(gpu, mm, b, false, false, wide);
-    if let Some(ranges) = split_ranges(gpu, mm, launch.tile, launch.k_span) {
+    // Split-K decides before a pipeline is built: it runs the grouped kernel only.
+    let (_, tile, k_span) = Launch::kernel(gpu, mm, b, wide);
+    if let Some(ranges) = split_ranges(gpu, mm, tile, k_span) {
         return matmul_split(gpu, rec, mm, &ranges, wide, a, b, c, second);
     }
+    let launch = Launch::new(gpu, mm, b, false, false, wide);
     // A long inner dimension (dx = dlogits·W over a 128k vocabulary) is summed in
     // k-ranges that fit the loop budget, each adding into C after the first.
     for (k0, k1) in spans(mm.k, launch.k_span) {
@@ -623,8 +625,26 @@ impl Launch {
     /// `grouped`: the grid is a group's tiles (`matmul_group`), not the batch.
     /// `alt`: some products read the second operand pair (`Matmul::alt`).
     /// `wide`: the wide kernel, whatever the variant.
-    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool, wide: bool) -> Launch {
+    /// The entry point a product of `mm`'s kind over `b` runs on this adapter (`wide`:
+    /// the wide kernel, whatever the variant), its tile's side, and how far its k may
+    /// run in one dispatch; grouped or not, the same.
+    fn kernel(gpu: &Gpu, mm: &Matmul, b: &Tensor, wide: bool) -> (&'static str, usize, usize) {
         let k2 = mm.second.map_or(0, |s| s.k);
+        // The register variant loops once per k; the tiled one 21 times per 16 k (a
+        // slab load of 4, 16 products, the k0 step); the wide one 9 times per 8 k (8
+        // products, the slab step), and 88 in its stores and group lookup. The second
+        // product's loop runs beside the last k-range.
+        // The cooperative-matrix one 37 times per 32 k (its rows' maxima 8, a slab load
+        // of 8, at most 4 blocks of 4 products, the steps), and 64 around them.
+        match gpu.caps.variant {
+            _ if gpu.caps.coop_matrix.is_some() && b.dtype != DType::F32 => ("matmul_coop", 64, loop_span(gpu, 37, 64 + k2) * 32),
+            _ if wide => ("matmul_wide", 128, loop_span(gpu, 9, 96 + 9 * k2.div_ceil(8)) * 8),
+            Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
+            Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
+        }
+    }
+
+    fn new(gpu: &Gpu, mm: &Matmul, b: &Tensor, grouped: bool, alt: bool, wide: bool) -> Launch {
         let drop = mm.dropout.map_or(0, |d| match d.on {
             DropOn::A => 1,
             DropOn::B => 2,
@@ -644,19 +664,8 @@ impl Launch {
             ("GLU", glu as f64),
             ("EPI", flag(mm.swiglu_back.is_some())),
         ];
-        // The register variant loops once per k; the tiled one 21 times per 16 k (a
-        // slab load of 4, 16 products, the k0 step); the wide one 9 times per 8 k (8
-        // products, the slab step), and 88 in its stores and group lookup. The second
-        // product's loop runs beside the last k-range.
-        // The cooperative-matrix one 37 times per 32 k (its rows' maxima 8, a slab load
-        // of 8, at most 4 blocks of 4 products, the steps), and 64 around them.
+        let (entry, tile, k_span) = Launch::kernel(gpu, mm, b, wide);
         let coop = gpu.caps.coop_matrix.filter(|_| b.dtype != DType::F32);
-        let (entry, tile, k_span) = match gpu.caps.variant {
-            _ if coop.is_some() => ("matmul_coop", 64, loop_span(gpu, 37, 64 + k2) * 32),
-            _ if wide => ("matmul_wide", 128, loop_span(gpu, 9, 96 + 9 * k2.div_ceil(8)) * 8),
-            Variant::Register => ("matmul_reg", 32, loop_span(gpu, 1, 64 + k2)),
-            Variant::Tiled => ("matmul_tiled", 64, loop_span(gpu, 21, 64 + 21 * k2.div_ceil(16)) * 16),
-        };
         let kernel = match b.dtype {
             DType::F16 => f16_variant(&MATMUL),
             DType::Q(q) => {
