@@ -117,7 +117,7 @@ fn coop_matmul_matches_its_reference_and_f16_rounding_of_f32() {
 fn coop_split_k_matches_its_reference() {
     let g = make(GpuOptions { variant: Some(Variant::Tiled), coop_matrix: Some(true), split_k: Some(webtune::gpu::SplitK { tiles: 64, min_k: 32 }), ..Default::default() });
     assert!(g.caps.coop_matrix.is_some(), "no cooperative matrices on this adapter (run scripts/coop-driver.sh): {}", g.describe());
-    let sums = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    let sums = |g: &Gpu| dispatches_of(g, "matmul_split_sum");
     let mut column = Matmul::linear(9, 700, 40).accumulate().alpha(0.5);
     (column.ldc, column.c_off) = (50, 3);
     for (i, mm) in [Matmul::new(37, 70, 2000), Matmul::linear(5, 1000, 130), column].iter().enumerate() {

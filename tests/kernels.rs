@@ -169,7 +169,7 @@ fn split_k_matches_reference() {
         make(GpuOptions { variant: Some(Variant::Tiled), wide_matmul: Some(WideMatmul::All), split_k: aim, ..Default::default() }),
         make(GpuOptions { variant: Some(Variant::Tiled), max_loop: Some(100), split_k: aim, ..Default::default() }),
     ];
-    let sums = |g: &webtune::gpu::Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    let sums = |g: &webtune::gpu::Gpu| dispatches_of(g, "matmul_split_sum");
     // One product, asserting whether it split (one sum dispatch).
     let case = |g: &webtune::gpu::Gpu, mm: &Matmul, seed: u64, splits: bool| {
         let before = sums(g);

@@ -999,7 +999,7 @@ fn llama_lora_steps_with_split_k_match_without() {
     let (plain, split) = (make(opts(false)), make(opts(true)));
     let f = fixture("llama");
     let (want, got) = (lora_step_and_adamw(&plain, &f), lora_step_and_adamw(&split, &f));
-    let sums = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_split_sum")).map(|(_, n)| n).sum::<u64>();
+    let sums = |g: &Gpu| dispatches_of(g, "matmul_split_sum");
     assert!(sums(&split) >= 6, "split-K ran {} times: {:?}", sums(&split), split.dispatches_by_kernel());
     assert_eq!(sums(&plain), 0);
     close("loss with split-K", &got.0, &want.0, 0.0, 1e-5);
@@ -1025,7 +1025,7 @@ fn llama_lora_steps_on_cooperative_matrices_stay_within_f16_rounding() {
     assert!(coop.caps.shader_f16, "f16 frozen weights: {}", coop.describe());
     let f = fixture("llama");
     let (want, got) = (lora_step_and_adamw(&plain, &f), lora_step_and_adamw(&coop, &f));
-    let coop_dispatches = |g: &Gpu| g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains("matmul_coop")).map(|(_, n)| n).sum::<u64>();
+    let coop_dispatches = |g: &Gpu| dispatches_of(g, "matmul_coop");
     // The base products of 2 layers' seven projections and the head, forward and backward, each step.
     assert!(coop_dispatches(&coop) >= 6 * 2 * 8, "{:?}", coop.dispatches_by_kernel());
     assert_eq!(coop_dispatches(&plain), 0);

@@ -77,6 +77,12 @@ pub fn own_matmul_kernels(v: Variant, wide: bool) -> Gpu {
     make(GpuOptions { variant: Some(v), wide_matmul: Some(if wide { WideMatmul::All } else { WideMatmul::Off }), ..Default::default() })
 }
 
+/// Dispatches `g` has recorded of every pipeline whose name contains `entry` (a
+/// kernel's entry point, any of its variants).
+pub fn dispatches_of(g: &Gpu, entry: &str) -> u64 {
+    g.dispatches_by_kernel().iter().filter(|(k, _)| k.contains(entry)).map(|(_, n)| n).sum()
+}
+
 /// The kernels a context runs, for messages: `Register`, `Tiled`, with which products run the wide matmul.
 pub fn kernels_of(g: &Gpu) -> String {
     format!("{:?}, wide matmul {:?}", g.caps.variant, g.caps.wide_matmul)
