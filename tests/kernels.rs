@@ -157,8 +157,9 @@ fn fused_products_match_reference_for_both_variants() {
 /// the CPU reference: every transpose, alpha and beta, offsets and row strides, more
 /// ranges than a group holds, LoRA's second product with dropout on it (its mask
 /// counted from the slice as from C), dropout on A and on B, SwiGLU on A and on B, f16 and
-/// Q8_0 weights, and ranges within a loop budget of 100; products that must not split
-/// (batched, enough tiles, a short k, SwiGLU's backward) run as before.
+/// Q8_0 weights, a Llama 3 vocabulary's k, and ranges within a loop budget of 100;
+/// products that must not split (batched, enough tiles, a short k, SwiGLU's backward)
+/// run as before.
 #[test]
 fn split_k_matches_reference() {
     use webtune::gpu::{GpuOptions, SplitK};
@@ -227,6 +228,11 @@ fn split_k_matches_reference() {
                 assert_eq!(sums(g) - before, 1, "{mm} over {} on {}", tw.dtype, kernels_of(g));
             }
         }
+    }
+    // dx = dlogits·W over a Llama 3 vocabulary: 64 ranges of 2,016 (a loop budget of 100
+    // would need thousands of ranges, so that context sums it one range after another).
+    for g in &gpus[..3] {
+        case(g, &Matmul::new(3, 16, 128256), 1560, true);
     }
     let mm = Matmul { swiglu_back: Some(SwigluBack { g: 0, up: 9 * 11, du: 9 * 11 }), ..Matmul::new(9, 11, 301) };
     assert!(k::split_ranges(&gpus[1], &mm, 64, 1 << 20).is_none(), "SwiGLU's backward is not split");
