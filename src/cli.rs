@@ -237,18 +237,19 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         println!("{}: {loaded}", a.model.display());
     }
     let mut run = Run::with_model(gpu, Rc::new(md.source), model, Rc::new(train_data), valid_data, opts)?;
-    for note in lowered.iter().chain(&run.plan_note).filter(|_| !a.quiet) {
-        println!("{note}");
-    }
     if let Some((_, tensors)) = &init {
         run.init_adapter(gpu, tensors)?;
     }
-    if let Some(dir) = &a.resume {
-        let get = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
-        let resumed = run.resume(gpu, &get, &dir.display().to_string())?;
-        if !a.quiet {
-            println!("{}", resumed.note);
+    let resumed = match &a.resume {
+        Some(dir) => {
+            let get = |f: &str| -> Result<Vec<u8>> { std::fs::read(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e)) };
+            Some(run.resume(gpu, &get, &dir.display().to_string())?)
         }
+        None => None,
+    };
+    // The plan as the reference adapter, if the run keeps one, left it.
+    for note in lowered.iter().chain(&run.plan_note).chain(resumed.as_ref().map(|r| &r.note)).filter(|_| !a.quiet) {
+        println!("{note}");
     }
     let total = run.total_steps();
     let (tok, data) = (&run.source.tokenizer, &run.data);

@@ -225,6 +225,10 @@ enum Command {
         /// sft, or dpo (chosen and rejected in one batch: twice the sequences).
         #[arg(long, default_value = "sft")]
         method: String,
+        /// DPO with LoRA from a trained adapter (train's --init-adapter): the run keeps
+        /// it on the GPU as the reference, beside a scratch copy to swap it through.
+        #[arg(long)]
+        from_adapter: bool,
         /// The plan `train` would choose within this budget (512MiB, 2GiB): its
         /// micro-batches and whether it turns on gradient checkpointing (with 128 MiB
         /// bindings, lavapipe's and WebGPU's default).
@@ -534,7 +538,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::random_model(&config, &out, scale, seed)?;
             println!("wrote {}", out.display());
         }
-        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method, memory_budget } => {
+        Command::Memory { config, batch_size, max_seq_len, lora_rank, full, no_grad_checkpoint, f32_weights, quantize, method, from_adapter, memory_budget } => {
             use webtune::model::{gguf::Gguf, memory, weights::FileBytes, Config, TensorMap, Tensors};
             let name = config.display().to_string();
             let (cfg, weights): (Config, Box<dyn Tensors>) = if config.is_file() && config.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -561,13 +565,20 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 ..Default::default()
             };
             run.check()?;
-            let mut plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
+            if from_adapter && (method != "dpo" || full) {
+                return Err(webtune::Error::Options("--from-adapter: only a LoRA DPO run keeps the adapter it starts from as its reference (add --method dpo, without --full)".into()));
+            }
+            let plan_of = |run: &RunOptions| -> webtune::Result<memory::Plan> {
+                let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
+                Ok(memory::Plan { reference_adapter: from_adapter, ..plan })
+            };
+            let mut plan = plan_of(&run)?;
             let budget = webtune::train::fit::budget(&run, None)?;
             let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);
             if let Some((q, note)) = &lowered {
                 println!("{note}");
                 run.quantize = Some((*q).into());
-                plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
+                plan = plan_of(&run)?;
             }
             if let Some(budget) = budget {
                 let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;
@@ -583,7 +594,15 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
             println!("{}: {}, micro-batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
             if method == "dpo" {
-                println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is the model as the run starts, its log-probabilities taken once before the first step (8 bytes a pair, host memory): no frozen copy, with LoRA or full tuning", plan.batch);
+                let reference = match (full, from_adapter) {
+                    (true, _) => "the model as the run starts, every pair's log-probabilities taken before the first step (8 bytes a pair, host memory): no frozen copy of the weights".to_string(),
+                    (false, false) => "the base (the adapter off), each pair's log-probabilities taken as a step first uses it: no copy of anything (with --from-adapter, DPO from a trained adapter, it keeps that adapter)".to_string(),
+                    (false, true) => format!(
+                        "the adapter the run starts from, kept on the GPU beside a scratch copy to swap it through: {:.1} MiB, in the training state",
+                        mib(m.training_state - memory::estimate(&cfg, &memory::Plan { reference_adapter: false, ..plan.clone() }).training_state)
+                    ),
+                };
+                println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is {reference}", plan.batch);
             }
             println!("weights           {:>9.1} MiB (matrices: {})", mib(m.weights), plan.held(&cfg));
             println!("training state    {:>9.1} MiB", mib(m.training_state));

@@ -402,3 +402,70 @@ fn a_dpo_run_from_an_adapter_in_several_flat_groups_keeps_it_whole() {
     dpo.swap_starting_adapter(&g).unwrap();
     same("the trained adapter swapped back", &block(pair_logps(&g, &dpo.model, &pairs, 1, pad)).unwrap(), &trained);
 }
+
+/// DPO from a trained adapter keeps that adapter on the GPU as its reference, beside a
+/// scratch copy to swap it through: the memory plan counts both (half as much again as
+/// LoRA's values, gradients and moments), so a budget that fits a micro-batch of 4
+/// pairs without them runs micro-batches of 2 with them, and says so. A fresh adapter's
+/// run (the base is its reference) keeps 4; a resumed run, which takes the reference
+/// adapter from its checkpoint, plans as the run it continues.
+#[test]
+fn the_reference_adapter_is_in_the_memory_plan() {
+    use futures::executor::block_on as block;
+    use std::rc::Rc;
+    use webtune::model::memory::{estimate, Plan};
+    use webtune::train::{export::Export, Run};
+    let g = gpu();
+    let md = cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let load = |data: &str, records: usize, len: usize| {
+        let text: Vec<String> = webtune::data::builtin(data).unwrap().lines().take(records).map(String::from).collect();
+        Rc::new(webtune::data::load(&md.tokenizer, &text.join("\n"), data, len, false, false).unwrap())
+    };
+    let sft_opts = RunOptions { lora_targets: "all-linear".into(), train: Options { batch_size: 4, ..RunOptions::demo(3).train }, ..RunOptions::demo(3) };
+    let dpo_opts = RunOptions { lora_targets: "all-linear".into(), train: Options { batch_size: 4, ..RunOptions::demo_dpo(2).train }, ..RunOptions::demo_dpo(2) };
+    let (records, pairs) = (load("demo", 12, sft_opts.max_seq_len), load("demo-dpo", 8, dpo_opts.max_seq_len));
+    let source = Rc::new(md.source);
+    // The budget: between a step of 4 pairs without the reference adapter and with it.
+    let longest = pairs.sequences.iter().map(|s| s.ids.len()).max().unwrap();
+    let base = dpo_opts.memory_plan(&source.cfg, &source.weights, longest, g.caps.shader_f16, g.caps.max_binding, g.caps.variant == webtune::gpu::Variant::Tiled).unwrap();
+    assert!(!dpo_opts.grad_checkpoint);
+    let need = |pairs: usize, reference_adapter: bool| estimate(&source.cfg, &Plan { batch: 2 * pairs, seq: longest, reference_adapter, ..base.clone() });
+    let (without, with) = (need(4, false), need(4, true));
+    assert_eq!(2 * with.training_state, 3 * without.training_state, "two more copies of LoRA's values: {with:?} against {without:?}");
+    let budget = (without.total() + with.total()) / 2;
+    assert!(need(2, true).total() <= budget && budget < with.total());
+    let opts = RunOptions { memory_budget: Some(budget.to_string()), ..dpo_opts };
+
+    let fresh = Run::new(g, source.clone(), pairs.clone(), None, opts.clone()).unwrap();
+    assert!(!fresh.keeps_starting_adapter());
+    assert_eq!((fresh.micro, &fresh.plan_note), (4, &None), "a fresh adapter's run keeps no copy");
+
+    let mut sft = Run::new(g, source.clone(), records, None, sft_opts).unwrap();
+    while !sft.done() {
+        block(sft.next(g)).unwrap();
+    }
+    let mut dpo = block(sft.continued(g, pairs.clone(), opts.clone())).unwrap();
+    assert!(dpo.keeps_starting_adapter());
+    let note = dpo.plan_note.clone().unwrap_or_default();
+    assert_eq!(dpo.micro, 2, "{note}");
+    assert!(note.contains("batch 4 runs as 2 micro-batches of up to 2") && note.contains("memory budget"), "{note}");
+    assert_eq!(dpo.total_steps(), 2);
+    let est = dpo.estimate(g).unwrap();
+    assert_eq!(est, need(2, true));
+    assert!(est.total() <= budget);
+    let step = block(dpo.next(g)).unwrap();
+    assert!(step.stats.loss.is_finite());
+
+    // Resumed from its checkpoint: the reference adapter comes back, and so does the plan.
+    let files = block(dpo.files(g, Export::Checkpoint)).unwrap();
+    let get = |f: &str| files.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Options(format!("no {f}")));
+    // (As the CLI resumes it: the adapter's shape as the run trained it, no --init-adapter.)
+    let mut again = Run::new(g, source, pairs, None, dpo.opts.clone()).unwrap();
+    assert_eq!(again.micro, 4);
+    again.resume(g, &get, "checkpoint").unwrap();
+    assert!(again.keeps_starting_adapter());
+    assert_eq!((again.micro, &again.plan_note), (2, &dpo.plan_note));
+    let resumed = block(again.next(g)).unwrap();
+    let carried = block(dpo.next(g)).unwrap();
+    assert!((resumed.stats.loss - carried.stats.loss).abs() <= 1e-5, "step 2: resumed {} against {}", resumed.stats.loss, carried.stats.loss);
+}

@@ -427,7 +427,7 @@ fn memory_estimate_matches_the_loaded_model() {
         let f = fixture(name);
         for tuning in [Tuning::Frozen, Tuning::Lora(f.lora.clone()), Tuning::Full] {
             let m = Model::load(g, f.cfg.clone(), &f.weights, tuning.clone(), 0).unwrap();
-            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled, reference_adapter: false };
             let est = estimate(&f.cfg, &plan);
             assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {:?}", plan.tuning);
             assert!(est.activations > 0);
@@ -436,7 +436,7 @@ fn memory_estimate_matches_the_loaded_model() {
         for q in [QType::Q8_0, QType::Q4_0, QType::Nf4] {
             let tuning = Tuning::Lora(f.lora.clone());
             let m = Model::load_with(g, f.cfg.clone(), &f.weights, tuning.clone(), 0, Frozen::Quantize(q)).unwrap();
-            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
+            let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled, reference_adapter: false };
             let est = estimate(&f.cfg, &plan);
             assert_eq!(est.weights + est.training_state, m.resident_bytes(), "{name} {q:?}");
             let float = estimate(&f.cfg, &Plan { frozen: Frozen::Auto, ..plan });
@@ -453,7 +453,7 @@ fn memory_estimate_matches_the_loaded_model() {
     for (g, frozen) in [(gpu(), Frozen::Auto), (gpu_f32(), Frozen::Auto), (gpu(), Frozen::Float), (gpu_f32(), Frozen::F32), (gpu(), Frozen::Quantize(QType::Nf4))] {
         let tuning = Tuning::Lora(lora.clone());
         let m = Model::load_with(g, cfg.clone(), &file, tuning.clone(), 0, frozen).unwrap();
-        let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16 && frozen != Frozen::F32, frozen, stored: stored.clone(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
+        let plan = Plan { tuning, batch: 2, seq: 9, grad_checkpoint: true, f16_weights: g.caps.shader_f16 && frozen != Frozen::F32, frozen, stored: stored.clone(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled, reference_adapter: false };
         let est = estimate(&cfg, &plan);
         assert_eq!(est.weights + est.training_state, m.resident_bytes(), "GGUF, {frozen:?}, shader-f16 {}", g.caps.shader_f16);
     }
@@ -468,7 +468,7 @@ fn smollm2_135m_lora_step_fits_in_one_gib() {
     let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/SmolLM2-135M.json")).unwrap();
     let cfg = Config::parse(&text, "SmolLM2-135M.json", None).unwrap();
     let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, targets: LoraConfig::ALL_TARGETS.map(String::from).to_vec(), use_rslora: false };
-    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Auto, stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false };
+    let plan = Plan { tuning: Tuning::Lora(lora), batch: 4, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Auto, stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false, reference_adapter: false };
     let m = estimate(&cfg, &plan);
     eprintln!("SmolLM2-135M LoRA r16: {m:?}, total {} MiB", m.total() >> 20);
     // 134.5M weights in f16, 4.9M LoRA parameters with gradients and moments.
@@ -490,7 +490,7 @@ fn four_bit_bases_meet_the_qlora_budgets() {
         Config::parse(&text, f, None).unwrap()
     };
     for q in [QType::Q4_0, QType::Nf4] {
-        let plan = |batch| Plan { tuning: Tuning::Lora(lora.clone()), batch, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false };
+        let plan = |batch| Plan { tuning: Tuning::Lora(lora.clone()), batch, seq: 512, grad_checkpoint: true, f16_weights: true, frozen: Frozen::Quantize(q), stored: Default::default(), max_binding: 128 << 20, swiglu_in_loads: false, reference_adapter: false };
         let m = estimate(&cfg_of("SmolLM2-135M.json"), &plan(4));
         assert!(m.weights <= 80 << 20 && m.total() <= 600 << 20, "SmolLM2 {q:?}: {} weights, {} total", m.weights, m.total());
         let m = estimate(&cfg_of("Qwen3-1.7B.json"), &plan(1));
@@ -626,7 +626,7 @@ fn memory_estimate_of_activations_matches_a_measured_step() {
         let loss = m.forward_backward(&g, &inp, &targets, 1.0).unwrap();
         futures::executor::block_on(g.read::<f32>(&loss)).unwrap();
         let measured = g.counters().pool_bytes;
-        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled };
+        let plan = Plan { tuning, batch: b, seq: t, grad_checkpoint: ckpt, f16_weights: g.caps.shader_f16, frozen: Frozen::Auto, stored: Default::default(), max_binding: g.caps.max_binding, swiglu_in_loads: g.caps.variant == webtune::gpu::Variant::Tiled, reference_adapter: false };
         let est = estimate(&md.cfg, &plan).activations;
         eprintln!("{:?} checkpointing {ckpt}: estimate {est}, measured {measured} ({:.3})", plan.tuning, est as f64 / measured as f64);
         // An upper bound (the page warns from it), and a close one.

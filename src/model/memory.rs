@@ -25,13 +25,18 @@ pub struct Plan {
     /// SwiGLU's hidden is made as down's products load it, never stored (the GPU
     /// kernels, `Caps::variant` tiled); CPU drivers store it.
     pub swiglu_in_loads: bool,
+    /// DPO from a trained LoRA adapter (`Run::init_adapter`): the run keeps that
+    /// adapter on the GPU as its reference, beside a scratch copy to swap it through,
+    /// two more copies of the LoRA values (counted in the training state).
+    pub reference_adapter: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Memory {
     /// Every weight as stored.
     pub weights: u64,
-    /// Gradients and AdamW moments of the trainable parameters (LoRA pairs' values too).
+    /// Gradients and AdamW moments of the trainable parameters (LoRA pairs' values
+    /// too), and a DPO run's reference adapter (`Plan::reference_adapter`).
     pub training_state: u64,
     /// Activations and temporaries at the peak of a step.
     pub activations: u64,
@@ -131,7 +136,8 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Memory {
         Tuning::Full => 3 * (sum(&matrix_elems, 4) + sum(&vectors, 4)),
         Tuning::Lora(l) => {
             let per_layer: u64 = lora_targets(cfg, l).map(|(i, o)| f32b(l.r * i) + f32b(o * l.r)).sum();
-            4 * per_layer * cfg.layers as u64
+            // Values, gradients, AdamW's m and v; the reference adapter and its scratch.
+            (4 + 2 * plan.reference_adapter as u64) * per_layer * cfg.layers as u64
         }
     };
 

@@ -187,7 +187,8 @@ impl RunOptions {
         let stored = crate::model::memory::Plan::stored(cfg, w);
         // DPO runs a pair's chosen and rejected sequence in one batch.
         let batch = self.train.batch_size * if self.train.method == "dpo" { 2 } else { 1 };
-        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding, swiglu_in_loads: gpu_kernels })
+        // A run that keeps a reference adapter says so (`Run::fit`).
+        Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding, swiglu_in_loads: gpu_kernels, reference_adapter: false })
     }
 
     /// Before the model is loaded: where the memory budget needs a smaller frozen-weight
@@ -265,6 +266,9 @@ pub struct Run {
     pub micro: usize,
     /// What the plan changed from the options given, and why.
     pub plan_note: Option<String>,
+    /// The frozen weights packed to fit the budget (`RunOptions::lower_frozen`): the
+    /// first line of `plan_note`.
+    lowered_note: Option<String>,
     /// The adapter the run started from (`init_adapter`), kept for `handover`.
     initial_adapter: Option<TensorMap>,
     /// DPO: what the reference is (SFT: unused).
@@ -338,36 +342,25 @@ impl Run {
         let mut opts = opts;
         let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref())?;
         let model = Model::load_settled(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?, settle).await?;
-        let mut run = Run::with_model(gpu, source, model, data, valid, opts)?;
-        run.plan_note = [lowered, run.plan_note.take()].into_iter().flatten().reduce(|a, b| format!("{a}\n{b}"));
-        // A budget no option set: say whose it is.
-        if let (Some(note), Some(origin)) = (run.plan_note.as_mut(), fit::budget_origin(&run.opts, &gpu.caps)) {
-            if note.contains("memory budget") {
-                note.push_str(&format!("\n{origin}"));
-            }
-        }
-        Ok(run)
+        Run::with_model_lowered(gpu, source, model, data, valid, opts, lowered)
     }
 
     /// A run of a model already loaded with `opts.tuning()` (the CLI measures the load),
     /// in micro-batches that fit the adapter's bindings and the memory budget (`fit`).
-    pub fn with_model(gpu: &Gpu, source: Rc<Source>, mut model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+    pub fn with_model(gpu: &Gpu, source: Rc<Source>, model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
+        Run::with_model_lowered(gpu, source, model, data, valid, opts, None)
+    }
+
+    /// `with_model`, after `RunOptions::lower_frozen` packed the frozen weights, saying
+    /// so in `lowered` (the plan's note begins with it).
+    fn with_model_lowered(gpu: &Gpu, source: Rc<Source>, model: Model, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions, lowered: Option<String>) -> Result<Run> {
         if model.tuning != opts.tuning() {
             return Err(Error::Options(format!("the model was loaded for {}, the run wants {}", model.tuning, opts.tuning())));
         }
-        let mut trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
-        let longest = longest(&data, valid.as_ref());
-        let base = opts.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
-        let budget = fit::budget(&opts, gpu.caps.memory())?;
-        let plan = fit::fit(&source.cfg, &opts, &base, longest, budget).map_err(|e| match (e, fit::budget_origin(&opts, &gpu.caps)) {
-            (Error::Options(m), Some(origin)) if m.contains("memory budget") => Error::Options(format!("{m} ({origin})")),
-            (e, _) => e,
-        })?;
-        trainer.split(plan.micro);
-        model.grad_checkpoint = plan.grad_checkpoint;
+        let trainer = Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let prompts = sample_prompts(valid.as_ref().unwrap_or(&data));
         let reference = if opts.full { Reference::Precomputed } else { Reference::Base };
-        Ok(Run {
+        let mut run = Run {
             source,
             opts,
             model,
@@ -378,11 +371,42 @@ impl Run {
             last_saved: None,
             prompts,
             valid_reference: None,
-            micro: plan.micro,
-            plan_note: plan.note,
+            micro: 1,
+            plan_note: None,
+            lowered_note: lowered,
             initial_adapter: None,
             reference,
-        })
+        };
+        run.fit(gpu)?;
+        Ok(run)
+    }
+
+    /// Plan the micro-batches, and gradient checkpointing, that fit the adapter's
+    /// bindings and the memory budget (`fit::fit`), counting the reference adapter where
+    /// the run keeps one (so again once it does: `init_adapter`, `resume`), and say what
+    /// the plan changed from the options given (`plan_note`).
+    fn fit(&mut self, gpu: &Gpu) -> Result<()> {
+        let longest = longest(&self.data, self.valid.as_ref());
+        let mut base = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
+        base.reference_adapter = self.keeps_starting_adapter();
+        let budget = fit::budget(&self.opts, gpu.caps.memory())?;
+        let origin = fit::budget_origin(&self.opts, &gpu.caps);
+        let plan = fit::fit(&self.source.cfg, &self.opts, &base, longest, budget).map_err(|e| match (e, &origin) {
+            (Error::Options(m), Some(origin)) if m.contains("memory budget") => Error::Options(format!("{m} ({origin})")),
+            (e, _) => e,
+        })?;
+        self.trainer.plan = super::plan(self.data.items(), &self.trainer.opts)?;
+        self.trainer.split(plan.micro);
+        self.micro = plan.micro;
+        self.model.grad_checkpoint = plan.grad_checkpoint;
+        self.plan_note = [self.lowered_note.clone(), plan.note].into_iter().flatten().reduce(|a, b| format!("{a}\n{b}"));
+        // A budget no option set: say whose it is.
+        if let (Some(note), Some(origin)) = (self.plan_note.as_mut(), origin) {
+            if note.contains("memory budget") {
+                note.push_str(&format!("\n{origin}"));
+            }
+        }
+        Ok(())
     }
 
     /// A run of `opts` on `data` that starts from this run's trained adapter (the page's
@@ -404,7 +428,10 @@ impl Run {
         self.initial_adapter = Some(tensors.clone());
         if self.trainer.dpo.is_some() && !self.precomputed() {
             let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
-            self.reference = if fresh { Reference::Base } else { self.reference_adapter(gpu)? };
+            if !fresh {
+                self.reference = self.reference_adapter(gpu)?;
+                self.fit(gpu)?;
+            }
         }
         Ok(())
     }
@@ -428,6 +455,7 @@ impl Run {
         let mut plan = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest(&self.data, self.valid.as_ref()), gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
         plan.batch = self.micro * if self.opts.train.method == "dpo" { 2 } else { 1 };
         plan.grad_checkpoint = self.model.grad_checkpoint;
+        plan.reference_adapter = self.keeps_starting_adapter();
         Ok(crate::model::memory::estimate(&self.source.cfg, &plan))
     }
 
@@ -525,6 +553,7 @@ impl Run {
             self.model.set_params(gpu, &adapter)?;
             as_reference(gpu, &mut self.model, &self.reference, false)?;
             self.initial_adapter = Some(adapter);
+            self.fit(gpu)?;
         }
         self.trainer.step = state.step;
         if !state.reference.is_empty() {
