@@ -231,7 +231,8 @@ pub fn export_run(a: &TrainArgs) -> Result<Vec<String>> {
 pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
     // Read and validate everything before the output directory is touched.
     let Prepared { md, train_data, valid_data, init, mut opts } = prepare(a)?;
-    let lowered = opts.lower_frozen(gpu, &md.source, &train_data, valid_data.as_ref())?;
+    let keeps = init.as_ref().is_some_and(|(_, t)| opts.keeps_reference(t));
+    let lowered = opts.lower_frozen(gpu, &md.source, &train_data, valid_data.as_ref(), keeps)?;
     let (model, loaded) = load_measured(gpu, &md, opts.tuning(), opts.train.seed, opts.frozen()?)?;
     if !a.quiet {
         println!("{}: {loaded}", a.model.display());

@@ -408,12 +408,14 @@ fn a_dpo_run_from_an_adapter_in_several_flat_groups_keeps_it_whole() {
 /// LoRA's values, gradients and moments), so a budget that fits a micro-batch of 4
 /// pairs without them runs micro-batches of 2 with them, and says so. A fresh adapter's
 /// run (the base is its reference) keeps 4; a resumed run, which takes the reference
-/// adapter from its checkpoint, plans as the run it continues.
+/// adapter from its checkpoint, plans as the run it continues; and a budget the
+/// reference adapter overfills packs the frozen weights before they load.
 #[test]
 fn the_reference_adapter_is_in_the_memory_plan() {
     use futures::executor::block_on as block;
     use std::rc::Rc;
     use webtune::model::memory::{estimate, Plan};
+    use webtune::model::Frozen;
     use webtune::train::{export::Export, Run};
     let g = gpu();
     let md = cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
@@ -460,6 +462,7 @@ fn the_reference_adapter_is_in_the_memory_plan() {
     let files = block(dpo.files(g, Export::Checkpoint)).unwrap();
     let get = |f: &str| files.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).ok_or_else(|| webtune::Error::Options(format!("no {f}")));
     // (As the CLI resumes it: the adapter's shape as the run trained it, no --init-adapter.)
+    let (source_cfg, pairs_again) = (source.cfg.clone(), pairs.clone());
     let mut again = Run::new(g, source, pairs, None, dpo.opts.clone()).unwrap();
     assert_eq!(again.micro, 4);
     again.resume(g, &get, "checkpoint").unwrap();
@@ -468,4 +471,21 @@ fn the_reference_adapter_is_in_the_memory_plan() {
     let resumed = block(again.next(g)).unwrap();
     let carried = block(dpo.next(g)).unwrap();
     assert!((resumed.stats.loss - carried.stats.loss).abs() <= 1e-5, "step 2: resumed {} against {}", resumed.stats.loss, carried.stats.loss);
+
+    // A budget below one checkpointed pair with the reference adapter and the frozen
+    // weights as they are, above it with them packed as Q8_0: the continued run packs
+    // them before it loads, where a fresh adapter's run needs not.
+    let one = |frozen: Frozen, reference_adapter: bool| estimate(&source_cfg, &Plan { batch: 2, seq: longest, grad_checkpoint: true, frozen, reference_adapter, ..base.clone() }).total();
+    let q8 = Frozen::Quantize(webtune::quant::QType::Q8_0);
+    let budget = (one(q8, true) + one(base.frozen, true)) / 2;
+    assert!(one(base.frozen, false) <= budget, "without the reference adapter the weights fit as they are");
+    let tight = RunOptions { memory_budget: Some(budget.to_string()), ..opts.clone() };
+    let fresh = Run::new(g, again.source.clone(), pairs_again.clone(), None, tight.clone()).unwrap();
+    assert_eq!(fresh.opts.quantize, None, "{:?}", fresh.plan_note);
+    let packed = block(sft.continued(g, pairs_again, tight)).unwrap();
+    assert!(packed.keeps_starting_adapter());
+    let note = packed.plan_note.clone().unwrap_or_default();
+    assert_eq!(packed.opts.quantize.as_deref(), Some("q8"), "{note}");
+    assert!(note.contains("packed as Q8_0 (as --quantize q8)") && note.contains("gradient checkpointing"), "{note}");
+    assert!(packed.estimate(g).unwrap().total() <= budget);
 }

@@ -30,7 +30,7 @@ fn mib(b: u64) -> String {
         1024..1048576 => format!("{:.0} KiB", b as f64 / 1024.0),
         // A tenth below 100 MiB, where a budget and a step that rounded alike would
         // read "29 MiB, more than the memory budget of 29 MiB".
-        ..0x640_0000 => format!("{} MiB", format!("{:.1}", b as f64 / (1u64 << 20) as f64).trim_end_matches(".0")),
+        1048576..0x640_0000 => format!("{} MiB", format!("{:.1}", b as f64 / (1u64 << 20) as f64).trim_end_matches(".0")),
         _ => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
     }
 }

@@ -166,6 +166,13 @@ impl RunOptions {
         }
     }
 
+    /// Whether a run of these options that starts from `adapter` (PEFT-named tensors)
+    /// keeps it on the GPU as its DPO reference: LoRA DPO from a trained adapter, one
+    /// whose B are not all zero (`Run::init_adapter`).
+    pub fn keeps_reference(&self, adapter: &TensorMap) -> bool {
+        self.train.method == "dpo" && !self.full && trained(adapter)
+    }
+
     /// Take the adapter's shape from an existing LoRA config (`--init-adapter`).
     pub fn set_lora(&mut self, l: &LoraConfig) {
         (self.lora_rank, self.lora_alpha, self.lora_dropout, self.rslora) = (l.r, l.alpha, l.dropout, l.use_rslora);
@@ -193,10 +200,12 @@ impl RunOptions {
 
     /// Before the model is loaded: where the memory budget needs a smaller frozen-weight
     /// format (`fit::lower_frozen`), `--quantize` becomes it, and the line saying so is
-    /// returned.
-    pub fn lower_frozen(&mut self, gpu: &Gpu, source: &Source, data: &Dataset, valid: Option<&Dataset>) -> Result<Option<String>> {
+    /// returned. `reference_adapter`: the run will keep a DPO reference adapter
+    /// (`keeps_reference`), counted too.
+    pub fn lower_frozen(&mut self, gpu: &Gpu, source: &Source, data: &Dataset, valid: Option<&Dataset>, reference_adapter: bool) -> Result<Option<String>> {
         let longest = longest(data, valid);
-        let base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
+        let mut base = self.memory_plan(&source.cfg, &source.weights, longest, gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
+        base.reference_adapter = reference_adapter;
         let budget = fit::budget(self, gpu.caps.memory())?;
         Ok(fit::lower_frozen(&source.cfg, self, &base, longest, budget).map(|(q, note)| {
             self.quantize = Some(q.into());
@@ -305,6 +314,12 @@ fn as_reference(gpu: &Gpu, model: &mut Model, reference: &Reference, on: bool) -
     Ok(())
 }
 
+/// Whether an adapter (PEFT-named tensors) was trained: some B is not zero (a fresh
+/// adapter's are, so it changes nothing).
+fn trained(adapter: &TensorMap) -> bool {
+    adapter.iter().any(|(name, t)| name.ends_with("lora_B.weight") && t.data.iter().any(|&v| v != 0.0))
+}
+
 /// The prompts of the first two examples (pairs): their tokens before the first trained one.
 fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
     data.examples.iter().step_by(if data.pairs { 2 } else { 1 }).filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
@@ -327,20 +342,22 @@ impl Run {
     /// Load the model with the adapter (or for full tuning) and plan the steps.
     pub fn new(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
         use futures::FutureExt;
-        Self::create(gpu, source, data, valid, opts, false).now_or_never().expect("a load that does not settle never waits")
+        Self::create(gpu, source, data, valid, opts, false, false).now_or_never().expect("a load that does not settle never waits")
     }
 
     /// `new`, the load waiting for the queue after each layer (`Model::load_settled`;
     /// the page: the uploads' transfer memory goes back layer by layer).
     pub async fn new_async(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions) -> Result<Run> {
-        Self::create(gpu, source, data, valid, opts, true).await
+        Self::create(gpu, source, data, valid, opts, true, false).await
     }
 
-    async fn create(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions, settle: bool) -> Result<Run> {
+    /// `reference_adapter`: the run will keep a DPO reference adapter, which the
+    /// frozen weights' format must leave room for (`lower_frozen`).
+    async fn create(gpu: &Gpu, source: Rc<Source>, data: Rc<Dataset>, valid: Option<Dataset>, opts: RunOptions, settle: bool, reference_adapter: bool) -> Result<Run> {
         // Plan first: bad options fail before the model is loaded.
         Trainer::new(opts.train.clone(), &data, source.tokenizer.pad_id)?;
         let mut opts = opts;
-        let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref())?;
+        let lowered = opts.lower_frozen(gpu, &source, &data, valid.as_ref(), reference_adapter)?;
         let model = Model::load_settled(gpu, source.cfg.clone(), &source.weights, opts.tuning(), opts.train.seed, opts.frozen()?, settle).await?;
         Run::with_model_lowered(gpu, source, model, data, valid, opts, lowered)
     }
@@ -417,7 +434,8 @@ impl Run {
         };
         opts.set_lora(l);
         let tensors = checkpoint::trained_tensors(gpu, &self.model).await?;
-        let mut run = Run::new_async(gpu, self.source.clone(), data, None, opts).await?;
+        let keeps = opts.keeps_reference(&tensors);
+        let mut run = Run::create(gpu, self.source.clone(), data, None, opts, true, keeps).await?;
         run.init_adapter(gpu, &tensors)?;
         Ok(run)
     }
@@ -426,12 +444,9 @@ impl Run {
     pub fn init_adapter(&mut self, gpu: &Gpu, tensors: &TensorMap) -> Result<()> {
         self.model.set_params(gpu, tensors)?;
         self.initial_adapter = Some(tensors.clone());
-        if self.trainer.dpo.is_some() && !self.precomputed() {
-            let fresh = tensors.iter().filter(|(name, _)| name.ends_with("lora_B.weight")).all(|(_, t)| t.data.iter().all(|&v| v == 0.0));
-            if !fresh {
-                self.reference = self.reference_adapter(gpu)?;
-                self.fit(gpu)?;
-            }
+        if self.trainer.dpo.is_some() && !self.precomputed() && trained(tensors) {
+            self.reference = self.reference_adapter(gpu)?;
+            self.fit(gpu)?;
         }
         Ok(())
     }
