@@ -348,7 +348,8 @@ fn lora_dpo_takes_each_reference_when_a_step_first_uses_it() {
 /// adapter swapped out), and the starting adapter the
 /// run swaps in and back (the page's "before" answers after a reload), are that
 /// adapter's, group by group: the pairs' log-probabilities equal those the run started
-/// with, and after the swap back those of the trained adapter.
+/// with, and after the swap back those of the trained adapter. `pair_logps` asked for
+/// more pairs at once than a binding holds gives them too.
 #[test]
 fn a_dpo_run_from_an_adapter_in_several_flat_groups_keeps_it_whole() {
     use futures::executor::block_on as block;
@@ -384,6 +385,9 @@ fn a_dpo_run_from_an_adapter_in_several_flat_groups_keeps_it_whole() {
             }
         }
     };
+    // Asked for all 8 pairs at once, more rows than a 256 KiB binding holds, it runs
+    // them in batches that fit (before, the kernels' "split it" error).
+    same("all 8 pairs asked at once", &block(pair_logps(&g, &dpo.model, &pairs, 8, pad)).unwrap(), &starting);
     block(dpo.next(&g)).unwrap();
     let taken: Vec<usize> = (0..pairs.items()).filter(|&i| dpo.trainer.reference[i][0].is_finite()).collect();
     assert_eq!(taken.len(), 4, "step 1 takes its 4 pairs' references");

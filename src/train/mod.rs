@@ -269,11 +269,36 @@ fn dpo_stats(gpu: &Gpu) -> Result<Tensor> {
 }
 
 /// Each pair's (chosen, rejected) log-probability under `model` as it is now, in
-/// batches of `batch_size` pairs (dropout off): the DPO reference.
+/// batches of up to `batch_size` pairs (dropout off): the DPO reference. A batch
+/// holds fewer where its widest activation would overfill a storage binding
+/// (`fit_binding`), so any size a caller asks for runs.
 pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<Vec<[f32; 2]>> {
     let idx: Vec<usize> = (0..data.items()).collect();
-    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), pair_rows);
-    logps_in(gpu, model, data, idx.chunks(batch_size.max(1)), &sizing, pad_id).await
+    let batches = fit_binding(gpu, model, data, idx.chunks(batch_size.max(1)), pair_rows);
+    let sizing = sizing_for(gpu, data, batches.iter().map(Vec::as_slice), pair_rows);
+    logps_in(gpu, model, data, batches.iter().map(Vec::as_slice), &sizing, pad_id).await
+}
+
+/// `batches` split, in order, where a batch's token rows (counted by `rows`) times the
+/// model's widest activation row (`memory::widest_row`) would overfill the adapter's
+/// largest storage binding (a batch of one is kept whole: the plan refuses a run whose
+/// one sequence does not fit, `fit::fit`).
+fn fit_binding<'a>(gpu: &Gpu, model: &Model, data: &Dataset, batches: impl Iterator<Item = &'a [usize]>, rows: fn(&Dataset, &[usize]) -> usize) -> Vec<Vec<usize>> {
+    let row = crate::model::memory::widest_row(&model.cfg) as u64 * 4;
+    let fits = |b: &[usize]| rows(data, b) as u64 * row <= gpu.caps.max_binding;
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for batch in batches {
+        let mut cur: Vec<usize> = Vec::new();
+        for &i in batch {
+            cur.push(i);
+            if cur.len() > 1 && !fits(&cur) {
+                cur.pop();
+                out.push(std::mem::replace(&mut cur, vec![i]));
+            }
+        }
+        out.extend((!cur.is_empty()).then_some(cur));
+    }
+    out
 }
 
 /// The (chosen, rejected) log-probabilities of the pairs of `batches`, a batch at a
