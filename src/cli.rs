@@ -248,7 +248,7 @@ pub async fn train(gpu: &Gpu, a: &TrainArgs) -> Result<Vec<StepStats>> {
         }
         None => None,
     };
-    // The plan as the reference adapter, if the run keeps one, left it.
+    // The plan's note once the reference adapter, where the run keeps one, is counted.
     for note in lowered.iter().chain(&run.plan_note).chain(resumed.as_ref().map(|r| &r.note)).filter(|_| !a.quiet) {
         println!("{note}");
     }

@@ -102,6 +102,7 @@ enum Command {
         data: PathBuf,
         #[arg(long, default_value_t = 512)]
         max_seq_len: usize,
+        /// Sequences a batch (fewer where a batch would overfill a storage binding).
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
     },

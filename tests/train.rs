@@ -629,6 +629,26 @@ fn a_batch_runs_in_micro_batches_that_fit_with_the_explicit_plans_losses() {
     cleanup(&[&model, &root]);
 }
 
+/// `webtune eval --batch-size N` runs any N: batches whose widest activation would
+/// overfill a storage binding (here 256 KiB: 341 tokens of the demo's 192-wide MLP)
+/// are split, and the mean loss and token count are those of one sequence at a time.
+/// (Before, 64 sequences at once failed with the kernels' "split it".)
+#[test]
+fn eval_runs_batches_larger_than_a_binding_holds() {
+    let g = &max_binding(256 << 10);
+    let md = cli::ModelDir::open(Path::new("demo")).unwrap();
+    let records = webtune::demo::data();
+    let text = records.lines().take(64).collect::<Vec<_>>().join("\n");
+    let ds = webtune::data::load(&md.tokenizer, &text, "demo", 128, false, false).unwrap();
+    let rows: usize = ds.sequences.len() * ds.sequences.iter().map(|s| s.ids.len()).max().unwrap();
+    assert!(rows * 192 * 4 > 4 * (256 << 10), "{rows} rows: the batch overfills a binding several times");
+    let m = cli::load_for_inference(g, &md, None).unwrap();
+    let (one, tokens) = block(webtune::train::evaluate(g, &m, &ds, 1, md.tokenizer.pad_id)).unwrap();
+    let (all, all_tokens) = block(webtune::train::evaluate(g, &m, &ds, 64, md.tokenizer.pad_id)).unwrap();
+    assert_eq!(tokens, all_tokens);
+    assert!((one - all).abs() <= 1e-5 * one, "one at a time {one}, all at once {all}");
+}
+
 /// Without --memory-budget the plan's budget comes from the device: on a CPU adapter
 /// (lavapipe) 90% of the host's available memory, and on a GPU 90% of the device-local heap
 /// the Vulkan driver reports, which lavapipe reports too (2,048 MiB), so the query is

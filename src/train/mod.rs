@@ -486,14 +486,16 @@ impl Trainer {
     }
 }
 
-/// Mean loss per trained token over a dataset (no gradients), in batches of `batch_size`.
+/// Mean loss per trained token over a dataset (no gradients), in batches of up to
+/// `batch_size` (fewer where a binding needs it, `fit_binding`).
 pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<(f64, usize)> {
     let mut total = 0.0;
     let mut count = 0;
     let idx: Vec<usize> = (0..data.sequences.len()).collect();
-    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), batch_rows);
-    for chunk in data.sequences.chunks(batch_size.max(1)) {
-        let b = Batch::new(&chunk.iter().collect::<Vec<_>>(), pad_id);
+    let batches = fit_binding(gpu, model, data, idx.chunks(batch_size.max(1)), batch_rows);
+    let sizing = sizing_for(gpu, data, batches.iter().map(Vec::as_slice), batch_rows);
+    for batch in &batches {
+        let b = Batch::new(&batch.iter().map(|&i| &data.sequences[i]).collect::<Vec<_>>(), pad_id);
         sizing.batch(b.b * b.t);
         let loss = model.loss(gpu, &inputs(gpu, &b)?, &b.targets, 1.0)?;
         total += gpu.read::<f32>(&loss).await?[0] as f64;
@@ -506,7 +508,8 @@ pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usiz
 }
 
 /// DPO over a preference dataset (no gradients, dropout off) against its reference
-/// log-probabilities: (mean loss, the metrics' means over the pairs).
+/// log-probabilities, in batches of up to `batch_size` pairs (`fit_binding`): (mean
+/// loss, the metrics' means over the pairs).
 pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference: &[[f32; 2]], dpo: &Dpo, batch_size: usize, pad_id: u32) -> Result<(f64, Preference)> {
     if data.items() == 0 || reference.len() != data.items() {
         return Err(Error::Data(format!("nothing to evaluate: {} pairs, {} reference log-probabilities", data.items(), reference.len())));
@@ -515,8 +518,9 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
     let sft = dpo.sft_scale((0..data.items()).map(|i| data.sequences[2 * i].trained_targets()).sum());
     let stats = dpo_stats(gpu)?;
     let idx: Vec<usize> = (0..data.items()).collect();
-    let sizing = sizing_for(gpu, data, idx.chunks(batch_size.max(1)), pair_rows);
-    for chunk in idx.chunks(batch_size.max(1)) {
+    let batches = fit_binding(gpu, model, data, idx.chunks(batch_size.max(1)), pair_rows);
+    let sizing = sizing_for(gpu, data, batches.iter().map(Vec::as_slice), pair_rows);
+    for chunk in &batches {
         let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
         sizing.batch(b.b * b.t);
         let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
