@@ -978,6 +978,34 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() {
     }
 }
 
+/// A prompt whose widest activation overfills a storage binding (bindings of 96 KiB
+/// hold 128 of the demo's 192-wide MLP rows; the prompts are about 300 tokens)
+/// decodes in pieces, each attending to the keys and values the ones before it
+/// cached: the greedy answers are those of the default bindings, one prompt and
+/// several together. (Before, the kernels' "split it".)
+#[test]
+fn a_prompt_longer_than_a_binding_holds_decodes_in_pieces() {
+    let md = webtune::cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let tok = &md.tokenizer;
+    let words = ["lantern", "cat", "ribbon", "dog", "table"];
+    let ask = |n: usize| format!("{} Reverse the word lantern.", (0..n).map(|i| words[i % words.len()]).collect::<Vec<_>>().join(" "));
+    let prompts: Vec<Vec<u32>> = [46, 50].iter().map(|&n| tok.prompt_ids(&ask(n), true).unwrap()).collect();
+    assert!(prompts.iter().all(|p| p.len() > 2 * 128 && p.len() + 40 <= 512), "{:?}", prompts.iter().map(Vec::len).collect::<Vec<_>>());
+    let small = &max_binding(96 << 10);
+    let answers = |g: &Gpu| {
+        let m = webtune::model::Model::load(g, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
+        let alone: Vec<Vec<u32>> = prompts.iter().map(|p| futures::executor::block_on(m.generate(g, p, 40, &Sampling::default(), |_| {})).unwrap()).collect();
+        let together = futures::executor::block_on(m.generate_batch(g, &prompts, 40, &Sampling::default())).unwrap();
+        (alone, together)
+    };
+    let (want, want_together) = answers(gpu());
+    let (alone, together) = answers(small);
+    assert_eq!(want, want_together);
+    assert!(want.iter().all(|a| !a.is_empty()));
+    assert_eq!(alone, want, "one prompt at a time");
+    assert_eq!(together, want, "prompts together");
+}
+
 /// A LoRA step of fixture `f` on `g` (its loss and every LoRA gradient), and the
 /// losses of five AdamW steps from the same start.
 fn lora_step_and_adamw(g: &Gpu, f: &Fixture) -> (Vec<f32>, Vec<Vec<f32>>, Vec<f32>) {

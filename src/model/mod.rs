@@ -716,21 +716,42 @@ impl Model {
     /// Append `ids` to the cache at positions `pos`, each attending to the cached
     /// tokens of its own segment `seg` (several sequences share one cache as packed
     /// segments: `generate_batch`), and return the logits of the last row `[V]`, or of
-    /// every row `[T, V]` unless `last`.
+    /// every row `[T, V]` unless `last`. More rows than a storage binding holds at the
+    /// widest activation (`memory::widest_row`: a long prompt) run in pieces, each
+    /// attending to what the ones before it cached.
     pub(crate) async fn decode_rows(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], last: bool) -> Result<Vec<f32>> {
         let t = ids.len();
         if t == 0 || cache.len + t > cache.max_t {
             return Err(Error::Shape(format!("decoding {t} tokens into a KV cache holding {} of {}", cache.len, cache.max_t)));
         }
+        let per = (gpu.caps.max_binding / (memory::widest_row(&self.cfg) as u64 * 4)).max(1) as usize;
+        let mut logits = Vec::new();
+        for (a, b) in k::spans(t, per) {
+            // Only the last piece's last row, where that is all the caller wants.
+            let rows = match (last, b == t) {
+                (true, false) => None,
+                (true, true) => Some(b - a - 1..b - a),
+                (false, _) => Some(0..b - a),
+            };
+            logits.extend(self.decode_piece(gpu, cache, &ids[a..b], &pos[a..b], &seg[a..b], rows).await?);
+        }
+        Ok(logits)
+    }
+
+    /// `decode_rows` of rows that fit a binding, with the logits of `rows` of them.
+    async fn decode_piece(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], rows: Option<std::ops::Range<usize>>) -> Result<Vec<f32>> {
+        let t = ids.len();
         let inp = Inputs::new(gpu, Shape { b: 1, t }, ids, pos, seg)?;
         let mut rec = gpu.recorder("decode");
         // The new rows' segments join the cache's, which attention reads for every key.
         rec.encoder().copy_buffer_to_buffer(&inp.seg.buffer, inp.seg.offset, &cache.seg.buffer, cache.seg.offset + (cache.len * 4) as u64, (t * 4) as u64);
         let trunk = self.forward(gpu, &mut rec, &inp, Some(cache), Keep::Nothing, false)?;
-        let (r0, rows) = if last { (t - 1, 1) } else { (0, t) };
-        let logits = self.head_forward(gpu, &mut rec, &trunk.hf, r0, rows)?;
+        let logits = rows.map(|r| self.head_forward(gpu, &mut rec, &trunk.hf, r.start, r.len())).transpose()?;
         gpu.submit(rec);
         cache.len += t;
-        gpu.read::<f32>(&logits).await
+        match logits {
+            Some(l) => gpu.read::<f32>(&l).await,
+            None => Ok(Vec::new()),
+        }
     }
 }
