@@ -978,11 +978,13 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() {
     }
 }
 
-/// A prompt whose widest activation overfills a storage binding (bindings of 96 KiB
-/// hold 128 of the demo's 192-wide MLP rows; the prompts are about 300 tokens)
+/// A prompt whose widest activation overfills a storage binding (bindings of 64 KiB
+/// hold 85 of the demo's 192-wide MLP rows; the prompts are about 300 tokens)
 /// decodes in pieces, each attending to the keys and values the ones before it
-/// cached: the greedy answers are those of the default bindings, one prompt and
-/// several together. (Before, the kernels' "split it".)
+/// cached; prompts decoded together whose KV cache would overfill a binding (512 of
+/// the demo's 32-wide rows) run in groups: the greedy answers are those of the default
+/// bindings, one prompt and several together. (Before, the kernels' "split it".) One
+/// sequence whose cache cannot fit is refused, saying how many tokens fit.
 #[test]
 fn a_prompt_longer_than_a_binding_holds_decodes_in_pieces() {
     let md = webtune::cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
@@ -990,8 +992,8 @@ fn a_prompt_longer_than_a_binding_holds_decodes_in_pieces() {
     let words = ["lantern", "cat", "ribbon", "dog", "table"];
     let ask = |n: usize| format!("{} Reverse the word lantern.", (0..n).map(|i| words[i % words.len()]).collect::<Vec<_>>().join(" "));
     let prompts: Vec<Vec<u32>> = [46, 50].iter().map(|&n| tok.prompt_ids(&ask(n), true).unwrap()).collect();
-    assert!(prompts.iter().all(|p| p.len() > 2 * 128 && p.len() + 40 <= 512), "{:?}", prompts.iter().map(Vec::len).collect::<Vec<_>>());
-    let small = &max_binding(96 << 10);
+    assert!(prompts.iter().all(|p| p.len() > 3 * 85 && p.len() + 40 <= 512) && prompts[0].len() + prompts[1].len() + 80 > 512, "{:?}", prompts.iter().map(Vec::len).collect::<Vec<_>>());
+    let small = &max_binding(64 << 10);
     let answers = |g: &Gpu| {
         let m = webtune::model::Model::load(g, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
         let alone: Vec<Vec<u32>> = prompts.iter().map(|p| futures::executor::block_on(m.generate(g, p, 40, &Sampling::default(), |_| {})).unwrap()).collect();
@@ -1004,6 +1006,10 @@ fn a_prompt_longer_than_a_binding_holds_decodes_in_pieces() {
     assert!(want.iter().all(|a| !a.is_empty()));
     assert_eq!(alone, want, "one prompt at a time");
     assert_eq!(together, want, "prompts together");
+    let m = webtune::model::Model::load(small, md.cfg.clone(), &md.weights, webtune::model::Tuning::Frozen, 0).unwrap();
+    assert_eq!(m.cache_tokens(small), 512);
+    let err = futures::executor::block_on(m.generate(small, &prompts[0], 513 - prompts[0].len(), &Sampling::default(), |_| {})).unwrap_err().to_string();
+    assert!(err.contains("a KV cache of 513 tokens") && err.contains("at most 512 tokens"), "{err}");
 }
 
 /// A LoRA step of fixture `f` on `g` (its loss and every LoRA gradient), and the

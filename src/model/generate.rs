@@ -125,13 +125,31 @@ impl Model {
     /// one pass over a token of every sequence still going, so B answers take as
     /// many passes as the longest of them, not their sum. Each row attends to its own
     /// sequence's keys in the order `generate` would, so the tokens are the same.
+    /// Prompts whose cache would overfill a binding (`cache_tokens`) run in groups, one
+    /// after the other, each as above.
     pub async fn generate_batch(&self, gpu: &Gpu, prompts: &[Vec<u32>], max_new: usize, sampling: &Sampling) -> Result<Vec<Vec<u32>>> {
         sampling.check()?;
         check_prompts(prompts.iter().map(Vec::as_slice))?;
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         if prompts.is_empty() || max_new == 0 {
-            return Ok(out);
+            return Ok(vec![Vec::new(); prompts.len()]);
         }
+        let (cap, mut out) = (self.cache_tokens(gpu), Vec::with_capacity(prompts.len()));
+        let mut group = 0..0;
+        for (j, p) in prompts.iter().enumerate() {
+            let room: usize = prompts[group.clone()].iter().map(|p| p.len() + max_new).sum();
+            if !group.is_empty() && room + p.len() + max_new > cap {
+                out.extend(self.generate_group(gpu, &prompts[group.clone()], max_new, sampling).await?);
+                group = j..j;
+            }
+            group.end = j + 1;
+        }
+        out.extend(self.generate_group(gpu, &prompts[group], max_new, sampling).await?);
+        Ok(out)
+    }
+
+    /// `generate_batch` of prompts whose cache fits a binding.
+    async fn generate_group(&self, gpu: &Gpu, prompts: &[Vec<u32>], max_new: usize, sampling: &Sampling) -> Result<Vec<Vec<u32>>> {
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let room = prompts.iter().map(|p| p.len() + max_new).sum();
         let mut cache = self.kv_cache(gpu, room)?;
         let mut rngs: Vec<Rng> = prompts.iter().map(|_| Rng::new(sampling.seed)).collect();

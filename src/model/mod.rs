@@ -659,9 +659,23 @@ impl Model {
         self.all_params().iter().map(|p| p.bytes()).sum::<u64>() + self.inv_freq.bytes()
     }
 
-    /// A KV cache for one sequence of up to `max_t` tokens.
+    /// The tokens a KV cache holds: a layer's keys (and values) must fit one storage
+    /// binding.
+    pub fn cache_tokens(&self, gpu: &Gpu) -> usize {
+        (gpu.caps.max_binding / (self.cfg.kv_dim() as u64 * 4)) as usize
+    }
+
+    /// A KV cache for one sequence of up to `max_t` tokens (at most `cache_tokens`).
     pub fn kv_cache(&self, gpu: &Gpu, max_t: usize) -> Result<KvCache> {
         let kvd = self.cfg.kv_dim();
+        if max_t > self.cache_tokens(gpu) {
+            return Err(Error::Options(format!(
+                "a KV cache of {max_t} tokens (prompt and answer) takes {} bytes a layer for its keys, more than this adapter's largest storage binding ({} bytes): at most {} tokens; shorten the prompt or ask for fewer new tokens",
+                max_t * kvd * 4,
+                gpu.caps.max_binding,
+                self.cache_tokens(gpu)
+            )));
+        }
         let mk = |l: &str| -> Result<Vec<Tensor>> { (0..self.cfg.layers).map(|_| gpu.zeros(l, DType::F32, &[max_t, kvd])).collect() };
         Ok(KvCache { k: mk("k cache")?, v: mk("v cache")?, seg: gpu.zeros("cache segments", DType::U32, &[max_t])?, len: 0, max_t })
     }
