@@ -472,8 +472,16 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             cli::report_template(&md.tokenizer);
             let ds = webtune::data::load_path(&md.tokenizer, &data, max_seq_len, false, false)?;
             let m = cli::load_for_inference(&gpu, &md, adapter.as_deref())?;
-            let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
-            println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+            if ds.pairs {
+                // Preference pairs: each side's loss, and how often the chosen one is preferred.
+                let e = webtune::train::evaluate_preferences(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
+                let side = |loss: f64, tokens: usize| serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens});
+                let v = serde_json::json!({"pairs": e.pairs, "chosen": side(e.chosen_loss, e.chosen_tokens), "rejected": side(e.rejected_loss, e.rejected_tokens), "prefers_chosen": e.prefers_chosen});
+                println!("{v}");
+            } else {
+                let (loss, tokens) = webtune::train::evaluate(&gpu, &m, &ds, batch_size, md.tokenizer.pad_id).await?;
+                println!("{}", serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens}));
+            }
         }
         Command::ExportLora { adapter, model, out } => {
             cli::export_lora(&adapter, model.as_deref(), &out)?;

@@ -493,3 +493,55 @@ fn the_reference_adapter_is_in_the_memory_plan() {
     assert!(note.contains("packed as Q8_0 (as --quantize q8)") && note.contains("gradient checkpointing"), "{note}");
     assert!(packed.estimate(g).unwrap().total() <= budget);
 }
+
+/// `webtune eval` on preference pairs reports each side's loss per completion token and
+/// how often the chosen completion has the higher log-probability, from the pairs'
+/// log-probabilities (`pair_logps`) and completion tokens; with chosen and rejected
+/// swapped in the file, the sides swap.
+#[test]
+fn eval_on_pairs_reports_each_side_and_the_preference() {
+    use futures::executor::block_on as block;
+    let dir = std::env::temp_dir().join(format!("webtune-eval-pairs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: Vec<String> = webtune::data::builtin("demo-dpo").unwrap().lines().take(64).map(String::from).collect();
+    let swapped: Vec<String> = text
+        .iter()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let chosen = v["chosen"].take();
+            v["chosen"] = v["rejected"].take();
+            v["rejected"] = chosen;
+            v.to_string()
+        })
+        .collect();
+    let (pairs, other) = (dir.join("pairs.jsonl"), dir.join("swapped.jsonl"));
+    std::fs::write(&pairs, text.join("\n")).unwrap();
+    std::fs::write(&other, swapped.join("\n")).unwrap();
+    let eval = |data: &PathBuf| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_webtune")).args(["eval", "--model", "demo", "--data", data.to_str().unwrap(), "--batch-size", "16"]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str::<Value>(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
+    };
+    let (p, q) = (eval(&pairs), eval(&other));
+    let md = cli::ModelDir::open(std::path::Path::new("demo")).unwrap();
+    let ds = webtune::data::load(&md.tokenizer, &text.join("\n"), "pairs", 512, false, false).unwrap();
+    let m = cli::load_for_inference(gpu(), &md, None).unwrap();
+    let lp = block(webtune::train::pair_logps(gpu(), &m, &ds, 16, md.tokenizer.pad_id)).unwrap();
+    assert_eq!(p["pairs"], 64);
+    for (side, name) in [(0, "chosen"), (1, "rejected")] {
+        let tokens: usize = (0..64).map(|i| ds.sequences[2 * i + side].trained_targets()).sum();
+        let loss = -lp.iter().map(|x| x[side] as f64).sum::<f64>() / tokens as f64;
+        assert_eq!(p[name]["tokens"], tokens);
+        let got = p[name]["loss"].as_f64().unwrap();
+        assert!((got - loss).abs() <= 1e-6 * loss, "{name}: {got}, want {loss}");
+        assert!((p[name]["perplexity"].as_f64().unwrap() - got.exp()).abs() <= 1e-9 * got.exp());
+        let other = ["rejected", "chosen"][side];
+        assert_eq!(q[other]["tokens"], tokens);
+        assert!((q[other]["loss"].as_f64().unwrap() - got).abs() <= 1e-6 * got, "swapped: {q}");
+    }
+    let share = lp.iter().filter(|x| x[0] > x[1]).count() as f64 / 64.0;
+    assert_eq!(p["prefers_chosen"].as_f64().unwrap(), share);
+    assert_eq!(q["prefers_chosen"].as_f64().unwrap(), lp.iter().filter(|x| x[1] > x[0]).count() as f64 / 64.0);
+    assert!(share > 0.0 && share < 1.0, "{share}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

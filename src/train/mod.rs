@@ -507,6 +507,38 @@ pub async fn evaluate(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usiz
     Ok((total / count as f64, count))
 }
 
+/// What `webtune eval` reports of preference pairs under a model (dropout off): each
+/// side's loss per completion token, and the share of pairs whose chosen completion
+/// has the higher log-probability (the demo's held-out DPO measure).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PairEval {
+    pub pairs: usize,
+    pub chosen_loss: f64,
+    pub chosen_tokens: usize,
+    pub rejected_loss: f64,
+    pub rejected_tokens: usize,
+    pub prefers_chosen: f64,
+}
+
+/// `PairEval` of a preference dataset, in batches of up to `batch_size` pairs
+/// (`pair_logps`).
+pub async fn evaluate_preferences(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: usize, pad_id: u32) -> Result<PairEval> {
+    if !data.pairs || data.items() == 0 {
+        return Err(Error::Data("nothing to evaluate: no preference pairs".into()));
+    }
+    let lp = pair_logps(gpu, model, data, batch_size, pad_id).await?;
+    let tokens = |side: usize| (0..data.items()).map(|i| data.sequences[2 * i + side].trained_targets()).sum::<usize>();
+    let loss = |side: usize| -lp.iter().map(|p| p[side] as f64).sum::<f64>() / tokens(side).max(1) as f64;
+    Ok(PairEval {
+        pairs: data.items(),
+        chosen_loss: loss(0),
+        chosen_tokens: tokens(0),
+        rejected_loss: loss(1),
+        rejected_tokens: tokens(1),
+        prefers_chosen: lp.iter().filter(|p| p[0] > p[1]).count() as f64 / lp.len() as f64,
+    })
+}
+
 /// DPO over a preference dataset (no gradients, dropout off) against its reference
 /// log-probabilities, in batches of up to `batch_size` pairs (`fit_binding`): (mean
 /// loss, the metrics' means over the pairs).
