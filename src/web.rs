@@ -362,13 +362,16 @@ impl Session {
     }
 
     /// The GPU memory a training step of this run needs, estimated from the config
-    /// (MiB), to show before training and to warn when it will not fit.
-    pub fn memory_estimate(&self, options: JsValue) -> Result<JsValue, JsError> {
+    /// (MiB), to show before training and to warn when it will not fit. `continued`: the
+    /// run continues the adapter just trained (`start_continued`), which DPO keeps as
+    /// its reference (`Plan::reference_adapter`).
+    pub fn memory_estimate(&self, options: JsValue, continued: bool) -> Result<JsValue, JsError> {
         let o = run_options(options)?;
         let source = self.source()?;
         let cfg = &source.cfg;
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
-        let plan = o.memory_plan(cfg, &source.weights, seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding, self.gpu.caps.variant == crate::gpu::Variant::Tiled).map_err(js)?;
+        let mut plan = o.memory_plan(cfg, &source.weights, seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding, self.gpu.caps.variant == crate::gpu::Variant::Tiled).map_err(js)?;
+        plan.reference_adapter = continued && o.train.method == "dpo" && !o.full;
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         out(&serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}))

@@ -432,7 +432,7 @@ async function train() {
     }
     checkMethod(summary, options.method);
     resetCharts();
-    await showEstimate(options);
+    await showEstimate(options, continued);
     prefRun = options.method === 'dpo' ? await beforeDpo(summary.prompts, continued) : null;
     if (!prefRun) $('prefBox').hidden = true;
     const what = { options, data: { source: data.source } };
@@ -490,9 +490,11 @@ async function resumeSaved(saved) {
 
 // Browsers do not say how much GPU memory a tab may use; past this, warn.
 const WARN_MIB = 4096;
-async function showEstimate(options) {
-  const m = await call('memory', { options });
+// A continued DPO run keeps the adapter it starts from as its reference: counted too.
+async function showEstimate(options, continued) {
+  const m = await call('memory', { options, continued });
   const e = $('estimate');
+  e.dataset.trainingState = m.training_state;
   e.textContent = `Estimated GPU memory for a step: ${m.total.toFixed(0)} MiB (weights ${m.weights.toFixed(0)}, training state ${m.training_state.toFixed(0)}, activations ${m.activations.toFixed(0)})`;
   e.className = m.total > WARN_MIB ? 'error' : 'muted';
   if (m.total > WARN_MIB) e.textContent += ` — more than browsers usually give a tab (${WARN_MIB} MiB): this model may not fit. Try 4-bit frozen weights (QLoRA), a smaller batch or sequence length, LoRA instead of full tuning, or the native webtune.`;

@@ -436,7 +436,7 @@ const commands = {
     runInfo = { options, model: runInfo ? runInfo.model : null, data, total, continued: true };
     return { total };
   },
-  memory: ({ options }) => session.memory_estimate(options),
+  memory: ({ options, continued }) => session.memory_estimate(options, !!continued),
   // What this browser keeps: the stored model files and their sizes, and the site's usage.
   async stored() {
     const cache = await store();

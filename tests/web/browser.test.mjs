@@ -603,6 +603,7 @@ test('SFT then DPO from the adapter just trained, in one session, as natively wi
     assert.equal(sft.step, '2', sft.error);
     assert.equal(sft.margins, undefined);
     assert.equal(await page.isEnabled('#continueAdapter'), true);
+    const sftState = Number(await page.$eval('#estimate', (e) => e.dataset.trainingState));
     await page.selectOption('#method', 'dpo');
     assert.equal(await page.isVisible('#beta'), true);
     await page.check('input[name=data][value=file]');
@@ -617,6 +618,10 @@ test('SFT then DPO from the adapter just trained, in one session, as natively wi
     assert.notEqual(st.state, 'error', st.error);
     assert.equal(st.step, '2');
     assert.match(await page.textContent('#log'), /continuing from the adapter just trained \(LoRA rank 8, alpha 16, dropout 0\)/);
+    // The estimate counts the SFT adapter DPO keeps as its reference, and the scratch
+    // it swaps through: half as much again as LoRA's values, gradients and moments.
+    const dpoState = Number(await page.$eval('#estimate', (e) => e.dataset.trainingState));
+    assert.ok(sftState > 0 && Math.abs(dpoState - 1.5 * sftState) <= 1e-9 * sftState, `training state ${sftState} → ${dpoState} MiB`);
     assert.match(await page.textContent('#log'), /data: 32 records → 64 sequences \(32 preference pairs\)/);
     assert.match(await page.textContent('#summary'), /records: 32 \(preference \(conversational\) 16, preference \(implicit prompt\) 16\)/);
     const got = dpoFigures(st);
