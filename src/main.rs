@@ -574,7 +574,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                 ..Default::default()
             };
             run.check()?;
-            if from_adapter && (method != "dpo" || full) {
+            if from_adapter && !run.references_its_adapter() {
                 return Err(webtune::Error::Options("--from-adapter: only a LoRA DPO run keeps the adapter it starts from as its reference (add --method dpo, without --full)".into()));
             }
             let plan_of = |run: &RunOptions| -> webtune::Result<memory::Plan> {

@@ -371,7 +371,7 @@ impl Session {
         let cfg = &source.cfg;
         let seq = self.data.as_ref().map_or(512, |d| d.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1));
         let mut plan = o.memory_plan(cfg, &source.weights, seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding, self.gpu.caps.variant == crate::gpu::Variant::Tiled).map_err(js)?;
-        plan.reference_adapter = continued && o.train.method == "dpo" && !o.full;
+        plan.reference_adapter = continued && o.references_its_adapter();
         let m = crate::model::memory::estimate(cfg, &plan);
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         out(&serde_json::json!({"weights": mib(m.weights), "training_state": mib(m.training_state), "activations": mib(m.activations), "total": mib(m.total())}))

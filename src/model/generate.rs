@@ -134,14 +134,15 @@ impl Model {
             return Ok(vec![Vec::new(); prompts.len()]);
         }
         let (cap, mut out) = (self.cache_tokens(gpu), Vec::with_capacity(prompts.len()));
-        let mut group = 0..0;
+        // The group prompts[group] and the cache rows it takes.
+        let (mut group, mut room) = (0..0, 0);
         for (j, p) in prompts.iter().enumerate() {
-            let room: usize = prompts[group.clone()].iter().map(|p| p.len() + max_new).sum();
             if !group.is_empty() && room + p.len() + max_new > cap {
                 out.extend(self.generate_group(gpu, &prompts[group.clone()], max_new, sampling).await?);
-                group = j..j;
+                (group, room) = (j..j, 0);
             }
             group.end = j + 1;
+            room += p.len() + max_new;
         }
         out.extend(self.generate_group(gpu, &prompts[group], max_new, sampling).await?);
         Ok(out)

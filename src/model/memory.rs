@@ -88,6 +88,13 @@ pub fn widest_row(cfg: &Config) -> usize {
     cfg.hidden.max(cfg.heads * cfg.head_dim).max(cfg.kv_heads * cfg.head_dim).max(cfg.intermediate)
 }
 
+/// The token rows one storage binding of `max_binding` bytes holds at the widest
+/// activation (`widest_row`): a training micro-batch's, an evaluation batch's or a
+/// decoded piece's rows must not exceed it.
+pub fn binding_rows(cfg: &Config, max_binding: u64) -> usize {
+    (max_binding / (widest_row(cfg) as u64 * 4)) as usize
+}
+
 /// Bytes a tensor of `n` elements occupies (buffers are padded to 16 bytes).
 fn bytes(n: usize, elem: usize) -> u64 {
     ((n.max(1) * elem) as u64).div_ceil(16) * 16

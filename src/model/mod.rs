@@ -731,14 +731,14 @@ impl Model {
     /// tokens of its own segment `seg` (several sequences share one cache as packed
     /// segments: `generate_batch`), and return the logits of the last row `[V]`, or of
     /// every row `[T, V]` unless `last`. More rows than a storage binding holds at the
-    /// widest activation (`memory::widest_row`: a long prompt) run in pieces, each
+    /// widest activation (`memory::binding_rows`: a long prompt) run in pieces, each
     /// attending to what the ones before it cached.
     pub(crate) async fn decode_rows(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], last: bool) -> Result<Vec<f32>> {
         let t = ids.len();
         if t == 0 || cache.len + t > cache.max_t {
             return Err(Error::Shape(format!("decoding {t} tokens into a KV cache holding {} of {}", cache.len, cache.max_t)));
         }
-        let per = (gpu.caps.max_binding / (memory::widest_row(&self.cfg) as u64 * 4)).max(1) as usize;
+        let per = memory::binding_rows(&self.cfg, gpu.caps.max_binding).max(1);
         let mut logits = Vec::new();
         for (a, b) in k::spans(t, per) {
             // Only the last piece's last row, where that is all the caller wants.

@@ -136,7 +136,7 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
     // DPO runs a pair's chosen and rejected sequence in one micro-batch.
     let per = if opts.train.method == "dpo" { 2 } else { 1 };
     let row = memory::widest_row(cfg) as u64 * 4;
-    let fits_binding = |m: usize| (m * per * longest) as u64 * row <= base.max_binding;
+    let fits_binding = |m: usize| m * per * longest <= memory::binding_rows(cfg, base.max_binding);
     if cfg.vocab as u64 * 4 > base.max_binding {
         return Err(Error::Options(format!(
             "one token's logits over the vocabulary of {} take {} bytes, more than this adapter's largest storage binding ({} bytes): this model cannot train here",
@@ -151,7 +151,7 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
             mib(longest as u64 * row),
             row / 4,
             mib(base.max_binding),
-            base.max_binding / row
+            memory::binding_rows(cfg, base.max_binding)
         )));
     }
     let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m * per, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();

@@ -279,13 +279,13 @@ pub async fn pair_logps(gpu: &Gpu, model: &Model, data: &Dataset, batch_size: us
     logps_in(gpu, model, data, batches.iter().map(Vec::as_slice), &sizing, pad_id).await
 }
 
-/// `batches` split, in order, where a batch's token rows (counted by `rows`) times the
-/// model's widest activation row (`memory::widest_row`) would overfill the adapter's
-/// largest storage binding (a batch of one is kept whole: the plan refuses a run whose
+/// `batches` split, in order, where a batch's token rows (counted by `rows`) would be
+/// more than one storage binding holds at the model's widest activation
+/// (`memory::binding_rows`; a batch of one is kept whole: the plan refuses a run whose
 /// one sequence does not fit, `fit::fit`).
 fn fit_binding<'a>(gpu: &Gpu, model: &Model, data: &Dataset, batches: impl Iterator<Item = &'a [usize]>, rows: fn(&Dataset, &[usize]) -> usize) -> Vec<Vec<usize>> {
-    let row = crate::model::memory::widest_row(&model.cfg) as u64 * 4;
-    let fits = |b: &[usize]| rows(data, b) as u64 * row <= gpu.caps.max_binding;
+    let most = crate::model::memory::binding_rows(&model.cfg, gpu.caps.max_binding);
+    let fits = |b: &[usize]| rows(data, b) <= most;
     let mut out: Vec<Vec<usize>> = Vec::new();
     for batch in batches {
         let mut cur: Vec<usize> = Vec::new();

@@ -166,11 +166,17 @@ impl RunOptions {
         }
     }
 
+    /// Whether a run of these options that starts from a trained adapter keeps it on the
+    /// GPU as its DPO reference: LoRA DPO (full tuning takes every pair's first).
+    pub fn references_its_adapter(&self) -> bool {
+        self.train.method == "dpo" && !self.full
+    }
+
     /// Whether a run of these options that starts from `adapter` (PEFT-named tensors)
-    /// keeps it on the GPU as its DPO reference: LoRA DPO from a trained adapter, one
-    /// whose B are not all zero (`Run::init_adapter`).
+    /// keeps it as its reference (`references_its_adapter`): one whose B are not all
+    /// zero (`Run::init_adapter`).
     pub fn keeps_reference(&self, adapter: &TensorMap) -> bool {
-        self.train.method == "dpo" && !self.full && trained(adapter)
+        self.references_its_adapter() && trained(adapter)
     }
 
     /// Take the adapter's shape from an existing LoRA config (`--init-adapter`).
