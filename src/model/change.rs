@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::{Inputs, Model, Shape, Tensors};
+use super::{Model, Tensors};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu};
 use crate::kernels::{self as k, Matmul};
@@ -90,22 +90,30 @@ pub struct Candidates {
 
 /// For each token of `ids[from..]` (an answer after its prompt), the top `k` next
 /// tokens the base and the tuned model give at the position before it, with their
-/// probabilities: two forwards of the whole sequence, the adapter off, then on (it is
-/// on again afterwards).
+/// probabilities: two passes of the whole sequence through a KV cache (in pieces where
+/// it is long), the adapter off, then on (it is on again afterwards).
 pub async fn next_token_top(gpu: &Gpu, model: &mut Model, ids: &[u32], from: usize, k: usize) -> Result<Vec<Candidates>> {
     if from == 0 || from >= ids.len() {
         return Err(Error::Options(format!("an answer needs a prompt before it and a token after it: it starts at {from} of {} tokens", ids.len())));
     }
+    // Through a KV cache, as decoding runs a prompt: a sequence longer than a binding
+    // holds runs in pieces, and only the answer's rows of logits are computed and read
+    // back (a long prompt's every row would be gigabytes with a 150k vocabulary).
     let n = ids.len();
     let pos: Vec<u32> = (0..n as u32).collect();
-    let inp = Inputs::new(gpu, Shape { b: 1, t: n }, ids, &pos, &vec![0; n])?;
+    let mut cache = model.kv_cache(gpu, n)?;
     model.adapter_enabled = false;
-    let base = model.logits(gpu, &inp).await;
+    let base = model.decode_rows(gpu, &mut cache, ids, &pos, &vec![0; n], from - 1..n - 1).await;
     model.adapter_enabled = true;
-    let (base, tuned) = (base?, model.logits(gpu, &inp).await?);
+    let base = base?;
+    cache.len = 0;
+    let tuned = model.decode_rows(gpu, &mut cache, ids, &pos, &vec![0; n], from - 1..n - 1).await?;
     let v = model.cfg.vocab;
     Ok((from..n)
-        .map(|i| Candidates { position: i - 1, token: ids[i], base: top_k(&base[(i - 1) * v..i * v], k), tuned: top_k(&tuned[(i - 1) * v..i * v], k) })
+        .map(|i| {
+            let row = |l: &[f32]| top_k(&l[(i - from) * v..(i - from + 1) * v], k);
+            Candidates { position: i - 1, token: ids[i], base: row(&base), tuned: row(&tuned) }
+        })
         .collect())
 }
 

@@ -171,7 +171,7 @@ impl Model {
                 None => 0,
             };
             let pos: Vec<u32> = (from as u32..p.len() as u32).collect();
-            logits.push(self.decode_rows(gpu, &mut cache, &p[from..], &pos, &vec![j as u32; p.len() - from], true).await?);
+            logits.push(self.decode_rows(gpu, &mut cache, &p[from..], &pos, &vec![j as u32; p.len() - from], (p.len() - from).saturating_sub(1)..p.len() - from).await?);
             if j == 0 && shared > 0 {
                 prefix = Some(self.cached_rows(gpu, &cache, 0, shared)?);
             }
@@ -193,7 +193,7 @@ impl Model {
                 return Ok(out);
             }
             let seg: Vec<u32> = going.iter().map(|&j| j as u32).collect();
-            let rows = self.decode_rows(gpu, &mut cache, &ids, &pos, &seg, false).await?;
+            let rows = self.decode_rows(gpu, &mut cache, &ids, &pos, &seg, 0..ids.len()).await?;
             logits = rows.chunks(self.cfg.vocab).map(<[f32]>::to_vec).collect();
             live = going;
         }

@@ -384,6 +384,11 @@ impl Model {
         Ok((hf, rstd))
     }
 
+    /// Rows from which a pass through the KV cache (a prompt, not a decoding step)
+    /// submits after each layer, so one layer's temporaries are alive at a time; without
+    /// it a 1,000-token prompt of SmolLM2 held every layer's, a gigabyte.
+    pub const PREFILL_ROWS: usize = 64;
+
     /// The trunk: embed → every layer → final norm. One path serves logits, the loss,
     /// training, attention maps and decoding; `keep` says what `backward` will need.
     /// LoRA dropout applies only when `train`. With checkpointing, or keeping nothing
@@ -396,9 +401,11 @@ impl Model {
             let mut acts = self.layer_forward(gpu, rec, li, inp, x, cache, train, Pass::Forward)?;
             x = acts.out.clone().expect("a forward's output");
             match keep {
-                // A batch's forward alone (evaluation, DPO's reference, logits): the
-                // layer's temporaries serve the next layer, as with checkpointing.
-                Keep::Nothing if cache.is_none() => {
+                // A batch's forward alone (evaluation, DPO's reference, logits) or a
+                // prompt through the KV cache: the layer's temporaries serve the next
+                // layer, as with checkpointing. A decoding step's few rows keep one
+                // command buffer.
+                Keep::Nothing if cache.is_none() || inp.shape.n() >= Self::PREFILL_ROWS => {
                     drop(acts);
                     gpu.flush(rec, "forward");
                 }
@@ -724,48 +731,47 @@ impl Model {
     /// the last token.
     pub async fn decode(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
         let pos: Vec<u32> = (cache.len..cache.len + ids.len()).map(|p| p as u32).collect();
-        self.decode_rows(gpu, cache, ids, &pos, &vec![0; ids.len()], true).await
+        self.decode_rows(gpu, cache, ids, &pos, &vec![0; ids.len()], ids.len().saturating_sub(1)..ids.len()).await
     }
 
     /// Append `ids` to the cache at positions `pos`, each attending to the cached
     /// tokens of its own segment `seg` (several sequences share one cache as packed
-    /// segments: `generate_batch`), and return the logits of the last row `[V]`, or of
-    /// every row `[T, V]` unless `last`. More rows than a storage binding holds at the
-    /// widest activation (`memory::binding_rows`: a long prompt) run in pieces, each
-    /// attending to what the ones before it cached.
-    pub(crate) async fn decode_rows(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], last: bool) -> Result<Vec<f32>> {
+    /// segments: `generate_batch`), and return the logits `[rows, V]` of rows `want` of
+    /// `ids` (the last one, all, or an answer's). More rows than a storage binding holds
+    /// at the widest activation (`memory::binding_rows`: a long prompt) run in pieces,
+    /// each attending to what the ones before it cached; only the wanted rows' logits
+    /// are computed and read back.
+    pub(crate) async fn decode_rows(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], want: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let t = ids.len();
-        if t == 0 || cache.len + t > cache.max_t {
-            return Err(Error::Shape(format!("decoding {t} tokens into a KV cache holding {} of {}", cache.len, cache.max_t)));
+        if t == 0 || cache.len + t > cache.max_t || want.end > t {
+            return Err(Error::Shape(format!("decoding {t} tokens (logits of rows {} to {}) into a KV cache holding {} of {}", want.start, want.end, cache.len, cache.max_t)));
         }
         let per = memory::binding_rows(&self.cfg, gpu.caps.max_binding).max(1);
         let mut logits = Vec::new();
         for (a, b) in k::spans(t, per) {
-            // Only the last piece's last row, where that is all the caller wants.
-            let rows = match (last, b == t) {
-                (true, false) => None,
-                (true, true) => Some(b - a - 1..b - a),
-                (false, _) => Some(0..b - a),
-            };
+            let rows = want.start.clamp(a, b) - a..want.end.clamp(a, b) - a;
             logits.extend(self.decode_piece(gpu, cache, &ids[a..b], &pos[a..b], &seg[a..b], rows).await?);
         }
         Ok(logits)
     }
 
-    /// `decode_rows` of rows that fit a binding, with the logits of `rows` of them.
-    async fn decode_piece(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], rows: Option<std::ops::Range<usize>>) -> Result<Vec<f32>> {
+    /// `decode_rows` of rows that fit a binding, with the logits of `rows` of them
+    /// (none where it is empty), the head run in chunks of `head_chunk_rows`.
+    async fn decode_piece(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let t = ids.len();
         let inp = Inputs::new(gpu, Shape { b: 1, t }, ids, pos, seg)?;
         let mut rec = gpu.recorder("decode");
         // The new rows' segments join the cache's, which attention reads for every key.
         rec.encoder().copy_buffer_to_buffer(&inp.seg.buffer, inp.seg.offset, &cache.seg.buffer, cache.seg.offset + (cache.len * 4) as u64, (t * 4) as u64);
         let trunk = self.forward(gpu, &mut rec, &inp, Some(cache), Keep::Nothing, false)?;
-        let logits = rows.map(|r| self.head_forward(gpu, &mut rec, &trunk.hf, r.start, r.len())).transpose()?;
+        let per = self.head_chunk_rows(gpu);
+        let chunks = k::spans(rows.len(), per).map(|(a, b)| self.head_forward(gpu, &mut rec, &trunk.hf, rows.start + a, b - a)).collect::<Result<Vec<_>>>()?;
         gpu.submit(rec);
         cache.len += t;
-        match logits {
-            Some(l) => gpu.read::<f32>(&l).await,
-            None => Ok(Vec::new()),
+        let mut logits = Vec::with_capacity(rows.len() * self.cfg.vocab);
+        for c in &chunks {
+            logits.extend(gpu.read::<f32>(c).await?);
         }
+        Ok(logits)
     }
 }
