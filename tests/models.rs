@@ -538,6 +538,33 @@ fn teaching_views_agree_with_the_training_numbers() {
     assert_eq!(kept.len(), targets.iter().filter(|&&t| t >= 0).count());
     let mean = kept.iter().map(|&l| l as f64).sum::<f64>() / kept.len() as f64;
     close("mean token loss", &[mean as f32], &f.expected["loss"].data, 0.0, 1e-4);
+    // Each row's, from the GPU's cross-entropy, is the one its logits give on the host.
+    let logits = futures::executor::block_on(m.logits(g, &inp)).unwrap();
+    let v = f.cfg.vocab;
+    for (i, (&t, got)) in targets.iter().zip(&per_token).enumerate() {
+        let row = &logits[i * v..(i + 1) * v];
+        let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let want = (t >= 0).then(|| (mx + row.iter().map(|&z| (z as f64 - mx).exp()).sum::<f64>().ln() - row[t.max(0) as usize] as f64) as f32);
+        assert_eq!(got.is_some(), want.is_some(), "row {i}");
+        close(&format!("row {i}'s loss"), &[got.unwrap_or(0.0)], &[want.unwrap_or(0.0)], 1e-5, 1e-5);
+    }
+    // The attention view runs the layers up to the one it shows, one layer's
+    // temporaries at a time: its peak of pooled memory is a forward's, not that of
+    // every layer's activations kept.
+    let pooled = |attention: bool| {
+        let g = &make(webtune::gpu::GpuOptions { no_f16: true, ..Default::default() });
+        let m = model(g, &f, true);
+        let (inp, _, _) = batch(g, &f);
+        let before = g.counters().pool_peak;
+        if attention {
+            futures::executor::block_on(m.attention_map(g, &inp, 1, 3)).unwrap();
+        } else {
+            futures::executor::block_on(m.logits(g, &inp)).unwrap();
+        }
+        g.counters().pool_peak - before
+    };
+    let (forward, attention) = (pooled(false), pooled(true));
+    assert!(4 * attention <= 5 * forward, "pooled bytes: the attention view {attention}, a forward {forward}");
     let t = 9;
     let map = futures::executor::block_on(m.attention_map(g, &inp, 1, 3)).unwrap();
     assert_eq!(map.len(), t * t);

@@ -423,6 +423,20 @@ impl Model {
         Ok(Trunk { hf, x, rstd, saved })
     }
 
+    /// The activations of layer `layer` alone (the attention view): the layers before
+    /// it run as a forward alone does, one layer's temporaries at a time, and the ones
+    /// after it not at all.
+    fn layer_activations(&self, gpu: &Gpu, rec: &mut Recorder, inp: &Inputs, layer: usize) -> Result<Acts> {
+        let mut x = self.embed(gpu, rec, inp)?;
+        for li in 0..layer {
+            let acts = self.layer_forward(gpu, rec, li, inp, x, None, false, Pass::Forward)?;
+            x = acts.out.clone().expect("a forward's output");
+            drop(acts);
+            gpu.flush(rec, "forward");
+        }
+        self.layer_forward(gpu, rec, layer, inp, x, None, false, Pass::Forward)
+    }
+
     /// The mirror of `forward`: from d(loss)/d(hf), the final norm's backward, then each
     /// layer's backward in reverse order (its forward run again from the saved input
     /// when checkpointing), then the embedding's scatter. Gradients are added into
@@ -532,6 +546,28 @@ impl Model {
             gpu.flush(rec, "head");
         }
         Ok(logps)
+    }
+
+    /// The cross-entropy of each row `[N]` (0 where the target is negative), the head in
+    /// chunks: only N floats come back, not the logits.
+    pub(crate) async fn row_losses(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32]) -> Result<Vec<f32>> {
+        self.check_targets(inp, targets)?;
+        let n = targets.len();
+        let mut rec = gpu.recorder("forward");
+        let trunk = self.forward(gpu, &mut rec, inp, None, Keep::Nothing, false)?;
+        let per = self.head_chunk_rows(gpu);
+        let mut chunks = Vec::new();
+        for r0 in (0..n).step_by(per) {
+            let [_, _, losses, _] = self.head_chunk(gpu, &mut rec, &trunk.hf, targets, 1.0, r0, per.min(n - r0), None, false)?;
+            chunks.push(losses);
+            gpu.flush(&mut rec, "head");
+        }
+        gpu.submit(rec);
+        let mut out = Vec::with_capacity(n);
+        for c in &chunks {
+            out.extend(gpu.read::<f32>(c).await?);
+        }
+        Ok(out)
     }
 
     /// Each sequence's sum of log p(target) over the rows whose target is not negative

@@ -2,28 +2,16 @@
 //! map, each layer's gradient norm.
 
 use super::inputs::Inputs;
-use super::{Keep, Model, Saved};
+use super::Model;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
 impl Model {
     /// Per-token cross-entropy (nats) of predicting `targets[i]` at row i; None where
-    /// the target is negative (not trained). From the logits, on the host.
+    /// the target is negative (not trained). On the GPU, by the training loss's kernel.
     pub async fn token_losses(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32]) -> Result<Vec<Option<f32>>> {
-        let logits = self.logits(gpu, inp).await?;
-        let v = self.cfg.vocab;
-        Ok(targets
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                (t >= 0).then(|| {
-                    let row = &logits[i * v..(i + 1) * v];
-                    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                    let lse = mx + row.iter().map(|z| (*z as f64 - mx).exp()).sum::<f64>().ln();
-                    (lse - row[t as usize] as f64) as f32
-                })
-            })
-            .collect())
+        let losses = self.row_losses(gpu, inp, targets).await?;
+        Ok(targets.iter().zip(losses).map(|(&t, l)| (t >= 0).then_some(l)).collect())
     }
 
     /// Attention probabilities `[T, T]` of query head `head` in layer `layer` for the
@@ -34,9 +22,8 @@ impl Model {
             return Err(Error::Shape(format!("layer {layer}, head {head}: the model has {} layers of {} heads", cfg.layers, cfg.heads)));
         }
         let mut rec = gpu.recorder("attention map");
-        let mut trunk = self.forward(gpu, &mut rec, inp, None, Keep::Activations, false)?;
+        let acts = self.layer_activations(gpu, &mut rec, inp, layer)?;
         gpu.submit(rec);
-        let Saved::Acts(acts) = trunk.saved.swap_remove(layer) else { unreachable!("Keep::Activations keeps activations") };
         let (mut q, mut k) = (gpu.read::<f32>(&acts.q).await?, gpu.read::<f32>(&acts.k).await?);
         if self.rope_on_load(gpu).is_some() {
             // Kept before RoPE (attention rotated them as it loaded them): rotate here.
