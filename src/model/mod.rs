@@ -620,7 +620,8 @@ impl Model {
         Ok(())
     }
 
-    /// All logits `[N, V]` of a batch, read back (evaluation and tests).
+    /// All logits `[N, V]` of a batch, read back (the checks against PyTorch's logits;
+    /// the views and decoding read only the rows they need).
     pub async fn logits(&self, gpu: &Gpu, inp: &Inputs) -> Result<Vec<f32>> {
         let n = inp.shape.n();
         let mut rec = gpu.recorder("forward");
