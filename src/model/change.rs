@@ -100,14 +100,14 @@ pub async fn next_token_top(gpu: &Gpu, model: &mut Model, ids: &[u32], from: usi
     // holds runs in pieces, and only the answer's rows of logits are computed and read
     // back (a long prompt's every row would be gigabytes with a 150k vocabulary).
     let n = ids.len();
-    let pos: Vec<u32> = (0..n as u32).collect();
+    let (pos, seg): (Vec<u32>, Vec<u32>) = ((0..n as u32).collect(), vec![0; n]);
     let mut cache = model.kv_cache(gpu, n)?;
     model.adapter_enabled = false;
-    let base = model.decode_rows(gpu, &mut cache, ids, &pos, &vec![0; n], from - 1..n - 1).await;
+    let base = model.decode_rows(gpu, &mut cache, ids, &pos, &seg, from - 1..n - 1).await;
     model.adapter_enabled = true;
     let base = base?;
     cache.len = 0;
-    let tuned = model.decode_rows(gpu, &mut cache, ids, &pos, &vec![0; n], from - 1..n - 1).await?;
+    let tuned = model.decode_rows(gpu, &mut cache, ids, &pos, &seg, from - 1..n - 1).await?;
     let v = model.cfg.vocab;
     Ok((from..n)
         .map(|i| {

@@ -376,6 +376,13 @@ impl Model {
         Ok(logits)
     }
 
+    /// The logits of rows `rows` of `hf`, by `head_forward` in chunks of
+    /// `head_chunk_rows` (each within a binding), to read back with `read_chunks`.
+    fn head_rows(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, rows: std::ops::Range<usize>) -> Result<Vec<Tensor>> {
+        let per = self.head_chunk_rows(gpu);
+        k::spans(rows.len(), per).map(|(a, b)| self.head_forward(gpu, rec, hf, rows.start + a, b - a)).collect()
+    }
+
     /// Final norm of the last layer's output: (hf, rstd).
     fn final_norm(&self, gpu: &Gpu, rec: &mut Recorder, n: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let hf = zeros(gpu, rec, "final norm", &[n, self.cfg.hidden])?;
@@ -563,11 +570,7 @@ impl Model {
             gpu.flush(&mut rec, "head");
         }
         gpu.submit(rec);
-        let mut out = Vec::with_capacity(n);
-        for c in &chunks {
-            out.extend(gpu.read::<f32>(c).await?);
-        }
-        Ok(out)
+        read_chunks(gpu, &chunks).await
     }
 
     /// Each sequence's sum of log p(target) over the rows whose target is not negative
@@ -626,14 +629,9 @@ impl Model {
         let n = inp.shape.n();
         let mut rec = gpu.recorder("forward");
         let trunk = self.forward(gpu, &mut rec, inp, None, Keep::Nothing, false)?;
-        let per = self.head_chunk_rows(gpu);
-        let chunks = (0..n).step_by(per).map(|r0| self.head_forward(gpu, &mut rec, &trunk.hf, r0, per.min(n - r0))).collect::<Result<Vec<_>>>()?;
+        let chunks = self.head_rows(gpu, &mut rec, &trunk.hf, 0..n)?;
         gpu.submit(rec);
-        let mut out = Vec::with_capacity(n * self.cfg.vocab);
-        for c in &chunks {
-            out.extend(gpu.read::<f32>(c).await?);
-        }
-        Ok(out)
+        read_chunks(gpu, &chunks).await
     }
 
     fn check_targets(&self, inp: &Inputs, targets: &[i32]) -> Result<()> {
@@ -793,7 +791,7 @@ impl Model {
     }
 
     /// `decode_rows` of rows that fit a binding, with the logits of `rows` of them
-    /// (none where it is empty), the head run in chunks of `head_chunk_rows`.
+    /// (none where it is empty), the head run in chunks (`head_rows`).
     async fn decode_piece(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32], pos: &[u32], seg: &[u32], rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let t = ids.len();
         let inp = Inputs::new(gpu, Shape { b: 1, t }, ids, pos, seg)?;
@@ -801,14 +799,19 @@ impl Model {
         // The new rows' segments join the cache's, which attention reads for every key.
         rec.encoder().copy_buffer_to_buffer(&inp.seg.buffer, inp.seg.offset, &cache.seg.buffer, cache.seg.offset + (cache.len * 4) as u64, (t * 4) as u64);
         let trunk = self.forward(gpu, &mut rec, &inp, Some(cache), Keep::Nothing, false)?;
-        let per = self.head_chunk_rows(gpu);
-        let chunks = k::spans(rows.len(), per).map(|(a, b)| self.head_forward(gpu, &mut rec, &trunk.hf, rows.start + a, b - a)).collect::<Result<Vec<_>>>()?;
+        let chunks = self.head_rows(gpu, &mut rec, &trunk.hf, rows)?;
         gpu.submit(rec);
         cache.len += t;
-        let mut logits = Vec::with_capacity(rows.len() * self.cfg.vocab);
-        for c in &chunks {
-            logits.extend(gpu.read::<f32>(c).await?);
-        }
-        Ok(logits)
+        read_chunks(gpu, &chunks).await
     }
+}
+
+/// f32 tensors read back one after another into one vector (the chunks of a head's
+/// logits or losses).
+async fn read_chunks(gpu: &Gpu, chunks: &[Tensor]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(chunks.iter().map(|c| c.shape.iter().product::<usize>()).sum());
+    for c in chunks {
+        out.extend(gpu.read::<f32>(c).await?);
+    }
+    Ok(out)
 }
