@@ -4,7 +4,10 @@
 //   k, v, dk, dv   [B, TK, NKV, HS]  (TK = T in training; in decoding the KV cache,
 //                  whose last T positions are the queries' own: query t sits at t + TK − T)
 //   seg            [B, TK] u32: a key s is visible to query t when s <= t + TK − T and
-//                  seg[s] == seg[t + TK − T] (packed examples never see each other)
+//                  sees(seg[t + TK − T], seg[s]): the same example (packed examples
+//                  never see each other) and, in a DPO pair laid out as prompt, chosen,
+//                  rejected, the shared prompt or the query's own side (the branch in
+//                  the top two bits: 0 shared, 1 chosen, 2 rejected; src/data/batch.rs)
 //   lse            [B, NH, T]: log-sum-exp of the scaled scores, saved for backward
 //   stats          [2, B, NH, T]: lse (copied in by the backward launcher), then
 //                  dsum = do·o per row, which the dq pass writes and the dk/dv pass
@@ -67,6 +70,12 @@ fn partner(i: u32) -> u32 { let h = p.hs / 8u; return select(i - h, i + h, i < h
 // The position of token t of sequence bi (ROPE; training, so TK = T).
 fn position(bi: u32, t: u32) -> u32 { return seg[p.pos_off + bi * p.t + t]; }
 
+// Whether a query of segment qs sees a key of segment ks (causality aside).
+fn sees(qs: u32, ks: u32) -> bool {
+    let kb = ks >> 30u;
+    return (qs & 0x3FFFFFFFu) == (ks & 0x3FFFFFFFu) && (kb == 0u || kb == qs >> 30u);
+}
+
 // One invocation per query row. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
 fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -91,7 +100,7 @@ fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var i = 0u; i < hs4; i++) { acc[i] = o[qb + i]; }
     }
     for (var s = p.r0; s < s_end; s++) {
-        if (seg[bi * p.tk + s] != st) { continue; }
+        if (!sees(st, seg[bi * p.tk + s])) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
         for (var i = 0u; i < hs4; i++) { score += dot(qr[i], k[kb + i]); }
@@ -147,7 +156,7 @@ fn attention_backward_dq_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (p.r0 == 0u) { stats_rw[n_rows() + row] = d; }
     let st = seg[bi * p.t + t];
     for (var s = p.r0; s < min(t + 1u, p.r1); s++) {
-        if (seg[bi * p.t + s] != st) { continue; }
+        if (!sees(st, seg[bi * p.t + s])) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
         var dp = 0.0;
@@ -177,7 +186,7 @@ fn attention_backward_dkv_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
         for (var t = max(s, p.r0); t < min(p.t, p.r1); t++) {
-            if (seg[bi * p.t + t] != ss) { continue; }
+            if (!sees(seg[bi * p.t + t], ss)) { continue; }
             let qb = q_base(bi, t, h);
             let row = (bi * p.nh + h) * p.t + t;
             var score = 0.0;
@@ -265,7 +274,7 @@ fn attention_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
         // This row sees keys s0..=tpos of its own segment.
         let mine = keys_seen(n, s0, tpos);
         for (var j = 0u; j < mine; j++) {
-            if (seg[bi * p.tk + s0 + j] != st) { continue; }
+            if (!sees(st, seg[bi * p.tk + s0 + j])) { continue; }
             var score = 0.0;
             for (var i = 0u; i < hs4; i++) { score += dot(qr[i], tile_a[j * hs4 + i]); }
             let m_new = max(mx, score);
@@ -312,7 +321,7 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
         workgroupBarrier();
         let mine = keys_seen(n, s0, t);
         for (var j = 0u; j < mine; j++) {
-            if (seg[bi * p.t + s0 + j] != st) { continue; }
+            if (!sees(st, seg[bi * p.t + s0 + j])) { continue; }
             var score = 0.0;
             var dp = 0.0;
             for (var i = 0u; i < hs4; i++) { score += dot(qr[i], tile_a[j * hs4 + i]); dp += dot(dor[i], tile_b[j * hs4 + i]); }
@@ -367,7 +376,7 @@ fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
             // This key is seen by queries s.. of its own segment.
             for (var j = select(s - t0, 0u, s <= t0); j < n; j++) {
                 let t = t0 + j;
-                if (seg[bi * p.t + t] != ss) { continue; }
+                if (!sees(seg[bi * p.t + t], ss)) { continue; }
                 let row = (bi * p.nh + h) * p.t + t;
                 var score = 0.0;
                 var dp = 0.0;

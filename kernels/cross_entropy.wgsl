@@ -10,13 +10,15 @@
 // (zeros on ignored rows), as llm.c does: the logits are not needed afterwards. In
 // training the forward and backward of a row are one kernel
 // (`cross_entropy_forward_backward*`): the row's lse, then its logits overwritten.
-// Per sequence (DPO: the rows are sequences of `t` tokens each):
+// Per sequence (DPO: a row's sequence is the chosen or rejected side of a pair; a
+// pair's shared prompt rows are never targets, so their entry does not matter):
+//   row_seq    [N] u32 the sequence of each global row
 //   seq_logps  [S]     −= Σ losses of each sequence's rows = Σ log p(target); the sum
 //                      entry reads `row0` as the chunk's first global row
 //   seq_scale  [S]     the scaled backward's extra factor for the rows of sequence s
 
 struct Params {
-    rows: u32, v: u32, row0: u32, t: u32,
+    rows: u32, v: u32, row0: u32, _p1: u32,
     scale: f32, g0: u32, _p2: u32, _p3: u32,
 }
 
@@ -31,6 +33,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(9) var<storage, read> seq_scale: array<f32>;
 @group(0) @binding(10) var<storage, read_write> seq_logps: array<f32>;
+@group(0) @binding(11) var<storage, read> row_seq: array<u32>;
 
 // One invocation per row of the chunk, online max and sum in one pass: for
 // vocabularies within the loop budget that are too small to fill a workgroup per row.
@@ -164,26 +167,26 @@ fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // The backward with each row also scaled by its sequence's factor
-// seq_scale[(g0 + row0 + r) / t] (g0: the global
-// row of the logits' first row; DPO: −d(loss)/d(log p of the sequence)).
+// seq_scale[row_seq[g0 + row0 + r]] (g0: the global row of the logits' first row;
+// DPO: −d(loss)/d(log p of the sequence)).
 // Grid: (ceil(V/256), rows, 1).
 @compute @workgroup_size(256, 1, 1)
 fn cross_entropy_backward_scaled(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x; let r = gid.y;
     if (j >= p.v || r >= p.rows) { return; }
-    dlogits[r * p.v + j] = grad(r, j) * p.scale * seq_scale[(p.g0 + p.row0 + r) / p.t];
+    dlogits[r * p.v + j] = grad(r, j) * p.scale * seq_scale[row_seq[p.g0 + p.row0 + r]];
 }
 
 // seq_logps[s] −= Σ losses_in over the chunk's rows of sequence s: one workgroup per
-// sequence the chunk (global rows row0 .. row0 + rows) touches, losses_in holding the
-// chunk's rows from 0. Grid: (sequences touched, 1, 1).
+// sequence, each scanning the chunk (global rows row0 .. row0 + rows) for its rows,
+// losses_in holding the chunk's rows from 0. Grid: (S, 1, 1).
 @compute @workgroup_size(256, 1, 1)
 fn cross_entropy_sequence_logps(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let s = p.row0 / p.t + wid.x;
-    let a = max(s * p.t, p.row0);
-    let b = min((s + 1u) * p.t, p.row0 + p.rows);
+    let s = wid.x;
     var acc = 0.0;
-    for (var i = a + lid.x; i < b; i += 256u) { acc += losses_in[i - p.row0]; }
+    for (var i = lid.x; i < p.rows; i += 256u) {
+        if (row_seq[p.row0 + i] == s) { acc += losses_in[i]; }
+    }
     part[lid.x] = acc;
     workgroupBarrier();
     for (var k = 128u; k > 0u; k >>= 1u) {

@@ -577,20 +577,22 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             if from_adapter && !run.references_its_adapter() {
                 return Err(webtune::Error::Options("--from-adapter: only a LoRA DPO run keeps the adapter it starts from as its reference (add --method dpo, without --full)".into()));
             }
+            // DPO: a pair's row holds at most both sides (its prompt once, `PairBatch`).
+            let row = max_seq_len * if method == "dpo" { 2 } else { 1 };
             let plan_of = |run: &RunOptions| -> webtune::Result<memory::Plan> {
-                let plan = run.memory_plan(&cfg, weights.as_ref(), max_seq_len, !f32_weights, 128 << 20, false)?;
+                let plan = run.memory_plan(&cfg, weights.as_ref(), row, !f32_weights, 128 << 20, false)?;
                 Ok(memory::Plan { reference_adapter: from_adapter, ..plan })
             };
             let mut plan = plan_of(&run)?;
             let budget = webtune::train::fit::budget(&run, None)?;
-            let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, max_seq_len, budget);
+            let lowered = webtune::train::fit::lower_frozen(&cfg, &run, &plan, row, budget);
             if let Some((q, note)) = &lowered {
                 println!("{note}");
                 run.quantize = Some((*q).into());
                 plan = plan_of(&run)?;
             }
             if let Some(budget) = budget {
-                let fit = webtune::train::fit::fit(&cfg, &run, &plan, max_seq_len, Some(budget))?;
+                let fit = webtune::train::fit::fit(&cfg, &run, &plan, row, Some(budget))?;
                 match (&fit.note, &lowered) {
                     (Some(note), _) => println!("{note}"),
                     (None, None) => println!("plan: the options as given fit the budget"),
@@ -601,7 +603,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             }
             let m = memory::estimate(&cfg, &plan);
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!("{}: {}, micro-batch {} × {max_seq_len}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
+            println!("{}: {}, micro-batch {} × {row}, grad checkpointing {}", config.display(), plan.tuning, plan.batch, plan.grad_checkpoint);
             if method == "dpo" {
                 let reference = match (full, from_adapter) {
                     (true, _) => "the model as the run starts, every pair's log-probabilities taken before the first step (8 bytes a pair, host memory): no frozen copy of the weights".to_string(),
@@ -611,7 +613,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
                         mib(m.training_state - memory::estimate(&cfg, &memory::Plan { reference_adapter: false, ..plan.clone() }).training_state)
                     ),
                 };
-                println!("DPO: {batch_size} pairs = {} sequences a batch; the reference is {reference}", plan.batch);
+                println!("DPO: {batch_size} pairs a batch, a row each of at most {row} tokens (both sides, their prompt once); the reference is {reference}");
             }
             println!("weights           {:>9.1} MiB (matrices: {})", mib(m.weights), plan.held(&cfg));
             println!("training state    {:>9.1} MiB", mib(m.training_state));
@@ -627,8 +629,9 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             let ds = webtune::data::load_path(&md.tokenizer, &data, run.max_seq_len, run.pack, run.train_on_prompt)?;
             println!("adapter: {}", gpu.describe());
             let longest = ds.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            let rows = if ds.pairs { format!("pairs, sequences up to {longest} tokens, a pair's row up to {}", ds.longest_row()) } else { format!("sequences up to {longest} tokens") };
             println!(
-                "{}: {} layers, hidden {}, vocab {}; {}; batch {} (sequences up to {longest} tokens); reuse {}",
+                "{}: {} layers, hidden {}, vocab {}; {}; batch {} ({rows}); reuse {}",
                 model.display(), md.cfg.layers, md.cfg.hidden, md.cfg.vocab, run.tuning(), run.train.batch_size, if no_reuse { "off" } else { "on" }
             );
             // `--quantize q4,q8,f16` measures each in turn, side by side.

@@ -94,10 +94,11 @@ fn matmul_rounding(mm: &Matmul, a: &[f32], b: &[f32], c: &mut [f32], second: Opt
     }
 }
 
-/// Keys visible to query t: causal (query t sits at t + TK − T) and in its segment.
+/// Keys visible to query t: causal (query t sits at t + TK − T) and in its segment
+/// (`crate::data::sees`: a pair's shared prompt and its own side).
 fn visible(at: &Attention, seg: &[u32], bi: usize, t: usize) -> Vec<usize> {
     let tpos = t + at.tk - at.t;
-    (0..=tpos).filter(|&s| seg[bi * at.tk + s] == seg[bi * at.tk + tpos]).collect()
+    (0..=tpos).filter(|&s| crate::data::sees(seg[bi * at.tk + tpos], seg[bi * at.tk + s])).collect()
 }
 
 fn head(x: &[f32], row: usize, hs: usize) -> &[f32] {
@@ -465,23 +466,25 @@ pub fn cross_entropy_backward(n: usize, v: usize, scale: f32, logits: &mut [f32]
     }
 }
 
-/// `cross_entropy_backward` with the rows of sequence s scaled by `seq_scale[s]`
-/// (row r of the logits is global row `row0 + r`; sequences of `t` rows).
+/// `cross_entropy_backward` with each row scaled by its sequence's factor (row r of
+/// the logits is global row g = `row0 + r`, scaled by `seq_scale[row_seq[g]]`).
 #[allow(clippy::too_many_arguments)]
-pub fn cross_entropy_backward_scaled(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], lse: &[f32], row0: usize, t: usize, seq_scale: &[f32]) {
+pub fn cross_entropy_backward_scaled(n: usize, v: usize, scale: f32, logits: &mut [f32], targets: &[i32], lse: &[f32], row0: usize, row_seq: &[u32], seq_scale: &[f32]) {
     cross_entropy_backward(n, v, scale, logits, targets, lse);
     for r in 0..n {
-        let f = seq_scale[(row0 + r) / t];
+        let f = seq_scale[row_seq[row0 + r] as usize];
         logits[r * v..(r + 1) * v].iter_mut().for_each(|x| *x *= f);
     }
 }
 
-/// `seq_logps[s] −= Σ losses` over the rows of sequence s among global rows `row0 ..
-/// row0 + rows`.
-pub fn cross_entropy_sequence_logps(row0: usize, rows: usize, t: usize, losses: &[f32], seq_logps: &mut [f32]) {
+/// `seq_logps[s] −= Σ losses` over the rows of sequence s (`row_seq[g] == s`) among
+/// global rows `row0 .. row0 + rows`.
+pub fn cross_entropy_sequence_logps(row0: usize, rows: usize, row_seq: &[u32], losses: &[f32], seq_logps: &mut [f32]) {
     let mut sums = vec![0.0f64; seq_logps.len()];
     for r in 0..rows {
-        sums[(row0 + r) / t] += losses[r] as f64;
+        if let Some(x) = sums.get_mut(row_seq[row0 + r] as usize) {
+            *x += losses[r] as f64;
+        }
     }
     // Sequences outside the chunk subtract 0, which leaves them as they are.
     for (l, x) in seq_logps.iter_mut().zip(sums) {

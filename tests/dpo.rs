@@ -432,10 +432,12 @@ fn the_reference_adapter_is_in_the_memory_plan() {
     let (records, pairs) = (load("demo", 12, sft_opts.max_seq_len), load("demo-dpo", 8, dpo_opts.max_seq_len));
     let source = Rc::new(md.source);
     // The budget: between a step of 4 pairs without the reference adapter and with it.
-    let longest = pairs.sequences.iter().map(|s| s.ids.len()).max().unwrap();
+    // A pair is a row (its prompt once): the plan counts the longest pair's row.
+    let longest = pairs.longest_row();
+    assert!(longest < 2 * pairs.sequences.iter().map(|s| s.ids.len()).max().unwrap());
     let base = dpo_opts.memory_plan(&source.cfg, &source.weights, longest, g.caps.shader_f16, g.caps.max_binding, g.caps.variant == webtune::gpu::Variant::Tiled).unwrap();
     assert!(!dpo_opts.grad_checkpoint);
-    let need = |pairs: usize, reference_adapter: bool| estimate(&source.cfg, &Plan { batch: 2 * pairs, seq: longest, reference_adapter, ..base.clone() });
+    let need = |pairs: usize, reference_adapter: bool| estimate(&source.cfg, &Plan { batch: pairs, seq: longest, reference_adapter, ..base.clone() });
     let (without, with) = (need(4, false), need(4, true));
     assert_eq!(2 * with.training_state, 3 * without.training_state, "two more copies of LoRA's values: {with:?} against {without:?}");
     let budget = (without.total() + with.total()) / 2;
@@ -479,7 +481,7 @@ fn the_reference_adapter_is_in_the_memory_plan() {
     // A budget below one checkpointed pair with the reference adapter and the frozen
     // weights as they are, above it with them packed as Q8_0: the continued run packs
     // them before it loads, where a fresh adapter's run needs not.
-    let one = |frozen: Frozen, reference_adapter: bool| estimate(&source_cfg, &Plan { batch: 2, seq: longest, grad_checkpoint: true, frozen, reference_adapter, ..base.clone() }).total();
+    let one = |frozen: Frozen, reference_adapter: bool| estimate(&source_cfg, &Plan { batch: 1, seq: longest, grad_checkpoint: true, frozen, reference_adapter, ..base.clone() }).total();
     let q8 = Frozen::Quantize(webtune::quant::QType::Q8_0);
     let budget = (one(q8, true) + one(base.frozen, true)) / 2;
     assert!(one(base.frozen, false) <= budget, "without the reference adapter the weights fit as they are");
@@ -544,4 +546,42 @@ fn eval_on_pairs_reports_each_side_and_the_preference() {
     assert_eq!(q["prefers_chosen"].as_f64().unwrap(), lp.iter().filter(|x| x[1] > x[0]).count() as f64 / 64.0);
     assert!(share > 0.0 && share < 1.0, "{share}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pair's row holds its prompt once (`PairBatch`): each side's log-probability is
+/// the one its sequence gives alone, on the demo pairs (whose prompts are most of a
+/// row) and on Qwen3's chat pairs from TRL's fixtures, and the rows are shorter than
+/// the two sides laid out apart.
+#[test]
+fn a_pairs_shared_prompt_gives_each_side_its_own_log_probability() {
+    use futures::executor::block_on as block;
+    use webtune::data::batch::{Batch, PairBatch};
+    use webtune::model::{Inputs, Shape};
+    let check = |md: &cli::ModelDir, text: &str, n: usize, least_saved: f64| {
+        let ds = webtune::data::load(&md.tokenizer, text, "pairs", 512, false, false).unwrap();
+        let m = cli::load_for_inference(gpu(), md, None).unwrap();
+        let pad = md.tokenizer.pad_id;
+        let shared = block(webtune::train::pair_logps(gpu(), &m, &ds, 8, pad)).unwrap();
+        assert_eq!(shared.len(), n.min(ds.items()));
+        let (mut apart, mut together) = (0, 0);
+        for (i, lp) in shared.iter().enumerate() {
+            let (c, r) = (&ds.sequences[2 * i], &ds.sequences[2 * i + 1]);
+            apart += c.ids.len() + r.ids.len();
+            together += PairBatch::row_len(c, r);
+            for (side, s) in [c, r].into_iter().enumerate() {
+                let b = Batch::new(&[s], pad);
+                let inp = Inputs::new(gpu(), Shape { b: 1, t: b.t }, &b.ids, &b.pos, &b.seg).unwrap();
+                let rs = gpu().upload("row seq", &vec![0u32; b.t], &[b.t]).unwrap();
+                let alone = block(gpu().read::<f32>(&m.sequence_logps(gpu(), &inp, &b.targets, &rs).unwrap())).unwrap()[0];
+                assert!((lp[side] - alone).abs() <= 1e-4 * alone.abs().max(1.0), "pair {i} side {side}: {} shared, {alone} alone", lp[side]);
+            }
+        }
+        let saved = 1.0 - together as f64 / apart as f64;
+        assert!(saved >= least_saved, "rows {together} tokens against {apart} apart ({saved:.2} saved)");
+    };
+    let text: Vec<String> = webtune::data::builtin("demo-dpo").unwrap().lines().take(12).map(String::from).collect();
+    check(&cli::ModelDir::open(std::path::Path::new("demo")).unwrap(), &text.join("\n"), 12, 0.3);
+    let md = cli::ModelDir::open(&qwen3_model("shared-prompt")).unwrap();
+    let pairs = std::fs::read_to_string(fixture().join("conversational.jsonl")).unwrap();
+    check(&md, &pairs, 64, 0.1);
 }

@@ -239,11 +239,12 @@ fn dpo_loss_gradient_by_the_logits_matches_finite_differences() {
     let targets: Vec<i32> = (0..n).map(|r| if r % t == 0 && r / t != 1 { -100 } else { (r * 3 % v) as i32 }).collect();
     let counts: Vec<f32> = (0..2 * pairs).map(|s| targets[s * t..(s + 1) * t].iter().filter(|&&x| x >= 0).count() as f32).collect();
     let refs: Vec<f32> = rng.vec(2 * pairs, 1.0).iter().map(|x| x - 5.0).collect();
+    let row_seq: Vec<u32> = (0..n).map(|r| (r / t) as u32).collect();
     let seq_logps = |z: &[f32]| {
         let (mut losses, mut lse, mut loss) = (vec![0.0; n], vec![0.0; n], vec![0.0; 1]);
         cpu::cross_entropy_forward(n, v, 1.0, z, &targets, &mut losses, &mut lse, &mut loss);
         let mut lp = vec![0.0; 2 * pairs];
-        cpu::cross_entropy_sequence_logps(0, n, t, &losses, &mut lp);
+        cpu::cross_entropy_sequence_logps(0, n, &row_seq, &losses, &mut lp);
         (lp, lse)
     };
     for d in dpo_losses() {
@@ -257,7 +258,7 @@ fn dpo_loss_gradient_by_the_logits_matches_finite_differences() {
         let mut coef = vec![0.0; 2 * pairs];
         cpu::dpo_backward(&d, pairs, 0.5, sft, &lp, &refs, &counts, &mut coef);
         let mut dl = logits.clone();
-        cpu::cross_entropy_backward_scaled(n, v, 1.0, &mut dl, &targets, &lse, 0, t, &coef);
+        cpu::cross_entropy_backward_scaled(n, v, 1.0, &mut dl, &targets, &lse, 0, &row_seq, &coef);
         fd(&format!("dpo {d:?} d/dlogits"), &dl, &logits, loss_of);
     }
 }

@@ -566,6 +566,33 @@ fn flash_attention_tiles_match_reference() {
     let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
     attention_case_on(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 212, 1.0);
     attention_case_on(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 213, 1.0);
+    // DPO pairs a row each: the shared prompt, the chosen side, the rejected side that
+    // sees the prompt and itself only, padding.
+    let seg = pair_rows(130, &[(40, 90, 125), (3, 64, 130)]);
+    attention_case(&Attention::new(2, 130, 4, 4, 32), &seg, 214, 1.0);
+    attention_case(&Attention::new(2, 130, 8, 2, 16), &seg, 215, 2.0);
+    attention_case_on(tiled_small_loops(), &Attention::new(2, 130, 4, 2, 8), &seg, 216, 1.0);
+}
+
+/// The segments of DPO pair rows of `t` tokens (`PairBatch`), each (chosen from,
+/// rejected from, padding from).
+fn pair_rows(t: usize, rows: &[(usize, usize, usize)]) -> Vec<u32> {
+    use webtune::data::batch::{CHOSEN, REJECTED};
+    rows.iter().flat_map(|&(c, r, p)| (0..t).map(move |i| if i < c { 0 } else if i < r { CHOSEN } else if i < p { REJECTED } else { u32::MAX })).collect()
+}
+
+/// What a pair row's segments let each token see: the prompt both sides, each side
+/// itself, never the other side; padding only padding; packed examples apart.
+#[test]
+fn pair_segments_see_the_prompt_and_their_own_side() {
+    use webtune::data::{batch::{CHOSEN, REJECTED}, sees};
+    for side in [0, CHOSEN, REJECTED] {
+        assert!(sees(side, 0), "{side:#x} sees the prompt");
+        assert!(sees(side | 1, 1) && !sees(side | 1, 0), "{side:#x}: examples apart");
+    }
+    assert!(sees(CHOSEN, CHOSEN) && sees(REJECTED, REJECTED));
+    assert!(!sees(CHOSEN, REJECTED) && !sees(REJECTED, CHOSEN) && !sees(0, CHOSEN) && !sees(0, REJECTED));
+    assert!(sees(u32::MAX, u32::MAX) && !sees(u32::MAX, 0) && !sees(0, u32::MAX) && !sees(REJECTED, u32::MAX));
 }
 
 /// Attention with RoPE on load (the tiled kernels; q and k as stored are before the
@@ -630,6 +657,7 @@ fn roped_attention_matches_reference() {
     let seg: Vec<u32> = (0..2 * 41).map(|i| u32::from(i % 41 >= 17)).collect();
     roped_attention_case(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 314);
     roped_attention_case(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 315);
+    roped_attention_case(g, &Attention::new(2, 130, 4, 2, 32), &pair_rows(130, &[(40, 90, 125), (3, 64, 130)]), 316);
     // The row kernels (CPU drivers) have no RoPE on load, and say so.
     let row = variant(Variant::Register);
     let at = Attention::new(1, 2, 2, 2, 8);
@@ -887,15 +915,18 @@ fn cross_entropy_case(g: &webtune::gpu::Gpu, n: usize, v: usize, mag: f32, seed:
     close("ce forward-backward dlogits", &read(g, &tl), &dl, 1e-6, 1e-3);
 }
 
-/// The per-sequence entries on `n` rows of sequences of `t`, the rows cut into chunks
-/// of `per` that split sequences, as the head's chunks do.
+/// The per-sequence entries on `n` rows, `seqs` · `t`, the rows cut into chunks of
+/// `per` that split sequences, as the head's chunks do. A row's sequence alternates
+/// between two (`row_seq`), as a DPO pair's row holds both sides.
 fn sequence_case(g: &webtune::gpu::Gpu, seqs: usize, t: usize, v: usize, per: usize, seed: u64) {
     let n = seqs * t;
     let mut rng = Rng::new(seed);
     let logits = rng.vec(n * v, 2.0);
     let targets: Vec<i32> = (0..n).map(|r| if r % t < t / 3 { -100 } else { rng.below(v as u64) as i32 }).collect();
+    let row_seq: Vec<u32> = (0..n).map(|r| ((r / t + (r % t) % 2 * 3) % seqs) as u32).collect();
     let seq_scale = rng.vec(seqs, 1.0);
     let (tlogps, tscale) = (zeros(g, seqs), up(g, &seq_scale));
+    let trs = g.upload("row seq", &row_seq, &[n]).unwrap();
     let mut logps = vec![0.0; seqs];
     for r0 in (0..n).step_by(per) {
         let rows = per.min(n - r0);
@@ -904,14 +935,14 @@ fn sequence_case(g: &webtune::gpu::Gpu, seqs: usize, t: usize, v: usize, per: us
         let (tl, tt, tlosses, tlse, tloss) = (up(g, chunk), up(g, tg), zeros(g, rows), zeros(g, rows), zeros(g, 1));
         run(g, |r| {
             k::cross_entropy_forward(g, r, rows, v, 1.0, &tl, &tt, &tlosses, &tlse, Some(&tloss))?;
-            k::cross_entropy_sequence_logps(g, r, r0, rows, t, &tlosses, &tlogps)?;
-            k::cross_entropy_backward_scaled(g, r, rows, v, 0.5, &tl, &tt, &tlse, r0, t, &tscale)
+            k::cross_entropy_sequence_logps(g, r, r0, rows, &trs, &tlosses, &tlogps)?;
+            k::cross_entropy_backward_scaled(g, r, rows, v, 0.5, &tl, &tt, &tlse, r0, (&trs, &tscale))
         });
         let (mut losses, mut lse, mut loss) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; 1]);
         cpu::cross_entropy_forward(rows, v, 1.0, chunk, tg, &mut losses, &mut lse, &mut loss);
-        cpu::cross_entropy_sequence_logps(r0, rows, t, &losses, &mut logps);
+        cpu::cross_entropy_sequence_logps(r0, rows, &row_seq, &losses, &mut logps);
         let mut dl = chunk.to_vec();
-        cpu::cross_entropy_backward_scaled(rows, v, 0.5, &mut dl, tg, &lse, r0, t, &seq_scale);
+        cpu::cross_entropy_backward_scaled(rows, v, 0.5, &mut dl, tg, &lse, r0, &row_seq, &seq_scale);
         close(&format!("scaled dlogits, rows {r0}.."), &read(g, &tl), &dl, 1e-6, 1e-3);
     }
     assert!(logps.iter().all(|&l| l < 0.0));

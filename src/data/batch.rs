@@ -97,6 +97,17 @@ impl Dataset {
     pub fn items(&self) -> usize {
         if self.pairs { self.sequences.len() / 2 } else { self.sequences.len() }
     }
+
+    /// The longest row a batch of this data holds: a sequence, or a pair's row
+    /// (`PairBatch`, its prompt once); 1 when empty.
+    pub fn longest_row(&self) -> usize {
+        let rows: Box<dyn Iterator<Item = usize>> = if self.pairs {
+            Box::new(self.sequences.chunks(2).map(|p| PairBatch::row_len(&p[0], &p[1])))
+        } else {
+            Box::new(self.sequences.iter().map(|s| s.ids.len()))
+        };
+        rows.max().unwrap_or(1).max(1)
+    }
 }
 
 /// Tokenize, mask and truncate every record; drop those with nothing to train; pack
@@ -142,6 +153,68 @@ pub fn prepare_pairs(tok: &Tokenizer, records: &[Parsed], max_seq_len: usize) ->
     }
     let sequences = examples.iter().map(Sequence::from_example).collect();
     Ok(Dataset { records: records.len(), examples, sequences, skipped, pairs: true })
+}
+
+/// The top two bits of a segment id say which side of a DPO pair a token is on: 0 the
+/// prompt both sides share, `CHOSEN` or `REJECTED` one side's (`PairBatch`). Padding
+/// (`u32::MAX`) is a side of its own.
+pub const BRANCH_SHIFT: u32 = 30;
+pub const CHOSEN: u32 = 1 << BRANCH_SHIFT;
+pub const REJECTED: u32 = 2 << BRANCH_SHIFT;
+
+/// Whether a query of segment `query` sees a key of segment `key` (causality aside):
+/// the same example, and the key on the shared prompt or the query's own side.
+/// kernels/attention.wgsl's `sees`.
+pub fn sees(query: u32, key: u32) -> bool {
+    let mask = CHOSEN - 1;
+    let side = key >> BRANCH_SHIFT;
+    query & mask == key & mask && (side == 0 || side == query >> BRANCH_SHIFT)
+}
+
+/// A batch of preference pairs, one row each, their shared prompt computed once (as
+/// prefix sharing for DPO does): the chosen sequence, then the rejected one from the
+/// last token the two share, at its own positions, seeing the shared tokens and
+/// itself (`sees`). That token is repeated so that each side has the row that
+/// predicts its first token. Each sequence's log-probability and gradient are what
+/// they are unshared; the row of each token goes to its sequence through `row_seq`
+/// (`[N]`: pair i's chosen rows to i, its rejected rows to P + i).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairBatch {
+    pub batch: Batch,
+    pub row_seq: Vec<u32>,
+    /// Each sequence's completion tokens `[2P]`: the chosen sides, then the rejected.
+    pub counts: Vec<f32>,
+}
+
+impl PairBatch {
+    pub fn new(pairs: &[(&Sequence, &Sequence)], pad_id: u32) -> PairBatch {
+        let np = pairs.len() as u32;
+        let t = pairs.iter().map(|(c, r)| PairBatch::row_len(c, r)).max().unwrap_or(1).max(1);
+        let mut b = Batch { b: pairs.len(), t, ids: vec![], pos: vec![], seg: vec![], targets: vec![] };
+        let mut row_seq = Vec::with_capacity(pairs.len() * t);
+        for (i, (c, r)) in pairs.iter().enumerate() {
+            let k = PairBatch::shared(c, r).saturating_sub(1);
+            let len = c.ids.len() + r.ids.len() - k;
+            b.ids.extend(c.ids.iter().chain(&r.ids[k..]).copied().chain(std::iter::repeat_n(pad_id, t - len)));
+            b.pos.extend(c.pos.iter().chain(&r.pos[k..]).copied().chain(0..(t - len) as u32));
+            b.seg.extend((0..c.ids.len()).map(|j| if j < k { 0 } else { CHOSEN }));
+            b.seg.extend(std::iter::repeat_n(REJECTED, r.ids.len() - k).chain(std::iter::repeat_n(u32::MAX, t - len)));
+            b.targets.extend(c.targets().into_iter().chain(r.targets().into_iter().skip(k)).chain(std::iter::repeat_n(-100, t - len)));
+            row_seq.extend(std::iter::repeat_n(i as u32, c.ids.len()).chain(std::iter::repeat_n(np + i as u32, t - c.ids.len())));
+        }
+        let counts = [0, 1].iter().flat_map(|&side| pairs.iter().map(move |p| if side == 0 { p.0 } else { p.1 }.trained_targets() as f32)).collect();
+        PairBatch { batch: b, row_seq, counts }
+    }
+
+    /// The tokens both sides start with, none of them trained (the prompt).
+    fn shared(c: &Sequence, r: &Sequence) -> usize {
+        (0..c.ids.len().min(r.ids.len())).take_while(|&j| c.ids[j] == r.ids[j] && !c.trained[j] && !r.trained[j]).count()
+    }
+
+    /// The tokens of a pair's row.
+    pub fn row_len(c: &Sequence, r: &Sequence) -> usize {
+        c.ids.len() + r.ids.len() - PairBatch::shared(c, r).saturating_sub(1)
+    }
 }
 
 /// A padded batch: `[b, t]` row-major, right-padded with `pad_id` (padding is its own

@@ -8,6 +8,7 @@ pub mod records;
 pub mod template;
 pub mod tools;
 
+pub use batch::sees;
 pub use records::{decode, parse_records, Format, Message, Pair, Parsed, Record};
 pub use template::ChatTemplate;
 

@@ -11,8 +11,7 @@ struct Params {
     rows: u32,
     v: u32,
     row0: u32,
-    /// Rows per sequence (the per-sequence entries).
-    t: u32,
+    _p1: u32,
     scale: f32,
     /// The global row of the logits' first row (the scaled backward's sequences).
     g0: u32,
@@ -124,7 +123,7 @@ fn forward(
     let logits_at = if op == "cross_entropy_forward" { 1 } else { 5 };
     let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), entry, &[]);
     for (r0, rows) in chunks(gpu, n, v)? {
-        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
+        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, _p1: 0, scale, g0: 0, _p2: 0, _p3: 0 };
         gpu.dispatch(
             rec,
             &pipeline,
@@ -135,7 +134,7 @@ fn forward(
         )?;
     }
     let Some(loss) = loss else { return Ok(()) };
-    let p = Params { rows: n as u32, v: v as u32, row0: 0, t: 1, scale, g0: 0, _p2: 0, _p3: 0 };
+    let p = Params { rows: n as u32, v: v as u32, row0: 0, _p1: 0, scale, g0: 0, _p2: 0, _p3: 0 };
     let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), "cross_entropy_sum", &[]);
     gpu.dispatch(rec, &pipeline, "cross_entropy_sum", &p, &[(7, losses.into()), (8, loss.into())], [1, 1, 1])
 }
@@ -156,8 +155,9 @@ pub fn cross_entropy_backward(
     backward(gpu, rec, "cross_entropy_backward", n, v, scale, logits, targets, lse, None)
 }
 
-/// `cross_entropy_backward` with every row of sequence b (rows `row0 + b·t ..`, the
-/// logits' first row being global row `row0`) also scaled by `seq_scale[b]` `[S]`.
+/// `cross_entropy_backward` with every row also scaled by its sequence's factor: global
+/// row g (the logits' first row being global row `row0`) by `seq_scale[row_seq[g]]`
+/// (`row_seq` `[N]` u32, `seq_scale` `[S]`).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_backward_scaled(
     gpu: &Gpu,
@@ -169,15 +169,13 @@ pub fn cross_entropy_backward_scaled(
     targets: &Tensor,
     lse: &Tensor,
     row0: usize,
-    t: usize,
-    seq_scale: &Tensor,
+    (row_seq, seq_scale): (&Tensor, &Tensor),
 ) -> Result<()> {
     let op = "cross_entropy_backward_scaled";
-    check(t > 0 && (row0 + n).div_ceil(t) <= seq_scale.numel(), op, || {
-        format!("rows {row0}..{} of sequences of {t} need {} sequence factors, seq_scale has {}", row0 + n, (row0 + n).div_ceil(t.max(1)), seq_scale.numel())
-    })?;
+    row_seq.expect(op, "row_seq", DType::U32, row_seq.numel())?;
+    check(row0 + n <= row_seq.numel(), op, || format!("rows {row0}..{} overrun row_seq [{}]", row0 + n, row_seq.numel()))?;
     check(seq_scale.dtype == DType::F32, op, || format!("`seq_scale` is {}, expected f32", seq_scale.dtype))?;
-    backward(gpu, rec, op, n, v, scale, logits, targets, lse, Some((row0, t, seq_scale)))
+    backward(gpu, rec, op, n, v, scale, logits, targets, lse, Some((row0, row_seq, seq_scale)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +189,7 @@ fn backward(
     logits: &Tensor,
     targets: &Tensor,
     lse: &Tensor,
-    seq: Option<(usize, usize, &Tensor)>,
+    seq: Option<(usize, &Tensor, &Tensor)>,
 ) -> Result<()> {
     check_args(op, n, v, logits, targets, lse)?;
     let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), op, &[]);
@@ -200,31 +198,28 @@ fn backward(
         // row counts from the global row `g0`.
         let g0 = seq.map_or(0, |(g0, _, _)| g0);
         let mut binds = vec![(2, targets.into()), (5, chunk_bind(logits, r0, rows, v)), (6, lse.into())];
-        let t = match seq {
-            Some((_, t, s)) => {
-                binds.push((9, s.into()));
-                t
-            }
-            None => 1,
-        };
-        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, t: t as u32, scale, g0: g0 as u32, _p2: 0, _p3: 0 };
+        if let Some((_, row_seq, s)) = seq {
+            binds.extend([(9, s.into()), (11, row_seq.into())]);
+        }
+        let p = Params { rows: rows as u32, v: v as u32, row0: r0 as u32, _p1: 0, scale, g0: g0 as u32, _p2: 0, _p3: 0 };
         gpu.dispatch(rec, &pipeline, op, &p, &binds, [groups(v, 256), rows as u32, 1])?;
     }
     Ok(())
 }
 
 /// `seq_logps[s] −= Σ losses` over the rows of sequence s among global rows `row0 ..
-/// row0 + rows` (sequences of `t` rows; `losses` `[rows]` holds the chunk's rows from
-/// 0): per-sequence sums of log p(target), accumulated chunk by chunk.
-pub fn cross_entropy_sequence_logps(gpu: &Gpu, rec: &mut Recorder, row0: usize, rows: usize, t: usize, losses: &Tensor, seq_logps: &Tensor) -> Result<()> {
+/// row0 + rows` (`row_seq` `[N]` u32 names each global row's sequence; `losses`
+/// `[rows]` holds the chunk's rows from 0): per-sequence sums of log p(target),
+/// accumulated chunk by chunk.
+pub fn cross_entropy_sequence_logps(gpu: &Gpu, rec: &mut Recorder, row0: usize, rows: usize, row_seq: &Tensor, losses: &Tensor, seq_logps: &Tensor) -> Result<()> {
     let op = "cross_entropy_sequence_logps";
-    check(rows > 0 && t > 0, op, || format!("empty shape ({rows} rows, sequences of {t})"))?;
+    check(rows > 0, op, || "no rows".into())?;
     losses.expect(op, "losses", DType::F32, rows)?;
+    row_seq.expect(op, "row_seq", DType::U32, row_seq.numel())?;
+    check(row0 + rows <= row_seq.numel(), op, || format!("rows {row0}..{} overrun row_seq [{}]", row0 + rows, row_seq.numel()))?;
+    check(rows.div_ceil(256) + 16 <= gpu.caps.max_loop as usize, op, || format!("a chunk of {rows} rows exceeds this driver's loop budget"))?;
     let s = seq_logps.numel();
-    check((row0 + rows).div_ceil(t) <= s, op, || format!("rows {row0}..{} of sequences of {t} overrun seq_logps [{s}]", row0 + rows))?;
-    check(t.div_ceil(256) + 16 <= gpu.caps.max_loop as usize, op, || format!("sequences of {t} rows exceed this driver's loop budget"))?;
-    let touched = (row0 + rows - 1) / t - row0 / t + 1;
-    let p = Params { rows: rows as u32, v: 1, row0: row0 as u32, t: t as u32, scale: 1.0, g0: 0, _p2: 0, _p3: 0 };
+    let p = Params { rows: rows as u32, v: 1, row0: row0 as u32, _p1: 0, scale: 1.0, g0: 0, _p2: 0, _p3: 0 };
     let pipeline = gpu.pipeline(reducing(gpu, &CROSS_ENTROPY), op, &[]);
-    gpu.dispatch(rec, &pipeline, op, &p, &[(7, losses.into()), (10, seq_logps.into())], [touched as u32, 1, 1])
+    gpu.dispatch(rec, &pipeline, op, &p, &[(7, losses.into()), (10, seq_logps.into()), (11, row_seq.into())], [s as u32, 1, 1])
 }

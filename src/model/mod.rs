@@ -542,14 +542,14 @@ impl Model {
 
     /// Per-sequence sums of log p(target) `[B]` over the batch's B sequences of `t`
     /// rows, the head in chunks (targets negative where a row is not counted).
-    fn head_logps(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], t: usize) -> Result<Tensor> {
+    fn head_logps(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], (row_seq, seqs): (&Tensor, usize)) -> Result<Tensor> {
         let n = targets.len();
-        let logps = zeros(gpu, rec, "sequence logps", &[n / t])?;
+        let logps = zeros(gpu, rec, "sequence logps", &[seqs])?;
         let per = self.head_chunk_rows(gpu);
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
             let [_, _, losses, _] = self.head_chunk(gpu, rec, hf, targets, 1.0, r0, rows, None, false)?;
-            k::cross_entropy_sequence_logps(gpu, rec, r0, rows, t, &losses, &logps)?;
+            k::cross_entropy_sequence_logps(gpu, rec, r0, rows, row_seq, &losses, &logps)?;
             gpu.flush(rec, "head");
         }
         Ok(logps)
@@ -573,39 +573,37 @@ impl Model {
         read_chunks(gpu, &chunks).await
     }
 
-    /// Each sequence's sum of log p(target) over the rows whose target is not negative
-    /// (a completion's tokens): `[B]`, no gradients, dropout off.
-    pub fn sequence_logps(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32]) -> Result<Tensor> {
+    /// Each sequence's sum of log p(target) over its rows whose target is not negative
+    /// (a completion's tokens), no gradients, dropout off: `[2B]` for a batch of B
+    /// pairs (`PairBatch`: `row_seq` `[N]` names each row's sequence).
+    pub fn sequence_logps(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], row_seq: &Tensor) -> Result<Tensor> {
         self.check_targets(inp, targets)?;
         let mut rec = gpu.recorder("forward");
         let trunk = self.forward(gpu, &mut rec, inp, None, Keep::Nothing, false)?;
-        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, inp.shape.t)?;
+        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, (row_seq, 2 * inp.shape.b))?;
         gpu.submit(rec);
         Ok(logps)
     }
 
-    /// One DPO forward and backward over P pairs: the batch holds the P chosen
-    /// sequences, then the P rejected ones (as TRL batches them). The per-sequence
+    /// One DPO forward and backward over P pairs, a row each (`PairBatch`: the prompt
+    /// once, then the chosen and the rejected side; `row_seq` `[N]` names each row's
+    /// sequence, chosen sides 0..P, rejected P..2P). The per-sequence
     /// log-probabilities go to `dpo_forward`, which adds the loss · scale and the
     /// metrics into `stats` `[8]`; `dpo_backward` gives each sequence its factor, and
     /// the head runs again per chunk for the cross-entropy backward scaled by it.
-    /// `ref_logps` and `counts` (completion tokens) are `[2P]` in the batch's order.
+    /// `ref_logps` and `counts` (completion tokens) are `[2P]` in that order.
     #[allow(clippy::too_many_arguments)]
-    pub fn dpo_forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], dpo: &k::Dpo, ref_logps: &Tensor, counts: &Tensor, (scale, sft): (f32, f32), stats: &Tensor) -> Result<()> {
+    pub fn dpo_forward_backward(&self, gpu: &Gpu, inp: &Inputs, targets: &[i32], row_seq: &Tensor, dpo: &k::Dpo, ref_logps: &Tensor, counts: &Tensor, (scale, sft): (f32, f32), stats: &Tensor) -> Result<()> {
         if !self.adapter_enabled {
             return Err(Error::Config("cannot train with the adapter disabled".into()));
         }
         self.check_targets(inp, targets)?;
-        let (b, t) = (inp.shape.b, inp.shape.t);
-        if b % 2 != 0 {
-            return Err(Error::Shape(format!("a DPO batch holds chosen and rejected sequences: {b} is odd")));
-        }
-        let pairs = b / 2;
+        let pairs = inp.shape.b;
         let mut rec = gpu.recorder("forward");
         let keep = if self.grad_checkpoint { Keep::Inputs } else { Keep::Activations };
         let trunk = self.forward(gpu, &mut rec, inp, None, keep, true)?;
-        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, t)?;
-        let coef = zeros(gpu, &mut rec, "dpo coef", &[b])?;
+        let logps = self.head_logps(gpu, &mut rec, &trunk.hf, targets, (row_seq, 2 * pairs))?;
+        let coef = zeros(gpu, &mut rec, "dpo coef", &[2 * pairs])?;
         k::dpo_forward(gpu, &mut rec, dpo, pairs, scale, sft, &logps, ref_logps, counts, stats)?;
         k::dpo_backward(gpu, &mut rec, dpo, pairs, scale, sft, &logps, ref_logps, counts, &coef)?;
         let (n, vocab) = (targets.len(), self.cfg.vocab);
@@ -614,7 +612,7 @@ impl Model {
         for r0 in (0..n).step_by(per) {
             let rows = per.min(n - r0);
             let [logits, tg, _, lse] = self.head_chunk(gpu, &mut rec, &trunk.hf, targets, 1.0, r0, rows, None, false)?;
-            k::cross_entropy_backward_scaled(gpu, &mut rec, rows, vocab, 1.0, &logits, &tg, &lse, r0, t, &coef)?;
+            k::cross_entropy_backward_scaled(gpu, &mut rec, rows, vocab, 1.0, &logits, &tg, &lse, r0, (row_seq, &coef))?;
             self.head_backward(gpu, &mut rec, &trunk.hf, &logits, r0, rows, &dhf)?;
             gpu.flush(&mut rec, "head");
         }

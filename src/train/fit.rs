@@ -92,11 +92,21 @@ fn may_lower(opts: &RunOptions) -> bool {
     !opts.full && matches!(opts.frozen(), Ok(Frozen::Auto))
 }
 
-/// A step's estimate at one sequence (pair) of `longest` tokens with gradient
-/// checkpointing, the frozen weights held as `frozen`: the least any plan can need.
-fn one_checkpointed(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, frozen: Frozen) -> u64 {
-    let per = if opts.train.method == "dpo" { 2 } else { 1 };
-    memory::estimate(cfg, &Plan { batch: per, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total()
+fn dpo(opts: &RunOptions) -> bool {
+    opts.train.method == "dpo"
+}
+
+/// What a plan's smallest unit is, for its messages: one sequence, or one DPO pair
+/// (its row: both sides, the prompt once).
+fn one(opts: &RunOptions, longest: usize) -> String {
+    if dpo(opts) { format!("one pair of {longest} tokens in its row (both sides, the prompt once)") } else { format!("one sequence of {longest} tokens") }
+}
+
+/// A step's estimate at one sequence (DPO: a pair's row) of `longest` tokens with
+/// gradient checkpointing, the frozen weights held as `frozen`: the least any plan can
+/// need.
+fn one_checkpointed(cfg: &Config, base: &Plan, longest: usize, frozen: Frozen) -> u64 {
+    memory::estimate(cfg, &Plan { batch: 1, seq: longest, grad_checkpoint: true, frozen, ..base.clone() }).total()
 }
 
 /// Where a LoRA run names no frozen-weight format (`--quantize`) and its step fits the
@@ -109,16 +119,17 @@ pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize
     if !may_lower(opts) {
         return None;
     }
-    let given = one_checkpointed(cfg, opts, base, longest, base.frozen);
+    let given = one_checkpointed(cfg, base, longest, base.frozen);
     if given <= bud {
         return None;
     }
     LOWER.into_iter().find_map(|(q, t)| {
-        let need = one_checkpointed(cfg, opts, base, longest, Frozen::Quantize(t));
+        let need = one_checkpointed(cfg, base, longest, Frozen::Quantize(t));
         (need <= bud).then(|| {
             let note = format!(
-                "plan: the frozen weights are packed as {} (as --quantize {q}): with them as given, one sequence of {longest} tokens at a time with gradient checkpointing needs about {}, more than the memory budget of {}; packed, about {}",
+                "plan: the frozen weights are packed as {} (as --quantize {q}): with them as given, {} at a time with gradient checkpointing needs about {}, more than the memory budget of {}; packed, about {}",
                 t.name().to_uppercase(),
+                one(opts, longest),
                 mib(given),
                 mib(bud),
                 mib(need)
@@ -133,10 +144,9 @@ pub fn lower_frozen(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize
 /// `seq` are replaced here) and the `budget`.
 pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget: Option<u64>) -> Result<Fit> {
     let b = opts.train.batch_size.max(1);
-    // DPO runs a pair's chosen and rejected sequence in one micro-batch.
-    let per = if opts.train.method == "dpo" { 2 } else { 1 };
+    // DPO runs a pair in one row (`PairBatch`): `longest` is a pair's row.
     let row = memory::widest_row(cfg) as u64 * 4;
-    let fits_binding = |m: usize| m * per * longest <= memory::binding_rows(cfg, base.max_binding);
+    let fits_binding = |m: usize| m * longest <= memory::binding_rows(cfg, base.max_binding);
     if cfg.vocab as u64 * 4 > base.max_binding {
         return Err(Error::Options(format!(
             "one token's logits over the vocabulary of {} take {} bytes, more than this adapter's largest storage binding ({} bytes): this model cannot train here",
@@ -147,14 +157,15 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
     }
     if !fits_binding(1) {
         return Err(Error::Options(format!(
-            "one sequence of {longest} tokens needs {} for its widest activation ({} values a token), more than this adapter's largest storage binding ({}); lower --max-seq-len to {} or less",
+            "{} needs {} for its widest activation ({} values a token), more than this adapter's largest storage binding ({}); lower --max-seq-len to {} or less",
+            one(opts, longest),
             mib(longest as u64 * row),
             row / 4,
             mib(base.max_binding),
-            memory::binding_rows(cfg, base.max_binding)
+            memory::binding_rows(cfg, base.max_binding) / if dpo(opts) { 2 } else { 1 }
         )));
     }
-    let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m * per, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();
+    let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();
     for ckpt in if opts.grad_checkpoint { vec![true] } else { vec![false, true] } {
         let mut last = 0;
         for k in 1..=b {
@@ -180,7 +191,7 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
                 why.push(format!("batch {b} runs as {k} micro-batches of up to {m} (gradient accumulation ×{k}, the same effective batch): {reason}"));
             }
             if ckpt && !opts.grad_checkpoint {
-                why.push(format!("gradient checkpointing is on: without it, one sequence at a time needs about {}, more than the memory budget of {}", mib(step(1, false)), mib(budget.unwrap_or(0))));
+                why.push(format!("gradient checkpointing is on: without it, {} at a time needs about {}, more than the memory budget of {}", if dpo(opts) { "one pair" } else { "one sequence" }, mib(step(1, false)), mib(budget.unwrap_or(0))));
             }
             let note = (!why.is_empty()).then(|| format!("plan: {} (about {} a step)", why.join("; "), mib(need)));
             return Ok(Fit { micro: m, grad_checkpoint: ckpt, note });
@@ -190,13 +201,14 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
     // A LoRA run that names no format has had its weights lowered as far as `LOWER`
     // goes (`lower_frozen`); one that names f16 or f32 may still pack them.
     let (with_nf4, advice) = match (packed, opts.full, may_lower(opts)) {
-        (false, false, true) => (format!(" ({} with the frozen weights packed as NF4)", mib(one_checkpointed(cfg, opts, base, longest, Frozen::Quantize(QType::Nf4)))), ""),
+        (false, false, true) => (format!(" ({} with the frozen weights packed as NF4)", mib(one_checkpointed(cfg, base, longest, Frozen::Quantize(QType::Nf4)))), ""),
         (false, false, false) => (String::new(), ", or pack the frozen weights (--quantize nf4)"),
         _ => (String::new(), ""),
     };
     Err(Error::Options(format!(
-        "a step does not fit the memory budget of {}: one sequence of {longest} tokens at a time, with gradient checkpointing{}, needs about {}{with_nf4}; set a larger --memory-budget or lower --max-seq-len{advice}",
+        "a step does not fit the memory budget of {}: {} at a time, with gradient checkpointing{}, needs about {}{with_nf4}; set a larger --memory-budget or lower --max-seq-len{advice}",
         mib(budget.unwrap_or(0)),
+        one(opts, longest),
         if packed { " and the frozen weights packed" } else { "" },
         mib(step(1, true)),
     )))

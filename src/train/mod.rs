@@ -13,7 +13,7 @@ pub mod schedule;
 pub use run::{Event, Resumed, Run, RunOptions};
 
 use crate::rng::Rng;
-use crate::data::batch::{Batch, Dataset, Sequence};
+use crate::data::batch::{Batch, Dataset, PairBatch, Sequence};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::kernels::{AdamW, Dpo, DpoLoss};
@@ -229,10 +229,9 @@ fn batch_rows(data: &Dataset, idx: &[usize]) -> usize {
     idx.len() * idx.iter().map(|&i| data.sequences[i].ids.len()).max().unwrap_or(1)
 }
 
-/// The token rows of `pair_batch` of the pairs `idx`: chosen and rejected.
+/// The token rows of `pair_batch` of the pairs `idx`: a row a pair, its prompt once.
 fn pair_rows(data: &Dataset, idx: &[usize]) -> usize {
-    let len = |i: usize| data.sequences[i].ids.len();
-    2 * idx.len() * idx.iter().map(|&i| len(2 * i).max(len(2 * i + 1))).max().unwrap_or(1)
+    idx.len() * idx.iter().map(|&i| PairBatch::row_len(&data.sequences[2 * i], &data.sequences[2 * i + 1])).max().unwrap_or(1)
 }
 
 /// Temporaries sized for the largest of `batches` (`Gpu::sizing`), each's token rows
@@ -241,23 +240,27 @@ fn sizing_for<'a, 'b>(gpu: &'a Gpu, data: &Dataset, batches: impl Iterator<Item 
     gpu.sizing(batches.map(|b| rows(data, b)).max().unwrap_or(1))
 }
 
-/// The pairs `idx` of a preference dataset as one batch: their chosen sequences, then
-/// their rejected ones, with each sequence's completion tokens.
-pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> (Batch, Vec<f32>) {
-    let seqs: Vec<&Sequence> = [0, 1].iter().flat_map(|side| idx.iter().map(move |&i| &data.sequences[2 * i + side])).collect();
-    let counts = seqs.iter().map(|s| s.trained_targets() as f32).collect();
-    (Batch::new(&seqs, pad_id), counts)
+/// The pairs `idx` of a preference dataset as one batch (`PairBatch`: a row a pair,
+/// the prompt once; sequences in the order chosen sides, then rejected).
+pub fn pair_batch(data: &Dataset, idx: &[usize], pad_id: u32) -> PairBatch {
+    let pairs: Vec<(&Sequence, &Sequence)> = idx.iter().map(|&i| (&data.sequences[2 * i], &data.sequences[2 * i + 1])).collect();
+    PairBatch::new(&pairs, pad_id)
+}
+
+/// A pair batch's rows' sequences on the GPU (`Model::sequence_logps`).
+fn row_seq(gpu: &Gpu, pb: &PairBatch) -> Result<Tensor> {
+    gpu.upload_temp("row sequences", &pb.row_seq, &[pb.row_seq.len()])
 }
 
 /// The pairs `idx` as `pair_batch`, with the GPU inputs `dpo_forward` reads beside the
-/// policy's log-probabilities: the reference's `[2P]` and the completion tokens `[2P]`,
-/// in the batch's order.
-fn pair_inputs(gpu: &Gpu, data: &Dataset, idx: &[usize], reference: &[[f32; 2]], pad_id: u32) -> Result<(Batch, Tensor, Tensor)> {
-    let (b, counts) = pair_batch(data, idx, pad_id);
+/// policy's log-probabilities: the rows' sequences, the reference's `[2P]` and the
+/// completion tokens `[2P]`, in the batch's order.
+fn pair_inputs(gpu: &Gpu, data: &Dataset, idx: &[usize], reference: &[[f32; 2]], pad_id: u32) -> Result<(Tensor, PairBatch, Tensor, Tensor)> {
+    let pb = pair_batch(data, idx, pad_id);
     let refs: Vec<f32> = [0, 1].iter().flat_map(|&side| idx.iter().map(move |&i| reference[i][side])).collect();
     let r = gpu.upload_temp("reference logps", &refs, &[refs.len()])?;
-    let c = gpu.upload_temp("completion tokens", &counts, &[counts.len()])?;
-    Ok((b, r, c))
+    let c = gpu.upload_temp("completion tokens", &pb.counts, &[pb.counts.len()])?;
+    Ok((row_seq(gpu, &pb)?, pb, r, c))
 }
 
 /// A zeroed `[8]` for `dpo_forward` to accumulate into.
@@ -307,9 +310,10 @@ fn fit_binding<'a>(gpu: &Gpu, model: &Model, data: &Dataset, batches: impl Itera
 async fn logps_in<'a>(gpu: &Gpu, model: &Model, data: &Dataset, batches: impl Iterator<Item = &'a [usize]>, sizing: &crate::gpu::Sizing<'_>, pad_id: u32) -> Result<Vec<[f32; 2]>> {
     let mut out = Vec::new();
     for chunk in batches {
-        let (b, _) = pair_batch(data, chunk, pad_id);
+        let pb = pair_batch(data, chunk, pad_id);
+        let b = &pb.batch;
         sizing.batch(b.b * b.t);
-        let lp = gpu.scoped(|| model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)).await?;
+        let lp = gpu.scoped(|| model.sequence_logps(gpu, &inputs(gpu, b)?, &b.targets, &row_seq(gpu, &pb)?)).await?;
         let lp = gpu.read::<f32>(&lp).await?;
         out.extend((0..chunk.len()).map(|i| [lp[i], lp[chunk.len() + i]]));
     }
@@ -432,12 +436,13 @@ impl Trainer {
             let stats = dpo_stats(gpu)?;
             let mut tokens = 0;
             for (j, idx) in micro.iter().enumerate() {
-                let (b, r, c) = pair_inputs(gpu, train, idx, &self.reference, self.pad_id)?;
+                let (rs, pb, r, c) = pair_inputs(gpu, train, idx, &self.reference, self.pad_id)?;
+                let b = &pb.batch;
                 sizing.batch(b.b * b.t);
                 tokens += b.real_tokens();
-                let mut inp = inputs(gpu, &b)?;
+                let mut inp = inputs(gpu, b)?;
                 inp.dropout_seed = Some(seed(j));
-                model.dpo_forward_backward(gpu, &inp, &b.targets, d, &r, &c, (scale, sft), &stats)?;
+                model.dpo_forward_backward(gpu, &inp, &b.targets, &rs, d, &r, &c, (scale, sft), &stats)?;
             }
             (vec![stats], tokens)
         } else {
@@ -553,9 +558,10 @@ pub async fn evaluate_pairs(gpu: &Gpu, model: &Model, data: &Dataset, reference:
     let batches = fit_binding(gpu, model, data, idx.chunks(batch_size.max(1)), pair_rows);
     let sizing = sizing_for(gpu, data, batches.iter().map(Vec::as_slice), pair_rows);
     for chunk in &batches {
-        let (b, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
+        let (rs, pb, r, c) = pair_inputs(gpu, data, chunk, reference, pad_id)?;
+        let b = &pb.batch;
         sizing.batch(b.b * b.t);
-        let logps = model.sequence_logps(gpu, &inputs(gpu, &b)?, &b.targets)?;
+        let logps = model.sequence_logps(gpu, &inputs(gpu, b)?, &b.targets, &rs)?;
         let mut rec = gpu.recorder("dpo eval");
         crate::kernels::dpo_forward(gpu, &mut rec, dpo, chunk.len(), scale, sft, &logps, &r, &c, &stats)?;
         gpu.submit(rec);

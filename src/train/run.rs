@@ -186,7 +186,8 @@ impl RunOptions {
     }
 
     /// The memory plan of a step of this run on `cfg` (its weights in `w`, which say
-    /// what a GGUF keeps packed) over sequences of `seq` tokens, on an adapter with (or
+    /// what a GGUF keeps packed) over sequences of `seq` tokens (DPO: pairs, a row each
+    /// of `seq` tokens, `Dataset::longest_row`), on an adapter with (or
     /// without) f16 weights, this largest binding and (or not) the GPU kernels, which
     /// never store SwiGLU's hidden. Refuses a LoRA rank no adapted projection can use
     /// (`LoraConfig::check_rank`), before anything is loaded.
@@ -198,8 +199,8 @@ impl RunOptions {
         }
         let f16_weights = f16_weights && frozen != Frozen::F32;
         let stored = crate::model::memory::Plan::stored(cfg, w);
-        // DPO runs a pair's chosen and rejected sequence in one batch.
-        let batch = self.train.batch_size * if self.train.method == "dpo" { 2 } else { 1 };
+        // DPO runs a pair in one row (`PairBatch`): `seq` is a pair's row.
+        let batch = self.train.batch_size;
         // A run that keeps a reference adapter says so (`Run::fit`).
         Ok(crate::model::memory::Plan { tuning: self.tuning(), batch, seq, grad_checkpoint: self.grad_checkpoint, f16_weights, frozen, stored, max_binding, swiglu_in_loads: gpu_kernels, reference_adapter: false })
     }
@@ -331,9 +332,9 @@ fn sample_prompts(data: &Dataset) -> Vec<Vec<u32>> {
     data.examples.iter().step_by(if data.pairs { 2 } else { 1 }).filter_map(|e| e.trained.iter().position(|&t| t).filter(|&p| p > 0).map(|p| e.ids[..p].to_vec())).take(2).collect()
 }
 
-/// The longest sequence of the training and validation data.
+/// The longest row of the training and validation data (DPO: a pair's).
 fn longest(data: &Dataset, valid: Option<&Dataset>) -> usize {
-    data.sequences.iter().chain(valid.iter().flat_map(|v| &v.sequences)).map(|s| s.ids.len()).max().unwrap_or(1)
+    data.longest_row().max(valid.map_or(1, Dataset::longest_row))
 }
 
 /// Where a resumed run continues, and a line that says so.
@@ -474,7 +475,7 @@ impl Run {
     /// memory it measures.
     pub fn estimate(&self, gpu: &Gpu) -> Result<crate::model::memory::Memory> {
         let mut plan = self.opts.memory_plan(&self.source.cfg, &self.source.weights, longest(&self.data, self.valid.as_ref()), gpu.caps.shader_f16, gpu.caps.max_binding, gpu.caps.variant == crate::gpu::Variant::Tiled)?;
-        plan.batch = self.micro * if self.opts.train.method == "dpo" { 2 } else { 1 };
+        plan.batch = self.micro;
         plan.grad_checkpoint = self.model.grad_checkpoint;
         plan.reference_adapter = self.keeps_starting_adapter();
         Ok(crate::model::memory::estimate(&self.source.cfg, &plan))
