@@ -577,8 +577,7 @@ async fn run(cli: Cli) -> webtune::Result<()> {
             if from_adapter && !run.references_its_adapter() {
                 return Err(webtune::Error::Options("--from-adapter: only a LoRA DPO run keeps the adapter it starts from as its reference (add --method dpo, without --full)".into()));
             }
-            // DPO: a pair's row holds at most both sides (its prompt once, `PairBatch`).
-            let row = max_seq_len * if method == "dpo" { 2 } else { 1 };
+            let row = max_seq_len * run.row_sides();
             let plan_of = |run: &RunOptions| -> webtune::Result<memory::Plan> {
                 let plan = run.memory_plan(&cfg, weights.as_ref(), row, !f32_weights, 128 << 20, false)?;
                 Ok(memory::Plan { reference_adapter: from_adapter, ..plan })

@@ -369,7 +369,7 @@ impl Session {
         let o = run_options(options)?;
         let source = self.source()?;
         let cfg = &source.cfg;
-        let seq = self.data.as_ref().map_or(512 * if o.train.method == "dpo" { 2 } else { 1 }, |d| d.longest_row());
+        let seq = self.data.as_ref().map_or(512 * o.row_sides(), |d| d.longest_row());
         let mut plan = o.memory_plan(cfg, &source.weights, seq, self.gpu.caps.shader_f16, self.gpu.caps.max_binding, self.gpu.caps.variant == crate::gpu::Variant::Tiled).map_err(js)?;
         plan.reference_adapter = continued && o.references_its_adapter();
         let m = crate::model::memory::estimate(cfg, &plan);

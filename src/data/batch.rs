@@ -101,12 +101,8 @@ impl Dataset {
     /// The longest row a batch of this data holds: a sequence, or a pair's row
     /// (`PairBatch`, its prompt once); 1 when empty.
     pub fn longest_row(&self) -> usize {
-        let rows: Box<dyn Iterator<Item = usize>> = if self.pairs {
-            Box::new(self.sequences.chunks(2).map(|p| PairBatch::row_len(&p[0], &p[1])))
-        } else {
-            Box::new(self.sequences.iter().map(|s| s.ids.len()))
-        };
-        rows.max().unwrap_or(1).max(1)
+        let longest = if self.pairs { self.sequences.chunks(2).map(|p| PairBatch::row_len(&p[0], &p[1])).max() } else { self.sequences.iter().map(|s| s.ids.len()).max() };
+        longest.unwrap_or(1).max(1)
     }
 }
 
@@ -189,11 +185,12 @@ pub struct PairBatch {
 impl PairBatch {
     pub fn new(pairs: &[(&Sequence, &Sequence)], pad_id: u32) -> PairBatch {
         let np = pairs.len() as u32;
-        let t = pairs.iter().map(|(c, r)| PairBatch::row_len(c, r)).max().unwrap_or(1).max(1);
+        // Where each rejected side starts: at the last token the two sides share.
+        let starts: Vec<usize> = pairs.iter().map(|(c, r)| PairBatch::rejected_from(c, r)).collect();
+        let t = pairs.iter().zip(&starts).map(|((c, r), k)| c.ids.len() + r.ids.len() - k).max().unwrap_or(1).max(1);
         let mut b = Batch { b: pairs.len(), t, ids: vec![], pos: vec![], seg: vec![], targets: vec![] };
         let mut row_seq = Vec::with_capacity(pairs.len() * t);
-        for (i, (c, r)) in pairs.iter().enumerate() {
-            let k = PairBatch::shared(c, r).saturating_sub(1);
+        for (i, ((c, r), &k)) in pairs.iter().zip(&starts).enumerate() {
             let len = c.ids.len() + r.ids.len() - k;
             b.ids.extend(c.ids.iter().chain(&r.ids[k..]).copied().chain(std::iter::repeat_n(pad_id, t - len)));
             b.pos.extend(c.pos.iter().chain(&r.pos[k..]).copied().chain(0..(t - len) as u32));
@@ -202,18 +199,20 @@ impl PairBatch {
             b.targets.extend(c.targets().into_iter().chain(r.targets().into_iter().skip(k)).chain(std::iter::repeat_n(-100, t - len)));
             row_seq.extend(std::iter::repeat_n(i as u32, c.ids.len()).chain(std::iter::repeat_n(np + i as u32, t - c.ids.len())));
         }
-        let counts = [0, 1].iter().flat_map(|&side| pairs.iter().map(move |p| if side == 0 { p.0 } else { p.1 }.trained_targets() as f32)).collect();
+        let counts = pairs.iter().map(|p| p.0).chain(pairs.iter().map(|p| p.1)).map(|s| s.trained_targets() as f32).collect();
         PairBatch { batch: b, row_seq, counts }
     }
 
-    /// The tokens both sides start with, none of them trained (the prompt).
-    fn shared(c: &Sequence, r: &Sequence) -> usize {
-        (0..c.ids.len().min(r.ids.len())).take_while(|&j| c.ids[j] == r.ids[j] && !c.trained[j] && !r.trained[j]).count()
+    /// Where a pair's rejected side starts in its own sequence: at the last of the
+    /// tokens both sides start with untrained (the prompt), or at 0.
+    fn rejected_from(c: &Sequence, r: &Sequence) -> usize {
+        let shared = (0..c.ids.len().min(r.ids.len())).take_while(|&j| c.ids[j] == r.ids[j] && !c.trained[j] && !r.trained[j]).count();
+        shared.saturating_sub(1)
     }
 
     /// The tokens of a pair's row.
     pub fn row_len(c: &Sequence, r: &Sequence) -> usize {
-        c.ids.len() + r.ids.len() - PairBatch::shared(c, r).saturating_sub(1)
+        c.ids.len() + r.ids.len() - PairBatch::rejected_from(c, r)
     }
 }
 

@@ -172,8 +172,7 @@ pub fn cross_entropy_backward_scaled(
     (row_seq, seq_scale): (&Tensor, &Tensor),
 ) -> Result<()> {
     let op = "cross_entropy_backward_scaled";
-    row_seq.expect(op, "row_seq", DType::U32, row_seq.numel())?;
-    check(row0 + n <= row_seq.numel(), op, || format!("rows {row0}..{} overrun row_seq [{}]", row0 + n, row_seq.numel()))?;
+    row_seq.expect_min(op, "row_seq", DType::U32, row0 + n)?;
     check(seq_scale.dtype == DType::F32, op, || format!("`seq_scale` is {}, expected f32", seq_scale.dtype))?;
     backward(gpu, rec, op, n, v, scale, logits, targets, lse, Some((row0, row_seq, seq_scale)))
 }
@@ -215,8 +214,7 @@ pub fn cross_entropy_sequence_logps(gpu: &Gpu, rec: &mut Recorder, row0: usize, 
     let op = "cross_entropy_sequence_logps";
     check(rows > 0, op, || "no rows".into())?;
     losses.expect(op, "losses", DType::F32, rows)?;
-    row_seq.expect(op, "row_seq", DType::U32, row_seq.numel())?;
-    check(row0 + rows <= row_seq.numel(), op, || format!("rows {row0}..{} overrun row_seq [{}]", row0 + rows, row_seq.numel()))?;
+    row_seq.expect_min(op, "row_seq", DType::U32, row0 + rows)?;
     check(rows.div_ceil(256) + 16 <= gpu.caps.max_loop as usize, op, || format!("a chunk of {rows} rows exceeds this driver's loop budget"))?;
     let s = seq_logps.numel();
     let p = Params { rows: rows as u32, v: 1, row0: row0 as u32, _p1: 0, scale: 1.0, g0: 0, _p2: 0, _p3: 0 };

@@ -540,8 +540,8 @@ impl Model {
         Ok([logits, t, losses, lse])
     }
 
-    /// Per-sequence sums of log p(target) `[B]` over the batch's B sequences of `t`
-    /// rows, the head in chunks (targets negative where a row is not counted).
+    /// Per-sequence sums of log p(target) `[seqs]`, each row counted in its sequence
+    /// `row_seq[row]`, the head in chunks (targets negative where a row is not counted).
     fn head_logps(&self, gpu: &Gpu, rec: &mut Recorder, hf: &Tensor, targets: &[i32], (row_seq, seqs): (&Tensor, usize)) -> Result<Tensor> {
         let n = targets.len();
         let logps = zeros(gpu, rec, "sequence logps", &[seqs])?;

@@ -92,14 +92,16 @@ fn may_lower(opts: &RunOptions) -> bool {
     !opts.full && matches!(opts.frozen(), Ok(Frozen::Auto))
 }
 
-fn dpo(opts: &RunOptions) -> bool {
-    opts.train.method == "dpo"
+/// A plan's smallest unit, for its messages: one sequence, or one DPO pair (a row
+/// holding both sides, `RunOptions::row_sides`).
+fn unit(opts: &RunOptions) -> &'static str {
+    if opts.row_sides() > 1 { "one pair" } else { "one sequence" }
 }
 
-/// What a plan's smallest unit is, for its messages: one sequence, or one DPO pair
-/// (its row: both sides, the prompt once).
+/// `unit` with its row's tokens.
 fn one(opts: &RunOptions, longest: usize) -> String {
-    if dpo(opts) { format!("one pair of {longest} tokens in its row (both sides, the prompt once)") } else { format!("one sequence of {longest} tokens") }
+    let row = if opts.row_sides() > 1 { " in its row (both sides, the prompt once)" } else { "" };
+    format!("{} of {longest} tokens{row}", unit(opts))
 }
 
 /// A step's estimate at one sequence (DPO: a pair's row) of `longest` tokens with
@@ -162,7 +164,7 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
             mib(longest as u64 * row),
             row / 4,
             mib(base.max_binding),
-            memory::binding_rows(cfg, base.max_binding) / if dpo(opts) { 2 } else { 1 }
+            memory::binding_rows(cfg, base.max_binding) / opts.row_sides()
         )));
     }
     let step = |m: usize, ckpt: bool| memory::estimate(cfg, &Plan { batch: m, seq: longest, grad_checkpoint: ckpt, ..base.clone() }).total();
@@ -191,7 +193,7 @@ pub fn fit(cfg: &Config, opts: &RunOptions, base: &Plan, longest: usize, budget:
                 why.push(format!("batch {b} runs as {k} micro-batches of up to {m} (gradient accumulation ×{k}, the same effective batch): {reason}"));
             }
             if ckpt && !opts.grad_checkpoint {
-                why.push(format!("gradient checkpointing is on: without it, {} at a time needs about {}, more than the memory budget of {}", if dpo(opts) { "one pair" } else { "one sequence" }, mib(step(1, false)), mib(budget.unwrap_or(0))));
+                why.push(format!("gradient checkpointing is on: without it, {} at a time needs about {}, more than the memory budget of {}", unit(opts), mib(step(1, false)), mib(budget.unwrap_or(0))));
             }
             let note = (!why.is_empty()).then(|| format!("plan: {} (about {} a step)", why.join("; "), mib(need)));
             return Ok(Fit { micro: m, grad_checkpoint: ckpt, note });

@@ -166,6 +166,13 @@ impl RunOptions {
         }
     }
 
+    /// The sequences a batch row holds at most: a DPO pair's two sides (`PairBatch`,
+    /// their prompt once), else one. A row over sequences of up to `--max-seq-len`
+    /// tokens holds at most this many times as many.
+    pub fn row_sides(&self) -> usize {
+        if self.train.method == "dpo" { 2 } else { 1 }
+    }
+
     /// Whether a run of these options that starts from a trained adapter keeps it on the
     /// GPU as its DPO reference: LoRA DPO (full tuning takes every pair's first).
     pub fn references_its_adapter(&self) -> bool {
