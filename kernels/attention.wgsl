@@ -23,6 +23,10 @@
 // queries for dk/dv): the launcher splits long sequences into ranges that fit the
 // driver's loop budget. The forward resumes from the (o, lse) of the previous range,
 // which are exactly the online softmax state with the running sum normalised to 1.
+// Sorted segments (`sorted`, training batches: each row's examples contiguous, in
+// ascending order of the segment's low 30 bits, padding last): a query's keys start at
+// its example's first position and a key's queries end after its example's last, found
+// by binary search (`lower_bound`), so a packed row's other examples cost nothing.
 // RoPE on load (`ROPE`, the tiled kernels in training): q and k are stored before the
 // rotation, and each pass rotates them as it loads them, as kernels/rope.wgsl does
 // (rotate_half, angle = position · inv_freq[i]); the backward rotates dq and dk back
@@ -32,7 +36,7 @@
 struct Params {
     b: u32, t: u32, nh: u32, nkv: u32,
     hs: u32, scale: f32, tk: u32, r0: u32,
-    r1: u32, pos_off: u32, _p1: u32, _p2: u32,
+    r1: u32, pos_off: u32, sorted: u32, _p: u32,
     inv_freq: array<vec4<f32>, 16>,
 }
 
@@ -76,6 +80,35 @@ fn sees(qs: u32, ks: u32) -> bool {
     return (qs & 0x3FFFFFFFu) == (ks & 0x3FFFFFFFu) && (kb == 0u || kb == qs >> 30u);
 }
 
+// The example of segment x (its low 30 bits; the top two are a DPO pair's side).
+fn example(x: u32) -> u32 { return x & 0x3FFFFFFFu; }
+
+// The first position in a..b of the row whose segments start at seg[base] whose
+// example is at least e, or b (segments sorted).
+fn lower_bound(base: u32, a: u32, b: u32, e: u32) -> u32 {
+    var lo = a;
+    var hi = max(a, b);
+    while (lo < hi) {
+        let m = (lo + hi) / 2u;
+        if (example(seg[base + m]) < e) { lo = m + 1u; } else { hi = m; }
+    }
+    return lo;
+}
+
+// Where a query of segment st starts looping over keys a..b of its row: at its
+// example's first key with sorted segments, else at a.
+fn keys_from(base: u32, a: u32, b: u32, st: u32) -> u32 {
+    if (p.sorted == 0u) { return a; }
+    return lower_bound(base, a, b, example(st));
+}
+
+// Where a key of segment ss stops looping over queries a..b of its row: after its
+// example's last query with sorted segments, else at b.
+fn queries_to(base: u32, a: u32, b: u32, ss: u32) -> u32 {
+    if (p.sorted == 0u) { return b; }
+    return lower_bound(base, a, b, example(ss) + 1u);
+}
+
 // One invocation per query row. Grid: (ceil(T/64), NH, B).
 @compute @workgroup_size(64, 1, 1)
 fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -99,7 +132,7 @@ fn attention_forward_row(@builtin(global_invocation_id) gid: vec3<u32>) {
         l = 1.0;
         for (var i = 0u; i < hs4; i++) { acc[i] = o[qb + i]; }
     }
-    for (var s = p.r0; s < s_end; s++) {
+    for (var s = keys_from(bi * p.tk, p.r0, s_end, st); s < s_end; s++) {
         if (!sees(st, seg[bi * p.tk + s])) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
@@ -155,7 +188,8 @@ fn attention_backward_dq_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     let d = dsum(qb, &dor);
     if (p.r0 == 0u) { stats_rw[n_rows() + row] = d; }
     let st = seg[bi * p.t + t];
-    for (var s = p.r0; s < min(t + 1u, p.r1); s++) {
+    let s_end = min(t + 1u, p.r1);
+    for (var s = keys_from(bi * p.t, p.r0, s_end, st); s < s_end; s++) {
         if (!sees(st, seg[bi * p.t + s])) { continue; }
         let kb = kv_base(bi, s, g);
         var score = 0.0;
@@ -183,9 +217,11 @@ fn attention_backward_dkv_row(@builtin(global_invocation_id) gid: vec3<u32>) {
     var dv_acc: array<vec4<f32>, MAX_HS4>;
     for (var i = 0u; i < hs4; i++) { kr[i] = k[kb + i] * p.scale; vr[i] = v[kb + i]; }
     let ss = seg[bi * p.t + s];
+    let t_start = max(s, p.r0);
+    let t_end = queries_to(bi * p.t, t_start, min(p.t, p.r1), ss);
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
-        for (var t = max(s, p.r0); t < min(p.t, p.r1); t++) {
+        for (var t = t_start; t < t_end; t++) {
             if (!sees(seg[bi * p.t + t], ss)) { continue; }
             let qb = q_base(bi, t, h);
             let row = (bi * p.nh + h) * p.t + t;
@@ -267,7 +303,8 @@ fn attention_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     // Keys up to the workgroup's last row, within this dispatch's range.
     let s_end = min(min(t0 + 63u, p.t - 1u) + p.tk - p.t + 1u, p.r1);
     let nk = tile_rows();
-    for (var s0 = p.r0; s0 < s_end; s0 += nk) {
+    // From the first key of the workgroup's first row's example (sorted segments).
+    for (var s0 = keys_from(bi * p.tk, p.r0, s_end, seg[bi * p.tk + t0 + p.tk - p.t]); s0 < s_end; s0 += nk) {
         let n = min(nk, s_end - s0);
         stage_kv(lid, bi, g, s0, n);
         workgroupBarrier();
@@ -315,7 +352,7 @@ fn attention_backward_dq_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(l
     let st = seg[bi * p.t + t];
     let s_end = min(min(t0 + 63u, p.t - 1u) + 1u, p.r1);
     let nk = tile_rows();
-    for (var s0 = p.r0; s0 < s_end; s0 += nk) {
+    for (var s0 = keys_from(bi * p.t, p.r0, s_end, seg[bi * p.t + t0]); s0 < s_end; s0 += nk) {
         let n = min(nk, s_end - s0);
         stage_kv(lid, bi, g, s0, n);
         workgroupBarrier();
@@ -362,10 +399,12 @@ fn attention_backward_dkv_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     }
     let ss = seg[bi * p.t + s];
     let nq = tile_rows();
-    let t_end = min(p.t, p.r1);
+    // Up to the last query of the workgroup's last key's example (sorted segments).
+    let t_start = max(sb, p.r0);
+    let t_end = queries_to(bi * p.t, t_start, min(p.t, p.r1), seg[bi * p.t + min(sb + 63u, p.t - 1u)]);
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
-        for (var t0 = max(sb, p.r0); t0 < t_end; t0 += nq) {
+        for (var t0 = t_start; t0 < t_end; t0 += nq) {
             let n = min(nq, t_end - t0);
             for (var e = lid; e < n * hs4; e += 64u) {
                 let qe = q_base(bi, t0 + e / hs4, h) + e % hs4;

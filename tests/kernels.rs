@@ -512,7 +512,21 @@ fn attention_case(at: &Attention, seg: &[u32], seed: u64, mag: f32) {
     }
 }
 
+/// With segments whose examples are sorted (`Inputs::sorted`), both without and with
+/// the kernels' skip over a row's other examples (`Attention::sorted`).
 fn attention_case_on(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64, mag: f32) {
+    for at in sortings(at, seg) {
+        attention_case_as(g, &at, seg, seed, mag);
+    }
+}
+
+/// `at` unsorted, and sorted too where the segments allow it.
+fn sortings(at: &Attention, seg: &[u32]) -> Vec<Attention> {
+    let sorted = at.tk == at.t && webtune::model::sorted_rows(seg, at.t);
+    [false, true].into_iter().filter(|&s| !s || sorted).map(|s| at.sorted(s)).collect()
+}
+
+fn attention_case_as(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64, mag: f32) {
     let mut rng = Rng::new(seed);
     let (q, kk, v) = (rng.vec(at.q_len(), mag), rng.vec(at.kv_len(), mag), rng.vec(at.kv_len(), mag));
     let dout = rng.vec(at.q_len(), 1.0);
@@ -572,6 +586,33 @@ fn flash_attention_tiles_match_reference() {
     attention_case(&Attention::new(2, 130, 4, 4, 32), &seg, 214, 1.0);
     attention_case(&Attention::new(2, 130, 8, 2, 16), &seg, 215, 2.0);
     attention_case_on(tiled_small_loops(), &Attention::new(2, 130, 4, 2, 8), &seg, 216, 1.0);
+    // Many packed examples of 1 to 40 tokens across workgroups and key tiles, padding
+    // after them in one row, one example filling the other: where sorted segments skip
+    // a row's other examples, each query must still start at its example's first key
+    // and each key end at its example's last query; in loop-budget ranges too.
+    let seg = packed_rows(&[300, 261], 217);
+    attention_case(&Attention::new(2, 300, 4, 2, 16), &seg, 218, 1.0);
+    attention_case_on(tiled_small_loops(), &Attention::new(2, 300, 4, 2, 8), &seg, 219, 1.0);
+    attention_case_on(small_loops(), &Attention::new(2, 300, 4, 2, 8), &seg, 220, 1.0);
+}
+
+/// Rows of packed examples of 1 to 40 tokens (random lengths, ids ascending) filling
+/// the first `fill[i]` tokens of row i, then padding, rows of `fill[0]` tokens.
+fn packed_rows(fill: &[usize], seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    let t = fill[0];
+    fill.iter()
+        .flat_map(|&n| {
+            let (mut seg, mut id) = (Vec::new(), 0u32);
+            while seg.len() < n {
+                let len = (1 + rng.below(40) as usize).min(n - seg.len());
+                seg.extend(std::iter::repeat_n(id, len));
+                id += 1;
+            }
+            seg.extend(std::iter::repeat_n(u32::MAX, t - n));
+            seg
+        })
+        .collect()
 }
 
 /// The segments of DPO pair rows of `t` tokens (`PairBatch`), each (chosen from,
@@ -595,9 +636,32 @@ fn pair_segments_see_the_prompt_and_their_own_side() {
     assert!(sees(u32::MAX, u32::MAX) && !sees(u32::MAX, 0) && !sees(0, u32::MAX) && !sees(REJECTED, u32::MAX));
 }
 
+/// Which segments let attention skip a row's other examples: each row's examples in
+/// ascending order (a DPO pair's sides and padding included), not an example that
+/// comes back, nor rows out of order within a row.
+#[test]
+fn sorted_segments_are_each_rows_examples_in_order() {
+    use webtune::data::batch::{CHOSEN, REJECTED};
+    use webtune::model::sorted_rows;
+    assert!(sorted_rows(&pair_rows(130, &[(40, 90, 125), (3, 64, 130)]), 130));
+    assert!(sorted_rows(&packed_rows(&[300, 261], 217), 300));
+    // Each row restarts its ids; a DPO row's sides keep its example's.
+    assert!(sorted_rows(&[0, 1, 1, 0, 0, 2], 3));
+    assert!(sorted_rows(&[5, 5 | CHOSEN, 5 | REJECTED, u32::MAX], 4));
+    assert!(!sorted_rows(&[0, 1, 0, 0, 0, 0], 3));
+    assert!(!sorted_rows(&[u32::MAX, 0, 0], 3));
+    assert!(!sorted_rows(&[6, 5 | CHOSEN], 2));
+}
+
 /// Attention with RoPE on load (the tiled kernels; q and k as stored are before the
 /// rotation) against RoPE then attention on the CPU, for q, k and v's gradients too.
 fn roped_attention_case(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64) {
+    for at in sortings(at, seg) {
+        roped_attention_case_as(g, &at, seg, seed);
+    }
+}
+
+fn roped_attention_case_as(g: &webtune::gpu::Gpu, at: &Attention, seg: &[u32], seed: u64) {
     let mut rng = Rng::new(seed);
     let n = at.b * at.t;
     // Positions restart at each packed example, as a packed batch's do.
@@ -658,6 +722,7 @@ fn roped_attention_matches_reference() {
     roped_attention_case(tiled_small_loops(), &Attention::new(2, 41, 4, 2, 8), &seg, 314);
     roped_attention_case(tiled_small_loops(), &Attention::new(1, 70, 3, 1, 16), &vec![0; 70], 315);
     roped_attention_case(g, &Attention::new(2, 130, 4, 2, 32), &pair_rows(130, &[(40, 90, 125), (3, 64, 130)]), 316);
+    roped_attention_case(tiled_small_loops(), &Attention::new(2, 300, 4, 2, 16), &packed_rows(&[300, 261], 217), 317);
     // The row kernels (CPU drivers) have no RoPE on load, and say so.
     let row = variant(Variant::Register);
     let at = Attention::new(1, 2, 2, 2, 8);

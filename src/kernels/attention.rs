@@ -16,11 +16,23 @@ pub struct Attention {
     pub nkv: usize,
     pub hs: usize,
     pub scale: f32,
+    /// Each row's examples are contiguous and in ascending order of their ids (the
+    /// segments' low 30 bits), padding last: training batches (`Inputs::sorted`). The
+    /// kernels then start a query's keys at its example's first and end a key's
+    /// queries at its example's last, by binary search, instead of looping over the
+    /// row's other examples. Training only (TK = T).
+    pub sorted: bool,
 }
 
 impl Attention {
     pub fn new(b: usize, t: usize, nh: usize, nkv: usize, hs: usize) -> Attention {
-        Attention { b, t, tk: t, nh, nkv, hs, scale: 1.0 / (hs as f32).sqrt() }
+        Attention { b, t, tk: t, nh, nkv, hs, scale: 1.0 / (hs as f32).sqrt(), sorted: false }
+    }
+
+    /// With `sorted` segments (see the field).
+    pub fn sorted(mut self, sorted: bool) -> Attention {
+        self.sorted = sorted;
+        self
     }
 
     /// The last `t` of `tk` positions attend to all earlier ones (KV-cached decoding).
@@ -32,6 +44,7 @@ impl Attention {
     fn check(&self, op: &str) -> Result<()> {
         check(self.b > 0 && self.t > 0 && self.nh > 0 && self.nkv > 0, op, || format!("empty shape: batch {}, {} queries, {} heads ({} kv)", self.b, self.t, self.nh, self.nkv))?;
         check(self.tk >= self.t, op, || format!("{} queries but only {} keys", self.t, self.tk))?;
+        check(!self.sorted || self.tk == self.t, op, || "sorted segments are for training, where keys = queries".into())?;
         check(self.nh.is_multiple_of(self.nkv), op, || format!("n_kv_heads {} must divide n_heads {}", self.nkv, self.nh))?;
         check(self.hs.is_multiple_of(4) && self.hs <= 128, op, || format!("head size {} must be a multiple of 4, at most 128", self.hs))
     }
@@ -61,7 +74,8 @@ impl Attention {
             r0: 0,
             r1: self.tk as u32,
             pos_off: 0,
-            _p: [0; 2],
+            sorted: self.sorted as u32,
+            _p: 0,
             inv_freq: [0.0; 64],
         }
     }
@@ -101,7 +115,8 @@ struct Params {
     r0: u32,
     r1: u32,
     pos_off: u32,
-    _p: [u32; 2],
+    sorted: u32,
+    _p: u32,
     inv_freq: [f32; 64],
 }
 

@@ -32,6 +32,10 @@ pub struct Inputs {
     pub seg_pos: Tensor,
     /// Training: the seed of this pass's LoRA dropout masks. None: no dropout.
     pub dropout_seed: Option<u32>,
+    /// Each row's examples are contiguous and in ascending order (`sorted_rows`), as
+    /// training batches lay them out: attention then skips a row's other examples
+    /// (`kernels::Attention::sorted`).
+    pub sorted: bool,
 }
 
 impl Inputs {
@@ -51,6 +55,7 @@ impl Inputs {
             seg: gpu.upload_temp("segments", seg, &[n])?,
             seg_pos,
             dropout_seed: None,
+            sorted: sorted_rows(seg, shape.t),
         })
     }
 
@@ -92,3 +97,11 @@ pub struct KvCache {
     pub max_t: usize,
 }
 
+
+/// Whether each row of `t` segments holds its examples (the low 30 bits; the top two
+/// are a DPO pair's side) in ascending order, so each example is contiguous (padding,
+/// `u32::MAX`, last).
+pub fn sorted_rows(seg: &[u32], t: usize) -> bool {
+    let example = |s: &u32| s & ((1 << crate::data::batch::BRANCH_SHIFT) - 1);
+    seg.chunks(t.max(1)).all(|row| row.windows(2).all(|w| example(&w[0]) <= example(&w[1])))
+}

@@ -143,7 +143,7 @@ impl Model {
         let att = zeros(gpu, rec, "attention out", &[n, qd])?;
         let lse = zeros(gpu, rec, "lse", &[shape.b * cfg.heads * shape.t])?;
         match cache {
-            None => k::attention_forward(gpu, rec, &self.attention(shape), rope, &q, &kk, &v, inp.segments(rope.is_some()), &att, &lse)?,
+            None => k::attention_forward(gpu, rec, &self.attention(shape).sorted(inp.sorted), rope, &q, &kk, &v, inp.segments(rope.is_some()), &att, &lse)?,
             Some(cache) => {
                 let at = self.attention(shape).cached(cache.len + shape.t);
                 let offset = (cache.len * kvd * 4) as u64;
@@ -232,7 +232,7 @@ impl Model {
             Some(_) => (zeros(gpu, rec, "dq", &[n, qd])?, zeros(gpu, rec, "dk", &[n, kvd])?),
             None => (dq_in.clone(), dk_in.clone()),
         };
-        let at = self.attention(inp.shape);
+        let at = self.attention(inp.shape).sorted(inp.sorted);
         let rope = self.rope_on_load(gpu);
         k::attention_backward(gpu, rec, &at, rope, &a.q, &a.k, &a.v, inp.segments(rope.is_some()), &a.att, &a.lse, &datt, &dq, &dk, &dv)?;
         if rope.is_none() {

@@ -27,7 +27,7 @@ use crate::kernels::{self as k, Attention, Matmul};
 use layer::{Acts, Pass};
 
 pub use config::{Arch, Config};
-pub use inputs::{CachedRows, Inputs, KvCache, Shape};
+pub use inputs::{sorted_rows, CachedRows, Inputs, KvCache, Shape};
 pub use layer::Layer;
 pub use linear::{Linear, LoraConfig, LoraPair, Tuning};
 pub use params::{Frozen, Param, Train, Weight};
