@@ -230,6 +230,47 @@ fn rpo_matches_trl() {
     trl_case(&case("rpo"));
 }
 
+/// TRL's DPOTrainer runs with dropout off (`disable_dropout=True`, its default), so
+/// from the SFT adapter saved with LoRA dropout 0.1 it trains as from the same adapter
+/// without: webtune's DPO gives the fixture's losses and gradient norms all the same.
+/// `--dpo-dropout` (TRL's `disable_dropout=False`) keeps the adapter's dropout, and the
+/// losses move; with SFT it is refused by name.
+#[test]
+fn dpo_runs_without_the_adapters_dropout_as_trl_does() {
+    let c = case("rpo");
+    let g = gpu_f32();
+    let mut args = dpo_args(&c, "dropout", false);
+    let adapter = std::env::temp_dir().join(format!("webtune-dpo-dropout-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&adapter).unwrap();
+    let from = args.init_adapter.clone().unwrap();
+    std::fs::copy(from.join("adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(from.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["lora_dropout"], 0.0);
+    config["lora_dropout"] = 0.1.into();
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    args.init_adapter = Some(adapter.clone());
+    let losses = |h: &[webtune::train::StepStats]| h.iter().map(|s| s.loss as f32).collect::<Vec<f32>>();
+    let want = |k: &str| c[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<f32>>();
+    let off = futures::executor::block_on(cli::train(g, &args)).unwrap();
+    close("losses from an adapter with dropout 0.1 (TRL, dropout disabled)", &losses(&off), &want("losses"), 1e-6, 1e-4);
+    close("grad norms (TRL)", &off.iter().map(|s| s.grad_norm as f32).collect::<Vec<_>>(), &want("grad_norm"), 1e-6, 1e-4);
+    let _ = std::fs::remove_dir_all(&args.out);
+    args.run.train.dpo_dropout = true;
+    let on = futures::executor::block_on(cli::train(g, &args)).unwrap();
+    let (a, b) = (losses(&on), want("losses"));
+    let moved = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs()).fold(0.0f32, f32::max);
+    assert!(moved > 1e-3, "with --dpo-dropout the losses {a:?} should move from dropout-free {b:?}");
+    let sft = Options { dpo_dropout: true, ..Options::default() };
+    let err = sft.check().unwrap_err().to_string();
+    assert!(err.contains("--dpo-dropout is for --method dpo"), "{err}");
+    // A resume that adds or drops it is refused, naming the flag.
+    let dpo = Options { method: "dpo".into(), ..Options::default() };
+    assert_eq!(dpo.changes(&Options { dpo_dropout: true, ..dpo.clone() }), ["--dpo-dropout: was not given, now given"]);
+    for p in [&args.model, &args.out, &adapter] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+}
+
 /// A LoRA DPO run takes each pair's reference as a step first uses it, as TRL does per
 /// batch, from the model as the run started: from the base (a fresh adapter, every B
 /// zero), the adapter off; from a trained adapter (`--init-adapter`), that adapter's

@@ -164,6 +164,11 @@ fn exported_dpo_rows_are_the_pairs_webtune_trains() {
     let run_json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run_json["dpo"]["rpo_alpha"].as_f64(), Some(0.5));
     assert_eq!(run_json["dpo"]["beta"].as_f64(), Some(0.1));
+    // LoRA dropout (0.05 here) is off in DPO on both sides: TRL's disable_dropout.
+    assert_eq!(run_json["dpo"]["disable_dropout"], true);
+    assert_eq!(run_json["lora"]["dropout"].as_f64().map(|x| x as f32), Some(0.05));
+    let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(!readme.contains("LoRA dropout ("), "{readme}");
     python_parses(&out);
 }
 

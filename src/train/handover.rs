@@ -218,6 +218,7 @@ fn run_json(base: &Base, o: &RunOptions, quant: Option<&str>, steps: usize, rows
         "save_every": o.save_every,
         "dpo": (method == "dpo").then(|| serde_json::json!({
             "beta": t.beta, "loss_type": t.dpo_loss, "label_smoothing": t.label_smoothing, "rpo_alpha": t.rpo_alpha,
+            "disable_dropout": !t.dpo_dropout,
         })),
         "train_file": "train.jsonl",
         "valid_file": if valid { Some("valid.jsonl") } else { None },
@@ -251,7 +252,8 @@ fn readme(base: &Base, o: &RunOptions, steps: usize, rows_per_step: usize, quant
             _ => "\n- webtune held the frozen weights in f16 where the adapter offers it (`--quantize f32` keeps them f32); here they load in f32, so the two curves agree to f16 rounding of the weights. Export from a run with `--quantize f32` for curves equal to 1e-4.".to_string(),
         },
     };
-    let dropout_line = if !o.full && o.lora_dropout > 0.0 {
+    // DPO runs without dropout unless --dpo-dropout (TRL's disable_dropout, the default).
+    let dropout_line = if !o.full && o.lora_dropout > 0.0 && (t.method != "dpo" || t.dpo_dropout) {
         format!("\n- LoRA dropout ({}) draws its masks from each side's own generator, so the curves agree in distribution, not step for step; with `--lora-dropout 0` they agree to 1e-4.", o.lora_dropout)
     } else {
         String::new()

@@ -71,6 +71,11 @@ pub struct Options {
     /// likely while the preference moves. 0: none.
     #[cfg_attr(not(target_arch = "wasm32"), arg(long, default_value_t = Options::default().rpo_alpha))]
     pub rpo_alpha: f64,
+    /// DPO: keep LoRA dropout (`--lora-dropout`, or the adapter's) in the policy's
+    /// passes (TRL's disable_dropout=False). Without it DPO runs with dropout off, as
+    /// TRL's DPOTrainer does by default, so the log-ratios compare like with like.
+    #[cfg_attr(not(target_arch = "wasm32"), arg(long))]
+    pub dpo_dropout: bool,
 }
 
 impl Default for Options {
@@ -92,6 +97,7 @@ impl Default for Options {
             dpo_loss: "sigmoid".into(),
             label_smoothing: 0.0,
             rpo_alpha: 0.0,
+            dpo_dropout: false,
         }
     }
 }
@@ -113,9 +119,11 @@ impl Options {
         old.iter()
             .filter(|(k, v)| !matches!(k.as_str(), "steps" | "epochs") && now.get(*k) != Some(*v))
             .map(|(k, v)| match k.as_str() {
-                "shuffle" => {
-                    let given = |v: Option<&serde_json::Value>| if v == Some(&serde_json::Value::Bool(false)) { "given" } else { "not given" };
-                    format!("--no-shuffle: was {}, now {}", given(Some(v)), given(now.get(k)))
+                // Flags: --no-shuffle is given as false, --dpo-dropout as true.
+                "shuffle" | "dpo_dropout" => {
+                    let (flag, on) = if k == "shuffle" { ("no-shuffle", false) } else { ("dpo-dropout", true) };
+                    let given = |v: Option<&serde_json::Value>| if v == Some(&serde_json::Value::Bool(on)) { "given" } else { "not given" };
+                    format!("--{flag}: was {}, now {}", given(Some(v)), given(now.get(k)))
                 }
                 _ => {
                     let flag = if k == "dpo_loss" { "loss".to_string() } else { k.replace('_', "-") };
@@ -342,6 +350,7 @@ impl Options {
         }
         self.schedule.parse::<Schedule>().map_err(Error::Options)?;
         match self.method.as_str() {
+            "sft" if self.dpo_dropout => Err(Error::Options("--dpo-dropout is for --method dpo (SFT applies --lora-dropout as given)".into())),
             "sft" => Ok(()),
             "dpo" => dpo_of(self).map(|_| ()),
             m => Err(Error::Options(format!("unknown --method `{m}`: expected sft or dpo"))),
@@ -441,7 +450,7 @@ impl Trainer {
                 sizing.batch(b.b * b.t);
                 tokens += b.real_tokens();
                 let mut inp = inputs(gpu, b)?;
-                inp.dropout_seed = Some(seed(j));
+                inp.dropout_seed = self.opts.dpo_dropout.then(|| seed(j));
                 model.dpo_forward_backward(gpu, &inp, &b.targets, &rs, d, &r, &c, (scale, sft), &stats)?;
             }
             (vec![stats], tokens)

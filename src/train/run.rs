@@ -145,14 +145,16 @@ impl RunOptions {
     /// The demo's DPO stage (`webtune demo --dpo-steps`, the page's DPO demo): the SFT
     /// preset's adapter continued on preference pairs, sigmoid DPO with β = 0.1, lr
     /// 2e-3 (constant), batches of 16 pairs, sequences of up to 128 characters (a
-    /// brief ask makes the prompts longer); no dropout for a fresh adapter (a
-    /// continued one keeps its own LoRA config, dropout 0.1 after the demo's SFT).
+    /// brief ask makes the prompts longer); no dropout for a fresh adapter, and a
+    /// continued one keeps its own LoRA config, dropout 0.1 after the demo's SFT, which
+    /// DPO keeps (`--dpo-dropout`; TRL's default turns it off, and the demo's stage then
+    /// garbles twice as many held-out answers: README, the demo's DPO stage).
     pub fn demo_dpo(steps: u64) -> RunOptions {
         let sft = RunOptions::demo(steps);
         RunOptions {
             lora_dropout: 0.0,
             max_seq_len: 128,
-            train: Options { method: "dpo".into(), lr: 2e-3, schedule: "constant".into(), warmup: 0, ..sft.train },
+            train: Options { method: "dpo".into(), lr: 2e-3, schedule: "constant".into(), warmup: 0, dpo_dropout: true, ..sft.train },
             ..sft
         }
     }

@@ -230,6 +230,7 @@ def main():
             loss_type=loss_type,
             loss_weights=weights,
             label_smoothing=dpo["label_smoothing"],
+            disable_dropout=dpo["disable_dropout"],
             max_length=run["max_seq_len"],
         )
         extra = {}
