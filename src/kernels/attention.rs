@@ -92,6 +92,10 @@ impl Attention {
     }
 }
 
+/// Loop iterations of the kernels' binary search over a row's sorted segments
+/// (`lower_bound`, once per invocation): at most log2 of a row's 2^32 positions.
+const SEARCH: usize = 32;
+
 /// The (forward, backward dq, backward dk/dv) entry points for this adapter:
 /// FlashAttention-2 tiles on GPUs, a row per invocation on CPU drivers (where
 /// workgroup barriers cost more than the memory they save).
@@ -186,8 +190,9 @@ pub fn attention_forward(
     let [name, _, _] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
     let hs4 = at.hs / 4;
-    // Per key: the score and the update (2·HS/4) and the key's share of staging a tile.
-    for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 2, 3 * hs4 + 16) {
+    // Per key: the score and the update (2·HS/4) and the key's share of staging a tile;
+    // besides, the sorted segments' binary search (`SEARCH`).
+    for (r0, r1) in at.ranges(gpu, at.tk, 2 * hs4 + 2, 3 * hs4 + 16 + SEARCH) {
         gpu.dispatch(
             rec,
             &pipeline,
@@ -244,7 +249,7 @@ pub fn attention_backward(
     let hs4 = at.hs / 4;
     let [_, name, _] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
-    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 4 * hs4 + 16) {
+    for (r0, r1) in at.ranges(gpu, at.t, 2 * hs4 + 2, 4 * hs4 + 16 + SEARCH) {
         let binds = [
             (1, q.into()),
             (2, k.into()),
@@ -261,7 +266,7 @@ pub fn attention_backward(
     let group = at.nh / at.nkv;
     let [_, _, name] = entries(gpu);
     let pipeline = gpu.pipeline(&ATTENTION, name, overrides);
-    for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 2), group + 4 * hs4 + 16) {
+    for (r0, r1) in at.ranges(gpu, at.t, group * (2 * hs4 + 2), group + 4 * hs4 + 16 + SEARCH) {
         let binds = [
             (1, q.into()),
             (2, k.into()),
