@@ -77,7 +77,7 @@ fn position(bi: u32, t: u32) -> u32 { return seg[p.pos_off + bi * p.t + t]; }
 // Whether a query of segment qs sees a key of segment ks (causality aside).
 fn sees(qs: u32, ks: u32) -> bool {
     let kb = ks >> 30u;
-    return (qs & 0x3FFFFFFFu) == (ks & 0x3FFFFFFFu) && (kb == 0u || kb == qs >> 30u);
+    return example(qs) == example(ks) && (kb == 0u || kb == qs >> 30u);
 }
 
 // The example of segment x (its low 30 bits; the top two are a DPO pair's side).

@@ -162,9 +162,14 @@ pub const REJECTED: u32 = 2 << BRANCH_SHIFT;
 /// the same example, and the key on the shared prompt or the query's own side.
 /// kernels/attention.wgsl's `sees`.
 pub fn sees(query: u32, key: u32) -> bool {
-    let mask = CHOSEN - 1;
     let side = key >> BRANCH_SHIFT;
-    query & mask == key & mask && (side == 0 || side == query >> BRANCH_SHIFT)
+    example(query) == example(key) && (side == 0 || side == query >> BRANCH_SHIFT)
+}
+
+/// The example of a segment id: its low 30 bits, the side bits cleared.
+/// kernels/attention.wgsl's `example`.
+pub fn example(seg: u32) -> u32 {
+    seg & (CHOSEN - 1)
 }
 
 /// A batch of preference pairs, one row each, their shared prompt computed once (as

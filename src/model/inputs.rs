@@ -97,11 +97,10 @@ pub struct KvCache {
     pub max_t: usize,
 }
 
-
 /// Whether each row of `t` segments holds its examples (the low 30 bits; the top two
 /// are a DPO pair's side) in ascending order, so each example is contiguous (padding,
 /// `u32::MAX`, last).
 pub fn sorted_rows(seg: &[u32], t: usize) -> bool {
-    let example = |s: &u32| s & ((1 << crate::data::batch::BRANCH_SHIFT) - 1);
-    seg.chunks(t.max(1)).all(|row| row.windows(2).all(|w| example(&w[0]) <= example(&w[1])))
+    use crate::data::batch::example;
+    seg.chunks(t.max(1)).all(|row| row.windows(2).all(|w| example(w[0]) <= example(w[1])))
 }
